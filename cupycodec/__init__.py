@@ -1,0 +1,75 @@
+"""cupycodec: compress NumPy and CuPy arrays with nvCOMP on the GPU and standard codecs on the CPU.
+
+>>> import numpy as np, cupycodec as cc
+>>> c = cc.compress(np.linspace(0, 1, 1000, dtype=np.float32))
+>>> y = cc.decompress(c)
+
+Importing cupycodec imports NumPy and nothing heavier: CuPy, nvCOMP, zstandard and cramjam load on first use.
+"""
+
+from ._version import __version__
+from .api import (
+    Compressor,
+    Quantized,
+    compress,
+    compress_many,
+    decode_plan,
+    decompress,
+    decompress_many,
+    default_max_output_nbytes,
+    load,
+    save,
+)
+from .backends.nvcomp import DecodePlan
+from .codecs import Codec
+from .container import FORMAT_VERSION, CompressedArray
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    ChecksumError,
+    CupycodecError,
+    DecompressionBombError,
+    FormatError,
+    PerformanceWarning,
+    UnknownCodecError,
+    UnsupportedDtypeError,
+    UnsupportedVersionError,
+)
+from .filters import Filter
+from .info import info
+from .registry import get_codec, get_filter, register_codec, register_filter, registered_codecs
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BackendError",
+    "BackendUnavailableError",
+    "ChecksumError",
+    "Codec",
+    "CompressedArray",
+    "Compressor",
+    "CupycodecError",
+    "DecodePlan",
+    "DecompressionBombError",
+    "Filter",
+    "FormatError",
+    "PerformanceWarning",
+    "Quantized",
+    "UnknownCodecError",
+    "UnsupportedDtypeError",
+    "UnsupportedVersionError",
+    "__version__",
+    "compress",
+    "compress_many",
+    "decode_plan",
+    "decompress",
+    "decompress_many",
+    "default_max_output_nbytes",
+    "get_codec",
+    "get_filter",
+    "info",
+    "load",
+    "register_codec",
+    "register_filter",
+    "registered_codecs",
+    "save",
+]

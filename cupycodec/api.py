@@ -1,0 +1,952 @@
+"""The public entry points: compress, decompress (one array or many), save, load and info.
+
+One-shot functions cover the common case; :class:`Compressor` keeps a parsed configuration for loops, and
+:class:`cupycodec.DecodePlan` (via :func:`decode_plan`) keeps everything a repeated GPU decode needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import backends, registry
+from .backends import cpu
+from .codecs import Codec
+from .container import (
+    ChunkTable,
+    CompressedArray,
+    Header,
+    build_segments,
+    producer_info,
+)
+from .dtypes import ArraySpec, is_float
+from .errors import (
+    BackendUnavailableError,
+    DecompressionBombError,
+    UnsupportedDtypeError,
+)
+from .filters import Byteplane, Filter, Int8
+
+__all__ = [
+    "Compressor",
+    "Quantized",
+    "compress",
+    "compress_many",
+    "decompress",
+    "decompress_many",
+    "default_max_output_nbytes",
+    "load",
+    "save",
+]
+
+_UNSET: Any = object()
+
+
+class Quantized(NamedTuple):
+    """INT8 codes and float32 scales, returned by ``decompress(..., dequantize=False)``."""
+
+    codes: Any
+    scales: Any
+    granularity: str
+    axis: int | None
+    group_size: int | None
+    dtype: str  # the original dtype's name ("BF16", "F16", "F32")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_cupy_array(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "cupy" and hasattr(obj, "__cuda_array_interface__")
+
+
+def _as_array(obj) -> tuple[Any, bool]:
+    """(array, on_device) for NumPy, CuPy, __cuda_array_interface__, DLPack and array-like inputs."""
+    if isinstance(obj, np.ndarray):
+        return obj, False
+    if isinstance(obj, CompressedArray):
+        raise TypeError("this is already a CompressedArray; pass it to decompress() instead")
+    if _is_cupy_array(obj):
+        return obj, True
+    if hasattr(obj, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asarray(obj), True
+    if hasattr(obj, "__dlpack_device__"):
+        dev = int(obj.__dlpack_device__()[0])
+        try:
+            if dev in (2, 13):  # kDLCUDA, kDLCUDAManaged
+                import cupy
+
+                return cupy.from_dlpack(obj), True
+            if dev in (1, 3):  # kDLCPU, kDLCUDAHost
+                return np.from_dlpack(obj), False
+        except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+            raise TypeError(f"cannot import {type(obj).__name__} through DLPack ({exc}); for bfloat16 pass a 16-bit "
+                            "integer view and dtype='bfloat16'") from exc
+        raise TypeError(f"DLPack device type {dev} is neither CPU nor CUDA")
+    arr = np.asarray(obj)
+    if arr.dtype == object:
+        raise UnsupportedDtypeError(arr.dtype, ["numeric arrays"], "object arrays hold Python references, not data")
+    return arr, False
+
+
+def _contiguous(arr, on_device: bool):
+    if on_device:
+        import cupy
+
+        arr = cupy.ascontiguousarray(arr)
+        if arr.size and arr.data.ptr % 256:  # nvCOMP needs aligned chunk pointers
+            arr = arr.copy()
+        return arr
+    return np.ascontiguousarray(arr)
+
+
+def _flat_bytes(arr, on_device: bool):
+    if on_device:
+        return arr.reshape(-1).view("u1")
+    return cpu.as_bytes(arr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_codec(codec, level, options) -> Codec | None:
+    """A codec instance, or None for ``codec="auto"``."""
+    if isinstance(codec, Codec):
+        if level is not None or options:
+            raise TypeError("pass options either on the Codec instance or as keywords, not both")
+        return codec
+    if isinstance(codec, Mapping):
+        if level is not None or options:
+            raise TypeError("pass options either in the codec config or as keywords, not both")
+        return registry.get_codec(codec)
+    if not isinstance(codec, str):
+        raise TypeError(f"codec must be a string id, a config mapping or a Codec, got {type(codec).__name__}")
+    if codec == "auto":
+        if options or level is not None:
+            raise TypeError("codec='auto' takes no options; name a codec to pass level or options")
+        return None
+    cls = type(registry.get_codec(codec))
+    kwargs = dict(options)
+    if level is not None:
+        if "level" not in cls.options:
+            raise TypeError(f"codec {codec!r} has no level; its options: {', '.join(cls.options) or 'none'}")
+        kwargs["level"] = level
+    return cls(**kwargs)
+
+
+def _parse_filters(filters, quantize, granularity, axis, group_size) -> list[Filter]:
+    out: list[Filter] = []
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        out.append(Int8(granularity=granularity, axis=axis, group_size=group_size))
+    for f in filters or ():
+        if isinstance(f, Filter):
+            out.append(f)
+        elif isinstance(f, (str, Mapping)):
+            out.append(registry.get_filter(f))
+        else:
+            raise TypeError(f"filters take Filter instances, ids or config mappings, got {type(f).__name__}")
+    return out
+
+
+def _auto(spec: ArraySpec, on_gpu: bool, quantized: bool) -> tuple[Codec, list[Filter]]:
+    """The best lossless choice for this data on this machine (measured: benchmarks/RESULTS.md)."""
+    from .codecs import ANS, Zstd
+
+    if on_gpu:
+        return ANS(), []  # ANS picks its float data type from the dtype ('<f2' for bf16/fp16)
+    if not quantized and (is_float(spec.dtype) or spec.dtype in ("C64", "C128")) and spec.itemsize in (2, 4, 8, 16) \
+            and not spec.dtype.startswith(("FLD", "CLD")):
+        return Zstd(level=AUTO_ZSTD_LEVEL), [Byteplane(rotate=True)]
+    return Zstd(level=AUTO_ZSTD_LEVEL), []
+
+
+AUTO_ZSTD_LEVEL = 1  # on exponent planes zstd-1 beats levels 2-12 (benchmarks/RESULTS.md)
+
+
+def _check_chunk(chunk_nbytes, codec: Codec) -> int:
+    if chunk_nbytes is None:
+        return codec.default_chunk_nbytes
+    if isinstance(chunk_nbytes, bool) or not isinstance(chunk_nbytes, int):
+        raise TypeError(f"chunk_nbytes must be an int, got {chunk_nbytes!r}")
+    if chunk_nbytes % 16 or not 16 <= chunk_nbytes <= codec.max_chunk_nbytes:
+        raise ValueError(f"chunk_nbytes must be a multiple of 16 between 16 and {codec.max_chunk_nbytes} "
+                         f"(16 MiB), got {chunk_nbytes}")
+    return chunk_nbytes
+
+
+def _stream_ctx(stream):
+    if stream is None:
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.ExternalStream(stream) if isinstance(stream, int) else stream
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compress
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Job:
+    __slots__ = ("arrays", "backend", "chunk", "codec", "keep_on_device", "metadata", "pipeline", "spec", "specs")
+
+
+def _prepare(x, *, codec, filters, chunk_nbytes, dtype, backend, metadata) -> _Job:
+    arr, on_device = _as_array(x)
+    spec = ArraySpec.of(arr, _dtype_override(dtype))
+    pipeline = list(filters)
+    quantized = any(not f.lossless for f in pipeline)
+    if codec is None:
+        where = backends.select(backend, on_device=on_device, codecs=[])
+        codec, extra = _auto(spec, where == "nvcomp", quantized)
+        if not pipeline:
+            pipeline = extra
+    else:
+        where = backends.select(backend, on_device=on_device, codecs=[codec])
+    gpu = where == "nvcomp"
+    if gpu and not on_device:
+        import cupy
+
+        arr = cupy.asarray(np.ascontiguousarray(arr).view(_storage_dtype(spec)))
+    elif on_device and not gpu:
+        arr = arr.get()
+        if spec.dtype != ArraySpec.of(arr).dtype:  # a raw bit view of bf16/f8: give NumPy the logical dtype
+            arr = arr.view(spec.numpy_dtype())
+    elif not on_device and dtype is not None:
+        arr = np.ascontiguousarray(arr).view(spec.numpy_dtype())
+    arr = _contiguous(arr, gpu)
+    if gpu and arr.dtype.byteorder == ">":  # pragma: no cover - cupy holds native order only
+        raise TypeError("CuPy arrays are native-endian")
+    specs: dict[str, ArraySpec] = {"data": spec}
+    arrays: dict[str, Any] = {"data": arr}
+    resolved = []
+    for f in pipeline:
+        f = f.resolve(specs)
+        out_specs = f.specs(specs)
+        arrays = f.encode(arrays, specs, gpu)
+        specs = out_specs
+        resolved.append(f)
+    job = _Job()
+    job.arrays, job.specs, job.pipeline, job.spec = arrays, specs, resolved, spec
+    job.codec = codec
+    job.chunk = chunk_nbytes
+    job.backend = where
+    job.keep_on_device = on_device and gpu
+    job.metadata = _check_metadata(metadata)
+    return job
+
+
+def _dtype_override(dtype) -> str | None:
+    if dtype is None:
+        return None
+    from .dtypes import dtype_name
+
+    if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
+        return "BF16"
+    if isinstance(dtype, str) and dtype.isupper():
+        return dtype
+    import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
+
+    return dtype_name(np.dtype(dtype))[0]
+
+
+def _storage_dtype(spec: ArraySpec) -> np.dtype:
+    from .dtypes import storage_dtype
+
+    return storage_dtype(spec.dtype) if spec.byteorder != ">" else spec.numpy_dtype()
+
+
+def _check_metadata(metadata) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata must be a mapping with string keys (stored as JSON)")
+    return dict(metadata)
+
+
+def _segment_codecs(job: _Job) -> list[tuple[str, ArraySpec, Codec, int]]:
+    out = []
+    for name, spec in job.specs.items():
+        codec = job.codec.resolve(spec)
+        out.append((name, spec, codec, _check_chunk(job.chunk, codec)))
+    return out
+
+
+def _compress_cpu(job: _Job) -> CompressedArray:
+    pieces, blobs = [], []
+    for name, spec, codec, chunk in _segment_codecs(job):
+        comp, crc, flags, chunks = cpu.encode_segment(_flat_bytes(job.arrays[name], False), codec, chunk)
+        pieces.append((name, spec, codec, chunk, ChunkTable.build(comp, crc, flags)))
+        blobs.append(chunks)
+    segments = build_segments(pieces)
+    header = Header(job.spec, tuple(job.pipeline), segments, producer_info("cpu"), job.metadata)
+    payload = bytearray(header.payload_nbytes)
+    mv = memoryview(payload)
+    for seg, chunks in zip(segments, blobs):
+        table = seg.table.to_bytes()
+        mv[seg.offset : seg.offset + len(table)] = table
+        for off, data in zip(seg.chunk_offsets.tolist(), chunks):
+            mv[off : off + len(data)] = data
+    return CompressedArray(header, mv)
+
+
+def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
+    import cupy
+
+    from .backends import nvcomp
+
+    inputs, owners = [], []
+    for j, job in enumerate(jobs):
+        for name, spec, codec, chunk in _segment_codecs(job):
+            data = _flat_bytes(job.arrays[name], True)
+            if data.size and data.data.ptr % 256:
+                data = data.copy()
+            nvcomp.warn_ignored_level(codec)
+            inputs.append(nvcomp.SegmentInput(data, codec, chunk))
+            owners.append((j, name, spec, codec, chunk))
+    outputs = nvcomp.compress_segments(inputs)
+    results = []
+    for j, job in enumerate(jobs):
+        idx = [i for i, o in enumerate(owners) if o[0] == j]
+        pieces = [(owners[i][1], owners[i][2], owners[i][3], owners[i][4],
+                   ChunkTable.build(outputs[i].comp_nbytes, outputs[i].crc32, outputs[i].flags)) for i in idx]
+        segments = build_segments(pieces)
+        header = Header(job.spec, tuple(job.pipeline), segments, producer_info("nvcomp"), job.metadata)
+        payload = cupy.empty(header.payload_nbytes, dtype=np.uint8)
+        copies = []
+        for seg, i in zip(segments, idx):
+            table = np.frombuffer(seg.table.to_bytes(), dtype=np.uint8)
+            if table.size:
+                payload[seg.offset : seg.offset + table.size].set(table)
+            for off, (ptr, nb) in zip(seg.chunk_offsets.tolist(), outputs[i].chunks):
+                copies.append((ptr, off, nb))
+        nvcomp.pack(payload, copies)
+        if job.keep_on_device:
+            results.append(CompressedArray(header, payload))
+        else:
+            results.append(CompressedArray(header, memoryview(payload.get()).cast("B")))
+    cupy.cuda.get_current_stream().synchronize()  # the inputs and scratch may be freed once we return
+    return results
+
+
+def compress(arr, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,
+             granularity="channel", axis=0, group_size=128, dtype=None, backend=None, metadata=None, stream=None,
+             **options) -> CompressedArray:
+    """Compress an array into a :class:`CompressedArray` (lossless unless ``quantize`` is set).
+
+    Parameters
+    ----------
+    arr : array-like
+        A NumPy or CuPy array, or anything with ``__cuda_array_interface__``, DLPack or the NumPy array protocol;
+        any shape (0-d and empty included), any strides and byte order. Device input stays on the device.
+    codec : str, mapping or Codec
+        ``"auto"`` (the best lossless choice for the data and machine: ANS on a GPU, byte planes + zstd for floats on
+        a CPU), or one of ``"raw"``, ``"lz4"``, ``"snappy"``, ``"gdeflate"``, ``"deflate"``, ``"zstd"``, ``"gzip"``,
+        ``"cascaded"``, ``"bitcomp"``, ``"ans"``; codec options go in ``**options`` (e.g. ``data_type="<f2"``).
+    level : int, optional
+        Compression level, for codecs that have one (CPU backends).
+    chunk_nbytes : int, optional
+        Uncompressed bytes per independently compressed chunk (multiple of 16, at most 16 MiB); default per codec.
+    filters : sequence, optional
+        Pipeline stages before the codec, e.g. ``["byteplane"]`` (exponent-aware byte planes for floats).
+    quantize : {None, "int8"}
+        Lossy INT8 quantization with ``granularity`` (``"channel"`` along ``axis``, ``"group"`` of ``group_size``
+        along the last axis, or ``"tensor"``); decompress returns the dequantized array in the original dtype.
+    dtype : str, optional
+        The logical dtype of a raw bit view, e.g. ``dtype="bfloat16"`` for a uint16/int16 CuPy array of bf16 bits.
+    backend : {None, "auto", "cpu", "nvcomp"}
+        Where to run (``None``: ``$CUPYCODEC_BACKEND`` or ``"auto"``). An explicit backend is never replaced.
+    metadata : mapping, optional
+        JSON-able data stored in the header.
+    stream : cupy Stream or int, optional
+        CUDA stream for device work (default: CuPy's current stream).
+
+    Returns
+    -------
+    CompressedArray
+        On the device when the input was, else in host memory.
+
+    Raises
+    ------
+    TypeError
+        Unsupported dtype (object, structured, strings, datetimes) or argument types.
+    ValueError
+        Bad options (unknown quantize, chunk size, data_type that does not fit the data, NaN/Inf when quantizing).
+    BackendUnavailableError
+        The codec or backend cannot run here; the message names what would.
+
+    See Also
+    --------
+    compress_many : many arrays in one batched call; Compressor : a reusable configuration.
+
+    Examples
+    --------
+    >>> import numpy as np, cupycodec as cc
+    >>> x = np.arange(1000, dtype=np.int64).reshape(10, 100)
+    >>> c = cc.compress(x, codec="zstd", level=3)
+    >>> np.array_equal(cc.decompress(c), x)
+    True
+    """
+    return compress_many([arr], codec=codec, level=level, chunk_nbytes=chunk_nbytes, filters=filters,
+                         quantize=quantize, granularity=granularity, axis=axis, group_size=group_size, dtype=dtype,
+                         backend=backend, metadata=metadata, stream=stream, **options)[0]
+
+
+def compress_many(arrays: Sequence, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,
+                  granularity="channel", axis=0, group_size=128, dtype=None, backend=None, metadata=None,
+                  stream=None, **options) -> list[CompressedArray]:
+    """Compress several arrays with one configuration; device arrays share one batched nvCOMP call.
+
+    Takes the same keywords as :func:`compress`; ``metadata`` may also be a sequence with one mapping per array.
+    """
+    if isinstance(arrays, (np.ndarray, CompressedArray)) or _is_cupy_array(arrays):
+        raise TypeError("compress_many takes a sequence of arrays; use compress() for one array")
+    arrays = list(arrays)
+    codec_obj = _parse_codec(codec, level, options)
+    pipeline = _parse_filters(filters, quantize, granularity, axis, group_size)
+    if metadata is None or isinstance(metadata, Mapping):
+        metas = [metadata] * len(arrays)
+    else:
+        metas = list(metadata)
+        if len(metas) != len(arrays):
+            raise ValueError(f"got {len(metas)} metadata mappings for {len(arrays)} arrays")
+    with _stream_ctx(stream):
+        jobs = [_prepare(a, codec=codec_obj, filters=pipeline, chunk_nbytes=chunk_nbytes, dtype=dtype,
+                         backend=backend, metadata=m) for a, m in zip(arrays, metas)]
+        out: list[CompressedArray | None] = [None] * len(jobs)
+        gpu = [i for i, j in enumerate(jobs) if j.backend == "nvcomp"]
+        if gpu:
+            for i, c in zip(gpu, _compress_gpu([jobs[i] for i in gpu])):
+                out[i] = c
+        for i, j in enumerate(jobs):
+            if j.backend == "cpu":
+                out[i] = _compress_cpu(j)
+    return out  # type: ignore[return-value]
+
+
+class Compressor:
+    """A reusable compression configuration: parse once, compress many (zstandard's ``ZstdCompressor`` shape).
+
+    Takes the keywords of :func:`compress`. ``compress(x)`` and ``compress_many(xs)`` behave like the functions.
+
+    Examples
+    --------
+    >>> import numpy as np, cupycodec as cc
+    >>> comp = cc.Compressor(codec="zstd", level=1)
+    >>> [c.codec for c in comp.compress_many([np.ones(10), np.zeros(5)])]
+    ['zstd', 'zstd']
+    """
+
+    def __init__(self, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,
+                 granularity="channel", axis=0, group_size=128, dtype=None, backend=None, **options):
+        self._codec = _parse_codec(codec, level, options)
+        self._filters = _parse_filters(filters, quantize, granularity, axis, group_size)
+        self._chunk = chunk_nbytes
+        self._dtype = dtype
+        self._backend = backends.requested_backend(backend) if backend is not None else None
+        if self._codec is not None:
+            _check_chunk(chunk_nbytes, self._codec)
+
+    def compress(self, arr, *, metadata=None, stream=None) -> CompressedArray:
+        return self.compress_many([arr], metadata=metadata, stream=stream)[0]
+
+    def compress_many(self, arrays, *, metadata=None, stream=None) -> list[CompressedArray]:
+        return compress_many(arrays, codec=self._codec if self._codec is not None else "auto",
+                             chunk_nbytes=self._chunk, filters=self._filters, dtype=self._dtype,
+                             backend=self._backend, metadata=metadata, stream=stream)
+
+    def __repr__(self):
+        return f"Compressor(codec={self._codec or 'auto'!r}, filters={self._filters!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decompress
+# ----------------------------------------------------------------------------------------------------------------
+
+_MIN_DEFAULT_LIMIT = 1 << 30
+_RATIO_DEFAULT_LIMIT = 1024
+
+
+def default_max_output_nbytes(compressed_nbytes: int) -> int:
+    """The decompression bound applied to bytes from outside: max(1 GiB, 1024 x the compressed size).
+
+    Real data stays far below 1024x (all-zero arrays reach it); pass ``max_output_nbytes=None`` to lift it.
+    """
+    return max(_MIN_DEFAULT_LIMIT, _RATIO_DEFAULT_LIMIT * compressed_nbytes)
+
+
+def _as_compressed(data, verify: bool) -> tuple[CompressedArray, bool]:
+    if isinstance(data, CompressedArray):
+        return data, bool(data._cache.get("external"))
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError("decompress takes a CompressedArray or bytes; use cupycodec.load(path) for files")
+    try:
+        memoryview(data)
+    except TypeError:
+        raise TypeError(f"decompress takes a CompressedArray or a bytes-like object, got {type(data).__name__}") \
+            from None
+    return CompressedArray.from_bytes(data, verify=verify), True
+
+
+def _target(device, out, c: CompressedArray) -> tuple[str, int | None]:
+    """('cpu', None) or ('cuda', ordinal)."""
+    if out is not None:
+        first = out[0] if isinstance(out, tuple) else out
+        if isinstance(first, np.ndarray):
+            return "cpu", None
+        if _is_cupy_array(first):
+            return "cuda", first.device.id
+        raise TypeError(f"out must be a NumPy or CuPy array, got {type(first).__name__}")
+    if device == "auto":
+        return ("cuda", c._payload.device.id) if c.on_device else ("cpu", None)
+    if device == "cpu":
+        return "cpu", None
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        if device == "cuda":
+            import cupy
+
+            return "cuda", cupy.cuda.Device().id
+        try:
+            return "cuda", int(device[5:])
+        except ValueError:
+            pass
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _int8_filter(c: CompressedArray) -> Int8 | None:
+    for f in c.pipeline:
+        if isinstance(f, Int8):
+            return f
+    return None
+
+
+class _DecodeJob:
+    __slots__ = ("dequantize", "external", "gpu", "item", "out", "result", "seg_out", "target")
+
+
+def decompress(data, *, device="auto", out=None, max_output_nbytes=_UNSET, dequantize=True, backend=None,
+               verify=True, stream=None):
+    """Decompress a :class:`CompressedArray` (or container bytes) back into an array, bit for bit.
+
+    Parameters
+    ----------
+    data : CompressedArray or bytes-like
+        Bytes are parsed and fully validated first (``verify=True`` checks every chunk CRC).
+    device : {"auto", "cpu", "cuda", "cuda:N"}
+        Where the result lives; ``"auto"`` follows the compressed data (host -> NumPy, device -> CuPy).
+    out : array, optional
+        A C-contiguous NumPy or CuPy array of the right shape and dtype to fill (it decides the location);
+        for ``dequantize=False`` a ``(codes, scales)`` pair. Nothing else is allocated when it is given and the
+        data has no filters.
+    max_output_nbytes : int or None
+        Refuse (before allocating) to produce more bytes. Default: unbounded for arrays this process compressed,
+        :func:`default_max_output_nbytes` for bytes from outside (from_bytes, load, bytes arguments).
+    dequantize : bool
+        For INT8 data: return the dequantized array in the original dtype (True) or a :class:`Quantized` tuple of
+        codes and scales (False).
+    backend : {None, "auto", "cpu", "nvcomp"}
+        Force a decoder; by default the GPU decodes device-bound data and the CPU host-bound data (GPU-only codecs
+        use the GPU when one is usable, else raise BackendUnavailableError naming what would work).
+    stream : cupy Stream or int, optional
+        CUDA stream for device work. Device output is ready on that stream when this returns; the call waits for
+        it only to check nvCOMP's per-chunk statuses (use :func:`decode_plan` for fully asynchronous decoding).
+
+    Returns
+    -------
+    numpy.ndarray, cupy.ndarray or Quantized
+        bfloat16 on the CPU is an ``ml_dtypes.bfloat16`` array; on the GPU a uint16 array of its bits.
+
+    Examples
+    --------
+    >>> import numpy as np, cupycodec as cc
+    >>> blob = cc.compress(np.float32([1.5, -0.0, np.nan])).to_bytes()
+    >>> cc.decompress(blob)
+    array([ 1.5, -0. ,  nan], dtype=float32)
+    """
+    outs = None if out is None else [out]
+    return decompress_many([data], out=outs, device=device, max_output_nbytes=max_output_nbytes,
+                           dequantize=dequantize, backend=backend, verify=verify, stream=stream)[0]
+
+
+def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbytes=_UNSET, dequantize=True,
+                    backend=None, verify=True, stream=None) -> list:
+    """Decompress several containers; all GPU-bound chunks go through one batched nvCOMP call per codec.
+
+    Takes the keywords of :func:`decompress`; ``out`` is a list with one buffer (or None) per item. Repeated calls
+    with the same items and ``out`` buffers reuse a cached :class:`~cupycodec.DecodePlan`, so they allocate nothing.
+    """
+    if isinstance(items, (CompressedArray, bytes, bytearray, memoryview)):
+        raise TypeError("decompress_many takes a sequence of items; use decompress() for one")
+    items = list(items)
+    outs = [None] * len(items) if out is None else list(out)
+    if len(outs) != len(items):
+        raise ValueError(f"got {len(outs)} out buffers for {len(items)} items")
+    choice = backends.requested_backend(backend)
+    jobs = []
+    for item, o in zip(items, outs):
+        c, external = _as_compressed(item, verify)
+        job = _DecodeJob()
+        job.item, job.out, job.external = c, o, external
+        int8 = _int8_filter(c)
+        job.dequantize = dequantize or int8 is None
+        if not job.dequantize and o is not None and not (isinstance(o, tuple) and len(o) == 2):
+            raise TypeError("with dequantize=False, out must be a (codes, scales) pair")
+        nbytes = c.raw_nbytes if job.dequantize else sum(s.raw_nbytes for s in c.segments)
+        limit = max_output_nbytes
+        if limit is _UNSET:
+            limit = default_max_output_nbytes(c.nbytes) if external else None
+        if limit is not None and nbytes > limit:
+            raise DecompressionBombError(nbytes, int(limit))
+        job.target = _target(device, o, c)
+        job.gpu = _decode_on_gpu(c, job.target, choice)
+        jobs.append(job)
+    with _stream_ctx(stream):
+        gpu_jobs = [j for j in jobs if j.gpu]
+        if gpu_jobs:
+            _decode_gpu(gpu_jobs)
+        for j in jobs:
+            if not j.gpu:
+                _decode_cpu(j)
+    return [j.result for j in jobs]
+
+
+def _needs_gpu(c: CompressedArray) -> str | None:
+    for seg in c.segments:
+        if not seg.codec.cpu_supported and (seg.table.flags == 0).any():
+            return seg.codec.codec_id
+    return None
+
+
+def _decode_on_gpu(c: CompressedArray, target, choice: str) -> bool:
+    from .codecs.base import GPU_ONLY_HINT
+
+    if choice == "cpu":
+        codec = _needs_gpu(c)
+        if codec:
+            raise BackendUnavailableError(f"codec {codec!r} has no CPU decoder, so backend='cpu' cannot decode this "
+                                          f"container; {GPU_ONLY_HINT}")
+        if target[0] == "cuda":
+            raise ValueError("backend='cpu' cannot write to a GPU; pass device='cpu' or a NumPy out")
+        return False
+    if choice == "nvcomp" or target[0] == "cuda":
+        from .backends import nvcomp
+
+        nvcomp.require() if any((s.table.flags == 0).any() for s in c.segments) else _require_cupy()
+        return True
+    if c.on_device and backends.nvcomp_available():
+        return True
+    codec = _needs_gpu(c)
+    if codec:
+        if backends.nvcomp_available():
+            return True
+        from .backends import nvcomp
+
+        raise BackendUnavailableError(f"codec {codec!r} decodes only on a GPU with nvCOMP, which is not usable here "
+                                      f"({nvcomp.unavailable_reason()}); {GPU_ONLY_HINT}")
+    return False
+
+
+def _require_cupy() -> None:
+    try:
+        import cupy
+
+        if cupy.is_available():
+            return
+    except ImportError:
+        pass
+    raise BackendUnavailableError("decoding to a GPU needs CuPy and a CUDA device; pip install 'cupycodec[cu12]'")
+
+
+def _check_out(o, shape, dtype: np.dtype, gpu: bool, what: str = "out"):
+    if gpu != _is_cupy_array(o) and not (not gpu and isinstance(o, np.ndarray)):
+        raise TypeError(f"{what} must be a {'CuPy' if gpu else 'NumPy'} array")
+    if tuple(o.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(o.shape)}, expected {tuple(shape)}")
+    if np.dtype(o.dtype) != np.dtype(dtype) and not (gpu and o.dtype.itemsize == np.dtype(dtype).itemsize
+                                                      and o.dtype.kind in "uiV" and np.dtype(dtype).kind in "uiV"):
+        raise ValueError(f"{what} has dtype {o.dtype}, expected {np.dtype(dtype)}")
+    if not o.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous")
+    return o
+
+
+def _seg_dtype(spec: ArraySpec, gpu: bool) -> np.dtype:
+    if gpu:
+        from .dtypes import storage_dtype
+
+        return storage_dtype(spec.dtype)
+    return spec.numpy_dtype()
+
+
+def _decode_cpu(job: _DecodeJob) -> None:
+    c = job.item
+    payload = c.host_payload()
+    seg_arrays = _segment_buffers(job, gpu=False)
+    cpu.decode_segments([(payload, seg, _flat_bytes(seg_arrays[seg.name], False)) for seg in c.segments])
+    job.result = _run_filters(job, seg_arrays, gpu=False)
+    if job.target[0] == "cuda":  # pragma: no cover - the GPU decodes device-bound data
+        raise AssertionError("CPU decode with a GPU target")
+
+
+def _segment_buffers(job: _DecodeJob, gpu: bool) -> dict[str, Any]:
+    """Buffers the segments decode into: the caller's out when no filter stands between, else fresh ones."""
+    c = job.item
+    xp = _xp(gpu)
+    final_on_target = job.target[0] == ("cuda" if gpu else "cpu")
+    bufs = {}
+    if not c.pipeline and job.out is not None and final_on_target:
+        bufs["data"] = _check_out(job.out, c.shape, _seg_dtype(c.spec, gpu), gpu)
+        return bufs
+    if not job.dequantize and job.out is not None and final_on_target:
+        codes, scales = job.out
+        specs = {s.name: s.spec for s in c.segments}
+        bufs["data"] = _check_out(codes, specs["data"].shape, np.int8, gpu, "out codes")
+        bufs["scale"] = _check_out(scales, specs["scale"].shape, np.float32, gpu, "out scales")
+        return bufs
+    if not gpu:
+        for seg in c.segments:
+            bufs[seg.name] = xp.empty(seg.spec.shape, dtype=_seg_dtype(seg.spec, gpu))
+        return bufs
+    # On the GPU all segments share one allocation at 256-byte aligned offsets (byte planes then sit at one
+    # stride, which the merge kernel reads in place).
+    offsets, total = [], 0
+    for seg in c.segments:
+        offsets.append(total)
+        total += (seg.raw_nbytes + 255) // 256 * 256
+    block = xp.empty(max(total, 1), dtype=np.uint8)
+    for seg, off in zip(c.segments, offsets):
+        dt = _seg_dtype(seg.spec, gpu)
+        bufs[seg.name] = block[off : off + seg.raw_nbytes].view(dt).reshape(seg.spec.shape)
+    return bufs
+
+
+def _xp(gpu: bool):
+    if gpu:
+        import cupy
+
+        return cupy
+    return np
+
+
+def _run_filters(job: _DecodeJob, arrays: dict[str, Any], gpu: bool):
+    c = job.item
+    specs_chain = [{"data": c.spec}]
+    for f in c.pipeline:
+        specs_chain.append(f.specs(specs_chain[-1]))
+    final_on_target = job.target[0] == ("cuda" if gpu else "cpu")
+    for k in range(len(c.pipeline) - 1, -1, -1):
+        f = c.pipeline[k]
+        if isinstance(f, Int8) and not job.dequantize:
+            return _finish(job, Quantized(arrays["data"], arrays["scale"], f.granularity, f.axis, f.group_size,
+                                          specs_chain[k]["data"].dtype), gpu)
+        out = None
+        if k == 0 and job.out is not None and final_on_target:
+            out = {"data": _check_out(job.out, c.shape, _seg_dtype(c.spec, gpu), gpu)}
+        arrays = f.decode(arrays, specs_chain[k], gpu, out=out)
+    return _finish(job, arrays["data"], gpu)
+
+
+def _finish(job: _DecodeJob, result, gpu: bool):
+    """Move the result to the target, restore the logical dtype and byte order."""
+    c = job.item
+    if isinstance(result, Quantized):
+        if gpu and job.target[0] == "cpu":
+            codes, scales = result.codes.get(), result.scales.get()
+            if job.out is not None:
+                job.out[0][...] = codes
+                job.out[1][...] = scales
+                codes, scales = job.out
+            result = result._replace(codes=codes, scales=scales)
+        return result
+    if gpu:
+        if c.spec.byteorder == ">" and not c.pipeline:
+            result = _byteswap_gpu(result, c.spec.itemsize)
+        result = result.reshape(c.shape)
+        if job.target[0] == "cpu":
+            host = result.get()
+            host = host.view(c.spec.numpy_dtype().newbyteorder("=")) if c.spec.byteorder == ">" else host.view(
+                c.spec.numpy_dtype())
+            if c.spec.byteorder == ">":
+                host = host.astype(c.spec.numpy_dtype())
+            if job.out is not None:
+                job.out[...] = host
+                return job.out
+            return host
+        return result
+    result = result.reshape(c.shape)
+    return result
+
+
+def _byteswap_gpu(arr, k: int):
+    if k == 1:
+        return arr
+    flat = arr.reshape(-1).view("u1").reshape(-1, k)[:, ::-1]
+    import cupy
+
+    return cupy.ascontiguousarray(flat).reshape(-1).view(arr.dtype)
+
+
+# -- GPU decode with a plan cache ---------------------------------------------------------------------------------
+
+
+class _PlanCache:
+    """Plans keyed by the items, output pointers and stream; an item's plans go when the item is collected."""
+
+    def __init__(self, size: int = 64):
+        self._plans: OrderedDict = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+            return plan
+
+    def put(self, key, plan, items) -> None:
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self._size:
+                self._plans.popitem(last=False)
+        for it in items:
+            weakref.finalize(it, self._drop, id(it))
+
+    def _drop(self, item_id: int) -> None:
+        with self._lock:
+            for key in [k for k in self._plans if item_id in k[0]]:
+                del self._plans[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+_plans = _PlanCache()
+
+
+def _decode_gpu(jobs: list[_DecodeJob]) -> None:
+    import cupy
+
+    from .backends import nvcomp
+
+    payloads = []
+    for j in jobs:
+        c = j.item
+        payloads.append(c._payload if c.on_device else cupy.asarray(np.frombuffer(c._payload, dtype=np.uint8)))
+    bufs = [_segment_buffers(j, gpu=True) for j in jobs]
+    seg_jobs = []
+    for j, payload, b in zip(jobs, payloads, bufs):
+        for seg in j.item.segments:
+            buf = b[seg.name]
+            flat = buf.reshape(-1).view("u1")
+            if flat.size and flat.data.ptr % 16:  # nvCOMP output alignment: decode to scratch, then copy
+                scratch = cupy.empty(flat.size, dtype=np.uint8)
+                b[seg.name] = _Scratch(scratch, buf)
+                flat = scratch
+            seg_jobs.append((payload, seg, flat))
+    stream = cupy.cuda.get_current_stream()
+    key = (tuple(id(j.item) for j in jobs),
+           tuple((int(f.data.ptr) if f.size else 0, int(f.size)) for _, _, f in seg_jobs), stream.ptr)
+    all_on_device = all(j.item.on_device for j in jobs)
+    plan = _plans.get(key) if all_on_device else None
+    if plan is None:
+        plan = nvcomp.DecodePlan(seg_jobs)
+        if all_on_device:
+            _plans.put(key, plan, [j.item for j in jobs])
+    plan.run()
+    plan.check()
+    for j, b in zip(jobs, bufs):
+        for name, v in list(b.items()):
+            if isinstance(v, _Scratch):
+                v.target.reshape(-1).view("u1")[...] = v.scratch
+                b[name] = v.target
+        j.result = _run_filters(j, b, gpu=True)
+
+
+class _Scratch(NamedTuple):
+    scratch: Any
+    target: Any
+
+
+def decode_plan(items: Sequence[CompressedArray], out: Sequence, stream=None):
+    """Build a reusable :class:`~cupycodec.DecodePlan` that decodes ``items`` (device-resident, no filters) into
+    ``out`` (C-contiguous CuPy arrays of their shapes) with one asynchronous batched launch per codec.
+
+    ``plan.run(stream)`` enqueues the decode and returns at once; ``plan.check(stream)`` waits and raises if nvCOMP
+    reported any bad chunk. Keep ``items`` and ``out`` alive while the plan is used.
+    """
+    from .backends import nvcomp
+
+    jobs = []
+    for c, o in zip(items, out, strict=True):
+        if not isinstance(c, CompressedArray) or not c.on_device:
+            raise ValueError("decode_plan takes device-resident CompressedArrays; call c.to_device() first")
+        if c.pipeline:
+            raise ValueError("decode_plan decodes plain containers; decompress(dequantize=False) handles filters")
+        _check_out(o, c.shape, _seg_dtype(c.spec, True), True)
+        flat = o.reshape(-1).view("u1")
+        if flat.size and flat.data.ptr % 16:
+            raise ValueError("out buffers must be 16-byte aligned")
+        for seg in c.segments:
+            jobs.append((c._payload, seg, flat))
+    with _stream_ctx(stream):
+        return nvcomp.DecodePlan(jobs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save(path, c: CompressedArray, *, overwrite: bool = True) -> None:
+    """Write a container to ``path`` atomically (a temporary file in the same directory, then ``os.replace``)."""
+    if not isinstance(c, CompressedArray):
+        raise TypeError(f"save takes a CompressedArray, got {type(c).__name__}; compress the array first")
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".cc.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            c.write_to(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load(path, *, verify: bool = True, mmap: bool = True) -> CompressedArray:
+    """Read a container file. With ``mmap=True`` the file is memory-mapped, so it never needs to fit in memory
+    at once; the result keeps the mapping open. Contents from files count as untrusted (see ``max_output_nbytes``).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if mmap and size:
+            import mmap as _mmap
+
+            buf: Any = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+        else:
+            buf = f.read()
+    return CompressedArray.from_bytes(buf, verify=verify)

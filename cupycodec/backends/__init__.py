@@ -1,0 +1,71 @@
+"""Backend selection: where a call runs (``"cpu"`` or ``"nvcomp"``), decided per call, never at import.
+
+Policy: host input uses the CPU unless the codec only exists on the GPU; device input uses nvCOMP when it is
+available, else the data is copied to the host with one :class:`~cupycodec.PerformanceWarning` per process; an
+explicit backend is never silently replaced. ``CUPYCODEC_BACKEND`` (``auto``/``cpu``/``nvcomp``) lets an operator
+choose when the code does not.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from ..errors import BackendUnavailableError, PerformanceWarning
+
+__all__ = ["BACKENDS", "nvcomp_available", "requested_backend", "select"]
+
+BACKENDS = ("auto", "cpu", "nvcomp")
+_ENV = "CUPYCODEC_BACKEND"
+_warned_host_copy = False
+
+
+def requested_backend(requested: str | None) -> str:
+    choice = requested if requested is not None else os.environ.get(_ENV, "auto")
+    if choice not in BACKENDS:
+        source = "argument backend=" if requested is not None else f"environment variable {_ENV}="
+        raise ValueError(f"{source}{choice!r} is not one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def nvcomp_available() -> bool:
+    from . import nvcomp
+
+    return nvcomp.available()
+
+
+def _nvcomp_reason() -> str:
+    from . import nvcomp
+
+    return nvcomp.unavailable_reason() or ""
+
+
+def select(requested: str | None, *, on_device: bool, codecs, what: str = "compress") -> str:
+    """Pick ``"cpu"`` or ``"nvcomp"`` for codecs (instances) applied to host or device data."""
+    choice = requested_backend(requested)
+    gpu_only = sorted({c.codec_id for c in codecs if not c.cpu_supported})
+    if choice == "cpu":
+        if gpu_only:
+            from ..codecs.base import GPU_ONLY_HINT
+
+            raise BackendUnavailableError(f"codec {gpu_only[0]!r} has no CPU implementation, so backend='cpu' "
+                                          f"cannot {what} it; {GPU_ONLY_HINT}")
+        return "cpu"
+    if choice == "nvcomp":
+        if not nvcomp_available():
+            raise BackendUnavailableError(f"backend='nvcomp' cannot run here: {_nvcomp_reason()}")
+        return "nvcomp"
+    if nvcomp_available() and (on_device or gpu_only):
+        return "nvcomp"
+    if gpu_only:
+        from ..codecs.base import GPU_ONLY_HINT
+
+        raise BackendUnavailableError(f"codec {gpu_only[0]!r} runs only on a GPU with nvCOMP, which is not usable "
+                                      f"here ({_nvcomp_reason()}); {GPU_ONLY_HINT}")
+    if on_device:
+        global _warned_host_copy
+        if not _warned_host_copy:
+            _warned_host_copy = True
+            warnings.warn(f"nvCOMP is not usable ({_nvcomp_reason()}); device data is copied to the host to {what} "
+                          "it on the CPU", PerformanceWarning, stacklevel=4)
+    return "cpu"

@@ -1,0 +1,36 @@
+"""The ``zstd`` codec: Zstandard frames, one per chunk; CPU via zstandard/cramjam, GPU via nvCOMP."""
+
+from __future__ import annotations
+
+from ._cpu import decode_exact, per_thread
+from .base import Codec, Option, int_range
+
+__all__ = ["Zstd"]
+
+
+class Zstd(Codec):
+    """Zstandard. Each chunk is a standard zstd frame (with its content size), so ``zstd -d`` reads it.
+
+    Parameters
+    ----------
+    level : int, optional
+        Compression level for the CPU backend (1-22, negative levels for speed; zstandard's default 3 when None).
+        nvCOMP has no levels: the GPU backend ignores it and warns once when it is set.
+    """
+
+    codec_id = "zstd"
+    version = 1
+    nvcomp_algorithm = "Zstd"
+    options = {"level": Option(None, int_range(-(1 << 17), 22), "CPU compression level")}
+
+    def encode_chunk(self, src: memoryview) -> bytes:
+        import zstandard
+
+        level = 3 if self.level is None else self.level
+        comp = per_thread(("zstd-c", level), lambda: zstandard.ZstdCompressor(level=level, write_content_size=True))
+        return comp.compress(src)
+
+    def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
+        import cramjam
+
+        decode_exact("zstd", cramjam.zstd.decompress_into, src, dst)

@@ -1,0 +1,94 @@
+"""The exception hierarchy: every error cupycodec raises on purpose derives from :class:`CupycodecError`.
+
+Each class also derives from a builtin (``ValueError``, ``RuntimeError``, ``TypeError``) so that callers can catch
+either ours or the builtin, and each keeps the facts it reports as attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailableError",
+    "ChecksumError",
+    "CupycodecError",
+    "DecompressionBombError",
+    "FormatError",
+    "PerformanceWarning",
+    "UnknownCodecError",
+    "UnsupportedDtypeError",
+    "UnsupportedVersionError",
+]
+
+
+class CupycodecError(Exception):
+    """Base class for every error cupycodec raises on purpose."""
+
+
+class UnknownCodecError(CupycodecError, ValueError):
+    """A codec or filter id that no registered class implements."""
+
+    def __init__(self, codec_id: str, known: Iterable[str], what: str = "codec"):
+        self.codec_id, self.known = codec_id, sorted(known)
+        super().__init__(f"unknown {what} {codec_id!r}; registered: {', '.join(self.known)}")
+
+
+class UnsupportedDtypeError(CupycodecError, TypeError):
+    """An array dtype that cupycodec cannot store (object, structured, strings, datetimes, ...)."""
+
+    def __init__(self, dtype: object, supported: Iterable[str], hint: str = ""):
+        self.dtype, self.supported = dtype, list(supported)
+        text = f"dtype {dtype!s} is not supported; supported: {', '.join(self.supported)}"
+        super().__init__(text + (f"; {hint}" if hint else ""))
+
+
+class FormatError(CupycodecError, ValueError):
+    """The bytes are not a valid cupycodec container (truncated, corrupt, or not ours)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The container, a codec or a filter was written by a newer cupycodec."""
+
+    def __init__(self, what: str, found: int, supported: int):
+        self.what, self.found, self.supported = what, found, supported
+        super().__init__(
+            f"{what} version {found} is newer than this cupycodec supports (<= {supported}); "
+            "upgrade cupycodec to read it"
+        )
+
+
+class ChecksumError(FormatError):
+    """A stored CRC32 does not match the bytes it covers."""
+
+    def __init__(self, segment: str, stored: int, computed: int, chunk: int | None = None):
+        self.segment, self.stored, self.computed, self.chunk = segment, stored, computed, chunk
+        where = f"segment {segment!r}" + (f", chunk {chunk}" if chunk is not None else "")
+        super().__init__(f"checksum mismatch in {where}: stored {stored:#010x}, computed {computed:#010x}")
+
+
+class DecompressionBombError(CupycodecError, ValueError):
+    """The container promises more output than ``max_output_nbytes`` allows."""
+
+    def __init__(self, nbytes: int, limit: int):
+        self.nbytes, self.limit = nbytes, limit
+        super().__init__(
+            f"decompressed size {nbytes} bytes exceeds max_output_nbytes={limit}; "
+            "pass a larger max_output_nbytes (or None) if you trust this data"
+        )
+
+
+class BackendUnavailableError(CupycodecError, RuntimeError):
+    """A backend or codec was requested that cannot run here. The message names what would work."""
+
+
+class BackendError(CupycodecError, RuntimeError):
+    """nvCOMP, CUDA or a CPU codec library reported a failure; ``status`` holds the backend's status name."""
+
+    def __init__(self, message: str, status: str | None = None):
+        self.status = status
+        super().__init__(message if status is None else f"{message} (status {status})")
+
+
+class PerformanceWarning(UserWarning):
+    """cupycodec took a slower path than the caller probably expects (e.g. device data compressed on the CPU)."""

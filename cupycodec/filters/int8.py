@@ -1,0 +1,115 @@
+"""The ``int8`` filter: symmetric absmax INT8 quantization (lossy) into ``data`` codes and ``scale`` factors.
+
+The arithmetic is specified by :mod:`cupycodec.quant.reference`; on the GPU the CUDA kernels of
+:mod:`cupycodec.kernels.int8` produce bit-identical codes, scales and dequantized values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import ArraySpec
+from ..errors import UnsupportedDtypeError
+from .base import Filter
+
+__all__ = ["Int8"]
+
+_FLOATS = ("F32", "F16", "BF16")
+
+
+class Int8(Filter):
+    """Quantize the float ``data`` array to int8 codes (``data``) and float32 scales (``scale``).
+
+    Parameters
+    ----------
+    granularity : {"channel", "group", "tensor"}
+        One scale per index along ``axis``, per ``group_size`` run along the last axis, or for the whole tensor.
+    axis : int
+        Channel axis (``granularity="channel"``; 0 = output channels of an ``nn.Linear`` weight).
+    group_size : int
+        Elements per group along the last axis (``granularity="group"``); a partial last group is allowed.
+    """
+
+    filter_id = "int8"
+    version = 1
+    lossless = False
+
+    def __init__(self, granularity: str = "channel", axis: int | None = 0, group_size: int | None = 128):
+        from ..quant import reference
+
+        if granularity not in reference.GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
+        self.granularity = granularity
+        self.axis = axis if granularity == "channel" else None
+        self.group_size = group_size if granularity == "group" else None
+        if granularity == "channel" and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise ValueError(f"axis must be an int, got {axis!r}")
+        if granularity == "group" and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"id": self.filter_id, "version": self.version, "granularity": self.granularity}
+        if self.axis is not None:
+            config["axis"] = self.axis
+        if self.group_size is not None:
+            config["group_size"] = self.group_size
+        return config
+
+    def _kw(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "axis": self.axis if self.axis is not None else 0,
+                "group_size": self.group_size if self.group_size is not None else 128}
+
+    def resolve(self, inputs):
+        data = inputs.get("data")
+        if self.granularity == "channel" and data is not None and data.shape and self.axis < 0:
+            return Int8("channel", self.axis + len(data.shape), None)
+        return self
+
+    def specs(self, inputs):
+        from ..quant import reference
+
+        data = inputs.get("data")
+        if data is None or set(inputs) != {"data"}:
+            raise ValueError(f"int8 quantization applies to a single 'data' array, got segments {sorted(inputs)}")
+        if data.dtype not in _FLOATS:
+            raise UnsupportedDtypeError(data.dtype, ["float32", "float16", "bfloat16"],
+                                        "int8 quantization takes floating-point weights")
+        reference.check_params(data.shape, **self._kw())
+        return {
+            "data": ArraySpec("I8", "|", data.shape),
+            "scale": ArraySpec("F32", "<", reference.scale_shape(data.shape, **self._kw())),
+        }
+
+    def encode(self, arrays, specs, gpu):
+        if gpu:
+            from ..kernels import int8 as kern
+
+            codes, scales = kern.quantize_int8(arrays["data"], dtype_name=specs["data"].dtype, **self._kw())
+        else:
+            from ..quant import reference
+
+            codes, scales = reference.quantize_int8(arrays["data"], **self._kw())
+        return {"data": codes, "scale": scales}
+
+    def decode(self, arrays, specs, gpu, out=None):
+        spec = specs["data"]
+        target = out["data"] if out is not None else None
+        if gpu:
+            from ..kernels import int8 as kern
+
+            y = kern.dequantize_int8(arrays["data"], arrays["scale"], dtype_name=spec.dtype, out=target, **self._kw())
+            return {"data": y}
+        from ..quant import reference
+
+        codes = np.asarray(arrays["data"]).reshape(spec.shape)
+        scales = np.asarray(arrays["scale"])
+        y = reference.dequantize_int8(codes, scales, dtype=spec.numpy_dtype().newbyteorder("="), **self._kw())
+        if spec.byteorder == ">":
+            y = y.astype(spec.numpy_dtype())
+        if target is not None:
+            target[...] = y
+            return {"data": target}
+        return {"data": y}

@@ -1,0 +1,1 @@
+"""CUDA kernels as source strings with lazy, cached compilation; one module per kernel family."""

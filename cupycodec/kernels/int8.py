@@ -1,0 +1,885 @@
+"""CUDA kernels for symmetric absmax int8 quantization. Reference: :mod:`cupycodec.quant.reference`.
+
+Every result (codes, scales, dequantized values) is bit-identical to the reference; ``tests/gpu/test_kernels_int8.py``
+pins them together. Importing this module does not import CuPy: the source is compiled on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import numpy as np
+
+from ..errors import UnsupportedDtypeError
+
+__all__ = ["dequantize_int8", "quantize_int8"]
+
+# Arithmetic mirrors quant.reference op for op: absmax is an exact max, scale = absmax / 127.0f (an IEEE division:
+# NVRTC's defaults are -prec-div=true -ftz=false), scales below 2**-126 become 1, code = rintf(x / scale) (IEEE
+# division, round half to even) clamped to [-127, 127], y = __fmul_rn(code, scale) (never contracted into an FMA).
+# Keep it that way: no --use_fast_math, no reciprocal multiply. No #include either (NVRTC include paths differ between
+# CUDA 12 and 13): fp16 converts with inline PTX, bf16 with integer bit operations.
+#
+# Layout vocabulary shared by all kernels: the C-contiguous input is a sequence of *segments* (runs of elements that
+# share a scale). Rows of n elements are cut into ng segments of g elements (the last one may be shorter); segment s
+# starts at (s / ng) * n + (s % ng) * g and uses scale (s % C). This covers
+#   tensor:                 n = g = numel, ng = 1, C = 1
+#   channel (outer, C, inner) view:  n = g = inner, ng = 1, scale of segment s is s % C
+#   group:                  n = shape[-1], g = min(group_size, n), ng = ceil(n / g), C = rows * ng
+#
+# Kernels:
+#   quantize_warp   one pass; a team of tpg lanes (a power of two <= 32) per short segment: absmax by shuffles, then
+#                   quantize, re-reading the segment from L1. Groups of 32..512 elements.
+#   quantize_block  one pass; one block per long contiguous segment (channel rows of a C-contiguous array, long groups).
+#   absmax_seg      pass 1 of 2 when segments are few and long, or for the whole tensor (which needs its max before
+#                   any code can be written): blocks reduce chunks of a segment, atomicMax on the float bits.
+#   absmax_col      pass 1 of 2 for channel axes with a short inner extent (e.g. per-column scales): each lane keeps
+#                   the max of V columns over a strip of rows, warps merge in shared memory, atomicMax per channel.
+#   finalize        absmax -> scale in place (the scales buffer holds absmax bits during pass 1).
+#   quantize_apply  pass 2: elementwise, scale index from the flat index.
+#   dequantize      elementwise, scale index from the flat index.
+# atomicMax on the bits of non-negative floats orders them like the floats, so pass 1 is deterministic. The optional
+# domain check (|x| < 2**127, finite) runs inside whichever kernel reads the input first and records the smallest
+# offending flat index with atomicMin. Vector accesses are 16 bytes of input (4 float32 / 8 half) when every base
+# pointer is 16-byte aligned; segment heads and tails that are not vector-aligned are handled element by element.
+_SOURCE = r"""
+typedef long long i64;
+typedef unsigned long long u64;
+
+struct alignas(16) cc_v16 { unsigned int w[4]; };
+struct alignas(8) cc_v8 { unsigned int w[2]; };
+
+#define CC_LIMIT __int_as_float(0x7f000000)  /* 2**127: |x| must be below it */
+#define CC_TINY __int_as_float(0x00800000)   /* 2**-126: smaller scales become 1 */
+#define CC_FULL 0xffffffffu
+
+__device__ __forceinline__ i64 cc_div(i64 a, i64 b) {  /* a >= 0, b > 0 */
+    if ((((u64)a | (u64)b) >> 32) == 0) return (i64)((unsigned int)a / (unsigned int)b);
+    return a / b;
+}
+__device__ __forceinline__ i64 cc_mod(i64 a, i64 b) { return a < b ? a : a - cc_div(a, b) * b; }
+
+__device__ __forceinline__ float cc_f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short cc_f32_to_f16(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float cc_bf16_to_f32(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
+/* Round half to even on the bits, as ml_dtypes does (NaN -> 0x7fc0 / 0xffc0 like ml_dtypes); any architecture. */
+__device__ __forceinline__ unsigned short cc_f32_to_bf16(float f) {
+    const unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u & 0x80000000u) ? 0xffc0 : 0x7fc0;
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* input element types: storage type T, V elements per 16-byte vector */
+struct cc_in_f32 {
+    typedef float T;
+    enum { V = 4 };
+    static __device__ __forceinline__ float cvt(float v) { return v; }
+    static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
+        for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(r.w[j]);
+    }
+};
+struct cc_in_f16 {
+    typedef unsigned short T;
+    enum { V = 8 };
+    static __device__ __forceinline__ float cvt(unsigned short v) { return cc_f16_to_f32(v); }
+    static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
+        for (int j = 0; j < 4; ++j) {
+            f[2 * j] = cc_f16_to_f32((unsigned short)(r.w[j] & 0xffffu));
+            f[2 * j + 1] = cc_f16_to_f32((unsigned short)(r.w[j] >> 16));
+        }
+    }
+};
+struct cc_in_bf16 {
+    typedef unsigned short T;
+    enum { V = 8 };
+    static __device__ __forceinline__ float cvt(unsigned short v) { return cc_bf16_to_f32(v); }
+    static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
+        for (int j = 0; j < 4; ++j) {
+            f[2 * j] = __uint_as_float(r.w[j] << 16);
+            f[2 * j + 1] = __uint_as_float(r.w[j] & 0xffff0000u);
+        }
+    }
+};
+
+/* N == 1: one element; N == D::V: one aligned 16-byte vector */
+template <class D, int N>
+__device__ __forceinline__ void cc_load(const typename D::T* p, float* f) {
+    if (N == 1) {
+        f[0] = D::cvt(p[0]);
+    } else {
+        const cc_v16 r = *reinterpret_cast<const cc_v16*>(p);
+        D::unpack(r, f);
+    }
+}
+
+__device__ __forceinline__ int cc_code(float v, float scale) {
+    return (int)fminf(fmaxf(rintf(v / scale), -127.0f), 127.0f);
+}
+__device__ __forceinline__ float cc_scale(float absmax) {
+    const float s = absmax / 127.0f;
+    return s < CC_TINY ? 1.0f : s;
+}
+__device__ __forceinline__ unsigned int cc_pack4(const int* c) {
+    return (unsigned int)(c[0] & 0xff) | ((unsigned int)(c[1] & 0xff) << 8) | ((unsigned int)(c[2] & 0xff) << 16) |
+           ((unsigned int)(c[3] & 0xff) << 24);
+}
+template <int N>
+__device__ __forceinline__ void cc_store_codes(signed char* q, const int* c) {
+    if (N == 1) {
+        q[0] = (signed char)c[0];
+    } else if (N == 4) {
+        *reinterpret_cast<unsigned int*>(q) = cc_pack4(c);
+    } else {
+        cc_v8 v;
+        v.w[0] = cc_pack4(c);
+        v.w[1] = cc_pack4(c + 4);
+        *reinterpret_cast<cc_v8*>(q) = v;
+    }
+}
+
+struct cc_absmax_op {
+    float m;
+    u64* bad;
+    template <int N>
+    __device__ __forceinline__ void run(i64 i, const float* v) {
+        for (int e = 0; e < N; ++e) {
+            const float a = fabsf(v[e]);
+            if (!(a < CC_LIMIT) && bad) atomicMin(bad, (u64)(i + e));  /* NaN fails the test too */
+            m = fmaxf(m, a);
+        }
+    }
+};
+struct cc_quant_op {
+    float scale;
+    signed char* q;
+    template <int N>
+    __device__ __forceinline__ void run(i64 i, const float* v) {
+        int c[N];
+        for (int e = 0; e < N; ++e) c[e] = cc_code(v[e], scale);
+        cc_store_codes<N>(q + i, c);
+    }
+};
+
+/* Apply op to elements [start, end) with thread t of nt: scalar head up to a multiple of V, V-wide body, scalar tail.
+   Element index i is vector-aligned iff i % V == 0 (base pointers are 16-byte aligned when V > 1). */
+template <class D, int V, class Op>
+__device__ __forceinline__ void cc_range(const typename D::T* __restrict__ x, i64 start, i64 end, int t, int nt,
+                                         Op& op) {
+    i64 body = start, body_end = end;
+    if (V > 1) {
+        body = (start + V - 1) / V * V;
+        if (body > end) body = end;
+        body_end = body + (end - body) / V * V;
+        for (i64 i = start + t; i < body; i += nt) {
+            float f[1];
+            cc_load<D, 1>(x + i, f);
+            op.template run<1>(i, f);
+        }
+        for (i64 i = body_end + t; i < end; i += nt) {
+            float f[1];
+            cc_load<D, 1>(x + i, f);
+            op.template run<1>(i, f);
+        }
+    }
+#pragma unroll 4
+    for (i64 i = body + (i64)t * V; i < body_end; i += (i64)nt * V) {
+        float f[V];
+        cc_load<D, V>(x + i, f);
+        op.template run<V>(i, f);
+    }
+}
+
+__device__ __forceinline__ void cc_segment(i64 s, i64 n, i64 g, i64 ng, i64& start, i64& end) {
+    const i64 r = ng == 1 ? s : cc_div(s, ng), k = s - r * ng;
+    start = r * n + k * g;
+    end = start + (n - k * g < g ? n - k * g : g);
+}
+
+/* max over the block; blockDim.x is a multiple of 32; every thread gets the result */
+__device__ __forceinline__ float cc_block_max(float m, float* red) {
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
+    const int lane = threadIdx.x & 31;
+    if (lane == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
+    __syncthreads(); /* red is reused by the next call */
+    return m;
+}
+
+template <class D, int V>
+__device__ void cc_quantize_warp(const typename D::T* __restrict__ x, signed char* __restrict__ q,
+                                 float* __restrict__ scale, i64 nseg, i64 n, i64 g, i64 ng, int tpg, u64* bad) {
+    const int lane = threadIdx.x & 31, sub = lane & (tpg - 1);
+    const i64 per_warp = 32 / tpg;
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
+    /* the loop bound is uniform per warp, so every lane reaches the shuffles */
+    for (i64 base = warp * per_warp; base < nseg; base += nwarps * per_warp) {
+        const i64 s = base + lane / tpg;
+        i64 start = 0, end = 0;
+        if (s < nseg) cc_segment(s, n, g, ng, start, end);
+        cc_absmax_op am = {0.0f, bad};
+        cc_range<D, V>(x, start, end, sub, tpg, am);
+        float m = am.m;
+        for (int o = tpg >> 1; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
+        const float sc = cc_scale(m);
+        if (s < nseg && sub == 0) scale[s] = sc;
+        cc_quant_op qo = {sc, q};
+        cc_range<D, V>(x, start, end, sub, tpg, qo);
+    }
+}
+
+template <class D, int V>
+__device__ void cc_quantize_block(const typename D::T* __restrict__ x, signed char* __restrict__ q,
+                                  float* __restrict__ scale, i64 nseg, i64 n, i64 g, i64 ng, u64* bad) {
+    __shared__ float red[32];
+    for (i64 s = blockIdx.x; s < nseg; s += gridDim.x) {
+        i64 start, end;
+        cc_segment(s, n, g, ng, start, end);
+        cc_absmax_op am = {0.0f, bad};
+        cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, am);
+        const float sc = cc_scale(cc_block_max(am.m, red));
+        if (threadIdx.x == 0) scale[s] = sc;
+        cc_quant_op qo = {sc, q};
+        cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, qo);
+    }
+}
+
+template <class D, int V>
+__device__ void cc_absmax_seg(const typename D::T* __restrict__ x, unsigned int* bits, i64 nseg, i64 n, i64 g,
+                              i64 ng, i64 C, i64 chunks, i64 chunk_len, u64* bad) {
+    __shared__ float red[32];
+    const i64 items = nseg * chunks;
+    for (i64 w = blockIdx.x; w < items; w += gridDim.x) {
+        const i64 s = cc_div(w, chunks), c = w - s * chunks;
+        i64 start, end;
+        cc_segment(s, n, g, ng, start, end);
+        const i64 lo = start + c * chunk_len;
+        const i64 hi = lo + chunk_len < end ? lo + chunk_len : end;
+        cc_absmax_op am = {0.0f, bad};
+        cc_range<D, V>(x, lo, hi, threadIdx.x, blockDim.x, am);
+        const float m = cc_block_max(am.m, red);
+        if (threadIdx.x == 0 && m > 0.0f) atomicMax(bits + cc_mod(s, C), __float_as_uint(m));
+    }
+}
+
+/* rows x P matrix (P = C * inner), blockDim.x == 256: 8 warps share a tile of 32 * V columns and split a chunk of
+   rpc rows; work item w = (row chunk, tile). Channel of column j is j / inner. */
+template <class D, int V>
+__device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int* bits, i64 rows, i64 P, i64 inner,
+                              i64 ntiles, i64 rpc, i64 nchunks, u64* bad) {
+    __shared__ float red[8 * V * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 ncv = P / V; /* V > 1 only when P % V == 0 */
+    for (i64 w = blockIdx.x; w < ntiles * nchunks; w += gridDim.x) {
+        const i64 rc = cc_div(w, ntiles), tile = w - rc * ntiles;
+        const i64 cv = tile * 32 + lane;
+        const bool valid = cv < ncv;
+        const i64 col0 = cv * V;
+        float m[V];
+        for (int e = 0; e < V; ++e) m[e] = 0.0f;
+        if (valid) {
+            const i64 r1 = (rc + 1) * rpc < rows ? (rc + 1) * rpc : rows;
+            for (i64 r = rc * rpc + warp; r < r1; r += 8) {
+                const i64 i = r * P + col0;
+                float f[V];
+                cc_load<D, V>(x + i, f);
+                for (int e = 0; e < V; ++e) {
+                    const float a = fabsf(f[e]);
+                    if (!(a < CC_LIMIT) && bad) atomicMin(bad, (u64)(i + e));
+                    m[e] = fmaxf(m[e], a);
+                }
+            }
+        }
+        for (int e = 0; e < V; ++e) red[(warp * V + e) * 32 + lane] = m[e];
+        __syncthreads();
+        if (warp == 0) {
+            for (int k = 1; k < 8; ++k)
+                for (int e = 0; e < V; ++e) m[e] = fmaxf(m[e], red[(k * V + e) * 32 + lane]);
+            if (V > 1 && inner % V == 0) {
+                /* the V columns of a lane share a channel: merge runs of equal channels across the warp */
+                float mm = m[0];
+                for (int e = 1; e < V; ++e) mm = fmaxf(mm, m[e]);
+                const i64 ch = valid ? cc_div(col0, inner) : -1;
+                for (int o = 1; o < 32; o <<= 1) {
+                    const float om = __shfl_down_sync(CC_FULL, mm, o);
+                    const i64 och = __shfl_down_sync(CC_FULL, ch, o);
+                    if (lane + o < 32 && och == ch) mm = fmaxf(mm, om);
+                }
+                const i64 prev = __shfl_up_sync(CC_FULL, ch, 1);
+                if (valid && (lane == 0 || prev != ch) && mm > 0.0f) atomicMax(bits + ch, __float_as_uint(mm));
+            } else if (valid) {
+                i64 ch = cc_div(col0, inner), left = (ch + 1) * inner - col0; /* columns left in channel ch */
+                float run = 0.0f;
+                for (int e = 0; e < V; ++e) {
+                    if (left == 0) {
+                        if (run > 0.0f) atomicMax(bits + ch, __float_as_uint(run));
+                        ++ch;
+                        left = inner;
+                        run = 0.0f;
+                    }
+                    run = fmaxf(run, m[e]);
+                    --left;
+                }
+                if (run > 0.0f) atomicMax(bits + ch, __float_as_uint(run));
+            }
+        }
+        __syncthreads(); /* red is reused by the next work item */
+    }
+}
+
+/* scale index of element i, and how many elements from i on (i included) share it */
+__device__ __forceinline__ void cc_locate(i64 i, i64 n, i64 g, i64 ng, i64 C, i64& idx, i64& left, i64& segend) {
+    if (C == 1) {
+        idx = 0;
+        left = 0x7fffffffffffffffLL;
+        segend = n;
+        return;
+    }
+    const i64 r = cc_div(i, n), col = i - r * n;
+    const i64 k = ng == 1 ? 0 : cc_div(col, g);
+    idx = cc_mod(r * ng + k, C);
+    segend = (k + 1) * g < n ? (k + 1) * g : n;
+    left = segend - col;
+}
+/* step to the next segment (its index is one more, so its scale index is one more modulo C) */
+__device__ __forceinline__ void cc_next(i64 n, i64 g, i64 C, i64& idx, i64& left, i64& segend) {
+    const i64 start = segend == n ? 0 : segend;
+    segend = start + g < n ? start + g : n;
+    left = segend - start;
+    idx = idx + 1 == C ? 0 : idx + 1;
+}
+template <int N>
+__device__ __forceinline__ void cc_scales_of(const float* __restrict__ scale, i64 i, i64 n, i64 g, i64 ng, i64 C,
+                                             float* s) {
+    i64 idx, left, segend;
+    cc_locate(i, n, g, ng, C, idx, left, segend);
+    float sc = scale[idx];
+    if (left >= N) {
+        for (int e = 0; e < N; ++e) s[e] = sc;
+    } else {
+        for (int e = 0; e < N; ++e) {
+            if (left == 0) {
+                cc_next(n, g, C, idx, left, segend);
+                sc = scale[idx];
+            }
+            s[e] = sc;
+            --left;
+        }
+    }
+}
+
+template <class D, int V>
+__device__ void cc_quantize_apply(const typename D::T* __restrict__ x, signed char* __restrict__ q,
+                                  const float* __restrict__ scale, i64 numel, i64 n, i64 g, i64 ng, i64 C) {
+    const i64 nvec = numel / V, tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 w = tid; w < nvec; w += stride) {
+        const i64 i = w * V;
+        float f[V], s[V];
+        int c[V];
+        cc_load<D, V>(x + i, f);
+        cc_scales_of<V>(scale, i, n, g, ng, C, s);
+        for (int e = 0; e < V; ++e) c[e] = cc_code(f[e], s[e]);
+        cc_store_codes<V>(q + i, c);
+    }
+    const i64 i = nvec * V + tid; /* fewer than V left over */
+    if (i < numel) {
+        float f[1], s[1];
+        cc_load<D, 1>(x + i, f);
+        cc_scales_of<1>(scale, i, n, g, ng, C, s);
+        q[i] = (signed char)cc_code(f[0], s[0]);
+    }
+}
+
+__device__ __forceinline__ void cc_put(cc_v16& r, int j, unsigned int lo, unsigned int hi) { r.w[j] = lo | (hi << 16); }
+
+/* output element types: one element, or 8 of them (16-bit: one 16-byte store; f32: two; f64: four) */
+struct cc_out_f32 {
+    typedef float T;
+    static __device__ __forceinline__ float cvt(float y) { return y; }
+    static __device__ __forceinline__ void store8(float* p, const float* y) {
+        cc_v16 a, b;
+        for (int j = 0; j < 4; ++j) {
+            a.w[j] = __float_as_uint(y[j]);
+            b.w[j] = __float_as_uint(y[4 + j]);
+        }
+        reinterpret_cast<cc_v16*>(p)[0] = a;
+        reinterpret_cast<cc_v16*>(p)[1] = b;
+    }
+};
+struct cc_out_f16 {
+    typedef unsigned short T;
+    static __device__ __forceinline__ unsigned short cvt(float y) { return cc_f32_to_f16(y); }
+    static __device__ __forceinline__ void store8(unsigned short* p, const float* y) {
+        cc_v16 a;
+        for (int j = 0; j < 4; ++j) cc_put(a, j, cvt(y[2 * j]), cvt(y[2 * j + 1]));
+        *reinterpret_cast<cc_v16*>(p) = a;
+    }
+};
+struct cc_out_bf16 {
+    typedef unsigned short T;
+    static __device__ __forceinline__ unsigned short cvt(float y) { return cc_f32_to_bf16(y); }
+    static __device__ __forceinline__ void store8(unsigned short* p, const float* y) {
+        cc_v16 a;
+        for (int j = 0; j < 4; ++j) cc_put(a, j, cvt(y[2 * j]), cvt(y[2 * j + 1]));
+        *reinterpret_cast<cc_v16*>(p) = a;
+    }
+};
+struct cc_out_f64 {
+    typedef double T;
+    static __device__ __forceinline__ double cvt(float y) { return (double)y; }
+    static __device__ __forceinline__ void store8(double* p, const float* y) {
+        for (int k = 0; k < 4; ++k) {
+            const u64 lo = (u64)__double_as_longlong((double)y[2 * k]);
+            const u64 hi = (u64)__double_as_longlong((double)y[2 * k + 1]);
+            cc_v16 a;
+            a.w[0] = (unsigned int)lo;
+            a.w[1] = (unsigned int)(lo >> 32);
+            a.w[2] = (unsigned int)hi;
+            a.w[3] = (unsigned int)(hi >> 32);
+            reinterpret_cast<cc_v16*>(p)[k] = a;
+        }
+    }
+};
+
+/* V == 8 (8-byte code loads) or 1 */
+template <class O, int V>
+__device__ void cc_dequantize(const signed char* __restrict__ q, const float* __restrict__ scale,
+                              typename O::T* __restrict__ y, i64 numel, i64 n, i64 g, i64 ng, i64 C) {
+    const i64 nvec = numel / V, tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 w = tid; w < nvec; w += stride) {
+        const i64 i = w * V;
+        float s[V], v[V];
+        cc_scales_of<V>(scale, i, n, g, ng, C, s);
+        if (V == 1) {
+            v[0] = __fmul_rn((float)q[i], s[0]);
+            y[i] = O::cvt(v[0]);
+        } else {
+            const cc_v8 r = *reinterpret_cast<const cc_v8*>(q + i);
+            for (int e = 0; e < V; ++e) {
+                const int c = (int)(signed char)((r.w[e >> 2] >> (8 * (e & 3))) & 0xffu);
+                v[e] = __fmul_rn((float)c, s[e]);
+            }
+            O::store8(y + i, v);
+        }
+    }
+    const i64 i = nvec * V + tid;
+    if (i < numel) {
+        float s[1];
+        cc_scales_of<1>(scale, i, n, g, ng, C, s);
+        y[i] = O::cvt(__fmul_rn((float)q[i], s[0]));
+    }
+}
+
+#define CC_INPUT_KERNELS(NAME, D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_warp_##NAME(                          \
+        const D::T* x, signed char* q, float* scale, i64 nseg, i64 n, i64 g, i64 ng, int tpg, int vec, u64* bad) {  \
+        if (vec) cc_quantize_warp<D, D::V>(x, q, scale, nseg, n, g, ng, tpg, bad);                                 \
+        else cc_quantize_warp<D, 1>(x, q, scale, nseg, n, g, ng, tpg, bad);                                        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(1024) cupycodec_int8_quantize_block_##NAME(                        \
+        const D::T* x, signed char* q, float* scale, i64 nseg, i64 n, i64 g, i64 ng, int vec, u64* bad) {           \
+        if (vec) cc_quantize_block<D, D::V>(x, q, scale, nseg, n, g, ng, bad);                                     \
+        else cc_quantize_block<D, 1>(x, q, scale, nseg, n, g, ng, bad);                                            \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(512) cupycodec_int8_absmax_seg_##NAME(const D::T* x, unsigned int* bits, i64 nseg, i64 n, \
+        i64 g, i64 ng, i64 C, i64 chunks, i64 chunk_len, int vec, u64* bad) {                                       \
+        if (vec) cc_absmax_seg<D, D::V>(x, bits, nseg, n, g, ng, C, chunks, chunk_len, bad);                       \
+        else cc_absmax_seg<D, 1>(x, bits, nseg, n, g, ng, C, chunks, chunk_len, bad);                              \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_absmax_col_##NAME(const D::T* x, unsigned int* bits, i64 rows, i64 P, \
+        i64 inner, i64 ntiles, i64 rpc, i64 nchunks, int vec, u64* bad) {                                           \
+        if (vec) cc_absmax_col<D, D::V>(x, bits, rows, P, inner, ntiles, rpc, nchunks, bad);                       \
+        else cc_absmax_col<D, 1>(x, bits, rows, P, inner, ntiles, rpc, nchunks, bad);                              \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_apply_##NAME(const D::T* x, signed char* q,                 \
+        const float* scale, i64 numel, i64 n, i64 g, i64 ng, i64 C, int vec) {                                      \
+        if (vec) cc_quantize_apply<D, D::V>(x, q, scale, numel, n, g, ng, C);                                      \
+        else cc_quantize_apply<D, 1>(x, q, scale, numel, n, g, ng, C);                                             \
+    }
+
+CC_INPUT_KERNELS(f32, cc_in_f32)
+CC_INPUT_KERNELS(f16, cc_in_f16)
+CC_INPUT_KERNELS(bf16, cc_in_bf16)
+
+#define CC_OUTPUT_KERNEL(NAME, O)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_##NAME(const signed char* q, const float* scale,          \
+        O::T* y, i64 numel, i64 n, i64 g, i64 ng, i64 C, int vec) {                                                 \
+        if (vec) cc_dequantize<O, 8>(q, scale, y, numel, n, g, ng, C);                                             \
+        else cc_dequantize<O, 1>(q, scale, y, numel, n, g, ng, C);                                                 \
+    }
+
+CC_OUTPUT_KERNEL(f32, cc_out_f32)
+CC_OUTPUT_KERNEL(f16, cc_out_f16)
+CC_OUTPUT_KERNEL(bf16, cc_out_bf16)
+CC_OUTPUT_KERNEL(f64, cc_out_f64)
+
+extern "C" __global__ void cupycodec_int8_finalize_f32(float* scale, i64 n) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        scale[i] = cc_scale(scale[i]); /* the buffer held absmax (as float bits) during pass 1 */
+}
+"""
+
+_INPUTS = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+_OUTPUTS = {  # dtype_name -> (kernel suffix, storage dtypes accepted for out=, the one allocated)
+    "F32": ("f32", ("float32",), np.float32),
+    "F16": ("f16", ("float16", "uint16", "int16"), np.float16),
+    "BF16": ("bf16", ("uint16", "int16", "bfloat16"), np.uint16),
+    "F64": ("f64", ("float64",), np.float64),
+}
+_INPUT_HELP = "float32, float16, bfloat16 (an ml_dtypes dtype, or uint16/int16 bits with dtype_name='BF16')"
+_BLOCK = 256
+_NO_BAD = 0xFFFF_FFFF_FFFF_FFFF
+_SMALL_TENSOR = 1 << 16  # elements; a smaller tensor is quantized in one pass by a single block
+_SHORT_SEGMENT = 4096  # elements; fewer, longer segments than 2 per SM go through two passes for parallelism
+_COLUMN_INNER = 1024  # channel axes whose inner extent is shorter use the column-strip absmax kernel
+
+
+@functools.cache
+def _module():
+    import cupy  # lazy: importing this module must not import cupy
+
+    # Compiled on first get_function; CuPy memoizes per device and on disk ($HOME/.cupy/kernel_cache).
+    return cupy.RawModule(code=_SOURCE)
+
+
+@functools.cache
+def _kernel(name: str):
+    return _module().get_function(name)  # a RawKernel: compiled once per device, on first launch
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _i64(v: int) -> np.int64:
+    return np.int64(v)
+
+
+def _on(stream):
+    return contextlib.nullcontext() if stream is None else stream
+
+
+def _aligned(*arrays) -> bool:
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _require_cupy(cupy, arr, what: str):
+    if not isinstance(arr, cupy.ndarray):
+        raise TypeError(f"{what} must be a cupy.ndarray, got {type(arr).__name__}; use cupy.asarray() first")
+
+
+def _require_contiguous(arr, what: str):
+    if not arr.flags.c_contiguous:
+        raise ValueError(
+            f"{what} must be C-contiguous (RawKernels ignore strides), got strides {arr.strides}; "
+            "pass cupy.ascontiguousarray(...)"
+        )
+
+
+def _input_name(x, dtype_name) -> str:
+    dt = x.dtype
+    if dtype_name is None:
+        if dt == np.float32:
+            return "F32"
+        if dt == np.float16:
+            return "F16"
+        if dt.name == "bfloat16":
+            return "BF16"
+        hint = "for bfloat16 bits pass dtype_name='BF16'" if dt in (np.uint16, np.int16) else ""
+        raise UnsupportedDtypeError(dt, [_INPUT_HELP], hint)
+    if dtype_name not in _INPUTS:
+        raise ValueError(f"dtype_name must be 'F32', 'F16' or 'BF16', got {dtype_name!r}")
+    storage = {"F32": ("float32",), "F16": ("float16", "uint16", "int16"), "BF16": ("uint16", "int16", "bfloat16")}
+    if dt.name not in storage[dtype_name]:
+        raise UnsupportedDtypeError(
+            dt, [_INPUT_HELP], f"dtype_name={dtype_name!r} needs an array of {' or '.join(storage[dtype_name])}"
+        )
+    return dtype_name
+
+
+def _output(cupy, out, shape, dtypes: tuple[str, ...], allocate, what: str):
+    if out is None:
+        return cupy.empty(shape, dtype=allocate)
+    _require_cupy(cupy, out, what)
+    if out.dtype.name not in dtypes or out.shape != tuple(shape) or not out.flags.c_contiguous:
+        raise ValueError(
+            f"{what} must be a C-contiguous cupy array of dtype {' or '.join(dtypes)} and shape {tuple(shape)}, "
+            f"got {out.dtype} of shape {out.shape} (c_contiguous={out.flags.c_contiguous})"
+        )
+    return out
+
+
+def _layout(shape, granularity: str, axis, group_size) -> tuple[int, int, int, int]:
+    """(n, g, ng, C) of the segment vocabulary in _SOURCE's header comment, for a non-empty array."""
+    numel = math.prod(shape)
+    if granularity == "tensor":
+        return numel, numel, 1, 1
+    if granularity == "channel":
+        inner = math.prod(shape[axis + 1 :])
+        return inner, inner, 1, shape[axis]
+    n = shape[-1]
+    g = min(group_size, n)
+    ng = _ceil_div(n, g)
+    return n, g, ng, numel // n * ng
+
+
+def _host_value(raw: np.ndarray, name: str) -> np.float32:
+    """The float32 value of one element copied back from the device, for the error message."""
+    if name == "F32":
+        return raw.view(np.float32)[0]
+    bits = raw.view(np.uint16)
+    if name == "F16":
+        return bits.view(np.float16).astype(np.float32)[0]
+    return (bits.astype(np.uint32) << 16).view(np.float32)[0]
+
+
+def quantize_int8(
+    x,
+    *,
+    granularity: str = "channel",
+    axis: int = 0,
+    group_size: int = 128,
+    dtype_name: str | None = None,
+    check: bool = True,
+    stream=None,
+    out=None,
+):
+    """Device twin of :func:`cupycodec.quant.reference.quantize_int8`, bit-identical to it.
+
+    Parameters
+    ----------
+    x : cupy.ndarray
+        C-contiguous float32 or float16, or bfloat16 (an ml_dtypes dtype where CuPy has one, else its bits as
+        uint16/int16 with ``dtype_name="BF16"``).
+    granularity, axis, group_size
+        As for the reference.
+    dtype_name : {"F32", "F16", "BF16"}, optional
+        The logical dtype of `x`; defaults from ``x.dtype``.
+    check : bool
+        Check the domain (finite, ``|x| < 2**127``) on the device, inside the first kernel that reads `x`; costs one
+        synchronization. With ``check=False`` out-of-domain input gives unspecified codes.
+    stream : cupy.cuda.Stream, optional
+        Stream to run on; the current stream by default.
+    out : tuple of (cupy.ndarray or None, cupy.ndarray or None), optional
+        Preallocated ``(codes, scales)``: C-contiguous int8 of ``x.shape`` and float32 of the reference's scale
+        shape. They are overwritten even if the domain check then fails.
+
+    Returns
+    -------
+    (codes, scales) : tuple of cupy.ndarray
+
+    Raises
+    ------
+    TypeError
+        If `x` is not a cupy array; :class:`~cupycodec.errors.UnsupportedDtypeError` for an unsupported dtype.
+    ValueError
+        For bad parameters, non-contiguous input, a bad `out`, or (``check=True``) input outside the domain, with the
+        reference's message naming the first offending element.
+
+    Notes
+    -----
+    Contiguous segments (groups; channels along axis 0; small tensors) take one pass over the input: a warp team or a
+    block computes the segment's absmax, then quantizes it, re-reading it from L1/L2. A large per-tensor
+    quantization needs the whole tensor's max before writing any code, so it reads the input twice (a reduction, then
+    an elementwise pass); so do channel axes other than the leading one, and segments too few to fill the GPU.
+    """
+    import cupy
+
+    from ..quant import reference  # the specification: parameter rules, shapes and the domain error text
+
+    _require_cupy(cupy, x, "x")
+    name = _input_name(x, dtype_name)
+    granularity, axis, group_size = reference.check_params(x.shape, granularity, axis, group_size)
+    _require_contiguous(x, "x")
+    sshape = reference.scale_shape(x.shape, granularity, axis or 0, group_size or 1)
+    if out is None:
+        out = (None, None)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise ValueError("out must be a (codes, scales) tuple; either may be None")
+    with _on(stream):
+        codes = _output(cupy, out[0], x.shape, ("int8",), np.int8, "out[0] (codes)")
+        scales = _output(cupy, out[1], sshape, ("float32",), np.float32, "out[1] (scales)")
+        if x.size == 0:
+            if scales.size:
+                scales.fill(1)  # channels without elements: absmax 0, scale 1 (the reference's rule)
+            return codes, scales
+        bad = None
+        if check:
+            bad = cupy.empty(1, dtype=np.uint64)
+            cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, 8, cupy.cuda.get_current_stream().ptr)
+        _launch_quantize(cupy, x, codes, scales, _INPUTS[name], granularity, axis, group_size, bad)
+        if check:
+            first = int(bad.get()[0])
+            if first != _NO_BAD:
+                index = tuple(int(i) for i in np.unravel_index(first, x.shape))
+                raw = x.reshape(-1)[first : first + 1].get()
+                raise reference._domain_error(index, _host_value(raw, name))
+    return codes, scales
+
+
+def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_size, bad):
+    shape, numel = x.shape, x.size
+    sms = _sm_count(cupy.cuda.Device().id)
+    vec = _aligned(x, codes)
+    V = 16 // x.dtype.itemsize if vec else 1
+    n, g, ng, C = _layout(shape, granularity, axis, group_size)
+    nseg = numel // n * ng
+    outer = numel // (n * C) if granularity == "channel" else 1
+    contiguous = granularity == "group" or (granularity == "channel" and outer == 1)
+    if granularity == "tensor":
+        fused = numel <= _SMALL_TENSOR
+    else:
+        fused = contiguous and (nseg >= 2 * sms or g <= _SHORT_SEGMENT)
+    args_seg = (_i64(nseg), _i64(n), _i64(g), _i64(ng))
+
+    if fused:  # one pass; scale index of segment s is s
+        if g <= 32 * max(V, 4) * 2:
+            tpg = min(32, _pow2_at_least(_ceil_div(g, V)))
+            grid = min(_ceil_div(nseg * tpg, _BLOCK), sms * 64)
+            _kernel(f"cupycodec_int8_quantize_warp_{suffix}")(
+                (grid,), (_BLOCK,), (x, codes, scales, *args_seg, np.int32(tpg), np.int32(vec), bad)
+            )
+        else:
+            block = min(1024, max(64, _pow2_at_least(_ceil_div(g, V * 4))))
+            grid = min(nseg, sms * 32)
+            _kernel(f"cupycodec_int8_quantize_block_{suffix}")(
+                (grid,), (block,), (x, codes, scales, *args_seg, np.int32(vec), bad)
+            )
+        return
+
+    # two passes: absmax into the scales buffer (as float bits, from zero), absmax -> scale, then quantize
+    cupy.cuda.runtime.memsetAsync(scales.data.ptr, 0, scales.nbytes, cupy.cuda.get_current_stream().ptr)
+    if granularity == "channel" and outer > 1 and n < _COLUMN_INNER:
+        P = C * n
+        vcol = vec and P % V == 0
+        Vc = V if vcol else 1
+        ntiles = _ceil_div(P // Vc, 32)
+        nchunks = max(1, min(_ceil_div(outer, 8), _ceil_div(sms * 16, ntiles)))
+        rpc = _ceil_div(outer, nchunks)
+        nchunks = _ceil_div(outer, rpc)
+        grid = min(ntiles * nchunks, 2**31 - 1)
+        _kernel(f"cupycodec_int8_absmax_col_{suffix}")(
+            (grid,), (_BLOCK,),
+            (x, scales, _i64(outer), _i64(P), _i64(n), _i64(ntiles), _i64(rpc), _i64(nchunks), np.int32(vcol), bad),
+        )
+    else:
+        block = 512
+        chunks = max(1, min(_ceil_div(g, block * V * 4), _ceil_div(sms * 8, nseg)))
+        chunk_len = _ceil_div(_ceil_div(g, chunks), 64) * 64
+        chunks = _ceil_div(g, chunk_len)
+        grid = min(nseg * chunks, sms * 32)
+        _kernel(f"cupycodec_int8_absmax_seg_{suffix}")(
+            (grid,), (block,),
+            (x, scales, *args_seg, _i64(C), _i64(chunks), _i64(chunk_len), np.int32(vec), bad),
+        )
+    nscales = scales.size
+    _kernel("cupycodec_int8_finalize_f32")(
+        (min(_ceil_div(nscales, _BLOCK), sms * 8),), (_BLOCK,), (scales, _i64(nscales))
+    )
+    grid = min(max(1, _ceil_div(numel // V, _BLOCK)), sms * 64)
+    _kernel(f"cupycodec_int8_quantize_apply_{suffix}")(
+        (grid,), (_BLOCK,), (x, codes, scales, _i64(numel), _i64(n), _i64(g), _i64(ng), _i64(C), np.int32(vec))
+    )
+
+
+def dequantize_int8(
+    codes,
+    scales,
+    *,
+    granularity: str = "channel",
+    axis: int = 0,
+    group_size: int = 128,
+    dtype_name: str = "F32",
+    out=None,
+    stream=None,
+):
+    """Device twin of :func:`cupycodec.quant.reference.dequantize_int8`, bit-identical to it.
+
+    Parameters
+    ----------
+    codes : cupy.ndarray
+        C-contiguous int8.
+    scales : cupy.ndarray
+        C-contiguous float32 of the reference's scale shape for ``codes.shape``.
+    granularity, axis, group_size
+        The values the codes were quantized with.
+    dtype_name : {"F32", "F16", "BF16", "F64"}
+        Output dtype. ``"BF16"`` is returned as its uint16 bits (round half to even, as ml_dtypes).
+    out : cupy.ndarray, optional
+        C-contiguous, of ``codes.shape`` and the storage dtype (float32, float16, uint16 for BF16, float64); then
+        nothing is allocated.
+    stream : cupy.cuda.Stream, optional
+        Stream to run on; the current stream by default.
+
+    Returns
+    -------
+    cupy.ndarray
+
+    Raises
+    ------
+    TypeError
+        If an argument is not a cupy array; :class:`~cupycodec.errors.UnsupportedDtypeError` for codes that are not
+        int8 or an unknown `dtype_name`.
+    ValueError
+        For bad parameters, non-contiguous arrays, scales of the wrong dtype or shape, or a bad `out`.
+    """
+    import cupy
+
+    from ..quant import reference
+
+    _require_cupy(cupy, codes, "codes")
+    _require_cupy(cupy, scales, "scales")
+    if codes.dtype != np.int8:
+        raise UnsupportedDtypeError(codes.dtype, ["int8"], "dequantize_int8 reads the codes quantize_int8 returns")
+    if dtype_name not in _OUTPUTS:
+        raise UnsupportedDtypeError(dtype_name, list(_OUTPUTS), "dtype_name names the output dtype")
+    granularity, axis, group_size = reference.check_params(codes.shape, granularity, axis, group_size)
+    _require_contiguous(codes, "codes")
+    sshape = reference.scale_shape(codes.shape, granularity, axis or 0, group_size or 1)
+    if scales.dtype != np.float32 or scales.shape != sshape:
+        raise ValueError(
+            f"scales must be float32 of shape {sshape} for codes of shape {codes.shape} and "
+            f"granularity={granularity!r}, got {scales.dtype} of shape {scales.shape}; "
+            "pass the scales quantize_int8 returned with the same parameters"
+        )
+    _require_contiguous(scales, "scales")
+    suffix, storage, allocate = _OUTPUTS[dtype_name]
+    with _on(stream):
+        y = _output(cupy, out, codes.shape, storage, allocate, "out")
+        numel = codes.size
+        if numel == 0:
+            return y
+        n, g, ng, C = _layout(codes.shape, granularity, axis, group_size)
+        vec = _aligned(codes, y)
+        V = 8 if vec else 1
+        grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(cupy.cuda.Device().id) * 64)
+        _kernel(f"cupycodec_int8_dequantize_{suffix}")(
+            (grid,), (_BLOCK,), (codes, scales, y, _i64(numel), _i64(n), _i64(g), _i64(ng), _i64(C), np.int32(vec))
+        )
+    return y

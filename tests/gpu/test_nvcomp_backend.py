@@ -1,0 +1,239 @@
+"""The nvCOMP backend on a real GPU: round trips, CPU<->GPU interchange, batching, plans, CRCs, big arrays."""
+
+from __future__ import annotations
+
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import cupycodec as cc
+
+pytestmark = [pytest.mark.gpu, pytest.mark.nvcomp]
+
+ALL = ["raw", "lz4", "snappy", "gdeflate", "deflate", "zstd", "gzip", "cascaded", "bitcomp", "ans"]
+CPU_READABLE = ["raw", "lz4", "snappy", "deflate", "zstd", "gzip"]
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+def weights(n, seed=0, dtype=ml_dtypes.bfloat16):
+    rng = np.random.default_rng(seed)
+    return (0.02 * rng.standard_t(5, n)).astype(np.float32).astype(dtype)
+
+
+def _same(a, b) -> bool:
+    import cupy
+
+    a = cupy.asnumpy(a) if not isinstance(a, np.ndarray) else a
+    b = cupy.asnumpy(b) if not isinstance(b, np.ndarray) else b
+    return a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+@pytest.mark.parametrize("codec", ALL)
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float16", "float32", "int64", "complex64", "bool"])
+def test_roundtrip_on_gpu(cp, codec, dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((257, 129)) * 50).astype(dtype)
+    x[::7] = 0
+    g = cp.asarray(x)
+    c = cc.compress(g, codec=codec, chunk_nbytes=4096)
+    assert c.on_device and c.producer["backend"] == "nvcomp"
+    y = cc.decompress(c)
+    assert isinstance(y, cp.ndarray) and y.dtype == g.dtype and y.shape == g.shape
+    assert _same(y, x)
+    # the container is valid bytes: header, tables and every GPU-computed CRC check out on the CPU
+    again = cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)
+    assert _same(cc.decompress(again, device="cuda"), x)
+
+
+@pytest.mark.parametrize("codec", ALL)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (), (1,), (17,), (65537,)])
+def test_edge_shapes_on_gpu(cp, codec, shape):
+    x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    c = cc.compress(cp.asarray(x), codec=codec)
+    assert _same(cc.decompress(c), x)
+
+
+def test_noncontiguous_and_negative_strides(cp):
+    x = cp.arange(10000, dtype=cp.float64).reshape(100, 100)
+    for view in (x[:, ::3], x[::-1], x.T, x[10:20, 5:]):
+        c = cc.compress(view, codec="zstd")
+        assert _same(cc.decompress(c), cp.asnumpy(view))
+
+
+@pytest.mark.parametrize("codec", CPU_READABLE)
+def test_gpu_written_decodes_on_cpu(cp, codec):
+    x = weights(300_000, seed=2)
+    c = cc.compress(cp.asarray(x.view(np.uint16)), dtype="bfloat16", codec=codec, chunk_nbytes=65536)
+    assert c.dtype_name == "BF16"
+    y = cc.decompress(c.to_bytes(), backend="cpu")
+    assert y.dtype == ml_dtypes.bfloat16 and _same(y, x)
+    # and each encoded chunk is a standard stream of its format
+    if codec in ("zstd", "deflate", "gzip"):
+        seg = c.segments[0]
+        payload = c.host_payload()
+        i = int(np.flatnonzero(seg.table.flags == 0)[0])
+        o, s = int(seg.chunk_offsets[i]), int(seg.table.comp_nbytes[i])
+        chunk = bytes(payload[o : o + s])
+        raw = x.view(np.uint8)[i * 65536 : (i + 1) * 65536].tobytes()
+        if codec == "zstd":
+            import zstandard
+
+            assert zstandard.ZstdDecompressor().decompress(chunk, max_output_size=65536) == raw
+        else:
+            assert zlib.decompress(chunk, -15 if codec == "deflate" else 31) == raw
+
+
+@pytest.mark.parametrize("codec", CPU_READABLE)
+@pytest.mark.parametrize("level", [None, 1, 9])
+def test_cpu_written_decodes_on_gpu(cp, codec, level):
+    x = weights(300_000, seed=3, dtype=np.float16)
+    kwargs = {"level": level} if level is not None and codec in ("zstd", "deflate", "gzip") else {}
+    c = cc.compress(x, codec=codec, backend="cpu", **kwargs)
+    assert c.producer["backend"] == "cpu"
+    y = cc.decompress(c, device="cuda")
+    assert isinstance(y, cp.ndarray) and _same(y, x)
+
+
+@pytest.mark.parametrize("codec", ["ans", "cascaded", "bitcomp", "gdeflate"])
+def test_gpu_only_codecs_from_host_data(cp, codec):
+    x = np.arange(100_000, dtype=np.int32) % 1000
+    c = cc.compress(x, codec=codec)  # host input, GPU-only codec: runs on the GPU, result on the host
+    assert not c.on_device and c.producer["backend"] == "nvcomp"
+    assert _same(cc.decompress(c), x)  # decodes on the GPU, returns NumPy
+    assert isinstance(cc.decompress(c), np.ndarray)
+    with pytest.raises(cc.BackendUnavailableError, match="no CPU decoder"):
+        cc.decompress(c, backend="cpu")
+
+
+def test_ans_float_mode_ratio(cp):
+    x = weights(8 << 20, seed=4)  # 16 MiB of bf16
+    c = cc.compress(cp.asarray(x.view(np.uint16)), dtype="bfloat16", codec="ans")
+    assert c.codecs["data"]["data_type"] == "<f2"
+    assert c.ratio > 1.40
+    assert _same(cc.decompress(c), x)
+    auto = cc.compress(cp.asarray(x.view(np.uint16)), dtype="bfloat16")
+    assert auto.codec == "ans"
+
+
+@pytest.mark.parametrize("codec", ["ans", "zstd", "lz4"])
+def test_byteplane_on_gpu_matches_cpu_bytes(cp, codec):
+    x = weights(200_003, seed=5)
+    g = cc.compress(cp.asarray(x.view(np.uint16)), dtype="bfloat16", codec=codec, filters=["byteplane"])
+    assert _same(cc.decompress(g), x.view(np.uint16))
+    if codec != "ans":
+        h = cc.compress(x, codec=codec, filters=["byteplane"], backend="cpu")
+        # same planes on both sides: decoded segment bytes agree, and each decodes the other's container
+        assert _same(cc.decompress(h, device="cuda"), x.view(np.uint16))
+        assert _same(cc.decompress(g.to_bytes(), backend="cpu"), x)
+
+
+@settings(deadline=None, max_examples=40)
+@given(data=st.data())
+def test_byteplane_kernel_matches_reference(cp, data):
+    from cupycodec.filters.byteplane import merge_planes, split_planes
+    from cupycodec.kernels import byteplane as kern
+
+    k = data.draw(st.sampled_from([2, 4, 8]))
+    n = data.draw(st.integers(0, 5000))
+    rotate = data.draw(st.booleans())
+    raw = data.draw(hnp.arrays(np.uint8, n * k))
+    ref = split_planes(raw, k, rotate, False)
+    planes = kern.split(cp.asarray(raw), k, rotate)
+    for j in range(k):
+        assert np.array_equal(cp.asnumpy(planes[j]), ref[j])
+    spec = cc.dtypes.ArraySpec({2: "U16", 4: "U32", 8: "U64"}[k], "<", (n,))
+    merged = kern.merge(planes, k, rotate, spec)
+    back = np.empty(n * k, np.uint8)
+    merge_planes(ref, k, rotate, False, back)
+    assert np.array_equal(cp.asnumpy(merged).view(np.uint8), back)
+
+
+def test_compress_many_and_decompress_many_with_out(cp):
+    arrays = [cp.asarray(weights(n, seed=n).view(np.uint16)) for n in (4096 * 3, 11008 * 2, 777, 0)]
+    cs = cc.compress_many(arrays, codec="ans", dtype="bfloat16")
+    outs = [cp.empty_like(a) for a in arrays]
+    res = cc.decompress_many(cs, out=outs)
+    for a, o, r in zip(arrays, outs, res):
+        assert r is o and _same(o, a)
+    # second call reuses the cached plan and still writes the data
+    for o in outs:
+        o.fill(0)
+    cc.decompress_many(cs, out=outs)
+    for a, o in zip(arrays, outs):
+        assert _same(o, a)
+
+
+def test_decode_plan_async(cp):
+    arrays = [cp.asarray(weights(1 << 20, seed=s).view(np.uint16)) for s in range(7)]
+    cs = cc.compress_many(arrays, codec="ans", dtype="bfloat16")
+    outs = [cp.empty_like(a) for a in arrays]
+    plan = cc.decode_plan(cs, outs)
+    stream = cp.cuda.Stream(non_blocking=True)
+    plan.run(stream)
+    plan.check(stream)
+    for a, o in zip(arrays, outs):
+        assert _same(o, a)
+
+
+def test_plan_reports_bad_chunks(cp):
+    x = cp.asarray(weights(1 << 18, seed=9).view(np.uint16))
+    c = cc.compress(x, codec="ans", dtype="bfloat16", chunk_nbytes=65536)
+    out = cp.empty_like(x)
+    plan = cc.decode_plan([c], [out])
+    # lie about one chunk's size inside the plan's (trusted) device tables: nvCOMP must report it
+    g = plan._groups[0]
+    g.d_raw_sizes[1] = g.d_raw_sizes[1] - 16
+    plan.run()
+    with pytest.raises(cc.BackendError):
+        plan.check()
+
+
+def test_int8_pipeline_on_gpu(cp):
+    from cupycodec.quant import reference
+
+    w = weights((256 * 512), seed=6).reshape(256, 512)
+    c = cc.compress(cp.asarray(w.view(np.uint16)), dtype="bfloat16", quantize="int8", codec="ans")
+    y = cc.decompress(c)
+    q, s = reference.quantize_int8(w, granularity="channel", axis=0)
+    ref = reference.dequantize_int8(q, s, granularity="channel", axis=0, dtype=ml_dtypes.bfloat16)
+    assert _same(cp.asnumpy(y).view(ml_dtypes.bfloat16), ref)
+    qz = cc.decompress(c, dequantize=False)
+    assert _same(qz.codes, q) and _same(qz.scales, s)
+    # the same container decodes on the CPU to the same bits
+    assert _same(cc.decompress(c.to_bytes(), backend="cpu"), ref)
+
+
+def test_big_array_over_4gib_and_2_31_elements(cp):
+    n = (4 << 30) + (1 << 29) + 12345  # 4.5 GiB of uint8: > 4 GiB and > 2**31 elements
+    x = (cp.arange(n, dtype=cp.uint64) % 251).astype(cp.uint8)
+    c = cc.compress(x, codec="lz4", chunk_nbytes=1 << 20)
+    assert c.raw_nbytes == n and c.ratio > 10
+    y = cc.decompress(c)
+    assert y.size == n and bool((y == x).all())
+    del y, c
+    c = cc.compress(x, codec="ans")
+    assert bool((cc.decompress(c) == x).all())
+
+
+def test_crc32_kernel_matches_zlib(cp):
+    from cupycodec.backends import nvcomp
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    d = cp.asarray(data)
+    sizes = np.array([0, 1, 15, 16, 4096, 65536, 300_001], dtype=np.uint64)
+    offs = np.array([0, 7, 100, 1000, 20000, 100000, 400000], dtype=np.uint64)
+    crcs = nvcomp.crc32_chunks(offs + np.uint64(d.data.ptr), sizes).get()
+    for o, s, c in zip(offs, sizes, crcs):
+        assert int(c) == zlib.crc32(data[int(o) : int(o + s)].tobytes())
