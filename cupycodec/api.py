@@ -218,6 +218,7 @@ def _prepare(x, *, codec, filters, chunk_nbytes, dtype, backend, metadata) -> _J
         if not pipeline:
             pipeline = extra
     else:
+        _validate(spec, pipeline, codec, chunk_nbytes)  # option errors before backend errors
         where = backends.select(backend, on_device=on_device, codecs=[codec])
     gpu = where == "nvcomp"
     if gpu and not on_device:
@@ -250,6 +251,15 @@ def _prepare(x, *, codec, filters, chunk_nbytes, dtype, backend, metadata) -> _J
     job.keep_on_device = on_device and gpu
     job.metadata = _check_metadata(metadata)
     return job
+
+
+def _validate(spec: ArraySpec, pipeline: list[Filter], codec: Codec, chunk_nbytes) -> None:
+    specs = {"data": spec}
+    for f in pipeline:
+        f = f.resolve(specs)
+        specs = f.specs(specs)
+    for s in specs.values():
+        _check_chunk(chunk_nbytes, codec.resolve(s))
 
 
 def _dtype_override(dtype) -> str | None:
@@ -773,24 +783,25 @@ def _finish(job: _DecodeJob, result, gpu: bool):
                 job.out[1][...] = scales
                 codes, scales = job.out
             result = result._replace(codes=codes, scales=scales)
+        elif job.out is not None:
+            result = result._replace(codes=job.out[0], scales=job.out[1])
         return result
-    if gpu:
-        if c.spec.byteorder == ">" and not c.pipeline:
-            result = _byteswap_gpu(result, c.spec.itemsize)
-        result = result.reshape(c.shape)
-        if job.target[0] == "cpu":
-            host = result.get()
-            host = host.view(c.spec.numpy_dtype().newbyteorder("=")) if c.spec.byteorder == ">" else host.view(
-                c.spec.numpy_dtype())
-            if c.spec.byteorder == ">":
-                host = host.astype(c.spec.numpy_dtype())
-            if job.out is not None:
-                job.out[...] = host
-                return job.out
-            return host
-        return result
+    if not gpu:  # decoded in place into out, or into a fresh array of the logical dtype
+        return job.out if job.out is not None else result.reshape(c.shape)
+    if c.spec.byteorder == ">" and not c.pipeline:  # CuPy holds native order only: swap on the device
+        result = _byteswap_gpu(result, c.spec.itemsize)
     result = result.reshape(c.shape)
-    return result
+    if job.target[0] == "cuda":
+        if job.out is not None and result.data.ptr != job.out.data.ptr:
+            job.out[...] = result
+        return job.out if job.out is not None else result
+    host = result.get().view(c.spec.numpy_dtype().newbyteorder("="))
+    if c.spec.byteorder == ">":
+        host = host.astype(c.spec.numpy_dtype())
+    if job.out is not None:
+        job.out[...] = host
+        return job.out
+    return host
 
 
 def _byteswap_gpu(arr, k: int):

@@ -196,6 +196,10 @@ class Header:
     producer: Mapping[str, Any]
     metadata: Mapping[str, Any]
 
+    def __post_init__(self):
+        object.__setattr__(self, "producer", _freeze(_thaw(self.producer)))
+        object.__setattr__(self, "metadata", _freeze(_thaw(self.metadata)))
+
     @property
     def payload_nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)

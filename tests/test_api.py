@@ -1,0 +1,410 @@
+"""compress/decompress on the CPU: round-trip properties, out=, device=, bounds, files, errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import cupycodec as cc
+
+CPU_CODECS = ["raw", "zstd", "deflate", "gzip", "lz4", "snappy", "auto"]
+GPU_ONLY = ["ans", "cascaded", "bitcomp", "gdeflate"]
+
+_DTYPES = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
+           np.float16, np.float32, np.float64, np.complex64, np.complex128, np.longdouble]
+
+
+def _dtypes():
+    base = st.sampled_from(_DTYPES).map(np.dtype)
+    swapped = base.filter(lambda d: d.itemsize > 1 and d.type is not np.longdouble).map(
+        lambda d: d.newbyteorder(">"))
+    return st.one_of(base, swapped)
+
+
+def _same(x, y) -> bool:
+    return (y.dtype == x.dtype and y.shape == x.shape
+            and np.ascontiguousarray(y).tobytes() == np.ascontiguousarray(x).tobytes())
+
+
+def _layout(data, x):
+    kind = data.draw(st.sampled_from(["c", "f", "neg", "step"]))
+    if kind == "f":
+        return np.asfortranarray(x)
+    if kind == "neg" and x.ndim:
+        return x[::-1]
+    if kind == "step" and x.ndim and x.shape[0] > 1:
+        return x[::2]
+    return x
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_roundtrip_property(data):
+    """Any dtype x shape x layout x codec x chunk size comes back bit for bit (NaN payloads and -0.0 included)."""
+    dtype = data.draw(_dtypes())
+    x = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9)))
+    x = _layout(data, x)
+    codec = data.draw(st.sampled_from(CPU_CODECS))
+    chunk = data.draw(st.sampled_from([None, 16, 48, 4096]))
+    c = cc.compress(x, codec=codec, chunk_nbytes=chunk) if codec != "auto" or chunk is None else cc.compress(x)
+    assert c.shape == x.shape and c.dtype == x.dtype
+    y = cc.decompress(c)
+    assert _same(x, y)
+    assert _same(x, cc.decompress(c.to_bytes()))
+
+
+@settings(deadline=None)
+@given(raw=st.binary(min_size=0, max_size=3000), codec=st.sampled_from(CPU_CODECS),
+       chunk=st.sampled_from([16, 32, 256, 1024]))
+def test_arbitrary_bit_patterns(raw, codec, chunk):
+    """NaN payloads, signalling NaNs, -0.0, subnormals: raw bytes reinterpreted as floats survive unchanged."""
+    raw = raw[: len(raw) // 8 * 8]
+    for dtype in ("<f8", ">f4", "<f2", "<c8"):
+        x = np.frombuffer(raw, dtype=dtype)
+        kwargs = {} if codec == "auto" else {"codec": codec, "chunk_nbytes": chunk}
+        assert _same(x, cc.decompress(cc.compress(x, **kwargs).to_bytes()))
+
+
+def test_nan_payloads_and_negative_zero():
+    x = np.array([0x7FC00001, 0xFFC12345, 0x7F800001, 0x80000000, 0x00000001], dtype=np.uint32).view(np.float32)
+    for codec in CPU_CODECS:
+        y = cc.decompress(cc.compress(x, codec=codec))
+        assert y.view(np.uint32).tolist() == x.view(np.uint32).tolist()
+
+
+@pytest.mark.parametrize("codec", CPU_CODECS)
+def test_bfloat16_and_float8(codec):
+    rng = np.random.default_rng(0)
+    for dt in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+        x = (rng.standard_normal((33, 65)) * 0.05).astype(dt)
+        c = cc.compress(x, codec=codec)
+        y = cc.decompress(c)
+        assert y.dtype == np.dtype(dt) and _same(x, y)
+    assert cc.compress(x.astype(ml_dtypes.bfloat16)).dtype_name == "BF16"
+
+
+def test_bit_view_with_logical_dtype():
+    x = (np.random.default_rng(1).standard_normal(100) * 0.02).astype(ml_dtypes.bfloat16)
+    c = cc.compress(x.view(np.uint16), dtype="bfloat16")
+    assert c.dtype_name == "BF16" and c.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert _same(x, cc.decompress(c))
+    with pytest.raises(ValueError, match="itemsize"):
+        cc.compress(np.zeros(4, np.uint8), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("bad", [np.array([{}], dtype=object), np.zeros(3, dtype="U4"),
+                                 np.zeros(3, dtype=[("a", "i4"), ("b", "f4")]), np.zeros(2, dtype="M8[s]"),
+                                 np.zeros(2, dtype="V3")])
+def test_unsupported_dtypes_raise_type_error(bad):
+    with pytest.raises(TypeError, match="supported"):
+        cc.compress(bad)
+    with pytest.raises(cc.UnsupportedDtypeError):
+        cc.compress(bad)
+
+
+def test_lists_and_scalars():
+    assert _same(np.asarray([1, 2, 3]), cc.decompress(cc.compress([1, 2, 3])))
+    assert cc.decompress(cc.compress(2.5)).shape == ()
+    with pytest.raises(TypeError):
+        cc.compress([object()])
+
+
+def test_dlpack_input():
+    class Exporter:  # any DLPack producer on the CPU
+        def __init__(self, a):
+            self.a = a
+
+        def __dlpack__(self, **kw):
+            return self.a.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self.a.__dlpack_device__()
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert _same(x, cc.decompress(cc.compress(Exporter(x))))
+
+
+def test_torch_cpu_tensor_input():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    y = cc.decompress(cc.compress(t))
+    assert np.array_equal(y, t.numpy())
+    bf = torch.randn(8, 8).to(torch.bfloat16)
+    c = cc.compress(bf.view(torch.int16), dtype="bfloat16")
+    assert np.array_equal(cc.decompress(c).view(np.int16), bf.view(torch.int16).numpy())
+
+
+# -- out=, device=, bounds ------------------------------------------------------------------------------------
+
+
+def test_out_is_filled_in_place():
+    x = np.arange(5000, dtype=np.int32).reshape(50, 100)
+    out = np.empty_like(x)
+    y = cc.decompress(cc.compress(x, codec="zstd"), out=out)
+    assert y is out and np.array_equal(out, x)
+    with pytest.raises(ValueError, match="shape"):
+        cc.decompress(cc.compress(x), out=np.empty((100, 50), np.int32))
+    with pytest.raises(ValueError, match="dtype"):
+        cc.decompress(cc.compress(x), out=np.empty_like(x, dtype=np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cc.decompress(cc.compress(x), out=np.empty((100, 50), np.int32).T)
+    with pytest.raises(TypeError, match="NumPy or CuPy"):
+        cc.decompress(cc.compress(x), out=[0] * 5000)
+
+
+def test_out_with_filters():
+    x = (np.random.default_rng(2).standard_normal((64, 64)) * 0.02).astype(np.float32)
+    out = np.empty_like(x)
+    assert cc.decompress(cc.compress(x, codec="auto"), out=out) is out
+    assert np.array_equal(out, x)
+
+
+def test_device_argument_on_cpu_machine():
+    x = np.arange(10)
+    c = cc.compress(x)
+    assert isinstance(cc.decompress(c, device="cpu"), np.ndarray)
+    with pytest.raises(ValueError, match="device must be"):
+        cc.decompress(c, device="tpu")
+
+
+def test_max_output_nbytes():
+    x = np.zeros(1 << 22, dtype=np.uint8)  # 4 MiB of zeros compress ~1000x
+    c = cc.compress(x, codec="zstd", chunk_nbytes=1 << 20)
+    with pytest.raises(cc.DecompressionBombError, match="max_output_nbytes"):
+        cc.decompress(c, max_output_nbytes=1 << 20)
+    assert cc.decompress(c).size == x.size  # made here: trusted
+    blob = c.to_bytes()
+    assert len(blob) * 1024 < (1 << 30)
+    cc.decompress(blob)  # 4 MiB is under the 1 GiB floor of the default bound
+    with pytest.raises(cc.DecompressionBombError):
+        cc.decompress(blob, max_output_nbytes=4096)
+    assert cc.decompress(blob, max_output_nbytes=None).size == x.size
+
+
+def test_default_bound_stops_bombs():
+    # 1 GiB + 1 MiB of zeros is ~35 KB of zstd: refuse by default, before allocating anything.
+    n = (1 << 30) + (1 << 20)
+    c = cc.compress(np.zeros(1, np.uint8), codec="raw")
+    # forge the header of a container claiming n bytes of zstd-compressed zeros (a real one takes a while to build)
+    import json
+    import struct
+    import zlib
+
+    blob = c.to_bytes()
+    hlen = struct.unpack_from("<Q", blob, 8)[0]
+    header = json.loads(blob[24 : 24 + hlen])
+    header["array"]["shape"] = [n]
+    seg = header["segments"][0]
+    seg.update(shape=[n], raw_nbytes=n, codec={"id": "zstd", "version": 1}, chunk_nbytes=1 << 24,
+               n_chunks=-(-n // (1 << 24)))
+    k = seg["n_chunks"]
+    frame = __import__("zstandard").ZstdCompressor().compress(bytes(1 << 24))
+    last = __import__("zstandard").ZstdCompressor().compress(bytes(n - (k - 1) * (1 << 24)))
+    sizes = [len(frame)] * (k - 1) + [len(last)]
+    chunks = [frame] * (k - 1) + [last]
+    table = struct.pack(f"<{k}I{k}I{k}B", *sizes, *[zlib.crc32(f) for f in chunks], *([0] * k))
+    table += bytes(-len(table) % 16)
+    data = b"".join(f + bytes(-len(f) % 16) for f in chunks)
+    seg.update(offset=0, nbytes=len(table) + len(data), table_crc32=zlib.crc32(table))
+    text = json.dumps(header).encode()
+    text += b" " * (-(24 + len(text)) % 64)
+    forged = struct.pack("<4sHHQI4x", b"CPCC", 1, 0, len(text), zlib.crc32(text)) + text + table + data
+    assert len(forged) < 200_000
+    with pytest.raises(cc.DecompressionBombError, match="exceeds max_output_nbytes"):
+        cc.decompress(forged)
+
+
+def test_compress_many_and_decompress_many():
+    xs = [np.arange(n, dtype=np.float32) for n in (0, 1, 1000, 70000)]
+    cs = cc.compress_many(xs, codec="zstd", metadata=[{"i": i} for i in range(4)])
+    assert [c.metadata["i"] for c in cs] == [0, 1, 2, 3]
+    outs = [np.empty_like(x) for x in xs]
+    ys = cc.decompress_many(cs, out=outs)
+    assert all(y is o and np.array_equal(y, x) for x, y, o in zip(xs, ys, outs))
+    assert all(np.array_equal(a, b) for a, b in zip(xs, cc.decompress_many([c.to_bytes() for c in cs])))
+    with pytest.raises(TypeError, match="sequence"):
+        cc.compress_many(np.arange(3))
+    with pytest.raises(ValueError, match="out buffers"):
+        cc.decompress_many(cs, out=[None])
+
+
+def test_compressor_reuse():
+    comp = cc.Compressor(codec="deflate", level=1, chunk_nbytes=1024)
+    xs = [np.arange(3000, dtype=np.int16), np.ones((40, 40))]
+    for c, x in zip(comp.compress_many(xs), xs):
+        assert c.codec == "deflate" and c.segments[0].chunk_nbytes == 1024 and np.array_equal(cc.decompress(c), x)
+    assert comp.compress(xs[0]) == cc.compress(xs[0], codec="deflate", level=1, chunk_nbytes=1024)
+
+
+# -- codecs, options, backends ----------------------------------------------------------------------------------
+
+
+def test_codec_options_are_validated():
+    with pytest.raises(TypeError, match="unknown option"):
+        cc.compress(np.ones(3), codec="zstd", speed=3)
+    with pytest.raises(ValueError, match="level"):
+        cc.compress(np.ones(3), codec="zstd", level=99)
+    with pytest.raises(TypeError, match="has no level"):
+        cc.compress(np.ones(3), codec="snappy", level=3)
+    with pytest.raises(cc.UnknownCodecError, match="unknown codec 'brotli'"):
+        cc.compress(np.ones(3), codec="brotli")
+    with pytest.raises(ValueError, match="chunk_nbytes"):
+        cc.compress(np.ones(3), codec="zstd", chunk_nbytes=100)
+    with pytest.raises(ValueError, match="chunk_nbytes"):
+        cc.compress(np.ones(3), codec="zstd", chunk_nbytes=32 << 20)
+    with pytest.raises(ValueError, match="quantize"):
+        cc.compress(np.ones(3), quantize="int4")
+    with pytest.raises(ValueError, match="backend="):
+        cc.compress(np.ones(3), backend="tpu")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cc.compress(np.ones(3, np.uint8), codec="ans", data_type="<f4")
+    with pytest.raises(ValueError, match="data_type"):
+        cc.compress(np.ones(3, np.uint8), codec="ans", data_type="<i8")
+
+
+def test_codec_objects_and_configs():
+    c1 = cc.compress(np.arange(100), codec=cc.get_codec({"id": "zstd", "level": 5}))
+    c2 = cc.compress(np.arange(100), codec={"id": "zstd", "level": 5})
+    c3 = cc.compress(np.arange(100), codec="zstd", level=5)
+    assert c1 == c2 == c3 and c1.codecs["data"] == {"id": "zstd", "version": 1, "level": 5}
+    with pytest.raises(TypeError, match="not both"):
+        cc.compress(np.arange(3), codec=cc.get_codec("zstd"), level=3)
+
+
+@pytest.mark.parametrize("codec", GPU_ONLY)
+def test_gpu_only_codec_on_cpu_machine(codec, monkeypatch):
+    from cupycodec import backends
+
+    if backends.nvcomp_available():
+        pytest.skip("a GPU with nvCOMP is present")
+    with pytest.raises(cc.BackendUnavailableError, match="runs only on a GPU.*'zstd'"):
+        cc.compress(np.ones(100, np.float32), codec=codec)
+    with pytest.raises(cc.BackendUnavailableError, match="no CPU implementation"):
+        cc.compress(np.ones(100, np.float32), codec=codec, backend="cpu")
+    with pytest.raises(cc.BackendUnavailableError, match="nvcomp"):
+        cc.compress(np.ones(100, np.float32), codec="zstd", backend="nvcomp")
+    monkeypatch.setenv("CUPYCODEC_BACKEND", "nvcomp")
+    with pytest.raises(cc.BackendUnavailableError):
+        cc.compress(np.ones(100, np.float32), codec="zstd")
+    monkeypatch.setenv("CUPYCODEC_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="CUPYCODEC_BACKEND"):
+        cc.compress(np.ones(100, np.float32), codec="zstd")
+
+
+def test_gpu_written_fixture_with_gpu_only_codec_on_cpu(tmp_path):
+    from cupycodec import backends
+
+    if backends.nvcomp_available():
+        pytest.skip("a GPU with nvCOMP is present")
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "v1", "gpu_ans_bf16.cc")
+    if not os.path.exists(path):
+        pytest.skip("GPU fixture not generated yet")
+    c = cc.load(path)
+    with pytest.raises(cc.BackendUnavailableError, match="decodes only on a GPU"):
+        cc.decompress(c)
+
+
+def test_auto_picks_byteplane_zstd_for_floats_on_cpu():
+    x = (np.random.default_rng(3).standard_t(5, 100_000) * 0.02).astype(ml_dtypes.bfloat16)
+    c = cc.compress(x)
+    assert [f.get_config()["id"] for f in c.pipeline] == ["byteplane"]
+    assert c.codec == "zstd" and c.ratio > 1.4
+    assert cc.compress(np.arange(100)).pipeline == ()
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+
+
+def test_save_load(tmp_path):
+    x = np.random.default_rng(4).standard_normal((300, 300))
+    c = cc.compress(x, codec="zstd", metadata={"name": "w"})
+    path = tmp_path / "w.cc"
+    cc.save(path, c)
+    assert path.stat().st_size == c.nbytes
+    d = cc.load(path)
+    assert d == c and d.metadata["name"] == "w"
+    assert np.array_equal(cc.decompress(d), x)
+    assert np.array_equal(cc.decompress(cc.load(str(path), mmap=False)), x)
+    with pytest.raises(FileExistsError):
+        cc.save(path, c, overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.cc"]  # no temp files left
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "w.cc"
+    cc.save(path, cc.compress(np.arange(10)))
+    before = path.read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    def fail(*a, **k):
+        raise Boom
+
+    monkeypatch.setattr(cc.CompressedArray, "write_to", fail)
+    with pytest.raises(Boom):
+        cc.save(path, cc.compress(np.arange(20)))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.cc"]
+
+
+def test_load_truncated_file(tmp_path):
+    path = tmp_path / "w.cc"
+    cc.save(path, cc.compress(np.arange(1000)))
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    with pytest.raises(cc.FormatError):
+        cc.load(path)
+    path.write_bytes(b"")
+    with pytest.raises(cc.FormatError, match="at least 24"):
+        cc.load(path)
+
+
+def test_pickle_roundtrip():
+    import pickle
+
+    c = cc.compress(np.arange(100.0), codec="lz4")
+    assert pickle.loads(pickle.dumps(c)) == c
+
+
+def test_decompress_rejects_wrong_types(tmp_path):
+    with pytest.raises(TypeError, match="load"):
+        cc.decompress(str(tmp_path / "x.cc"))
+    with pytest.raises(TypeError, match="bytes-like"):
+        cc.decompress(12)
+    with pytest.raises(TypeError, match="already a CompressedArray"):
+        cc.compress(cc.compress(np.ones(2)))
+
+
+def test_compressed_array_properties():
+    x = np.ones((10, 20), np.float32)
+    c = cc.compress(x, codec="zstd")
+    assert (c.shape, c.ndim, c.size, c.raw_nbytes, c.dtype, c.codec) == ((10, 20), 2, 200, 800, np.float32, "zstd")
+    assert c.nbytes == len(c.to_bytes()) and c.ratio == pytest.approx(800 / c.nbytes)
+    assert c.device == "cpu" and not c.on_device and c.lossless and len(c) == 10
+    assert "CompressedArray shape=(10, 20)" in repr(c)
+    assert c.to_host() is c
+
+
+def test_info_runs():
+    data = cc.info()
+    assert data["cupycodec"] == cc.__version__ and "zstd" in data["codecs"]
+    assert data["codecs"]["zstd"]["cpu"] and not data["codecs"]["ans"]["cpu"]
+
+
+def test_import_does_not_pull_heavy_modules():
+    import subprocess
+
+    code = ("import sys, cupycodec, cupycodec.codecs, cupycodec.filters, cupycodec.kernels.int8, "
+            "cupycodec.kernels.byteplane, cupycodec.kernels.chunks, cupycodec.backends.nvcomp;"
+            "heavy = {'torch', 'cupy', 'nvidia', 'zstandard', 'cramjam', 'ml_dtypes'} & "
+            "{m.split('.')[0] for m in sys.modules};"
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
