@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import backends, registry
+from . import backends, registry  # noqa: F401  (cc.backends is part of the test surface)
 from .backends import cpu
 from .codecs import Codec
 from .container import (
@@ -224,7 +224,11 @@ def _prepare(x, *, codec, filters, chunk_nbytes, dtype, backend, metadata) -> _J
     if gpu and not on_device:
         import cupy
 
-        arr = cupy.asarray(np.ascontiguousarray(arr).view(_storage_dtype(spec)))
+        host = np.ascontiguousarray(arr)
+        if spec.byteorder == ">" and not pipeline:  # CuPy holds native order only: ship the exact bytes
+            arr = cupy.asarray(host.reshape(-1).view(np.uint8))
+        else:  # filters work on values, which do not depend on the byte order
+            arr = cupy.asarray(host.astype(host.dtype.newbyteorder("="), copy=False).view(_storage_dtype(spec)))
     elif on_device and not gpu:
         arr = arr.get()
         if spec.dtype != ArraySpec.of(arr).dtype:  # a raw bit view of bf16/f8: give NumPy the logical dtype
@@ -279,7 +283,7 @@ def _dtype_override(dtype) -> str | None:
 def _storage_dtype(spec: ArraySpec) -> np.dtype:
     from .dtypes import storage_dtype
 
-    return storage_dtype(spec.dtype) if spec.byteorder != ">" else spec.numpy_dtype()
+    return storage_dtype(spec.dtype)
 
 
 def _check_metadata(metadata) -> dict:
@@ -872,14 +876,18 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
                 b[seg.name] = _Scratch(scratch, buf)
                 flat = scratch
             seg_jobs.append((payload, seg, flat))
-    stream = cupy.cuda.get_current_stream()
-    key = (tuple(id(j.item) for j in jobs),
-           tuple((int(f.data.ptr) if f.size else 0, int(f.size)) for _, _, f in seg_jobs), stream.ptr)
-    all_on_device = all(j.item.on_device for j in jobs)
-    plan = _plans.get(key) if all_on_device else None
+    # Plans are cached only when every item lives on the device and decodes straight into the caller's buffers:
+    # then the same call again reuses the plan and allocates nothing.
+    cacheable = all(j.item.on_device and j.out is not None and not j.item.pipeline for j in jobs)
+    key = None
+    if cacheable:
+        key = (tuple(id(j.item) for j in jobs),
+               tuple((int(f.data.ptr) if f.size else 0, int(f.size)) for _, _, f in seg_jobs),
+               cupy.cuda.get_current_stream().ptr)
+    plan = _plans.get(key) if cacheable else None
     if plan is None:
         plan = nvcomp.DecodePlan(seg_jobs)
-        if all_on_device:
+        if cacheable:
             _plans.put(key, plan, [j.item for j in jobs])
     plan.run()
     plan.check()

@@ -303,7 +303,7 @@ def test_gpu_written_fixture_with_gpu_only_codec_on_cpu(tmp_path):
 
     if backends.nvcomp_available():
         pytest.skip("a GPU with nvCOMP is present")
-    path = os.path.join(os.path.dirname(__file__), "fixtures", "v1", "gpu_ans_bf16.cc")
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "v1", "gpu_ans_bf16_weights.cc")
     if not os.path.exists(path):
         pytest.skip("GPU fixture not generated yet")
     c = cc.load(path)

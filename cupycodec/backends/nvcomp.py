@@ -446,11 +446,9 @@ class DecodePlan:
     def __init__(self, jobs, stream=None):
         import cupy
 
-        require()
         self._keep = [p for p, _, _ in jobs]
         groups: dict[tuple, list] = {}
         copies = []
-        names = []
         for payload, seg, out in jobs:
             if seg.raw_nbytes == 0:
                 continue
@@ -470,9 +468,10 @@ class DecodePlan:
                 groups.setdefault(key, []).append(
                     (seg.codec, offs[enc], seg.table.comp_nbytes[enc].astype(np.uint64), dst[enc],
                      raw[enc].astype(np.uint64)))
-                names.append(seg.name)
         self._groups = []
         index_base = 0
+        if groups:
+            require()
         for parts in groups.values():
             codec = parts[0][0]
             g = _Group()

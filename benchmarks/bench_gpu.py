@@ -1,0 +1,317 @@
+"""GPU benchmark: cupycodec beside direct nvidia.nvcomp.Codec use, in one run, on one card.
+
+Data: 256 MiB of bf16 weight-like values (0.02 * Student-t(5)) and their per-row INT8 codes (rows of 4096).
+Reports, per codec: ratio, compress GB/s, decode GB/s (cupycodec DecodePlan into preallocated buffers, and the
+one-shot cc.decompress), and direct nvCOMP (NVCOMP_NATIVE, 64 KiB chunks) ratio and decode GB/s; a chunk-size
+sweep; the 1 MiB round-trip latency; a 7-array transformer block decoded in one call; a no-sync check; the device
+copy bandwidth. All GB/s count uncompressed bytes; timings are CUDA-event medians after a warm-up.
+
+Usage: python benchmarks/bench_gpu.py [--mib 256] [--json PATH] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import cupycodec as cc
+
+CODECS = ["lz4", "snappy", "gdeflate", "deflate", "zstd", "gzip", "cascaded", "bitcomp", "ans"]
+NVCOMP_NAMES = {"lz4": "LZ4", "snappy": "Snappy", "gdeflate": "GDeflate", "deflate": "Deflate", "zstd": "Zstd",
+                "gzip": "Gzip", "cascaded": "Cascaded", "bitcomp": "Bitcomp", "ans": "ANS"}
+
+
+def events_median(fn, reps=10, warmup=2):
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) / 1e3)
+    return float(np.median(times))
+
+
+def wall_median(fn, reps=20, warmup=3):
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        cupy.cuda.Device().synchronize()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def make_data(mib):
+    import cupy
+
+    n = mib * 2**20 // 2
+    rs = cupy.random.RandomState(0)
+    f = (0.02 * rs.standard_t(5, n)).astype(cupy.float32)
+    u = f.view(cupy.uint32)
+    bf16 = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cupy.uint16)  # round to nearest even
+    rows = f.reshape(-1, 4096)
+    scale = cupy.abs(rows).max(axis=1, keepdims=True) / 127
+    int8 = cupy.clip(cupy.rint(rows / scale), -127, 127).astype(cupy.int8).reshape(-1)
+    return {"bf16": (bf16, "bfloat16"), "int8": (int8, None)}
+
+
+def plan_decode_gbps(c, reps=10):
+    import cupy
+
+    out = cupy.empty(c.shape, dtype=c.dtype if c.dtype_name != "BF16" else np.uint16)
+    plan = cc.decode_plan([c], [out])
+    t = events_median(plan.run, reps)
+    plan.check()
+    return c.raw_nbytes / t / 1e9, out
+
+
+def bench_codecs(data, chunk_sizes, rows_out, direct=True):
+    import cupy
+
+    for dname, (arr, logical) in data.items():
+        for codec in ["raw", *CODECS]:
+            for chunk in chunk_sizes:
+                row = {"data": dname, "codec": codec, "chunk": chunk}
+                try:
+                    kw = {"chunk_nbytes": chunk} if chunk else {}
+                    c = cc.compress(arr, codec=codec, dtype=logical, **kw)
+                    row["chunk"] = c.segments[0].chunk_nbytes
+                    row["options"] = c.segments[0].codec.get_config()
+                    row["ratio"] = c.ratio
+                    row["compress_gbps"] = arr.nbytes / wall_median(
+                        lambda: cc.compress(arr, codec=codec, dtype=logical, **kw), reps=3, warmup=1) / 1e9
+                    row["decode_gbps"], out = plan_decode_gbps(c)
+                    row["exact"] = bool((out.reshape(-1).view(cupy.uint8) == arr.reshape(-1).view(cupy.uint8)).all())
+                    o2 = cupy.empty_like(out)
+                    row["decompress_oneshot_gbps"] = arr.nbytes / events_median(
+                        lambda: cc.decompress(c, out=o2), reps=5) / 1e9
+                    del c, out, o2
+                except Exception as exc:  # keep going: one codec's failure must not hide the others
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+            if direct and codec != "raw":
+                rows_out.append(bench_direct(dname, arr, codec))
+                print(json.dumps(rows_out[-1]), flush=True)
+            cupy.get_default_memory_pool().free_all_blocks()
+
+
+def bench_direct(dname, arr, codec):
+    """nvidia.nvcomp.Codec, NATIVE bitstream, 64 KiB chunks, same data type option as cupycodec's default."""
+    import cupy
+    from nvidia import nvcomp
+
+    row = {"data": dname, "codec": codec, "direct_nvcomp": True, "chunk": 65536}
+    try:
+        kwargs = {"algorithm": NVCOMP_NAMES[codec], "uncomp_chunk_size": 65536,
+                  "cuda_stream": cupy.cuda.get_current_stream().ptr}
+        if codec == "ans":
+            kwargs["data_type"] = "<f2" if dname == "bf16" else "|i1"
+        elif codec == "cascaded":
+            kwargs["data_type"] = "<u2" if dname == "bf16" else "|i1"
+        elif codec == "bitcomp":
+            kwargs["data_type"] = "<u2" if dname == "bf16" else "|i1"
+        codec_obj = nvcomp.Codec(**kwargs)
+        src = nvcomp.as_array(arr.reshape(-1).view(cupy.uint8))
+        enc = codec_obj.encode(src)
+        enc_nbytes = int(enc.buffer_size)
+        row["ratio"] = arr.nbytes / enc_nbytes
+        out = cupy.empty(arr.nbytes, dtype=cupy.uint8)
+        try:
+            dcfg = codec_obj.decompression_config(enc)
+            fn = lambda: codec_obj.decode(enc, out=out, decompression_config=dcfg)  # noqa: E731
+            fn()
+            row["mode"] = "decode(out=, decompression_config=)"
+        except Exception as exc:
+            row["mode_fallback"] = f"{type(exc).__name__}: {exc}"
+            fn = lambda: cupy.asarray(codec_obj.decode(enc))  # noqa: E731
+        row["decode_gbps"] = arr.nbytes / events_median(fn, reps=10) / 1e9
+        res = cupy.asarray(codec_obj.decode(enc)).view(cupy.uint8).reshape(-1)
+        row["exact"] = bool((res == arr.reshape(-1).view(cupy.uint8)).all())
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    return row
+
+
+def bench_latency(results):
+    import cupy
+
+    x = cupy.asarray((np.random.default_rng(0).standard_normal(1 << 19) * 0.02).astype(np.float16))  # 1 MiB
+    for codec in ("ans", "lz4", "zstd", "raw"):
+        def rt(codec=codec):
+            c = cc.compress(x, codec=codec)
+            return cc.decompress(c)
+
+        results.append({"latency_1mib_roundtrip_us": wall_median(rt, reps=30) * 1e6, "codec": codec})
+        c = cc.compress(x, codec=codec)
+        out = cupy.empty_like(x)
+        results.append({"latency_1mib_decompress_us": wall_median(lambda c=c: cc.decompress(c, out=out),
+                                                                 reps=30) * 1e6, "codec": codec})
+        print(json.dumps(results[-2:]), flush=True)
+
+
+def bench_block(results, decode_gbps_by_codec):
+    """TinyLlama block: q, k, v, o, gate, up, down in INT8 (44.0 M params) decoded in one call."""
+    import cupy
+
+    shapes = [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)]
+    rs = cupy.random.RandomState(1)
+    arrays = []
+    for s in shapes:
+        f = (0.02 * rs.standard_t(5, s)).astype(cupy.float32)
+        scale = cupy.abs(f).max(axis=1, keepdims=True) / 127
+        arrays.append(cupy.clip(cupy.rint(f / scale), -127, 127).astype(cupy.int8))
+    raw = sum(a.nbytes for a in arrays)
+    for codec in ("ans", "lz4", "bitcomp", "raw"):
+        cs = cc.compress_many(arrays, codec=codec)
+        outs = [cupy.empty_like(a) for a in arrays]
+        plan = cc.decode_plan(cs, outs)
+        t = events_median(plan.run, reps=50, warmup=5)
+        plan.check()
+        exact = all(bool((o == a).all()) for o, a in zip(outs, arrays))
+        # host time to enqueue (no sync inside run)
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            plan.run()
+        enqueue = (time.perf_counter() - t0) / 50
+        cupy.cuda.Device().synchronize()
+        many = wall_median(lambda cs=cs, outs=outs: cc.decompress_many(cs, out=outs), reps=30)
+        gbps = decode_gbps_by_codec.get(codec)
+        data_time = raw / (gbps * 1e9) if gbps else None
+        row = {"block_codec": codec, "raw_nbytes": raw, "ratio": raw / sum(c.nbytes for c in cs),
+               "plan_run_gpu_us": t * 1e6, "plan_enqueue_host_us": enqueue * 1e6,
+               "decompress_many_wall_us": many * 1e6, "exact": exact,
+               "data_time_us": data_time * 1e6 if data_time else None,
+               "overhead_us": (t - data_time) * 1e6 if data_time else None}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def check_no_sync(results):
+    """Enqueue a ~50 ms spin kernel, then plan.run(): if run() returned before the spin ended, it did not sync."""
+    import cupy
+
+    spin = cupy.RawKernel(r"""
+    extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {}
+    }""", "spin")
+    x = cupy.arange(1 << 22, dtype=cupy.int32)
+    c = cc.compress(x, codec="ans")
+    out = cupy.empty_like(x)
+    plan = cc.decode_plan([c], [out])
+    plan.run()
+    plan.check()
+    clock = cupy.cuda.runtime.getDeviceProperties(0)["clockRate"] * 1e3
+    spin((1,), (1,), (np.int64(clock * 0.05),))
+    t0 = time.perf_counter()
+    plan.run()
+    returned = time.perf_counter() - t0
+    plan.check()
+    total = time.perf_counter() - t0
+    row = {"no_sync_check": True, "run_returned_ms": returned * 1e3, "until_done_ms": total * 1e3,
+           "run_did_not_wait": returned < 0.5 * total}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def copy_bandwidth():
+    import cupy
+
+    a = cupy.empty(1 << 30, dtype=cupy.uint8)
+    a.fill(1)
+    b = cupy.empty_like(a)
+    t = events_median(lambda: b.__setitem__(Ellipsis, a), reps=10)
+    return 2 * a.nbytes / t / 1e9
+
+
+def bench_cpu_decode(results, data):
+    """CPU decode of GPU-written standard streams, chunks spread over all cores."""
+    from cupycodec.backends import cpu
+
+    arr, logical = data["bf16"]
+    for codec in ("zstd", "lz4", "deflate"):
+        c = cc.compress(arr, codec=codec, dtype=logical).to_host()
+        out = np.empty(c.shape, dtype=c.dtype)
+        t = min(timeit_cpu(lambda c=c: cc.decompress(c, out=out, backend="cpu")) for _ in range(3))
+        results.append({"cpu_decode": codec, "threads": cpu.num_threads(), "gbps": c.raw_nbytes / t / 1e9,
+                        "ratio": c.ratio})
+        print(json.dumps(results[-1]), flush=True)
+
+
+def timeit_cpu(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    import cupy
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--mib", type=int, default=256)
+    p.add_argument("--sweep-mib", type=int, default=128)
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sections", default="env,codecs,sweep,latency,block,nosync,cpu")
+    args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    info = cc.info()
+    env = {"gpu": name, "driver": cupy.cuda.runtime.driverGetVersion(), "cuda_runtime":
+           cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__, "nvcomp": info["gpu"].get("nvcomp"),
+           "cupycodec": cc.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results = {"env": env, "codecs": [], "sweep": [], "latency": [], "block": [], "nosync": [], "cpu": []}
+    print(json.dumps(env), flush=True)
+    if "env" in sections:
+        env["copy_gbps_read_plus_write"] = copy_bandwidth()
+        print(f"device copy bandwidth: {env['copy_gbps_read_plus_write']:.0f} GB/s", flush=True)
+    data = make_data(args.mib)
+    if "codecs" in sections:
+        bench_codecs(data, [None], results["codecs"], direct=True)
+    if "sweep" in sections and not args.quick:
+        del data
+        cupy.get_default_memory_pool().free_all_blocks()
+        sweep_data = make_data(args.sweep_mib)
+        bench_codecs(sweep_data, [16384, 65536, 262144, 1 << 20], results["sweep"], direct=False)
+        del sweep_data
+        data = make_data(args.mib)
+    gbps = {r["codec"]: r.get("decode_gbps") for r in results["codecs"]
+            if r["data"] == "int8" and not r.get("direct_nvcomp")}
+    for section, fn in (("latency", lambda: bench_latency(results["latency"])),
+                        ("block", lambda: bench_block(results["block"], gbps)),
+                        ("nosync", lambda: check_no_sync(results["nosync"])),
+                        ("cpu", lambda: bench_cpu_decode(results["cpu"], data))):
+        if section in sections:
+            try:
+                fn()
+            except Exception:
+                traceback.print_exc()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
