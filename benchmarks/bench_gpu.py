@@ -96,13 +96,13 @@ def bench_codecs(data, chunk_sizes, rows_out, direct=True):
                     row["options"] = c.segments[0].codec.get_config()
                     row["ratio"] = c.ratio
                     row["compress_gbps"] = arr.nbytes / wall_median(
-                        lambda: cc.compress(arr, codec=codec, dtype=logical, **kw), reps=3, warmup=1) / 1e9
+                        lambda a=arr, k=codec, d=logical, kw=kw: cc.compress(a, codec=k, dtype=d, **kw),
+                        reps=3, warmup=1) / 1e9
                     row["decode_gbps"], out = plan_decode_gbps(c)
                     row["exact"] = bool((out.reshape(-1).view(cupy.uint8) == arr.reshape(-1).view(cupy.uint8)).all())
                     o2 = cupy.empty_like(out)
                     row["decompress_oneshot_gbps"] = arr.nbytes / events_median(
-                        lambda: cc.decompress(c, out=o2), reps=5) / 1e9
-                    del c, out, o2
+                        lambda c=c, o=o2: cc.decompress(c, out=o), reps=5) / 1e9
                 except Exception as exc:  # keep going: one codec's failure must not hide the others
                     row["error"] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()
@@ -125,9 +125,7 @@ def bench_direct(dname, arr, codec):
                   "cuda_stream": cupy.cuda.get_current_stream().ptr}
         if codec == "ans":
             kwargs["data_type"] = "<f2" if dname == "bf16" else "|i1"
-        elif codec == "cascaded":
-            kwargs["data_type"] = "<u2" if dname == "bf16" else "|i1"
-        elif codec == "bitcomp":
+        elif codec in ("cascaded", "bitcomp"):
             kwargs["data_type"] = "<u2" if dname == "bf16" else "|i1"
         codec_obj = nvcomp.Codec(**kwargs)
         src = nvcomp.as_array(arr.reshape(-1).view(cupy.uint8))
@@ -156,22 +154,52 @@ def bench_latency(results):
     import cupy
 
     x = cupy.asarray((np.random.default_rng(0).standard_normal(1 << 19) * 0.02).astype(np.float16))  # 1 MiB
-    for codec in ("ans", "lz4", "zstd", "raw"):
-        def rt(codec=codec):
-            c = cc.compress(x, codec=codec)
-            return cc.decompress(c)
+    for codec, chunk in (("ans", None), ("ans", 65536), ("ans", 16384), ("lz4", None), ("lz4", 16384),
+                         ("zstd", None), ("zstd", 16384), ("raw", None), ("bitcomp", 16384)):
+        kw = {"chunk_nbytes": chunk} if chunk else {}
 
-        results.append({"latency_1mib_roundtrip_us": wall_median(rt, reps=30) * 1e6, "codec": codec})
-        c = cc.compress(x, codec=codec)
+        def rt(codec=codec, kw=kw):
+            return cc.decompress(cc.compress(x, codec=codec, **kw))
+
+        c = cc.compress(x, codec=codec, **kw)
         out = cupy.empty_like(x)
-        results.append({"latency_1mib_decompress_us": wall_median(lambda c=c: cc.decompress(c, out=out),
-                                                                 reps=30) * 1e6, "codec": codec})
-        print(json.dumps(results[-2:]), flush=True)
+        row = {"latency_1mib": codec, "chunk": c.segments[0].chunk_nbytes, "ratio": c.ratio,
+               "roundtrip_us": wall_median(rt, reps=30) * 1e6,
+               "compress_us": wall_median(lambda codec=codec, kw=kw: cc.compress(x, codec=codec, **kw), reps=30) * 1e6,
+               "decompress_us": wall_median(lambda c=c, o=out: cc.decompress(c, out=o), reps=30) * 1e6}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def profile_compress(results):
+    """Where the host time of a small compress goes (cProfile, 50 calls)."""
+    import cProfile
+    import io
+    import pstats
+
+    import cupy
+
+    x = cupy.asarray((np.random.default_rng(0).standard_normal(1 << 19) * 0.02).astype(np.float16))
+    for codec in ("raw", "ans"):
+        cc.compress(x, codec=codec)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            cc.compress(x, codec=codec)
+        cupy.cuda.Device().synchronize()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+        text = "\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-2500:]
+        results.append({"profile": codec, "text": text})
+        print(f"--- profile compress 1 MiB {codec} x50 ---\n{text}", flush=True)
 
 
 def bench_block(results, decode_gbps_by_codec):
     """TinyLlama block: q, k, v, o, gate, up, down in INT8 (44.0 M params) decoded in one call."""
     import cupy
+
+    from cupycodec.backends import nvcomp
 
     shapes = [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)]
     rs = cupy.random.RandomState(1)
@@ -181,14 +209,18 @@ def bench_block(results, decode_gbps_by_codec):
         scale = cupy.abs(f).max(axis=1, keepdims=True) / 127
         arrays.append(cupy.clip(cupy.rint(f / scale), -127, 127).astype(cupy.int8))
     raw = sum(a.nbytes for a in arrays)
-    for codec in ("ans", "lz4", "bitcomp", "raw"):
-        cs = cc.compress_many(arrays, codec=codec)
+    configs = [("ans", None, 0), ("ans", None, 1), ("ans", 131072, 0), ("ans", 65536, 0), ("ans", 65536, 1),
+               ("lz4", None, 0), ("bitcomp", None, 0), ("raw", None, 0)]
+    for codec, chunk, skip in configs:
+        nvcomp.ANS_SKIP_VALIDATE = skip
+        nvcomp._opts.cache_clear()
+        kw = {"chunk_nbytes": chunk} if chunk else {}
+        cs = cc.compress_many(arrays, codec=codec, **kw)
         outs = [cupy.empty_like(a) for a in arrays]
         plan = cc.decode_plan(cs, outs)
         t = events_median(plan.run, reps=50, warmup=5)
         plan.check()
         exact = all(bool((o == a).all()) for o, a in zip(outs, arrays))
-        # host time to enqueue (no sync inside run)
         cupy.cuda.Device().synchronize()
         t0 = time.perf_counter()
         for _ in range(50):
@@ -198,13 +230,16 @@ def bench_block(results, decode_gbps_by_codec):
         many = wall_median(lambda cs=cs, outs=outs: cc.decompress_many(cs, out=outs), reps=30)
         gbps = decode_gbps_by_codec.get(codec)
         data_time = raw / (gbps * 1e9) if gbps else None
-        row = {"block_codec": codec, "raw_nbytes": raw, "ratio": raw / sum(c.nbytes for c in cs),
+        row = {"block_codec": codec, "chunk": cs[0].segments[0].chunk_nbytes, "skip_validate": skip,
+               "raw_nbytes": raw, "ratio": raw / sum(c.nbytes for c in cs),
                "plan_run_gpu_us": t * 1e6, "plan_enqueue_host_us": enqueue * 1e6,
                "decompress_many_wall_us": many * 1e6, "exact": exact,
                "data_time_us": data_time * 1e6 if data_time else None,
                "overhead_us": (t - data_time) * 1e6 if data_time else None}
         results.append(row)
         print(json.dumps(row), flush=True)
+    nvcomp.ANS_SKIP_VALIDATE = 0
+    nvcomp._opts.cache_clear()
 
 
 def check_no_sync(results):
@@ -252,7 +287,7 @@ def bench_cpu_decode(results, data):
     for codec in ("zstd", "lz4", "deflate"):
         c = cc.compress(arr, codec=codec, dtype=logical).to_host()
         out = np.empty(c.shape, dtype=c.dtype)
-        t = min(timeit_cpu(lambda c=c: cc.decompress(c, out=out, backend="cpu")) for _ in range(3))
+        t = min(timeit_cpu(lambda c=c, o=out: cc.decompress(c, out=o, backend="cpu")) for _ in range(3))
         results.append({"cpu_decode": codec, "threads": cpu.num_threads(), "gbps": c.raw_nbytes / t / 1e9,
                         "ratio": c.ratio})
         print(json.dumps(results[-1]), flush=True)
@@ -272,7 +307,7 @@ def main(argv=None):
     p.add_argument("--sweep-mib", type=int, default=128)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sections", default="env,codecs,sweep,latency,block,nosync,cpu")
+    p.add_argument("--sections", default="env,codecs,sweep,profile,latency,block,nosync,cpu")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -281,7 +316,8 @@ def main(argv=None):
     env = {"gpu": name, "driver": cupy.cuda.runtime.driverGetVersion(), "cuda_runtime":
            cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__, "nvcomp": info["gpu"].get("nvcomp"),
            "cupycodec": cc.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    results = {"env": env, "codecs": [], "sweep": [], "latency": [], "block": [], "nosync": [], "cpu": []}
+    results = {"env": env, "codecs": [], "sweep": [], "latency": [], "block": [], "nosync": [], "cpu": [],
+               "profile": []}
     print(json.dumps(env), flush=True)
     if "env" in sections:
         env["copy_gbps_read_plus_write"] = copy_bandwidth()
@@ -298,7 +334,8 @@ def main(argv=None):
         data = make_data(args.mib)
     gbps = {r["codec"]: r.get("decode_gbps") for r in results["codecs"]
             if r["data"] == "int8" and not r.get("direct_nvcomp")}
-    for section, fn in (("latency", lambda: bench_latency(results["latency"])),
+    for section, fn in (("profile", lambda: profile_compress(results["profile"])),
+                        ("latency", lambda: bench_latency(results["latency"])),
                         ("block", lambda: bench_block(results["block"], gbps)),
                         ("nosync", lambda: check_no_sync(results["nosync"])),
                         ("cpu", lambda: bench_cpu_decode(results["cpu"], data))):

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import backends, registry  # noqa: F401  (cc.backends is part of the test surface)
+from . import backends, registry
 from .backends import cpu
 from .codecs import Codec
 from .container import (
@@ -796,6 +796,10 @@ def _finish(job: _DecodeJob, result, gpu: bool):
         result = _byteswap_gpu(result, c.spec.itemsize)
     result = result.reshape(c.shape)
     if job.target[0] == "cuda":
+        from .dtypes import gpu_dtype
+
+        if job.out is None and result.dtype != gpu_dtype(c.spec.dtype):
+            result = result.view(gpu_dtype(c.spec.dtype))
         if job.out is not None and result.data.ptr != job.out.data.ptr:
             job.out[...] = result
         return job.out if job.out is not None else result

@@ -157,6 +157,29 @@ def numpy_dtype(name: str, byteorder: str = "|") -> np.dtype:
     return dt.newbyteorder(byteorder)
 
 
+def gpu_dtype(name: str) -> np.dtype:
+    """The dtype a CuPy array of this logical dtype gets: the ml_dtypes type where CuPy supports it (CuPy >= 14
+    holds bfloat16), else :func:`storage_dtype`'s same-width integer."""
+    if name in _ML_DTYPES and _cupy_supports(name):
+        return numpy_dtype(name)
+    return storage_dtype(name)
+
+
+_CUPY_SUPPORT: dict[str, bool] = {}
+
+
+def _cupy_supports(name: str) -> bool:
+    if name not in _CUPY_SUPPORT:
+        try:
+            import cupy
+
+            cupy.zeros(2, dtype=numpy_dtype(name)).view(storage_dtype(name))
+            _CUPY_SUPPORT[name] = True
+        except Exception:  # older CuPy: no ml_dtypes support
+            _CUPY_SUPPORT[name] = False
+    return _CUPY_SUPPORT[name]
+
+
 def storage_dtype(name: str) -> np.dtype:
     """A native-order NumPy dtype with the same itemsize that CuPy can hold (BF16 -> uint16, F8 -> uint8)."""
     if name in _ML_DTYPES:

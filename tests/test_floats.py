@@ -5,14 +5,13 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import minilm_linear_weights
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import cupycodec as cc
 from cupycodec.filters.byteplane import merge_planes, split_planes
-
-from helpers import minilm_linear_weights
 
 
 @given(k=st.sampled_from([2, 4, 8]), big=st.booleans(), rotate=st.booleans(), data=st.data())

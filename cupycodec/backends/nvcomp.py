@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ _OPTS = {
                              ("states_per_lane", _U8), ("skip_validate", _U8), _res(53)])),
 }
 _C_NAME = {"GDeflate": "Gdeflate"}  # our algorithm names -> nvCOMP C symbol infix
+ANS_SKIP_VALIDATE = int(os.environ.get("CUPYCODEC_ANS_SKIP_VALIDATE", "0"))
 
 _CRC32Spec = _struct("CRC32Spec", [("poly", _U32), ("init", _U32), ("ref_in", ctypes.c_bool),
                                    ("ref_out", ctypes.c_bool), ("xorout", _U32), _res(16)])
@@ -213,6 +215,9 @@ def _opts(codec_key: tuple, algo: str, params: tuple):
         c.algorithm, c.data_type = p.get("algorithm", 0), p["data_type"]
     elif algo == "ANS":
         c.data_type = d.data_type = p["data_type"]  # naming the type lets nvCOMP launch its specialized kernel
+        # Chunks reach nvCOMP only after their CRC32 matched, so its own per-chunk validation is redundant;
+        # whether skipping it pays is measured in benchmarks/RESULTS.md.
+        d.skip_validate = ANS_SKIP_VALIDATE
     return c, d
 
 
@@ -244,13 +249,27 @@ class SegmentOutput:
     keepalive: list
 
 
-def _crc32(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: int) -> None:
+@functools.lru_cache(maxsize=128)
+def _crc32_opts(device: int, n_bucket: int, max_bucket: int):
+    # The heuristic depends on the GPU, the chunk count and the largest chunk; it is host-synchronous and not free,
+    # so it is asked once per (device, power-of-two bucket of each).
     opts = _CRC32Opts()
     opts.spec.poly, opts.spec.init, opts.spec.ref_in, opts.spec.ref_out = 0x04C11DB7, 0xFFFFFFFF, True, True
     opts.spec.xorout = 0xFFFFFFFF  # standard CRC-32 = zlib.crc32
     conf = _CRC32Conf()
-    _call("nvcompBatchedCRC32GetHeuristicConf", None, n, ctypes.byref(conf), max(int(max_nbytes), 1), stream_ptr)
+    _call("nvcompBatchedCRC32GetHeuristicConf", None, n_bucket, ctypes.byref(conf), max_bucket, None)
     opts.conf = conf
+    return opts
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _crc32(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: int) -> None:
+    import cupy
+
+    opts = _crc32_opts(cupy.cuda.Device().id, _pow2(n), _pow2(max(int(max_nbytes), 1)))
     _call("nvcompBatchedCRC32Async", ptrs.data.ptr, sizes.data.ptr, n, out.data.ptr, opts, 0, None, stream_ptr)
 
 
@@ -261,9 +280,8 @@ def crc32_chunks(ptrs_host: np.ndarray, sizes_host: np.ndarray, stream=None):
     n = len(ptrs_host)
     out = cupy.empty(n, dtype=np.uint32)
     if n:
-        ptrs = cupy.asarray(ptrs_host.astype(np.uint64))
-        sizes = cupy.asarray(sizes_host.astype(np.uint64))
-        _crc32(ptrs, sizes, out, n, int(sizes_host.max()), _stream_ptr(stream))
+        table = cupy.asarray(np.concatenate([ptrs_host.astype(np.uint64), sizes_host.astype(np.uint64)]))
+        _crc32(table[:n], table[n:], out, n, int(sizes_host.max()), _stream_ptr(stream))
     return out
 
 
@@ -412,11 +430,10 @@ def pack(payload, copies: list[tuple[int, int, int]], stream=None) -> None:
 
     if not copies:
         return
-    arr = np.asarray(copies, dtype=np.uint64).reshape(-1, 3)
-    src = cupy.asarray(arr[:, 0])
-    dst = cupy.asarray(arr[:, 1] + np.uint64(payload.data.ptr))
-    nb = cupy.asarray(arr[:, 2])
-    chunks.copy_chunks(src, dst, nb, max_nbytes=int(arr[:, 2].max()), pad=True, stream=stream)
+    arr = np.asarray(copies, dtype=np.uint64).reshape(-1, 3).T.copy()
+    arr[1] += np.uint64(payload.data.ptr)
+    table = cupy.asarray(arr)  # one upload for all three columns
+    chunks.copy_chunks(table[0], table[1], table[2], max_nbytes=int(arr[2].max()), pad=True, stream=stream)
 
 
 # --------------------------------------------------------------------------------------------------------------
