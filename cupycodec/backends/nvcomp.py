@@ -288,12 +288,24 @@ def crc32_chunks(ptrs_host: np.ndarray, sizes_host: np.ndarray, stream=None):
 _BATCH_SCRATCH_NBYTES = 1 << 30  # bound on nvCOMP temp + output scratch per compression call
 
 
-def compress_segments(segments: list[SegmentInput], stream=None) -> list[SegmentOutput]:
-    """Compress every chunk of every segment: one nvCOMP call per codec config (split when the scratch memory
-    would exceed 1 GiB), CRC32s on the device, one sync per call.
+_BATCH_SCRATCH_NBYTES = 1 << 30  # bound on nvCOMP temp + output scratch per compression call
+_SPECULATIVE_CRC_NBYTES = 64 << 20  # below this, raw-chunk CRCs are computed up front to save a second sync
 
-    Chunks that do not shrink are marked stored. Returns per-segment tables plus device pointers to the bytes to
-    pack (see :func:`pack`); compressed chunks are compacted out of nvCOMP's worst-case-sized scratch right away.
+
+class _Batch:
+    """One nvCOMP compression call: chunks of one codec config, their scratch and their device results."""
+
+    __slots__ = ("codec", "done", "index", "n", "out_ptrs", "owner", "raw_sizes", "res", "scratch", "stride")
+
+
+def compress_segments(segments: list[SegmentInput], stream=None) -> list[SegmentOutput]:
+    """Compress every chunk of every segment and checksum the result, with one synchronization in the common case.
+
+    One nvCOMP call per distinct codec config (split when its scratch would exceed 1 GiB); CRC32s on the device; the
+    compressed sizes, statuses and CRCs come back in one copy. Chunks that do not shrink are stored: their CRC covers
+    the raw bytes, computed up front for inputs under 64 MiB and in a second pass otherwise. Returns per-segment
+    tables plus device pointers to the bytes to pack (:func:`pack_payload`); the scratch those point into is kept
+    alive by the outputs.
     """
 
     require()
@@ -302,6 +314,8 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
     raw_ptrs = [(s.data.data.ptr if s.data.size else 0)
                 + np.arange(len(raw_sizes[i]), dtype=np.uint64) * np.uint64(s.chunk_nbytes)
                 for i, s in enumerate(segments)]
+    total_raw = sum(int(r.sum()) for r in raw_sizes)
+    speculative = total_raw <= _SPECULATIVE_CRC_NBYTES
     comp = [r.copy() for r in raw_sizes]
     crcs = [np.zeros(len(r), np.uint32) for r in raw_sizes]
     ptrs = [p.copy() for p in raw_ptrs]
@@ -311,37 +325,64 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
     for i, seg in enumerate(segments):
         if seg.codec.nvcomp_algorithm is not None and seg.data.size:
             groups.setdefault(tuple(sorted(seg.codec.get_config().items(), key=str)), []).append(i)
+    batches: list[_Batch] = []
     for members in groups.values():
         codec = segments[members[0]].codec
         owner = np.concatenate([np.full(len(raw_sizes[i]), i) for i in members])
         index = np.concatenate([np.arange(len(raw_sizes[i])) for i in members])
         in_ptrs = np.concatenate([raw_ptrs[i] for i in members])
         in_sizes = np.concatenate([raw_sizes[i] for i in members]).astype(np.uint64)
-        for lo, hi in _split_batches(codec, in_sizes, sp):
-            sizes, status, crc, out_ptrs, compact = _compress_batch(codec, in_ptrs[lo:hi], in_sizes[lo:hi], sp)
-            bad = np.flatnonzero(status != 0)
-            if bad.size:
-                raise BackendError(f"nvCOMP {codec.codec_id} compression failed for {bad.size} chunk(s)",
-                                   status_name(int(status[bad[0]])))
-            keep.append(compact)
-            for j in range(hi - lo):
-                i, c = owner[lo + j], index[lo + j]
-                if sizes[j] < raw_sizes[i][c]:
-                    comp[i][c], crcs[i][c], ptrs[i][c] = sizes[j], crc[j], out_ptrs[j]
+        splits = _split_batches(codec, in_sizes, sp)
+        for lo, hi in splits:
+            b = _launch_batch(codec, in_ptrs[lo:hi], in_sizes[lo:hi], sp, speculative)
+            b.owner, b.index = owner[lo:hi], index[lo:hi]
+            if len(splits) > 1:  # large input: settle and compact this batch before the next one allocates
+                _finish_batch(b, sp, compact=True)
+            batches.append(b)
+    # Raw CRCs of segments that nvCOMP does not touch (codec "raw", or empty groups) go in the same round trip.
+    plain = [i for i, s in enumerate(segments) if (s.codec.nvcomp_algorithm is None or not s.data.size)
+             and len(raw_sizes[i])]
+    plain_crc = None
+    if plain:
+        plain_crc = crc32_chunks(np.concatenate([raw_ptrs[i] for i in plain]),
+                                 np.concatenate([raw_sizes[i] for i in plain]).astype(np.uint64), stream)
+    pending = [b for b in batches if not b.done]
+    if pending or plain_crc is not None:
+        _sync(sp)
+    for b in pending:
+        _finish_batch(b, sp, compact=False)
+    if plain_crc is not None:
+        host = plain_crc.get()
+        start = 0
+        for i in plain:
+            crcs[i][:] = host[start : start + len(raw_sizes[i])]
+            start += len(raw_sizes[i])
 
-    # Stored chunks are checksummed over their raw bytes, all in one more call.
-    stored = [(i, np.flatnonzero(comp[i] == raw_sizes[i])) for i in range(len(segments))]
-    stored = [(i, idx) for i, idx in stored if idx.size]
-    if stored:
-        all_ptrs = np.concatenate([raw_ptrs[i][idx] for i, idx in stored])
-        all_sizes = np.concatenate([raw_sizes[i][idx] for i, idx in stored]).astype(np.uint64)
-        d_crc = crc32_chunks(all_ptrs, all_sizes, stream)
+    missing = []  # stored chunks whose raw CRC was not computed up front
+    for b in batches:
+        sizes, status, crc_comp, crc_raw = b.res
+        bad = np.flatnonzero(status != 0)
+        if bad.size:
+            raise BackendError(f"nvCOMP {b.codec.codec_id} compression failed for {bad.size} chunk(s)",
+                               status_name(int(status[bad[0]])))
+        shrank = sizes < b.raw_sizes
+        for j in range(b.n):
+            i, c = b.owner[j], b.index[j]
+            if shrank[j]:
+                comp[i][c], crcs[i][c], ptrs[i][c] = sizes[j], crc_comp[j], b.out_ptrs[j]
+            elif crc_raw is not None:
+                crcs[i][c] = crc_raw[j]
+            else:
+                missing.append((i, c))
+        keep.append(b.scratch)
+    if missing:
+        idx = np.asarray(missing)
+        d_crc = crc32_chunks(np.array([raw_ptrs[i][c] for i, c in missing], dtype=np.uint64),
+                             np.array([raw_sizes[i][c] for i, c in missing], dtype=np.uint64), stream)
         _sync(sp)
         host = d_crc.get()
-        start = 0
-        for i, idx in stored:
-            crcs[i][idx] = host[start : start + idx.size]
-            start += idx.size
+        for (i, c), v in zip(idx.tolist(), host.tolist()):
+            crcs[i][c] = v
     outputs = []
     for i, seg in enumerate(segments):
         flags = (comp[i] == raw_sizes[i]).astype(np.uint8)
@@ -353,59 +394,83 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
 def _split_batches(codec, sizes: np.ndarray, sp: int) -> list[tuple[int, int]]:
     """Chunk ranges whose nvCOMP temp + output scratch stays under _BATCH_SCRATCH_NBYTES."""
     n = len(sizes)
-    copts, _ = codec_opts(codec)
-    algo = _cname(codec)
-    max_chunk = int(sizes.max())
-    temp, max_out = _c_size(0), _c_size(0)
-    _call(f"nvcompBatched{algo}CompressGetTempSize", n, max_chunk, copts, ctypes.byref(temp), int(sizes.sum()), sp)
-    _call(f"nvcompBatched{algo}CompressGetMaxOutputChunkSize", max_chunk, copts, ctypes.byref(max_out))
-    per_chunk = (int(temp.value) + n * int(max_out.value)) / max(n, 1)
+    temp, max_out = _compress_sizes(codec, n, int(sizes.max()), int(sizes.sum()), sp)
+    per_chunk = (temp + n * max_out) / max(n, 1)
     step = max(1, min(n, int(_BATCH_SCRATCH_NBYTES // max(per_chunk, 1))))
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def _compress_batch(codec, in_ptrs: np.ndarray, in_sizes: np.ndarray, sp: int):
-    """Compress one batch; return host (sizes, statuses, crcs), compacted chunk pointers and their buffer."""
-    import cupy
+def _compress_sizes(codec, n: int, max_chunk: int, total: int, sp: int) -> tuple[int, int]:
+    algo = _cname(codec)
+    copts, _ = codec_opts(codec)
+    temp, max_out = _c_size(0), _c_size(0)
+    _call(f"nvcompBatched{algo}CompressGetTempSize", n, max_chunk, copts, ctypes.byref(temp), total, sp)
+    _call(f"nvcompBatched{algo}CompressGetMaxOutputChunkSize", max_chunk, copts, ctypes.byref(max_out))
+    return int(temp.value), int(max_out.value)
 
-    from ..kernels import chunks
+
+def _launch_batch(codec, in_ptrs: np.ndarray, in_sizes: np.ndarray, sp: int, speculative: bool) -> _Batch:
+    """Enqueue compression + CRC32s of one batch; results land in one device buffer (no sync)."""
+    import cupy
 
     algo = _cname(codec)
     copts, _ = codec_opts(codec)
     n = len(in_ptrs)
     max_chunk = int(in_sizes.max())
-    temp_n, max_out = _c_size(0), _c_size(0)
-    _call(f"nvcompBatched{algo}CompressGetTempSize", n, max_chunk, copts, ctypes.byref(temp_n), int(in_sizes.sum()),
-          sp)
-    _call(f"nvcompBatched{algo}CompressGetMaxOutputChunkSize", max_chunk, copts, ctypes.byref(max_out))
-    stride = (int(max_out.value) + 255) // 256 * 256
-    scratch = cupy.empty(n * stride, dtype=np.uint8)
-    temp = cupy.empty(max(int(temp_n.value), 1), dtype=np.uint8)
-    out_ptrs = np.uint64(scratch.data.ptr) + np.arange(n, dtype=np.uint64) * np.uint64(stride)
-    table = cupy.asarray(np.concatenate([in_ptrs.astype(np.uint64), in_sizes.astype(np.uint64), out_ptrs]))
-    d_in_ptrs, d_in_sizes, d_out_ptrs = table[:n], table[n : 2 * n], table[2 * n :]
-    d_sizes = cupy.zeros(n, dtype=np.uint64)
-    d_status = cupy.zeros(n, dtype=np.int32)
-    _call(f"nvcompBatched{algo}CompressAsync", d_in_ptrs.data.ptr, d_in_sizes.data.ptr, max_chunk, n, temp.data.ptr,
-          int(temp_n.value), d_out_ptrs.data.ptr, d_sizes.data.ptr, copts, d_status.data.ptr, sp)
-    d_crc = cupy.empty(n, dtype=np.uint32)
-    _crc32(d_out_ptrs, d_sizes, d_crc, n, stride, sp)
-    _sync(sp)
-    sizes, status, crc = d_sizes.get(), d_status.get(), d_crc.get()
-    # Compact the chunks that shrank (the others are stored from the input) out of the worst-case scratch.
-    keep = sizes < in_sizes
-    padded = np.where(keep, (sizes + 15) // 16 * 16, 0).astype(np.uint64)
+    temp_n, max_out = _compress_sizes(codec, n, max_chunk, int(in_sizes.sum()), sp)
+    stride = (max_out + 255) // 256 * 256
+    b = _Batch()
+    b.codec, b.n, b.stride, b.raw_sizes = codec, n, stride, in_sizes
+    b.scratch = cupy.empty(n * stride + max(temp_n, 1), dtype=np.uint8)
+    b.out_ptrs = np.uint64(b.scratch.data.ptr) + np.arange(n, dtype=np.uint64) * np.uint64(stride)
+    temp_ptr = b.scratch.data.ptr + n * stride
+    # device layout: [in_ptrs, in_sizes, out_ptrs] u64 | results: sizes u64, status i32, crc u32, raw crc u32
+    table = cupy.asarray(np.concatenate([in_ptrs.astype(np.uint64), in_sizes.astype(np.uint64), b.out_ptrs]))
+    res = cupy.zeros(n * 20 // 4 + 2, dtype=np.uint32)
+    d_sizes = res[: 2 * n].view(np.uint64)
+    d_status, d_crc, d_raw = res[2 * n : 3 * n], res[3 * n : 4 * n], res[4 * n : 5 * n]
+    _call(f"nvcompBatched{algo}CompressAsync", table.data.ptr, table.data.ptr + 8 * n, max_chunk, n, temp_ptr,
+          temp_n, table.data.ptr + 16 * n, d_sizes.data.ptr, copts, d_status.data.ptr, sp)
+    _crc32(table[2 * n :], d_sizes, d_crc, n, stride, sp)
+    if speculative:
+        _crc32(table[:n], table[n : 2 * n], d_raw, n, max_chunk, sp)
+    b.res, b.done = (res, table, speculative), False
+    return b
+
+
+def _finish_batch(b: _Batch, sp: int, compact: bool) -> None:
+    """Read a batch's results (the caller synchronized, or compact=True which syncs); optionally compact."""
+    import cupy
+
+    from ..kernels import chunks
+
+    res, _table, speculative = b.res
+    if compact:
+        _sync(sp)
+    host = res.get()
+    n = b.n
+    sizes = host[: 2 * n].view(np.uint64).copy()
+    status = host[2 * n : 3 * n].view(np.int32).copy()
+    crc = host[3 * n : 4 * n].copy()
+    raw_crc = host[4 * n : 5 * n].copy() if speculative else None
+    b.res, b.done = (sizes, status, crc, raw_crc), True
+    if not compact:
+        return
+    # Move the chunks that shrank out of the worst-case scratch, so the next batch can reuse the memory.
+    shrank = sizes < b.raw_sizes
+    padded = np.where(shrank, (sizes + 15) // 16 * 16, 0).astype(np.uint64)
     offs = np.zeros(n, dtype=np.uint64)
     if n > 1:
         np.cumsum(padded[:-1], out=offs[1:])
-    compact = cupy.empty(max(int(padded.sum()), 1), dtype=np.uint8)
-    new_ptrs = np.uint64(compact.data.ptr) + offs
-    if keep.any():
-        sel = np.flatnonzero(keep)
-        arr = cupy.asarray(np.stack([out_ptrs[sel], new_ptrs[sel], sizes[sel].astype(np.uint64)]))
+    compact_buf = cupy.empty(max(int(padded.sum()), 1), dtype=np.uint8)
+    new_ptrs = np.uint64(compact_buf.data.ptr) + offs
+    if shrank.any():
+        sel = np.flatnonzero(shrank)
+        arr = cupy.asarray(np.stack([b.out_ptrs[sel], new_ptrs[sel], sizes[sel]]))
         chunks.copy_chunks(arr[0], arr[1], arr[2], max_nbytes=int(sizes[sel].max()), pad=False)
-    _sync(sp)  # the scratch may go once the copies are done
-    return sizes, status, crc, new_ptrs, compact
+        _sync(sp)
+    b.out_ptrs = np.where(shrank, new_ptrs, b.out_ptrs)
+    b.scratch = compact_buf
 
 
 def _sync(stream_ptr: int) -> None:
@@ -422,23 +487,37 @@ def _raw_sizes(nbytes: int, chunk: int) -> np.ndarray:
     return sizes
 
 
-def pack(payload, copies: list[tuple[int, int, int]], stream=None) -> None:
-    """Copy (src_ptr, dst_offset, nbytes) chunks into ``payload`` (device uint8), zero-padding each to 16."""
+def pack_payload(payload, tables: list[tuple[int, bytes]], copies: list[tuple[int, int, int]]) -> None:
+    """Fill a device payload in one upload and one launch: ``tables`` are (offset, bytes) host pieces, ``copies``
+    are (src_ptr, dst_offset, nbytes) device chunks; every piece is zero-padded to 16 bytes."""
     import cupy
 
     from ..kernels import chunks
 
-    if not copies:
+    blob = b"".join(t for _, t in tables)
+    m = len(tables) + len(copies)
+    if m == 0:
         return
-    arr = np.asarray(copies, dtype=np.uint64).reshape(-1, 3).T.copy()
-    arr[1] += np.uint64(payload.data.ptr)
-    table = cupy.asarray(arr)  # one upload for all three columns
-    chunks.copy_chunks(table[0], table[1], table[2], max_nbytes=int(arr[2].max()), pad=True, stream=stream)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Decompression
-# --------------------------------------------------------------------------------------------------------------
+    desc = np.empty((3, m), dtype=np.uint64)
+    staging_nbytes = 24 * m
+    staging = np.empty(staging_nbytes + len(blob), dtype=np.uint8)
+    staging[staging_nbytes:] = np.frombuffer(blob, dtype=np.uint8)
+    d_staging = cupy.empty(staging.size, dtype=np.uint8)
+    base = np.uint64(payload.data.ptr)
+    pos = d_staging.data.ptr + staging_nbytes
+    for j, (off, t) in enumerate(tables):
+        desc[:, j] = (pos, base + np.uint64(off), len(t))
+        pos += len(t)
+    if copies:
+        arr = np.asarray(copies, dtype=np.uint64).reshape(-1, 3)
+        desc[0, len(tables) :] = arr[:, 0]
+        desc[1, len(tables) :] = arr[:, 1] + base
+        desc[2, len(tables) :] = arr[:, 2]
+    staging[:staging_nbytes] = desc.reshape(-1).view(np.uint8)
+    d_staging.set(staging)
+    d_desc = d_staging[:staging_nbytes].view(np.uint64)
+    # Freeing d_staging after the launch is safe: CuPy's pool reuses memory only in this stream's order.
+    chunks.copy_chunks(d_desc[:m], d_desc[m : 2 * m], d_desc[2 * m :], max_nbytes=int(desc[2].max()), pad=True)
 
 
 class _Group:
@@ -519,8 +598,7 @@ class DecodePlan:
             self._copy = (table[0], table[1], table[2], int(arr[:, 2].max()))
         else:
             self._copy = None
-        self._err = cupy.zeros(2, dtype=np.uint64)
-        self._err[1] = np.uint64(2**64 - 1)
+        self._err = cupy.asarray(np.array([0, 2**64 - 1], dtype=np.uint64))
         self.n_chunks = index_base + (0 if self._copy is None else int(self._copy[0].size))
 
     def run(self, stream=None) -> None:
@@ -551,8 +629,7 @@ class DecodePlan:
         if int(err[0]):
             key = int(err[1])
             index, status = key >> 16, key & 0xFFFF
-            self._err[0] = 0
-            self._err[1] = np.uint64(2**64 - 1)
+            self._err.set(np.array([0, 2**64 - 1], dtype=np.uint64))
             what = status_name(status) if status else "decoded size differs from the chunk table"
             raise BackendError(f"nvCOMP failed to decode {int(err[0])} chunk(s); first: batch chunk {index}", what)
 

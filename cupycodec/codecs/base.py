@@ -124,6 +124,10 @@ class Codec(abc.ABC):
         """
         return self
 
+    def default_chunk(self) -> int:
+        """Chunk size to use when the caller picks none (this codec resolved for its segment)."""
+        return self.default_chunk_nbytes
+
     def __eq__(self, other):
         return isinstance(other, Codec) and self.get_config() == other.get_config()
 

@@ -118,5 +118,10 @@ class ANS(_TypedCodec):
     _floats = True
     options = {"data_type": Option("auto", check_data_type, "symbol type")}
 
+    def default_chunk(self) -> int:
+        # Measured on an H200 (benchmarks/RESULTS.md): the float modes decode fastest and compress best at 256 KiB;
+        # byte mode (INT8 codes) decodes fastest at 64-128 KiB, and 128 KiB keeps most of 256 KiB's ratio.
+        return 256 * KiB if self.data_type in ("<f2", "<f4", "|f1") else 128 * KiB
+
     def nvcomp_params(self):
         return {"data_type": NVCOMP_DATA_TYPES[self.data_type]}

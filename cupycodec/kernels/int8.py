@@ -729,7 +729,7 @@ def quantize_int8(
             if scales.size:
                 scales.fill(1)  # channels without elements: absmax 0, scale 1 (the reference's rule)
             return codes, scales
-        bad = None
+        bad = np.uint64(0)  # a null pointer by value: older CuPy passes None as a null *argument address*
         if check:
             bad = cupy.empty(1, dtype=np.uint64)
             cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, 8, cupy.cuda.get_current_stream().ptr)
