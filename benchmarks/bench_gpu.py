@@ -269,6 +269,29 @@ def check_no_sync(results):
     print(json.dumps(row), flush=True)
 
 
+def bench_split(results, data, copy_gbps):
+    """The byte-plane split/merge kernels on 256 MiB of bf16: GB/s of bytes read + written, beside the copy."""
+    import cupy
+
+    from cupycodec.dtypes import ArraySpec
+    from cupycodec.kernels import byteplane
+
+    arr, _ = data["bf16"]
+    raw = arr.reshape(-1).view(cupy.uint8)
+    planes = byteplane.split(raw, 2, True)
+    out = cupy.empty_like(arr)
+    spec = ArraySpec("BF16", "<", arr.shape)
+    t_split = events_median(lambda: byteplane.split(raw, 2, True), reps=20)
+    t_merge = events_median(lambda: byteplane.merge(planes, 2, True, spec, out=out), reps=20)
+    exact = bool((out == arr).all())
+    row = {"split_gbps": 2 * raw.nbytes / t_split / 1e9, "merge_gbps": 2 * raw.nbytes / t_merge / 1e9,
+           "copy_gbps": copy_gbps, "exact": exact}
+    row["split_of_copy"] = row["split_gbps"] / copy_gbps
+    row["merge_of_copy"] = row["merge_gbps"] / copy_gbps
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def copy_bandwidth():
     import cupy
 
@@ -307,7 +330,7 @@ def main(argv=None):
     p.add_argument("--sweep-mib", type=int, default=128)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sections", default="env,codecs,sweep,profile,latency,block,nosync,cpu")
+    p.add_argument("--sections", default="env,codecs,sweep,split,profile,latency,block,nosync,cpu")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -317,7 +340,7 @@ def main(argv=None):
            cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__, "nvcomp": info["gpu"].get("nvcomp"),
            "cupycodec": cc.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results = {"env": env, "codecs": [], "sweep": [], "latency": [], "block": [], "nosync": [], "cpu": [],
-               "profile": []}
+               "profile": [], "split": []}
     print(json.dumps(env), flush=True)
     if "env" in sections:
         env["copy_gbps_read_plus_write"] = copy_bandwidth()
@@ -334,7 +357,9 @@ def main(argv=None):
         data = make_data(args.mib)
     gbps = {r["codec"]: r.get("decode_gbps") for r in results["codecs"]
             if r["data"] == "int8" and not r.get("direct_nvcomp")}
-    for section, fn in (("profile", lambda: profile_compress(results["profile"])),
+    for section, fn in (("split", lambda: bench_split(results["split"], data,
+                                                      env.get("copy_gbps_read_plus_write", 0) or copy_bandwidth())),
+                        ("profile", lambda: profile_compress(results["profile"])),
                         ("latency", lambda: bench_latency(results["latency"])),
                         ("block", lambda: bench_block(results["block"], gbps)),
                         ("nosync", lambda: check_no_sync(results["nosync"])),

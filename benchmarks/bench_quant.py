@@ -5,9 +5,9 @@ rows of ``--cols`` elements. For each dtype: the copy bandwidth (bytes read + wr
 channel = one scale per row, group of 128) and dequantize to bf16. GB/s count the minimal traffic: the input read once
 and the outputs written once (codes, scales, values); "of copy" is that rate over the copy's. Quantize is timed with
 the on-device domain check (the default, one synchronization) and without. SQNR is computed over the whole tensor.
-Timings are medians of CUDA-event intervals after a warm-up.
+Timings are medians of CUDA-event intervals over --batch back-to-back calls, after a warm-up.
 
-Usage: python benchmarks/bench_quant.py [--mib 512] [--cols 8192] [--reps 20] [--json PATH]
+Usage: python benchmarks/bench_quant.py [--mib 512] [--cols 8192] [--reps 20] [--batch 5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ GRANULARITIES = {
 }
 
 
-def events_median_ms(fn, reps: int, warmup: int) -> float:
+def events_median_ms(fn, reps: int, warmup: int, batch: int) -> float:
+    """Median over `reps` of the CUDA-event time of `batch` back-to-back calls, divided by `batch`.
+
+    Batching keeps the GPU busy while Python enqueues the next call, so asynchronous calls are timed by the device
+    rather than by the host's launch overhead; calls that synchronize (quantize with check=True) still pay it.
+    """
     import cupy
 
     for _ in range(warmup):
@@ -45,10 +50,11 @@ def events_median_ms(fn, reps: int, warmup: int) -> float:
     for _ in range(reps):
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
-        fn()
+        for _ in range(batch):
+            fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / batch)
     return float(np.median(times))
 
 
@@ -107,6 +113,7 @@ def run(args) -> dict:
         "mib": args.mib,
         "cols": args.cols,
         "reps": args.reps,
+        "batch": args.batch,
     }
     rows_out = []
     for key in args.dtypes.split(","):
@@ -124,7 +131,7 @@ def run(args) -> dict:
         def copy(dst=copy_dst, src=x, n=nbytes, s=stream_ptr, k=kind):
             cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, n, k, s)
 
-        ms = events_median_ms(copy, args.reps, args.warmup)
+        ms = events_median_ms(copy, args.reps, args.warmup, args.batch)
         copy_gbs = 2 * nbytes / ms / 1e6
         rows_out.append({"dtype": key, "op": "device copy", "granularity": "", "ms": ms, "gb_s": copy_gbs,
                          "of_copy": 1.0, "ms_nocheck": None, "gb_s_nocheck": None, "sqnr_db": None})
@@ -137,8 +144,8 @@ def run(args) -> dict:
             def quantize(check, x=x, name=dtype_name, p=params, c=codes, s=scales):
                 kernels.quantize_int8(x, dtype_name=name, check=check, out=(c, s), **p)
 
-            ms = events_median_ms(lambda q=quantize: q(True), args.reps, args.warmup)
-            ms_nc = events_median_ms(lambda q=quantize: q(False), args.reps, args.warmup)
+            ms = events_median_ms(lambda q=quantize: q(True), args.reps, args.warmup, args.batch)
+            ms_nc = events_median_ms(lambda q=quantize: q(False), args.reps, args.warmup, args.batch)
             y32 = kernels.dequantize_int8(codes, scales, dtype_name="F32", **params)
             sq = sqnr_db(x, key, y32)
             del y32
@@ -152,7 +159,7 @@ def run(args) -> dict:
             def dequantize(p=params, c=codes, s=scales, out=y):
                 kernels.dequantize_int8(c, s, dtype_name="BF16", out=out, **p)
 
-            ms = events_median_ms(dequantize, args.reps, args.warmup)
+            ms = events_median_ms(dequantize, args.reps, args.warmup, args.batch)
             rows_out.append({"dtype": key, "op": "dequantize -> bf16", "granularity": gname, "ms": ms,
                              "gb_s": deq_bytes / ms / 1e6, "of_copy": deq_bytes / ms / 1e6 / copy_gbs,
                              "ms_nocheck": None, "gb_s_nocheck": None, "sqnr_db": None})
@@ -166,7 +173,8 @@ def markdown(result: dict) -> str:
     env = result["env"]
     lines = [
         f"GPU: {env['gpu']}; CUDA runtime {env['cuda_runtime']}, driver {env['cuda_driver']}; CuPy {env['cupy']}",
-        f"Input: {env['mib']} MiB per dtype, rows of {env['cols']}; median of {env['reps']} reps",
+        f"Input: {env['mib']} MiB per dtype, rows of {env['cols']}; median of {env['reps']} reps of "
+        f"{env['batch']} back-to-back calls",
         "",
         "| dtype | op | granularity | ms | GB/s | of copy | GB/s (check=False) | SQNR dB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -185,6 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cols", type=int, default=8192, help="row length in elements (channel = one scale per row)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions (median reported; >= 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
+    parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed repetition")
     parser.add_argument("--dtypes", default="bf16,f16,f32", help="comma-separated subset of bf16,f16,f32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)

@@ -641,7 +641,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
 
 def _needs_gpu(c: CompressedArray) -> str | None:
     for seg in c.segments:
-        if not seg.codec.cpu_supported and (seg.table.flags == 0).any():
+        if not seg.codec.cpu_usable() and (seg.table.flags == 0).any():
             return seg.codec.codec_id
     return None
 

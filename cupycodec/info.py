@@ -69,8 +69,8 @@ def info() -> dict[str, Any]:
         gpu["nvcomp"] = nvcomp.version_string()
     out["gpu"] = gpu
     out["codecs"] = {
-        cid: {"cpu": bool(cls.cpu_supported), "gpu": cls.nvcomp_algorithm is not None or cid == "raw",
-              "usable_here": bool(cls.cpu_supported) or reason is None}
+        cid: {"cpu": bool(cls.cpu_usable()), "gpu": cls.nvcomp_algorithm is not None or cid == "raw",
+              "usable_here": bool(cls.cpu_usable()) or reason is None}
         for cid, cls in sorted(registry.registered_codecs().items())
     }
     out["filters"] = sorted(registry.registered_filters())

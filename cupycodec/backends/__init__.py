@@ -43,7 +43,7 @@ def _nvcomp_reason() -> str:
 def select(requested: str | None, *, on_device: bool, codecs, what: str = "compress") -> str:
     """Pick ``"cpu"`` or ``"nvcomp"`` for codecs (instances) applied to host or device data."""
     choice = requested_backend(requested)
-    gpu_only = sorted({c.codec_id for c in codecs if not c.cpu_supported})
+    gpu_only = sorted({c.codec_id for c in codecs if not c.cpu_usable()})
     if choice == "cpu":
         if gpu_only:
             from ..codecs.base import GPU_ONLY_HINT

@@ -21,8 +21,9 @@ NVCOMP_DATA_TYPES: dict[str, int] = {
 _TYPE_SIZE = {t: int(t[2:]) for t in NVCOMP_DATA_TYPES}
 
 GPU_ONLY_HINT = (
-    "codecs that decode on a CPU: 'zstd', 'deflate', 'gzip', 'lz4', 'snappy', 'raw'; "
-    "for GPU codecs install nvCOMP and CuPy: pip install 'cupycodec[cu12]' (or [cu13]) on a machine with an NVIDIA GPU"
+    "codecs that decode on any CPU: 'zstd', 'deflate', 'gzip', 'lz4', 'snappy', 'raw' ('gdeflate' and 'bitcomp' too "
+    "with nvidia-libnvcomp installed); 'ans' and 'cascaded' need nvCOMP and CuPy on an NVIDIA GPU: "
+    "pip install 'cupycodec[cu12]' (or [cu13])"
 )
 
 
@@ -69,7 +70,7 @@ class Codec(abc.ABC):
     options: ClassVar[Mapping[str, Option]] = {}
     #: nvCOMP algorithm name, or None when the codec does not run on the GPU through nvCOMP.
     nvcomp_algorithm: ClassVar[str | None] = None
-    #: Whether a CPU implementation exists (encode and decode).
+    #: Whether a CPU implementation exists (encode and decode); see also :meth:`cpu_usable`.
     cpu_supported: ClassVar[bool] = True
     #: Chunk size used when the caller does not pick one (set by measurement: see benchmarks/RESULTS.md).
     default_chunk_nbytes: ClassVar[int] = 64 * KiB
@@ -123,6 +124,11 @@ class Codec(abc.ABC):
         segment whose size is not a multiple of 4).
         """
         return self
+
+    @classmethod
+    def cpu_usable(cls) -> bool:
+        """Whether this codec can run on the CPU here (codecs backed by optional libraries check for them)."""
+        return cls.cpu_supported
 
     def default_chunk(self) -> int:
         """Chunk size to use when the caller picks none (this codec resolved for its segment)."""

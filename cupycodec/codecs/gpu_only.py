@@ -1,4 +1,8 @@
-"""nvCOMP's own formats: ``gdeflate``, ``cascaded``, ``bitcomp`` and ``ans`` (GPU only; no public CPU decoder)."""
+"""nvCOMP's own formats: ``gdeflate``, ``cascaded``, ``bitcomp`` and ``ans``.
+
+ANS and Cascaded run only on the GPU (no CPU implementation exists). GDeflate and Bitcomp also run on the CPU
+through nvCOMP's host libraries when the nvidia-libnvcomp wheel is installed (see :mod:`._nvcomp_host`).
+"""
 
 from __future__ import annotations
 
@@ -32,23 +36,45 @@ class _TypedCodec(Codec):
         return type(self).from_config(config)
 
 
-class GDeflate(Codec):
+class _HostCodec(Codec):
+    """A GPU codec whose CPU side needs nvCOMP's host libraries (nvidia-libnvcomp), which may be absent."""
+
+    @classmethod
+    def cpu_usable(cls) -> bool:
+        from . import _nvcomp_host
+
+        return _nvcomp_host.available()
+
+
+class GDeflate(_HostCodec):
     """GDeflate: DEFLATE split into 32 interleaved sub-streams for parallel decoding (DirectStorage's format).
 
     Parameters
     ----------
     algorithm : int, optional
-        nvCOMP's GDeflate algorithm (0-5; nvCOMP's default 1 when None).
+        nvCOMP's GDeflate algorithm for the GPU backend (0-5; nvCOMP's default 1 when None).
+    level : int, optional
+        Level of nvCOMP's CPU GDeflate compressor (0-12; 12 when None); the CPU compresses chunks of <= 64 KiB.
     """
 
     codec_id = "gdeflate"
     version = 1
     nvcomp_algorithm = "GDeflate"
-    cpu_supported = False
-    options = {"algorithm": Option(None, int_range(0, 5), "nvCOMP algorithm (0 fastest .. 5 best)")}
+    options = {"algorithm": Option(None, int_range(0, 5), "nvCOMP algorithm (0 fastest .. 5 best)"),
+               "level": Option(None, int_range(0, 12), "CPU compression level")}
 
     def nvcomp_params(self):
         return {"algorithm": 1 if self.algorithm is None else self.algorithm}
+
+    def encode_chunk(self, src):
+        from . import _nvcomp_host
+
+        return _nvcomp_host.gdeflate_encode(src, 12 if self.level is None else self.level)
+
+    def decode_chunk_into(self, src, dst):
+        from . import _nvcomp_host
+
+        _nvcomp_host.gdeflate_decode(src, dst)
 
 
 class Cascaded(_TypedCodec):
@@ -76,7 +102,7 @@ class Cascaded(_TypedCodec):
                 "compression_level": 3 if self.compression_level is None else self.compression_level}
 
 
-class Bitcomp(_TypedCodec):
+class Bitcomp(_HostCodec, _TypedCodec):
     """Bitcomp (lossless mode) for numeric data.
 
     Parameters
@@ -96,8 +122,20 @@ class Bitcomp(_TypedCodec):
         "algorithm": Option(None, int_range(0, 1), "0 default, 1 sparse"),
     }
 
+    cpu_supported = True
+
     def nvcomp_params(self):
         return {"data_type": NVCOMP_DATA_TYPES[self.data_type], "algorithm": self.algorithm or 0}
+
+    def encode_chunk(self, src):
+        from . import _nvcomp_host
+
+        return _nvcomp_host.bitcomp_encode(src, self.data_type, self.algorithm or 0)
+
+    def decode_chunk_into(self, src, dst):
+        from . import _nvcomp_host
+
+        _nvcomp_host.bitcomp_decode(src, dst)
 
 
 class ANS(_TypedCodec):

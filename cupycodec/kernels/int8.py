@@ -31,7 +31,7 @@ __all__ = ["dequantize_int8", "quantize_int8"]
 #
 # Kernels:
 #   quantize_warp   one pass; a team of tpg lanes (a power of two <= 32) per short segment: absmax by shuffles, then
-#                   quantize, re-reading the segment from L1. Groups of 32..512 elements.
+#                   quantize, re-reading the segment from L1. Segments of at most 64 vectors (512 half, 256 float).
 #   quantize_block  one pass; one block per long contiguous segment (channel rows of a C-contiguous array, long groups).
 #   absmax_seg      pass 1 of 2 when segments are few and long, or for the whole tensor (which needs its max before
 #                   any code can be written): blocks reduce chunks of a segment, atomicMax on the float bits.
@@ -55,11 +55,29 @@ struct alignas(8) cc_v8 { unsigned int w[2]; };
 #define CC_TINY __int_as_float(0x00800000)   /* 2**-126: smaller scales become 1 */
 #define CC_FULL 0xffffffffu
 
-__device__ __forceinline__ i64 cc_div(i64 a, i64 b) {  /* a >= 0, b > 0 */
-    if ((((u64)a | (u64)b) >> 32) == 0) return (i64)((unsigned int)a / (unsigned int)b);
-    return a / b;
+/* Division by a launch-invariant divisor d >= 1 with m = ceil(2**64 / d) (any value when d == 1): for a, d < 2**32,
+   a * m / 2**64 = a / d + a * r / (d * 2**64) with 0 <= r < d, and a * r < 2**64 keeps the floor exact. */
+struct cc_divisor {
+    i64 d;
+    u64 m;
+};
+__device__ __forceinline__ i64 cc_div(i64 a, cc_divisor v) { /* a >= 0 */
+    if (v.d == 1) return a;
+    if ((((u64)a | (u64)v.d) >> 32) == 0) return (i64)__umul64hi((u64)a, v.m);
+    return a / v.d;
 }
-__device__ __forceinline__ i64 cc_mod(i64 a, i64 b) { return a < b ? a : a - cc_div(a, b) * b; }
+__device__ __forceinline__ i64 cc_mod(i64 a, cc_divisor v) { return a < v.d ? a : a - cc_div(a, v) * v.d; }
+
+/* The segment map (see the Python header comment): rows of n elements cut into ng segments of g elements; the scale
+   of segment s is s % C. */
+struct cc_map {
+    cc_divisor n, g, ng, C;
+};
+__device__ __forceinline__ void cc_segment(i64 s, const cc_map& mp, i64& start, i64& end) {
+    const i64 r = cc_div(s, mp.ng), k = s - r * mp.ng.d;
+    start = r * mp.n.d + k * mp.g.d;
+    end = start + (mp.n.d - k * mp.g.d < mp.g.d ? mp.n.d - k * mp.g.d : mp.g.d);
+}
 
 __device__ __forceinline__ float cc_f16_to_f32(unsigned short h) {
     float f;
@@ -71,13 +89,34 @@ __device__ __forceinline__ unsigned short cc_f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-__device__ __forceinline__ float cc_bf16_to_f32(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
-/* Round half to even on the bits, as ml_dtypes does (NaN -> 0x7fc0 / 0xffc0 like ml_dtypes); any architecture. */
-__device__ __forceinline__ unsigned short cc_f32_to_bf16(float f) {
+/* Round half to even on the bits, as ml_dtypes does (NaN -> 0x7fc0 / 0xffc0, like ml_dtypes). */
+__device__ __forceinline__ unsigned int cc_f32_to_bf16_bits(float f) {
     const unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u & 0x80000000u) ? 0xffc0 : 0x7fc0;
-    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u & 0x80000000u) ? 0xffc0u : 0x7fc0u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
+/* Two floats to a packed pair, lo in the low half. sm_80+ has one instruction for the pair; it rounds finite values
+   exactly like the fallback (NaN becomes the canonical 0x7fff there; dequantization never produces NaN from the
+   finite scales quantize_int8 writes). */
+__device__ __forceinline__ unsigned int cc_pack_f16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(r) : "f"(lo), "f"(hi));
+    return r;
+#else
+    return (unsigned int)cc_f32_to_f16(lo) | ((unsigned int)cc_f32_to_f16(hi) << 16);
+#endif
+}
+__device__ __forceinline__ unsigned int cc_pack_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %2, %1;" : "=r"(r) : "f"(lo), "f"(hi));
+    return r;
+#else
+    return cc_f32_to_bf16_bits(lo) | (cc_f32_to_bf16_bits(hi) << 16);
+#endif
+}
+__device__ __forceinline__ unsigned short cc_f32_to_bf16(float f) { return (unsigned short)cc_pack_bf16x2(f, 0.0f); }
 
 /* input element types: storage type T, V elements per 16-byte vector */
 struct cc_in_f32 {
@@ -102,7 +141,7 @@ struct cc_in_f16 {
 struct cc_in_bf16 {
     typedef unsigned short T;
     enum { V = 8 };
-    static __device__ __forceinline__ float cvt(unsigned short v) { return cc_bf16_to_f32(v); }
+    static __device__ __forceinline__ float cvt(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
     static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
         for (int j = 0; j < 4; ++j) {
             f[2 * j] = __uint_as_float(r.w[j] << 16);
@@ -146,28 +185,34 @@ __device__ __forceinline__ void cc_store_codes(signed char* q, const int* c) {
         *reinterpret_cast<cc_v8*>(q) = v;
     }
 }
+/* absmax of N values; flags the first out-of-domain one (NaN fails the test too) */
+template <int N>
+__device__ __forceinline__ float cc_absmax(const float* v, i64 i, u64* bad, float m) {
+    for (int e = 0; e < N; ++e) {
+        const float a = fabsf(v[e]);
+        if (!(a < CC_LIMIT) && bad) atomicMin(bad, (u64)(i + e));
+        m = fmaxf(m, a);
+    }
+    return m;
+}
+template <int N>
+__device__ __forceinline__ void cc_quantize_store(const float* v, float scale, signed char* q) {
+    int c[N];
+    for (int e = 0; e < N; ++e) c[e] = cc_code(v[e], scale);
+    cc_store_codes<N>(q, c);
+}
 
 struct cc_absmax_op {
     float m;
     u64* bad;
     template <int N>
-    __device__ __forceinline__ void run(i64 i, const float* v) {
-        for (int e = 0; e < N; ++e) {
-            const float a = fabsf(v[e]);
-            if (!(a < CC_LIMIT) && bad) atomicMin(bad, (u64)(i + e));  /* NaN fails the test too */
-            m = fmaxf(m, a);
-        }
-    }
+    __device__ __forceinline__ void run(i64 i, const float* v) { m = cc_absmax<N>(v, i, bad, m); }
 };
 struct cc_quant_op {
     float scale;
     signed char* q;
     template <int N>
-    __device__ __forceinline__ void run(i64 i, const float* v) {
-        int c[N];
-        for (int e = 0; e < N; ++e) c[e] = cc_code(v[e], scale);
-        cc_store_codes<N>(q + i, c);
-    }
+    __device__ __forceinline__ void run(i64 i, const float* v) { cc_quantize_store<N>(v, scale, q + i); }
 };
 
 /* Apply op to elements [start, end) with thread t of nt: scalar head up to a multiple of V, V-wide body, scalar tail.
@@ -199,12 +244,6 @@ __device__ __forceinline__ void cc_range(const typename D::T* __restrict__ x, i6
     }
 }
 
-__device__ __forceinline__ void cc_segment(i64 s, i64 n, i64 g, i64 ng, i64& start, i64& end) {
-    const i64 r = ng == 1 ? s : cc_div(s, ng), k = s - r * ng;
-    start = r * n + k * g;
-    end = start + (n - k * g < g ? n - k * g : g);
-}
-
 /* max over the block; blockDim.x is a multiple of 32; every thread gets the result */
 __device__ __forceinline__ float cc_block_max(float m, float* red) {
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
@@ -217,18 +256,63 @@ __device__ __forceinline__ float cc_block_max(float m, float* red) {
     return m;
 }
 
+/* One pass, a team of tpg lanes per segment, each lane holding at most one vector of it in registers: needs
+   16-byte-aligned x and q, n % V == 0, g % V == 0 and g <= tpg * V. Each team takes K segments per step, so that a
+   lane has K loads in flight. */
+#define CC_TEAM_K 4
+template <class D>
+__device__ void cc_quantize_team(const typename D::T* __restrict__ x, signed char* __restrict__ q,
+                                 float* __restrict__ scale, i64 nseg, cc_map mp, int tpg, u64* bad) {
+    enum { V = D::V };
+    const int lane = threadIdx.x & 31, sub = lane & (tpg - 1);
+    const i64 per_warp = 32 / tpg, team = lane / tpg;
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
+    /* the loop bound is uniform per warp, so every lane reaches the shuffles */
+    for (i64 base = warp * per_warp * CC_TEAM_K; base < nseg; base += nwarps * per_warp * CC_TEAM_K) {
+        cc_v16 raw[CC_TEAM_K];
+        i64 pos[CC_TEAM_K];
+        for (int k = 0; k < CC_TEAM_K; ++k) {
+            const i64 s = base + k * per_warp + team;
+            pos[k] = -1;
+            if (s < nseg) {
+                i64 start, end;
+                cc_segment(s, mp, start, end);
+                if (start + sub * V < end) {
+                    pos[k] = start + sub * V;
+                    raw[k] = *reinterpret_cast<const cc_v16*>(x + pos[k]);
+                }
+            }
+        }
+        for (int k = 0; k < CC_TEAM_K; ++k) {
+            float f[V];
+            float m = 0.0f;
+            if (pos[k] >= 0) {
+                D::unpack(raw[k], f);
+                m = cc_absmax<V>(f, pos[k], bad, m);
+            }
+            for (int o = tpg >> 1; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
+            const float sc = cc_scale(m);
+            const i64 s = base + k * per_warp + team;
+            if (s < nseg && sub == 0) scale[s] = sc;
+            if (pos[k] >= 0) cc_quantize_store<V>(f, sc, q + pos[k]);
+        }
+    }
+}
+
+/* One pass, a team of tpg lanes per segment of any length and alignment: absmax, then quantize re-reading the
+   segment (an L1 hit). */
 template <class D, int V>
 __device__ void cc_quantize_warp(const typename D::T* __restrict__ x, signed char* __restrict__ q,
-                                 float* __restrict__ scale, i64 nseg, i64 n, i64 g, i64 ng, int tpg, u64* bad) {
+                                 float* __restrict__ scale, i64 nseg, cc_map mp, int tpg, u64* bad) {
     const int lane = threadIdx.x & 31, sub = lane & (tpg - 1);
     const i64 per_warp = 32 / tpg;
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
-    /* the loop bound is uniform per warp, so every lane reaches the shuffles */
     for (i64 base = warp * per_warp; base < nseg; base += nwarps * per_warp) {
         const i64 s = base + lane / tpg;
         i64 start = 0, end = 0;
-        if (s < nseg) cc_segment(s, n, g, ng, start, end);
+        if (s < nseg) cc_segment(s, mp, start, end);
         cc_absmax_op am = {0.0f, bad};
         cc_range<D, V>(x, start, end, sub, tpg, am);
         float m = am.m;
@@ -240,50 +324,81 @@ __device__ void cc_quantize_warp(const typename D::T* __restrict__ x, signed cha
     }
 }
 
+/* One pass, one block per segment. reg: the segment fits in registers, at most CC_BLOCK_K aligned vectors per thread
+   (16-byte-aligned x and q, n % V == 0, g % V == 0, g <= blockDim * V * CC_BLOCK_K); otherwise the segment is read
+   twice (the second time from L1/L2). */
+#define CC_BLOCK_K 4
 template <class D, int V>
 __device__ void cc_quantize_block(const typename D::T* __restrict__ x, signed char* __restrict__ q,
-                                  float* __restrict__ scale, i64 nseg, i64 n, i64 g, i64 ng, u64* bad) {
+                                  float* __restrict__ scale, i64 nseg, cc_map mp, int reg, u64* bad) {
     __shared__ float red[32];
     for (i64 s = blockIdx.x; s < nseg; s += gridDim.x) {
         i64 start, end;
-        cc_segment(s, n, g, ng, start, end);
-        cc_absmax_op am = {0.0f, bad};
-        cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, am);
-        const float sc = cc_scale(cc_block_max(am.m, red));
-        if (threadIdx.x == 0) scale[s] = sc;
-        cc_quant_op qo = {sc, q};
-        cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, qo);
+        cc_segment(s, mp, start, end);
+        if (V > 1 && reg) {
+            cc_v16 raw[CC_BLOCK_K];
+            for (int k = 0; k < CC_BLOCK_K; ++k) {
+                const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
+                if (i < end) raw[k] = *reinterpret_cast<const cc_v16*>(x + i);
+            }
+            float m = 0.0f;
+            for (int k = 0; k < CC_BLOCK_K; ++k) {
+                const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
+                if (i < end) {
+                    float f[V];
+                    D::unpack(raw[k], f);
+                    m = cc_absmax<V>(f, i, bad, m);
+                }
+            }
+            const float sc = cc_scale(cc_block_max(m, red));
+            if (threadIdx.x == 0) scale[s] = sc;
+            for (int k = 0; k < CC_BLOCK_K; ++k) {
+                const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
+                if (i < end) {
+                    float f[V];
+                    D::unpack(raw[k], f);
+                    cc_quantize_store<V>(f, sc, q + i);
+                }
+            }
+        } else {
+            cc_absmax_op am = {0.0f, bad};
+            cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, am);
+            const float sc = cc_scale(cc_block_max(am.m, red));
+            if (threadIdx.x == 0) scale[s] = sc;
+            cc_quant_op qo = {sc, q};
+            cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, qo);
+        }
     }
 }
 
 template <class D, int V>
-__device__ void cc_absmax_seg(const typename D::T* __restrict__ x, unsigned int* bits, i64 nseg, i64 n, i64 g,
-                              i64 ng, i64 C, i64 chunks, i64 chunk_len, u64* bad) {
+__device__ void cc_absmax_seg(const typename D::T* __restrict__ x, unsigned int* bits, i64 nseg, cc_map mp,
+                              cc_divisor chunks, i64 chunk_len, u64* bad) {
     __shared__ float red[32];
-    const i64 items = nseg * chunks;
+    const i64 items = nseg * chunks.d;
     for (i64 w = blockIdx.x; w < items; w += gridDim.x) {
-        const i64 s = cc_div(w, chunks), c = w - s * chunks;
+        const i64 s = cc_div(w, chunks), c = w - s * chunks.d;
         i64 start, end;
-        cc_segment(s, n, g, ng, start, end);
+        cc_segment(s, mp, start, end);
         const i64 lo = start + c * chunk_len;
         const i64 hi = lo + chunk_len < end ? lo + chunk_len : end;
         cc_absmax_op am = {0.0f, bad};
         cc_range<D, V>(x, lo, hi, threadIdx.x, blockDim.x, am);
         const float m = cc_block_max(am.m, red);
-        if (threadIdx.x == 0 && m > 0.0f) atomicMax(bits + cc_mod(s, C), __float_as_uint(m));
+        if (threadIdx.x == 0 && m > 0.0f) atomicMax(bits + cc_mod(s, mp.C), __float_as_uint(m));
     }
 }
 
 /* rows x P matrix (P = C * inner), blockDim.x == 256: 8 warps share a tile of 32 * V columns and split a chunk of
    rpc rows; work item w = (row chunk, tile). Channel of column j is j / inner. */
 template <class D, int V>
-__device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int* bits, i64 rows, i64 P, i64 inner,
-                              i64 ntiles, i64 rpc, i64 nchunks, u64* bad) {
+__device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int* bits, i64 rows, i64 P,
+                              cc_divisor inner, cc_divisor ntiles, i64 rpc, i64 nchunks, u64* bad) {
     __shared__ float red[8 * V * 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const i64 ncv = P / V; /* V > 1 only when P % V == 0 */
-    for (i64 w = blockIdx.x; w < ntiles * nchunks; w += gridDim.x) {
-        const i64 rc = cc_div(w, ntiles), tile = w - rc * ntiles;
+    for (i64 w = blockIdx.x; w < ntiles.d * nchunks; w += gridDim.x) {
+        const i64 rc = cc_div(w, ntiles), tile = w - rc * ntiles.d;
         const i64 cv = tile * 32 + lane;
         const bool valid = cv < ncv;
         const i64 col0 = cv * V;
@@ -307,7 +422,7 @@ __device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int*
         if (warp == 0) {
             for (int k = 1; k < 8; ++k)
                 for (int e = 0; e < V; ++e) m[e] = fmaxf(m[e], red[(k * V + e) * 32 + lane]);
-            if (V > 1 && inner % V == 0) {
+            if (V > 1 && inner.d % V == 0) {
                 /* the V columns of a lane share a channel: merge runs of equal channels across the warp */
                 float mm = m[0];
                 for (int e = 1; e < V; ++e) mm = fmaxf(mm, m[e]);
@@ -320,13 +435,13 @@ __device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int*
                 const i64 prev = __shfl_up_sync(CC_FULL, ch, 1);
                 if (valid && (lane == 0 || prev != ch) && mm > 0.0f) atomicMax(bits + ch, __float_as_uint(mm));
             } else if (valid) {
-                i64 ch = cc_div(col0, inner), left = (ch + 1) * inner - col0; /* columns left in channel ch */
+                i64 ch = cc_div(col0, inner), left = (ch + 1) * inner.d - col0; /* columns left in channel ch */
                 float run = 0.0f;
                 for (int e = 0; e < V; ++e) {
                     if (left == 0) {
                         if (run > 0.0f) atomicMax(bits + ch, __float_as_uint(run));
                         ++ch;
-                        left = inner;
+                        left = inner.d;
                         run = 0.0f;
                     }
                     run = fmaxf(run, m[e]);
@@ -340,38 +455,37 @@ __device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int*
 }
 
 /* scale index of element i, and how many elements from i on (i included) share it */
-__device__ __forceinline__ void cc_locate(i64 i, i64 n, i64 g, i64 ng, i64 C, i64& idx, i64& left, i64& segend) {
-    if (C == 1) {
+__device__ __forceinline__ void cc_locate(i64 i, const cc_map& mp, i64& idx, i64& left, i64& segend) {
+    if (mp.C.d == 1) {
         idx = 0;
         left = 0x7fffffffffffffffLL;
-        segend = n;
+        segend = mp.n.d;
         return;
     }
-    const i64 r = cc_div(i, n), col = i - r * n;
-    const i64 k = ng == 1 ? 0 : cc_div(col, g);
-    idx = cc_mod(r * ng + k, C);
-    segend = (k + 1) * g < n ? (k + 1) * g : n;
+    const i64 r = cc_div(i, mp.n), col = i - r * mp.n.d;
+    const i64 k = mp.ng.d == 1 ? 0 : cc_div(col, mp.g);
+    idx = cc_mod(r * mp.ng.d + k, mp.C);
+    segend = (k + 1) * mp.g.d < mp.n.d ? (k + 1) * mp.g.d : mp.n.d;
     left = segend - col;
 }
 /* step to the next segment (its index is one more, so its scale index is one more modulo C) */
-__device__ __forceinline__ void cc_next(i64 n, i64 g, i64 C, i64& idx, i64& left, i64& segend) {
-    const i64 start = segend == n ? 0 : segend;
-    segend = start + g < n ? start + g : n;
+__device__ __forceinline__ void cc_next(const cc_map& mp, i64& idx, i64& left, i64& segend) {
+    const i64 start = segend == mp.n.d ? 0 : segend;
+    segend = start + mp.g.d < mp.n.d ? start + mp.g.d : mp.n.d;
     left = segend - start;
-    idx = idx + 1 == C ? 0 : idx + 1;
+    idx = idx + 1 == mp.C.d ? 0 : idx + 1;
 }
 template <int N>
-__device__ __forceinline__ void cc_scales_of(const float* __restrict__ scale, i64 i, i64 n, i64 g, i64 ng, i64 C,
-                                             float* s) {
+__device__ __forceinline__ void cc_scales_of(const float* __restrict__ scale, i64 i, const cc_map& mp, float* s) {
     i64 idx, left, segend;
-    cc_locate(i, n, g, ng, C, idx, left, segend);
+    cc_locate(i, mp, idx, left, segend);
     float sc = scale[idx];
     if (left >= N) {
         for (int e = 0; e < N; ++e) s[e] = sc;
     } else {
         for (int e = 0; e < N; ++e) {
             if (left == 0) {
-                cc_next(n, g, C, idx, left, segend);
+                cc_next(mp, idx, left, segend);
                 sc = scale[idx];
             }
             s[e] = sc;
@@ -382,7 +496,7 @@ __device__ __forceinline__ void cc_scales_of(const float* __restrict__ scale, i6
 
 template <class D, int V>
 __device__ void cc_quantize_apply(const typename D::T* __restrict__ x, signed char* __restrict__ q,
-                                  const float* __restrict__ scale, i64 numel, i64 n, i64 g, i64 ng, i64 C) {
+                                  const float* __restrict__ scale, i64 numel, cc_map mp) {
     const i64 nvec = numel / V, tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 w = tid; w < nvec; w += stride) {
@@ -390,7 +504,7 @@ __device__ void cc_quantize_apply(const typename D::T* __restrict__ x, signed ch
         float f[V], s[V];
         int c[V];
         cc_load<D, V>(x + i, f);
-        cc_scales_of<V>(scale, i, n, g, ng, C, s);
+        cc_scales_of<V>(scale, i, mp, s);
         for (int e = 0; e < V; ++e) c[e] = cc_code(f[e], s[e]);
         cc_store_codes<V>(q + i, c);
     }
@@ -398,12 +512,10 @@ __device__ void cc_quantize_apply(const typename D::T* __restrict__ x, signed ch
     if (i < numel) {
         float f[1], s[1];
         cc_load<D, 1>(x + i, f);
-        cc_scales_of<1>(scale, i, n, g, ng, C, s);
+        cc_scales_of<1>(scale, i, mp, s);
         q[i] = (signed char)cc_code(f[0], s[0]);
     }
 }
-
-__device__ __forceinline__ void cc_put(cc_v16& r, int j, unsigned int lo, unsigned int hi) { r.w[j] = lo | (hi << 16); }
 
 /* output element types: one element, or 8 of them (16-bit: one 16-byte store; f32: two; f64: four) */
 struct cc_out_f32 {
@@ -424,7 +536,7 @@ struct cc_out_f16 {
     static __device__ __forceinline__ unsigned short cvt(float y) { return cc_f32_to_f16(y); }
     static __device__ __forceinline__ void store8(unsigned short* p, const float* y) {
         cc_v16 a;
-        for (int j = 0; j < 4; ++j) cc_put(a, j, cvt(y[2 * j]), cvt(y[2 * j + 1]));
+        for (int j = 0; j < 4; ++j) a.w[j] = cc_pack_f16x2(y[2 * j], y[2 * j + 1]);
         *reinterpret_cast<cc_v16*>(p) = a;
     }
 };
@@ -433,7 +545,7 @@ struct cc_out_bf16 {
     static __device__ __forceinline__ unsigned short cvt(float y) { return cc_f32_to_bf16(y); }
     static __device__ __forceinline__ void store8(unsigned short* p, const float* y) {
         cc_v16 a;
-        for (int j = 0; j < 4; ++j) cc_put(a, j, cvt(y[2 * j]), cvt(y[2 * j + 1]));
+        for (int j = 0; j < 4; ++j) a.w[j] = cc_pack_bf16x2(y[2 * j], y[2 * j + 1]);
         *reinterpret_cast<cc_v16*>(p) = a;
     }
 };
@@ -457,13 +569,13 @@ struct cc_out_f64 {
 /* V == 8 (8-byte code loads) or 1 */
 template <class O, int V>
 __device__ void cc_dequantize(const signed char* __restrict__ q, const float* __restrict__ scale,
-                              typename O::T* __restrict__ y, i64 numel, i64 n, i64 g, i64 ng, i64 C) {
+                              typename O::T* __restrict__ y, i64 numel, cc_map mp) {
     const i64 nvec = numel / V, tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 w = tid; w < nvec; w += stride) {
         const i64 i = w * V;
         float s[V], v[V];
-        cc_scales_of<V>(scale, i, n, g, ng, C, s);
+        cc_scales_of<V>(scale, i, mp, s);
         if (V == 1) {
             v[0] = __fmul_rn((float)q[i], s[0]);
             y[i] = O::cvt(v[0]);
@@ -479,36 +591,53 @@ __device__ void cc_dequantize(const signed char* __restrict__ q, const float* __
     const i64 i = nvec * V + tid;
     if (i < numel) {
         float s[1];
-        cc_scales_of<1>(scale, i, n, g, ng, C, s);
+        cc_scales_of<1>(scale, i, mp, s);
         y[i] = O::cvt(__fmul_rn((float)q[i], s[0]));
     }
 }
 
+/* kernel parameters of a segment map: (n, m_n, g, m_g, ng, m_ng, C, m_C), m_* = ceil(2**64 / *) */
+#define CC_MAP_PARAMS i64 n, u64 mn, i64 g, u64 mg, i64 ng, u64 mng, i64 C, u64 mC
+#define CC_MAP {{n, mn}, {g, mg}, {ng, mng}, {C, mC}}
+
 #define CC_INPUT_KERNELS(NAME, D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_team_##NAME(                          \
+        const D::T* x, signed char* q, float* scale, i64 nseg, CC_MAP_PARAMS, int tpg, u64* bad) {                 \
+        const cc_map mp = CC_MAP;                                                                                   \
+        cc_quantize_team<D>(x, q, scale, nseg, mp, tpg, bad);                                                       \
+    }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_warp_##NAME(                          \
-        const D::T* x, signed char* q, float* scale, i64 nseg, i64 n, i64 g, i64 ng, int tpg, int vec, u64* bad) {  \
-        if (vec) cc_quantize_warp<D, D::V>(x, q, scale, nseg, n, g, ng, tpg, bad);                                 \
-        else cc_quantize_warp<D, 1>(x, q, scale, nseg, n, g, ng, tpg, bad);                                        \
+        const D::T* x, signed char* q, float* scale, i64 nseg, CC_MAP_PARAMS, int tpg, int vec, u64* bad) {        \
+        const cc_map mp = CC_MAP;                                                                                   \
+        if (vec) cc_quantize_warp<D, D::V>(x, q, scale, nseg, mp, tpg, bad);                                       \
+        else cc_quantize_warp<D, 1>(x, q, scale, nseg, mp, tpg, bad);                                              \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(1024) cupycodec_int8_quantize_block_##NAME(                        \
-        const D::T* x, signed char* q, float* scale, i64 nseg, i64 n, i64 g, i64 ng, int vec, u64* bad) {           \
-        if (vec) cc_quantize_block<D, D::V>(x, q, scale, nseg, n, g, ng, bad);                                     \
-        else cc_quantize_block<D, 1>(x, q, scale, nseg, n, g, ng, bad);                                            \
+        const D::T* x, signed char* q, float* scale, i64 nseg, CC_MAP_PARAMS, int reg, int vec, u64* bad) {        \
+        const cc_map mp = CC_MAP;                                                                                   \
+        if (vec) cc_quantize_block<D, D::V>(x, q, scale, nseg, mp, reg, bad);                                      \
+        else cc_quantize_block<D, 1>(x, q, scale, nseg, mp, 0, bad);                                               \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(512) cupycodec_int8_absmax_seg_##NAME(const D::T* x, unsigned int* bits, i64 nseg, i64 n, \
-        i64 g, i64 ng, i64 C, i64 chunks, i64 chunk_len, int vec, u64* bad) {                                       \
-        if (vec) cc_absmax_seg<D, D::V>(x, bits, nseg, n, g, ng, C, chunks, chunk_len, bad);                       \
-        else cc_absmax_seg<D, 1>(x, bits, nseg, n, g, ng, C, chunks, chunk_len, bad);                              \
+    extern "C" __global__ void __launch_bounds__(512) cupycodec_int8_absmax_seg_##NAME(                             \
+        const D::T* x, unsigned int* bits, i64 nseg, CC_MAP_PARAMS, i64 chunks, u64 mchunks, i64 chunk_len,         \
+        int vec, u64* bad) {                                                                                        \
+        const cc_map mp = CC_MAP;                                                                                   \
+        const cc_divisor ch = {chunks, mchunks};                                                                    \
+        if (vec) cc_absmax_seg<D, D::V>(x, bits, nseg, mp, ch, chunk_len, bad);                                    \
+        else cc_absmax_seg<D, 1>(x, bits, nseg, mp, ch, chunk_len, bad);                                           \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_absmax_col_##NAME(const D::T* x, unsigned int* bits, i64 rows, i64 P, \
-        i64 inner, i64 ntiles, i64 rpc, i64 nchunks, int vec, u64* bad) {                                           \
-        if (vec) cc_absmax_col<D, D::V>(x, bits, rows, P, inner, ntiles, rpc, nchunks, bad);                       \
-        else cc_absmax_col<D, 1>(x, bits, rows, P, inner, ntiles, rpc, nchunks, bad);                              \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_absmax_col_##NAME(                             \
+        const D::T* x, unsigned int* bits, i64 rows, i64 P, i64 inner, u64 minner, i64 ntiles, u64 mntiles,         \
+        i64 rpc, i64 nchunks, int vec, u64* bad) {                                                                  \
+        const cc_divisor in = {inner, minner}, nt = {ntiles, mntiles};                                              \
+        if (vec) cc_absmax_col<D, D::V>(x, bits, rows, P, in, nt, rpc, nchunks, bad);                              \
+        else cc_absmax_col<D, 1>(x, bits, rows, P, in, nt, rpc, nchunks, bad);                                     \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_apply_##NAME(const D::T* x, signed char* q,                 \
-        const float* scale, i64 numel, i64 n, i64 g, i64 ng, i64 C, int vec) {                                      \
-        if (vec) cc_quantize_apply<D, D::V>(x, q, scale, numel, n, g, ng, C);                                      \
-        else cc_quantize_apply<D, 1>(x, q, scale, numel, n, g, ng, C);                                             \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_apply_##NAME(                         \
+        const D::T* x, signed char* q, const float* scale, i64 numel, CC_MAP_PARAMS, int vec) {                    \
+        const cc_map mp = CC_MAP;                                                                                   \
+        if (vec) cc_quantize_apply<D, D::V>(x, q, scale, numel, mp);                                               \
+        else cc_quantize_apply<D, 1>(x, q, scale, numel, mp);                                                      \
     }
 
 CC_INPUT_KERNELS(f32, cc_in_f32)
@@ -516,10 +645,11 @@ CC_INPUT_KERNELS(f16, cc_in_f16)
 CC_INPUT_KERNELS(bf16, cc_in_bf16)
 
 #define CC_OUTPUT_KERNEL(NAME, O)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_##NAME(const signed char* q, const float* scale,          \
-        O::T* y, i64 numel, i64 n, i64 g, i64 ng, i64 C, int vec) {                                                 \
-        if (vec) cc_dequantize<O, 8>(q, scale, y, numel, n, g, ng, C);                                             \
-        else cc_dequantize<O, 1>(q, scale, y, numel, n, g, ng, C);                                                 \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_##NAME(                             \
+        const signed char* q, const float* scale, O::T* y, i64 numel, CC_MAP_PARAMS, int vec) {                    \
+        const cc_map mp = CC_MAP;                                                                                   \
+        if (vec) cc_dequantize<O, 8>(q, scale, y, numel, mp);                                                      \
+        else cc_dequantize<O, 1>(q, scale, y, numel, mp);                                                          \
     }
 
 CC_OUTPUT_KERNEL(f32, cc_out_f32)
@@ -527,7 +657,7 @@ CC_OUTPUT_KERNEL(f16, cc_out_f16)
 CC_OUTPUT_KERNEL(bf16, cc_out_bf16)
 CC_OUTPUT_KERNEL(f64, cc_out_f64)
 
-extern "C" __global__ void cupycodec_int8_finalize_f32(float* scale, i64 n) {
+extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_finalize_f32(float* scale, i64 n) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         scale[i] = cc_scale(scale[i]); /* the buffer held absmax (as float bits) during pass 1 */
 }
@@ -544,8 +674,10 @@ _INPUT_HELP = "float32, float16, bfloat16 (an ml_dtypes dtype, or uint16/int16 b
 _BLOCK = 256
 _NO_BAD = 0xFFFF_FFFF_FFFF_FFFF
 _SMALL_TENSOR = 1 << 16  # elements; a smaller tensor is quantized in one pass by a single block
-_SHORT_SEGMENT = 4096  # elements; fewer, longer segments than 2 per SM go through two passes for parallelism
+_SHORT_SEGMENT = 4096  # elements; longer segments, fewer than 2 per SM, take two passes spread over many blocks
 _COLUMN_INNER = 1024  # channel axes whose inner extent is shorter use the column-strip absmax kernel
+_TEAM_K = 4  # CC_TEAM_K: segments per team and step in quantize_team
+_BLOCK_K = 4  # CC_BLOCK_K: vectors per thread held in registers by quantize_block
 
 
 @functools.cache
@@ -743,6 +875,19 @@ def quantize_int8(
     return codes, scales
 
 
+def _magic(d: int) -> np.uint64:
+    """ceil(2**64 / d), the multiplier of cc_div (unused for d == 1)."""
+    return np.uint64(0 if d <= 1 else -(-(1 << 64) // d))
+
+
+def _divisor(d: int) -> tuple[np.int64, np.uint64]:
+    return np.int64(d), _magic(d)
+
+
+def _map_args(n: int, g: int, ng: int, C: int) -> tuple:
+    return (*_divisor(n), *_divisor(g), *_divisor(ng), *_divisor(C))
+
+
 def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_size, bad):
     shape, numel = x.shape, x.size
     sms = _sm_count(cupy.cuda.Device().id)
@@ -756,20 +901,30 @@ def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_si
         fused = numel <= _SMALL_TENSOR
     else:
         fused = contiguous and (nseg >= 2 * sms or g <= _SHORT_SEGMENT)
-    args_seg = (_i64(nseg), _i64(n), _i64(g), _i64(ng))
+    # every segment starts on a vector boundary and holds whole vectors: the register-resident kernels apply
+    whole_vectors = vec and n % V == 0 and g % V == 0
 
-    if fused:  # one pass; scale index of segment s is s
-        if g <= 32 * max(V, 4) * 2:
+    if fused:  # one pass; the scale index of segment s is s
+        seg = (_i64(nseg), *_map_args(n, g, ng, nseg))
+        if whole_vectors and g <= 32 * V:
+            tpg = _pow2_at_least(g // V)
+            warps = _ceil_div(nseg, (32 // tpg) * _TEAM_K)
+            grid = min(_ceil_div(warps * 32, _BLOCK), sms * 32)
+            _kernel(f"cupycodec_int8_quantize_team_{suffix}")(
+                (grid,), (_BLOCK,), (x, codes, scales, *seg, np.int32(tpg), bad)
+            )
+        elif g <= 32 * max(V, 4) * 2:
             tpg = min(32, _pow2_at_least(_ceil_div(g, V)))
             grid = min(_ceil_div(nseg * tpg, _BLOCK), sms * 64)
             _kernel(f"cupycodec_int8_quantize_warp_{suffix}")(
-                (grid,), (_BLOCK,), (x, codes, scales, *args_seg, np.int32(tpg), np.int32(vec), bad)
+                (grid,), (_BLOCK,), (x, codes, scales, *seg, np.int32(tpg), np.int32(vec), bad)
             )
         else:
-            block = min(1024, max(64, _pow2_at_least(_ceil_div(g, V * 4))))
+            block = min(1024, max(64, _pow2_at_least(_ceil_div(g, V * _BLOCK_K))))
+            reg = whole_vectors and g <= block * V * _BLOCK_K
             grid = min(nseg, sms * 32)
             _kernel(f"cupycodec_int8_quantize_block_{suffix}")(
-                (grid,), (block,), (x, codes, scales, *args_seg, np.int32(vec), bad)
+                (grid,), (block,), (x, codes, scales, *seg, np.int32(reg), np.int32(vec), bad)
             )
         return
 
@@ -786,7 +941,8 @@ def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_si
         grid = min(ntiles * nchunks, 2**31 - 1)
         _kernel(f"cupycodec_int8_absmax_col_{suffix}")(
             (grid,), (_BLOCK,),
-            (x, scales, _i64(outer), _i64(P), _i64(n), _i64(ntiles), _i64(rpc), _i64(nchunks), np.int32(vcol), bad),
+            (x, scales, _i64(outer), _i64(P), *_divisor(n), *_divisor(ntiles), _i64(rpc), _i64(nchunks),
+             np.int32(vcol), bad),
         )
     else:
         block = 512
@@ -796,7 +952,7 @@ def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_si
         grid = min(nseg * chunks, sms * 32)
         _kernel(f"cupycodec_int8_absmax_seg_{suffix}")(
             (grid,), (block,),
-            (x, scales, *args_seg, _i64(C), _i64(chunks), _i64(chunk_len), np.int32(vec), bad),
+            (x, scales, _i64(nseg), *_map_args(n, g, ng, C), *_divisor(chunks), _i64(chunk_len), np.int32(vec), bad),
         )
     nscales = scales.size
     _kernel("cupycodec_int8_finalize_f32")(
@@ -804,7 +960,7 @@ def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_si
     )
     grid = min(max(1, _ceil_div(numel // V, _BLOCK)), sms * 64)
     _kernel(f"cupycodec_int8_quantize_apply_{suffix}")(
-        (grid,), (_BLOCK,), (x, codes, scales, _i64(numel), _i64(n), _i64(g), _i64(ng), _i64(C), np.int32(vec))
+        (grid,), (_BLOCK,), (x, codes, scales, _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
     )
 
 
@@ -880,6 +1036,6 @@ def dequantize_int8(
         V = 8 if vec else 1
         grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(cupy.cuda.Device().id) * 64)
         _kernel(f"cupycodec_int8_dequantize_{suffix}")(
-            (grid,), (_BLOCK,), (codes, scales, y, _i64(numel), _i64(n), _i64(g), _i64(ng), _i64(C), np.int32(vec))
+            (grid,), (_BLOCK,), (codes, scales, y, _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
         )
     return y

@@ -117,6 +117,11 @@ PATHS = [
     ("group 1024 block", (16, 4096), {"granularity": "group", "group_size": 1024}),
     ("group few long", (2, 12000), {"granularity": "group", "group_size": 5000}),
     ("group larger than row", (9, 70), {"granularity": "group", "group_size": 128}),
+    ("group 24 idle lanes", (10, 96), {"granularity": "group", "group_size": 24}),
+    ("group 8", (5, 64), {"granularity": "group", "group_size": 8}),
+    ("group 32 partial step", (7, 96), {"granularity": "group", "group_size": 32}),
+    ("channel rows in registers", (40, 4096), {"granularity": "channel", "axis": 0}),
+    ("channel rows too long for registers", (20, 40000), {"granularity": "channel", "axis": 0}),
 ]
 
 
