@@ -2,12 +2,14 @@
 
 Data: weight-like values, 0.02 * Student-t(5), as bf16 (uint16 bits), fp16 and fp32 matrices of ``--mib`` MiB with
 rows of ``--cols`` elements. For each dtype: the copy bandwidth (bytes read + written), then quantize (tensor,
-channel = one scale per row, group of 128) and dequantize to bf16. GB/s count the minimal traffic: the input read once
-and the outputs written once (codes, scales, values); "of copy" is that rate over the copy's. Quantize is timed with
-the on-device domain check (the default, one synchronization) and without. SQNR is computed over the whole tensor.
+channel = one scale per row, groups of ``--group-sizes``) and dequantize to bf16. GB/s count the minimal traffic:
+the input read once and the outputs written once (codes, scales, values); "of copy" is that rate over the copy's.
+Quantize is timed with the on-device domain check (the default, one synchronization) and without. SQNR is computed
+over the whole tensor.
 Timings are medians of CUDA-event intervals over --batch back-to-back calls, after a warm-up.
 
-Usage: python benchmarks/bench_quant.py [--mib 512] [--cols 8192] [--reps 20] [--batch 5] [--json PATH]
+Usage: python benchmarks/bench_quant.py [--mib 512] [--cols 8192] [--reps 20] [--batch 5] [--group-sizes 32,64,128]
+       [--dtypes bf16,f16,f32] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ except ImportError:  # run from a checkout without installing
     from cupycodec.kernels import int8 as kernels
 
 DTYPES = {"bf16": (np.uint16, "BF16"), "f16": (np.float16, "F16"), "f32": (np.float32, "F32")}
-GRANULARITIES = {
-    "tensor": {"granularity": "tensor"},
-    "channel": {"granularity": "channel", "axis": 0},
-    "group-128": {"granularity": "group", "group_size": 128},
-}
+
+
+def granularities(group_sizes: str) -> dict[str, dict]:
+    cases = {"tensor": {"granularity": "tensor"}, "channel": {"granularity": "channel", "axis": 0}}
+    for g in group_sizes.split(","):
+        cases[f"group-{int(g)}"] = {"granularity": "group", "group_size": int(g)}
+    return cases
 
 
 def events_median_ms(fn, reps: int, warmup: int, batch: int) -> float:
@@ -134,10 +138,11 @@ def run(args) -> dict:
         ms = events_median_ms(copy, args.reps, args.warmup, args.batch)
         copy_gbs = 2 * nbytes / ms / 1e6
         rows_out.append({"dtype": key, "op": "device copy", "granularity": "", "ms": ms, "gb_s": copy_gbs,
-                         "of_copy": 1.0, "ms_nocheck": None, "gb_s_nocheck": None, "sqnr_db": None})
+                         "of_copy": 1.0, "ms_nocheck": None, "gb_s_nocheck": None, "of_copy_nocheck": None,
+                         "sqnr_db": None})
         del copy_dst
 
-        for gname, params in GRANULARITIES.items():
+        for gname, params in granularities(args.group_sizes).items():
             codes, scales = kernels.quantize_int8(x, dtype_name=dtype_name, **params)
             quant_bytes = nbytes + codes.nbytes + scales.nbytes
 
@@ -151,7 +156,8 @@ def run(args) -> dict:
             del y32
             rows_out.append({"dtype": key, "op": "quantize", "granularity": gname, "ms": ms,
                              "gb_s": quant_bytes / ms / 1e6, "of_copy": quant_bytes / ms / 1e6 / copy_gbs,
-                             "ms_nocheck": ms_nc, "gb_s_nocheck": quant_bytes / ms_nc / 1e6, "sqnr_db": sq})
+                             "ms_nocheck": ms_nc, "gb_s_nocheck": quant_bytes / ms_nc / 1e6,
+                             "of_copy_nocheck": quant_bytes / ms_nc / 1e6 / copy_gbs, "sqnr_db": sq})
 
             y = cupy.empty(shape, dtype=np.uint16)
             deq_bytes = codes.nbytes + scales.nbytes + y.nbytes
@@ -162,7 +168,7 @@ def run(args) -> dict:
             ms = events_median_ms(dequantize, args.reps, args.warmup, args.batch)
             rows_out.append({"dtype": key, "op": "dequantize -> bf16", "granularity": gname, "ms": ms,
                              "gb_s": deq_bytes / ms / 1e6, "of_copy": deq_bytes / ms / 1e6 / copy_gbs,
-                             "ms_nocheck": None, "gb_s_nocheck": None, "sqnr_db": None})
+                             "ms_nocheck": None, "gb_s_nocheck": None, "of_copy_nocheck": None, "sqnr_db": None})
             del codes, scales, y
         del x
         cupy.get_default_memory_pool().free_all_blocks()
@@ -176,14 +182,15 @@ def markdown(result: dict) -> str:
         f"Input: {env['mib']} MiB per dtype, rows of {env['cols']}; median of {env['reps']} reps of "
         f"{env['batch']} back-to-back calls",
         "",
-        "| dtype | op | granularity | ms | GB/s | of copy | GB/s (check=False) | SQNR dB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| dtype | op | granularity | ms | GB/s | of copy | GB/s (check=False) | of copy (check=False) | SQNR dB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         nocheck = f"{r['gb_s_nocheck']:.0f}" if r["gb_s_nocheck"] is not None else ""
+        nocheck_frac = f"{r['of_copy_nocheck']:.0%}" if r["of_copy_nocheck"] is not None else ""
         sq = f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else ""
         lines.append(f"| {r['dtype']} | {r['op']} | {r['granularity']} | {r['ms']:.3f} | {r['gb_s']:.0f} | "
-                     f"{r['of_copy']:.0%} | {nocheck} | {sq} |")
+                     f"{r['of_copy']:.0%} | {nocheck} | {nocheck_frac} | {sq} |")
     return "\n".join(lines)
 
 
@@ -195,10 +202,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
     parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed repetition")
     parser.add_argument("--dtypes", default="bf16,f16,f32", help="comma-separated subset of bf16,f16,f32")
+    parser.add_argument("--group-sizes", default="128", help="comma-separated group sizes, e.g. 32,64,128")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.reps < 10:
         parser.error("--reps must be >= 10")
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
     unknown = set(args.dtypes.split(",")) - set(DTYPES)
     if unknown:
         parser.error(f"unknown dtypes {sorted(unknown)}; choose from {', '.join(DTYPES)}")

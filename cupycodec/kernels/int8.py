@@ -16,11 +16,13 @@ from ..errors import UnsupportedDtypeError
 
 __all__ = ["dequantize_int8", "quantize_int8"]
 
-# Arithmetic mirrors quant.reference op for op: absmax is an exact max, scale = absmax / 127.0f (an IEEE division:
+# Arithmetic matches quant.reference bit for bit: absmax is an exact max, scale = absmax / 127.0f (an IEEE division:
 # NVRTC's defaults are -prec-div=true -ftz=false), scales below 2**-126 become 1, code = rintf(x / scale) (IEEE
 # division, round half to even) clamped to [-127, 127], y = __fmul_rn(code, scale) (never contracted into an FMA).
-# Keep it that way: no --use_fast_math, no reciprocal multiply. No #include either (NVRTC include paths differ between
-# CUDA 12 and 13): fp16 converts with inline PTX, bf16 with integer bit operations.
+# Where one scale covers a whole vector, rintf(x / scale) is computed as rintf(x * (1 / scale)) and values within
+# 2**-15 of a tie are redone with the division; cc_codes proves the codes identical. Keep it that way: no
+# --use_fast_math. No #include either (NVRTC include paths differ between CUDA 12 and 13): fp16 converts with inline
+# PTX, bf16 with integer bit operations, or the sm_80+ pair conversions for output.
 #
 # Layout vocabulary shared by all kernels: the C-contiguous input is a sequence of *segments* (runs of elements that
 # share a scale). Rows of n elements are cut into ng segments of g elements (the last one may be shorter); segment s
@@ -28,22 +30,26 @@ __all__ = ["dequantize_int8", "quantize_int8"]
 #   tensor:                 n = g = numel, ng = 1, C = 1
 #   channel (outer, C, inner) view:  n = g = inner, ng = 1, scale of segment s is s % C
 #   group:                  n = shape[-1], g = min(group_size, n), ng = ceil(n / g), C = rows * ng
+# Divisions by these launch constants use a precomputed multiplier (cc_div).
 #
-# Kernels:
-#   quantize_warp   one pass; a team of tpg lanes (a power of two <= 32) per short segment: absmax by shuffles, then
-#                   quantize, re-reading the segment from L1. Segments of at most 64 vectors (512 half, 256 float).
-#   quantize_block  one pass; one block per long contiguous segment (channel rows of a C-contiguous array, long groups).
-#   absmax_seg      pass 1 of 2 when segments are few and long, or for the whole tensor (which needs its max before
-#                   any code can be written): blocks reduce chunks of a segment, atomicMax on the float bits.
+# Kernels (V = 16 bytes of input: 4 float32 or 8 half; bytes per element below for bf16 input):
+#   quantize_team   one pass, 3 B/elem (2 read + 1 written). A team of tpg = g / V lanes (<= 32) per segment, each
+#                   lane holding one 16-byte vector in registers; 4 segments per team per step for loads in flight.
+#                   Groups of <= 256 bf16/f16 or 128 float32 whose rows and groups are whole vectors. 256 threads.
+#   quantize_warp   one pass, the same traffic plus an L1 re-read: the general (ragged, unaligned) short segment.
+#   quantize_block  one pass; one block per long contiguous segment (channel rows of a C-contiguous array, long
+#                   groups), up to 4 vectors per thread held in registers (else re-read from L1/L2); 64..1024 threads.
+#   absmax_seg      pass 1 of 2 (5 B/elem in all) when segments are few and long, or for the whole tensor, which needs
+#                   its max before any code can be written: 512-thread blocks reduce chunks, atomicMax on float bits.
 #   absmax_col      pass 1 of 2 for channel axes with a short inner extent (e.g. per-column scales): each lane keeps
-#                   the max of V columns over a strip of rows, warps merge in shared memory, atomicMax per channel.
+#                   the max of V columns over a strip of rows, 8 warps merge in shared memory, atomicMax per channel.
 #   finalize        absmax -> scale in place (the scales buffer holds absmax bits during pass 1).
 #   quantize_apply  pass 2: elementwise, scale index from the flat index.
-#   dequantize      elementwise, scale index from the flat index.
+#   dequantize      elementwise, 16 codes per thread and step, scale index from the flat index; 1 + 2 B/elem to bf16.
 # atomicMax on the bits of non-negative floats orders them like the floats, so pass 1 is deterministic. The optional
 # domain check (|x| < 2**127, finite) runs inside whichever kernel reads the input first and records the smallest
-# offending flat index with atomicMin. Vector accesses are 16 bytes of input (4 float32 / 8 half) when every base
-# pointer is 16-byte aligned; segment heads and tails that are not vector-aligned are handled element by element.
+# offending flat index with atomicMin. Vector accesses need every base pointer 16-byte aligned (else the scalar
+# variants run); segment heads and tails that are not vector-aligned are handled element by element.
 _SOURCE = r"""
 typedef long long i64;
 typedef unsigned long long u64;
@@ -185,20 +191,49 @@ __device__ __forceinline__ void cc_store_codes(signed char* q, const int* c) {
         *reinterpret_cast<cc_v8*>(q) = v;
     }
 }
-/* absmax of N values; flags the first out-of-domain one (NaN fails the test too) */
+/* absmax of N values; flags the first out-of-domain one (NaN fails the test too), one branch per vector */
 template <int N>
 __device__ __forceinline__ float cc_absmax(const float* v, i64 i, u64* bad, float m) {
+    bool out = false;
     for (int e = 0; e < N; ++e) {
         const float a = fabsf(v[e]);
-        if (!(a < CC_LIMIT) && bad) atomicMin(bad, (u64)(i + e));
+        out |= !(a < CC_LIMIT);
         m = fmaxf(m, a);
+    }
+    if (out && bad) {
+        for (int e = 0; e < N; ++e) {
+            if (!(fabsf(v[e]) < CC_LIMIT)) {
+                atomicMin(bad, (u64)(i + e));
+                break;
+            }
+        }
     }
     return m;
 }
+
+/* Codes of N values sharing one scale, without a division per element. With rcp = 1.0f / scale (IEEE) and
+   p = RN(v * rcp): for in-domain v (|v| <= absmax, so |v / scale| < 127.00001), |p - v / scale| < 2**-16 and
+   |RN(v / scale) - v / scale| <= 2**-18, so p and the reference's RN(v / scale) are within 2**-15 of each other. When
+   p is at least 2**-15 away from every half-integer, no half-integer separates them and both round to rint(p). The
+   rare values closer than that to a tie (|p - rint(p)| > 0.5 - 2**-15) are redone with the IEEE division, so the
+   codes equal cc_code's bit for bit. __fmul_rn / __fsub_rn: no FMA contraction. */
 template <int N>
-__device__ __forceinline__ void cc_quantize_store(const float* v, float scale, signed char* q) {
+__device__ __forceinline__ void cc_codes(const float* v, float scale, float rcp, int* c) {
+    bool near = false;
+    for (int e = 0; e < N; ++e) {
+        const float p = __fmul_rn(v[e], rcp);
+        const float t = rintf(p);
+        near |= fabsf(__fsub_rn(p, t)) > 0.499969482421875f; /* 0.5 - 2**-15 */
+        c[e] = (int)fminf(fmaxf(t, -127.0f), 127.0f);
+    }
+    if (near) {
+        for (int e = 0; e < N; ++e) c[e] = cc_code(v[e], scale);
+    }
+}
+template <int N>
+__device__ __forceinline__ void cc_quantize_store(const float* v, float scale, float rcp, signed char* q) {
     int c[N];
-    for (int e = 0; e < N; ++e) c[e] = cc_code(v[e], scale);
+    cc_codes<N>(v, scale, rcp, c);
     cc_store_codes<N>(q, c);
 }
 
@@ -209,10 +244,10 @@ struct cc_absmax_op {
     __device__ __forceinline__ void run(i64 i, const float* v) { m = cc_absmax<N>(v, i, bad, m); }
 };
 struct cc_quant_op {
-    float scale;
+    float scale, rcp;
     signed char* q;
     template <int N>
-    __device__ __forceinline__ void run(i64 i, const float* v) { cc_quantize_store<N>(v, scale, q + i); }
+    __device__ __forceinline__ void run(i64 i, const float* v) { cc_quantize_store<N>(v, scale, rcp, q + i); }
 };
 
 /* Apply op to elements [start, end) with thread t of nt: scalar head up to a multiple of V, V-wide body, scalar tail.
@@ -295,7 +330,7 @@ __device__ void cc_quantize_team(const typename D::T* __restrict__ x, signed cha
             const float sc = cc_scale(m);
             const i64 s = base + k * per_warp + team;
             if (s < nseg && sub == 0) scale[s] = sc;
-            if (pos[k] >= 0) cc_quantize_store<V>(f, sc, q + pos[k]);
+            if (pos[k] >= 0) cc_quantize_store<V>(f, sc, 1.0f / sc, q + pos[k]);
         }
     }
 }
@@ -319,7 +354,7 @@ __device__ void cc_quantize_warp(const typename D::T* __restrict__ x, signed cha
         for (int o = tpg >> 1; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
         const float sc = cc_scale(m);
         if (s < nseg && sub == 0) scale[s] = sc;
-        cc_quant_op qo = {sc, q};
+        cc_quant_op qo = {sc, 1.0f / sc, q};
         cc_range<D, V>(x, start, end, sub, tpg, qo);
     }
 }
@@ -350,14 +385,14 @@ __device__ void cc_quantize_block(const typename D::T* __restrict__ x, signed ch
                     m = cc_absmax<V>(f, i, bad, m);
                 }
             }
-            const float sc = cc_scale(cc_block_max(m, red));
+            const float sc = cc_scale(cc_block_max(m, red)), rcp = 1.0f / sc;
             if (threadIdx.x == 0) scale[s] = sc;
             for (int k = 0; k < CC_BLOCK_K; ++k) {
                 const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
                 if (i < end) {
                     float f[V];
                     D::unpack(raw[k], f);
-                    cc_quantize_store<V>(f, sc, q + i);
+                    cc_quantize_store<V>(f, sc, rcp, q + i);
                 }
             }
         } else {
@@ -365,7 +400,7 @@ __device__ void cc_quantize_block(const typename D::T* __restrict__ x, signed ch
             cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, am);
             const float sc = cc_scale(cc_block_max(am.m, red));
             if (threadIdx.x == 0) scale[s] = sc;
-            cc_quant_op qo = {sc, q};
+            cc_quant_op qo = {sc, 1.0f / sc, q};
             cc_range<D, V>(x, start, end, threadIdx.x, blockDim.x, qo);
         }
     }
@@ -410,11 +445,8 @@ __device__ void cc_absmax_col(const typename D::T* __restrict__ x, unsigned int*
                 const i64 i = r * P + col0;
                 float f[V];
                 cc_load<D, V>(x + i, f);
-                for (int e = 0; e < V; ++e) {
-                    const float a = fabsf(f[e]);
-                    if (!(a < CC_LIMIT) && bad) atomicMin(bad, (u64)(i + e));
-                    m[e] = fmaxf(m[e], a);
-                }
+                cc_absmax<V>(f, i, bad, 0.0f); /* the domain check; the max is per column here */
+                for (int e = 0; e < V; ++e) m[e] = fmaxf(m[e], fabsf(f[e]));
             }
         }
         for (int e = 0; e < V; ++e) red[(warp * V + e) * 32 + lane] = m[e];
@@ -501,11 +533,19 @@ __device__ void cc_quantize_apply(const typename D::T* __restrict__ x, signed ch
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 w = tid; w < nvec; w += stride) {
         const i64 i = w * V;
-        float f[V], s[V];
+        float f[V];
         int c[V];
         cc_load<D, V>(x + i, f);
-        cc_scales_of<V>(scale, i, mp, s);
-        for (int e = 0; e < V; ++e) c[e] = cc_code(f[e], s[e]);
+        i64 idx, left, segend;
+        cc_locate(i, mp, idx, left, segend);
+        if (left >= V) { /* one scale for the whole vector: one division per vector */
+            const float sc = scale[idx];
+            cc_codes<V>(f, sc, 1.0f / sc, c);
+        } else {
+            float s[V];
+            cc_scales_of<V>(scale, i, mp, s);
+            for (int e = 0; e < V; ++e) c[e] = cc_code(f[e], s[e]);
+        }
         cc_store_codes<V>(q + i, c);
     }
     const i64 i = nvec * V + tid; /* fewer than V left over */
@@ -566,7 +606,7 @@ struct cc_out_f64 {
     }
 };
 
-/* V == 8 (8-byte code loads) or 1 */
+/* V == 16 (16-byte code loads) or 1 */
 template <class O, int V>
 __device__ void cc_dequantize(const signed char* __restrict__ q, const float* __restrict__ scale,
                               typename O::T* __restrict__ y, i64 numel, cc_map mp) {
@@ -580,12 +620,13 @@ __device__ void cc_dequantize(const signed char* __restrict__ q, const float* __
             v[0] = __fmul_rn((float)q[i], s[0]);
             y[i] = O::cvt(v[0]);
         } else {
-            const cc_v8 r = *reinterpret_cast<const cc_v8*>(q + i);
+            const cc_v16 r = *reinterpret_cast<const cc_v16*>(q + i);
             for (int e = 0; e < V; ++e) {
                 const int c = (int)(signed char)((r.w[e >> 2] >> (8 * (e & 3))) & 0xffu);
                 v[e] = __fmul_rn((float)c, s[e]);
             }
             O::store8(y + i, v);
+            O::store8(y + i + 8, v + 8);
         }
     }
     const i64 i = nvec * V + tid;
@@ -648,7 +689,7 @@ CC_INPUT_KERNELS(bf16, cc_in_bf16)
     extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_##NAME(                             \
         const signed char* q, const float* scale, O::T* y, i64 numel, CC_MAP_PARAMS, int vec) {                    \
         const cc_map mp = CC_MAP;                                                                                   \
-        if (vec) cc_dequantize<O, 8>(q, scale, y, numel, mp);                                                      \
+        if (vec) cc_dequantize<O, 16>(q, scale, y, numel, mp);                                                     \
         else cc_dequantize<O, 1>(q, scale, y, numel, mp);                                                          \
     }
 
@@ -837,9 +878,10 @@ def quantize_int8(
     Notes
     -----
     Contiguous segments (groups; channels along axis 0; small tensors) take one pass over the input: a warp team or a
-    block computes the segment's absmax, then quantizes it, re-reading it from L1/L2. A large per-tensor
-    quantization needs the whole tensor's max before writing any code, so it reads the input twice (a reduction, then
-    an elementwise pass); so do channel axes other than the leading one, and segments too few to fill the GPU.
+    block computes the segment's absmax, then quantizes it from registers (or re-reading it from L1/L2 when it is
+    long or not vector-aligned). A large per-tensor quantization needs the whole tensor's max before writing any
+    code, so it reads the input twice (a reduction, then an elementwise pass); so do channel axes other than the
+    leading one, and segments too few to fill the GPU.
     """
     import cupy
 
@@ -1033,7 +1075,7 @@ def dequantize_int8(
             return y
         n, g, ng, C = _layout(codes.shape, granularity, axis, group_size)
         vec = _aligned(codes, y)
-        V = 8 if vec else 1
+        V = 16 if vec else 1
         grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(cupy.cuda.Device().id) * 64)
         _kernel(f"cupycodec_int8_dequantize_{suffix}")(
             (grid,), (_BLOCK,), (codes, scales, y, _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))

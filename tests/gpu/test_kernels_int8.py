@@ -164,6 +164,40 @@ def test_domain_error_text_matches_reference(label, shape, params, bad):
     assert str(got.value) == str(want.value)
 
 
+def near_ties(row_len: int, seed: int) -> np.ndarray:
+    """Rows whose scale is RN(absmax / 127) for a random absmax, filled with float32 values within 3 ulps of the
+    ties (k + 0.5) * scale: where x * (1 / scale) and x / scale can round differently (see cc_codes)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(64):
+        absmax = np.float32(rng.uniform(0.5, 2.0) * 2.0 ** int(rng.integers(-100, 100)))
+        scale = (absmax / np.float32(127)).astype(np.float64)
+        k = rng.integers(-127, 127, size=row_len - 1)
+        ties = ((k + 0.5) * scale).astype(np.float32)
+        vals = (ties.view(np.int32) + rng.integers(-3, 4, size=ties.size).astype(np.int32)).view(np.float32)
+        rows.append(np.concatenate([[absmax], np.clip(vals, -absmax, absmax)]).astype(np.float32))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("row_len", [128, 1024, 1000])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_values_near_ties_match_reference(row_len, offset):
+    x = near_ties(row_len, seed=row_len + offset)
+    check_matches_reference(x, {"granularity": "channel", "axis": 0}, offset=offset, outputs=("F32",))
+    check_matches_reference(x, {"granularity": "group", "group_size": 128}, offset=offset, outputs=())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=["f32", "f16", "bf16"])
+def test_exact_ties_round_half_to_even(dtype):
+    """absmax = 127 * 2**e makes the scale 2**e exactly, so (k + 0.5) * 2**e are exact ties in every dtype."""
+    k = np.arange(-127, 127)
+    rows = [np.concatenate([[127.0], k + 0.5]) * 2.0**e for e in (-10, -3, 0, 5)]
+    x = np.stack(rows).astype(dtype)
+    codes, _ = reference.quantize_int8(x)
+    np.testing.assert_array_equal(codes[:, 1:], np.broadcast_to(np.rint(k + 0.5), (4, k.size)))
+    check_matches_reference(x, {"granularity": "channel", "axis": 0}, outputs=("F32",))
+
+
 @pytest.mark.parametrize(
     ("x", "text"),
     [(np.array(np.nan, dtype=np.float32), "x[()] = nan"),
@@ -217,6 +251,22 @@ def test_out_arrays_are_used():
     y = cupy.empty(x.shape, dtype=np.uint16)
     assert kernels.dequantize_int8(codes, scales, **params, dtype_name="BF16", out=y) is y
     assert_bits_equal(y.get(), reference.dequantize_int8(q_ref, s_ref, **params, dtype=BF16))
+
+
+@pytest.mark.parametrize("dtype_name", list(OUTPUTS))
+def test_dequantize_into_unaligned_out(dtype_name):
+    """An out= view one element past a 16-byte boundary takes the scalar path; the values are the same."""
+    import cupy
+
+    x = weights((33, 100), np.float32)
+    params = {"granularity": "group", "group_size": 32}
+    q_ref, s_ref = reference.quantize_int8(x, **params)
+    storage = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}[dtype_name]
+    padded = cupy.zeros(x.size + 1, dtype=storage)
+    out = padded[1:].reshape(x.shape)
+    y = kernels.dequantize_int8(cupy.asarray(q_ref), cupy.asarray(s_ref), **params, dtype_name=dtype_name, out=out)
+    assert y is out
+    assert_bits_equal(out.get(), reference.dequantize_int8(q_ref, s_ref, **params, dtype=OUTPUTS[dtype_name]))
 
 
 @pytest.mark.parametrize(
