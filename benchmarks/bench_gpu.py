@@ -292,6 +292,24 @@ def bench_split(results, data, copy_gbps):
     print(json.dumps(row), flush=True)
 
 
+def bench_crc(results):
+    """GPU time of nvCOMP's CRC32 on 1 MiB split different ways, and on 256 MiB (the checksum pass of compress)."""
+    import cupy
+
+    from cupycodec.backends import nvcomp
+
+    for total, chunk in ((1 << 20, 1 << 20), (1 << 20, 1 << 18), (1 << 20, 1 << 16), (1 << 20, 1 << 14),
+                         (256 << 20, 1 << 16), (256 << 20, 1 << 18)):
+        data = cupy.zeros(total, dtype=cupy.uint8)
+        n = total // chunk
+        ptrs = np.uint64(data.data.ptr) + np.arange(n, dtype=np.uint64) * np.uint64(chunk)
+        sizes = np.full(n, chunk, dtype=np.uint64)
+        t = events_median(lambda p=ptrs, s=sizes: nvcomp.crc32_chunks(p, s), reps=20)
+        row = {"crc_total": total, "crc_chunk": chunk, "us": t * 1e6, "gbps": total / t / 1e9}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def copy_bandwidth():
     import cupy
 
@@ -330,7 +348,7 @@ def main(argv=None):
     p.add_argument("--sweep-mib", type=int, default=128)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sections", default="env,codecs,sweep,split,profile,latency,block,nosync,cpu")
+    p.add_argument("--sections", default="env,codecs,sweep,split,crc,profile,latency,block,nosync,cpu")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -340,7 +358,7 @@ def main(argv=None):
            cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__, "nvcomp": info["gpu"].get("nvcomp"),
            "cupycodec": cc.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results = {"env": env, "codecs": [], "sweep": [], "latency": [], "block": [], "nosync": [], "cpu": [],
-               "profile": [], "split": []}
+               "profile": [], "split": [], "crc": []}
     print(json.dumps(env), flush=True)
     if "env" in sections:
         env["copy_gbps_read_plus_write"] = copy_bandwidth()
@@ -359,6 +377,7 @@ def main(argv=None):
             if r["data"] == "int8" and not r.get("direct_nvcomp")}
     for section, fn in (("split", lambda: bench_split(results["split"], data,
                                                       env.get("copy_gbps_read_plus_write", 0) or copy_bandwidth())),
+                        ("crc", lambda: bench_crc(results["crc"])),
                         ("profile", lambda: profile_compress(results["profile"])),
                         ("latency", lambda: bench_latency(results["latency"])),
                         ("block", lambda: bench_block(results["block"], gbps)),
