@@ -13,7 +13,32 @@ def _f(v, nd=1):
     return "" if v is None else f"{v:.{nd}f}"
 
 
+def render_ratios(r: dict) -> str:
+    out = ["| data | mode | codec | ratio vs bf16 | SQNR dB |", "| --- | --- | --- | ---: | ---: |"]
+    for x in r["rows"]:
+        sq = "" if x["sqnr_db"] is None else f"{x['sqnr_db']:.1f}"
+        out.append(f"| {x['data']} | {x['mode']} | {x['codec']} | {x['ratio_vs_bf16']:.3f} | {sq} |")
+    return "\n".join(out)
+
+
+def render_quant(r: dict) -> str:
+    env = r["env"]
+    out = [f"Card: **{env['gpu']}**, CuPy {env['cupy']}, {env['mib']} MiB per dtype, rows of {env['cols']}, "
+           f"median of {env['reps']} batches of {env.get('batch', 1)} calls.", "",
+           "| dtype | op | granularity | GB/s | of copy | GB/s (check=False) | of copy (check=False) | SQNR dB |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for x in r["rows"]:
+        pct = lambda v: "" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+        out.append(f"| {x['dtype']} | {x['op']} | {x['granularity']} | {x['gb_s']:.0f} | {pct(x['of_copy'])} | "
+                   f"{_f(x['gb_s_nocheck'], 0)} | {pct(x['of_copy_nocheck'])} | {_f(x['sqnr_db'])} |")
+    return "\n".join(out)
+
+
 def render(r: dict) -> str:
+    if "rows" in r and r["rows"] and "ratio_vs_bf16" in r["rows"][0]:
+        return render_ratios(r)
+    if "rows" in r:
+        return render_quant(r)
     env = r["env"]
     out = [f"Card: **{env['gpu']}**, driver/CUDA {env['driver']}/{env['cuda_runtime']}, CuPy {env['cupy']}, "
            f"nvCOMP {env['nvcomp']}, cupycodec {env['cupycodec']}, {env['date']}. "
@@ -63,6 +88,15 @@ def render(r: dict) -> str:
                        f"{x['ratio']:.3f} | {x['plan_run_gpu_us']:.1f} | {_f(x['data_time_us'])} | "
                        f"{_f(x['overhead_us'])} | {x['plan_enqueue_host_us']:.1f} | "
                        f"{x['decompress_many_wall_us']:.0f} |")
+    if r.get("split"):
+        for x in r["split"]:
+            out += ["", f"Byte-plane kernels on 256 MiB of bf16: split {x['split_gbps']:.0f} GB/s "
+                    f"({100 * x['split_of_copy']:.0f}% of copy), merge {x['merge_gbps']:.0f} GB/s "
+                    f"({100 * x['merge_of_copy']:.0f}%), bytes read + written; exact: {x['exact']}."]
+    if r.get("crc"):
+        out += ["", "nvCOMP CRC32 (GPU time):", "", "| total | chunk | us | GB/s |", "| ---: | ---: | ---: | ---: |"]
+        for x in r["crc"]:
+            out.append(f"| {x['crc_total'] >> 10} KiB | {x['crc_chunk'] >> 10} KiB | {x['us']:.0f} | {x['gbps']:.0f} |")
     for x in r.get("nosync", []):
         out += ["", f"No-sync check: `plan.run()` returned after {x['run_returned_ms']:.3f} ms while a 50 ms kernel "
                 f"was running (done after {x['until_done_ms']:.1f} ms): run did not wait = {x['run_did_not_wait']}."]

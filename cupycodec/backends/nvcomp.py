@@ -410,7 +410,7 @@ def _compress_sizes(codec, n: int, max_chunk: int, total: int, sp: int) -> tuple
 
 
 def _launch_batch(codec, in_ptrs: np.ndarray, in_sizes: np.ndarray, sp: int, speculative: bool) -> _Batch:
-    """Enqueue compression + CRC32s of one batch; results land in one device buffer (no sync)."""
+    """Enqueue compression + CRC32s of one batch with one upload; results land in one device buffer (no sync)."""
     import cupy
 
     algo = _cname(codec)
@@ -424,17 +424,22 @@ def _launch_batch(codec, in_ptrs: np.ndarray, in_sizes: np.ndarray, sp: int, spe
     b.scratch = cupy.empty(n * stride + max(temp_n, 1), dtype=np.uint8)
     b.out_ptrs = np.uint64(b.scratch.data.ptr) + np.arange(n, dtype=np.uint64) * np.uint64(stride)
     temp_ptr = b.scratch.data.ptr + n * stride
-    # device layout: [in_ptrs, in_sizes, out_ptrs] u64 | results: sizes u64, status i32, crc u32, raw crc u32
-    table = cupy.asarray(np.concatenate([in_ptrs.astype(np.uint64), in_sizes.astype(np.uint64), b.out_ptrs]))
-    res = cupy.zeros(n * 20 // 4 + 2, dtype=np.uint32)
-    d_sizes = res[: 2 * n].view(np.uint64)
-    d_status, d_crc, d_raw = res[2 * n : 3 * n], res[3 * n : 4 * n], res[4 * n : 5 * n]
-    _call(f"nvcompBatched{algo}CompressAsync", table.data.ptr, table.data.ptr + 8 * n, max_chunk, n, temp_ptr,
-          temp_n, table.data.ptr + 16 * n, d_sizes.data.ptr, copts, d_status.data.ptr, sp)
-    _crc32(table[2 * n :], d_sizes, d_crc, n, stride, sp)
-    if speculative:
-        _crc32(table[:n], table[n : 2 * n], d_raw, n, max_chunk, sp)
-    b.res, b.done = (res, table, speculative), False
+    # One buffer, one upload. u64 words: [in_ptrs | in_sizes | out_ptrs | in_ptrs | comp_sizes | in_sizes], then
+    # n i32 statuses and 2n u32 CRCs. [out_ptrs | in_ptrs] with [comp_sizes | in_sizes] is one CRC32 call over the
+    # compressed chunks and (speculatively, for small inputs) the raw chunks together: one kernel's latency, not two.
+    ptrs64 = in_ptrs.astype(np.uint64)
+    sizes64 = in_sizes.astype(np.uint64)
+    host = np.concatenate([ptrs64, sizes64, b.out_ptrs, ptrs64, np.zeros(n, np.uint64), sizes64])
+    buf = cupy.empty(48 * n + 12 * n, dtype=np.uint8)
+    buf[: 48 * n].set(host.view(np.uint8))
+    words = buf[: 48 * n].view(np.uint64)
+    status = buf[48 * n : 52 * n].view(np.int32)
+    crc = buf[52 * n :].view(np.uint32)
+    _call(f"nvcompBatched{algo}CompressAsync", words.data.ptr, words.data.ptr + 8 * n, max_chunk, n, temp_ptr,
+          temp_n, words.data.ptr + 16 * n, words.data.ptr + 32 * n, copts, status.data.ptr, sp)
+    m = 2 * n if speculative else n
+    _crc32(words[2 * n : 2 * n + m], words[4 * n : 4 * n + m], crc[:m], m, max(stride, max_chunk), sp)
+    b.res, b.done = (buf, speculative), False
     return b
 
 
@@ -444,16 +449,16 @@ def _finish_batch(b: _Batch, sp: int, compact: bool) -> None:
 
     from ..kernels import chunks
 
-    res, _table, speculative = b.res
+    buf, speculative = b.res
     if compact:
         _sync(sp)
-    host = res.get()
     n = b.n
-    sizes = host[: 2 * n].view(np.uint64).copy()
-    status = host[2 * n : 3 * n].view(np.int32).copy()
-    crc = host[3 * n : 4 * n].copy()
-    raw_crc = host[4 * n : 5 * n].copy() if speculative else None
-    b.res, b.done = (sizes, status, crc, raw_crc), True
+    host = buf[32 * n :].get()  # comp_sizes, in_sizes, statuses, CRCs: one copy
+    sizes = host[: 8 * n].view(np.uint64).copy()
+    status = host[16 * n : 20 * n].view(np.int32).copy()
+    crc = host[20 * n :].view(np.uint32)
+    raw_crc = crc[n : 2 * n].copy() if speculative else None
+    b.res, b.done = (sizes, status, crc[:n].copy(), raw_crc), True
     if not compact:
         return
     # Move the chunks that shrank out of the worst-case scratch, so the next batch can reuse the memory.
