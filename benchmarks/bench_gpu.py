@@ -20,6 +20,7 @@ import traceback
 import numpy as np
 
 import cupycodec as cc
+from cupycodec.bench import median_seconds
 
 CODECS = ["lz4", "snappy", "gdeflate", "deflate", "zstd", "gzip", "cascaded", "bitcomp", "ans"]
 NVCOMP_NAMES = {"lz4": "LZ4", "snappy": "Snappy", "gdeflate": "GDeflate", "deflate": "Deflate", "zstd": "Zstd",
@@ -27,20 +28,7 @@ NVCOMP_NAMES = {"lz4": "LZ4", "snappy": "Snappy", "gdeflate": "GDeflate", "defla
 
 
 def events_median(fn, reps=10, warmup=2):
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    cupy.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(a, b) / 1e3)
-    return float(np.median(times))
+    return median_seconds(fn, reps, gpu=True, warmup=warmup)
 
 
 def wall_median(fn, reps=20, warmup=3):

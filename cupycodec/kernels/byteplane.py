@@ -12,9 +12,9 @@ import numpy as np
 _SOURCE = r"""
 template <typename T, int K, bool ROTATE>
 __device__ __forceinline__ void split_impl(const T* __restrict__ words, unsigned char* __restrict__ planes,
-                                           long long n, long long stride)
+                                           long long n, long long stride, long long start = 0)
 {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+    for (long long i = start + (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         T w = words[i];
         if (ROTATE) w = (T)((w << 1) | (w >> (8 * K - 1)));
@@ -25,9 +25,9 @@ __device__ __forceinline__ void split_impl(const T* __restrict__ words, unsigned
 
 template <typename T, int K, bool ROTATE>
 __device__ __forceinline__ void merge_impl(const unsigned char* __restrict__ planes, T* __restrict__ words,
-                                           long long n, long long stride)
+                                           long long n, long long stride, long long start = 0)
 {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+    for (long long i = start + (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         T w = 0;
         #pragma unroll
@@ -62,13 +62,7 @@ __device__ __forceinline__ void split_vec(const T* __restrict__ words, unsigned 
             *reinterpret_cast<unsigned long long*>(planes + j * stride + v * 8) = out;
         }
     }
-    const long long first = nvec * 8 + (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    for (long long i = first; i < n; i += (long long)gridDim.x * blockDim.x) {
-        T w = words[i];
-        if (ROTATE) w = (T)((w << 1) | (w >> (8 * K - 1)));
-        #pragma unroll
-        for (int j = 0; j < K; ++j) planes[j * stride + i] = (unsigned char)(w >> (8 * (K - 1 - j)));
-    }
+    split_impl<T, K, ROTATE>(words, planes, n, stride, nvec * 8);
 }
 
 template <typename T, int K, bool ROTATE>
@@ -93,14 +87,7 @@ __device__ __forceinline__ void merge_vec(const unsigned char* __restrict__ plan
         #pragma unroll
         for (int q = 0; q < K / 2; ++q) dst[q] = reinterpret_cast<const uint4*>(x)[q];
     }
-    const long long first = nvec * 8 + (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    for (long long i = first; i < n; i += (long long)gridDim.x * blockDim.x) {
-        T w = 0;
-        #pragma unroll
-        for (int j = 0; j < K; ++j) w = (T)((w << 8) | (T)planes[j * stride + i]);
-        if (ROTATE) w = (T)((w >> 1) | (w << (8 * K - 1)));
-        words[i] = w;
-    }
+    merge_impl<T, K, ROTATE>(planes, words, n, stride, nvec * 8);
 }
 
 #define CUPYCODEC_BYTEPLANE(K, T)                                                                            \
