@@ -117,6 +117,10 @@ class ChunkTable:
         return len(self.comp_nbytes)
 
     def to_bytes(self) -> bytes:
+        return self._bytes
+
+    @cached_property
+    def _bytes(self) -> bytes:
         body = self.comp_nbytes.tobytes() + self.crc32.tobytes() + self.flags.tobytes()
         return body + bytes(table_nbytes(len(self)) - len(body))
 
@@ -197,8 +201,10 @@ class Header:
     metadata: Mapping[str, Any]
 
     def __post_init__(self):
-        object.__setattr__(self, "producer", _freeze(_thaw(self.producer)))
-        object.__setattr__(self, "metadata", _freeze(_thaw(self.metadata)))
+        for name in ("producer", "metadata"):
+            value = getattr(self, name)
+            if not isinstance(value, MappingProxyType):  # already frozen when it comes from producer_info
+                object.__setattr__(self, name, _freeze(_thaw(value)))
 
     @property
     def payload_nbytes(self) -> int:
@@ -245,13 +251,20 @@ def build_segments(pieces: Sequence[tuple[str, ArraySpec, Any, int, ChunkTable]]
     return tuple(out)
 
 
-def producer_info(backend: str) -> dict[str, Any]:
-    info = {"library": "cupycodec", "version": __version__, "backend": backend}
-    if backend == "nvcomp":
-        from .backends import nvcomp
+def producer_info(backend: str) -> Mapping[str, Any]:
+    key = (backend, __version__)
+    info = _PRODUCERS.get(key)
+    if info is None:
+        info = {"library": "cupycodec", "version": __version__, "backend": backend}
+        if backend == "nvcomp":
+            from .backends import nvcomp
 
-        info["nvcomp"] = nvcomp.version_string()
+            info["nvcomp"] = nvcomp.version_string()
+        info = _PRODUCERS[key] = _freeze(info)
     return info
+
+
+_PRODUCERS: dict[tuple, Mapping[str, Any]] = {}
 
 
 # --------------------------------------------------------------------------------------------------------------
