@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -16,13 +17,14 @@ from ..errors import UnsupportedDtypeError
 
 __all__ = ["dequantize_int8", "quantize_int8"]
 
-# Arithmetic matches quant.reference bit for bit: absmax is an exact max, scale = absmax / 127.0f (an IEEE division:
-# NVRTC's defaults are -prec-div=true -ftz=false), scales below 2**-126 become 1, code = rintf(x / scale) (IEEE
-# division, round half to even) clamped to [-127, 127], y = __fmul_rn(code, scale) (never contracted into an FMA).
-# Where one scale covers a whole vector, rintf(x / scale) is computed as rintf(x * (1 / scale)) and values within
-# 2**-15 of a tie are redone with the division; cc_codes proves the codes identical. Keep it that way: no
-# --use_fast_math. No #include either (NVRTC include paths differ between CUDA 12 and 13): fp16 converts with inline
-# PTX, bf16 with integer bit operations, or the sm_80+ pair conversions for output.
+# Arithmetic matches quant.reference bit for bit: absmax is an exact max, scale = RN(absmax / 127) (computed as
+# absmax * (1 / 127) in double, which rounds to the same float; see cc_scale), scales below 2**-126 become 1,
+# code = rintf(x / scale) (IEEE division, round half to even) clamped to [-127, 127], y = __fmul_rn(code, scale) (never
+# contracted into an FMA). Where one scale covers a whole vector, rintf(x / scale) is computed from x * (1 / scale)
+# and values within 2**-15 of a tie are redone with the division; cc_codes_packed proves the codes identical. Keep it
+# that way: no --use_fast_math (NVRTC's defaults are -prec-div=true -ftz=false). No #include either (NVRTC include
+# paths differ between CUDA 12 and 13): fp16 converts with inline PTX, bf16 with integer bit operations, or the sm_80+
+# pair conversions for output.
 #
 # Layout vocabulary shared by all kernels: the C-contiguous input is a sequence of *segments* (runs of elements that
 # share a scale). Rows of n elements are cut into ng segments of g elements (the last one may be shorter); segment s
@@ -32,24 +34,34 @@ __all__ = ["dequantize_int8", "quantize_int8"]
 #   group:                  n = shape[-1], g = min(group_size, n), ng = ceil(n / g), C = rows * ng
 # Divisions by these launch constants use a precomputed multiplier (cc_div).
 #
-# Kernels (V = 16 bytes of input: 4 float32 or 8 half; bytes per element below for bf16 input):
-#   quantize_team   one pass, 3 B/elem (2 read + 1 written). A team of tpg = g / V lanes (<= 32) per segment, each
-#                   lane holding one 16-byte vector in registers; 4 segments per team per step for loads in flight.
-#                   Groups of <= 256 bf16/f16 or 128 float32 whose rows and groups are whole vectors. 256 threads.
+# Kernels (V = 16 bytes of input: 4 float32 or 8 half; bytes per element below for bf16 input). The fast ones keep
+# several 16-byte loads in flight per thread, find maxima on the integer "abs bits" of the input (no conversions; a
+# NaN or an out-of-domain value shows up in the same max, so the domain check is one compare per tile), write codes
+# with 4- or 8-byte stores built without conversion instructions, and run on a persistent grid sized from the SM
+# count and the kernel's register use:
+#   quantize_flat   one pass, 3 B/elem (2 read + 1 written): equal segments of 2**k whole vectors laid end to end
+#                   (groups with n % g == 0, leading-axis channel rows up to 128 vectors). Warp tiles of 4 x 512
+#                   bytes; a reduce-scatter across each segment's lanes leaves one scale per lane to compute.
+#   quantize_team   one pass: segments of <= 32 vectors that are not a power of two or do not tile the rows.
 #   quantize_warp   one pass, the same traffic plus an L1 re-read: the general (ragged, unaligned) short segment.
-#   quantize_block  one pass; one block per long contiguous segment (channel rows of a C-contiguous array, long
-#                   groups), up to 4 vectors per thread held in registers (else re-read from L1/L2); 64..1024 threads.
-#   absmax_seg      pass 1 of 2 (5 B/elem in all) when segments are few and long, or for the whole tensor, which needs
-#                   its max before any code can be written: 512-thread blocks reduce chunks, atomicMax on float bits.
+#   quantize_block  one pass; a block per long contiguous segment (channel rows of a C-contiguous array, long groups),
+#                   up to 4 vectors per thread held in registers (else re-read from L1/L2); 64..1024 threads.
+#   absmax_all +    per-tensor, aligned, two passes (5 B/elem in all: the whole tensor's max comes before any code):
+#   quantize_all    a grid-stride max with 8 loads in flight per thread and one atomic per block, then the codes,
+#                   walking the tensor backwards so that its first reads hit what pass 1 left in L2.
+#   absmax_seg      pass 1 of 2 when segments are few and long (or a tensor is not aligned): 512-thread blocks reduce
+#                   chunks, atomicMax on float bits.
 #   absmax_col      pass 1 of 2 for channel axes with a short inner extent (e.g. per-column scales): each lane keeps
 #                   the max of V columns over a strip of rows, 8 warps merge in shared memory, atomicMax per channel.
 #   finalize        absmax -> scale in place (the scales buffer holds absmax bits during pass 1).
 #   quantize_apply  pass 2: elementwise, scale index from the flat index.
 #   dequantize      elementwise, 16 codes per thread and step, scale index from the flat index; 1 + 2 B/elem to bf16.
 # atomicMax on the bits of non-negative floats orders them like the floats, so pass 1 is deterministic. The optional
-# domain check (|x| < 2**127, finite) runs inside whichever kernel reads the input first and records the smallest
-# offending flat index with atomicMin. Vector accesses need every base pointer 16-byte aligned (else the scalar
-# variants run); segment heads and tails that are not vector-aligned are handled element by element.
+# domain check (|x| < 2**127, finite) runs inside whichever kernel reads the input first; only a thread that has seen
+# such a value records its smallest offending flat index with atomicMin and raises a flag in pinned host memory
+# (cc_flag), so an in-domain call costs one stream synchronization and nothing else. Vector accesses need every base
+# pointer 16-byte aligned (else the scalar variants run); segment heads and tails that are not vector-aligned are
+# handled element by element.
 _SOURCE = r"""
 typedef long long i64;
 typedef unsigned long long u64;
@@ -125,10 +137,27 @@ __device__ __forceinline__ unsigned int cc_pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ unsigned short cc_f32_to_bf16(float f) { return (unsigned short)cc_pack_bf16x2(f, 0.0f); }
 
 /* input element types: storage type T, V elements per 16-byte vector */
+/* Abs bits: an element's bits with the sign cleared (16 bits for half types). They order like |x|, with inf above every
+   finite value and NaN above inf, so an integer max over them is the absmax and flags NaN too: |x| is out of the domain
+   (NaN, inf, |x| >= 2**127) iff its abs bits are >= BAD. absbits() is the max over a 16-byte vector (half types: two
+   at a time with __vmaxu2, one instruction on sm_90), absval() the float32 value of abs bits. */
+#define CC_ABS2 0x7fff7fffu
+__device__ __forceinline__ unsigned int cc_umax(unsigned int a, unsigned int b) { return a > b ? a : b; }
+__device__ __forceinline__ unsigned int cc_absbits_half(const cc_v16& r) {
+    const unsigned int a = __vmaxu2(__vmaxu2(r.w[0] & CC_ABS2, r.w[1] & CC_ABS2), __vmaxu2(r.w[2] & CC_ABS2, r.w[3] & CC_ABS2));
+    return cc_umax(a & 0xffffu, a >> 16);
+}
+
 struct cc_in_f32 {
     typedef float T;
     enum { V = 4 };
+    static const unsigned int BAD = 0x7f000000u;
     static __device__ __forceinline__ float cvt(float v) { return v; }
+    static __device__ __forceinline__ unsigned int absbits(const cc_v16& r) {
+        return cc_umax(cc_umax(r.w[0] & 0x7fffffffu, r.w[1] & 0x7fffffffu), cc_umax(r.w[2] & 0x7fffffffu, r.w[3] & 0x7fffffffu));
+    }
+    static __device__ __forceinline__ unsigned int absbits1(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+    static __device__ __forceinline__ float absval(unsigned int b) { return __uint_as_float(b); }
     static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
         for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(r.w[j]);
     }
@@ -136,7 +165,11 @@ struct cc_in_f32 {
 struct cc_in_f16 {
     typedef unsigned short T;
     enum { V = 8 };
+    static const unsigned int BAD = 0x7c00u; /* inf; every finite half is below 2**127 */
     static __device__ __forceinline__ float cvt(unsigned short v) { return cc_f16_to_f32(v); }
+    static __device__ __forceinline__ unsigned int absbits(const cc_v16& r) { return cc_absbits_half(r); }
+    static __device__ __forceinline__ unsigned int absbits1(unsigned short v) { return v & 0x7fffu; }
+    static __device__ __forceinline__ float absval(unsigned int b) { return cc_f16_to_f32((unsigned short)b); }
     static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
         for (int j = 0; j < 4; ++j) {
             f[2 * j] = cc_f16_to_f32((unsigned short)(r.w[j] & 0xffffu));
@@ -147,7 +180,11 @@ struct cc_in_f16 {
 struct cc_in_bf16 {
     typedef unsigned short T;
     enum { V = 8 };
+    static const unsigned int BAD = 0x7f00u; /* 2**127 */
     static __device__ __forceinline__ float cvt(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+    static __device__ __forceinline__ unsigned int absbits(const cc_v16& r) { return cc_absbits_half(r); }
+    static __device__ __forceinline__ unsigned int absbits1(unsigned short v) { return v & 0x7fffu; }
+    static __device__ __forceinline__ float absval(unsigned int b) { return __uint_as_float(b << 16); }
     static __device__ __forceinline__ void unpack(const cc_v16& r, float* f) {
         for (int j = 0; j < 4; ++j) {
             f[2 * j] = __uint_as_float(r.w[j] << 16);
@@ -170,8 +207,12 @@ __device__ __forceinline__ void cc_load(const typename D::T* p, float* f) {
 __device__ __forceinline__ int cc_code(float v, float scale) {
     return (int)fminf(fmaxf(rintf(v / scale), -127.0f), 127.0f);
 }
+/* RN(absmax / 127) without a float division: absmax * RN64(1 / 127) in double, rounded to float. 1 / 127 repeats with
+   a period of 7 bits, so absmax / 127 is either a float or at least 2**-33 (relative) away from every float rounding
+   boundary (subnormal ones included), while the double product is within 2**-52 of it: both round to the same float.
+   A brute force over every finite non-negative float agrees. */
 __device__ __forceinline__ float cc_scale(float absmax) {
-    const float s = absmax / 127.0f;
+    const float s = __double2float_rn(__dmul_rn((double)absmax, 1.0 / 127.0));
     return s < CC_TINY ? 1.0f : s;
 }
 __device__ __forceinline__ unsigned int cc_pack4(const int* c) {
@@ -191,6 +232,15 @@ __device__ __forceinline__ void cc_store_codes(signed char* q, const int* c) {
         *reinterpret_cast<cc_v8*>(q) = v;
     }
 }
+/* The domain check's record of an out-of-domain element i (the rare path): bad[0] keeps the smallest such flat index
+   (atomicMin from all ones), and the host-mapped word at address bad[2] (pinned host memory, which unified addressing
+   lets kernels write through its host pointer) becomes 1, so the host learns after its stream synchronization that
+   there is an index to fetch, without copying anything back when there is none. */
+__device__ __forceinline__ void cc_flag(u64* bad, u64 i) {
+    atomicMin(bad, i);
+    *reinterpret_cast<volatile unsigned int*>(bad[2]) = 1u;
+}
+
 /* absmax of N values; flags the first out-of-domain one (NaN fails the test too), one branch per vector */
 template <int N>
 __device__ __forceinline__ float cc_absmax(const float* v, i64 i, u64* bad, float m) {
@@ -203,7 +253,7 @@ __device__ __forceinline__ float cc_absmax(const float* v, i64 i, u64* bad, floa
     if (out && bad) {
         for (int e = 0; e < N; ++e) {
             if (!(fabsf(v[e]) < CC_LIMIT)) {
-                atomicMin(bad, (u64)(i + e));
+                cc_flag(bad, (u64)(i + e));
                 break;
             }
         }
@@ -216,25 +266,45 @@ __device__ __forceinline__ float cc_absmax(const float* v, i64 i, u64* bad, floa
    |RN(v / scale) - v / scale| <= 2**-18, so p and the reference's RN(v / scale) are within 2**-15 of each other. When
    p is at least 2**-15 away from every half-integer, no half-integer separates them and both round to rint(p). The
    rare values closer than that to a tie (|p - rint(p)| > 0.5 - 2**-15) are redone with the IEEE division, so the
-   codes equal cc_code's bit for bit. __fmul_rn / __fsub_rn: no FMA contraction. */
+   codes equal cc_code's bit for bit. Any rcp within half an ulp of 1 / scale keeps these bounds. __fmul_rn /
+   __fadd_rn / __fsub_rn: no FMA contraction.
+   N = 4 or 8 codes come packed four to a word (element e in byte e % 4 of word e / 4), without conversion
+   instructions: r = RN(p + 1.5 * 2**23) is 1.5 * 2**23 + rint(p) (round half to even) for |p| < 2**22, so the low byte
+   of its bits is rint(p) mod 256, and r - 1.5 * 2**23 = rint(p) exactly for the tie test. In-domain |p| < 127.00001
+   rounds into [-127, 127], so no clamp is needed; with out-of-domain input (check=False) p is still within that range
+   or NaN, and the code is then unspecified but never -128. */
+#define CC_MAGIC 12582912.0f
 template <int N>
-__device__ __forceinline__ void cc_codes(const float* v, float scale, float rcp, int* c) {
+__device__ __forceinline__ void cc_codes_packed(const float* v, float scale, float rcp, unsigned int* w) {
+    unsigned int b[N];
     bool near = false;
     for (int e = 0; e < N; ++e) {
         const float p = __fmul_rn(v[e], rcp);
-        const float t = rintf(p);
-        near |= fabsf(__fsub_rn(p, t)) > 0.499969482421875f; /* 0.5 - 2**-15 */
-        c[e] = (int)fminf(fmaxf(t, -127.0f), 127.0f);
+        const float r = __fadd_rn(p, CC_MAGIC);
+        near |= fabsf(__fsub_rn(p, __fsub_rn(r, CC_MAGIC))) > 0.499969482421875f; /* 0.5 - 2**-15 */
+        b[e] = __float_as_uint(r);
     }
     if (near) {
-        for (int e = 0; e < N; ++e) c[e] = cc_code(v[e], scale);
+        for (int e = 0; e < N; ++e) b[e] = (unsigned int)cc_code(v[e], scale);
     }
+    for (int j = 0; j < N / 4; ++j)
+        w[j] = __byte_perm(__byte_perm(b[4 * j], b[4 * j + 1], 0x0040), __byte_perm(b[4 * j + 2], b[4 * j + 3], 0x0040),
+                           0x5410);
 }
+/* N == 1: one code; N == 4 or 8: codes of aligned vectors, one 4- or 8-byte store */
 template <int N>
 __device__ __forceinline__ void cc_quantize_store(const float* v, float scale, float rcp, signed char* q) {
-    int c[N];
-    cc_codes<N>(v, scale, rcp, c);
-    cc_store_codes<N>(q, c);
+    if (N == 1) {
+        q[0] = (signed char)cc_code(v[0], scale);
+    } else if (N == 4) {
+        unsigned int w[1];
+        cc_codes_packed<4>(v, scale, rcp, w);
+        *reinterpret_cast<unsigned int*>(q) = w[0];
+    } else {
+        cc_v8 o;
+        cc_codes_packed<8>(v, scale, rcp, o.w);
+        *reinterpret_cast<cc_v8*>(q) = o;
+    }
 }
 
 struct cc_absmax_op {
@@ -289,6 +359,200 @@ __device__ __forceinline__ float cc_block_max(float m, float* red) {
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(CC_FULL, m, o));
     __syncthreads(); /* red is reused by the next call */
     return m;
+}
+
+/* max of abs bits over the block; blockDim.x is a multiple of 32; every thread gets the result */
+__device__ __forceinline__ unsigned int cc_block_umax(unsigned int m, unsigned int* red) {
+    for (int o = 16; o > 0; o >>= 1) m = cc_umax(m, __shfl_xor_sync(CC_FULL, m, o));
+    const int lane = threadIdx.x & 31;
+    if (lane == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = lane < (int)(blockDim.x >> 5) ? red[lane] : 0u;
+    for (int o = 16; o > 0; o >>= 1) m = cc_umax(m, __shfl_xor_sync(CC_FULL, m, o));
+    __syncthreads(); /* red is reused by the next call */
+    return m;
+}
+
+/* The domain check's slow path, taken only when a thread's abs-bits max is >= D::BAD: record the first out-of-domain
+   element among its K aligned vectors raw[k] at vector index v0 + k * step (ascending) below nvec. */
+template <class D, int K>
+__device__ __forceinline__ void cc_flag_first(const cc_v16* raw, i64 v0, i64 step, i64 nvec, u64* bad) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const i64 v = v0 + k * step;
+        if (v >= nvec) return;
+        float f[D::V];
+        D::unpack(raw[k], f);
+        for (int e = 0; e < D::V; ++e) {
+            if (!(fabsf(f[e]) < CC_LIMIT)) {
+                cc_flag(bad, (u64)(v * D::V + e));
+                return;
+            }
+        }
+    }
+}
+
+/* One pass over nvec aligned vectors (16-byte-aligned x and q) that form equal segments of GV = 2**LOG_GV vectors, laid
+   end to end with scale s for segment s (groups with n % g == 0; channel rows of a leading axis). A warp takes tiles of
+   32 * K vectors, lane l loading vectors l, l + 32, ... of its tile: each load is one coalesced 512-byte run and a lane
+   has K of them in flight. A tile holds G whole segment slots: GV <= 32 gives teams of TPG = GV lanes, slot j of a team
+   being its load j; GV > 32 makes the warp one team and slot j its loads j * R .. j * R + R - 1 (R = GV / 32), merged in
+   the lane first. The team max of the G slots is a reduce-scatter over the top S = min(log2 TPG, log2 G) lane bits
+   (each step swaps half of the slots with the partner lane) and then a butterfly over the other bits, so each lane
+   ends up with H = G / 2**S slots (a chunk), computes their scales and reciprocals alone, stores them (one lane per
+   chunk) and the team fetches them with shuffles: per tile and lane, one scale instead of G. The domain check costs
+   one compare per tile. Codes go out as 8-byte (half types) or 4-byte (float32) stores. The tile loop bound is uniform
+   per warp, so every lane reaches the shuffles. */
+#define CC_FLAT_K 4 /* loads per lane and tile; a power of two */
+#define CC_FLAT_LOG_K 2
+template <class D, int LOG_GV>
+__device__ void cc_quantize_flat(const typename D::T* __restrict__ x, signed char* __restrict__ q,
+                                 float* __restrict__ scale, i64 nvec, u64* bad) {
+    enum {
+        V = D::V,
+        K = CC_FLAT_K,
+        LOG_TPG = LOG_GV < 5 ? LOG_GV : 5,
+        TPG = 1 << LOG_TPG,
+        R = LOG_GV > 5 ? 1 << (LOG_GV - 5) : 1,
+        LOG_G = LOG_GV > 5 ? CC_FLAT_LOG_K - (LOG_GV - 5) : CC_FLAT_LOG_K,
+        G = 1 << LOG_G,
+        S = LOG_TPG < LOG_G ? LOG_TPG : LOG_G,
+        H = G >> S,
+        LOW = LOG_TPG - S /* lane bits below the chunk bits */
+    };
+    const int lane = threadIdx.x & 31, team = lane & ~(TPG - 1);
+    const int chunk = (lane & (TPG - 1)) >> LOW; /* this lane's slots: chunk * H .. chunk * H + H - 1 */
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const i64 ntiles = (nvec + 32 * K - 1) / (32 * K);
+    for (i64 tile = warp; tile < ntiles; tile += nwarps) {
+        const i64 t0 = tile * (32 * K), v0 = t0 + lane;
+        cc_v16 raw[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            if (v0 + 32 * k < nvec) {
+                raw[k] = *reinterpret_cast<const cc_v16*>(x + (v0 + 32 * k) * V);
+            } else {
+                for (int j = 0; j < 4; ++j) raw[k].w[j] = 0u;
+            }
+        }
+        unsigned int m[G], all = 0u;
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+            m[j] = D::absbits(raw[j * R]);
+            for (int r = 1; r < R; ++r) m[j] = cc_umax(m[j], D::absbits(raw[j * R + r]));
+            all = cc_umax(all, m[j]);
+        }
+        if (bad && all >= D::BAD) cc_flag_first<D, K>(raw, v0, 32, nvec, bad);
+#pragma unroll
+        for (int t = 0; t < S; ++t) { /* reduce-scatter: keep the half of the slots that the lane bit selects */
+            const int b = LOG_TPG - 1 - t, half = G >> (t + 1);
+            const bool upper = (lane >> b) & 1;
+#pragma unroll
+            for (int i = 0; i < half; ++i) {
+                const unsigned int keep = upper ? m[half + i] : m[i], send = upper ? m[i] : m[half + i];
+                m[i] = cc_umax(keep, __shfl_xor_sync(CC_FULL, send, 1 << b));
+            }
+        }
+        float hsc[H], hrcp[H];
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+            for (int o = (1 << LOW) >> 1; o > 0; o >>= 1) m[i] = cc_umax(m[i], __shfl_xor_sync(CC_FULL, m[i], o));
+            hsc[i] = cc_scale(D::absval(m[i]));
+            hrcp[i] = 1.0f / hsc[i];
+            const i64 first = t0 + 32 * R * (chunk * H + i) + team; /* first vector of the slot's segment */
+            if ((lane & ((1 << LOW) - 1)) == 0 && first < nvec) scale[first >> LOG_GV] = hsc[i];
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+            float sc = hsc[j % H], rcp = hrcp[j % H];
+            if (S > 0) {
+                const int src = team | ((j / H) << LOW);
+                sc = __shfl_sync(CC_FULL, sc, src);
+                rcp = __shfl_sync(CC_FULL, rcp, src);
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const i64 v = v0 + 32 * (j * R + r);
+                if (v < nvec) {
+                    float f[V];
+                    D::unpack(raw[j * R + r], f);
+                    cc_quantize_store<V>(f, sc, rcp, q + v * V);
+                }
+            }
+        }
+    }
+}
+
+/* Per-tensor pass 1 over 16-byte-aligned x: the max abs bits of all numel elements (nvec = numel / V vectors, then the
+   scalar tail in block 0), merged as float32 bits into *ws with one atomicMin of the complement per block (ws starts at
+   0xffffffff, so ~*ws is the absmax bits after the pass). Chunks of blockDim * CC_ALL_K vectors, grid-stride; a thread
+   has CC_ALL_K loads in flight; the domain check costs one compare per chunk. */
+#define CC_ALL_K 8
+template <class D>
+__device__ void cc_absmax_all(const typename D::T* __restrict__ x, i64 numel, unsigned int* ws, u64* bad) {
+    enum { V = D::V, K = CC_ALL_K };
+    __shared__ unsigned int red[32];
+    const i64 nvec = numel / V, per = (i64)blockDim.x * K, nchunks = (nvec + per - 1) / per;
+    unsigned int m = 0u;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const i64 v0 = c * per + threadIdx.x;
+        cc_v16 raw[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            if (v0 + (i64)k * blockDim.x < nvec) {
+                raw[k] = *reinterpret_cast<const cc_v16*>(x + (v0 + (i64)k * blockDim.x) * V);
+            } else {
+                for (int j = 0; j < 4; ++j) raw[k].w[j] = 0u;
+            }
+        }
+        unsigned int mc = 0u;
+#pragma unroll
+        for (int k = 0; k < K; ++k) mc = cc_umax(mc, D::absbits(raw[k]));
+        if (bad && mc >= D::BAD) cc_flag_first<D, K>(raw, v0, blockDim.x, nvec, bad);
+        m = cc_umax(m, mc);
+    }
+    if (blockIdx.x == 0 && threadIdx.x < numel - nvec * V) { /* fewer than V elements left over */
+        const i64 i = nvec * V + threadIdx.x;
+        const unsigned int b = D::absbits1(x[i]);
+        if (bad && b >= D::BAD) cc_flag(bad, (u64)i);
+        m = cc_umax(m, b);
+    }
+    m = cc_block_umax(m, red);
+    if (threadIdx.x == 0 && m != 0u) atomicMin(ws, ~__float_as_uint(D::absval(m)));
+}
+
+/* Per-tensor pass 2: the scale from ~*ws (block 0 stores it), codes for every element. Chunks run from the end of the
+   tensor back, so the first input read is what pass 1 read last, which may still be in L2. */
+template <class D>
+__device__ void cc_quantize_all(const typename D::T* __restrict__ x, signed char* __restrict__ q,
+                                float* __restrict__ scale, i64 numel, const unsigned int* ws) {
+    enum { V = D::V, K = CC_FLAT_K };
+    const float sc = cc_scale(__uint_as_float(~*ws)), rcp = 1.0f / sc;
+    if (blockIdx.x == 0 && threadIdx.x == 0) scale[0] = sc;
+    const i64 nvec = numel / V, per = (i64)blockDim.x * K, nchunks = (nvec + per - 1) / per;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const i64 v0 = (nchunks - 1 - c) * per + threadIdx.x;
+        cc_v16 raw[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const i64 v = v0 + (i64)k * blockDim.x;
+            if (v < nvec) raw[k] = *reinterpret_cast<const cc_v16*>(x + v * V);
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const i64 v = v0 + (i64)k * blockDim.x;
+            if (v < nvec) {
+                float f[V];
+                D::unpack(raw[k], f);
+                cc_quantize_store<V>(f, sc, rcp, q + v * V);
+            }
+        }
+    }
+    if (blockIdx.x == 0 && threadIdx.x < numel - nvec * V) {
+        const i64 i = nvec * V + threadIdx.x;
+        q[i] = (signed char)cc_code(D::cvt(x[i]), sc);
+    }
 }
 
 /* One pass, a team of tpg lanes per segment, each lane holding at most one vector of it in registers: needs
@@ -367,32 +631,31 @@ template <class D, int V>
 __device__ void cc_quantize_block(const typename D::T* __restrict__ x, signed char* __restrict__ q,
                                   float* __restrict__ scale, i64 nseg, cc_map mp, int reg, u64* bad) {
     __shared__ float red[32];
+    __shared__ unsigned int ured[32];
     for (i64 s = blockIdx.x; s < nseg; s += gridDim.x) {
         i64 start, end;
         cc_segment(s, mp, start, end);
-        if (V > 1 && reg) {
+        if (V > 1 && reg) { /* start % V == 0 here */
+            const i64 v0 = start / V + threadIdx.x, vend = end / V;
             cc_v16 raw[CC_BLOCK_K];
+            unsigned int m = 0u;
+#pragma unroll
             for (int k = 0; k < CC_BLOCK_K; ++k) {
-                const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
-                if (i < end) raw[k] = *reinterpret_cast<const cc_v16*>(x + i);
-            }
-            float m = 0.0f;
-            for (int k = 0; k < CC_BLOCK_K; ++k) {
-                const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
-                if (i < end) {
-                    float f[V];
-                    D::unpack(raw[k], f);
-                    m = cc_absmax<V>(f, i, bad, m);
+                if (v0 + (i64)k * blockDim.x < vend) {
+                    raw[k] = *reinterpret_cast<const cc_v16*>(x + (v0 + (i64)k * blockDim.x) * V);
+                    m = cc_umax(m, D::absbits(raw[k]));
                 }
             }
-            const float sc = cc_scale(cc_block_max(m, red)), rcp = 1.0f / sc;
+            if (bad && m >= D::BAD) cc_flag_first<D, CC_BLOCK_K>(raw, v0, blockDim.x, vend, bad);
+            const float sc = cc_scale(D::absval(cc_block_umax(m, ured))), rcp = 1.0f / sc;
             if (threadIdx.x == 0) scale[s] = sc;
+#pragma unroll
             for (int k = 0; k < CC_BLOCK_K; ++k) {
-                const i64 i = start + ((i64)k * blockDim.x + threadIdx.x) * V;
-                if (i < end) {
-                    float f[V];
+                const i64 v = v0 + (i64)k * blockDim.x;
+                if (v < vend) {
+                    float f[D::V]; /* V == D::V in this branch */
                     D::unpack(raw[k], f);
-                    cc_quantize_store<V>(f, sc, rcp, q + i);
+                    cc_quantize_store<D::V>(f, sc, rcp, q + v * D::V);
                 }
             }
         } else {
@@ -540,13 +803,13 @@ __device__ void cc_quantize_apply(const typename D::T* __restrict__ x, signed ch
         cc_locate(i, mp, idx, left, segend);
         if (left >= V) { /* one scale for the whole vector: one division per vector */
             const float sc = scale[idx];
-            cc_codes<V>(f, sc, 1.0f / sc, c);
+            cc_quantize_store<V>(f, sc, 1.0f / sc, q + i);
         } else {
             float s[V];
             cc_scales_of<V>(scale, i, mp, s);
             for (int e = 0; e < V; ++e) c[e] = cc_code(f[e], s[e]);
+            cc_store_codes<V>(q + i, c);
         }
-        cc_store_codes<V>(q + i, c);
     }
     const i64 i = nvec * V + tid; /* fewer than V left over */
     if (i < numel) {
@@ -685,6 +948,35 @@ CC_INPUT_KERNELS(f32, cc_in_f32)
 CC_INPUT_KERNELS(f16, cc_in_f16)
 CC_INPUT_KERNELS(bf16, cc_in_bf16)
 
+/* 16-byte-aligned input only (the launcher picks the general kernels otherwise) */
+#define CC_ALIGNED_KERNELS(NAME, D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_absmax_all_##NAME(                             \
+        const D::T* x, i64 numel, unsigned int* ws, u64* bad) {                                                     \
+        cc_absmax_all<D>(x, numel, ws, bad);                                                                        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_all_##NAME(                           \
+        const D::T* x, signed char* q, float* scale, i64 numel, const unsigned int* ws) {                           \
+        cc_quantize_all<D>(x, q, scale, numel, ws);                                                                 \
+    }                                                                                                               \
+    CC_FLAT_KERNEL(NAME, D, 1, 0)                                                                                   \
+    CC_FLAT_KERNEL(NAME, D, 2, 1)                                                                                   \
+    CC_FLAT_KERNEL(NAME, D, 4, 2)                                                                                   \
+    CC_FLAT_KERNEL(NAME, D, 8, 3)                                                                                   \
+    CC_FLAT_KERNEL(NAME, D, 16, 4)                                                                                  \
+    CC_FLAT_KERNEL(NAME, D, 32, 5)                                                                                  \
+    CC_FLAT_KERNEL(NAME, D, 64, 6)                                                                                  \
+    CC_FLAT_KERNEL(NAME, D, 128, 7)
+/* segments of GV vectors */
+#define CC_FLAT_KERNEL(NAME, D, GV, LOG_GV)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_quantize_flat##GV##_##NAME(                    \
+        const D::T* x, signed char* q, float* scale, i64 nvec, u64* bad) {                                          \
+        cc_quantize_flat<D, LOG_GV>(x, q, scale, nvec, bad);                                                        \
+    }
+
+CC_ALIGNED_KERNELS(f32, cc_in_f32)
+CC_ALIGNED_KERNELS(f16, cc_in_f16)
+CC_ALIGNED_KERNELS(bf16, cc_in_bf16)
+
 #define CC_OUTPUT_KERNEL(NAME, O)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_##NAME(                             \
         const signed char* q, const float* scale, O::T* y, i64 numel, CC_MAP_PARAMS, int vec) {                    \
@@ -711,6 +1003,7 @@ _OUTPUTS = {  # dtype_name -> (kernel suffix, storage dtypes accepted for out=, 
     "BF16": ("bf16", ("uint16", "int16", "bfloat16"), np.uint16),
     "F64": ("f64", ("float64",), np.float64),
 }
+_F32_DTYPE, _U16_DTYPE, _I8_DTYPE = np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8)
 _INPUT_HELP = "float32, float16, bfloat16 (an ml_dtypes dtype, or uint16/int16 bits with dtype_name='BF16')"
 _BLOCK = 256
 _NO_BAD = 0xFFFF_FFFF_FFFF_FFFF
@@ -719,6 +1012,12 @@ _SHORT_SEGMENT = 4096  # elements; longer segments, fewer than 2 per SM, take tw
 _COLUMN_INNER = 1024  # channel axes whose inner extent is shorter use the column-strip absmax kernel
 _TEAM_K = 4  # CC_TEAM_K: segments per team and step in quantize_team
 _BLOCK_K = 4  # CC_BLOCK_K: vectors per thread held in registers by quantize_block
+_FLAT_K = 4  # CC_FLAT_K: loads per lane and tile in quantize_flat and quantize_all
+_ALL_K = 8  # CC_ALL_K: loads per thread and chunk in absmax_all
+_NULL = np.uint64(0)  # a null pointer by value: older CuPy passes None as a null *argument address*
+_MEMSET_SCALES = "memset scales"  # a plan step: zero the scales buffer (it collects absmax bits in pass 1)
+_FLAGS = threading.local()  # per thread: {(device, stream): (flags, ws, pinned host word)}
+_RETIRED_FLAGS: list = []  # entries of interrupted calls (see _drop_flags)
 
 
 @functools.cache
@@ -740,6 +1039,79 @@ def _sm_count(device_id: int) -> int:
 
     runtime = cupy.cuda.runtime
     return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id))
+
+
+@functools.cache
+def _resident_blocks(name: str, threads: int) -> int:
+    """Blocks of `threads` that fit on one SM at once, from the kernel's register count (64K registers, 2048 threads
+    and 32 blocks per SM on sm_80 and sm_90; a smaller SM only makes a persistent grid run in two waves)."""
+    try:
+        regs = int(_kernel(name).num_regs)
+    except Exception:  # a CuPy without the attribute; a compile error resurfaces at launch
+        regs = 64
+    per_block = _ceil_div(max(regs, 1), 8) * 8 * threads
+    return max(1, min(2048 // threads, 32, 65536 // per_block))
+
+
+def _params(shape, granularity, axis, group_size):
+    """reference.check_params plus the scale shape, memoized on the (typed) arguments: parameter checks are the same
+    Python code as the reference's, run once per distinct call signature."""
+    key = (shape, granularity, type(granularity), axis, type(axis), group_size, type(group_size))
+    try:
+        return _params_cached(key)
+    except TypeError:  # unhashable arguments: check_params rejects them with its own message
+        return _params_uncached(shape, granularity, axis, group_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _params_cached(key):
+    shape, granularity, _, axis, _, group_size, _ = key
+    return _params_uncached(shape, granularity, axis, group_size)
+
+
+def _params_uncached(shape, granularity, axis, group_size):
+    from ..quant import reference  # the specification: parameter rules and scale shapes
+
+    granularity, axis, group_size = reference.check_params(shape, granularity, axis, group_size)
+    return granularity, axis, group_size, reference.scale_shape(shape, granularity, axis or 0, group_size or 1)
+
+
+def _flags(cupy, device: int, stream_ptr: int):
+    """(key, flags, ws, host): device words for this thread, device and stream, kept between calls.
+
+    flags is uint64[3]: flags[0] collects the first out-of-domain flat index (atomicMin from all ones), the low half of
+    flags[1] (the view ws) the per-tensor absmax (atomicMin of complemented bits from all ones), and flags[2] holds the
+    address of host, a pinned word that a kernel sets to 1 when it records an index (see cc_flag). A call that found
+    nothing leaves flags[0] and host as they were and resets ws, so the common path neither copies back nor clears
+    anything; a call that found something clears both before it raises. Calls on one stream from one thread are
+    ordered and each thread has its own buffers; a dropped entry's memory goes back to CuPy's pool, which reuses it in
+    stream order.
+    """
+    cache = getattr(_FLAGS, "cache", None)
+    if cache is None:
+        cache = _FLAGS.cache = {}
+    key = (device, stream_ptr)
+    entry = cache.get(key)
+    if entry is None:
+        if len(cache) >= 16:  # streams come and go
+            cache.clear()
+        runtime = cupy.cuda.runtime
+        host = np.frombuffer(cupy.cuda.alloc_pinned_memory(8), dtype=np.uint64, count=1)
+        host[0] = 0
+        flags = cupy.empty(3, dtype=np.uint64)
+        runtime.memsetAsync(flags.data.ptr, 0xFF, 16, stream_ptr)
+        address = np.array([host.ctypes.data], dtype=np.uint64)  # pageable: copied before memcpyAsync returns
+        runtime.memcpyAsync(flags.data.ptr + 16, address.ctypes.data, 8, runtime.memcpyHostToDevice, stream_ptr)
+        entry = cache[key] = (flags, flags[1:2], host)
+    return (key, *entry)
+
+
+def _drop_flags(key) -> None:
+    """Forget the entry of a call that failed or was interrupted. It is kept alive, never freed: a kernel of that
+    call may still be running and write the pinned word."""
+    cache = getattr(_FLAGS, "cache", None)
+    if cache is not None and key is not None and key in cache:
+        _RETIRED_FLAGS.append(cache.pop(key))
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -777,6 +1149,10 @@ def _require_contiguous(arr, what: str):
 
 def _input_name(x, dtype_name) -> str:
     dt = x.dtype
+    if dt is _F32_DTYPE and dtype_name in (None, "F32"):  # identity of NumPy's builtin dtypes: dt.name is slow
+        return "F32"
+    if dt is _U16_DTYPE and dtype_name == "BF16":
+        return "BF16"
     if dtype_name is None:
         if dt == np.float32:
             return "F32"
@@ -800,7 +1176,8 @@ def _output(cupy, out, shape, dtypes: tuple[str, ...], allocate, what: str):
     if out is None:
         return cupy.empty(shape, dtype=allocate)
     _require_cupy(cupy, out, what)
-    if out.dtype.name not in dtypes or out.shape != tuple(shape) or not out.flags.c_contiguous:
+    dt = out.dtype
+    if (dt is not allocate and dt.name not in dtypes) or out.shape != tuple(shape) or not out.flags.c_contiguous:
         raise ValueError(
             f"{what} must be a C-contiguous cupy array of dtype {' or '.join(dtypes)} and shape {tuple(shape)}, "
             f"got {out.dtype} of shape {out.shape} (c_contiguous={out.flags.c_contiguous})"
@@ -856,7 +1233,8 @@ def quantize_int8(
         The logical dtype of `x`; defaults from ``x.dtype``.
     check : bool
         Check the domain (finite, ``|x| < 2**127``) on the device, inside the first kernel that reads `x`; costs one
-        synchronization. With ``check=False`` out-of-domain input gives unspecified codes.
+        stream synchronization (when the input is in the domain, nothing is copied back). With ``check=False`` the
+        call does not synchronize, and out-of-domain input gives unspecified codes (never -128).
     stream : cupy.cuda.Stream, optional
         Stream to run on; the current stream by default.
     out : tuple of (cupy.ndarray or None, cupy.ndarray or None), optional
@@ -881,39 +1259,63 @@ def quantize_int8(
     block computes the segment's absmax, then quantizes it from registers (or re-reading it from L1/L2 when it is
     long or not vector-aligned). A large per-tensor quantization needs the whole tensor's max before writing any
     code, so it reads the input twice (a reduction, then an elementwise pass); so do channel axes other than the
-    leading one, and segments too few to fill the GPU.
+    leading one, and segments too few to fill the GPU. A per-tensor quantization, or ``check=True``, uses three
+    8-byte device words and one pinned host word, kept per thread, device and stream between calls.
     """
     import cupy
 
-    from ..quant import reference  # the specification: parameter rules, shapes and the domain error text
-
     _require_cupy(cupy, x, "x")
     name = _input_name(x, dtype_name)
-    granularity, axis, group_size = reference.check_params(x.shape, granularity, axis, group_size)
+    granularity, axis, group_size, sshape = _params(x.shape, granularity, axis, group_size)
     _require_contiguous(x, "x")
-    sshape = reference.scale_shape(x.shape, granularity, axis or 0, group_size or 1)
     if out is None:
         out = (None, None)
     if not isinstance(out, tuple) or len(out) != 2:
         raise ValueError("out must be a (codes, scales) tuple; either may be None")
     with _on(stream):
-        codes = _output(cupy, out[0], x.shape, ("int8",), np.int8, "out[0] (codes)")
-        scales = _output(cupy, out[1], sshape, ("float32",), np.float32, "out[1] (scales)")
+        codes = _output(cupy, out[0], x.shape, ("int8",), _I8_DTYPE, "out[0] (codes)")
+        scales = _output(cupy, out[1], sshape, ("float32",), _F32_DTYPE, "out[1] (scales)")
         if x.size == 0:
             if scales.size:
                 scales.fill(1)  # channels without elements: absmax 0, scale 1 (the reference's rule)
             return codes, scales
-        bad = np.uint64(0)  # a null pointer by value: older CuPy passes None as a null *argument address*
-        if check:
-            bad = cupy.empty(1, dtype=np.uint64)
-            cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, 8, cupy.cuda.get_current_stream().ptr)
-        _launch_quantize(cupy, x, codes, scales, _INPUTS[name], granularity, axis, group_size, bad)
-        if check:
-            first = int(bad.get()[0])
-            if first != _NO_BAD:
-                index = tuple(int(i) for i in np.unravel_index(first, x.shape))
-                raw = x.reshape(-1)[first : first + 1].get()
-                raise reference._domain_error(index, _host_value(raw, name))
+        runtime = cupy.cuda.runtime
+        device = runtime.getDevice()
+        steps, needs_ws = _quantize_plan(
+            x.shape, _INPUTS[name], x.dtype.itemsize, granularity, axis, group_size, _aligned(x, codes), device
+        )
+        stream_obj = cupy.cuda.get_current_stream()
+        sptr = stream_obj.ptr
+        key = flags = None
+        if check or needs_ws:
+            key, flags, ws, host = _flags(cupy, device, sptr)
+        try:
+            args = {"x": x, "q": codes, "s": scales, "bad": flags if check else _NULL, "ws": ws if needs_ws else _NULL}
+            for step in steps:
+                if step is _MEMSET_SCALES:
+                    runtime.memsetAsync(scales.data.ptr, 0, scales.nbytes, sptr)
+                    continue
+                kernel, grid, block, template = step
+                _kernel(kernel)((grid,), (block,), tuple(args[a] if type(a) is str else a for a in template))
+            if needs_ws:
+                runtime.memsetAsync(ws.data.ptr, 0xFF, 8, sptr)  # ready for the next call on this stream
+            first = _NO_BAD
+            if check:
+                stream_obj.synchronize()  # the only synchronization; host[0] is 1 if a kernel recorded an index
+                if host[0]:
+                    first = int(flags[:1].get()[0])
+                    runtime.memsetAsync(flags.data.ptr, 0xFF, 8, sptr)
+                    host[0] = 0
+                    stream_obj.synchronize()
+        except BaseException:
+            _drop_flags(key)  # a launch failed or was interrupted: the flags may be dirty
+            raise
+        if first != _NO_BAD:
+            from ..quant import reference  # the domain error text
+
+            index = tuple(int(i) for i in np.unravel_index(first, x.shape))
+            raw = x.reshape(-1)[first : first + 1].get()
+            raise reference._domain_error(index, _host_value(raw, name))
     return codes, scales
 
 
@@ -930,11 +1332,26 @@ def _map_args(n: int, g: int, ng: int, C: int) -> tuple:
     return (*_divisor(n), *_divisor(g), *_divisor(ng), *_divisor(C))
 
 
-def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_size, bad):
-    shape, numel = x.shape, x.size
-    sms = _sm_count(cupy.cuda.Device().id)
-    vec = _aligned(x, codes)
-    V = 16 // x.dtype.itemsize if vec else 1
+def _flat_log(g: int, V: int, n: int, vec: bool) -> int | None:
+    """log2(g / V) when quantize_flat applies: aligned, rows of whole segments, g / V a power of two <= 32 * K."""
+    if not vec or n % g or g % V:
+        return None
+    gv = g // V
+    if gv & (gv - 1) or gv > 32 * _FLAT_K:
+        return None
+    return gv.bit_length() - 1
+
+
+@functools.lru_cache(maxsize=512)
+def _quantize_plan(shape, suffix, itemsize, granularity, axis, group_size, vec, device) -> tuple[tuple, bool]:
+    """The launches of one quantize_int8 call, as (steps, needs_ws).
+
+    A step is _MEMSET_SCALES or (kernel name, grid, block, arguments), where the strings "x", "q", "s", "bad" and "ws"
+    in the arguments stand for the input, codes, scales, domain-check flag and per-tensor workspace of the call.
+    """
+    numel = math.prod(shape)
+    sms = _sm_count(device)
+    V = 16 // itemsize if vec else 1
     n, g, ng, C = _layout(shape, granularity, axis, group_size)
     nseg = numel // n * ng
     outer = numel // (n * C) if granularity == "channel" else 1
@@ -947,31 +1364,45 @@ def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_si
     whole_vectors = vec and n % V == 0 and g % V == 0
 
     if fused:  # one pass; the scale index of segment s is s
+        log_gv = _flat_log(g, V, n, vec)
+        if log_gv is not None:
+            kernel = f"cupycodec_int8_quantize_flat{1 << log_gv}_{suffix}"
+            nvec = numel // V
+            blocks = _ceil_div(_ceil_div(nvec, 32 * _FLAT_K), _BLOCK // 32)
+            grid = min(blocks, sms * _resident_blocks(kernel, _BLOCK))
+            return ((kernel, grid, _BLOCK, ("x", "q", "s", _i64(nvec), "bad")),), False
         seg = (_i64(nseg), *_map_args(n, g, ng, nseg))
         if whole_vectors and g <= 32 * V:
             tpg = _pow2_at_least(g // V)
             warps = _ceil_div(nseg, (32 // tpg) * _TEAM_K)
             grid = min(_ceil_div(warps * 32, _BLOCK), sms * 32)
-            _kernel(f"cupycodec_int8_quantize_team_{suffix}")(
-                (grid,), (_BLOCK,), (x, codes, scales, *seg, np.int32(tpg), bad)
-            )
+            step = (f"cupycodec_int8_quantize_team_{suffix}", grid, _BLOCK, ("x", "q", "s", *seg, np.int32(tpg), "bad"))
         elif g <= 32 * max(V, 4) * 2:
             tpg = min(32, _pow2_at_least(_ceil_div(g, V)))
             grid = min(_ceil_div(nseg * tpg, _BLOCK), sms * 64)
-            _kernel(f"cupycodec_int8_quantize_warp_{suffix}")(
-                (grid,), (_BLOCK,), (x, codes, scales, *seg, np.int32(tpg), np.int32(vec), bad)
-            )
+            step = (f"cupycodec_int8_quantize_warp_{suffix}", grid, _BLOCK,
+                    ("x", "q", "s", *seg, np.int32(tpg), np.int32(vec), "bad"))
         else:
             block = min(1024, max(64, _pow2_at_least(_ceil_div(g, V * _BLOCK_K))))
             reg = whole_vectors and g <= block * V * _BLOCK_K
             grid = min(nseg, sms * 32)
-            _kernel(f"cupycodec_int8_quantize_block_{suffix}")(
-                (grid,), (block,), (x, codes, scales, *seg, np.int32(reg), np.int32(vec), bad)
-            )
-        return
+            step = (f"cupycodec_int8_quantize_block_{suffix}", grid, block,
+                    ("x", "q", "s", *seg, np.int32(reg), np.int32(vec), "bad"))
+        return (step,), False
+
+    if granularity == "tensor" and vec:
+        # two passes over aligned input: absmax into the workspace (complemented bits, from 0xffffffff), then codes
+        absmax, apply = f"cupycodec_int8_absmax_all_{suffix}", f"cupycodec_int8_quantize_all_{suffix}"
+        nvec = numel // V
+        grid1 = min(_ceil_div(nvec, _BLOCK * _ALL_K), sms * _resident_blocks(absmax, _BLOCK))
+        grid2 = min(_ceil_div(nvec, _BLOCK * _FLAT_K), sms * _resident_blocks(apply, _BLOCK))
+        return (
+            (absmax, grid1, _BLOCK, ("x", _i64(numel), "ws", "bad")),
+            (apply, grid2, _BLOCK, ("x", "q", "s", _i64(numel), "ws")),
+        ), True
 
     # two passes: absmax into the scales buffer (as float bits, from zero), absmax -> scale, then quantize
-    cupy.cuda.runtime.memsetAsync(scales.data.ptr, 0, scales.nbytes, cupy.cuda.get_current_stream().ptr)
+    steps: list = [_MEMSET_SCALES]
     if granularity == "channel" and outer > 1 and n < _COLUMN_INNER:
         P = C * n
         vcol = vec and P % V == 0
@@ -981,29 +1412,25 @@ def _launch_quantize(cupy, x, codes, scales, suffix, granularity, axis, group_si
         rpc = _ceil_div(outer, nchunks)
         nchunks = _ceil_div(outer, rpc)
         grid = min(ntiles * nchunks, 2**31 - 1)
-        _kernel(f"cupycodec_int8_absmax_col_{suffix}")(
-            (grid,), (_BLOCK,),
-            (x, scales, _i64(outer), _i64(P), *_divisor(n), *_divisor(ntiles), _i64(rpc), _i64(nchunks),
-             np.int32(vcol), bad),
-        )
+        steps.append((f"cupycodec_int8_absmax_col_{suffix}", grid, _BLOCK,
+                      ("x", "s", _i64(outer), _i64(P), *_divisor(n), *_divisor(ntiles), _i64(rpc), _i64(nchunks),
+                       np.int32(vcol), "bad")))
     else:
         block = 512
         chunks = max(1, min(_ceil_div(g, block * V * 4), _ceil_div(sms * 8, nseg)))
         chunk_len = _ceil_div(_ceil_div(g, chunks), 64) * 64
         chunks = _ceil_div(g, chunk_len)
         grid = min(nseg * chunks, sms * 32)
-        _kernel(f"cupycodec_int8_absmax_seg_{suffix}")(
-            (grid,), (block,),
-            (x, scales, _i64(nseg), *_map_args(n, g, ng, C), *_divisor(chunks), _i64(chunk_len), np.int32(vec), bad),
-        )
-    nscales = scales.size
-    _kernel("cupycodec_int8_finalize_f32")(
-        (min(_ceil_div(nscales, _BLOCK), sms * 8),), (_BLOCK,), (scales, _i64(nscales))
-    )
+        steps.append((f"cupycodec_int8_absmax_seg_{suffix}", grid, block,
+                      ("x", "s", _i64(nseg), *_map_args(n, g, ng, C), *_divisor(chunks), _i64(chunk_len),
+                       np.int32(vec), "bad")))
+    nscales = C  # one scale per segment class
+    steps.append(("cupycodec_int8_finalize_f32", min(_ceil_div(nscales, _BLOCK), sms * 8), _BLOCK,
+                  ("s", _i64(nscales))))
     grid = min(max(1, _ceil_div(numel // V, _BLOCK)), sms * 64)
-    _kernel(f"cupycodec_int8_quantize_apply_{suffix}")(
-        (grid,), (_BLOCK,), (x, codes, scales, _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
-    )
+    steps.append((f"cupycodec_int8_quantize_apply_{suffix}", grid, _BLOCK,
+                  ("x", "q", "s", _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))))
+    return tuple(steps), False
 
 
 def dequantize_int8(

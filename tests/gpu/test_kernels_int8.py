@@ -122,6 +122,17 @@ PATHS = [
     ("group 32 partial step", (7, 96), {"granularity": "group", "group_size": 32}),
     ("channel rows in registers", (40, 4096), {"granularity": "channel", "axis": 0}),
     ("channel rows too long for registers", (20, 40000), {"granularity": "channel", "axis": 0}),
+    # quantize_flat: equal groups of 2**k aligned vectors (bf16/f16 8 and f32 4 elements per vector)
+    ("flat one vector", (40, 64), {"granularity": "group", "group_size": 8}),
+    ("flat two vectors", (40, 64), {"granularity": "group", "group_size": 16}),
+    ("flat many tiles per warp", (96, 1024), {"granularity": "group", "group_size": 32}),
+    ("flat warp-wide groups", (20, 768), {"granularity": "group", "group_size": 256}),
+    ("flat two loads per group", (6, 2048), {"granularity": "group", "group_size": 512}),
+    ("flat four loads per group", (5, 2048), {"granularity": "group", "group_size": 1024}),
+    ("flat channel rows", (300, 64), {"granularity": "channel", "axis": 0}),
+    # per-tensor absmax_all + quantize_all: grid-stride chunks and a scalar tail
+    ("tensor two-pass tail", (70001,), {"granularity": "tensor"}),
+    ("tensor two-pass many chunks", (400, 1001), {"granularity": "tensor"}),
 ]
 
 
@@ -150,6 +161,15 @@ def test_each_path_handles_zero_and_subnormal_groups(label, shape, params):
 
 
 @pytest.mark.parametrize(("label", "shape", "params"), PATHS, ids=[p[0] for p in PATHS])
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+def test_each_path_with_the_max_in_the_last_element(label, shape, params, dtype):
+    """The last element (a scalar tail, the last lane of a partial tile) decides its group's scale."""
+    x = weights(shape, dtype)
+    x.reshape(-1)[-1] = -3.0
+    check_matches_reference(x, params, outputs=("F32",))
+
+
+@pytest.mark.parametrize(("label", "shape", "params"), PATHS, ids=[p[0] for p in PATHS])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, LIMIT])
 def test_domain_error_text_matches_reference(label, shape, params, bad):
     x = weights(shape, np.float32)
@@ -161,6 +181,45 @@ def test_domain_error_text_matches_reference(label, shape, params, bad):
         reference.quantize_int8(x, **params)
     with pytest.raises(ValueError) as got:
         kernels.quantize_int8(to_device(x)[0], **params)
+    assert str(got.value) == str(want.value)
+
+
+HALF_DOMAIN_PATHS = [p for p in PATHS if p[0] in (
+    "tensor two-pass", "tensor two-pass tail", "channel rows block", "group 32", "flat warp-wide groups",
+    "flat four loads per group", "channel columns", "group 100 ragged")]
+
+
+@pytest.mark.parametrize(("label", "shape", "params"), HALF_DOMAIN_PATHS, ids=[p[0] for p in HALF_DOMAIN_PATHS])
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf, LIMIT], ids=["nan", "-inf", "2**127"])
+def test_domain_error_text_matches_reference_half_types(label, shape, params, dtype, bad):
+    """The abs-bits thresholds of the 16-bit inputs: NaN and inf (and 2**127 for bfloat16; it is inf in float16)."""
+    x = weights(shape, dtype)
+    flat = x.reshape(-1)
+    flat[flat.size // 2 + 3] = np.inf if bad == LIMIT and dtype == np.float16 else bad
+    flat[-1] = np.nan
+    with pytest.raises(ValueError) as want:
+        reference.quantize_int8(x, **params)
+    xd, name = to_device(x)
+    with pytest.raises(ValueError) as got:
+        kernels.quantize_int8(xd, **params, dtype_name=name)
+    assert str(got.value) == str(want.value)
+    x[...] = weights(shape, dtype)  # largest finite values are in the domain
+    x.reshape(-1)[5] = np.finfo(np.float16).max if dtype == np.float16 else np.float32(2.0**127 - 2.0**119)
+    check_matches_reference(x, params, outputs=("F32",))
+
+
+@pytest.mark.parametrize(("label", "shape", "params"), HALF_DOMAIN_PATHS[:5], ids=[p[0] for p in HALF_DOMAIN_PATHS[:5]])
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+def test_domain_error_in_the_last_element(label, shape, params, dtype):
+    """The only bad value is the last one: a scalar tail, or the last vector of a partial tile."""
+    x = weights(shape, dtype)
+    x.reshape(-1)[-1] = np.nan
+    xd, name = to_device(x)
+    with pytest.raises(ValueError, match=r"x\[.*\] = nan$") as got:
+        kernels.quantize_int8(xd, **params, dtype_name=name)
+    with pytest.raises(ValueError) as want:
+        reference.quantize_int8(x, **params)
     assert str(got.value) == str(want.value)
 
 
@@ -209,6 +268,27 @@ def test_domain_error_for_each_dtype(x, text):
     with pytest.raises(ValueError, match=r"\|x\| < 2\*\*127; ") as info:
         kernels.quantize_int8(xd, granularity="tensor", dtype_name=name)
     assert str(info.value).endswith(text)
+
+
+@pytest.mark.parametrize(
+    "params", [{"granularity": "tensor"}, {"granularity": "group", "group_size": 64},
+               {"granularity": "channel", "axis": 0}])
+def test_flags_are_reset_between_calls(params):
+    """The domain flag and the per-tensor workspace are reused by the next call on the stream: a failed check, or a
+    call with larger values, must not leak into it."""
+    import cupy
+
+    big = weights((300, 301), np.float32, seed=3) * np.float32(1000)
+    small = weights((300, 301), np.float32, seed=4)
+    bad = small.copy()
+    bad[7, 11] = np.inf
+    for x in (big, small):
+        kernels.quantize_int8(cupy.asarray(x), **params, check=False)
+    with pytest.raises(ValueError, match=r"x\[7, 11\] = inf"):
+        kernels.quantize_int8(cupy.asarray(bad), **params)
+    check_matches_reference(small, params, outputs=("F32",))
+    kernels.quantize_int8(cupy.asarray(bad), **params, check=False)
+    check_matches_reference(small, params, outputs=())
 
 
 def test_check_false_skips_the_domain_check_only():
