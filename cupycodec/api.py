@@ -177,6 +177,33 @@ def _auto(spec: ArraySpec, on_gpu: bool, quantized: bool) -> tuple[Codec, list[F
 
 
 AUTO_ZSTD_LEVEL = 1  # on exponent planes zstd-1 beats levels 2-12 (benchmarks/RESULTS.md)
+_ANS_FLOAT_MODES = ("F16", "BF16", "F32", "F8_E4M3")  # nvCOMP's ANS has a float mode for these: no trial needed
+_TRIAL_BLOCK = 256 * 1024
+_TRIAL_MIN_NBYTES = 1 << 20
+
+
+def _gpu_trial(arr, spec: ArraySpec) -> Codec:
+    """codec="auto" on the GPU for data without an ANS float mode (integers, bytes, float64, complex): compress four
+    256 KiB samples spread over the array with ANS, Cascaded and Bitcomp in one batched call and keep the smallest
+    (ANS on ties: it decodes fastest). Sorted or repetitive integers go to Cascaded/Bitcomp (10-40x where ANS gets
+    1.6x, benchmarks/RESULTS.md); noisy bytes stay with ANS. Costs one extra synchronization."""
+    import cupy
+
+    from .backends import nvcomp
+    from .codecs import ANS, Bitcomp, Cascaded
+
+    flat = arr.reshape(-1).view("u1")
+    n = int(flat.size)
+    if n < _TRIAL_MIN_NBYTES:
+        return ANS()
+    starts = [(i * (n - _TRIAL_BLOCK) // 3) // 16 * 16 for i in range(4)]
+    sample = cupy.concatenate([flat[s : s + _TRIAL_BLOCK] for s in starts])
+    sample_spec = ArraySpec(spec.dtype, spec.byteorder, (sample.size // spec.itemsize,))
+    candidates = [c.resolve(sample_spec) for c in (ANS(), Cascaded(), Bitcomp())]
+    outs = nvcomp.compress_segments([nvcomp.SegmentInput(sample, c, c.default_chunk()) for c in candidates])
+    sizes = [int(o.comp_nbytes.astype(np.int64).sum()) for o in outs]
+    best = min(range(len(candidates)), key=lambda i: (sizes[i], i))
+    return (ANS(), Cascaded(), Bitcomp())[best]
 
 
 def _check_chunk(chunk_nbytes, codec: Codec) -> int:
@@ -212,11 +239,13 @@ def _prepare(x, *, codec, filters, chunk_nbytes, dtype, backend, metadata) -> _J
     spec = ArraySpec.of(arr, _dtype_override(dtype))
     pipeline = list(filters)
     quantized = any(not f.lossless for f in pipeline)
+    trial = False
     if codec is None:
         where = backends.select(backend, on_device=on_device, codecs=[])
         codec, extra = _auto(spec, where == "nvcomp", quantized)
         if not pipeline:
             pipeline = extra
+        trial = where == "nvcomp" and not pipeline and spec.dtype not in _ANS_FLOAT_MODES
     else:
         _validate(spec, pipeline, codec, chunk_nbytes)  # option errors before backend errors
         where = backends.select(backend, on_device=on_device, codecs=[codec])
@@ -236,6 +265,8 @@ def _prepare(x, *, codec, filters, chunk_nbytes, dtype, backend, metadata) -> _J
     elif not on_device and dtype is not None:
         arr = np.ascontiguousarray(arr).view(spec.numpy_dtype())
     arr = _contiguous(arr, gpu)
+    if trial:
+        codec = _gpu_trial(arr, spec)
     specs: dict[str, ArraySpec] = {"data": spec}
     arrays: dict[str, Any] = {"data": arr}
     resolved = []
@@ -367,8 +398,9 @@ def compress(arr, *, codec="auto", level=None, chunk_nbytes=None, filters=None, 
         A NumPy or CuPy array, or anything with ``__cuda_array_interface__``, DLPack or the NumPy array protocol;
         any shape (0-d and empty included), any strides and byte order. Device input stays on the device.
     codec : str, mapping or Codec
-        ``"auto"`` (the best lossless choice for the data and machine: ANS on a GPU, byte planes + zstd for floats on
-        a CPU), or one of ``"raw"``, ``"lz4"``, ``"snappy"``, ``"gdeflate"``, ``"deflate"``, ``"zstd"``, ``"gzip"``,
+        ``"auto"`` (the best lossless choice for the data and machine: on a GPU ANS for floats and the smallest of
+        ANS/Cascaded/Bitcomp on samples otherwise; on a CPU byte planes + zstd for floats, zstd otherwise), or one
+        of ``"raw"``, ``"lz4"``, ``"snappy"``, ``"gdeflate"``, ``"deflate"``, ``"zstd"``, ``"gzip"``,
         ``"cascaded"``, ``"bitcomp"``, ``"ans"``; codec options go in ``**options`` (e.g. ``data_type="<f2"``).
     level : int, optional
         Compression level, for codecs that have one (CPU backends).

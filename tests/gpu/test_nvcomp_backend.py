@@ -126,6 +126,18 @@ def test_ans_float_mode_ratio(cp):
     assert auto.codec == "ans"
 
 
+def test_auto_tries_integer_codecs_on_samples(cp):
+    ids = cp.sort(cp.random.RandomState(0).randint(0, 1 << 20, 4 << 20, dtype=cp.int32))
+    c = cc.compress(ids)
+    assert c.codec in ("cascaded", "bitcomp") and c.ratio > 5, (c.codec, c.ratio)
+    assert _same(cc.decompress(c), cp.asnumpy(ids))
+    noise = cp.random.RandomState(1).randint(0, 40, 4 << 20, dtype=cp.int32).astype(cp.uint8)
+    n = cc.compress(noise)
+    assert n.ratio >= max(cc.compress(noise, codec=k).ratio for k in ("ans", "cascaded", "bitcomp")) * 0.97
+    small = cc.compress(cp.arange(1000, dtype=cp.int64))
+    assert small.codec == "ans"  # below 1 MiB: no trial
+
+
 @pytest.mark.parametrize("codec", ["ans", "zstd", "lz4"])
 def test_byteplane_on_gpu_matches_cpu_bytes(cp, codec):
     x = weights(200_003, seed=5)
