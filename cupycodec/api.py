@@ -717,13 +717,16 @@ def _require_cupy() -> None:
 
 
 def _check_out(o, shape, dtype: np.dtype, gpu: bool, what: str = "out"):
-    if gpu != _is_cupy_array(o) and not (not gpu and isinstance(o, np.ndarray)):
+    """Validate a caller's output buffer. On the GPU a same-width bit view is accepted for BF16/F8 (a uint16 array
+    for bfloat16, say), since older CuPy has no ml_dtypes support."""
+    if (_is_cupy_array(o) if gpu else isinstance(o, np.ndarray)) is False:
         raise TypeError(f"{what} must be a {'CuPy' if gpu else 'NumPy'} array")
     if tuple(o.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(o.shape)}, expected {tuple(shape)}")
-    if np.dtype(o.dtype) != np.dtype(dtype) and not (gpu and o.dtype.itemsize == np.dtype(dtype).itemsize
-                                                      and o.dtype.kind in "uiV" and np.dtype(dtype).kind in "uiV"):
-        raise ValueError(f"{what} has dtype {o.dtype}, expected {np.dtype(dtype)}")
+    want, got = np.dtype(dtype), np.dtype(o.dtype)
+    bit_view = gpu and got.itemsize == want.itemsize and got.kind in "uiV" and want.kind in "uiV"
+    if got != want and not bit_view:
+        raise ValueError(f"{what} has dtype {got}, expected {want}")
     if not o.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")
     return o
