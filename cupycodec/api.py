@@ -372,12 +372,11 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
         segments = build_segments(pieces)
         header = Header(job.spec, tuple(job.pipeline), segments, producer_info("nvcomp"), job.metadata)
         payload = cupy.empty(header.payload_nbytes, dtype=np.uint8)
-        tables, copies = [], []
-        for seg, i in zip(segments, idx):
-            tables.append((seg.offset, seg.table.to_bytes()))
-            for off, (ptr, nb) in zip(seg.chunk_offsets.tolist(), outputs[i].chunks):
-                copies.append((ptr, off, nb))
-        nvcomp.pack_payload(payload, tables, copies)
+        tables = [(seg.offset, seg.table.to_bytes()) for seg in segments]
+        srcs = [outputs[i].src_ptrs for i in idx]
+        nvcomp.pack_payload(payload, tables, np.concatenate(srcs) if srcs else np.empty(0, np.uint64),
+                            np.concatenate([seg.chunk_offsets for seg in segments]) if segments else [],
+                            np.concatenate([outputs[i].comp_nbytes for i in idx]) if idx else [])
         if job.keep_on_device:
             results.append(CompressedArray(header, payload))
         else:

@@ -245,7 +245,7 @@ class SegmentOutput:
     comp_nbytes: np.ndarray  # uint32 per chunk
     crc32: np.ndarray
     flags: np.ndarray
-    chunks: list  # per chunk (ptr, nbytes) of the bytes to store
+    src_ptrs: np.ndarray  # uint64 per chunk: device address of the bytes to store (compressed or raw)
     keepalive: list
 
 
@@ -358,7 +358,7 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
             crcs[i][:] = host[start : start + len(raw_sizes[i])]
             start += len(raw_sizes[i])
 
-    missing = []  # stored chunks whose raw CRC was not computed up front
+    missing: dict[int, np.ndarray] = {}  # segment -> stored chunks whose raw CRC was not computed up front
     for b in batches:
         sizes, status, crc_comp, crc_raw = b.res
         bad = np.flatnonzero(status != 0)
@@ -366,28 +366,31 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
             raise BackendError(f"nvCOMP {b.codec.codec_id} compression failed for {bad.size} chunk(s)",
                                status_name(int(status[bad[0]])))
         shrank = sizes < b.raw_sizes
-        for j in range(b.n):
-            i, c = b.owner[j], b.index[j]
-            if shrank[j]:
-                comp[i][c], crcs[i][c], ptrs[i][c] = sizes[j], crc_comp[j], b.out_ptrs[j]
-            elif crc_raw is not None:
-                crcs[i][c] = crc_raw[j]
-            else:
-                missing.append((i, c))
+        for i in np.unique(b.owner).tolist():  # per segment, not per chunk: vectorized over its chunks
+            mine = b.owner == i
+            c, keep_c = b.index[mine], shrank[mine]
+            comp[i][c[keep_c]] = sizes[mine][keep_c]
+            crcs[i][c[keep_c]] = crc_comp[mine][keep_c]
+            ptrs[i][c[keep_c]] = b.out_ptrs[mine][keep_c]
+            if crc_raw is not None:
+                crcs[i][c[~keep_c]] = crc_raw[mine][~keep_c]
+            elif (~keep_c).any():
+                missing[i] = np.concatenate([missing.get(i, np.empty(0, np.int64)), c[~keep_c]])
         keep.append(b.scratch)
     if missing:
-        idx = np.asarray(missing)
-        d_crc = crc32_chunks(np.array([raw_ptrs[i][c] for i, c in missing], dtype=np.uint64),
-                             np.array([raw_sizes[i][c] for i, c in missing], dtype=np.uint64), stream)
+        order = list(missing)
+        d_crc = crc32_chunks(np.concatenate([raw_ptrs[i][missing[i]] for i in order]),
+                             np.concatenate([raw_sizes[i][missing[i]] for i in order]).astype(np.uint64), stream)
         _sync(sp)
         host = d_crc.get()
-        for (i, c), v in zip(idx.tolist(), host.tolist()):
-            crcs[i][c] = v
+        start = 0
+        for i in order:
+            crcs[i][missing[i]] = host[start : start + missing[i].size]
+            start += missing[i].size
     outputs = []
     for i, seg in enumerate(segments):
         flags = (comp[i] == raw_sizes[i]).astype(np.uint8)
-        outputs.append(SegmentOutput(comp[i].astype(np.uint32), crcs[i], flags,
-                                     list(zip(ptrs[i].tolist(), comp[i].tolist())), [seg.data, *keep]))
+        outputs.append(SegmentOutput(comp[i].astype(np.uint32), crcs[i], flags, ptrs[i], [seg.data, *keep]))
     return outputs
 
 
@@ -492,33 +495,31 @@ def _raw_sizes(nbytes: int, chunk: int) -> np.ndarray:
     return sizes
 
 
-def pack_payload(payload, tables: list[tuple[int, bytes]], copies: list[tuple[int, int, int]]) -> None:
-    """Fill a device payload in one upload and one launch: ``tables`` are (offset, bytes) host pieces, ``copies``
-    are (src_ptr, dst_offset, nbytes) device chunks; every piece is zero-padded to 16 bytes."""
+def pack_payload(payload, tables: list[tuple[int, bytes]], src_ptrs: np.ndarray, dst_offsets: np.ndarray,
+                 nbytes: np.ndarray) -> None:
+    """Fill a device payload in one upload and one launch: ``tables`` are (offset, bytes) host pieces; the chunks
+    are (src_ptrs[i], dst_offsets[i], nbytes[i]) device copies. Every piece is zero-padded to 16 bytes."""
     import cupy
 
     from ..kernels import chunks
 
     blob = b"".join(t for _, t in tables)
-    m = len(tables) + len(copies)
+    m = len(tables) + len(src_ptrs)
     if m == 0:
         return
-    desc = np.empty((3, m), dtype=np.uint64)
-    staging_nbytes = 24 * m
-    staging = np.empty(staging_nbytes + len(blob), dtype=np.uint8)
-    staging[staging_nbytes:] = np.frombuffer(blob, dtype=np.uint8)
-    d_staging = cupy.empty(staging.size, dtype=np.uint8)
     base = np.uint64(payload.data.ptr)
-    pos = d_staging.data.ptr + staging_nbytes
-    for j, (off, t) in enumerate(tables):
-        desc[:, j] = (pos, base + np.uint64(off), len(t))
-        pos += len(t)
-    if copies:
-        arr = np.asarray(copies, dtype=np.uint64).reshape(-1, 3)
-        desc[0, len(tables) :] = arr[:, 0]
-        desc[1, len(tables) :] = arr[:, 1] + base
-        desc[2, len(tables) :] = arr[:, 2]
+    staging_nbytes = 24 * m
+    d_staging = cupy.empty(staging_nbytes + len(blob), dtype=np.uint8)
+    table_src = np.uint64(d_staging.data.ptr + staging_nbytes) + np.cumsum(
+        [0] + [len(t) for _, t in tables[:-1]], dtype=np.uint64)[: len(tables)]
+    desc = np.stack([
+        np.concatenate([table_src, np.asarray(src_ptrs, np.uint64)]),
+        np.concatenate([np.array([o for o, _ in tables], np.uint64), np.asarray(dst_offsets, np.uint64)]) + base,
+        np.concatenate([np.array([len(t) for _, t in tables], np.uint64), np.asarray(nbytes, np.uint64)]),
+    ])
+    staging = np.empty(staging_nbytes + len(blob), dtype=np.uint8)
     staging[:staging_nbytes] = desc.reshape(-1).view(np.uint8)
+    staging[staging_nbytes:] = np.frombuffer(blob, dtype=np.uint8)
     d_staging.set(staging)
     d_desc = d_staging[:staging_nbytes].view(np.uint64)
     # Freeing d_staging after the launch is safe: CuPy's pool reuses memory only in this stream's order.
