@@ -206,9 +206,29 @@ def _gpu_trial(arr, spec: ArraySpec) -> Codec:
     return (ANS(), Cascaded(), Bitcomp())[best]
 
 
-def _check_chunk(chunk_nbytes, codec: Codec) -> int:
+_SMALL_MIN_CHUNKS = 16  # on the GPU, small segments get at least this many chunks ...
+_SMALL_MIN_CHUNK_NBYTES = 64 * 1024  # ... of no less than this
+
+
+def gpu_default_chunk(codec: Codec, nbytes: int) -> int:
+    """The GPU's default chunk for a segment of ``nbytes``: the codec's default, smaller for small segments.
+
+    nvCOMP gives each chunk to a few thread blocks, so a 1 MiB array in four 256 KiB ANS chunks leaves most of the
+    GPU idle: measured on an H200, 64 KiB chunks cut a 1 MiB ANS round trip by about 100 us (compress) and 17 us
+    (decode) for about 2% of ratio (benchmarks/RESULTS.md). Segments under 16 default chunks therefore use the
+    largest power-of-two chunk that still gives 16 chunks, but never less than 64 KiB (nor more than the default).
+    """
+    default = codec.default_chunk()
+    if nbytes >= _SMALL_MIN_CHUNKS * default:
+        return default
+    want = max(_SMALL_MIN_CHUNK_NBYTES, 1 << max(0, (max(nbytes, 1) // _SMALL_MIN_CHUNKS).bit_length() - 1))
+    return min(default, want)
+
+
+def _check_chunk(chunk_nbytes, codec: Codec, nbytes: int | None = None) -> int:
+    """The chunk size to use: the caller's (validated) or the default (the GPU's for ``nbytes`` when given)."""
     if chunk_nbytes is None:
-        return codec.default_chunk()
+        return codec.default_chunk() if nbytes is None else gpu_default_chunk(codec, nbytes)
     if isinstance(chunk_nbytes, bool) or not isinstance(chunk_nbytes, int):
         raise TypeError(f"chunk_nbytes must be an int, got {chunk_nbytes!r}")
     if chunk_nbytes % 16 or not 16 <= chunk_nbytes <= codec.max_chunk_nbytes:
@@ -323,12 +343,27 @@ def _check_metadata(metadata) -> dict:
     return dict(metadata)
 
 
-def _segment_codecs(job: _Job) -> list[tuple[str, ArraySpec, Codec, int]]:
+def _segment_codecs(job: _Job, gpu: bool = False) -> list[tuple[str, ArraySpec, Codec, int]]:
     out = []
     for name, spec in job.specs.items():
-        codec = job.codec.resolve(spec)
-        out.append((name, spec, codec, _check_chunk(job.chunk, codec)))
+        codec = _resolved(job.codec, spec)
+        out.append((name, spec, codec, _check_chunk(job.chunk, codec, spec.nbytes if gpu else None)))
     return out
+
+
+def _resolved(codec: Codec, spec: ArraySpec) -> Codec:
+    """codec.resolve(spec), memoized per codec config and dtype (resolving rebuilds the codec from its config)."""
+    key = (codec.config_key(), spec.dtype, spec.byteorder, spec.nbytes % 8)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = codec.resolve(spec)
+        if len(_RESOLVED) > 256:
+            _RESOLVED.clear()
+        _RESOLVED[key] = hit
+    return hit
+
+
+_RESOLVED: dict = {}
 
 
 def _compress_cpu(job: _Job) -> CompressedArray:
@@ -356,7 +391,7 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
 
     inputs, owners = [], []
     for j, job in enumerate(jobs):
-        for name, spec, codec, chunk in _segment_codecs(job):
+        for name, spec, codec, chunk in _segment_codecs(job, gpu=True):
             data = _flat_bytes(job.arrays[name], True)
             if data.size and data.data.ptr % 256:
                 data = data.copy()
@@ -670,7 +705,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
 
 def _needs_gpu(c: CompressedArray) -> str | None:
     for seg in c.segments:
-        if not seg.codec.cpu_usable() and (seg.table.flags == 0).any():
+        if seg.table.n_encoded and not seg.codec.cpu_usable():
             return seg.codec.codec_id
     return None
 
@@ -689,7 +724,7 @@ def _decode_on_gpu(c: CompressedArray, target, choice: str) -> bool:
     if choice == "nvcomp" or target[0] == "cuda":
         from .backends import nvcomp
 
-        nvcomp.require() if any((s.table.flags == 0).any() for s in c.segments) else _require_cupy()
+        nvcomp.require() if any(s.table.n_encoded for s in c.segments) else _require_cupy()
         return True
     if c.on_device and backends.nvcomp_available():
         return True
@@ -920,7 +955,7 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
                cupy.cuda.get_current_stream().ptr)
     plan = _plans.get(key) if cacheable else None
     if plan is None:
-        plan = nvcomp.DecodePlan(seg_jobs)
+        plan = nvcomp.DecodePlan(seg_jobs, sync=False)  # built and run on this stream
         if cacheable:
             _plans.put(key, plan, [j.item for j in jobs])
     plan.run()

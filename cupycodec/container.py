@@ -139,6 +139,11 @@ class ChunkTable:
         return offsets
 
     @cached_property
+    def n_encoded(self) -> int:
+        """Chunks stored encoded (flag 0); the rest are stored raw."""
+        return int(np.count_nonzero(self.flags == 0))
+
+    @cached_property
     def data_nbytes(self) -> int:
         return int(((self.comp_nbytes.astype(np.int64) + 15) // 16 * 16).sum())
 
@@ -502,13 +507,24 @@ class CompressedArray:
     True
     """
 
-    __slots__ = ("__weakref__", "_cache", "_header", "_payload", "_prefix")
+    __slots__ = ("__weakref__", "_cache", "_header", "_payload", "_pfx")
 
     def __init__(self, header: Header, payload, *, _prefix: bytes | None = None):
+        if _prefix is None and header.metadata:  # user metadata: prove it encodes (JSON-able, size) right away
+            _prefix = header.encode()
         object.__setattr__(self, "_header", header)
         object.__setattr__(self, "_payload", payload)
-        object.__setattr__(self, "_prefix", _prefix if _prefix is not None else header.encode())
+        object.__setattr__(self, "_pfx", _prefix)  # else encoded on first use: ~20 us a small compress can skip
         object.__setattr__(self, "_cache", {})
+
+    @property
+    def _prefix(self) -> bytes:
+        """Prelude + header bytes (deterministic, so computing them late changes nothing)."""
+        pfx = self._pfx
+        if pfx is None:
+            pfx = self._header.encode()
+            object.__setattr__(self, "_pfx", pfx)
+        return pfx
 
     def __setattr__(self, name, value):
         raise AttributeError("CompressedArray is immutable")

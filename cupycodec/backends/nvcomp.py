@@ -17,6 +17,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,9 +124,6 @@ def _library():
                                                         _ptr])
             _declare(lib, p + "DecompressAsync", [_ptr, _ptr, _ptr, _ptr, _c_size, _ptr, _c_size, _ptr, dopts, _ptr,
                                                   _ptr])
-        _declare(lib, "nvcompBatchedCRC32Async", [_ptr, _ptr, _c_size, _ptr, _CRC32Opts, _I, _ptr, _ptr])
-        _declare(lib, "nvcompBatchedCRC32GetHeuristicConf", [_ptr, _c_size, ctypes.POINTER(_CRC32Conf), _c_size,
-                                                             _ptr])
         return lib
 
 
@@ -222,8 +220,17 @@ def _opts(codec_key: tuple, algo: str, params: tuple):
 
 
 def codec_opts(codec):
-    params = codec.nvcomp_params()
-    return _opts(tuple(sorted(codec.get_config().items(), key=str)), _cname(codec), tuple(sorted(params.items())))
+    """(compress opts, decompress opts) ctypes structs for a resolved codec, built once per codec config."""
+    return _opts(codec.config_key(), _cname(codec), _params_key(codec))
+
+
+@functools.lru_cache(maxsize=256)
+def _params_of(codec_key: tuple, codec) -> tuple:
+    return tuple(sorted(codec.nvcomp_params().items()))
+
+
+def _params_key(codec) -> tuple:
+    return _params_of(codec.config_key(), codec)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,236 +256,340 @@ class SegmentOutput:
     keepalive: list
 
 
-@functools.lru_cache(maxsize=128)
-def _crc32_opts(device: int, n_bucket: int, max_bucket: int):
-    # The heuristic depends on the GPU, the chunk count and the largest chunk; it is host-synchronous and not free,
-    # so it is asked once per (device, power-of-two bucket of each).
+_BATCH_SCRATCH_NBYTES = 1 << 30  # bound on nvCOMP temp + output scratch per compression call
+_SPECULATIVE_CRC_NBYTES = 64 << 20  # below this, raw-chunk CRCs are computed up front to save a second sync
+_H2D, _D2H = 1, 2  # cudaMemcpyKind
+
+
+# -- staging -----------------------------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _pinned(nbytes: int) -> np.ndarray:
+    """This thread's pinned host buffer (uint8, at least ``nbytes``). Callers synchronize before reusing it."""
+    buf = getattr(_local, "pinned", None)
+    if buf is None or buf.nbytes < nbytes:
+        import cupy
+
+        mem = cupy.cuda.alloc_pinned_memory(max(1 << 16, 1 << (int(nbytes) - 1).bit_length()))
+        buf = _local.pinned = np.frombuffer(mem, np.uint8)
+    return buf
+
+
+def _upload(dst_ptr: int, host: np.ndarray, sp: int) -> None:
+    """Enqueue a host -> device copy of ``host`` (pageable: the driver stages it before returning, so ``host`` may
+    be dropped at once, and no device synchronization happens)."""
+    import cupy
+
+    if host.nbytes:
+        cupy.cuda.runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, _H2D, sp)
+
+
+def _download(src_ptr: int, nbytes: int, sp: int) -> np.ndarray:
+    """Copy device bytes into this thread's pinned buffer and wait for them: one copy, one synchronization."""
+    import cupy
+
+    host = _pinned(nbytes)
+    if nbytes:
+        cupy.cuda.runtime.memcpyAsync(host.ctypes.data, src_ptr, nbytes, _D2H, sp)
+    _sync(sp)
+    return host[:nbytes]
+
+
+# -- CRC32 ----------------------------------------------------------------------------------------------------------
+
+
+def nvcomp_crc32_async(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: int) -> None:
+    """nvCOMP's own batched CRC32 (``nvcompBatchedCRC32Async``, nvCOMP >= 5), kept for benchmarks/bench_gpu.py to
+    measure kernels.crc32 against; the library itself does not use it."""
+    lib = _library()
+    if not hasattr(lib, "nvcompBatchedCRC32Async"):
+        raise BackendUnavailableError("this nvCOMP has no nvcompBatchedCRC32Async")
+    _declare(lib, "nvcompBatchedCRC32Async", [_ptr, _ptr, _c_size, _ptr, _CRC32Opts, _I, _ptr, _ptr])
+    _declare(lib, "nvcompBatchedCRC32GetHeuristicConf", [_ptr, _c_size, ctypes.POINTER(_CRC32Conf), _c_size, _ptr])
     opts = _CRC32Opts()
     opts.spec.poly, opts.spec.init, opts.spec.ref_in, opts.spec.ref_out = 0x04C11DB7, 0xFFFFFFFF, True, True
     opts.spec.xorout = 0xFFFFFFFF  # standard CRC-32 = zlib.crc32
     conf = _CRC32Conf()
-    _call("nvcompBatchedCRC32GetHeuristicConf", None, n_bucket, ctypes.byref(conf), max_bucket, None)
+    _call("nvcompBatchedCRC32GetHeuristicConf", None, n, ctypes.byref(conf), max_nbytes, None)
     opts.conf = conf
-    return opts
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _crc32(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: int) -> None:
-    import cupy
-
-    opts = _crc32_opts(cupy.cuda.Device().id, _pow2(n), _pow2(max(int(max_nbytes), 1)))
-    _call("nvcompBatchedCRC32Async", ptrs.data.ptr, sizes.data.ptr, n, out.data.ptr, opts, 0, None, stream_ptr)
+    _call("nvcompBatchedCRC32Async", ptrs, sizes, n, out, opts, 0, None, stream_ptr)
 
 
 def crc32_chunks(ptrs_host: np.ndarray, sizes_host: np.ndarray, stream=None):
-    """CRC32 of device byte ranges (host arrays of pointers and sizes) -> device uint32 array (async)."""
+    """CRC32 (zlib's) of device byte ranges (host arrays of pointers and sizes) -> device uint32 array (async)."""
     import cupy
+
+    from ..kernels import crc32
 
     n = len(ptrs_host)
     out = cupy.empty(n, dtype=np.uint32)
     if n:
-        table = cupy.asarray(np.concatenate([ptrs_host.astype(np.uint64), sizes_host.astype(np.uint64)]))
-        _crc32(table[:n], table[n:], out, n, int(sizes_host.max()), _stream_ptr(stream))
+        sizes = np.asarray(sizes_host, np.uint64)
+        shape = crc32.shape_for(int(sizes.max()), int(sizes.sum()))
+        words = crc32.work_words(n, shape[0])
+        table = np.concatenate([np.asarray(ptrs_host, np.uint64), sizes, np.zeros(-(-words // 2), np.uint64)])
+        dev = cupy.empty(table.size, np.uint64)
+        sp = _stream_ptr(stream)
+        _upload(dev.data.ptr, table, sp)
+        crc32.crc32_batch(dev.data.ptr, dev.data.ptr + 8 * n, out, n, shape,
+                          work=dev.data.ptr + 16 * n if words else None, stream=stream)
     return out
 
 
-_BATCH_SCRATCH_NBYTES = 1 << 30  # bound on nvCOMP temp + output scratch per compression call
+# -- compression ----------------------------------------------------------------------------------------------------
 
 
-_BATCH_SCRATCH_NBYTES = 1 << 30  # bound on nvCOMP temp + output scratch per compression call
-_SPECULATIVE_CRC_NBYTES = 64 << 20  # below this, raw-chunk CRCs are computed up front to save a second sync
+@functools.lru_cache(maxsize=1024)
+def _compress_sizes_cached(key: tuple, n: int, max_chunk: int, total: int, codec) -> tuple[int, int]:
+    algo = _cname(codec)
+    copts, _ = codec_opts(codec)
+    temp, max_out = _c_size(0), _c_size(0)
+    _call(f"nvcompBatched{algo}CompressGetTempSize", n, max_chunk, copts, ctypes.byref(temp), total, None)
+    _call(f"nvcompBatched{algo}CompressGetMaxOutputChunkSize", max_chunk, copts, ctypes.byref(max_out))
+    return int(temp.value), int(max_out.value)
+
+
+def _compress_sizes(codec, n: int, max_chunk: int, total: int, sp: int = 0) -> tuple[int, int]:
+    """nvCOMP's temp bytes and worst-case output chunk bytes (host-only queries, cached)."""
+    return _compress_sizes_cached(codec.config_key(), int(n), int(max_chunk), int(total), codec)
 
 
 class _Batch:
-    """One nvCOMP compression call: chunks of one codec config, their scratch and their device results."""
+    """Chunks of one codec config compressed by one nvCOMP call."""
 
-    __slots__ = ("codec", "done", "index", "n", "out_ptrs", "owner", "raw_sizes", "res", "scratch", "stride")
+    __slots__ = ("codec", "in_ptrs", "in_sizes", "index", "max_out", "n", "out_ptrs", "owner", "stride", "temp")
+
+    def __init__(self, codec, in_ptrs, in_sizes, owner, index):
+        self.codec, self.in_ptrs, self.in_sizes = codec, in_ptrs, in_sizes.astype(np.uint64, copy=False)
+        self.owner, self.index, self.n = owner, index, len(in_ptrs)
+        self.temp, self.max_out = _compress_sizes(codec, self.n, int(self.in_sizes.max()), int(self.in_sizes.sum()))
+        self.stride = (self.max_out + 255) // 256 * 256
+
+    @property
+    def scratch_nbytes(self) -> int:
+        return self.n * self.stride + (self.temp + 255) // 256 * 256
+
+
+def _round(batches: list[_Batch], extra_ptrs: np.ndarray, extra_sizes: np.ndarray, speculative: bool, sp: int):
+    """Compress every batch (one nvCOMP call each) and CRC32 [extra ranges | compressed chunks | raw chunks when
+    speculative] in one launch, with one upload, one download and one synchronization.
+
+    Returns (scratch, [(comp_sizes, statuses, crc_comp, crc_raw or None)] per batch, crc_extra).
+    """
+    import cupy
+
+    from ..kernels import crc32
+
+    K = len(extra_ptrs)
+    M = sum(b.n for b in batches)
+    N = K + 2 * M  # table rows: [extra | compressed (out) | raw (in)]
+    C = N if speculative else K + M  # rows the CRC covers
+    scratch = cupy.empty(max(1, sum(b.scratch_nbytes for b in batches)), dtype=np.uint8)
+    base, outs = scratch.data.ptr, []
+    for b in batches:
+        b.out_ptrs = np.uint64(base) + np.arange(b.n, dtype=np.uint64) * np.uint64(b.stride)
+        outs.append(b.out_ptrs)
+        base += b.scratch_nbytes
+    in_ptrs = [b.in_ptrs.astype(np.uint64, copy=False) for b in batches]
+    in_sizes = [b.in_sizes for b in batches]
+    max_bytes = max([int(extra_sizes.max()) if K else 0] + [b.max_out for b in batches]
+                    + ([int(b.in_sizes.max()) for b in batches] if speculative else []))
+    total = int(extra_sizes.sum()) + sum(int(x.sum()) for x in in_sizes) * (2 if speculative else 1)
+    shape = crc32.shape_for(max(max_bytes, 1), max(total, 1))
+    words = crc32.work_words(C, shape[0])
+    # Device layout (bytes): ptrs u64[N] | sizes u64[N] | status i32[M] | crc u32[C] | crc work u32[words]
+    o_sizes = 8 * N
+    o_status = o_sizes + 8 * N
+    o_crc = o_status + 4 * M
+    o_work = (o_crc + 4 * C + 7) // 8 * 8
+    dev = cupy.empty(o_work + 4 * words + 8, dtype=np.uint8)
+    host = np.zeros((o_work + 4 * min(words, C) + 7) // 8, np.uint64)  # inputs, zeroed counters
+    zeros_m = np.zeros(M, np.uint64)
+    host[: 2 * N] = np.concatenate([np.asarray(extra_ptrs, np.uint64), *outs, *in_ptrs,
+                                    np.asarray(extra_sizes, np.uint64), zeros_m, *in_sizes])
+    d = dev.data.ptr
+    _upload(d, host, sp)
+    lib = _library()
+    row = 0
+    for b in batches:
+        algo = _cname(b.codec)
+        copts, _ = codec_opts(b.codec)
+        temp_ptr = int(b.out_ptrs[0]) + b.n * b.stride if b.n else 0
+        status = getattr(lib, f"nvcompBatched{algo}CompressAsync")(
+            d + 8 * (K + M + row), d + o_sizes + 8 * (K + M + row), int(b.in_sizes.max()), b.n, temp_ptr, b.temp,
+            d + 8 * (K + row), d + o_sizes + 8 * (K + row), copts, d + o_status + 4 * row, sp)
+        if status != 0:
+            raise BackendError(f"nvcompBatched{algo}CompressAsync failed", status_name(status))
+        row += b.n
+    if C:
+        crc32.crc32_batch(d, d + o_sizes, d + o_crc, C, shape, work=d + o_work if words else None, stream=sp)
+    # One download: compressed sizes .. CRCs.
+    lo = o_sizes + 8 * K
+    res = _download(d + lo, o_crc + 4 * C - lo, sp)
+    comp = res[: 8 * M].view(np.uint64)
+    status = res[o_status - lo : o_status - lo + 4 * M].view(np.int32)
+    crc = res[o_crc - lo : o_crc - lo + 4 * C].view(np.uint32)
+    results, row = [], 0
+    for b in batches:
+        sl = slice(row, row + b.n)
+        raw = crc[K + M + row : K + M + row + b.n].copy() if speculative else None
+        results.append((comp[sl].copy(), status[sl].copy(), crc[K + row : K + row + b.n].copy(), raw))
+        row += b.n
+    return scratch, results, crc[:K].copy()
 
 
 def compress_segments(segments: list[SegmentInput], stream=None) -> list[SegmentOutput]:
     """Compress every chunk of every segment and checksum the result, with one synchronization in the common case.
 
-    One nvCOMP call per distinct codec config (split when its scratch would exceed 1 GiB); CRC32s on the device; the
-    compressed sizes, statuses and CRCs come back in one copy. Chunks that do not shrink are stored: their CRC covers
-    the raw bytes, computed up front for inputs under 64 MiB and in a second pass otherwise. Returns per-segment
-    tables plus device pointers to the bytes to pack (:func:`pack_payload`); the scratch those point into is kept
-    alive by the outputs.
+    One nvCOMP call per distinct codec config and one CRC32 launch over every compressed chunk (and, for inputs
+    under 64 MiB, every raw chunk, so stored chunks need no second pass); sizes, statuses and CRCs come back in one
+    copy. When the scratch would pass 1 GiB the chunks go in several rounds, each compacted before the next.
+    Chunks that do not shrink are stored raw. Returns per-segment tables plus device pointers to the bytes to pack
+    (:func:`pack_payload`); the scratch those point into is kept alive by the outputs.
     """
-
     require()
     sp = _stream_ptr(stream)
-    raw_sizes = [_raw_sizes(s.data.size, s.chunk_nbytes) for s in segments]
-    raw_ptrs = [(s.data.data.ptr if s.data.size else 0)
-                + np.arange(len(raw_sizes[i]), dtype=np.uint64) * np.uint64(s.chunk_nbytes)
-                for i, s in enumerate(segments)]
-    total_raw = sum(int(r.sum()) for r in raw_sizes)
-    speculative = total_raw <= _SPECULATIVE_CRC_NBYTES
-    comp = [r.copy() for r in raw_sizes]
-    crcs = [np.zeros(len(r), np.uint32) for r in raw_sizes]
-    ptrs = [p.copy() for p in raw_ptrs]
+    geo = [_geometry(int(s.data.size), int(s.chunk_nbytes)) for s in segments]
+    raw_sizes = [g[0] for g in geo]
+    raw_ptrs = [g[1] + np.uint64(s.data.data.ptr if s.data.size else 0) for g, s in zip(geo, segments)]
+    speculative = sum(int(s.data.size) for s in segments) <= _SPECULATIVE_CRC_NBYTES
     keep: list = []
 
     groups: dict[tuple, list[int]] = {}
+    plain = []  # segments nvCOMP does not touch (codec "raw"): CRCs only
     for i, seg in enumerate(segments):
-        if seg.codec.nvcomp_algorithm is not None and seg.data.size:
-            groups.setdefault(tuple(sorted(seg.codec.get_config().items(), key=str)), []).append(i)
+        if not len(raw_sizes[i]):
+            continue
+        if seg.codec.nvcomp_algorithm is None:
+            plain.append(i)
+        else:
+            groups.setdefault(seg.codec.config_key(), []).append(i)
     batches: list[_Batch] = []
     for members in groups.values():
         codec = segments[members[0]].codec
-        owner = np.concatenate([np.full(len(raw_sizes[i]), i) for i in members])
-        index = np.concatenate([np.arange(len(raw_sizes[i])) for i in members])
-        in_ptrs = np.concatenate([raw_ptrs[i] for i in members])
-        in_sizes = np.concatenate([raw_sizes[i] for i in members]).astype(np.uint64)
-        splits = _split_batches(codec, in_sizes, sp)
-        for lo, hi in splits:
-            b = _launch_batch(codec, in_ptrs[lo:hi], in_sizes[lo:hi], sp, speculative)
-            b.owner, b.index = owner[lo:hi], index[lo:hi]
-            if len(splits) > 1:  # large input: settle and compact this batch before the next one allocates
-                _finish_batch(b, sp, compact=True)
+        if len(members) == 1:
+            i = members[0]
+            owner, index, in_ptrs, in_sizes = i, None, raw_ptrs[i], raw_sizes[i]
+        else:
+            owner = np.concatenate([np.full(len(raw_sizes[i]), i) for i in members])
+            index = np.concatenate([np.arange(len(raw_sizes[i])) for i in members])
+            in_ptrs = np.concatenate([raw_ptrs[i] for i in members])
+            in_sizes = np.concatenate([raw_sizes[i] for i in members])
+        b = _Batch(codec, in_ptrs, in_sizes, owner, index)
+        if b.scratch_nbytes <= _BATCH_SCRATCH_NBYTES:
             batches.append(b)
-    # Raw CRCs of segments that nvCOMP does not touch (codec "raw", or empty groups) go in the same round trip.
-    plain = [i for i, s in enumerate(segments) if (s.codec.nvcomp_algorithm is None or not s.data.size)
-             and len(raw_sizes[i])]
-    plain_crc = None
-    if plain:
-        plain_crc = crc32_chunks(np.concatenate([raw_ptrs[i] for i in plain]),
-                                 np.concatenate([raw_sizes[i] for i in plain]).astype(np.uint64), stream)
-    pending = [b for b in batches if not b.done]
-    if pending or plain_crc is not None:
-        _sync(sp)
-    for b in pending:
-        _finish_batch(b, sp, compact=False)
-    if plain_crc is not None:
-        host = plain_crc.get()
-        start = 0
-        for i in plain:
-            crcs[i][:] = host[start : start + len(raw_sizes[i])]
-            start += len(raw_sizes[i])
+            continue
+        if index is None:
+            owner, index = np.full(b.n, owner), np.arange(b.n)
+        step = max(1, int(_BATCH_SCRATCH_NBYTES // max(b.scratch_nbytes / b.n, 1)))
+        batches.extend(_Batch(codec, in_ptrs[lo : lo + step], in_sizes[lo : lo + step], owner[lo : lo + step],
+                              index[lo : lo + step]) for lo in range(0, b.n, step))
+    empty = np.empty(0, np.uint64)
+    plain_ptrs = np.concatenate([raw_ptrs[i] for i in plain]) if plain else empty
+    plain_sizes = np.concatenate([raw_sizes[i] for i in plain]) if plain else empty
+    rounds: list[tuple[list[_Batch], list]] = []
+    if not batches and not plain:
+        crc_plain = empty
+    elif sum(b.scratch_nbytes for b in batches) <= _BATCH_SCRATCH_NBYTES:  # the common case: one round
+        scratch, res, crc_plain = _round(batches, plain_ptrs, plain_sizes, speculative, sp)
+        rounds.append((batches, res))
+        keep.append(scratch)
+    else:  # large inputs: a round per batch, each compacted so the next can reuse the memory
+        for b in batches:
+            scratch, res, _ = _round([b], empty, empty, speculative, sp)
+            keep.append(_compact(b, res[0][0], scratch, sp))
+            rounds.append(([b], res))
+        _, _, crc_plain = _round([], plain_ptrs, plain_sizes, False, sp)
 
+    # Per segment: start from "every chunk stored raw", then take each batch's chunks that shrank.
+    comp = {i: raw_sizes[i] for i in plain}
+    ptrs = {i: raw_ptrs[i] for i in plain}
+    crcs = {}
+    start = 0
+    for i in plain:
+        crcs[i] = crc_plain[start : start + len(raw_sizes[i])]
+        start += len(raw_sizes[i])
     missing: dict[int, np.ndarray] = {}  # segment -> stored chunks whose raw CRC was not computed up front
-    for b in batches:
-        sizes, status, crc_comp, crc_raw = b.res
-        bad = np.flatnonzero(status != 0)
-        if bad.size:
-            raise BackendError(f"nvCOMP {b.codec.codec_id} compression failed for {bad.size} chunk(s)",
-                               status_name(int(status[bad[0]])))
-        shrank = sizes < b.raw_sizes
-        for i in np.unique(b.owner).tolist():  # per segment, not per chunk: vectorized over its chunks
-            mine = b.owner == i
-            c, keep_c = b.index[mine], shrank[mine]
-            comp[i][c[keep_c]] = sizes[mine][keep_c]
-            crcs[i][c[keep_c]] = crc_comp[mine][keep_c]
-            ptrs[i][c[keep_c]] = b.out_ptrs[mine][keep_c]
-            if crc_raw is not None:
-                crcs[i][c[~keep_c]] = crc_raw[mine][~keep_c]
-            elif (~keep_c).any():
-                missing[i] = np.concatenate([missing.get(i, np.empty(0, np.int64)), c[~keep_c]])
-        keep.append(b.scratch)
+    for bs, res in rounds:
+        for b, (sizes, status, crc_comp, crc_raw) in zip(bs, res):
+            if status.any():
+                bad = np.flatnonzero(status)
+                raise BackendError(f"nvCOMP {b.codec.codec_id} compression failed for {bad.size} chunk(s)",
+                                   status_name(int(status[bad[0]])))
+            shrank = sizes < b.in_sizes
+            b_comp = np.where(shrank, sizes, b.in_sizes)
+            b_ptrs = np.where(shrank, b.out_ptrs, b.in_ptrs)
+            b_crc = crc_comp if crc_raw is None else np.where(shrank, crc_comp, crc_raw)
+            if b.index is None:  # the whole of one segment
+                i = b.owner
+                comp[i], ptrs[i], crcs[i] = b_comp, b_ptrs, b_crc
+                if crc_raw is None and not shrank.all():
+                    missing[i] = np.flatnonzero(~shrank)
+                continue
+            for i in np.unique(b.owner).tolist():  # per segment, vectorized over its chunks
+                if i not in comp:
+                    comp[i], ptrs[i] = raw_sizes[i].copy(), raw_ptrs[i].copy()
+                    crcs[i] = np.zeros(len(raw_sizes[i]), np.uint32)
+                mine = b.owner == i
+                c = b.index[mine]
+                comp[i][c], ptrs[i][c], crcs[i][c] = b_comp[mine], b_ptrs[mine], b_crc[mine]
+                if crc_raw is None and not shrank[mine].all():
+                    missing[i] = np.concatenate([missing.get(i, np.empty(0, np.int64)), c[~shrank[mine]]])
     if missing:
         order = list(missing)
-        d_crc = crc32_chunks(np.concatenate([raw_ptrs[i][missing[i]] for i in order]),
-                             np.concatenate([raw_sizes[i][missing[i]] for i in order]).astype(np.uint64), stream)
-        _sync(sp)
-        host = d_crc.get()
+        _, _, host = _round([], np.concatenate([raw_ptrs[i][missing[i]] for i in order]),
+                            np.concatenate([raw_sizes[i][missing[i]] for i in order]), False, sp)
         start = 0
         for i in order:
+            crcs[i] = crcs[i].copy()
             crcs[i][missing[i]] = host[start : start + missing[i].size]
             start += missing[i].size
     outputs = []
     for i, seg in enumerate(segments):
-        flags = (comp[i] == raw_sizes[i]).astype(np.uint8)
+        if i not in comp:  # empty segment
+            z = np.empty(0, np.uint32)
+            outputs.append(SegmentOutput(z, z, np.empty(0, np.uint8), np.empty(0, np.uint64), [seg.data]))
+            continue
+        flags = (comp[i] == raw_sizes[i]).view(np.uint8)
         outputs.append(SegmentOutput(comp[i].astype(np.uint32), crcs[i], flags, ptrs[i], [seg.data, *keep]))
     return outputs
 
 
-def _split_batches(codec, sizes: np.ndarray, sp: int) -> list[tuple[int, int]]:
-    """Chunk ranges whose nvCOMP temp + output scratch stays under _BATCH_SCRATCH_NBYTES."""
-    n = len(sizes)
-    temp, max_out = _compress_sizes(codec, n, int(sizes.max()), int(sizes.sum()), sp)
-    per_chunk = (temp + n * max_out) / max(n, 1)
-    step = max(1, min(n, int(_BATCH_SCRATCH_NBYTES // max(per_chunk, 1))))
-    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+@functools.lru_cache(maxsize=512)
+def _geometry(nbytes: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw chunk sizes, chunk start offsets), both uint64 and read-only, for ``nbytes`` cut in ``chunk``s."""
+    n = -(-nbytes // chunk) if nbytes else 0
+    sizes = np.full(n, chunk, dtype=np.uint64)
+    if n:
+        sizes[-1] = nbytes - (n - 1) * chunk
+    offsets = np.arange(n, dtype=np.uint64) * np.uint64(chunk)
+    sizes.flags.writeable = offsets.flags.writeable = False
+    return sizes, offsets
 
 
-def _compress_sizes(codec, n: int, max_chunk: int, total: int, sp: int) -> tuple[int, int]:
-    algo = _cname(codec)
-    copts, _ = codec_opts(codec)
-    temp, max_out = _c_size(0), _c_size(0)
-    _call(f"nvcompBatched{algo}CompressGetTempSize", n, max_chunk, copts, ctypes.byref(temp), total, sp)
-    _call(f"nvcompBatched{algo}CompressGetMaxOutputChunkSize", max_chunk, copts, ctypes.byref(max_out))
-    return int(temp.value), int(max_out.value)
-
-
-def _launch_batch(codec, in_ptrs: np.ndarray, in_sizes: np.ndarray, sp: int, speculative: bool) -> _Batch:
-    """Enqueue compression + CRC32s of one batch with one upload; results land in one device buffer (no sync)."""
-    import cupy
-
-    algo = _cname(codec)
-    copts, _ = codec_opts(codec)
-    n = len(in_ptrs)
-    max_chunk = int(in_sizes.max())
-    temp_n, max_out = _compress_sizes(codec, n, max_chunk, int(in_sizes.sum()), sp)
-    stride = (max_out + 255) // 256 * 256
-    b = _Batch()
-    b.codec, b.n, b.stride, b.raw_sizes = codec, n, stride, in_sizes
-    b.scratch = cupy.empty(n * stride + max(temp_n, 1), dtype=np.uint8)
-    b.out_ptrs = np.uint64(b.scratch.data.ptr) + np.arange(n, dtype=np.uint64) * np.uint64(stride)
-    temp_ptr = b.scratch.data.ptr + n * stride
-    # One buffer, one upload. u64 words: [in_ptrs | in_sizes | out_ptrs | in_ptrs | comp_sizes | in_sizes], then
-    # n i32 statuses and 2n u32 CRCs. [out_ptrs | in_ptrs] with [comp_sizes | in_sizes] is one CRC32 call over the
-    # compressed chunks and (speculatively, for small inputs) the raw chunks together: one kernel's latency, not two.
-    ptrs64 = in_ptrs.astype(np.uint64)
-    sizes64 = in_sizes.astype(np.uint64)
-    host = np.concatenate([ptrs64, sizes64, b.out_ptrs, ptrs64, np.zeros(n, np.uint64), sizes64])
-    buf = cupy.empty(48 * n + 12 * n, dtype=np.uint8)
-    buf[: 48 * n].set(host.view(np.uint8))
-    words = buf[: 48 * n].view(np.uint64)
-    status = buf[48 * n : 52 * n].view(np.int32)
-    crc = buf[52 * n :].view(np.uint32)
-    _call(f"nvcompBatched{algo}CompressAsync", words.data.ptr, words.data.ptr + 8 * n, max_chunk, n, temp_ptr,
-          temp_n, words.data.ptr + 16 * n, words.data.ptr + 32 * n, copts, status.data.ptr, sp)
-    m = 2 * n if speculative else n
-    _crc32(words[2 * n : 2 * n + m], words[4 * n : 4 * n + m], crc[:m], m, max(stride, max_chunk), sp)
-    b.res, b.done = (buf, speculative), False
-    return b
-
-
-def _finish_batch(b: _Batch, sp: int, compact: bool) -> None:
-    """Read a batch's results (the caller synchronized, or compact=True which syncs); optionally compact."""
+def _compact(b: _Batch, sizes: np.ndarray, scratch, sp: int):
+    """Move the chunks of ``b`` that shrank out of the worst-case scratch into a tight buffer (returned)."""
     import cupy
 
     from ..kernels import chunks
 
-    buf, speculative = b.res
-    if compact:
-        _sync(sp)
-    n = b.n
-    host = buf[32 * n :].get()  # comp_sizes, in_sizes, statuses, CRCs: one copy
-    sizes = host[: 8 * n].view(np.uint64).copy()
-    status = host[16 * n : 20 * n].view(np.int32).copy()
-    crc = host[20 * n :].view(np.uint32)
-    raw_crc = crc[n : 2 * n].copy() if speculative else None
-    b.res, b.done = (sizes, status, crc[:n].copy(), raw_crc), True
-    if not compact:
-        return
-    # Move the chunks that shrank out of the worst-case scratch, so the next batch can reuse the memory.
-    shrank = sizes < b.raw_sizes
+    shrank = sizes < b.in_sizes
     padded = np.where(shrank, (sizes + 15) // 16 * 16, 0).astype(np.uint64)
-    offs = np.zeros(n, dtype=np.uint64)
-    if n > 1:
+    offs = np.zeros(b.n, dtype=np.uint64)
+    if b.n > 1:
         np.cumsum(padded[:-1], out=offs[1:])
     compact_buf = cupy.empty(max(int(padded.sum()), 1), dtype=np.uint8)
     new_ptrs = np.uint64(compact_buf.data.ptr) + offs
     if shrank.any():
         sel = np.flatnonzero(shrank)
         arr = cupy.asarray(np.stack([b.out_ptrs[sel], new_ptrs[sel], sizes[sel]]))
-        chunks.copy_chunks(arr[0], arr[1], arr[2], max_nbytes=int(sizes[sel].max()), pad=False)
+        chunks.copy_chunks(arr[0], arr[1], arr[2], max_nbytes=int(sizes[sel].max()), pad=False, stream=sp)
         _sync(sp)
     b.out_ptrs = np.where(shrank, new_ptrs, b.out_ptrs)
-    b.scratch = compact_buf
+    del scratch
+    return compact_buf
 
 
 def _sync(stream_ptr: int) -> None:
@@ -487,48 +598,75 @@ def _sync(stream_ptr: int) -> None:
     cupy.cuda.runtime.streamSynchronize(stream_ptr)
 
 
-def _raw_sizes(nbytes: int, chunk: int) -> np.ndarray:
-    n = -(-nbytes // chunk) if nbytes else 0
-    sizes = np.full(n, chunk, dtype=np.int64)
-    if n:
-        sizes[-1] = nbytes - (n - 1) * chunk
-    return sizes
-
-
 def pack_payload(payload, tables: list[tuple[int, bytes]], src_ptrs: np.ndarray, dst_offsets: np.ndarray,
-                 nbytes: np.ndarray) -> None:
+                 nbytes: np.ndarray, stream=None) -> None:
     """Fill a device payload in one upload and one launch: ``tables`` are (offset, bytes) host pieces; the chunks
     are (src_ptrs[i], dst_offsets[i], nbytes[i]) device copies. Every piece is zero-padded to 16 bytes."""
     import cupy
 
     from ..kernels import chunks
 
-    blob = b"".join(t for _, t in tables)
     m = len(tables) + len(src_ptrs)
     if m == 0:
         return
-    base = np.uint64(payload.data.ptr)
+    blob = b"".join(t for _, t in tables)
     staging_nbytes = 24 * m
     d_staging = cupy.empty(staging_nbytes + len(blob), dtype=np.uint8)
-    table_src = np.uint64(d_staging.data.ptr + staging_nbytes) + np.cumsum(
-        [0] + [len(t) for _, t in tables[:-1]], dtype=np.uint64)[: len(tables)]
-    desc = np.stack([
-        np.concatenate([table_src, np.asarray(src_ptrs, np.uint64)]),
-        np.concatenate([np.array([o for o, _ in tables], np.uint64), np.asarray(dst_offsets, np.uint64)]) + base,
-        np.concatenate([np.array([len(t) for _, t in tables], np.uint64), np.asarray(nbytes, np.uint64)]),
-    ])
-    staging = np.empty(staging_nbytes + len(blob), dtype=np.uint8)
-    staging[:staging_nbytes] = desc.reshape(-1).view(np.uint8)
-    staging[staging_nbytes:] = np.frombuffer(blob, dtype=np.uint8)
-    d_staging.set(staging)
-    d_desc = d_staging[:staging_nbytes].view(np.uint64)
+    sbase = d_staging.data.ptr
+    lens = np.fromiter((len(t) for _, t in tables), np.uint64, len(tables))
+    table_src = np.uint64(sbase + staging_nbytes) + np.cumsum(lens) - lens
+    base = np.uint64(payload.data.ptr)
+    host = np.empty(staging_nbytes + len(blob), dtype=np.uint8)
+    desc = host[:staging_nbytes].view(np.uint64)
+    nt = len(tables)
+    desc[:nt] = table_src
+    desc[nt:m] = src_ptrs
+    desc[m : m + nt] = np.fromiter((o for o, _ in tables), np.uint64, nt) + base
+    desc[m + nt : 2 * m] = np.asarray(dst_offsets, np.uint64) + base
+    desc[2 * m : 2 * m + nt] = lens
+    desc[2 * m + nt :] = nbytes
+    host[staging_nbytes:] = np.frombuffer(blob, dtype=np.uint8)
+    sp = _stream_ptr(stream)
+    _upload(sbase, host, sp)
     # Freeing d_staging after the launch is safe: CuPy's pool reuses memory only in this stream's order.
-    chunks.copy_chunks(d_desc[:m], d_desc[m : 2 * m], d_desc[2 * m :], max_nbytes=int(desc[2].max()), pad=True)
+    chunks.copy_chunks(sbase, sbase + 8 * m, sbase + 16 * m, n=m, max_nbytes=int(desc[2 * m :].max()), pad=True,
+                       stream=stream)
 
 
-class _Group:
-    __slots__ = ("algo", "d_actual", "d_comp_ptrs", "d_comp_sizes", "d_out_ptrs", "d_raw_sizes", "d_status", "dopts",
-                 "index_base", "max_chunk", "n", "temp", "temp_nbytes")
+_ERR_INIT = np.array([0, 2**64 - 1], dtype=np.uint64)  # [bad chunk count, min (index << 16 | status)]
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _segment_rows(seg):
+    """A segment's decode rows relative to its payload and output: (encoded, stored), each None or uint64 arrays
+    (chunk offsets, compressed sizes, output offsets, raw sizes) / (chunk offsets, output offsets, raw sizes).
+    Computed once per segment (segments are immutable)."""
+    rows = _ROWS.get(seg)
+    if rows is None:
+        offs = seg.chunk_offsets.astype(np.uint64)
+        raw = seg.raw_chunk_nbytes.astype(np.uint64)
+        dst = np.arange(seg.n_chunks, dtype=np.uint64) * np.uint64(seg.chunk_nbytes)
+        comp = seg.table.comp_nbytes.astype(np.uint64)
+        n_enc = seg.table.n_encoded
+        enc = stored = None
+        if n_enc == seg.n_chunks:
+            enc = (offs, comp, dst, raw)
+        else:
+            st = seg.table.flags == 1
+            stored = (offs[st], dst[st], raw[st])
+            if n_enc:
+                e = ~st
+                enc = (offs[e], comp[e], dst[e], raw[e])
+        rows = _ROWS[seg] = (enc, stored)
+    return rows
+
+
+@functools.lru_cache(maxsize=1024)
+def _decompress_temp(key: tuple, n: int, max_chunk: int, total: int, codec) -> int:
+    temp = _c_size(0)
+    _call(f"nvcompBatched{_cname(codec)}DecompressGetTempSize", n, max_chunk, codec_opts(codec)[1], ctypes.byref(temp),
+          total, None)
+    return int(temp.value)
 
 
 class DecodePlan:
@@ -536,16 +674,16 @@ class DecodePlan:
 
     ``jobs`` are ``(payload, segment, out)`` triples: a device payload (uint8 CuPy array) holding ``segment``'s
     chunks at the offsets of its table, and a device uint8 buffer of ``segment.raw_nbytes`` bytes to fill. Building
-    the plan uploads pointer tables and allocates nvCOMP's temporary memory once; :meth:`run` then issues one nvCOMP
-    call per distinct codec config, one copy launch for stored chunks and one status-check launch, all on the given
-    (or current) stream, without synchronizing. Bad statuses accumulate on the device until :meth:`check` (which
-    synchronizes) reads them.
+    the plan makes one device allocation (pointer tables and nvCOMP's temporary memory) and one upload; :meth:`run`
+    then issues one nvCOMP call per distinct codec config, one status-check launch and (when some chunks are
+    stored raw) one copy launch, all on the given (or current) stream, without synchronizing. Bad statuses
+    accumulate on the device until :meth:`check` (which synchronizes) reads them.
 
     A plan holds raw device pointers: the payloads and outputs must stay allocated while it is used, and one plan
     must not run on two streams at once (its temporary buffer is shared by its launches).
     """
 
-    def __init__(self, jobs, stream=None):
+    def __init__(self, jobs, stream=None, *, sync: bool = True):
         import cupy
 
         self._keep = [p for p, _, _ in jobs]
@@ -554,102 +692,92 @@ class DecodePlan:
         for payload, seg, out in jobs:
             if seg.raw_nbytes == 0:
                 continue
-            base = payload.data.ptr
-            obase = out.data.ptr
-            offs = seg.chunk_offsets.astype(np.uint64) + np.uint64(base)
-            raw = seg.raw_chunk_nbytes
-            dst = np.uint64(obase) + np.arange(seg.n_chunks, dtype=np.uint64) * np.uint64(seg.chunk_nbytes)
-            stored = seg.table.flags == 1
-            if stored.any():
-                copies.append(np.stack([offs[stored], dst[stored], raw[stored].astype(np.uint64)], axis=1))
-            enc = ~stored
-            if enc.any():
+            enc, stored = _segment_rows(seg)
+            pb, ob = np.uint64(payload.data.ptr), np.uint64(out.data.ptr)
+            if stored is not None:
+                copies.append((stored[0] + pb, stored[1] + ob, stored[2]))
+            if enc is not None:
                 if seg.codec.nvcomp_algorithm is None:  # pragma: no cover - the reader rejects this
                     raise BackendError(f"segment {seg.name!r}: codec {seg.codec.codec_id!r} has no GPU decoder")
-                key = tuple(sorted(seg.codec.get_config().items(), key=str))
-                groups.setdefault(key, []).append(
-                    (seg.codec, offs[enc], seg.table.comp_nbytes[enc].astype(np.uint64), dst[enc],
-                     raw[enc].astype(np.uint64)))
-        self._groups = []
-        index_base = 0
+                groups.setdefault(seg.codec.config_key(), []).append(
+                    (seg.codec, enc[0] + pb, enc[1], enc[2] + ob, enc[3]))
         if groups:
             require()
+        # One allocation (bytes): u64 rows comp_ptrs[G] | comp_sizes[G] | out_ptrs[G] | raw_sizes[G] | actual[G] |
+        # copy src[S] | dst[S] | nbytes[S] | err[2], then i32 statuses[G], then each group's nvCOMP temp memory.
+        cols = [[], [], [], []]
+        self._groups = []
+        row = 0
+        temps = []
         for parts in groups.values():
             codec = parts[0][0]
-            g = _Group()
-            g.algo = _cname(codec)
-            g.dopts = codec_opts(codec)[1]
-            comp_ptrs = np.concatenate([p[1] for p in parts])
-            comp_sizes = np.concatenate([p[2] for p in parts])
-            out_ptrs = np.concatenate([p[3] for p in parts])
-            raw_sizes = np.concatenate([p[4] for p in parts])
-            g.n = len(comp_ptrs)
-            g.max_chunk = int(raw_sizes.max())
-            table = cupy.asarray(np.concatenate([comp_ptrs, comp_sizes, out_ptrs, raw_sizes]))
-            g.d_comp_ptrs, g.d_comp_sizes, g.d_out_ptrs, g.d_raw_sizes = (table[j * g.n : (j + 1) * g.n]
-                                                                          for j in range(4))
-            g.d_actual = cupy.empty(g.n, dtype=np.uint64)
-            g.d_status = cupy.empty(g.n, dtype=np.int32)
-            temp_n = _c_size(0)
-            _call(f"nvcompBatched{g.algo}DecompressGetTempSize", g.n, g.max_chunk, g.dopts, ctypes.byref(temp_n),
-                  int(raw_sizes.sum()), _stream_ptr(stream))
-            g.temp_nbytes = int(temp_n.value)
-            g.temp = cupy.empty(max(g.temp_nbytes, 1), dtype=np.uint8)
-            g.index_base = index_base
-            index_base += g.n
-            self._groups.append(g)
-        if copies:
-            arr = np.concatenate(copies).astype(np.uint64)
-            table = cupy.asarray(arr.T.copy())
-            self._copy = (table[0], table[1], table[2], int(arr[:, 2].max()))
-        else:
-            self._copy = None
-        self._err = cupy.asarray(np.array([0, 2**64 - 1], dtype=np.uint64))
-        self.n_chunks = index_base + (0 if self._copy is None else int(self._copy[0].size))
+            for k in range(4):
+                cols[k].extend(p[k + 1] for p in parts)
+            raw_sizes = np.concatenate([p[4] for p in parts]) if len(parts) > 1 else parts[0][4]
+            n = len(raw_sizes)
+            max_chunk, total = int(raw_sizes.max()), int(raw_sizes.sum())
+            temp_n = _decompress_temp(codec.config_key(), n, max_chunk, total, codec)
+            fn = getattr(_library(), f"nvcompBatched{_cname(codec)}DecompressAsync")
+            self._groups.append([fn, codec_opts(codec)[1], row, n, temp_n, 0, f"nvcompBatched{_cname(codec)}"])
+            temps.append(temp_n)
+            row += n
+        G = row
+        S = sum(len(c[0]) for c in copies)
+        n_words = 5 * G + 3 * S + 2
+        o_status = 8 * n_words
+        o_temp = (o_status + 4 * G + 255) // 256 * 256
+        temp_offsets = np.cumsum([0] + [(t + 255) // 256 * 256 for t in temps])
+        self._buf = cupy.empty(max(o_temp + int(temp_offsets[-1]), 1), dtype=np.uint8)
+        base = self._buf.data.ptr
+        pieces = [*cols[0], *cols[1], *cols[2], *cols[3], np.zeros(G, np.uint64)]
+        for k in range(3):
+            pieces.extend(c[k] for c in copies)
+        pieces.append(_ERR_INIT)
+        host = np.concatenate(pieces)
+        self._err_ptr = base + 8 * (n_words - 2)
+        sp = _stream_ptr(stream)
+        _upload(base, host, sp)
+        if sync:  # the plan may run on other streams: its tables must be on the device first
+            _sync(sp)
+        self._ptrs = (base, base + 8 * G, base + 16 * G, base + 24 * G, base + 32 * G, base + o_status)
+        for g, off in zip(self._groups, temp_offsets):
+            g[5] = base + o_temp + int(off)
+        self._n_enc = G
+        self._copy = None
+        if S:
+            s0 = base + 8 * 5 * G
+            self._copy = (s0, s0 + 8 * S, s0 + 16 * S, S, int(host[5 * G + 2 * S : 5 * G + 3 * S].max()))
+        self.n_chunks = G + S
 
     def run(self, stream=None) -> None:
         """Enqueue the decode on ``stream`` (default: CuPy's current stream); does not synchronize."""
         from ..kernels import chunks
 
         sp = _stream_ptr(stream)
-        lib = _library()
-        for g in self._groups:
-            status = getattr(lib, f"nvcompBatched{g.algo}DecompressAsync")(
-                g.d_comp_ptrs.data.ptr, g.d_comp_sizes.data.ptr, g.d_raw_sizes.data.ptr, g.d_actual.data.ptr, g.n,
-                g.temp.data.ptr, g.temp_nbytes, g.d_out_ptrs.data.ptr, g.dopts, g.d_status.data.ptr, sp)
-            if status != 0:
-                raise BackendError(f"nvcompBatched{g.algo}DecompressAsync failed", status_name(status))
-        ctx = _stream_ctx(stream)
-        with ctx:
-            for g in self._groups:
-                chunks.check_statuses(g.d_status, g.d_actual, g.d_raw_sizes, self._err, index_base=g.index_base)
-            if self._copy is not None:
-                src, dst, nb, mx = self._copy
-                chunks.copy_chunks(src, dst, nb, max_nbytes=mx, pad=False)
+        comp_ptrs, comp_sizes, out_ptrs, raw_sizes, actual, status = self._ptrs
+        for fn, dopts, row, n, temp_n, temp_ptr, name in self._groups:
+            st = fn(comp_ptrs + 8 * row, comp_sizes + 8 * row, raw_sizes + 8 * row, actual + 8 * row, n, temp_ptr,
+                    temp_n, out_ptrs + 8 * row, dopts, status + 4 * row, sp)
+            if st != 0:
+                raise BackendError(f"{name}DecompressAsync failed", status_name(st))
+        if self._n_enc:
+            chunks.check_statuses(status, actual, raw_sizes, self._err_ptr, n=self._n_enc, stream=stream)
+        if self._copy is not None:
+            src, dst, nb, n, mx = self._copy
+            chunks.copy_chunks(src, dst, nb, n=n, max_nbytes=mx, pad=False, stream=stream)
 
     def check(self, stream=None) -> None:
         """Synchronize ``stream`` and raise :class:`~cupycodec.BackendError` if any chunk failed since the last
         check (the error state is then cleared)."""
-        _sync(_stream_ptr(stream))
-        err = self._err.get()
+        sp = _stream_ptr(stream)
+        err = _download(self._err_ptr, 16, sp).view(np.uint64)
         if int(err[0]):
-            key = int(err[1])
+            count, key = int(err[0]), int(err[1])
             index, status = key >> 16, key & 0xFFFF
-            self._err.set(np.array([0, 2**64 - 1], dtype=np.uint64))
+            _upload(self._err_ptr, np.array([0, 2**64 - 1], dtype=np.uint64), sp)
+            _sync(sp)
             what = status_name(status) if status else "decoded size differs from the chunk table"
-            raise BackendError(f"nvCOMP failed to decode {int(err[0])} chunk(s); first: batch chunk {index}", what)
-
-
-def _stream_ctx(stream):
-    import contextlib
-
-    import cupy
-
-    if stream is None:
-        return contextlib.nullcontext()
-    if isinstance(stream, int):
-        return cupy.cuda.ExternalStream(stream)
-    return stream
+            raise BackendError(f"nvCOMP failed to decode {count} chunk(s); first: batch chunk {index}", what)
 
 
 _warned_level = False

@@ -105,6 +105,14 @@ class Codec(abc.ABC):
                 config[name] = value
         return config
 
+    def config_key(self) -> tuple:
+        """``get_config()`` as a hashable tuple, computed once (codecs are immutable); backends key caches on it."""
+        key = self.__dict__.get("_config_key")
+        if key is None:
+            key = tuple(sorted((k, repr(v)) for k, v in self.get_config().items()))
+            object.__setattr__(self, "_config_key", key)
+        return key
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Codec:
         """Build a codec from ``get_config()`` output; the mapping is not modified."""
@@ -138,7 +146,7 @@ class Codec(abc.ABC):
         return isinstance(other, Codec) and self.get_config() == other.get_config()
 
     def __hash__(self):
-        return hash(tuple(sorted((k, repr(v)) for k, v in self.get_config().items())))
+        return hash(self.config_key())
 
     def __repr__(self):
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if getattr(self, k) is not None)

@@ -119,6 +119,11 @@ def _module():
     return cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
 
 
+@functools.cache
+def _function(device: int, name: str):  # get_function costs ~8 us a call: cache it per device
+    return _module().get_function(name)
+
+
 def _grid(n: int) -> tuple[int]:
     return (max(1, min(-(-n // 256), 65535 * 8)),)
 
@@ -126,7 +131,10 @@ def _grid(n: int) -> tuple[int]:
 def _kernel(op: str, k: int, words_ptr: int, planes_ptr: int, stride: int):
     """The vectorized kernel when the pointers allow it, else the scalar one (same results)."""
     vec = words_ptr % 16 == 0 and planes_ptr % 8 == 0 and stride % 8 == 0
-    return _module().get_function(f"cupycodec_byteplane_{op}{'v' if vec else ''}_u{k}"), vec
+    import cupy
+
+    name = f"cupycodec_byteplane_{op}{'v' if vec else ''}_u{k}"
+    return _function(cupy.cuda.runtime.getDevice(), name), vec
 
 
 def plane_stride(n: int) -> int:

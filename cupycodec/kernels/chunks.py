@@ -55,39 +55,67 @@ void cupycodec_chunks_check(const int* __restrict__ status,
 
 
 @functools.cache
-def _module():
+def _function(device: int, name: str):
+    # Cached per device and name: RawModule.get_function costs ~8 us per call, a small decode's budget.
     import cupy  # lazy: importing this module must not import cupy
 
-    return cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
+    return cupy.RawModule(code=_SOURCE, options=("--std=c++14",)).get_function(name)
 
 
-def copy_chunks(src_ptrs, dst_ptrs, nbytes, *, max_nbytes: int, pad: bool, stream=None) -> None:
-    """Copy ``nbytes[i]`` bytes from ``src_ptrs[i]`` to ``dst_ptrs[i]`` (device uint64 arrays) in one launch."""
-    n = int(src_ptrs.size)
+def _ptr(x):
+    """Kernel argument for a device array or a raw device address (an int)."""
+    return np.uint64(x) if isinstance(x, (int, np.integer)) else x
+
+
+def copy_parts(n: int, max_nbytes: int, threads: int = 256) -> int:
+    """Blocks per chunk: enough for ~600 blocks in all (about 4 per SM) but at least 16 KiB of work each."""
+    by_size = -(-max(int(max_nbytes), 1) // (threads * 16 * 4))
+    return max(1, min(by_size, 1024, -(-600 // max(n, 1))))
+
+
+def copy_chunks(src_ptrs, dst_ptrs, nbytes, *, max_nbytes: int, pad: bool, stream=None, n: int | None = None) -> None:
+    """Copy ``nbytes[i]`` bytes from ``src_ptrs[i]`` to ``dst_ptrs[i]`` (device uint64 arrays, or their device
+    addresses with ``n`` given) in one launch."""
+    n = int(src_ptrs.size) if n is None else int(n)
     if n == 0:
         return
     threads = 256
-    parts = max(1, min(64, -(-max(int(max_nbytes), 1) // (threads * 16 * 8))))
-    kernel = _module().get_function("cupycodec_chunks_copy")
-    _launch(kernel, (n * parts,), (threads,), (src_ptrs, dst_ptrs, nbytes, np.int64(n), np.int32(parts),
-                                                 np.int32(1 if pad else 0)), stream)
+    parts = copy_parts(n, max_nbytes, threads)
+    kernel = _function(_device(), "cupycodec_chunks_copy")
+    _launch(kernel, (n * parts,), (threads,), (_ptr(src_ptrs), _ptr(dst_ptrs), _ptr(nbytes), np.int64(n),
+                                                 np.int32(parts), np.int32(1 if pad else 0)), stream)
 
 
-def check_statuses(status, actual, expected, err, *, index_base: int = 0, stream=None) -> None:
-    """Accumulate bad chunks (status != 0 or actual size != expected) into ``err`` (device uint64[2])."""
-    n = int(status.size)
+def check_statuses(status, actual, expected, err, *, index_base: int = 0, stream=None, n: int | None = None) -> None:
+    """Accumulate bad chunks (status != 0 or actual size != expected) into ``err`` (device uint64[2]); arrays or
+    device addresses (with ``n``)."""
+    n = int(status.size) if n is None else int(n)
     if n == 0:
         return
-    kernel = _module().get_function("cupycodec_chunks_check")
-    args = (status, actual if actual is not None else np.uint64(0), expected, np.int64(n), np.int64(index_base), err)
+    kernel = _function(_device(), "cupycodec_chunks_check")
+    args = (_ptr(status), _ptr(actual) if actual is not None else np.uint64(0), _ptr(expected), np.int64(n),
+            np.int64(index_base), _ptr(err))
     _launch(kernel, (-(-n // 256),), (256,), args, stream)
 
 
+def _device() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
 def _launch(kernel, grid, block, args, stream):
-    if stream is None:
-        kernel(grid, block, args)
-    else:
+    """Launch on ``stream`` (None: CuPy's current stream; a cupy Stream; or a raw cudaStream_t int)."""
+    if stream is not None:
         import cupy
 
-        with cupy.cuda.ExternalStream(stream) if isinstance(stream, int) else stream:
-            kernel(grid, block, args)
+        if isinstance(stream, int):
+            if stream != cupy.cuda.get_current_stream().ptr:
+                with cupy.cuda.ExternalStream(stream):
+                    kernel(grid, block, args)
+                return
+        else:
+            with stream:
+                kernel(grid, block, args)
+            return
+    kernel(grid, block, args)

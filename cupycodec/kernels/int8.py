@@ -1028,9 +1028,15 @@ def _module():
     return cupy.RawModule(code=_SOURCE)
 
 
-@functools.cache
 def _kernel(name: str):
-    return _module().get_function(name)  # a RawKernel: compiled once per device, on first launch
+    import cupy
+
+    return _kernel_on(cupy.cuda.runtime.getDevice(), name)
+
+
+@functools.cache
+def _kernel_on(device: int, name: str):
+    return _module().get_function(name)  # compiled once per device, on first launch; a Function is per device
 
 
 @functools.cache

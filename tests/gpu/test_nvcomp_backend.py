@@ -204,8 +204,10 @@ def test_plan_reports_bad_chunks(cp):
     out = cp.empty_like(x)
     plan = cc.decode_plan([c], [out])
     # lie about one chunk's size inside the plan's (trusted) device tables: nvCOMP must report it
-    g = plan._groups[0]
-    g.d_raw_sizes[1] = g.d_raw_sizes[1] - 16
+    raw_sizes = plan._ptrs[3]  # device address of the expected decoded sizes, one u64 per encoded chunk
+    row = cp.ndarray((plan._n_enc,), cp.uint64, cp.cuda.MemoryPointer(
+        cp.cuda.UnownedMemory(raw_sizes, 8 * plan._n_enc, plan), 0))
+    row[1] -= 16
     plan.run()
     with pytest.raises(cc.BackendError):
         plan.check()

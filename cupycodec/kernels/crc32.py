@@ -1,0 +1,335 @@
+"""Batched CRC-32 (zlib's) of device byte ranges in one launch. Reference: :func:`crc32_reference` and zlib.
+
+nvCOMP's ``nvcompBatchedCRC32Async`` costs about 40-55 us of GPU time on 1 MiB however it is chunked (measured on
+an H200, benchmarks/RESULTS.md), which is most of a small compression's GPU time. This kernel spreads every chunk
+over many blocks and combines the partial CRCs with GF(2) polynomial arithmetic, as zlib's ``crc32_combine`` does.
+
+The math, in zlib's reflected representation (bit 31 is x^0; ``mulmod`` is zlib's ``multmodp``):
+
+* CRCs are linear: with ``raw(M)`` the CRC register after M from a zero start, ``raw(A || B) = raw(A) x^(8|B|) +
+  raw(B)``, and trailing zeros multiply by ``x^8`` each, so ``raw(M) = raw(M || 0^z) x^(-8z)``.
+* Starting the register at 0xFFFFFFFF (zlib's init) only changes the first piece's start value, and the final
+  ``^ 0xFFFFFFFF`` is applied once at the end.
+* A chunk of L bytes is cut into ``parts`` parts of P = 2^p bytes (P a multiple of the stripe, 8 KiB), the last
+  part padded with zeros. A block of T = 128 threads walks its part in stripes of T x Q (Q = 64 bytes); thread t
+  folds its pieces with ``acc = acc x^(8 T Q) + crc(piece)``, and a tree over threads (constants x^(8 Q 2^k))
+  gives the part's CRC. The last block of a chunk to finish (an atomic counter) folds the parts in a warp, then
+  removes the padding with ``x^(-8z)``: every power is a product of precomputed ``x^(+-2^k)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+
+from .chunks import _launch
+
+POLY = 0xEDB88320
+ONE = 0x80000000  # the polynomial 1
+THREADS = 128
+PIECE = 64
+STRIPE = THREADS * PIECE  # 8 KiB
+_LOG2_PIECE_BITS = 9  # log2(8 * PIECE)
+_LOG2_WARP_BITS = 14  # log2(8 * 32 * PIECE)
+_LOG2_STRIPE_BITS = 16  # log2(8 * STRIPE)
+
+_SOURCE = r"""
+#define CRC_T 128
+#define CRC_Q 64
+#define CRC_S (CRC_T * CRC_Q)
+#define POLY 0xEDB88320u
+#define ONE 0x80000000u
+#define XP(k) consts[2048 + (k)]
+#define XI(k) consts[2112 + (k)]
+
+// a * b mod P (zlib's multmodp), branch-free over all 32 bits
+__device__ __forceinline__ unsigned mulmod(unsigned a, unsigned b)
+{
+    unsigned p = 0u;
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        p ^= b & (0u - ((a >> (31 - i)) & 1u));
+        b = (b >> 1) ^ (POLY & (0u - (b & 1u)));
+    }
+    return p;
+}
+
+// slice-by-8: 8 bytes (w0 = bytes 0-3, w1 = bytes 4-7, little-endian) into the register
+__device__ __forceinline__ unsigned step8(const unsigned* t, unsigned crc, unsigned w0, unsigned w1)
+{
+    const unsigned a = w0 ^ crc;
+    return t[7 * 256 + (a & 0xffu)] ^ t[6 * 256 + ((a >> 8) & 0xffu)] ^ t[5 * 256 + ((a >> 16) & 0xffu)]
+         ^ t[4 * 256 + (a >> 24)] ^ t[3 * 256 + (w1 & 0xffu)] ^ t[2 * 256 + ((w1 >> 8) & 0xffu)]
+         ^ t[1 * 256 + ((w1 >> 16) & 0xffu)] ^ t[w1 >> 24];
+}
+
+// consts: [0, 2048) slice-by-8 tables; [2048, 2112) x^(2^k); [2112, 2176) x^-(2^k).
+// work (parts > 1): n zeroed counters, then n * parts partial CRCs.
+extern "C" __global__ void __launch_bounds__(CRC_T)
+cupycodec_crc32(const unsigned long long* __restrict__ ptrs, const unsigned long long* __restrict__ sizes,
+                unsigned* __restrict__ out, long long n, int parts, int log2_part, int log2_r,
+                unsigned* __restrict__ work, const unsigned* __restrict__ consts)
+{
+    __shared__ unsigned tab[8 * 256];
+    __shared__ unsigned warp_crc[CRC_T / 32];
+    __shared__ unsigned part_crc;
+    __shared__ int is_last;
+    const long long c = (long long)blockIdx.x / parts;
+    const int j = (int)((long long)blockIdx.x % parts);
+    if (c >= n) return;
+    for (int i = threadIdx.x; i < 2048; i += CRC_T) tab[i] = consts[i];
+    __syncthreads();
+
+    const unsigned long long addr = ptrs[c];
+    const unsigned char* base = (const unsigned char*)addr;
+    const unsigned long long L = sizes[c];
+    const unsigned long long start = (unsigned long long)j << log2_part;
+    const int stripes = (int)((1ull << log2_part) / CRC_S);
+    const bool aligned = (addr & 15ull) == 0ull;
+    const unsigned xs = XP(16);  // x^(8 * CRC_S)
+    unsigned acc = 0u;
+    for (int s = 0; s < stripes; ++s) {
+        const unsigned long long off = start + (unsigned long long)s * CRC_S + (unsigned long long)threadIdx.x * CRC_Q;
+        unsigned crc = off == 0ull ? 0xFFFFFFFFu : 0u;
+        if (off < L) {
+            if (aligned && off + CRC_Q <= L) {
+                const uint4* p = reinterpret_cast<const uint4*>(base + off);
+                uint4 v[CRC_Q / 16];
+                #pragma unroll
+                for (int q = 0; q < CRC_Q / 16; ++q) v[q] = p[q];
+                #pragma unroll
+                for (int q = 0; q < CRC_Q / 16; ++q) {
+                    crc = step8(tab, crc, v[q].x, v[q].y);
+                    crc = step8(tab, crc, v[q].z, v[q].w);
+                }
+            } else {  // unaligned chunk, or the piece holding the chunk's end (bytes past it count as zeros)
+                for (int b = 0; b < CRC_Q; ++b) {
+                    const unsigned byte = off + b < L ? (unsigned)base[off + b] : 0u;
+                    crc = tab[(crc ^ byte) & 0xffu] ^ (crc >> 8);
+                }
+            }
+        }
+        acc = s == 0 ? crc : (mulmod(acc, xs) ^ crc);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    #pragma unroll
+    for (int k = 0; k < 5; ++k) {
+        const unsigned other = __shfl_down_sync(0xffffffffu, acc, 1 << k);
+        if ((lane & ((2 << k) - 1)) == 0) acc = mulmod(acc, XP(9 + k)) ^ other;
+    }
+    if (lane == 0) warp_crc[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned v = warp_crc[0];
+        #pragma unroll
+        for (int w = 1; w < CRC_T / 32; ++w) v = mulmod(v, XP(14)) ^ warp_crc[w];
+        part_crc = v;
+        if (parts == 1) {
+            is_last = 1;
+        } else {
+            work[n + c * parts + j] = v;
+            __threadfence();
+            is_last = atomicAdd(&work[c], 1u) == (unsigned)(parts - 1);
+        }
+    }
+    __syncthreads();
+    if (!is_last || warp != 0) return;
+    __threadfence();
+
+    // One part: the chunk counts as P bytes, zero-padded at the end. Several: lane l folds parts [l r, (l + 1) r),
+    // then a tree over lanes; the chunk counts as 32 r P bytes.
+    unsigned v = part_crc;
+    unsigned long long padded = 1ull << log2_part;
+    if (parts > 1) {
+        const int r = 1 << log2_r;
+        const unsigned xpart = XP(3 + log2_part);
+        v = 0u;
+        for (int q = 0; q < r; ++q) {
+            const int jj = lane * r + q;
+            const unsigned pc = jj < parts ? __ldcg(&work[n + c * parts + jj]) : 0u;
+            v = mulmod(v, xpart) ^ pc;
+        }
+        #pragma unroll
+        for (int k = 0; k < 5; ++k) {
+            const unsigned other = __shfl_down_sync(0xffffffffu, v, 1 << k);
+            if ((lane & ((2 << k) - 1)) == 0) v = mulmod(v, XP(3 + log2_part + log2_r + k)) ^ other;
+        }
+        padded = 32ull << (log2_part + log2_r);
+    }
+    // x^(-8z) for z = padded - L: lane b contributes x^-(2^b) and x^-(2^(b+32)) for the set bits of 8z
+    const unsigned long long e = (padded - L) * 8ull;
+    unsigned f = ((e >> lane) & 1ull) ? XI(lane) : ONE;
+    if ((e >> (lane + 32)) & 1ull) f = mulmod(f, XI(lane + 32));
+    #pragma unroll
+    for (int k = 0; k < 5; ++k) f = mulmod(f, __shfl_xor_sync(0xffffffffu, f, 1 << k));
+    if (lane == 0) {
+        out[c] = L == 0ull ? 0u : (mulmod(v, f) ^ 0xFFFFFFFFu);
+        if (parts > 1) work[c] = 0u;  // leave the counter zeroed for reuse
+    }
+}
+"""
+
+
+# -- host-side math (also the reference the tests use) ------------------------------------------------------------
+
+
+def mulmod(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial, reflected (zlib's multmodp)."""
+    p = 0
+    for i in range(32):
+        if a & (ONE >> i):
+            p ^= b
+        b = (b >> 1) ^ POLY if b & 1 else b >> 1
+    return p
+
+
+X_INV = 0xDB710641  # x^-1 = (P(x) + 1) / x, reflected; checked in consts()
+
+
+@functools.cache
+def consts() -> np.ndarray:
+    """uint32[2176]: slice-by-8 tables, x^(2^k) and x^-(2^k) for k < 64."""
+    t0 = np.zeros(256, np.uint64)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ POLY if c & 1 else c >> 1
+        t0[i] = c
+    tables = [t0]
+    for _ in range(7):
+        prev = tables[-1]
+        tables.append((prev >> np.uint64(8)) ^ t0[(prev & np.uint64(0xFF)).astype(np.int64)])
+    xp, xi = [0x40000000], [X_INV]
+    if mulmod(X_INV, 0x40000000) != ONE:  # pragma: no cover - a constant typo would be caught here
+        raise AssertionError("x^-1 is wrong")
+    for _ in range(63):
+        xp.append(mulmod(xp[-1], xp[-1]))
+        xi.append(mulmod(xi[-1], xi[-1]))
+    return np.concatenate([np.concatenate(tables), np.array(xp + xi, np.uint64)]).astype(np.uint32)
+
+
+def xpow(e: int) -> int:
+    """x^e mod P from the tables (e >= 0)."""
+    c = consts()
+    r = ONE
+    for b in range(64):
+        if (e >> b) & 1:
+            r = mulmod(r, int(c[2048 + b]))
+    return r
+
+
+def xpow_inv(e: int) -> int:
+    c = consts()
+    r = ONE
+    for b in range(64):
+        if (e >> b) & 1:
+            r = mulmod(r, int(c[2112 + b]))
+    return r
+
+
+def launch_shape(max_nbytes: int, total_nbytes: int, sm_count: int) -> tuple[int, int, int]:
+    """(parts, log2_part, log2_r) for a batch: about 4 blocks per SM, parts of 8 KiB up to the largest chunk."""
+    want = -(-max(int(total_nbytes), 1) // (4 * max(sm_count, 1)))
+    cap = max(STRIPE, 1 << (max(int(max_nbytes), 1) - 1).bit_length())
+    part = min(max(STRIPE, 1 << (want - 1).bit_length()), cap)
+    parts = max(1, -(-int(max_nbytes) // part))
+    log2_r = max(0, (-(-parts // 32) - 1).bit_length())
+    return parts, part.bit_length() - 1, log2_r
+
+
+def crc32_reference(data: bytes, *, piece: int = PIECE, threads: int = THREADS, part: int | None = None) -> int:
+    """The kernel's decomposition in plain Python (any piece/threads/part sizes), for testing the math on a CPU.
+
+    Equals ``zlib.crc32(data)`` for every input; the GPU test pins the kernel to zlib directly.
+    """
+    L = len(data)
+    stripe = piece * threads
+    part = part or stripe
+    assert part % stripe == 0 and part & (part - 1) == 0 and piece & (piece - 1) == 0
+    parts = max(1, -(-L // part))
+    log2_r = max(0, (-(-parts // 32) - 1).bit_length())
+    r = 1 << log2_r
+    partials = []
+    for j in range(parts):
+        accs = []
+        for t in range(threads):
+            acc = 0
+            for s in range(part // stripe):
+                off = j * part + s * stripe + t * piece
+                crc = 0xFFFFFFFF if off == 0 else 0
+                if off < L:
+                    buf = data[off : off + piece].ljust(piece, b"\0")
+                    crc = zlib.crc32(buf, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF  # raw register update
+                acc = crc if s == 0 else mulmod(acc, xpow(8 * stripe)) ^ crc
+            accs.append(acc)
+        v = accs[0]
+        for acc in accs[1:]:  # a left fold equals the kernel's tree (the constants compose)
+            v = mulmod(v, xpow(8 * piece)) ^ acc
+        partials.append(v)
+    if parts == 1:
+        v, padded = partials[0], part
+    else:
+        lanes = []
+        for lane in range(32):
+            v = 0
+            for q in range(r):
+                jj = lane * r + q
+                v = mulmod(v, xpow(8 * part)) ^ (partials[jj] if jj < parts else 0)
+            lanes.append(v)
+        v = lanes[0]
+        for x in lanes[1:]:
+            v = mulmod(v, xpow(8 * r * part)) ^ x
+        padded = 32 * r * part
+    if L == 0:
+        return 0
+    z = padded - L
+    return mulmod(v, xpow_inv(8 * z)) ^ 0xFFFFFFFF
+
+
+# -- launcher -------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _function(device: int):
+    """(kernel, the constants on this device and their address, SM count), built once per device."""
+    import cupy  # lazy: importing this module must not import cupy
+
+    mod = cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
+    table = cupy.asarray(consts())
+    return (mod.get_function("cupycodec_crc32"), table, np.uint64(table.data.ptr),
+            cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+
+
+def work_words(n: int, parts: int) -> int:
+    """uint32 words of scratch a launch needs: n counters (zeroed) + n * parts partials; 0 when parts == 1."""
+    return 0 if parts == 1 else n + n * parts
+
+
+def shape_for(max_nbytes: int, total_nbytes: int) -> tuple[int, int, int]:
+    import cupy
+
+    return launch_shape(max_nbytes, total_nbytes, _function(cupy.cuda.runtime.getDevice())[3])
+
+
+def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None, stream=None) -> None:
+    """CRC-32 of ``n`` device byte ranges: ``ptrs``/``sizes`` are device uint64 arrays (or raw pointers), ``out``
+    a device uint32 array; ``shape`` from :func:`shape_for`. ``work`` is device scratch of :func:`work_words`
+    uint32 words whose first ``n`` are zero (the kernel leaves them zero); allocated here when None."""
+    import cupy
+
+    if n == 0:
+        return
+    fn, _, table_ptr, _ = _function(cupy.cuda.runtime.getDevice())
+    parts, log2_part, log2_r = shape
+    words = work_words(n, parts)
+    if words and work is None:
+        work = cupy.zeros(words, np.uint32)
+    args = (_p(ptrs), _p(sizes), _p(out), np.int64(n), np.int32(parts), np.int32(log2_part), np.int32(log2_r),
+            _p(work) if words else np.uint64(0), table_ptr)
+    _launch(fn, (n * parts,), (THREADS,), args, stream)
+
+
+def _p(x):
+    return np.uint64(x) if isinstance(x, (int, np.integer)) else np.uint64(x.data.ptr)
