@@ -392,32 +392,49 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
     inputs, owners = [], []
     for j, job in enumerate(jobs):
         for name, spec, codec, chunk in _segment_codecs(job, gpu=True):
-            data = _flat_bytes(job.arrays[name], True)
-            if data.size and data.data.ptr % 256:
+            data = job.arrays[name]  # C-contiguous (prepared or freshly made by a filter)
+            if data.nbytes and data.data.ptr % 256:
                 data = data.copy()
             nvcomp.warn_ignored_level(codec)
             inputs.append(nvcomp.SegmentInput(data, codec, chunk))
             owners.append((j, name, spec, codec, chunk))
     outputs = nvcomp.compress_segments(inputs)
-    results = []
-    for j, job in enumerate(jobs):
-        idx = [i for i, o in enumerate(owners) if o[0] == j]
+    results, pending = [], []
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    first = 0
+    for job in jobs:
+        n_seg = len(job.specs)
+        idx = range(first, first + n_seg)
+        first += n_seg
+        crcs = [nvcomp.PendingCRC() for _ in idx]  # filled on the device by pack_payload, read on first use
         pieces = [(owners[i][1], owners[i][2], owners[i][3], owners[i][4],
-                   ChunkTable.build(outputs[i].comp_nbytes, outputs[i].crc32, outputs[i].flags)) for i in idx]
+                   ChunkTable.build(outputs[i].comp_nbytes, crc, outputs[i].flags)) for i, crc in zip(idx, crcs)]
         segments = build_segments(pieces)
         header = Header(job.spec, tuple(job.pipeline), segments, producer_info("nvcomp"), job.metadata)
         payload = cupy.empty(header.payload_nbytes, dtype=np.uint8)
-        tables = [(seg.offset, seg.table.to_bytes()) for seg in segments]
-        srcs = [outputs[i].src_ptrs for i in idx]
-        nvcomp.pack_payload(payload, tables, np.concatenate(srcs) if srcs else np.empty(0, np.uint64),
-                            np.concatenate([seg.chunk_offsets for seg in segments]) if segments else [],
-                            np.concatenate([outputs[i].comp_nbytes for i in idx]) if idx else [])
-        if job.keep_on_device:
-            results.append(CompressedArray(header, payload))
+        if len(segments) == 1:
+            seg, out = segments[0], outputs[idx[0]]
+            src, dst, nb = out.src_ptrs, seg.chunk_offsets, out.comp_nbytes
+            crc_offs = seg.offset + 4 * seg.n_chunks + 4 * np.arange(seg.n_chunks, dtype=np.uint64)
         else:
-            results.append(CompressedArray(header, memoryview(payload.get()).cast("B")))
+            src = np.concatenate([outputs[i].src_ptrs for i in idx])
+            dst = np.concatenate([seg.chunk_offsets for seg in segments])
+            nb = np.concatenate([outputs[i].comp_nbytes for i in idx])
+            crc_offs = np.concatenate([seg.offset + 4 * seg.n_chunks + 4 * np.arange(seg.n_chunks, dtype=np.uint64)
+                                       for seg in segments])
+        nvcomp.pack_payload(payload, [(seg.offset, seg.table.bytes_without_crcs()) for seg in segments], src, dst,
+                            nb, crc_offs)
+        pending.append((payload, header, crcs))
+    event.record()
+    for job, (payload, header, crcs) in zip(jobs, pending):
+        if not job.keep_on_device:
+            payload = memoryview(payload.get()).cast("B")
+        for seg, crc in zip(header.segments, crcs):
+            crc.bind(payload, seg.offset + 4 * seg.n_chunks, seg.n_chunks, event)
+        results.append(CompressedArray(header, payload))
     # No sync: every launch above is ordered on this stream, and CuPy's pool reuses freed scratch only in that
-    # order, so the payload is complete for any later work on the stream (to_bytes() synchronizes).
+    # order, so the payload is complete for any later work on the stream. The chunk CRCs reach the host when first
+    # needed (to_bytes, save, header, nbytes), after the event recorded above.
     return results
 
 
@@ -930,6 +947,8 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
 
     from .backends import nvcomp
 
+    if len(jobs) == 1 and _decode_plain_on_device(jobs[0]):
+        return
     payloads = []
     for j in jobs:
         c = j.item
@@ -966,6 +985,37 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
                 v.target.reshape(-1).view("u1")[...] = v.scratch
                 b[name] = v.target
         j.result = _run_filters(j, b, gpu=True)
+
+
+def _decode_plain_on_device(job: _DecodeJob) -> bool:
+    """The common small case without staging views: one device-resident array of one segment, no filters, native
+    byte order, decoded straight into ``out`` or a fresh array of its shape. False when it does not apply."""
+    c = job.item
+    if not c.on_device or c.pipeline or len(c.segments) != 1 or c.spec.byteorder == ">" or job.target[0] != "cuda":
+        return False
+    import cupy
+
+    from .backends import nvcomp
+    from .dtypes import gpu_dtype
+
+    if job.out is None:
+        out = cupy.empty(c.shape, dtype=gpu_dtype(c.spec.dtype))
+    else:
+        out = _check_out(job.out, c.shape, _seg_dtype(c.spec, True), True)
+    if out.size and out.data.ptr % 16:
+        return False
+    plan = key = None
+    if job.out is not None:  # same key as _decode_gpu's: the caller's buffer makes the plan reusable
+        key = ((id(c),), ((int(out.data.ptr) if out.size else 0, int(out.nbytes)),), cupy.cuda.get_current_stream().ptr)
+        plan = _plans.get(key)
+    if plan is None:
+        plan = nvcomp.DecodePlan([(c._payload, c.segments[0], out)], sync=False)
+        if key is not None:
+            _plans.put(key, plan, [c])
+    plan.run()
+    plan.check()
+    job.result = out
+    return True
 
 
 class _Scratch(NamedTuple):

@@ -98,26 +98,47 @@ def raw_chunk_sizes(raw_nbytes: int, chunk_nbytes: int) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class ChunkTable:
-    """Per-chunk compressed sizes, CRC32s and flags of one segment (read-only uint32/uint32/uint8 arrays)."""
+    """Per-chunk compressed sizes, CRC32s and flags of one segment (read-only uint32/uint32/uint8 arrays).
+
+    ``crc_source`` is the CRC array, or a callable returning it: GPU compression computes the checksums on the
+    device after packing and the host reads them only when something needs them (:attr:`crc32`).
+    """
 
     comp_nbytes: np.ndarray
-    crc32: np.ndarray
+    crc_source: Any
     flags: np.ndarray
 
     def __post_init__(self):
-        for a in (self.comp_nbytes, self.crc32, self.flags):
-            a.flags.writeable = False
+        for a in (self.comp_nbytes, self.crc_source, self.flags):
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
 
     @classmethod
     def build(cls, comp_nbytes, crc32, flags) -> ChunkTable:
-        return cls(np.ascontiguousarray(comp_nbytes, dtype="<u4"), np.ascontiguousarray(crc32, dtype="<u4"),
-                   np.ascontiguousarray(flags, dtype=np.uint8))
+        crc = crc32 if callable(crc32) else np.ascontiguousarray(crc32, dtype="<u4")
+        return cls(np.ascontiguousarray(comp_nbytes, dtype="<u4"), crc, np.ascontiguousarray(flags, dtype=np.uint8))
+
+    @property
+    def crc32(self) -> np.ndarray:
+        """The chunks' CRC32s (reading them waits for a GPU compression's checksum kernel the first time)."""
+        src = self.crc_source
+        if not isinstance(src, np.ndarray):
+            src = np.ascontiguousarray(src(), dtype="<u4")
+            src.flags.writeable = False
+            object.__setattr__(self, "crc_source", src)
+        return src
 
     def __len__(self) -> int:
         return len(self.comp_nbytes)
 
     def to_bytes(self) -> bytes:
         return self._bytes
+
+    def bytes_without_crcs(self) -> bytes:
+        """The padded table with its CRC slots zeroed (what GPU packing uploads before checksumming the chunks)."""
+        n = len(self)
+        body = self.comp_nbytes.tobytes() + bytes(4 * n) + self.flags.tobytes()
+        return body + bytes(table_nbytes(n) - len(body))
 
     @cached_property
     def _bytes(self) -> bytes:
@@ -159,7 +180,16 @@ class Segment:
     offset: int
     nbytes: int
     table: ChunkTable
-    table_crc32: int
+    _table_crc32: int | None = None  # None: computed from the table bytes on first use
+
+    @property
+    def table_crc32(self) -> int:
+        """CRC32 of the padded chunk table (as stored in the header)."""
+        v = self._table_crc32
+        if v is None:
+            v = zlib.crc32(self.table.to_bytes())
+            object.__setattr__(self, "_table_crc32", v)
+        return v
 
     @property
     def raw_nbytes(self) -> int:
@@ -251,7 +281,7 @@ def build_segments(pieces: Sequence[tuple[str, ArraySpec, Any, int, ChunkTable]]
     out, offset = [], 0
     for name, spec, codec, chunk_nbytes, table in pieces:
         nbytes = segment_nbytes(table)
-        out.append(Segment(name, spec, codec, chunk_nbytes, offset, nbytes, table, zlib.crc32(table.to_bytes())))
+        out.append(Segment(name, spec, codec, chunk_nbytes, offset, nbytes, table))
         offset += nbytes
     return tuple(out)
 

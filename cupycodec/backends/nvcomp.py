@@ -240,7 +240,7 @@ def _params_key(codec) -> tuple:
 
 @dataclass
 class SegmentInput:
-    """One segment to compress: its bytes on the device (uint8, 256-byte aligned), codec and chunk size."""
+    """One segment to compress: a C-contiguous device array (its bytes, 256-byte aligned), codec and chunk size."""
 
     data: object
     codec: object
@@ -250,14 +250,12 @@ class SegmentInput:
 @dataclass
 class SegmentOutput:
     comp_nbytes: np.ndarray  # uint32 per chunk
-    crc32: np.ndarray
-    flags: np.ndarray
+    flags: np.ndarray  # uint8 per chunk: 1 = stored raw
     src_ptrs: np.ndarray  # uint64 per chunk: device address of the bytes to store (compressed or raw)
     keepalive: list
 
 
 _BATCH_SCRATCH_NBYTES = 1 << 30  # bound on nvCOMP temp + output scratch per compression call
-_SPECULATIVE_CRC_NBYTES = 64 << 20  # below this, raw-chunk CRCs are computed up front to save a second sync
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
 
 
@@ -372,99 +370,65 @@ class _Batch:
         return self.n * self.stride + (self.temp + 255) // 256 * 256
 
 
-def _round(batches: list[_Batch], extra_ptrs: np.ndarray, extra_sizes: np.ndarray, speculative: bool, sp: int):
-    """Compress every batch (one nvCOMP call each) and CRC32 [extra ranges | compressed chunks | raw chunks when
-    speculative] in one launch, with one upload, one download and one synchronization.
+def _round(batches: list[_Batch], sp: int):
+    """Compress every batch (one nvCOMP call each) with one upload, one download and one synchronization.
 
-    Returns (scratch, [(comp_sizes, statuses, crc_comp, crc_raw or None)] per batch, crc_extra).
+    Returns (scratch, [(comp_sizes, statuses)] per batch); the batches' ``out_ptrs`` point into ``scratch``.
     """
     import cupy
 
-    from ..kernels import crc32
-
-    K = len(extra_ptrs)
     M = sum(b.n for b in batches)
-    N = K + 2 * M  # table rows: [extra | compressed (out) | raw (in)]
-    C = N if speculative else K + M  # rows the CRC covers
-    scratch = cupy.empty(max(1, sum(b.scratch_nbytes for b in batches)), dtype=np.uint8)
-    base, outs = scratch.data.ptr, []
+    scratch_nbytes = sum(b.scratch_nbytes for b in batches)
+    # One allocation (bytes): scratch | in_ptrs u64[M] | in_sizes u64[M] | out_ptrs u64[M] | comp u64[M] | i32[M]
+    o_tab = (scratch_nbytes + 255) // 256 * 256
+    buf = cupy.empty(o_tab + 36 * M, dtype=np.uint8)
+    base, outs = buf.data.ptr, []
     for b in batches:
         b.out_ptrs = np.uint64(base) + np.arange(b.n, dtype=np.uint64) * np.uint64(b.stride)
         outs.append(b.out_ptrs)
         base += b.scratch_nbytes
-    in_ptrs = [b.in_ptrs.astype(np.uint64, copy=False) for b in batches]
-    in_sizes = [b.in_sizes for b in batches]
-    max_bytes = max([int(extra_sizes.max()) if K else 0] + [b.max_out for b in batches]
-                    + ([int(b.in_sizes.max()) for b in batches] if speculative else []))
-    total = int(extra_sizes.sum()) + sum(int(x.sum()) for x in in_sizes) * (2 if speculative else 1)
-    shape = crc32.shape_for(max(max_bytes, 1), max(total, 1))
-    words = crc32.work_words(C, shape[0])
-    # Device layout (bytes): ptrs u64[N] | sizes u64[N] | status i32[M] | crc u32[C] | crc work u32[words]
-    o_sizes = 8 * N
-    o_status = o_sizes + 8 * N
-    o_crc = o_status + 4 * M
-    o_work = (o_crc + 4 * C + 7) // 8 * 8
-    dev = cupy.empty(o_work + 4 * words + 8, dtype=np.uint8)
-    host = np.zeros((o_work + 4 * min(words, C) + 7) // 8, np.uint64)  # inputs, zeroed counters
-    zeros_m = np.zeros(M, np.uint64)
-    host[: 2 * N] = np.concatenate([np.asarray(extra_ptrs, np.uint64), *outs, *in_ptrs,
-                                    np.asarray(extra_sizes, np.uint64), zeros_m, *in_sizes])
-    d = dev.data.ptr
-    _upload(d, host, sp)
+    t = buf.data.ptr + o_tab
+    _upload(t, np.concatenate([*(b.in_ptrs for b in batches), *(b.in_sizes for b in batches), *outs]), sp)
     lib = _library()
     row = 0
     for b in batches:
         algo = _cname(b.codec)
         copts, _ = codec_opts(b.codec)
-        temp_ptr = int(b.out_ptrs[0]) + b.n * b.stride if b.n else 0
+        temp_ptr = int(b.out_ptrs[0]) + b.n * b.stride
         status = getattr(lib, f"nvcompBatched{algo}CompressAsync")(
-            d + 8 * (K + M + row), d + o_sizes + 8 * (K + M + row), int(b.in_sizes.max()), b.n, temp_ptr, b.temp,
-            d + 8 * (K + row), d + o_sizes + 8 * (K + row), copts, d + o_status + 4 * row, sp)
+            t + 8 * row, t + 8 * (M + row), int(b.in_sizes.max()), b.n, temp_ptr, b.temp,
+            t + 8 * (2 * M + row), t + 8 * (3 * M + row), copts, t + 32 * M + 4 * row, sp)
         if status != 0:
             raise BackendError(f"nvcompBatched{algo}CompressAsync failed", status_name(status))
         row += b.n
-    if C:
-        crc32.crc32_batch(d, d + o_sizes, d + o_crc, C, shape, work=d + o_work if words else None, stream=sp)
-    # One download: compressed sizes .. CRCs.
-    lo = o_sizes + 8 * K
-    res = _download(d + lo, o_crc + 4 * C - lo, sp)
-    comp = res[: 8 * M].view(np.uint64)
-    status = res[o_status - lo : o_status - lo + 4 * M].view(np.int32)
-    crc = res[o_crc - lo : o_crc - lo + 4 * C].view(np.uint32)
+    res = _download(t + 24 * M, 12 * M, sp)  # compressed sizes and statuses
+    comp, status = res[: 8 * M].view(np.uint64), res[8 * M :].view(np.int32)
     results, row = [], 0
     for b in batches:
-        sl = slice(row, row + b.n)
-        raw = crc[K + M + row : K + M + row + b.n].copy() if speculative else None
-        results.append((comp[sl].copy(), status[sl].copy(), crc[K + row : K + row + b.n].copy(), raw))
+        results.append((comp[row : row + b.n].copy(), status[row : row + b.n].copy()))
         row += b.n
-    return scratch, results, crc[:K].copy()
+    return buf, results
 
 
 def compress_segments(segments: list[SegmentInput], stream=None) -> list[SegmentOutput]:
-    """Compress every chunk of every segment and checksum the result, with one synchronization in the common case.
+    """Compress every chunk of every segment, with one synchronization (to learn the compressed sizes).
 
-    One nvCOMP call per distinct codec config and one CRC32 launch over every compressed chunk (and, for inputs
-    under 64 MiB, every raw chunk, so stored chunks need no second pass); sizes, statuses and CRCs come back in one
-    copy. When the scratch would pass 1 GiB the chunks go in several rounds, each compacted before the next.
-    Chunks that do not shrink are stored raw. Returns per-segment tables plus device pointers to the bytes to pack
-    (:func:`pack_payload`); the scratch those point into is kept alive by the outputs.
+    One nvCOMP call per distinct codec config; the sizes and statuses come back in one copy. When the scratch would
+    pass 1 GiB the chunks go in several rounds, each compacted before the next. Chunks that do not shrink are stored
+    raw; segments with the ``raw`` codec need no GPU work here at all. Returns per-segment tables plus device
+    pointers to the bytes to pack (:func:`pack_payload`, which also checksums them); the scratch those point into
+    is kept alive by the outputs.
     """
     require()
     sp = _stream_ptr(stream)
-    geo = [_geometry(int(s.data.size), int(s.chunk_nbytes)) for s in segments]
+    geo = [_geometry(int(s.data.nbytes), int(s.chunk_nbytes)) for s in segments]
     raw_sizes = [g[0] for g in geo]
-    raw_ptrs = [g[1] + np.uint64(s.data.data.ptr if s.data.size else 0) for g, s in zip(geo, segments)]
-    speculative = sum(int(s.data.size) for s in segments) <= _SPECULATIVE_CRC_NBYTES
+    raw_ptrs = [g[1] + np.uint64(s.data.data.ptr if s.data.nbytes else 0) for g, s in zip(geo, segments)]
     keep: list = []
 
     groups: dict[tuple, list[int]] = {}
-    plain = []  # segments nvCOMP does not touch (codec "raw"): CRCs only
     for i, seg in enumerate(segments):
-        if not len(raw_sizes[i]):
-            continue
-        if seg.codec.nvcomp_algorithm is None:
-            plain.append(i)
-        else:
+        if len(raw_sizes[i]) and seg.codec.nvcomp_algorithm is not None:
             groups.setdefault(seg.codec.config_key(), []).append(i)
     batches: list[_Batch] = []
     for members in groups.values():
@@ -486,34 +450,22 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
         step = max(1, int(_BATCH_SCRATCH_NBYTES // max(b.scratch_nbytes / b.n, 1)))
         batches.extend(_Batch(codec, in_ptrs[lo : lo + step], in_sizes[lo : lo + step], owner[lo : lo + step],
                               index[lo : lo + step]) for lo in range(0, b.n, step))
-    empty = np.empty(0, np.uint64)
-    plain_ptrs = np.concatenate([raw_ptrs[i] for i in plain]) if plain else empty
-    plain_sizes = np.concatenate([raw_sizes[i] for i in plain]) if plain else empty
     rounds: list[tuple[list[_Batch], list]] = []
-    if not batches and not plain:
-        crc_plain = empty
-    elif sum(b.scratch_nbytes for b in batches) <= _BATCH_SCRATCH_NBYTES:  # the common case: one round
-        scratch, res, crc_plain = _round(batches, plain_ptrs, plain_sizes, speculative, sp)
+    if batches and sum(b.scratch_nbytes for b in batches) <= _BATCH_SCRATCH_NBYTES:  # the common case
+        scratch, res = _round(batches, sp)
         rounds.append((batches, res))
         keep.append(scratch)
     else:  # large inputs: a round per batch, each compacted so the next can reuse the memory
         for b in batches:
-            scratch, res, _ = _round([b], empty, empty, speculative, sp)
+            scratch, res = _round([b], sp)
             keep.append(_compact(b, res[0][0], scratch, sp))
             rounds.append(([b], res))
-        _, _, crc_plain = _round([], plain_ptrs, plain_sizes, False, sp)
 
-    # Per segment: start from "every chunk stored raw", then take each batch's chunks that shrank.
-    comp = {i: raw_sizes[i] for i in plain}
-    ptrs = {i: raw_ptrs[i] for i in plain}
-    crcs = {}
-    start = 0
-    for i in plain:
-        crcs[i] = crc_plain[start : start + len(raw_sizes[i])]
-        start += len(raw_sizes[i])
-    missing: dict[int, np.ndarray] = {}  # segment -> stored chunks whose raw CRC was not computed up front
+    # Per segment: every chunk stored raw unless its batch shrank it.
+    comp: dict[int, np.ndarray] = {}
+    ptrs: dict[int, np.ndarray] = {}
     for bs, res in rounds:
-        for b, (sizes, status, crc_comp, crc_raw) in zip(bs, res):
+        for b, (sizes, status) in zip(bs, res):
             if status.any():
                 bad = np.flatnonzero(status)
                 raise BackendError(f"nvCOMP {b.codec.codec_id} compression failed for {bad.size} chunk(s)",
@@ -521,39 +473,19 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
             shrank = sizes < b.in_sizes
             b_comp = np.where(shrank, sizes, b.in_sizes)
             b_ptrs = np.where(shrank, b.out_ptrs, b.in_ptrs)
-            b_crc = crc_comp if crc_raw is None else np.where(shrank, crc_comp, crc_raw)
             if b.index is None:  # the whole of one segment
-                i = b.owner
-                comp[i], ptrs[i], crcs[i] = b_comp, b_ptrs, b_crc
-                if crc_raw is None and not shrank.all():
-                    missing[i] = np.flatnonzero(~shrank)
+                comp[b.owner], ptrs[b.owner] = b_comp, b_ptrs
                 continue
-            for i in np.unique(b.owner).tolist():  # per segment, vectorized over its chunks
+            for i in np.unique(b.owner).tolist():
                 if i not in comp:
                     comp[i], ptrs[i] = raw_sizes[i].copy(), raw_ptrs[i].copy()
-                    crcs[i] = np.zeros(len(raw_sizes[i]), np.uint32)
                 mine = b.owner == i
-                c = b.index[mine]
-                comp[i][c], ptrs[i][c], crcs[i][c] = b_comp[mine], b_ptrs[mine], b_crc[mine]
-                if crc_raw is None and not shrank[mine].all():
-                    missing[i] = np.concatenate([missing.get(i, np.empty(0, np.int64)), c[~shrank[mine]]])
-    if missing:
-        order = list(missing)
-        _, _, host = _round([], np.concatenate([raw_ptrs[i][missing[i]] for i in order]),
-                            np.concatenate([raw_sizes[i][missing[i]] for i in order]), False, sp)
-        start = 0
-        for i in order:
-            crcs[i] = crcs[i].copy()
-            crcs[i][missing[i]] = host[start : start + missing[i].size]
-            start += missing[i].size
+                comp[i][b.index[mine]], ptrs[i][b.index[mine]] = b_comp[mine], b_ptrs[mine]
     outputs = []
     for i, seg in enumerate(segments):
-        if i not in comp:  # empty segment
-            z = np.empty(0, np.uint32)
-            outputs.append(SegmentOutput(z, z, np.empty(0, np.uint8), np.empty(0, np.uint64), [seg.data]))
-            continue
-        flags = (comp[i] == raw_sizes[i]).view(np.uint8)
-        outputs.append(SegmentOutput(comp[i].astype(np.uint32), crcs[i], flags, ptrs[i], [seg.data, *keep]))
+        c, p = comp.get(i, raw_sizes[i]), ptrs.get(i, raw_ptrs[i])
+        flags = (c == raw_sizes[i]).view(np.uint8)
+        outputs.append(SegmentOutput(c.astype(np.uint32), flags, p, [seg.data, *keep]))
     return outputs
 
 
@@ -599,38 +531,61 @@ def _sync(stream_ptr: int) -> None:
 
 
 def pack_payload(payload, tables: list[tuple[int, bytes]], src_ptrs: np.ndarray, dst_offsets: np.ndarray,
-                 nbytes: np.ndarray, stream=None) -> None:
-    """Fill a device payload in one upload and one launch: ``tables`` are (offset, bytes) host pieces; the chunks
-    are (src_ptrs[i], dst_offsets[i], nbytes[i]) device copies. Every piece is zero-padded to 16 bytes."""
+                 nbytes: np.ndarray, crc_offsets: np.ndarray, stream=None) -> None:
+    """Fill a device payload and checksum its chunks: the chunk tables (host bytes, CRC slots still zero) are copied
+    in place, then one launch copies every chunk (``src_ptrs[i]`` -> ``dst_offsets[i]``, ``nbytes[i]`` bytes, zero-
+    padded to 16) and one writes the CRC32 of each packed chunk at ``crc_offsets[i]`` (its slot in its table)."""
     import cupy
 
-    from ..kernels import chunks
+    from ..kernels import chunks, crc32
 
-    m = len(tables) + len(src_ptrs)
-    if m == 0:
-        return
-    blob = b"".join(t for _, t in tables)
-    staging_nbytes = 24 * m
-    d_staging = cupy.empty(staging_nbytes + len(blob), dtype=np.uint8)
-    sbase = d_staging.data.ptr
-    lens = np.fromiter((len(t) for _, t in tables), np.uint64, len(tables))
-    table_src = np.uint64(sbase + staging_nbytes) + np.cumsum(lens) - lens
-    base = np.uint64(payload.data.ptr)
-    host = np.empty(staging_nbytes + len(blob), dtype=np.uint8)
-    desc = host[:staging_nbytes].view(np.uint64)
-    nt = len(tables)
-    desc[:nt] = table_src
-    desc[nt:m] = src_ptrs
-    desc[m : m + nt] = np.fromiter((o for o, _ in tables), np.uint64, nt) + base
-    desc[m + nt : 2 * m] = np.asarray(dst_offsets, np.uint64) + base
-    desc[2 * m : 2 * m + nt] = lens
-    desc[2 * m + nt :] = nbytes
-    host[staging_nbytes:] = np.frombuffer(blob, dtype=np.uint8)
     sp = _stream_ptr(stream)
-    _upload(sbase, host, sp)
-    # Freeing d_staging after the launch is safe: CuPy's pool reuses memory only in this stream's order.
-    chunks.copy_chunks(sbase, sbase + 8 * m, sbase + 16 * m, n=m, max_nbytes=int(desc[2 * m :].max()), pad=True,
-                       stream=stream)
+    base = payload.data.ptr
+    for off, table in tables:  # pageable host -> device: staged by the driver, no device synchronization
+        if table:
+            _upload(base + off, np.frombuffer(table, np.uint8), sp)
+    k = len(src_ptrs)
+    if k == 0:
+        return
+    shape = crc32.shape_for(int(nbytes.max()), int(nbytes.sum()))
+    words = crc32.work_words(k, shape[0])
+    b = np.uint64(base)
+    # u64 rows: src | dst | nbytes | crc slot addresses | CRC work (counters zeroed)
+    host = np.concatenate([np.asarray(src_ptrs, np.uint64), np.asarray(dst_offsets, np.uint64) + b,
+                           np.asarray(nbytes, np.uint64), np.asarray(crc_offsets, np.uint64) + b,
+                           np.zeros(-(-words // 2), np.uint64)])
+    d = cupy.empty(host.size, dtype=np.uint64)
+    t = d.data.ptr
+    _upload(t, host, sp)
+    # Freeing d after the launches is safe: CuPy's pool reuses memory only in this stream's order.
+    chunks.copy_chunks(t, t + 8 * k, t + 16 * k, n=k, max_nbytes=int(nbytes.max()), pad=True, stream=stream)
+    crc32.crc32_batch(t + 8 * k, t + 16 * k, None, k, shape, work=t + 32 * k if words else None, stream=stream,
+                      out_addrs=t + 24 * k)
+
+
+class PendingCRC:
+    """The CRC32s of a segment's chunks, computed into its table on the device by :func:`pack_payload`; calling
+    it waits for them (an event recorded after the kernel) and returns them as a host uint32 array."""
+
+    __slots__ = ("event", "n", "offset", "payload")
+
+    def __init__(self):
+        self.payload = self.event = None
+        self.offset = self.n = 0
+
+    def bind(self, payload, offset: int, n: int, event) -> None:
+        self.payload, self.offset, self.n, self.event = payload, offset, n, event
+
+    def __call__(self) -> np.ndarray:
+        if isinstance(self.payload, memoryview):  # the payload was brought to the host: read it there
+            return np.frombuffer(self.payload, np.uint32, self.n, self.offset).copy()
+        import cupy
+
+        self.event.synchronize()
+        out = np.empty(self.n, np.uint32)
+        if self.n:
+            cupy.cuda.runtime.memcpy(out.ctypes.data, self.payload.data.ptr + self.offset, 4 * self.n, _D2H)
+        return out
 
 
 _ERR_INIT = np.array([0, 2**64 - 1], dtype=np.uint64)  # [bad chunk count, min (index << 16 | status)]

@@ -105,7 +105,11 @@ def _device() -> int:
 
 
 def _launch(kernel, grid, block, args, stream):
-    """Launch on ``stream`` (None: CuPy's current stream; a cupy Stream; or a raw cudaStream_t int)."""
+    """Launch on ``stream`` (None: CuPy's current stream; a cupy Stream; or a raw cudaStream_t int).
+
+    Through CuPy's RawKernel call: a ctypes ``cuLaunchKernel`` with reused argument slots measured slower on an
+    H200 host (19 us against 10 us per launch), so there is no hand-written launcher.
+    """
     if stream is not None:
         import cupy
 

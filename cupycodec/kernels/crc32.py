@@ -69,8 +69,9 @@ __device__ __forceinline__ unsigned step8(const unsigned* t, unsigned crc, unsig
 // work (parts > 1): n zeroed counters, then n * parts partial CRCs.
 extern "C" __global__ void __launch_bounds__(CRC_T)
 cupycodec_crc32(const unsigned long long* __restrict__ ptrs, const unsigned long long* __restrict__ sizes,
-                unsigned* __restrict__ out, long long n, int parts, int log2_part, int log2_r,
-                unsigned* __restrict__ work, const unsigned* __restrict__ consts)
+                unsigned* __restrict__ out, const unsigned long long* __restrict__ out_addrs, long long n,
+                int parts, int log2_part, int log2_r, unsigned* __restrict__ work,
+                const unsigned* __restrict__ consts)
 {
     __shared__ unsigned tab[8 * 256];
     __shared__ unsigned warp_crc[CRC_T / 32];
@@ -165,7 +166,8 @@ cupycodec_crc32(const unsigned long long* __restrict__ ptrs, const unsigned long
     #pragma unroll
     for (int k = 0; k < 5; ++k) f = mulmod(f, __shfl_xor_sync(0xffffffffu, f, 1 << k));
     if (lane == 0) {
-        out[c] = L == 0ull ? 0u : (mulmod(v, f) ^ 0xFFFFFFFFu);
+        unsigned* dst = out_addrs != 0 ? (unsigned*)out_addrs[c] : out + c;  // out_addrs: one address per chunk
+        *dst = L == 0ull ? 0u : (mulmod(v, f) ^ 0xFFFFFFFFu);
         if (parts > 1) work[c] = 0u;  // leave the counter zeroed for reuse
     }
 }
@@ -313,10 +315,12 @@ def shape_for(max_nbytes: int, total_nbytes: int) -> tuple[int, int, int]:
     return launch_shape(max_nbytes, total_nbytes, _function(cupy.cuda.runtime.getDevice())[3])
 
 
-def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None, stream=None) -> None:
+def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None, stream=None,
+                out_addrs=None) -> None:
     """CRC-32 of ``n`` device byte ranges: ``ptrs``/``sizes`` are device uint64 arrays (or raw pointers), ``out``
-    a device uint32 array; ``shape`` from :func:`shape_for`. ``work`` is device scratch of :func:`work_words`
-    uint32 words whose first ``n`` are zero (the kernel leaves them zero); allocated here when None."""
+    a device uint32 array, or None with ``out_addrs`` (a device uint64 array: where each chunk's CRC goes, 4-byte
+    aligned); ``shape`` from :func:`shape_for`. ``work`` is device scratch of :func:`work_words` uint32 words whose
+    first ``n`` are zero (the kernel leaves them zero); allocated here when None."""
     import cupy
 
     if n == 0:
@@ -326,8 +330,9 @@ def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None
     words = work_words(n, parts)
     if words and work is None:
         work = cupy.zeros(words, np.uint32)
-    args = (_p(ptrs), _p(sizes), _p(out), np.int64(n), np.int32(parts), np.int32(log2_part), np.int32(log2_r),
-            _p(work) if words else np.uint64(0), table_ptr)
+    args = (_p(ptrs), _p(sizes), np.uint64(0) if out is None else _p(out),
+            np.uint64(0) if out_addrs is None else _p(out_addrs), np.int64(n), np.int32(parts), np.int32(log2_part),
+            np.int32(log2_r), _p(work) if words else np.uint64(0), table_ptr)
     _launch(fn, (n * parts,), (THREADS,), args, stream)
 
 

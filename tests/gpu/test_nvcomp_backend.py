@@ -252,3 +252,40 @@ def test_crc32_kernel_matches_zlib(cp):
     crcs = nvcomp.crc32_chunks(offs + np.uint64(d.data.ptr), sizes).get()
     for o, s, c in zip(offs, sizes, crcs):
         assert int(c) == zlib.crc32(data[int(o) : int(o + s)].tobytes())
+
+
+def _chunk_crcs_ok(c) -> bool:
+    """Every chunk CRC in the tables equals zlib's over the chunk bytes, read from the host copy."""
+    payload = bytes(c.host_payload())
+    for seg in c.segments:
+        for off, n, crc in zip(seg.chunk_offsets.tolist(), seg.table.comp_nbytes.tolist(), seg.table.crc32.tolist()):
+            if zlib.crc32(payload[off : off + n]) != crc:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("codec", ["raw", "lz4", "ans", "bitcomp", "zstd"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_lazy_chunk_crcs_are_zlibs(cp, codec, quantize):
+    # GPU compression writes chunk CRCs into the device tables after packing; the host reads them on first use
+    x = cp.asarray(weights(300_001, seed=3).view(np.uint16))
+    c = cc.compress(x, codec=codec, dtype="bfloat16", quantize=quantize, chunk_nbytes=65536)
+    assert _chunk_crcs_ok(c)
+    blob = c.to_bytes()
+    assert cc.CompressedArray.from_bytes(blob, verify=True) == c  # table CRCs and chunk CRCs verify
+    assert cc.decompress(blob, backend="nvcomp").shape == x.shape
+
+
+def test_lazy_crcs_survive_the_stream_and_host_results(cp):
+    x = cp.asarray(weights(1 << 18, seed=4).view(np.uint16))
+    s = cp.cuda.Stream(non_blocking=True)
+    c = cc.compress(x, codec="ans", dtype="bfloat16", stream=s)
+    del s  # the CRCs are read after an event, not from the (gone) stream
+    assert _chunk_crcs_ok(c) and c.ratio > 1
+    h = cc.compress(cp.asnumpy(x), codec="lz4", backend="nvcomp")  # GPU compression of host data -> host result
+    assert not h.on_device and _chunk_crcs_ok(h)
+    m = cc.compress(x, codec="lz4", metadata={"layer": 3})  # metadata: the header is encoded at once
+    assert m.header["metadata"] == {"layer": 3} and _chunk_crcs_ok(m)
+    many = cc.compress_many([x, x[:1000], x[:0]], codec="bitcomp")
+    assert all(_chunk_crcs_ok(k) for k in many)
+    assert [cc.CompressedArray.from_bytes(k.to_bytes()) == k for k in many] == [True] * 3
