@@ -92,6 +92,18 @@ def primitives(x, codec):
     nb = cupy.asarray(np.array([1 << 20], np.uint64))
     rows["copy_chunks launch (CuPy RawKernel call)"] = wall(lambda: chunks.copy_chunks(
         src, dst, nb, max_nbytes=1 << 20, pad=False), 500, sync=False)
+    nop = cupy.RawModule(code=r"""
+    extern "C" __global__ void nop1(unsigned long long a) { }
+    extern "C" __global__ void nop10(unsigned long long a0, unsigned long long a1, unsigned long long a2,
+        unsigned long long a3, unsigned long long a4, unsigned long long a5, unsigned long long a6,
+        unsigned long long a7, unsigned long long a8, unsigned long long a9) { }
+    """)
+    n1, n10 = nop.get_function("nop1"), nop.get_function("nop10")
+    arrs = tuple(cupy.empty(1, np.uint64) for _ in range(10))
+    for label, fn, args in (("1 np.uint64", n1, (np.uint64(1),)), ("10 np.uint64", n10, (np.uint64(1),) * 10),
+                            ("10 Python int", n10, (1,) * 10), ("10 CuPy arrays", n10, arrs),
+                            ("1 CuPy array", n1, arrs[:1])):
+        rows[f"CuPy launch, {label} args"] = wall(lambda fn=fn, args=args: fn((1,), (32,), args), 500, sync=False)
     rows["copy_chunks 1 MiB GPU"] = gpu_us(lambda: chunks.copy_chunks(src, dst, nb, max_nbytes=1 << 20, pad=False))
     from cupycodec.dtypes import ArraySpec
     from cupycodec.registry import get_codec
