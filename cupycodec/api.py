@@ -352,7 +352,8 @@ def _segment_codecs(job: _Job, gpu: bool = False) -> list[tuple[str, ArraySpec, 
 
 
 def _resolved(codec: Codec, spec: ArraySpec) -> Codec:
-    """codec.resolve(spec), memoized per codec config and dtype (resolving rebuilds the codec from its config)."""
+    """codec.resolve(spec), memoized per codec config, dtype and size modulo 8 (all that resolving looks at; it
+    rebuilds the codec from its config, which costs more than the lookup)."""
     key = (codec.config_key(), spec.dtype, spec.byteorder, spec.nbytes % 8)
     hit = _RESOLVED.get(key)
     if hit is None:
@@ -412,18 +413,12 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
         segments = build_segments(pieces)
         header = Header(job.spec, tuple(job.pipeline), segments, producer_info("nvcomp"), job.metadata)
         payload = cupy.empty(header.payload_nbytes, dtype=np.uint8)
-        if len(segments) == 1:
-            seg, out = segments[0], outputs[idx[0]]
-            src, dst, nb = out.src_ptrs, seg.chunk_offsets, out.comp_nbytes
-            crc_offs = seg.offset + 4 * seg.n_chunks + 4 * np.arange(seg.n_chunks, dtype=np.uint64)
-        else:
-            src = np.concatenate([outputs[i].src_ptrs for i in idx])
-            dst = np.concatenate([seg.chunk_offsets for seg in segments])
-            nb = np.concatenate([outputs[i].comp_nbytes for i in idx])
-            crc_offs = np.concatenate([seg.offset + 4 * seg.n_chunks + 4 * np.arange(seg.n_chunks, dtype=np.uint64)
-                                       for seg in segments])
-        nvcomp.pack_payload(payload, [(seg.offset, seg.table.bytes_without_crcs()) for seg in segments], src, dst,
-                            nb, crc_offs)
+        # Each chunk's CRC goes to its slot in its segment's table: comp sizes (u32 x n), then the CRCs.
+        crc_slots = [seg.offset + 4 * seg.n_chunks + 4 * np.arange(seg.n_chunks, dtype=np.uint64) for seg in segments]
+        cat = _first if len(segments) == 1 else np.concatenate  # the common single segment needs no copies
+        nvcomp.pack_payload(payload, [(seg.offset, seg.table.bytes_without_crcs()) for seg in segments],
+                            cat([outputs[i].src_ptrs for i in idx]), cat([seg.chunk_offsets for seg in segments]),
+                            cat([outputs[i].comp_nbytes for i in idx]), cat(crc_slots))
         pending.append((payload, header, crcs))
     event.record()
     for job, (payload, header, crcs) in zip(jobs, pending):
@@ -436,6 +431,10 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
     # order, so the payload is complete for any later work on the stream. The chunk CRCs reach the host when first
     # needed (to_bytes, save, header, nbytes), after the event recorded above.
     return results
+
+
+def _first(arrays):
+    return arrays[0]
 
 
 def compress(arr, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,

@@ -451,7 +451,9 @@ def compress_segments(segments: list[SegmentInput], stream=None) -> list[Segment
         batches.extend(_Batch(codec, in_ptrs[lo : lo + step], in_sizes[lo : lo + step], owner[lo : lo + step],
                               index[lo : lo + step]) for lo in range(0, b.n, step))
     rounds: list[tuple[list[_Batch], list]] = []
-    if batches and sum(b.scratch_nbytes for b in batches) <= _BATCH_SCRATCH_NBYTES:  # the common case
+    if not batches:  # nothing for nvCOMP (codec "raw", or empty segments): no GPU work, no synchronization
+        pass
+    elif sum(b.scratch_nbytes for b in batches) <= _BATCH_SCRATCH_NBYTES:  # the common case: one round
         scratch, res = _round(batches, sp)
         rounds.append((batches, res))
         keep.append(scratch)
