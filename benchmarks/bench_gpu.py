@@ -12,6 +12,7 @@ Usage: python benchmarks/bench_gpu.py [--mib 256] [--json PATH] [--quick]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -280,13 +281,20 @@ def bench_split(results, data, copy_gbps):
     print(json.dumps(row), flush=True)
 
 
+@functools.cache
+def _spin_kernel():
+    import cupy
+
+    return cupy.RawKernel(r"""extern "C" __global__ void spin(long long cycles)
+    { const long long t = clock64(); while (clock64() - t < cycles) { } }""", "spin")
+
+
 def gpu_only_seconds(fn, reps=20):
     """GPU time of an asynchronous ``fn`` with host launch costs hidden: a ~1 ms spin kernel is queued first, so
     ``fn``'s launches are all waiting when the GPU reaches them and the events bracket GPU work alone."""
     import cupy
 
-    spin = cupy.RawKernel(r"""extern "C" __global__ void spin(long long cycles)
-    { const long long t = clock64(); while (clock64() - t < cycles) { } }""", "spin")
+    spin = _spin_kernel()
     fn()
     s, e = cupy.cuda.Event(), cupy.cuda.Event()
     times = []

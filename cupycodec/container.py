@@ -632,7 +632,10 @@ class CompressedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the container (prelude, header and payload): what ``to_bytes()`` returns."""
+        """Bytes of the container (prelude, header and payload): what ``to_bytes()`` returns.
+
+        The header holds the chunk tables' CRCs, so for an array just compressed on a GPU the first read waits for
+        its checksum kernel (a few microseconds after the compression's work on its stream)."""
         return len(self._prefix) + self._header.payload_nbytes
 
     @property
