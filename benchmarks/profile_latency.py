@@ -21,19 +21,10 @@ import cupycodec as cc
 
 
 def wall(fn, reps, sync=True):
-    import cupy
+    """Median wall-clock us of ``fn`` (bench_gpu.wall_median; this folder is on sys.path when the script runs)."""
+    from bench_gpu import wall_median
 
-    for _ in range(5):
-        fn()
-    cupy.cuda.Device().synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            cupy.cuda.Device().synchronize()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e6
+    return wall_median(fn, reps, warmup=5, sync=sync) * 1e6
 
 
 def gpu_us(fn, reps=50):

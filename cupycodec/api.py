@@ -968,9 +968,7 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
     cacheable = all(j.item.on_device and j.out is not None and not j.item.pipeline for j in jobs)
     key = None
     if cacheable:
-        key = (tuple(id(j.item) for j in jobs),
-               tuple((int(f.data.ptr) if f.size else 0, int(f.size)) for _, _, f in seg_jobs),
-               cupy.cuda.get_current_stream().ptr)
+        key = _plan_key([j.item for j in jobs], [f for _, _, f in seg_jobs])
     plan = _plans.get(key) if cacheable else None
     if plan is None:
         plan = nvcomp.DecodePlan(seg_jobs, sync=False)  # built and run on this stream
@@ -984,6 +982,14 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
                 v.target.reshape(-1).view("u1")[...] = v.scratch
                 b[name] = v.target
         j.result = _run_filters(j, b, gpu=True)
+
+
+def _plan_key(items, outs) -> tuple:
+    """Cache key of a decode plan: the items, where and how much each output buffer is, and the stream."""
+    import cupy
+
+    return (tuple(id(c) for c in items), tuple((int(o.data.ptr) if o.size else 0, int(o.nbytes)) for o in outs),
+            cupy.cuda.get_current_stream().ptr)
 
 
 def _decode_plain_on_device(job: _DecodeJob) -> bool:
@@ -1004,8 +1010,8 @@ def _decode_plain_on_device(job: _DecodeJob) -> bool:
     if out.size and out.data.ptr % 16:
         return False
     plan = key = None
-    if job.out is not None:  # same key as _decode_gpu's: the caller's buffer makes the plan reusable
-        key = ((id(c),), ((int(out.data.ptr) if out.size else 0, int(out.nbytes)),), cupy.cuda.get_current_stream().ptr)
+    if job.out is not None:  # the caller's buffer makes the plan reusable
+        key = _plan_key([c], [out])
         plan = _plans.get(key)
     if plan is None:
         plan = nvcomp.DecodePlan([(c._payload, c.segments[0], out)], sync=False)

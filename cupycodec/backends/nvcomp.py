@@ -221,16 +221,12 @@ def _opts(codec_key: tuple, algo: str, params: tuple):
 
 def codec_opts(codec):
     """(compress opts, decompress opts) ctypes structs for a resolved codec, built once per codec config."""
-    return _opts(codec.config_key(), _cname(codec), _params_key(codec))
+    return _opts(codec.config_key(), _cname(codec), _params_of(codec))
 
 
 @functools.lru_cache(maxsize=256)
-def _params_of(codec_key: tuple, codec) -> tuple:
+def _params_of(codec) -> tuple:  # codecs hash by their cached config key
     return tuple(sorted(codec.nvcomp_params().items()))
-
-
-def _params_key(codec) -> tuple:
-    return _params_of(codec.config_key(), codec)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,43 +311,18 @@ def nvcomp_crc32_async(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: in
     _call("nvcompBatchedCRC32Async", ptrs, sizes, n, out, opts, 0, None, stream_ptr)
 
 
-def crc32_chunks(ptrs_host: np.ndarray, sizes_host: np.ndarray, stream=None):
-    """CRC32 (zlib's) of device byte ranges (host arrays of pointers and sizes) -> device uint32 array (async)."""
-    import cupy
-
-    from ..kernels import crc32
-
-    n = len(ptrs_host)
-    out = cupy.empty(n, dtype=np.uint32)
-    if n:
-        sizes = np.asarray(sizes_host, np.uint64)
-        shape = crc32.shape_for(int(sizes.max()), int(sizes.sum()))
-        words = crc32.work_words(n, shape[0])
-        table = np.concatenate([np.asarray(ptrs_host, np.uint64), sizes, np.zeros(-(-words // 2), np.uint64)])
-        dev = cupy.empty(table.size, np.uint64)
-        sp = _stream_ptr(stream)
-        _upload(dev.data.ptr, table, sp)
-        crc32.crc32_batch(dev.data.ptr, dev.data.ptr + 8 * n, out, n, shape,
-                          work=dev.data.ptr + 16 * n if words else None, stream=stream)
-    return out
-
-
 # -- compression ----------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1024)
-def _compress_sizes_cached(key: tuple, n: int, max_chunk: int, total: int, codec) -> tuple[int, int]:
+def _compress_sizes(codec, n: int, max_chunk: int, total: int) -> tuple[int, int]:
+    """nvCOMP's temp bytes and worst-case output chunk bytes (host-only queries, cached per codec config)."""
     algo = _cname(codec)
     copts, _ = codec_opts(codec)
     temp, max_out = _c_size(0), _c_size(0)
     _call(f"nvcompBatched{algo}CompressGetTempSize", n, max_chunk, copts, ctypes.byref(temp), total, None)
     _call(f"nvcompBatched{algo}CompressGetMaxOutputChunkSize", max_chunk, copts, ctypes.byref(max_out))
     return int(temp.value), int(max_out.value)
-
-
-def _compress_sizes(codec, n: int, max_chunk: int, total: int, sp: int = 0) -> tuple[int, int]:
-    """nvCOMP's temp bytes and worst-case output chunk bytes (host-only queries, cached)."""
-    return _compress_sizes_cached(codec.config_key(), int(n), int(max_chunk), int(total), codec)
 
 
 class _Batch:
@@ -619,7 +590,7 @@ def _segment_rows(seg):
 
 
 @functools.lru_cache(maxsize=1024)
-def _decompress_temp(key: tuple, n: int, max_chunk: int, total: int, codec) -> int:
+def _decompress_temp(codec, n: int, max_chunk: int, total: int) -> int:
     temp = _c_size(0)
     _call(f"nvcompBatched{_cname(codec)}DecompressGetTempSize", n, max_chunk, codec_opts(codec)[1], ctypes.byref(temp),
           total, None)
@@ -665,7 +636,6 @@ class DecodePlan:
         cols = [[], [], [], []]
         self._groups = []
         row = 0
-        temps = []
         for parts in groups.values():
             codec = parts[0][0]
             for k in range(4):
@@ -673,17 +643,16 @@ class DecodePlan:
             raw_sizes = np.concatenate([p[4] for p in parts]) if len(parts) > 1 else parts[0][4]
             n = len(raw_sizes)
             max_chunk, total = int(raw_sizes.max()), int(raw_sizes.sum())
-            temp_n = _decompress_temp(codec.config_key(), n, max_chunk, total, codec)
+            temp_n = _decompress_temp(codec, n, max_chunk, total)
             fn = getattr(_library(), f"nvcompBatched{_cname(codec)}DecompressAsync")
             self._groups.append([fn, codec_opts(codec)[1], row, n, temp_n, 0, f"nvcompBatched{_cname(codec)}"])
-            temps.append(temp_n)
             row += n
         G = row
         S = sum(len(c[0]) for c in copies)
         n_words = 5 * G + 3 * S + 2
         o_status = 8 * n_words
         o_temp = (o_status + 4 * G + 255) // 256 * 256
-        temp_offsets = np.cumsum([0] + [(t + 255) // 256 * 256 for t in temps])
+        temp_offsets = np.cumsum([0] + [(g[4] + 255) // 256 * 256 for g in self._groups])
         self._buf = cupy.empty(max(o_temp + int(temp_offsets[-1]), 1), dtype=np.uint8)
         base = self._buf.data.ptr
         pieces = [*cols[0], *cols[1], *cols[2], *cols[3], np.zeros(G, np.uint64)]
