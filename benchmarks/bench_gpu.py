@@ -159,7 +159,8 @@ def bench_latency(results):
         row = {"latency_1mib": codec, "chunk": c.segments[0].chunk_nbytes, "ratio": c.ratio,
                "roundtrip_us": wall_median(rt, reps=200) * 1e6,
                "compress_us": wall_median(lambda codec=codec, kw=kw: cc.compress(x, codec=codec, **kw), reps=200) * 1e6,
-               "decompress_us": wall_median(lambda c=c, o=out: cc.decompress(c, out=o), reps=200) * 1e6}
+               "decompress_us": wall_median(lambda c=c, o=out: cc.decompress(c, out=o), reps=200) * 1e6,
+               "decompress_fresh_us": wall_median(lambda c=c: cc.decompress(c), reps=200) * 1e6}
         results.append(row)
         print(json.dumps(row), flush=True)
 

@@ -54,8 +54,9 @@ def main(argv=None) -> int:
                 continue
             for i, x in enumerate(rd["rows"]):  # same configs in the same order for both versions
                 d = by.setdefault(f"{i}:{x['latency_1mib']}", {"chunk": x["chunk"]})
-                for m in ("compress_us", "decompress_us", "roundtrip_us"):
-                    d.setdefault(m, []).append(x[m])
+                for m in ("compress_us", "decompress_us", "decompress_fresh_us", "roundtrip_us"):
+                    if m in x:
+                        d.setdefault(m, []).append(x[m])
         summary[label] = {k: {m: (statistics.median(v) if isinstance(v, list) else v) for m, v in d.items()}
                           for k, d in by.items()}
     with open(args.json, "w") as f:
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
         print(f"--- {label}: median of {args.rounds} rounds ---")
         for k, d in summary[label].items():
             print(f"{k:12s} chunk {d['chunk'] // 1024:5d} KiB  compress {d['compress_us']:7.0f} us  "
-                  f"decompress {d['decompress_us']:6.0f} us  round trip {d['roundtrip_us']:7.0f} us")
+                  f"decompress(out=) {d['decompress_us']:6.0f} us  decompress {d.get('decompress_fresh_us', 0):6.0f} "
+                  f"us  round trip {d['roundtrip_us']:7.0f} us")
     return 0
 
 

@@ -7,27 +7,32 @@ One-shot functions cover the common case; :class:`Compressor` keeps a parsed con
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 import tempfile
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import backends, registry
-from .backends import cpu
+from .backends import cpu, nvcomp
 from .codecs import Codec
+from .codecs.base import GPU_ONLY_HINT
 from .container import (
     ChunkTable,
     CompressedArray,
     Header,
+    Segment,
     build_segments,
     producer_info,
 )
-from .dtypes import ArraySpec, is_float
+from .dtypes import ArraySpec, gpu_dtype, is_float
 from .errors import (
     BackendUnavailableError,
     DecompressionBombError,
@@ -67,6 +72,9 @@ class Quantized(NamedTuple):
 
 
 def _is_cupy_array(obj) -> bool:
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(obj, cp.ndarray):
+        return True
     return type(obj).__module__.split(".")[0] == "cupy" and hasattr(obj, "__cuda_array_interface__")
 
 
@@ -125,6 +133,13 @@ def _flat_bytes(arr, on_device: bool):
 
 def _parse_codec(codec, level, options) -> Codec | None:
     """A codec instance, or None for ``codec="auto"``."""
+    if type(codec) is str and not options and level is None:  # codecs are immutable: one instance per plain id
+        hit = _PLAIN_CODECS.get(codec)
+        if hit is None or type(hit) is not registry._codecs.get(codec):  # (re-registered with replace=True)
+            if codec == "auto":
+                return None
+            hit = _PLAIN_CODECS[codec] = registry.get_codec(codec)
+        return hit
     if isinstance(codec, Codec):
         if level is not None or options:
             raise TypeError("pass options either on the Codec instance or as keywords, not both")
@@ -148,6 +163,9 @@ def _parse_codec(codec, level, options) -> Codec | None:
     return cls(**kwargs)
 
 
+_PLAIN_CODECS: dict[str, Codec] = {}
+
+
 def _parse_filters(filters, quantize, granularity, axis, group_size) -> list[Filter]:
     out: list[Filter] = []
     if quantize is not None:
@@ -166,14 +184,22 @@ def _parse_filters(filters, quantize, granularity, axis, group_size) -> list[Fil
 
 def _auto(spec: ArraySpec, on_gpu: bool, quantized: bool) -> tuple[Codec, list[Filter]]:
     """The best lossless choice for this data on this machine (measured: benchmarks/RESULTS.md)."""
-    from .codecs import ANS, Zstd
+    from .codecs import Zstd
 
     if on_gpu:
-        return ANS(), []  # ANS picks its float data type from the dtype ('<f2' for bf16/fp16)
+        return _gpu_auto(), []  # ANS picks its float data type from the dtype ('<f2' for bf16/fp16)
     if not quantized and (is_float(spec.dtype) or spec.dtype in ("C64", "C128")) and spec.itemsize in (2, 4, 8, 16) \
             and not spec.dtype.startswith(("FLD", "CLD")):
         return Zstd(level=AUTO_ZSTD_LEVEL), [Byteplane(rotate=True)]
     return Zstd(level=AUTO_ZSTD_LEVEL), []
+
+
+@functools.cache
+def _gpu_auto() -> Codec:
+    """The codec auto picks on a GPU: one ANS() for every call (codecs are immutable; its resolutions memoize)."""
+    from .codecs import ANS
+
+    return ANS()
 
 
 AUTO_ZSTD_LEVEL = 1  # on exponent planes zstd-1 beats levels 2-12 (benchmarks/RESULTS.md)
@@ -189,7 +215,6 @@ def _gpu_trial(arr, spec: ArraySpec) -> Codec:
     1.6x, benchmarks/RESULTS.md); noisy bytes stay with ANS. Costs one extra synchronization."""
     import cupy
 
-    from .backends import nvcomp
     from .codecs import ANS, Bitcomp, Cascaded
 
     flat = arr.reshape(-1).view("u1")
@@ -312,7 +337,7 @@ def _validate(spec: ArraySpec, pipeline: list[Filter], codec: Codec, chunk_nbyte
         f = f.resolve(specs)
         specs = f.specs(specs)
     for s in specs.values():
-        _check_chunk(chunk_nbytes, codec.resolve(s))
+        _check_chunk(chunk_nbytes, _resolved(codec, s))
 
 
 def _dtype_override(dtype) -> str | None:
@@ -388,8 +413,12 @@ def _compress_cpu(job: _Job) -> CompressedArray:
 def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
     import cupy
 
-    from .backends import nvcomp
 
+    if len(jobs) == 1 and len(jobs[0].specs) == 1 and _ONE_SEGMENT_PATH:
+        job = jobs[0]
+        ((name, spec, codec, chunk),) = _segment_codecs(job, gpu=True)
+        return [_compress_gpu_one(job.arrays[name], job.spec, tuple(job.pipeline), codec, chunk,
+                                  job.keep_on_device, job.metadata, name=name, seg_spec=spec)]
     inputs, owners = [], []
     for j, job in enumerate(jobs):
         for name, spec, codec, chunk in _segment_codecs(job, gpu=True):
@@ -435,6 +464,32 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
 
 def _first(arrays):
     return arrays[0]
+
+
+_ONE_SEGMENT_PATH = True  # tests turn it off to check that both paths write the same bytes
+
+
+def _compress_gpu_one(data, spec: ArraySpec, pipeline: tuple, codec: Codec, chunk: int, keep_on_device: bool,
+                      metadata, *, name: str = "data", seg_spec: ArraySpec | None = None) -> CompressedArray:
+    """One segment (``data``: C-contiguous device array; ``codec`` resolved; ``chunk`` checked) through
+    nvcomp.compress_one, which packs in a few host calls; the header is built straight from what it returns (the
+    bytes equal the general path's)."""
+    if data.nbytes and data.data.ptr % 256:
+        data = data.copy()
+    nvcomp.warn_ignored_level(codec)
+    packed = nvcomp.compress_one(data, codec, chunk)
+    payload = packed.payload
+    seg = Segment(name, seg_spec or spec, codec, chunk, 0, int(payload.nbytes),
+                  ChunkTable(packed.comp_nbytes, packed.crc, packed.flags))
+    nvcomp.remember_rows(seg, packed.rows)
+    header = Header(spec, pipeline, (seg,), producer_info("nvcomp"), metadata or _NO_METADATA)
+    if not keep_on_device:
+        payload = memoryview(payload.get()).cast("B")
+        packed.crc.bind(payload, 4 * seg.n_chunks, seg.n_chunks, None)
+    return CompressedArray(header, payload)
+
+
+_NO_METADATA: Mapping = MappingProxyType({})
 
 
 def compress(arr, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,
@@ -496,9 +551,53 @@ def compress(arr, *, codec="auto", level=None, chunk_nbytes=None, filters=None, 
     >>> np.array_equal(cc.decompress(c), x)
     True
     """
+    if (filters is None and quantize is None and dtype is None and backend is None and metadata is None
+            and stream is None and level is None and not options and _is_cupy_array(arr)):
+        c = _compress_device_plain(arr, codec, chunk_nbytes)
+        if c is not None:
+            return c
     return compress_many([arr], codec=codec, level=level, chunk_nbytes=chunk_nbytes, filters=filters,
                          quantize=quantize, granularity=granularity, axis=axis, group_size=group_size, dtype=dtype,
                          backend=backend, metadata=metadata, stream=stream, **options)[0]
+
+
+def _compress_device_plain(arr, codec, chunk_nbytes) -> CompressedArray | None:
+    """compress() of a C-contiguous CuPy array with no filters, options or overrides, on the GPU: the same checks
+    and the same bytes as compress_many, with less host work in between. None when the case does not apply (the
+    general path then handles it, errors included)."""
+    codec_obj = _parse_codec(codec, None, {})
+    if not arr.flags.c_contiguous or backends.requested_backend(None) == "cpu" or not nvcomp.available():
+        return None
+    if chunk_nbytes is not None and type(chunk_nbytes) is not int:
+        return None  # the general path raises the TypeError
+    key = (id(codec_obj), arr.dtype, arr.shape, chunk_nbytes)
+    hit = _PLAIN_JOBS.get(key)
+    if hit is None or hit[0] is not codec_obj:
+        hit = (codec_obj, _plain_job(codec_obj, arr, chunk_nbytes))
+        if len(_PLAIN_JOBS) >= 256:
+            _PLAIN_JOBS.clear()
+        _PLAIN_JOBS[key] = hit  # (the entry keeps codec_obj alive, so its id is not reused while cached)
+    job = hit[1]
+    if job is None:
+        return None
+    spec, resolved, chunk = job
+    return _compress_gpu_one(arr, spec, (), resolved, chunk, True, None)
+
+
+def _plain_job(codec_obj, arr, chunk_nbytes):
+    """(spec, resolved codec, chunk) of a plain device compression, or None when the general path must run it."""
+    spec = ArraySpec.of(arr)
+    if codec_obj is None:
+        if spec.dtype not in _ANS_FLOAT_MODES:  # auto on other data samples codecs first (_gpu_trial)
+            return None
+        codec_obj = _auto(spec, True, False)[0]
+    elif codec_obj.nvcomp_algorithm is None and codec_obj.codec_id != "raw":
+        return None
+    resolved = _resolved(codec_obj, spec)
+    return spec, resolved, _check_chunk(chunk_nbytes, resolved, spec.nbytes)  # _validate's checks, one segment
+
+
+_PLAIN_JOBS: dict = {}
 
 
 def compress_many(arrays: Sequence, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,
@@ -672,9 +771,31 @@ def decompress(data, *, device="auto", out=None, max_output_nbytes=_UNSET, dequa
     >>> cc.decompress(blob)
     array([ 1.5, -0. ,  nan], dtype=float32)
     """
+    if out is None and device == "auto" and backend is None and stream is None and isinstance(data, CompressedArray):
+        y = _decompress_device_plain(data, max_output_nbytes)
+        if y is not None:
+            return y
     outs = None if out is None else [out]
     return decompress_many([data], out=outs, device=device, max_output_nbytes=max_output_nbytes,
                            dequantize=dequantize, backend=backend, verify=verify, stream=stream)[0]
+
+
+def _decompress_device_plain(c: CompressedArray, max_output_nbytes):
+    """decompress() of a device-resident container of one plain segment into a fresh CuPy array: the checks and
+    the result of decompress_many with less host work in between. None when the case does not apply."""
+    if not c.on_device or c.pipeline or len(c.segments) != 1 or c.spec.byteorder == ">" \
+            or backends.requested_backend(None) == "cpu":
+        return None
+    limit = max_output_nbytes
+    if limit is _UNSET:
+        limit = default_max_output_nbytes(c.nbytes) if c._cache.get("external") else None
+    if limit is not None and c.raw_nbytes > limit:
+        raise DecompressionBombError(c.raw_nbytes, int(limit))
+    import cupy
+
+    out = cupy.empty(c.shape, dtype=gpu_dtype(c.spec.dtype))
+    nvcomp.decode_one(c._payload, c.segments[0], out)
+    return out
 
 
 def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbytes=_UNSET, dequantize=True,
@@ -727,7 +848,6 @@ def _needs_gpu(c: CompressedArray) -> str | None:
 
 
 def _decode_on_gpu(c: CompressedArray, target, choice: str) -> bool:
-    from .codecs.base import GPU_ONLY_HINT
 
     if choice == "cpu":
         codec = _needs_gpu(c)
@@ -738,7 +858,6 @@ def _decode_on_gpu(c: CompressedArray, target, choice: str) -> bool:
             raise ValueError("backend='cpu' cannot write to a GPU; pass device='cpu' or a NumPy out")
         return False
     if choice == "nvcomp" or target[0] == "cuda":
-        from .backends import nvcomp
 
         nvcomp.require() if any(s.table.n_encoded for s in c.segments) else _require_cupy()
         return True
@@ -748,7 +867,6 @@ def _decode_on_gpu(c: CompressedArray, target, choice: str) -> bool:
     if codec:
         if backends.nvcomp_available():
             return True
-        from .backends import nvcomp
 
         raise BackendUnavailableError(f"codec {codec!r} decodes only on a GPU with nvCOMP, which is not usable here "
                                       f"({nvcomp.unavailable_reason()}); {GPU_ONLY_HINT}")
@@ -944,7 +1062,6 @@ _plans = _PlanCache()
 def _decode_gpu(jobs: list[_DecodeJob]) -> None:
     import cupy
 
-    from .backends import nvcomp
 
     if len(jobs) == 1 and _decode_plain_on_device(jobs[0]):
         return
@@ -974,8 +1091,7 @@ def _decode_gpu(jobs: list[_DecodeJob]) -> None:
         plan = nvcomp.DecodePlan(seg_jobs, sync=False)  # built and run on this stream
         if cacheable:
             _plans.put(key, plan, [j.item for j in jobs])
-    plan.run()
-    plan.check()
+    plan.run_and_wait()
     for j, b in zip(jobs, bufs):
         for name, v in list(b.items()):
             if isinstance(v, _Scratch):
@@ -1000,7 +1116,6 @@ def _decode_plain_on_device(job: _DecodeJob) -> bool:
         return False
     import cupy
 
-    from .backends import nvcomp
     from .dtypes import gpu_dtype
 
     if job.out is None:
@@ -1009,16 +1124,16 @@ def _decode_plain_on_device(job: _DecodeJob) -> bool:
         out = _check_out(job.out, c.shape, _seg_dtype(c.spec, True), True)
     if out.size and out.data.ptr % 16:
         return False
-    plan = key = None
-    if job.out is not None:  # the caller's buffer makes the plan reusable
-        key = _plan_key([c], [out])
-        plan = _plans.get(key)
+    if job.out is None:  # a fresh output: one allocation, upload and nvCOMP call, a host-side status check
+        nvcomp.decode_one(c._payload, c.segments[0], out)
+        job.result = out
+        return True
+    key = _plan_key([c], [out])  # the caller's buffer makes the plan reusable: the next call allocates nothing
+    plan = _plans.get(key)
     if plan is None:
         plan = nvcomp.DecodePlan([(c._payload, c.segments[0], out)], sync=False)
-        if key is not None:
-            _plans.put(key, plan, [c])
-    plan.run()
-    plan.check()
+        _plans.put(key, plan, [c])
+    plan.run_and_wait()
     job.result = out
     return True
 
@@ -1035,7 +1150,6 @@ def decode_plan(items: Sequence[CompressedArray], out: Sequence, stream=None):
     ``plan.run(stream)`` enqueues the decode and returns at once; ``plan.check(stream)`` waits and raises if nvCOMP
     reported any bad chunk. Keep ``items`` and ``out`` alive while the plan is used.
     """
-    from .backends import nvcomp
 
     jobs = []
     for c, o in zip(items, out, strict=True):

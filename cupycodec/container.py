@@ -239,7 +239,7 @@ class Header:
         for name in ("producer", "metadata"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):  # already frozen when it comes from producer_info
-                object.__setattr__(self, name, _freeze(_thaw(value)))
+                object.__setattr__(self, name, _freeze(_thaw(value)) if value else _EMPTY)
 
     @property
     def payload_nbytes(self) -> int:
@@ -266,6 +266,9 @@ class Header:
             raise ValueError(f"header of {n} bytes exceeds {MAX_HEADER_NBYTES}; use less metadata")
         text += b" " * (n - len(text))
         return _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, n, zlib.crc32(text)) + text
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 def derive_specs(array: ArraySpec, pipeline: Sequence) -> dict[str, ArraySpec]:

@@ -66,6 +66,18 @@ def dtype_name(dtype: np.dtype) -> tuple[str, str]:
 
     ``byteorder`` is ``"|"`` for one-byte types and ``"<"`` or ``">"`` otherwise.
     """
+    hit = _NAMES.get(dtype) if isinstance(dtype, np.dtype) else None
+    if hit is None:
+        hit = _dtype_name(dtype)
+        if isinstance(dtype, np.dtype) and len(_NAMES) < 256:
+            _NAMES[dtype] = hit
+    return hit
+
+
+_NAMES: dict[np.dtype, tuple[str, str]] = {}
+
+
+def _dtype_name(dtype) -> tuple[str, str]:
     dtype = np.dtype(dtype)
     if dtype.fields is not None or dtype.subdtype is not None:
         raise UnsupportedDtypeError(dtype, SUPPORTED, "structured and sub-array dtypes cannot be stored; "
@@ -160,9 +172,14 @@ def numpy_dtype(name: str, byteorder: str = "|") -> np.dtype:
 def gpu_dtype(name: str) -> np.dtype:
     """The dtype a CuPy array of this logical dtype gets: the ml_dtypes type where CuPy supports it (CuPy >= 14
     holds bfloat16), else :func:`storage_dtype`'s same-width integer."""
-    if name in _ML_DTYPES and _cupy_supports(name):
-        return numpy_dtype(name)
-    return storage_dtype(name)
+    hit = _GPU_DTYPES.get(name)
+    if hit is None:
+        hit = numpy_dtype(name) if name in _ML_DTYPES and _cupy_supports(name) else storage_dtype(name)
+        _GPU_DTYPES[name] = hit
+    return hit
+
+
+_GPU_DTYPES: dict[str, np.dtype] = {}
 
 
 _CUPY_SUPPORT: dict[str, bool] = {}

@@ -408,3 +408,45 @@ def test_import_does_not_pull_heavy_modules():
             "{m.split('.')[0] for m in sys.modules};"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_host_side_status_check_names_the_first_bad_chunk():
+    # decompress() reads nvCOMP's per-chunk statuses and decoded sizes back and checks them on the host
+    from cupycodec.backends.nvcomp import _raise_bad
+
+    expected = np.array([65536, 65536, 100], np.uint64)
+    _raise_bad(expected.copy(), np.zeros(3, np.int32), expected)  # all good: no error
+    with pytest.raises(cc.BackendError, match=r"1 chunk\(s\); first: batch chunk 2.*differs from the chunk table"):
+        _raise_bad(np.array([65536, 65536, 99], np.uint64), np.zeros(3, np.int32), expected)
+    with pytest.raises(cc.BackendError, match=r"2 chunk\(s\); first: batch chunk 0.*nvcompErrorCannotDecompress"):
+        _raise_bad(expected.copy(), np.array([12, 0, 15], np.int32), expected)
+
+
+def test_plain_codec_ids_follow_re_registration():
+    # compress() keeps one codec instance per plain id; registering another class under the id must take effect
+    from cupycodec import api, registry
+    from cupycodec.codecs import Zstd
+
+    class MyZstd(Zstd):
+        pass
+
+    assert type(api._parse_codec("zstd", None, {})) is Zstd
+    registry.register_codec(MyZstd, replace=True)
+    try:
+        assert type(api._parse_codec("zstd", None, {})) is MyZstd
+    finally:
+        registry.register_codec(Zstd, replace=True)
+    assert type(api._parse_codec("zstd", None, {})) is Zstd
+
+
+def test_backend_environment_variable_is_read_on_every_call(monkeypatch):
+    from cupycodec import backends
+
+    assert backends.requested_backend(None) == "auto"
+    monkeypatch.setenv("CUPYCODEC_BACKEND", "cpu")
+    assert backends.requested_backend(None) == "cpu"
+    monkeypatch.setenv("CUPYCODEC_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="CUPYCODEC_BACKEND"):
+        backends.requested_backend(None)
+    monkeypatch.delenv("CUPYCODEC_BACKEND")
+    assert backends.requested_backend(None) == "auto"

@@ -20,7 +20,15 @@ _ENV = "CUPYCODEC_BACKEND"
 _warned_host_copy = False
 
 
+# os.environ.get costs ~1 us when the variable is unset (a KeyError inside); the common "unset" answer is read from
+# CPython's environ dict directly, and everything else goes through os.environ as usual.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") and isinstance(_ENV_DATA, dict) else None
+
+
 def requested_backend(requested: str | None) -> str:
+    if requested is None and _ENV_KEY is not None and _ENV_KEY not in _ENV_DATA:
+        return "auto"
     choice = requested if requested is not None else os.environ.get(_ENV, "auto")
     if choice not in BACKENDS:
         source = "argument backend=" if requested is not None else f"environment variable {_ENV}="
@@ -43,6 +51,8 @@ def _nvcomp_reason() -> str:
 def select(requested: str | None, *, on_device: bool, codecs, what: str = "compress") -> str:
     """Pick ``"cpu"`` or ``"nvcomp"`` for codecs (instances) applied to host or device data."""
     choice = requested_backend(requested)
+    if choice == "auto" and on_device and nvcomp_available():  # the common device case, decided at once
+        return "nvcomp"
     gpu_only = sorted({c.codec_id for c in codecs if not c.cpu_usable()})
     if choice == "cpu":
         if gpu_only:

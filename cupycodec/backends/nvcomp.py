@@ -17,12 +17,12 @@ import functools
 import os
 import threading
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import BackendError, BackendUnavailableError
+from ..kernels import chunks, crc32
 
 __all__ = ["DecodePlan", "available", "compress_segments", "unavailable_reason", "version_string"]
 
@@ -268,12 +268,14 @@ def _pinned(nbytes: int) -> np.ndarray:
 
         mem = cupy.cuda.alloc_pinned_memory(max(1 << 16, 1 << (int(nbytes) - 1).bit_length()))
         buf = _local.pinned = np.frombuffer(mem, np.uint8)
+        _local.pinned_ptr = buf.ctypes.data
     return buf
 
 
 def _upload(dst_ptr: int, host: np.ndarray, sp: int) -> None:
     """Enqueue a host -> device copy of ``host`` (pageable: the driver stages it before returning, so ``host`` may
-    be dropped at once, and no device synchronization happens)."""
+    be dropped at once, and no device synchronization happens). A pinned staging arena was tried for these small
+    copies and measured no faster on an H200 host (benchmarks/RESULTS.md, run 13)."""
     import cupy
 
     if host.nbytes:
@@ -286,7 +288,7 @@ def _download(src_ptr: int, nbytes: int, sp: int) -> np.ndarray:
 
     host = _pinned(nbytes)
     if nbytes:
-        cupy.cuda.runtime.memcpyAsync(host.ctypes.data, src_ptr, nbytes, _D2H, sp)
+        cupy.cuda.runtime.memcpyAsync(_local.pinned_ptr, src_ptr, nbytes, _D2H, sp)
     _sync(sp)
     return host[:nbytes]
 
@@ -312,6 +314,12 @@ def nvcomp_crc32_async(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: in
 
 
 # -- compression ----------------------------------------------------------------------------------------------------
+
+
+# nvCOMP encoders that leave some bytes of their output chunks unwritten (measured on nvCOMP 6.0, H200: runs of a
+# few bytes inside ANS and GDeflate chunks followed whatever the memory pool held). Their output scratch is zeroed
+# first, so the container stays deterministic (tests/gpu: test_gpu_compression_is_deterministic_whatever_...).
+LEAVES_GAPS = frozenset({"ANS", "GDeflate"})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -366,6 +374,8 @@ def _round(batches: list[_Batch], sp: int):
         algo = _cname(b.codec)
         copts, _ = codec_opts(b.codec)
         temp_ptr = int(b.out_ptrs[0]) + b.n * b.stride
+        if b.codec.nvcomp_algorithm in LEAVES_GAPS:
+            cupy.cuda.runtime.memsetAsync(int(b.out_ptrs[0]), 0, b.n * b.stride, sp)
         status = getattr(lib, f"nvcompBatched{algo}CompressAsync")(
             t + 8 * row, t + 8 * (M + row), int(b.in_sizes.max()), b.n, temp_ptr, b.temp,
             t + 8 * (2 * M + row), t + 8 * (3 * M + row), copts, t + 32 * M + 4 * row, sp)
@@ -478,7 +488,6 @@ def _compact(b: _Batch, sizes: np.ndarray, scratch, sp: int):
     """Move the chunks of ``b`` that shrank out of the worst-case scratch into a tight buffer (returned)."""
     import cupy
 
-    from ..kernels import chunks
 
     shrank = sizes < b.in_sizes
     padded = np.where(shrank, (sizes + 15) // 16 * 16, 0).astype(np.uint64)
@@ -510,7 +519,6 @@ def pack_payload(payload, tables: list[tuple[int, bytes]], src_ptrs: np.ndarray,
     padded to 16) and one writes the CRC32 of each packed chunk at ``crc_offsets[i]`` (its slot in its table)."""
     import cupy
 
-    from ..kernels import chunks, crc32
 
     sp = _stream_ptr(stream)
     base = payload.data.ptr
@@ -561,32 +569,282 @@ class PendingCRC:
         return out
 
 
+# -- one segment in few calls (the small-array path) ----------------------------------------------------------
+
+
+class _OneShape:
+    """What compressing one segment of a given codec config, size and chunk needs that does not depend on where
+    the data lives: its geometry, nvCOMP's sizes, the layout of the one scratch allocation and the CRC launch
+    shape (sized for raw chunks, which bound the packed ones). Built once per shape by :func:`_one_shape`.
+
+    Scratch layout (bytes): nvCOMP's output chunks (``n`` x ``stride``) and temp memory; its tables (u64 input
+    pointers, input sizes, output pointers, compressed sizes, then i32 statuses); then the pack region, u64 words:
+    the packed kernel's 12 arguments, source pointers, destination pointers and sizes of the chunks, their CRC
+    slots, the CRC work words (zeroed), then the chunk table's bytes.
+    """
+
+    __slots__ = ("arg_rel", "arg_tpl", "buf_nbytes", "codec", "copts", "crc_rel", "fn", "in_offsets", "max_chunk",
+                 "n", "n_blocks", "name", "nv_tpl", "o_pack", "o_tab", "o_temp", "out_offsets", "pack_words", "raw",
+                 "raw_stats", "table_nbytes", "table_word", "temp", "zero_out", "zero_status")
+
+    def __init__(self, codec, nbytes: int, chunk: int):
+        self.codec = codec
+        self.raw, self.in_offsets = _geometry(nbytes, chunk)
+        n = self.n = len(self.raw)
+        self.max_chunk = int(self.raw.max()) if n else 0
+        self.raw_stats = [self.max_chunk, nbytes, None]  # decode rows' (largest chunk, total, decoder cache)
+        self.zero_status = bytes(4 * n)
+        self.crc_rel = np.uint64(4 * n) + np.arange(n, dtype=np.uint64) * np.uint64(4)  # CRC slots in the table
+        self.table_nbytes = tn = (9 * n + 15) // 16 * 16
+        self.fn = None
+        self.zero_out = False
+        self.temp = self.o_temp = 0
+        o = 0
+        if n and codec.nvcomp_algorithm is not None:
+            algo = _cname(codec)
+            self.name = f"nvcompBatched{algo}CompressAsync"
+            self.fn = getattr(_library(), self.name)
+            self.copts = codec_opts(codec)[0]
+            self.temp, max_out = _compress_sizes(codec, n, self.max_chunk, nbytes)
+            stride = (max_out + 255) // 256 * 256
+            self.out_offsets = np.arange(n, dtype=np.uint64) * np.uint64(stride)
+            self.o_temp = n * stride
+            self.zero_out = codec.nvcomp_algorithm in LEAVES_GAPS
+            o = self.o_tab = (self.o_temp + self.temp + 255) // 256 * 256
+            o += 36 * n
+            # nvCOMP's rows before the two base addresses are added: in_offsets | raw sizes | out_offsets
+            self.nv_tpl = np.concatenate([self.in_offsets, self.raw, self.out_offsets])
+        shape = crc32.shape_for(max(self.max_chunk, 1), max(nbytes, 1)) if n else (1, 0, 0)
+        work_words = crc32.work_words(n, shape[0])
+        A = crc32.PACKED_ARGS
+        self.pack_words = A + 4 * n + (work_words + 1) // 2 + tn // 8
+        self.table_word = self.pack_words - tn // 8
+        self.o_pack = (o + 255) // 256 * 256
+        self.buf_nbytes = self.o_pack + 8 * self.pack_words
+        self.n_blocks = n * shape[0]
+        # The packed kernel's arguments relative to the pack region (arg_rel marks those that add its address;
+        # the payload's address goes in at index 10).
+        w = A + 4 * n
+        self.arg_tpl = np.array(crc32.packed_args(n, shape, 8 * (A + n), 8 * (A + 2 * n), 8 * (A + 3 * n),
+                                                  8 * w if work_words else 0, 8 * A, 8 * self.table_word, 0, tn),
+                                dtype=np.uint64)
+        self.arg_rel = np.zeros(A, np.uint64)
+        self.arg_rel[[0, 1, 2, 8, 9]] = 1
+        if work_words:
+            self.arg_rel[7] = 1
+
+
+def _one_shape(codec, nbytes: int, chunk: int) -> _OneShape:
+    """The shape for (codec instance, size, chunk), cached by the codec's identity (callers pass memoized resolved
+    codecs, and the entry keeps its codec alive, so an id is never reused while cached)."""
+    key = (id(codec), nbytes, chunk)
+    sh = _SHAPES.get(key)
+    if sh is None or sh.codec is not codec:
+        if len(_SHAPES) >= 256:
+            _SHAPES.clear()
+        sh = _SHAPES[key] = _OneShape(codec, nbytes, chunk)
+    return sh
+
+
+_SHAPES: dict = {}
+
+
+class Packed:
+    """A segment compressed and packed on the device by :func:`compress_one`."""
+
+    __slots__ = ("comp_nbytes", "crc", "flags", "payload", "rows")
+
+    def __init__(self, comp_nbytes, flags, payload, crc, rows):
+        self.comp_nbytes, self.flags, self.payload, self.crc, self.rows = comp_nbytes, flags, payload, crc, rows
+
+
+def compress_one(data, codec, chunk_nbytes: int, stream=None) -> Packed:
+    """Compress one segment (a C-contiguous, 256-byte aligned device array) and pack it into a fresh payload of its
+    own (chunk table, then the chunks), with the fewest host calls the job allows.
+
+    For an nvCOMP codec: one upload, one nvCOMP call (after zeroing its output for codecs that leave gaps), one
+    download and synchronization (the compressed sizes and statuses); then the payload's allocation, one upload and
+    one launch that copies the chunks and the table and writes each chunk's CRC32 into its table slot, and an event
+    the CRCs are read after (:class:`PendingCRC`). For ``raw`` (or no data) nothing waits. The bytes equal what
+    :func:`compress_segments` and :func:`pack_payload` write for the same segment.
+    """
+    import cupy
+
+    require()
+    sp = _stream_ptr(stream)
+    nbytes = int(data.nbytes)
+    sh = _one_shape(codec, nbytes, int(chunk_nbytes))
+    n = sh.n
+    raw = sh.raw
+    buf = cupy.empty(max(sh.buf_nbytes, 1), dtype=np.uint8)
+    base = buf.data.ptr
+    in_base = data.data.ptr if nbytes else 0
+    shrank, all_encoded = None, False
+    if sh.fn is None:  # raw codec, or nothing to compress: every chunk is stored as is
+        comp, src = raw, sh.in_offsets + np.uint64(in_base)
+    else:
+        t = base + sh.o_tab
+        nv_rows = sh.nv_tpl.copy()  # nvCOMP's input pointers | input sizes | output pointers
+        nv_rows[:n] += np.uint64(in_base)
+        nv_rows[2 * n :] += np.uint64(base)
+        if sh.zero_out:
+            cupy.cuda.runtime.memsetAsync(base, 0, sh.o_temp, sp)
+        _upload(t, nv_rows, sp)
+        status = sh.fn(t, t + 8 * n, sh.max_chunk, n, base + sh.o_temp, sh.temp, t + 16 * n, t + 24 * n, sh.copts,
+                       t + 32 * n, sp)
+        if status != 0:
+            raise BackendError(f"{sh.name} failed", status_name(status))
+        res = _download(t + 24 * n, 12 * n, sp)
+        statuses = res[8 * n :]
+        if statuses.tobytes() != sh.zero_status:
+            statuses = statuses.view(np.int32)
+            bad = np.flatnonzero(statuses)
+            raise BackendError(f"nvCOMP {codec.codec_id} compression failed for {bad.size} chunk(s)",
+                               status_name(int(statuses[bad[0]])))
+        sizes = res[: 8 * n].view(np.uint64)
+        shrank = sizes < raw
+        all_encoded = bool(shrank.all())
+        if all_encoded:  # the usual case
+            comp, src = sizes.copy(), nv_rows[2 * n :]
+        else:
+            comp = np.where(shrank, sizes, raw)  # a chunk that does not shrink is stored as is
+            src = np.where(shrank, nv_rows[2 * n :], nv_rows[:n])
+    padded = (comp + np.uint64(15)) & np.uint64(0xFFFFFFFFFFFFFFF0)
+    ends = padded.cumsum()
+    offs = ends - padded + np.uint64(sh.table_nbytes)  # chunk offsets in the payload
+    payload = cupy.empty(sh.table_nbytes + (int(ends[-1]) if n else 0), dtype=np.uint8)
+    comp32 = comp.astype(np.uint32)
+    flags = np.ones(n, np.uint8) if shrank is None else (~shrank).view(np.uint8)
+    crc = PendingCRC()
+    if n:
+        pb = np.uint64(payload.data.ptr)
+        p = base + sh.o_pack
+        A = crc32.PACKED_ARGS
+        host = np.zeros(sh.pack_words, dtype=np.uint64)
+        np.add(sh.arg_tpl, sh.arg_rel * np.uint64(p), out=host[:A])
+        host[10] = pb
+        host[A : A + n], host[A + 2 * n : A + 3 * n] = src, comp
+        np.add(offs, pb, out=host[A + n : A + 2 * n])
+        np.add(sh.crc_rel, pb, out=host[A + 3 * n : A + 4 * n])
+        table = host[sh.table_word :].view(np.uint8)
+        table[: 4 * n] = comp32.view(np.uint8)
+        table[8 * n : 9 * n] = flags
+        _upload(p, host, sp)
+        crc32.crc32_batch_packed(p, sh.n_blocks, stream)  # copies chunks and table, writes the CRCs
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(cupy.cuda.ExternalStream(sp) if stream is not None else None)
+        crc.bind(payload, 4 * n, n, event)
+    else:
+        crc.bind(memoryview(b""), 0, 0, None)
+    if all_encoded:  # every chunk encoded: the decode rows need no selection
+        rows = (offs, comp, sh.in_offsets, raw, sh.raw_stats), None
+    else:
+        rows = _rows(offs, comp, flags, sh.in_offsets, raw)
+    # buf may be freed now: CuPy's pool reuses it only in this stream's order, after the packing launch.
+    return Packed(comp32, flags, payload, crc, rows)
+
+
 _ERR_INIT = np.array([0, 2**64 - 1], dtype=np.uint64)  # [bad chunk count, min (index << 16 | status)]
-_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _segment_rows(seg):
     """A segment's decode rows relative to its payload and output: (encoded, stored), each None or uint64 arrays
-    (chunk offsets, compressed sizes, output offsets, raw sizes) / (chunk offsets, output offsets, raw sizes).
-    Computed once per segment (segments are immutable)."""
-    rows = _ROWS.get(seg)
+    (chunk offsets, compressed sizes, output offsets, raw sizes, then (largest raw chunk, raw total)) / (chunk
+    offsets, output offsets, raw sizes, largest). Computed once per segment (segments are immutable)."""
+    rows = seg.__dict__.get("_decode_rows")
     if rows is None:
-        offs = seg.chunk_offsets.astype(np.uint64)
-        raw = seg.raw_chunk_nbytes.astype(np.uint64)
-        dst = np.arange(seg.n_chunks, dtype=np.uint64) * np.uint64(seg.chunk_nbytes)
-        comp = seg.table.comp_nbytes.astype(np.uint64)
-        n_enc = seg.table.n_encoded
-        enc = stored = None
-        if n_enc == seg.n_chunks:
-            enc = (offs, comp, dst, raw)
-        else:
-            st = seg.table.flags == 1
-            stored = (offs[st], dst[st], raw[st])
-            if n_enc:
-                e = ~st
-                enc = (offs[e], comp[e], dst[e], raw[e])
-        rows = _ROWS[seg] = (enc, stored)
+        rows = seg.__dict__["_decode_rows"] = _rows(
+            seg.chunk_offsets.astype(np.uint64), seg.table.comp_nbytes.astype(np.uint64), seg.table.flags,
+            np.arange(seg.n_chunks, dtype=np.uint64) * np.uint64(seg.chunk_nbytes),
+            seg.raw_chunk_nbytes.astype(np.uint64))
     return rows
+
+
+def remember_rows(seg, rows) -> None:
+    """Record decode rows computed while packing ``seg`` (:attr:`Packed.rows`), so decoding it computes none (kept
+    in the segment's instance dict, like its cached properties: segments are immutable)."""
+    seg.__dict__["_decode_rows"] = rows
+
+
+def _rows(offs, comp, flags, dst, raw):
+    n = len(offs)
+    if n == 0:
+        return None, None
+    st = flags.view(bool)
+    n_st = int(np.count_nonzero(st))
+    if n_st == 0:
+        return (offs, comp, dst, raw, [int(raw.max()), int(raw.sum()), None]), None
+    stored = (offs[st], dst[st], raw[st], int(raw[st].max()))
+    if n_st == n:
+        return None, stored
+    e = ~st
+    r = raw[e]
+    return (offs[e], comp[e], dst[e], r, [int(r.max()), int(r.sum()), None]), stored
+
+
+def decode_one(payload, seg, out, stream=None) -> None:
+    """Decode one segment from a device ``payload`` into ``out`` (a 16-byte aligned device uint8 buffer of
+    ``seg.raw_nbytes``) and check it: one allocation and upload, one nvCOMP call, one copy launch when chunks are
+    stored raw, then (only when nvCOMP ran) one download and synchronization, with the per-chunk statuses and
+    decoded sizes checked on the host. Nothing waits for a segment whose chunks are all stored."""
+    import cupy
+
+    enc, stored = _segment_rows(seg)
+    if enc is None and stored is None:
+        return
+    sp = _stream_ptr(stream)
+    pb, ob = np.uint64(payload.data.ptr), np.uint64(out.data.ptr)
+    pieces = []
+    G = S = temp_n = 0
+    if enc is not None:
+        if seg.codec.nvcomp_algorithm is None:  # pragma: no cover - the reader rejects this
+            raise BackendError(f"segment {seg.name!r}: codec {seg.codec.codec_id!r} has no GPU decoder")
+        G = len(enc[0])
+        # (codec, nvCOMP function, opts, temp bytes, name, expected sizes' bytes, zero statuses): what depends only
+        # on the codec and the raw sizes, so segments of one shape share it (compress_one's rows share the list)
+        dec = enc[4][2]
+        if dec is None or dec[0] is not seg.codec:
+            require()
+            name = f"nvcompBatched{_cname(seg.codec)}DecompressAsync"
+            dec = enc[4][2] = (seg.codec, getattr(_library(), name), codec_opts(seg.codec)[1],
+                               _decompress_temp(seg.codec, G, enc[4][0], enc[4][1]), name, enc[3].tobytes(),
+                               bytes(4 * G))
+        temp_n = dec[3]
+        pieces += [enc[0] + pb, enc[1], enc[2] + ob, enc[3]]
+    if stored is not None:
+        S = len(stored[0])
+        pieces += [stored[0] + pb, stored[1] + ob, stored[2]]
+    host = np.concatenate(pieces)
+    # One allocation: the rows above, then u64 actual sizes[G] and i32 statuses[G], then nvCOMP's temp memory.
+    o_act = 8 * len(host)
+    o_temp = (o_act + 12 * G + 255) // 256 * 256
+    buf = cupy.empty(o_temp + temp_n, dtype=np.uint8)
+    base = buf.data.ptr
+    _upload(base, host, sp)
+    if G:
+        st = dec[1](base, base + 8 * G, base + 24 * G, base + o_act, G, base + o_temp, temp_n, base + 16 * G, dec[2],
+                    base + o_act + 8 * G, sp)
+        if st != 0:
+            raise BackendError(f"{dec[4]} failed", status_name(st))
+    if S:
+        s0 = base + 32 * G
+        chunks.copy_chunks(s0, s0 + 8 * S, s0 + 16 * S, n=S, max_nbytes=stored[3], pad=False, stream=stream)
+    if G:
+        res = _download(base + o_act, 12 * G, sp)
+        if res[8 * G :].tobytes() != dec[6] or res[: 8 * G].tobytes() != dec[5]:
+            _raise_bad(res[: 8 * G].view(np.uint64), res[8 * G :].view(np.int32), enc[3])
+
+
+def _raise_bad(actual, status, expected) -> None:
+    """Raise BackendError if any chunk has a nonzero nvCOMP status or decoded to the wrong size."""
+    if not status.any() and actual.tobytes() == expected.tobytes():
+        return
+    bad = (status != 0) | (actual != expected)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        st = int(status[idx[0]])
+        what = status_name(st) if st else "decoded size differs from the chunk table"
+        raise BackendError(f"nvCOMP failed to decode {idx.size} chunk(s); first: batch chunk {int(idx[0])}", what)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -631,8 +889,9 @@ class DecodePlan:
                     (seg.codec, enc[0] + pb, enc[1], enc[2] + ob, enc[3]))
         if groups:
             require()
-        # One allocation (bytes): u64 rows comp_ptrs[G] | comp_sizes[G] | out_ptrs[G] | raw_sizes[G] | actual[G] |
-        # copy src[S] | dst[S] | nbytes[S] | err[2], then i32 statuses[G], then each group's nvCOMP temp memory.
+        # One allocation (bytes): u64 rows comp_ptrs[G] | comp_sizes[G] | out_ptrs[G] | raw_sizes[G] | actual[G],
+        # i32 statuses[G] (padded to 8 bytes), u64 copy src[S] | dst[S] | nbytes[S] | err[2], then each group's
+        # nvCOMP temp memory.
         cols = [[], [], [], []]
         self._groups = []
         row = 0
@@ -649,35 +908,35 @@ class DecodePlan:
             row += n
         G = row
         S = sum(len(c[0]) for c in copies)
-        n_words = 5 * G + 3 * S + 2
-        o_status = 8 * n_words
-        o_temp = (o_status + 4 * G + 255) // 256 * 256
+        h = (G + 1) // 2  # u64 words holding the i32 statuses, right after the actual sizes (one download reads both)
+        n_words = 5 * G + h + 3 * S + 2
+        o_temp = (8 * n_words + 255) // 256 * 256
         temp_offsets = np.cumsum([0] + [(g[4] + 255) // 256 * 256 for g in self._groups])
         self._buf = cupy.empty(max(o_temp + int(temp_offsets[-1]), 1), dtype=np.uint8)
         base = self._buf.data.ptr
-        pieces = [*cols[0], *cols[1], *cols[2], *cols[3], np.zeros(G, np.uint64)]
+        pieces = [*cols[0], *cols[1], *cols[2], *cols[3], np.zeros(G + h, np.uint64)]
         for k in range(3):
             pieces.extend(c[k] for c in copies)
         pieces.append(_ERR_INIT)
         host = np.concatenate(pieces)
+        self._expected = host[3 * G : 4 * G].copy()  # raw chunk sizes, for the host-side check of run_and_wait
         self._err_ptr = base + 8 * (n_words - 2)
         sp = _stream_ptr(stream)
         _upload(base, host, sp)
         if sync:  # the plan may run on other streams: its tables must be on the device first
             _sync(sp)
-        self._ptrs = (base, base + 8 * G, base + 16 * G, base + 24 * G, base + 32 * G, base + o_status)
+        self._ptrs = (base, base + 8 * G, base + 16 * G, base + 24 * G, base + 32 * G, base + 40 * G)
         for g, off in zip(self._groups, temp_offsets):
             g[5] = base + o_temp + int(off)
         self._n_enc = G
         self._copy = None
         if S:
-            s0 = base + 8 * 5 * G
-            self._copy = (s0, s0 + 8 * S, s0 + 16 * S, S, int(host[5 * G + 2 * S : 5 * G + 3 * S].max()))
+            s0 = base + 8 * (5 * G + h)
+            self._copy = (s0, s0 + 8 * S, s0 + 16 * S, S, int(host[5 * G + h + 2 * S : 5 * G + h + 3 * S].max()))
         self.n_chunks = G + S
 
-    def run(self, stream=None) -> None:
+    def run(self, stream=None, *, _check: bool = True) -> None:
         """Enqueue the decode on ``stream`` (default: CuPy's current stream); does not synchronize."""
-        from ..kernels import chunks
 
         sp = _stream_ptr(stream)
         comp_ptrs, comp_sizes, out_ptrs, raw_sizes, actual, status = self._ptrs
@@ -686,11 +945,21 @@ class DecodePlan:
                     temp_n, out_ptrs + 8 * row, dopts, status + 4 * row, sp)
             if st != 0:
                 raise BackendError(f"{name}DecompressAsync failed", status_name(st))
-        if self._n_enc:
+        if self._n_enc and _check:
             chunks.check_statuses(status, actual, raw_sizes, self._err_ptr, n=self._n_enc, stream=stream)
         if self._copy is not None:
             src, dst, nb, n, mx = self._copy
             chunks.copy_chunks(src, dst, nb, n=n, max_nbytes=mx, pad=False, stream=stream)
+
+    def run_and_wait(self, stream=None) -> None:
+        """:meth:`run`, then wait and raise :class:`~cupycodec.BackendError` if any chunk failed. The statuses and
+        decoded sizes come back in one download and are checked on the host, so no check kernel is launched; a
+        plan without nvCOMP chunks (all stored) does not wait at all."""
+        self.run(stream, _check=False)
+        G = self._n_enc
+        if G:
+            res = _download(self._ptrs[4], 12 * G, _stream_ptr(stream))
+            _raise_bad(res[: 8 * G].view(np.uint64), res[8 * G :].view(np.int32), self._expected)
 
     def check(self, stream=None) -> None:
         """Synchronize ``stream`` and raise :class:`~cupycodec.BackendError` if any chunk failed since the last

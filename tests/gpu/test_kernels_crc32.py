@@ -90,3 +90,64 @@ def test_large_batch_throughput_shape():
     got = out.get()
     for i in (0, 1, n // 2, n - 1):
         assert int(got[i]) == zlib.crc32(host[i * chunk : (i + 1) * chunk].tobytes())
+
+
+def _copy_run(lengths, src_offsets, dst_misalign, seed, shape_max=None):
+    """The packing mode: copy + zero-pad + CRC in one launch, plus the chunk-table copy that skips the CRC slots."""
+    import cupy
+
+    rng = np.random.default_rng(seed)
+    n = len(lengths)
+    chunks = [rng.integers(0, 256, L, dtype=np.uint8) for L in lengths]
+    src_pos, pos = [], 0
+    for L, o in zip(lengths, src_offsets):
+        pos = (pos + 255) // 256 * 256 + o
+        src_pos.append(pos)
+        pos += L
+    src_host = np.zeros(max(pos, 1), np.uint8)
+    for c, p in zip(chunks, src_pos):
+        src_host[p : p + len(c)] = c
+    tn = (9 * n + 15) // 16 * 16
+    dst_pos, pos = [], tn
+    for L in lengths:
+        pos = (pos + 15) // 16 * 16 + dst_misalign
+        dst_pos.append(pos)
+        pos += (L + 15) // 16 * 16 + 16  # a 16-byte gap after each padded chunk must stay untouched
+    src = cupy.asarray(src_host)
+    dst = cupy.full(pos + 16, 0xAB, dtype=cupy.uint8)
+    table = rng.integers(0, 256, tn, dtype=np.uint8)
+    d_table = cupy.asarray(table)
+    sp, dp = np.uint64(src.data.ptr), np.uint64(dst.data.ptr)
+    rows = np.concatenate([np.array(dst_pos, np.uint64) + dp, np.array(lengths, np.uint64),
+                           np.array(src_pos, np.uint64) + sp, dp + np.uint64(4 * n) + 4 * np.arange(n, dtype=np.uint64)])
+    d_rows = cupy.asarray(rows)
+    r = d_rows.data.ptr
+    shape = k.shape_for(shape_max or max(max(lengths), 1), max(sum(lengths), 1))
+    k.crc32_batch(r, r + 8 * n, None, n, shape, out_addrs=r + 24 * n, copy_from=r + 16 * n,
+                  table=(d_table.data.ptr, dst.data.ptr, tn))
+    got = dst.get()
+    crcs = got[4 * n : 8 * n].view(np.uint32).tolist()
+    assert crcs == [zlib.crc32(c.tobytes()) for c in chunks]
+    keep = np.r_[0 : 4 * n, 8 * n : tn]
+    assert (got[keep] == table[keep]).all()  # the table, its CRC slots excepted
+    for c, p in zip(chunks, dst_pos):
+        L, L16 = len(c), (len(c) + 15) // 16 * 16
+        assert (got[p : p + L] == c).all()
+        assert (got[p + L : p + L16] == 0).all() and (got[p + L16 : p + L16 + 16] == 0xAB).all()
+
+
+@pytest.mark.parametrize("lengths", [[0], [1], [15, 16, 17], [63, 64, 65, 127, 128, 129], [8191, 8192, 8193],
+                                     [65536] * 16, [70_001, 3, 0, 65_535], [1 << 20, 5, (1 << 20) + 9]])
+@pytest.mark.parametrize("misalign", [(0, 0), (5, 0), (0, 4), (13, 12)])
+def test_packing_mode_copies_pads_and_checksums(lengths, misalign):
+    src_off, dst_off = misalign
+    _copy_run(lengths, [src_off * (i % 2) for i in range(len(lengths))], dst_off, seed=len(lengths))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 200_000), min_size=1, max_size=30), st.integers(0, 2**32 - 1), st.booleans())
+def test_packing_mode_matches_zlib_with_oversized_shape(lengths, seed, misalign):
+    # compress_one sizes the launch for the raw chunks, which bound the packed ones: extra parts must be harmless
+    rng = np.random.default_rng(seed)
+    offs = [int(rng.integers(0, 16)) if misalign else 0 for _ in lengths]
+    _copy_run(lengths, offs, 0, seed, shape_max=4 * max(max(lengths), 1))

@@ -293,3 +293,108 @@ def test_lazy_crcs_survive_the_stream_and_host_results(cp):
     many = cc.compress_many([x, x[:1000], x[:0]], codec="bitcomp")
     assert all(_chunk_crcs_ok(k) for k in many)
     assert [cc.CompressedArray.from_bytes(k.to_bytes()) == k for k in many] == [True] * 3
+
+
+def _mixed(n, seed):
+    """Bytes whose chunks partly compress and partly do not (so both stored and encoded chunks occur)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, n, dtype=np.uint8)
+    x[: n // 2] = (np.arange(n // 2) // 64 % 4).astype(np.uint8)  # runs of 2-bit symbols: every codec shrinks it
+    return x
+
+
+@pytest.mark.parametrize("codec", ALL)
+@pytest.mark.parametrize("case", ["tiny", "odd", "mixed", "weights", "weights-16k"])
+def test_one_segment_path_writes_the_general_paths_bytes(cp, codec, case, monkeypatch):
+    # compress() of one plain array takes nvcomp.compress_one; compress_many of several takes compress_segments +
+    # pack_payload. Both must write the same container, and both decode paths (decode_one for a fresh output,
+    # cached DecodePlans for out=) must return the input.
+    from cupycodec import api
+
+    data = {"tiny": np.arange(5, dtype=np.int16), "odd": np.arange(70_001, dtype=np.int32) % 977,
+            "mixed": _mixed(300_000, 11), "weights": weights(1 << 19, seed=12).view(np.uint16),
+            "weights-16k": weights(100_000, seed=13).view(np.uint16)}[case]
+    chunk = 16384 if case == "weights-16k" else None
+    g = cp.asarray(data)
+    fast = cc.compress(g, codec=codec, chunk_nbytes=chunk)
+    monkeypatch.setattr(api, "_ONE_SEGMENT_PATH", False)
+    general = cc.compress(g, codec=codec, chunk_nbytes=chunk)
+    monkeypatch.setattr(api, "_ONE_SEGMENT_PATH", True)
+    assert fast.to_bytes() == general.to_bytes()
+    assert _chunk_crcs_ok(fast)
+    if case == "mixed" and codec != "raw":  # random chunks are stored, the compressible ones encoded
+        flags = fast.segments[0].table.flags
+        assert 0 < int(flags.sum()) < len(flags)
+    assert _same(cc.decompress(fast), data)
+    out = cp.empty_like(g)
+    for _ in range(2):  # the second call reuses the cached plan
+        out[...] = 0
+        assert cc.decompress(fast, out=out) is out and _same(out, data)
+    assert _same(cc.decompress(cc.CompressedArray.from_bytes(fast.to_bytes()), device="cuda"), data)
+    h = cc.compress(data, codec=codec, backend="nvcomp", chunk_nbytes=chunk)  # host data, GPU compression
+    assert not h.on_device and h.to_bytes() == fast.to_bytes() and _chunk_crcs_ok(h)
+
+
+@pytest.mark.parametrize("codec", ["ans", "lz4"])
+def test_one_shot_decodes_report_bad_chunks(cp, codec):
+    # Lie about one chunk's decoded size in the rows the decoders trust: both the fresh-output decode (decode_one)
+    # and the cached plan of decompress(out=) must raise, never return the short output.
+    from cupycodec.backends import nvcomp
+
+    x = cp.asarray(np.arange(1 << 17, dtype=np.int32) % 977)  # 512 KiB that both codecs shrink
+    c = cc.compress(x, codec=codec, chunk_nbytes=65536)
+    seg = c.segments[0]
+    enc, stored = nvcomp._segment_rows(seg)
+    assert stored is None and len(enc[0]) == 8
+    raw = enc[3].copy()
+    raw[1] -= 16
+    nvcomp.remember_rows(seg, ((enc[0], enc[1], enc[2], raw, [enc[4][0], enc[4][1], None]), stored))
+    with pytest.raises(cc.BackendError, match="failed to decode 1 chunk"):
+        cc.decompress(c)
+    out = cp.empty_like(x)
+    with pytest.raises(cc.BackendError, match="failed to decode 1 chunk"):
+        cc.decompress(c, out=out)
+    nvcomp.remember_rows(seg, (enc, stored))
+    assert _same(cc.decompress(c), x) and _same(cc.decompress(c, out=cp.empty_like(x)), x)
+
+
+def test_raw_one_segment_round_trip_does_not_wait(cp):
+    # raw: compression and a fresh decode enqueue copies only; the result is ready in stream order
+    x = cp.arange(1 << 18, dtype=cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        c = cc.compress(x, codec="raw")
+        y = cc.decompress(c)
+        z = y * 2
+    s.synchronize()
+    assert _same(z, cp.asnumpy(x) * 2) and _chunk_crcs_ok(c)
+
+
+@pytest.mark.parametrize("codec", [c for c in ALL if c != "raw"])
+def test_gpu_compression_is_deterministic_whatever_the_pool_holds(cp, codec):
+    # The container is deterministic: the same input gives the same bytes, whatever garbage the memory pool hands
+    # nvCOMP as output scratch (a codec that leaves bytes of its output unwritten must have them zeroed first).
+    x = cp.asarray(np.arange(70_001, dtype=np.int32) % 977)
+    w = cp.asarray(weights(1 << 18, seed=5).view(np.uint16))
+    blobs = []
+    pool = cp.get_default_memory_pool()
+    for fill in (0x00, 0xFF, 0x5A):
+        pool.free_all_blocks()
+        junk = cp.full(64 << 20, fill, dtype=cp.uint8)
+        del junk  # back to the pool, dirty: the next allocations reuse it
+        blobs.append([cc.compress(a, codec=codec).to_bytes() for a in (x, w)]
+                     + [b.to_bytes() for b in cc.compress_many([x, w], codec=codec)])
+    for k in range(4):
+        if blobs[1][k] != blobs[0][k] or blobs[2][k] != blobs[0][k]:
+            a = cc.CompressedArray.from_bytes(blobs[0][k])
+            b = cc.CompressedArray.from_bytes(blobs[1][k])
+            seg_a, seg_b = a.segments[0], b.segments[0]
+            pa, pb = bytes(a.host_payload()), bytes(b.host_payload())
+            where = []
+            for i, (o, n) in enumerate(zip(seg_a.chunk_offsets.tolist(), seg_a.table.comp_nbytes.tolist())):
+                diff = [j for j in range(n) if pa[o + j] != pb[o + j]] if len(pa) == len(pb) else []
+                if diff:
+                    where.append((i, n, diff[:8], len(diff)))
+            same_sizes = seg_a.table.comp_nbytes.tolist() == seg_b.table.comp_nbytes.tolist()
+            pytest.fail(f"{codec} blob {k}: bytes depend on pool contents; same sizes {same_sizes}; "
+                        f"chunks (index, size, first diffs, count): {where[:4]}")
