@@ -417,8 +417,9 @@ def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
     if len(jobs) == 1 and len(jobs[0].specs) == 1 and _ONE_SEGMENT_PATH:
         job = jobs[0]
         ((name, spec, codec, chunk),) = _segment_codecs(job, gpu=True)
-        return [_compress_gpu_one(job.arrays[name], job.spec, tuple(job.pipeline), codec, chunk,
-                                  job.keep_on_device, job.metadata, name=name, seg_spec=spec)]
+        if nvcomp.fits_one(codec, spec.nbytes, chunk):
+            return [_compress_gpu_one(job.arrays[name], job.spec, tuple(job.pipeline), codec, chunk,
+                                      job.keep_on_device, job.metadata, name=name, seg_spec=spec)]
     inputs, owners = [], []
     for j, job in enumerate(jobs):
         for name, spec, codec, chunk in _segment_codecs(job, gpu=True):
@@ -594,7 +595,10 @@ def _plain_job(codec_obj, arr, chunk_nbytes):
     elif codec_obj.nvcomp_algorithm is None and codec_obj.codec_id != "raw":
         return None
     resolved = _resolved(codec_obj, spec)
-    return spec, resolved, _check_chunk(chunk_nbytes, resolved, spec.nbytes)  # _validate's checks, one segment
+    chunk = _check_chunk(chunk_nbytes, resolved, spec.nbytes)  # _validate's checks, for the one segment
+    if not nvcomp.fits_one(resolved, spec.nbytes, chunk):
+        return None  # very large: the general path compresses in bounded rounds
+    return spec, resolved, chunk
 
 
 _PLAIN_JOBS: dict = {}

@@ -649,6 +649,12 @@ def _one_shape(codec, nbytes: int, chunk: int) -> _OneShape:
 _SHAPES: dict = {}
 
 
+def fits_one(codec, nbytes: int, chunk: int) -> bool:
+    """Whether :func:`compress_one` takes this segment: its scratch (worst-case output of every chunk at once) stays
+    within the 1 GiB that :func:`compress_segments` bounds its rounds by; larger segments go there."""
+    return _one_shape(codec, int(nbytes), int(chunk)).buf_nbytes <= _BATCH_SCRATCH_NBYTES
+
+
 class Packed:
     """A segment compressed and packed on the device by :func:`compress_one`."""
 
