@@ -413,7 +413,6 @@ def _compress_cpu(job: _Job) -> CompressedArray:
 def _compress_gpu(jobs: list[_Job]) -> list[CompressedArray]:
     import cupy
 
-
     if len(jobs) == 1 and len(jobs[0].specs) == 1 and _ONE_SEGMENT_PATH:
         job = jobs[0]
         ((name, spec, codec, chunk),) = _segment_codecs(job, gpu=True)
@@ -852,7 +851,6 @@ def _needs_gpu(c: CompressedArray) -> str | None:
 
 
 def _decode_on_gpu(c: CompressedArray, target, choice: str) -> bool:
-
     if choice == "cpu":
         codec = _needs_gpu(c)
         if codec:
@@ -1066,7 +1064,6 @@ _plans = _PlanCache()
 def _decode_gpu(jobs: list[_DecodeJob]) -> None:
     import cupy
 
-
     if len(jobs) == 1 and _decode_plain_on_device(jobs[0]):
         return
     payloads = []
@@ -1119,8 +1116,6 @@ def _decode_plain_on_device(job: _DecodeJob) -> bool:
     if not c.on_device or c.pipeline or len(c.segments) != 1 or c.spec.byteorder == ">" or job.target[0] != "cuda":
         return False
     import cupy
-
-    from .dtypes import gpu_dtype
 
     if job.out is None:
         out = cupy.empty(c.shape, dtype=gpu_dtype(c.spec.dtype))

@@ -488,7 +488,6 @@ def _compact(b: _Batch, sizes: np.ndarray, scratch, sp: int):
     """Move the chunks of ``b`` that shrank out of the worst-case scratch into a tight buffer (returned)."""
     import cupy
 
-
     shrank = sizes < b.in_sizes
     padded = np.where(shrank, (sizes + 15) // 16 * 16, 0).astype(np.uint64)
     offs = np.zeros(b.n, dtype=np.uint64)
@@ -518,7 +517,6 @@ def pack_payload(payload, tables: list[tuple[int, bytes]], src_ptrs: np.ndarray,
     in place, then one launch copies every chunk (``src_ptrs[i]`` -> ``dst_offsets[i]``, ``nbytes[i]`` bytes, zero-
     padded to 16) and one writes the CRC32 of each packed chunk at ``crc_offsets[i]`` (its slot in its table)."""
     import cupy
-
 
     sp = _stream_ptr(stream)
     base = payload.data.ptr
