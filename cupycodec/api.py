@@ -794,9 +794,14 @@ def _decompress_device_plain(c: CompressedArray, max_output_nbytes):
         limit = default_max_output_nbytes(c.nbytes) if c._cache.get("external") else None
     if limit is not None and c.raw_nbytes > limit:
         raise DecompressionBombError(c.raw_nbytes, int(limit))
+    return _decode_fresh(c)
+
+
+def _decode_fresh(c: CompressedArray):
+    """A plain one-segment device container decoded into a fresh CuPy array (nvcomp.decode_one)."""
     import cupy
 
-    out = cupy.empty(c.shape, dtype=gpu_dtype(c.spec.dtype))
+    out = cupy.empty(c.shape, dtype=gpu_dtype(c.spec.dtype))  # pool memory: 256-byte aligned, as nvCOMP needs
     nvcomp.decode_one(c._payload, c.segments[0], out)
     return out
 
@@ -1115,18 +1120,12 @@ def _decode_plain_on_device(job: _DecodeJob) -> bool:
     c = job.item
     if not c.on_device or c.pipeline or len(c.segments) != 1 or c.spec.byteorder == ">" or job.target[0] != "cuda":
         return False
-    import cupy
-
-    if job.out is None:
-        out = cupy.empty(c.shape, dtype=gpu_dtype(c.spec.dtype))
-    else:
-        out = _check_out(job.out, c.shape, _seg_dtype(c.spec, True), True)
+    if job.out is None:  # a fresh output: one allocation, upload and nvCOMP call, a host-side status check
+        job.result = _decode_fresh(c)
+        return True
+    out = _check_out(job.out, c.shape, _seg_dtype(c.spec, True), True)
     if out.size and out.data.ptr % 16:
         return False
-    if job.out is None:  # a fresh output: one allocation, upload and nvCOMP call, a host-side status check
-        nvcomp.decode_one(c._payload, c.segments[0], out)
-        job.result = out
-        return True
     key = _plan_key([c], [out])  # the caller's buffer makes the plan reusable: the next call allocates nothing
     plan = _plans.get(key)
     if plan is None:

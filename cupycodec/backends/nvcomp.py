@@ -843,12 +843,15 @@ def _raise_bad(actual, status, expected) -> None:
     """Raise BackendError if any chunk has a nonzero nvCOMP status or decoded to the wrong size."""
     if not status.any() and actual.tobytes() == expected.tobytes():
         return
-    bad = (status != 0) | (actual != expected)
-    if bad.any():
-        idx = np.flatnonzero(bad)
-        st = int(status[idx[0]])
-        what = status_name(st) if st else "decoded size differs from the chunk table"
-        raise BackendError(f"nvCOMP failed to decode {idx.size} chunk(s); first: batch chunk {int(idx[0])}", what)
+    idx = np.flatnonzero((status != 0) | (actual != expected))
+    if idx.size:
+        raise _decode_error(idx.size, int(idx[0]), int(status[idx[0]]))
+
+
+def _decode_error(count: int, index: int, status: int) -> BackendError:
+    """The error for ``count`` bad chunks, the first at batch index ``index`` (nvCOMP status 0: wrong size)."""
+    what = status_name(status) if status else "decoded size differs from the chunk table"
+    return BackendError(f"nvCOMP failed to decode {count} chunk(s); first: batch chunk {index}", what)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -972,11 +975,9 @@ class DecodePlan:
         err = _download(self._err_ptr, 16, sp).view(np.uint64)
         if int(err[0]):
             count, key = int(err[0]), int(err[1])
-            index, status = key >> 16, key & 0xFFFF
             _upload(self._err_ptr, np.array([0, 2**64 - 1], dtype=np.uint64), sp)
             _sync(sp)
-            what = status_name(status) if status else "decoded size differs from the chunk table"
-            raise BackendError(f"nvCOMP failed to decode {count} chunk(s); first: batch chunk {index}", what)
+            raise _decode_error(count, key >> 16, key & 0xFFFF)
 
 
 _warned_level = False

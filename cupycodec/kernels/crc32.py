@@ -360,16 +360,12 @@ def shape_for(max_nbytes: int, total_nbytes: int) -> tuple[int, int, int]:
 
 
 def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None, stream=None,
-                out_addrs=None, copy_from=None, table: tuple[int, int, int] | None = None) -> None:
+                out_addrs=None) -> None:
     """CRC-32 of ``n`` device byte ranges: ``ptrs``/``sizes`` are device uint64 arrays (or raw pointers), ``out``
     a device uint32 array, or None with ``out_addrs`` (a device uint64 array: where each chunk's CRC goes, 4-byte
     aligned); ``shape`` from :func:`shape_for`. ``work`` is device scratch of :func:`work_words` uint32 words whose
-    first ``n`` are zero (the kernel leaves them zero); allocated here when None.
-
-    Packing in the same pass: with ``copy_from`` (device uint64 array of source addresses) each range is first
-    copied from its source to ``ptrs[i]`` and zero-padded there to a multiple of 16 (the CRC is of the copied bytes),
-    and ``table`` = (source, destination, bytes; 4-byte aligned, bytes a multiple of 4) is copied as well, except
-    its bytes [4n, 8n): the CRC slots (so ``out_addrs`` may point there)."""
+    first ``n`` are zero (the kernel leaves them zero); allocated here when None. (Packing and checksumming in one
+    pass: :func:`crc32_batch_packed`.)"""
     import cupy
 
     if n == 0:
@@ -379,14 +375,10 @@ def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None
     words = work_words(n, parts)
     if words and work is None:
         work = cupy.zeros(words, np.uint32)
-    t_src, t_dst, t_n = table if table is not None else (0, 0, 0)
-    if t_n % 4 or (t_src | t_dst) % 4:
-        raise ValueError("the table copy needs 4-byte aligned addresses and a multiple of 4 bytes")
-    args = (_p(ptrs), _p(sizes), np.uint64(0) if out is None else _p(out),
-            np.uint64(0) if out_addrs is None else _p(out_addrs), np.int64(n), np.int32(parts), np.int32(log2_part),
-            np.int32(log2_r), _p(work) if words else np.uint64(0), table_ptr,
-            np.uint64(0) if copy_from is None else _p(copy_from), np.uint64(t_src), np.uint64(t_dst),
-            np.int64(t_n // 4))
+    zero = np.uint64(0)
+    args = (_p(ptrs), _p(sizes), zero if out is None else _p(out), zero if out_addrs is None else _p(out_addrs),
+            np.int64(n), np.int32(parts), np.int32(log2_part), np.int32(log2_r), _p(work) if words else zero,
+            table_ptr, zero, zero, zero, np.int64(0))  # no copy, no table
     _launch(fn, (n * parts,), (THREADS,), args, stream)
 
 
@@ -395,7 +387,12 @@ PACKED_ARGS = 12  # u64 arguments of cupycodec_crc32_packed
 
 def packed_args(n: int, shape: tuple[int, int, int], ptrs: int, sizes: int, out_addrs: int, work: int, src: int,
                 tab_src: int, tab_dst: int, tab_nbytes: int) -> list[int]:
-    """The 12 u64 arguments of :func:`crc32_batch_packed` (addresses as ints; ``work`` 0 when it needs none)."""
+    """The 12 u64 arguments of :func:`crc32_batch_packed` (addresses as ints; ``work`` 0 when it needs none).
+
+    Chunk ``i`` (``ptrs``/``sizes``/``src``/``out_addrs``: device uint64 arrays of ``n``) is copied from ``src[i]``
+    to ``ptrs[i]``, zero-padded there to a multiple of 16, and its CRC-32 is written at ``out_addrs[i]``; the table
+    (``tab_nbytes`` bytes, 4-byte aligned) is copied from ``tab_src`` to ``tab_dst``, except its bytes [4n, 8n): the
+    CRC slots, so ``out_addrs`` may point there."""
     if tab_nbytes % 4 or (tab_src | tab_dst) % 4:
         raise ValueError("the table copy needs 4-byte aligned addresses and a multiple of 4 bytes")
     parts, log2_part, log2_r = shape

@@ -120,11 +120,14 @@ def _copy_run(lengths, src_offsets, dst_misalign, seed, shape_max=None):
     sp, dp = np.uint64(src.data.ptr), np.uint64(dst.data.ptr)
     rows = np.concatenate([np.array(dst_pos, np.uint64) + dp, np.array(lengths, np.uint64),
                            np.array(src_pos, np.uint64) + sp, dp + np.uint64(4 * n) + 4 * np.arange(n, dtype=np.uint64)])
-    d_rows = cupy.asarray(rows)
-    r = d_rows.data.ptr
     shape = k.shape_for(shape_max or max(max(lengths), 1), max(sum(lengths), 1))
-    k.crc32_batch(r, r + 8 * n, None, n, shape, out_addrs=r + 24 * n, copy_from=r + 16 * n,
-                  table=(d_table.data.ptr, dst.data.ptr, tn))
+    words = k.work_words(n, shape[0])
+    d_rows = cupy.asarray(np.concatenate([rows, np.zeros((words + 1) // 2, np.uint64)]))  # + zeroed work
+    r = d_rows.data.ptr
+    args = k.packed_args(n, shape, r, r + 8 * n, r + 24 * n, r + 32 * n if words else 0, r + 16 * n,
+                         d_table.data.ptr, dst.data.ptr, tn)
+    d_args = cupy.asarray(np.array(args, np.uint64))  # the launch reads its arguments from device memory
+    k.crc32_batch_packed(d_args.data.ptr, n * shape[0])
     got = dst.get()
     crcs = got[4 * n : 8 * n].view(np.uint32).tolist()
     assert crcs == [zlib.crc32(c.tobytes()) for c in chunks]
