@@ -240,7 +240,7 @@ def _consume(capsule, name: str | None, on_device: bool) -> Array:
     dl_name = _DL_NAMES.get((code, bits)) if lanes == 1 else None
     if dl_name is None:
         label = _DL_CODES[code] if code < len(_DL_CODES) else f"code {code}"
-        raise UnsupportedDtypeError(f"DLPack {label} ({bits} bits, {lanes} lanes)", SUPPORTED)
+        raise UnsupportedDtypeError(f"DLPack {label} (bits={bits}, lanes={lanes})", SUPPORTED)
     name = name or dl_name
     size = itemsize(name)
     shape = tuple(t.shape[i] for i in range(t.ndim))

@@ -261,10 +261,10 @@ def test_null_strides_mean_c_contiguous_and_scalars_have_no_shape():
 
 
 @pytest.mark.parametrize(("code", "bits", "lanes", "label"), [
-    (2, 32, 4, r"DLPack float \(32 bits, 4 lanes\)"),
+    (2, 32, 4, r"DLPack float \(bits=32, lanes=4\)"),
     (11, 8, 1, r"DLPack float8_e4m3fnuz"),
-    (8, 8, 1, r"DLPack float8_e4m3 "),  # the variant with infinities, not e4m3fn
-    (2, 128, 1, r"DLPack float \(128 bits"),
+    (8, 8, 1, r"DLPack float8_e4m3 \(bits=8, lanes=1\)"),  # the variant with infinities, not e4m3fn
+    (2, 128, 1, r"DLPack float \(bits=128"),
     (42, 8, 1, r"DLPack code 42"),
 ])
 def test_unnamed_dlpack_dtypes_are_refused_and_still_released(code, bits, lanes, label):
@@ -273,6 +273,12 @@ def test_unnamed_dlpack_dtypes_are_refused_and_still_released(code, bits, lanes,
         as_array(producer)
     _collect()
     assert producer.deleted == 1
+
+
+def test_pinned_host_memory_is_read_on_the_host():
+    data = np.arange(4, dtype=np.uint8)
+    result = as_array(HandMade(data, (4,), device=(3, 0)))  # kDLCUDAHost
+    assert not result.on_device and result.device is None and result.array.tolist() == [0, 1, 2, 3]
 
 
 def test_dlpack_device_that_is_neither_cpu_nor_cuda():
