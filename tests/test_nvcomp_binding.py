@@ -1,4 +1,4 @@
-"""The nvCOMP ctypes binding (backends/_nvcomp_lib.py) checked against the installed headers.
+"""The nvCOMP ctypes binding (backends/_nvcomp_lib.py, codecs/_nvcomp_host.py) checked against the installed headers.
 
 CPU only: the headers and both libraries ship in the nvidia-libnvcomp wheel, and nothing here needs a GPU. The
 header tests compile small programs with the system C/C++ compiler and skip only when no compiler or no
@@ -20,6 +20,7 @@ import types
 import pytest
 
 from cupycodec.backends import _nvcomp_lib as nvlib
+from cupycodec.codecs import _nvcomp_host
 from cupycodec.errors import BackendUnavailableError
 from cupycodec.registry import get_codec
 
@@ -40,8 +41,10 @@ needs_libnvcomp = pytest.mark.skipif(LIBNVCOMP is None, reason="nvidia-libnvcomp
 def _fresh():
     """Each test starts and ends with nothing loaded or memoized, so a monkeypatched failure cannot leak."""
     nvlib.clear_caches()
+    _nvcomp_host._libs.cache_clear()
     yield
     nvlib.clear_caches()
+    _nvcomp_host._libs.cache_clear()
 
 
 def _tool(*names: str) -> str:
@@ -147,6 +150,15 @@ def test_layout_table_and_constants_match_the_installed_headers(tmp_path):
                                                              const["NVCOMP_CASCADED_MODE_UNSPECIFIED"])
 
 
+_GDEFLATE_SIGNATURES = {
+    _nvcomp_host._GDEFLATE_DECOMPRESS: "nvcomp::gdeflate::decompressCPU(void const* const*, unsigned long const*, "
+                                       "unsigned long, void* const*, unsigned long*, unsigned long*)",
+    _nvcomp_host._GDEFLATE_COMPRESS: "nvcomp::gdeflate::compressCPU(void const* const*, unsigned long const*, "
+                                     "unsigned long, unsigned long, void* const*, unsigned long*, int)",
+    _nvcomp_host._GDEFLATE_BOUND: "nvcomp::gdeflate::compressCPUGetMaxOutputChunkSize(unsigned long, unsigned long*)",
+}
+
+
 # -- declared signatures -------------------------------------------------------------------------------------------
 
 # Prints, for each function, its return and parameter types as kind+size ("int4", "ptr8", "struct:<typedef name>"),
@@ -187,13 +199,14 @@ def _describe(t) -> str:
 
 @needs_libnvcomp
 def test_every_declared_function_matches_its_header_signature(tmp_path):
-    lib = nvlib.library()
-    ours = {name: getattr(lib, name) for name in ["nvcompGetProperties",
+    lib, cpu = _nvcomp_host._libs()  # loads libnvcomp through nvlib.library(), so both sets are declared
+    ours = {name: getattr(lib, name) for name in [*_nvcomp_host._BITCOMP_API, "nvcompGetProperties",
                                                   "nvcompBatchedCRC32Async", "nvcompBatchedCRC32GetHeuristicConf"]}
     for algo in nvlib._OPTS:
         for suffix in ("CompressGetTempSize", "CompressGetMaxOutputChunkSize", "CompressAsync",
                        "DecompressGetTempSize", "DecompressAsync"):
             ours[f"nvcompBatched{algo}{suffix}"] = getattr(lib, f"nvcompBatched{algo}{suffix}")
+    ours.update({sig.split("(")[0]: getattr(cpu, mangled) for mangled, sig in _GDEFLATE_SIGNATURES.items()})
     calls = "\n".join(f'  sig<decltype(&{name})>::show("{name}");' for name in ours)
     out = _build(tmp_path, _SIGNATURE_PROBE.replace("{calls}", calls), "cpp")
     header = {}
@@ -202,6 +215,46 @@ def test_every_declared_function_matches_its_header_signature(tmp_path):
         header[name] = [re.sub(r"^struct:\d+", "struct:", t) for t in types_]  # Itanium typeid: length + name
     for name, fn in ours.items():
         assert [_describe(fn.restype), *map(_describe, fn.argtypes)] == header[name], name
+
+
+# -- GDeflate's C++ symbols ------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Itanium mangling of size_t as unsigned long (LP64 Linux)")
+def test_mangled_gdeflate_names_demangle_to_the_header_declarations():
+    cxxfilt = _tool("c++filt")
+    names = list(_GDEFLATE_SIGNATURES)
+    done = subprocess.run([cxxfilt, *names], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [_GDEFLATE_SIGNATURES[n] for n in names]
+    assert set(names) == set(_nvcomp_host._GDEFLATE_API)
+
+
+@needs_libnvcomp
+def test_the_header_mangles_to_our_names(tmp_path):
+    nm = _tool("nm")
+    obj = _build(tmp_path, "#include <nvcomp/native/gdeflate_cpu.h>\nvoid *refs[] = {\n"
+                           "  (void *)&nvcomp::gdeflate::decompressCPU, (void *)&nvcomp::gdeflate::compressCPU,\n"
+                           "  (void *)&nvcomp::gdeflate::compressCPUGetMaxOutputChunkSize};\n", "cpp", run=False)
+    undefined = subprocess.run([nm, "-u", obj], capture_output=True, text=True, check=True).stdout.split()
+    assert set(_nvcomp_host._GDEFLATE_API) <= set(undefined)
+
+
+@needs_libnvcomp
+def test_the_installed_cpu_library_exports_our_names():
+    _, cpu = _nvcomp_host._libs()
+    for name in _nvcomp_host._GDEFLATE_API:
+        assert getattr(cpu, name).restype is None  # exported (getattr raises AttributeError otherwise) and declared
+
+
+@needs_libnvcomp
+def test_cpu_gdeflate_refuses_input_that_would_make_nvcomp_throw():
+    from cupycodec.errors import FormatError
+
+    with pytest.raises(ValueError, match="levels 0-12"):
+        _nvcomp_host.gdeflate_encode(memoryview(b"x"), 13)
+    with pytest.raises(ValueError, match="1 byte to 64 KiB"):
+        _nvcomp_host.gdeflate_encode(memoryview(b""), 12)
+    with pytest.raises(FormatError, match="empty gdeflate chunk"):
+        _nvcomp_host.gdeflate_decode(memoryview(b""), memoryview(bytearray(8)))
 
 
 # -- loading and the version gate ------------------------------------------------------------------------------------
@@ -234,6 +287,8 @@ def test_other_majors_are_refused_with_the_fix(monkeypatch, found):
     expected = f"cupycodec supports nvCOMP 6.x; found {'.'.join(map(str, found))}: {fix}"
     with pytest.raises(BackendUnavailableError, match=re.escape(expected)):
         nvlib.library()
+    with pytest.raises(BackendUnavailableError, match=re.escape(expected)):  # the CPU GDeflate path is gated too
+        _nvcomp_host._libs()
     monkeypatch.undo()
     assert nvlib.version()[0] == 6  # the refusal was not cached
 
