@@ -11,6 +11,7 @@ from ._version import __version__
 from .api import (
     Compressor,
     Quantized,
+    clear_caches,
     compress,
     compress_many,
     decode_plan,
@@ -20,10 +21,11 @@ from .api import (
     load,
     save,
 )
-from .backends.nvcomp import DecodePlan
 from .codecs import Codec
 from .container import FORMAT_VERSION, CompressedArray
+from .engine.decode import DecodePlan
 from .errors import (
+    AuthenticationError,
     BackendError,
     BackendUnavailableError,
     ChecksumError,
@@ -34,6 +36,7 @@ from .errors import (
     UnknownCodecError,
     UnsupportedDtypeError,
     UnsupportedVersionError,
+    UntrustedError,
 )
 from .filters import Filter
 from .info import info
@@ -41,6 +44,7 @@ from .registry import get_codec, get_filter, register_codec, register_filter, re
 
 __all__ = [
     "FORMAT_VERSION",
+    "AuthenticationError",
     "BackendError",
     "BackendUnavailableError",
     "ChecksumError",
@@ -57,7 +61,9 @@ __all__ = [
     "UnknownCodecError",
     "UnsupportedDtypeError",
     "UnsupportedVersionError",
+    "UntrustedError",
     "__version__",
+    "clear_caches",
     "compress",
     "compress_many",
     "decode_plan",

@@ -41,22 +41,26 @@ becomes a FormatError.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import struct
 import zlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from . import registry
+from . import layout, registry
 from ._version import __version__
 from .dtypes import ArraySpec, itemsize, numpy_dtype
-from .errors import ChecksumError, CupycodecError, FormatError, UnsupportedVersionError
+from .errors import AuthenticationError, ChecksumError, CupycodecError, FormatError, UnsupportedVersionError
+from .layout import CHUNK_ALIGN, FLAG_STORED, MAX_CHUNK_NBYTES, raw_chunk_sizes, table_nbytes
 
 __all__ = [
     "CHUNK_ALIGN",
@@ -73,27 +77,8 @@ FORMAT_VERSION = 1
 _PRELUDE = struct.Struct("<4sHHQI4x")
 PRELUDE_NBYTES = _PRELUDE.size  # 24
 MAX_HEADER_NBYTES = 16 * 2**20
-PAYLOAD_ALIGN = 64
-CHUNK_ALIGN = 16
-FLAG_ENCODED, FLAG_STORED = 0, 1
-MAX_CHUNK_NBYTES = 16 * 2**20
-
-
-def align(n: int, a: int = CHUNK_ALIGN) -> int:
-    return (n + a - 1) // a * a
-
-
-def table_nbytes(n_chunks: int) -> int:
-    return align(9 * n_chunks)
-
-
-def raw_chunk_sizes(raw_nbytes: int, chunk_nbytes: int) -> np.ndarray:
-    """Uncompressed size of each chunk (int64)."""
-    n = -(-raw_nbytes // chunk_nbytes) if raw_nbytes else 0
-    sizes = np.full(n, chunk_nbytes, dtype=np.int64)
-    if n:
-        sizes[-1] = raw_nbytes - (n - 1) * chunk_nbytes
-    return sizes
+HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (format v1 writers before 0.2 padded to 64)
+_MAX_JSON_DEPTH = 64  # nesting allowed in a header (metadata included): deeper JSON is rejected, not recursed into
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,12 +119,6 @@ class ChunkTable:
     def to_bytes(self) -> bytes:
         return self._bytes
 
-    def bytes_without_crcs(self) -> bytes:
-        """The padded table with its CRC slots zeroed (what GPU packing uploads before checksumming the chunks)."""
-        n = len(self)
-        body = self.comp_nbytes.tobytes() + bytes(4 * n) + self.flags.tobytes()
-        return body + bytes(table_nbytes(n) - len(body))
-
     @cached_property
     def _bytes(self) -> bytes:
         body = self.comp_nbytes.tobytes() + self.crc32.tobytes() + self.flags.tobytes()
@@ -153,11 +132,7 @@ class ChunkTable:
     @cached_property
     def chunk_offsets(self) -> np.ndarray:
         """Offset of each chunk from the start of the segment's chunk area (int64, multiples of 16)."""
-        padded = (self.comp_nbytes.astype(np.int64) + (CHUNK_ALIGN - 1)) // CHUNK_ALIGN * CHUNK_ALIGN
-        offsets = np.zeros(len(self), dtype=np.int64)
-        if len(self) > 1:
-            np.cumsum(padded[:-1], out=offsets[1:])
-        return offsets
+        return layout.chunk_offsets(self.comp_nbytes).astype(np.int64)
 
     @cached_property
     def n_encoded(self) -> int:
@@ -166,7 +141,7 @@ class ChunkTable:
 
     @cached_property
     def data_nbytes(self) -> int:
-        return int(((self.comp_nbytes.astype(np.int64) + 15) // 16 * 16).sum())
+        return layout.data_nbytes(self.comp_nbytes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,6 +156,8 @@ class Segment:
     nbytes: int
     table: ChunkTable
     _table_crc32: int | None = None  # None: computed from the table bytes on first use
+    # Decode rows computed by whoever packed the segment (the GPU engine has them at hand), else derived on use.
+    _rows: layout.DecodeRows | None = field(default=None, repr=False)
 
     @property
     def table_crc32(self) -> int:
@@ -213,6 +190,16 @@ class Segment:
         """Absolute payload offset of each chunk (int64)."""
         return self.table.chunk_offsets + self.data_offset
 
+    @property
+    def decode_rows(self) -> layout.DecodeRows:
+        """Where this segment's encoded and stored chunks lie, relative to the payload and the output."""
+        rows = self._rows
+        if rows is None:
+            rows = layout.decode_rows(self.chunk_offsets, self.table.comp_nbytes, self.table.flags, self.raw_nbytes,
+                                      self.chunk_nbytes)
+            object.__setattr__(self, "_rows", rows)
+        return rows
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, **self.spec.to_json(), "raw_nbytes": self.raw_nbytes,
@@ -234,6 +221,7 @@ class Header:
     segments: tuple[Segment, ...]
     producer: Mapping[str, Any]
     metadata: Mapping[str, Any]
+    mac: str | None = None  # HMAC-SHA256 of the rest (hex), present when the writer was given a key
 
     def __post_init__(self):
         for name in ("producer", "metadata"):
@@ -246,26 +234,85 @@ class Header:
         return sum(s.nbytes for s in self.segments)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "array": self.array.to_json(),
             "pipeline": [f.get_config() for f in self.pipeline],
             "segments": [s.to_json() for s in self.segments],
             "producer": dict(self.producer),
             "metadata": _thaw(self.metadata),
         }
+        if self.mac is not None:
+            obj["auth"] = {"alg": MAC_ALG, "mac": self.mac}
+        return obj
 
     def encode(self) -> bytes:
         """Prelude + padded header bytes (deterministic: sorted keys, no spaces)."""
-        try:
-            text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"metadata must be JSON-serializable (no NaN/Inf floats): {exc}") from exc
-        n = align(PRELUDE_NBYTES + len(text), PAYLOAD_ALIGN) - PRELUDE_NBYTES
+        text = _canonical(self.to_json())
+        n = layout.align(len(text), HEADER_ALIGN)
         if n > MAX_HEADER_NBYTES:
             raise ValueError(f"header of {n} bytes exceeds {MAX_HEADER_NBYTES}; use less metadata")
         text += b" " * (n - len(text))
         return _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, n, zlib.crc32(text)) + text
+
+    def signed(self, key, payload) -> Header:
+        """This header with the HMAC of (itself without a MAC, payload) under ``key``."""
+        unsigned = self if self.mac is None else _replace_mac(self, None)
+        return _replace_mac(unsigned, compute_mac(key, unsigned, payload))
+
+
+def _canonical(obj) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-serializable (no NaN/Inf floats): {exc}") from exc
+
+
+def _replace_mac(header: Header, mac: str | None) -> Header:
+    return Header(header.array, header.pipeline, header.segments, header.producer, header.metadata, mac)
+
+
+# -- authentication ---------------------------------------------------------------------------------------------
+
+MAC_ALG = "HMAC-SHA256"
+_MAC_DOMAIN = b"cupycodec container v1\0"
+_MIN_KEY_NBYTES = 16
+
+
+def _check_key(key) -> bytes:
+    if isinstance(key, str) or not isinstance(key, (bytes, bytearray, memoryview)):
+        raise TypeError(f"key must be bytes (e.g. os.urandom(32)), got {type(key).__name__}")
+    key = bytes(key)
+    if len(key) < _MIN_KEY_NBYTES:
+        raise ValueError(f"key must be at least {_MIN_KEY_NBYTES} bytes (a random secret, e.g. os.urandom(32)), "
+                         f"got {len(key)}")
+    return key
+
+
+def compute_mac(key, header: Header, payload) -> str:
+    """HMAC-SHA256 over the canonical JSON of ``header`` (which must carry no MAC) and the payload bytes.
+
+    The MAC covers the header as this reader understands it (re-serialized from the parsed values), so every field
+    that decoding uses is authenticated however the writer spaced or ordered its JSON.
+    """
+    m = hmac.new(_check_key(key), _MAC_DOMAIN, hashlib.sha256)
+    text = _canonical(header.to_json())
+    m.update(len(text).to_bytes(8, "little"))
+    m.update(text)
+    m.update(payload)
+    return m.hexdigest()
+
+
+def check_mac(key, header: Header, payload) -> None:
+    """Raise AuthenticationError unless ``header`` carries a MAC that ``key`` produced for this header and payload."""
+    if header.mac is None:
+        raise AuthenticationError("the container carries no MAC, so key= cannot authenticate it; it was saved "
+                                  "without a key (load it without key=, as untrusted, or with trusted=True if you "
+                                  "made it)")
+    want = compute_mac(key, _replace_mac(header, None), payload)
+    if not hmac.compare_digest(want, header.mac):
+        raise AuthenticationError("MAC mismatch: the container was changed after it was signed, or signed with "
+                                  "another key")
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -289,15 +336,14 @@ def build_segments(pieces: Sequence[tuple[str, ArraySpec, Any, int, ChunkTable]]
     return tuple(out)
 
 
-def producer_info(backend: str) -> Mapping[str, Any]:
-    key = (backend, __version__)
+def producer_info(backend: str, nvcomp_version: str | None = None) -> Mapping[str, Any]:
+    """The ``producer`` record: this library and version, the backend, and nvCOMP's version when it wrote."""
+    key = (backend, __version__, nvcomp_version)
     info = _PRODUCERS.get(key)
     if info is None:
         info = {"library": "cupycodec", "version": __version__, "backend": backend}
-        if backend == "nvcomp":
-            from .backends import nvcomp
-
-            info["nvcomp"] = nvcomp.version_string()
+        if nvcomp_version is not None:
+            info["nvcomp"] = nvcomp_version
         info = _PRODUCERS[key] = _freeze(info)
     return info
 
@@ -368,18 +414,9 @@ def parse_prelude(buf: memoryview) -> tuple[int, int]:
 def parse_header(buf: memoryview) -> tuple[Header, int]:
     """Validate prelude, header and chunk tables; return the header and the payload's offset in ``buf``.
 
-    Chunk CRCs are not checked here (see :func:`verify_chunks`).
+    Chunk CRCs are not checked here (see :func:`verify_chunks`). Every reader rule raises FormatError (or a
+    subclass) itself, so an exception of any other type from here is a bug in this parser, not a bad file.
     """
-    try:
-        return _parse_header(buf)
-    except CupycodecError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError,
-            UnicodeDecodeError, struct.error) as exc:
-        raise FormatError(f"invalid header: {type(exc).__name__}: {exc}") from exc
-
-
-def _parse_header(buf: memoryview) -> tuple[Header, int]:
     n, header_crc = parse_prelude(buf)
     text = buf[PRELUDE_NBYTES : PRELUDE_NBYTES + n]
     computed = zlib.crc32(text)
@@ -387,11 +424,16 @@ def _parse_header(buf: memoryview) -> tuple[Header, int]:
         raise ChecksumError("header", header_crc, computed)
     try:
         obj = json.loads(bytes(text).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=lambda c: (_ for _ in ()).throw(FormatError(f"{c} is not valid JSON")))
+                         parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"header is not valid UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise FormatError(f"header is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise FormatError("header JSON is nested too deeply") from exc
     if not isinstance(obj, dict):
         raise FormatError(f"header must be a JSON object, got {type(obj).__name__}")
+    _check_depth(obj)
     payload_offset = PRELUDE_NBYTES + n
     payload_nbytes = len(buf) - payload_offset
 
@@ -407,6 +449,7 @@ def _parse_header(buf: memoryview) -> tuple[Header, int]:
         raise FormatError(f"pipeline does not apply to the array: {exc}") from exc
     producer = _field(obj, "producer", dict, "header")
     metadata = _field(obj, "metadata", dict, "header")
+    mac = _mac_field(obj)
 
     segs_json = _field(obj, "segments", list, "header")
     if [s.get("name") if isinstance(s, dict) else None for s in segs_json] != list(expected):
@@ -450,8 +493,37 @@ def _parse_header(buf: memoryview) -> tuple[Header, int]:
     if offset != payload_nbytes:
         raise FormatError(f"segments cover {offset} payload bytes but the buffer holds {payload_nbytes} "
                           f"({'trailing bytes' if offset < payload_nbytes else 'truncated'})")
-    header = Header(array, tuple(pipeline), tuple(segments), _freeze(producer), _freeze(metadata))
+    header = Header(array, tuple(pipeline), tuple(segments), _freeze(producer), _freeze(metadata), mac)
     return header, payload_offset
+
+
+def _reject_constant(name: str):
+    raise FormatError(f"{name} is not valid JSON")
+
+
+def _check_depth(obj) -> None:
+    """Reject JSON nested deeper than _MAX_JSON_DEPTH (iteratively: freezing it later recurses)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_JSON_DEPTH:
+            raise FormatError(f"header JSON is nested deeper than {_MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _mac_field(obj: Mapping) -> str | None:
+    auth = obj.get("auth")
+    if auth is None:
+        return None
+    if not isinstance(auth, dict) or auth.get("alg") != MAC_ALG:
+        raise FormatError(f"header 'auth' must be {{'alg': {MAC_ALG!r}, 'mac': <64 hex digits>}}")
+    mac = auth.get("mac")
+    if not isinstance(mac, str) or len(mac) != 64 or any(ch not in "0123456789abcdef" for ch in mac):
+        raise FormatError("header 'auth.mac' must be 64 lowercase hex digits")
+    return mac
 
 
 def _resolved(get, cfg, where):
@@ -548,6 +620,9 @@ class CompressedArray:
         object.__setattr__(self, "_header", header)
         object.__setattr__(self, "_payload", payload)
         object.__setattr__(self, "_pfx", _prefix)  # else encoded on first use: ~20 us a small compress can skip
+        # "external": bytes from outside (decompress bounds their output by default); "untrusted": external and not
+        # vouched for (trusted=True or a valid MAC), so no unhardened decoder may see them; "plans": decode plans of
+        # decompress(self, out=...), kept with the container they belong to
         object.__setattr__(self, "_cache", {})
 
     @property
@@ -657,10 +732,38 @@ class CompressedArray:
     def on_device(self) -> bool:
         return not isinstance(self._payload, memoryview)
 
+    @property
+    def device_id(self) -> int | None:
+        """The CUDA ordinal of a device payload, else None."""
+        return None if isinstance(self._payload, memoryview) else int(self._payload.device.id)
+
+    @property
+    def trusted(self) -> bool:
+        """False for bytes from outside (:meth:`from_bytes`, :func:`~cupycodec.load`) unless the caller vouched for
+        them (``trusted=True``) or a MAC under the caller's key matched; True for what this process compressed.
+
+        Untrusted containers are decoded only by decoders hardened against crafted input (docs/DESIGN.md, "Trust")."""
+        return not self._cache.get("untrusted", False)
+
+    @property
+    def signed(self) -> bool:
+        """Whether the container carries a MAC (written by ``save(..., key=...)`` or ``to_bytes(key=...)``)."""
+        return self._header.mac is not None
+
     # -- conversions ------------------------------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
-        """The container as ``bytes`` (copies a device payload to the host)."""
-        return self._prefix + bytes(self.host_payload())
+    def to_bytes(self, *, key=None) -> bytes:
+        """The container as ``bytes`` (copies a device payload to the host).
+
+        With ``key`` (a secret of at least 16 bytes) the header carries an HMAC-SHA256 of the container, so that
+        ``from_bytes(blob, key=key)`` can tell it from bytes a third party made (see :func:`cupycodec.save`).
+        """
+        payload = self.host_payload()
+        return self._signed_prefix(key, payload) + bytes(payload)
+
+    def _signed_prefix(self, key, payload) -> bytes:
+        if key is None:
+            return self._prefix
+        return self._header.signed(key, payload).encode()
 
     def host_payload(self) -> memoryview:
         """The payload in host memory (copied from the device if it lives there)."""
@@ -668,33 +771,46 @@ class CompressedArray:
             return self._payload
         return memoryview(self._payload.get()).cast("B")
 
-    def write_to(self, f) -> int:
+    def write_to(self, f, *, key=None) -> int:
         """Write the container to a binary file object without building one big bytes object."""
-        n = f.write(self._prefix)
-        n += f.write(self.host_payload())
+        payload = self.host_payload()
+        n = f.write(self._signed_prefix(key, payload))
+        n += f.write(payload)
         return n
 
     @classmethod
-    def from_bytes(cls, buf, *, verify: bool = True) -> CompressedArray:
+    def from_bytes(cls, buf, *, verify: bool = True, trusted: bool = False, key=None) -> CompressedArray:
         """Parse and validate a container from a bytes-like object (not copied; keep it unchanged).
 
         Everything is checked before any data is touched: prelude, header CRC and schema, chunk tables, and (with
         ``verify=True``) the CRC32 of every chunk. Any defect raises :class:`~cupycodec.FormatError` or a subclass
         (:class:`~cupycodec.ChecksumError`, :class:`~cupycodec.UnsupportedVersionError`); unknown ids raise
         :class:`~cupycodec.UnknownCodecError`.
+
+        CRCs catch accidents, not forgeries, so the result is *untrusted* (:attr:`trusted`) unless ``trusted=True``
+        (you vouch for the bytes) or ``key`` is the secret the container was signed with (its MAC is checked, and
+        :class:`~cupycodec.AuthenticationError` raised when it is missing or wrong). Untrusted containers decode
+        only through decoders hardened against crafted input: on the CPU, with zstd, deflate, gzip, lz4, snappy or
+        raw chunks; anything else raises :class:`~cupycodec.UntrustedError`.
         """
         try:
             mv = memoryview(buf).cast("B")
         except TypeError as exc:
             raise TypeError(f"from_bytes takes a bytes-like object, got {type(buf).__name__}") from exc
+        if not isinstance(trusted, bool):
+            raise TypeError(f"trusted must be a bool, got {trusted!r}")
         header, payload_offset = parse_header(mv)
         payload = mv[payload_offset:]
+        if key is not None:
+            check_mac(key, header, payload)
         if verify:
             from .backends import cpu
 
             verify_chunks(header, payload, cpu.executor())
         c = cls(header, payload, _prefix=bytes(mv[:payload_offset]))
         c._cache["external"] = True  # bytes from outside: decompress bounds the output by default
+        if not trusted and key is None:
+            c._cache["untrusted"] = True
         return c
 
     def to_host(self) -> CompressedArray:
@@ -703,25 +819,37 @@ class CompressedArray:
             return self
         return self._like(self.host_payload())
 
-    def to_device(self, device: int | None = None) -> CompressedArray:
-        """This container with its payload in GPU memory (``device``: CUDA ordinal, default current)."""
+    def to_device(self, device=None) -> CompressedArray:
+        """This container with its payload in GPU memory (``device``: CUDA ordinal or ``"cuda:N"``; default the
+        current device)."""
         import cupy
 
-        dev = cupy.cuda.Device(device) if device is not None else cupy.cuda.Device()
+        from .interop import parse_device
+
+        dev = cupy.cuda.Device(parse_device("cuda" if device is None else device)[1])
         if self.on_device and self._payload.device.id == dev.id:
             return self
         with dev:
             if self.on_device:
-                payload = self._payload.copy()
+                payload = cupy.empty_like(self._payload)
+                payload.data.copy_from_device_async(self._payload.data, self._payload.nbytes)
             else:
                 payload = cupy.asarray(np.frombuffer(self._payload, dtype=np.uint8))
         return self._like(payload)
 
     def _like(self, payload) -> CompressedArray:
         c = CompressedArray(self._header, payload, _prefix=self._prefix)
-        if self._cache.get("external"):
-            c._cache["external"] = True
+        for flag in ("external", "untrusted"):
+            if self._cache.get(flag):
+                c._cache[flag] = True
         return c
+
+    def _plan_cache(self) -> OrderedDict:
+        """Decode plans of ``decompress(self, out=...)``, newest last (bounded by the caller)."""
+        plans = self._cache.get("plans")
+        if plans is None:
+            plans = self._cache["plans"] = OrderedDict()
+        return plans
 
     # -- protocol ---------------------------------------------------------------------------------------------
     def __eq__(self, other):
@@ -732,7 +860,7 @@ class CompressedArray:
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self):
-        return (_from_bytes_trusted, (self.to_bytes(),))
+        return (_unpickle, (self.to_bytes(), self.trusted, bool(self._cache.get("external"))))
 
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
@@ -743,5 +871,10 @@ class CompressedArray:
                 f"nbytes={self.nbytes} ratio={self.ratio:.3f} device={self.device}>")
 
 
-def _from_bytes_trusted(blob: bytes) -> CompressedArray:
-    return CompressedArray.from_bytes(blob, verify=True)
+def _unpickle(blob: bytes, trusted: bool = True, external: bool = False) -> CompressedArray:
+    # A pickle keeps the container's trust: an untrusted container stays untrusted in a DataLoader worker. (A
+    # crafted pickle needs no container to run code, so this is about keeping state, not about pickle safety.)
+    c = CompressedArray.from_bytes(blob, verify=True, trusted=trusted)
+    if not external:
+        del c._cache["external"]
+    return c

@@ -192,7 +192,7 @@ def _cupy_supports(name: str) -> bool:
 
             cupy.zeros(2, dtype=numpy_dtype(name)).view(storage_dtype(name))
             _CUPY_SUPPORT[name] = True
-        except Exception:  # older CuPy: no ml_dtypes support
+        except (TypeError, ValueError):  # older CuPy: "Unsupported dtype" for ml_dtypes types
             _CUPY_SUPPORT[name] = False
     return _CUPY_SUPPORT[name]
 

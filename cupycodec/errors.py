@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
+    "AuthenticationError",
     "BackendError",
     "BackendUnavailableError",
     "ChecksumError",
@@ -19,6 +20,7 @@ __all__ = [
     "UnknownCodecError",
     "UnsupportedDtypeError",
     "UnsupportedVersionError",
+    "UntrustedError",
 ]
 
 
@@ -65,6 +67,28 @@ class ChecksumError(FormatError):
         self.segment, self.stored, self.computed, self.chunk = segment, stored, computed, chunk
         where = f"segment {segment!r}" + (f", chunk {chunk}" if chunk is not None else "")
         super().__init__(f"checksum mismatch in {where}: stored {stored:#010x}, computed {computed:#010x}")
+
+
+class AuthenticationError(FormatError):
+    """A container's MAC is missing or does not match under the key the caller gave (``load(..., key=...)``)."""
+
+
+class UntrustedError(CupycodecError, ValueError):
+    """Decoding this container from outside would need a decoder that is not hardened against crafted input.
+
+    nvCOMP's GPU decoders (and nvCOMP's CPU GDeflate and Bitcomp) can crash the process, kill its CUDA context or
+    write out of bounds on crafted chunks, and a CRC32 stops accidents, not attackers. ``codec`` names the codec.
+    """
+
+    def __init__(self, codec: str, action: str = "decode"):
+        self.codec = codec
+        super().__init__(
+            f"this container came from outside (from_bytes/load) and is untrusted, and codec {codec!r} has no "
+            f"decoder hardened against crafted input, so cupycodec will not {action} it. If you made the file, "
+            "pass trusted=True to from_bytes()/load(), or save it with cc.save(path, c, key=secret) and load it "
+            "with cc.load(path, key=secret); untrusted files decode only with zstd, deflate, gzip, lz4, snappy or "
+            "raw chunks (on the CPU)"
+        )
 
 
 class DecompressionBombError(CupycodecError, ValueError):

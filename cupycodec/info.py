@@ -33,7 +33,8 @@ def info() -> dict[str, Any]:
     """
     from . import backends, registry
     from ._version import __version__
-    from .backends import cpu, nvcomp
+    from .backends import _nvcomp_lib as nvcomp
+    from .backends import cpu
 
     out: dict[str, Any] = {
         "cupycodec": __version__,
@@ -63,7 +64,7 @@ def info() -> dict[str, Any]:
                        cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
                        cuda_driver=cupy.cuda.runtime.driverGetVersion(),
                        device_count=cupy.cuda.runtime.getDeviceCount())
-    except Exception as exc:  # pragma: no cover - broken CUDA installs
+    except (RuntimeError, OSError) as exc:  # pragma: no cover - broken CUDA installs: reported, not raised
         gpu["error"] = str(exc)
     if reason is None:
         gpu["nvcomp"] = nvcomp.version_string()

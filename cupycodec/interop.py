@@ -18,7 +18,7 @@ import numpy as np
 from .dtypes import SUPPORTED, dtype_name, itemsize, numpy_dtype, storage_dtype
 from .errors import BackendUnavailableError, UnsupportedDtypeError
 
-__all__ = ["Array", "as_array", "as_output", "parse_device", "stream_handle"]
+__all__ = ["Array", "as_array", "as_output", "parse_device", "require_cuda", "stream_handle"]
 
 _NO_GPU = ('CUDA devices need CuPy and a visible CUDA GPU; install a GPU build with pip install "cupycodec[cu12]" '
            '(or "cupycodec[cu13]" for CUDA 13; torch users: match torch.version.cuda)')
@@ -351,6 +351,11 @@ def parse_device(device) -> tuple[str, int | None]:
             return "cuda", _current_device() if index is None else _check_ordinal(index, device)
         raise ValueError(f"device type {kind!r} is not supported; use {forms}")
     raise TypeError(f"device must be {forms}, got {type(device).__name__}")
+
+
+def require_cuda() -> None:
+    """Raise :class:`~cupycodec.BackendUnavailableError` (naming the fix) unless CuPy sees a CUDA device."""
+    _device_count()
 
 
 def _cupy():

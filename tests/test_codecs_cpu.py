@@ -146,4 +146,6 @@ def test_third_party_codec_registration():
     cc.register_codec(Xor)
     x = np.zeros(5000, np.uint8)
     c = cc.compress(x, codec="test-xor")
-    assert c.codec == "test-xor" and np.array_equal(cc.decompress(c.to_bytes()), x)
+    assert c.codec == "test-xor" and np.array_equal(cc.decompress(c.to_bytes(), trusted=True), x)
+    with pytest.raises(cc.UntrustedError, match="test-xor"):  # a plug-in's decoder is not known to be hardened
+        cc.decompress(c.to_bytes())

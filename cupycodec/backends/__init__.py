@@ -37,15 +37,15 @@ def requested_backend(requested: str | None) -> str:
 
 
 def nvcomp_available() -> bool:
-    from . import nvcomp
+    from . import _nvcomp_lib
 
-    return nvcomp.available()
+    return _nvcomp_lib.available()
 
 
 def _nvcomp_reason() -> str:
-    from . import nvcomp
+    from . import _nvcomp_lib
 
-    return nvcomp.unavailable_reason() or ""
+    return _nvcomp_lib.unavailable_reason() or ""
 
 
 def select(requested: str | None, *, on_device: bool, codecs, what: str = "compress") -> str:

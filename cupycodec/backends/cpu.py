@@ -48,6 +48,18 @@ def executor() -> ThreadPoolExecutor:
         return _executor
 
 
+def reset_after_fork() -> None:
+    """Forget the pool in a forked child: its threads were not copied, so jobs queued to it would never run (and
+    its lock may have been held by another thread at the fork). The child builds a fresh pool on first use."""
+    global _executor, _lock
+    _executor = None
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # DataLoader workers and multiprocessing fork by default on Linux
+    os.register_at_fork(after_in_child=reset_after_fork)
+
+
 def _run(jobs: list, fn, total_nbytes: int) -> list:
     if total_nbytes < _INLINE_NBYTES or len(jobs) < 2:
         return [fn(j) for j in jobs]
@@ -133,3 +145,10 @@ def as_bytes(arr) -> memoryview:
     """A flat uint8 memoryview of a C-contiguous NumPy array (any dtype, ml_dtypes included)."""
     a = np.ascontiguousarray(arr)
     return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def as_bytes_view(arr) -> memoryview:
+    """A writable flat uint8 view of a C-contiguous NumPy array (the buffer a segment decodes into)."""
+    if not arr.flags.c_contiguous:
+        raise ValueError("a decode target must be C-contiguous")
+    return memoryview(arr.reshape(-1).view(np.uint8))

@@ -76,6 +76,9 @@ class Codec(abc.ABC):
     default_chunk_nbytes: ClassVar[int] = 64 * KiB
     #: Largest uncompressed chunk nvCOMP accepts for this format (16 MiB caps every format we use).
     max_chunk_nbytes: ClassVar[int] = 16 * MiB
+    #: Whether this codec's CPU decoder is hardened against crafted input (fuzzed, bounds-checked libraries), so
+    #: untrusted containers may be decoded with it. No GPU decoder is (docs/DESIGN.md, "Trust").
+    untrusted_ok: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any):
         unknown = set(kwargs) - set(self.options)

@@ -27,6 +27,7 @@ class Deflate(Codec):
     """
 
     codec_id = "deflate"
+    untrusted_ok = True  # zstandard/cramjam/zlib decoders: bounds-checked and fuzzed upstream
     version = 1
     nvcomp_algorithm = "Deflate"
     options = _OPTIONS

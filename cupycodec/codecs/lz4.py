@@ -22,6 +22,7 @@ class LZ4(Codec):
     """
 
     codec_id = "lz4"
+    untrusted_ok = True  # zstandard/cramjam/zlib decoders: bounds-checked and fuzzed upstream
     version = 1
     nvcomp_algorithm = "LZ4"
     options = {
@@ -58,6 +59,7 @@ class Snappy(Codec):
     """Snappy raw format (no framing): ``snappy.decompress`` / ``cramjam.snappy.decompress_raw`` read a chunk."""
 
     codec_id = "snappy"
+    untrusted_ok = True  # zstandard/cramjam/zlib decoders: bounds-checked and fuzzed upstream
     version = 1
     nvcomp_algorithm = "Snappy"
 

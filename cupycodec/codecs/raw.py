@@ -11,6 +11,7 @@ class Raw(Codec):
     """Store the bytes unchanged. Every chunk is written as a stored chunk; both backends only copy."""
 
     codec_id = "raw"
+    untrusted_ok = True  # stored chunks are copied within bounds the reader checked
     version = 1
     default_chunk_nbytes = 1 * MiB
 

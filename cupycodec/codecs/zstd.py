@@ -19,6 +19,7 @@ class Zstd(Codec):
     """
 
     codec_id = "zstd"
+    untrusted_ok = True  # zstandard/cramjam/zlib decoders: bounds-checked and fuzzed upstream
     version = 1
     nvcomp_algorithm = "Zstd"
     options = {"level": Option(None, int_range(-(1 << 17), 22), "CPU compression level")}

@@ -128,13 +128,24 @@ def _grid(n: int) -> tuple[int]:
     return (max(1, min(-(-n // 256), 65535 * 8)),)
 
 
-def _kernel(op: str, k: int, words_ptr: int, planes_ptr: int, stride: int):
+def _kernel(op: str, k: int, words_ptr: int, planes_ptr: int, stride: int, device: int | None = None):
     """The vectorized kernel when the pointers allow it, else the scalar one (same results)."""
     vec = words_ptr % 16 == 0 and planes_ptr % 8 == 0 and stride % 8 == 0
-    import cupy
+    if device is None:
+        import cupy
 
+        device = cupy.cuda.runtime.getDevice()
     name = f"cupycodec_byteplane_{op}{'v' if vec else ''}_u{k}"
-    return _function(cupy.cuda.runtime.getDevice(), name), vec
+    return _function(device, name), vec
+
+
+def merge_launch(planes_ptr: int, stride: int, words_ptr: int, n: int, k: int, rotate: bool, device: int):
+    """(kernel, grid, block, args) merging ``k`` planes of ``n`` bytes at ``planes_ptr`` (``stride`` apart) into
+    ``n`` native-endian words at ``words_ptr``: built once, launched by a decode plan on each run."""
+    kern, vec = _kernel("merge", k, words_ptr, planes_ptr, stride, device)
+    grid = _grid(-(-n // 8) if vec else n)
+    return kern, grid, (256,), (np.uint64(planes_ptr), np.uint64(words_ptr), np.int64(n), np.int64(stride),
+                               np.int32(1 if rotate else 0))
 
 
 def plane_stride(n: int) -> int:
@@ -188,7 +199,7 @@ def merge(planes: list, k: int, rotate: bool, spec, out=None):
         ptrs = [packed.data.ptr]
         planes = [packed]  # keep it alive until the launch is enqueued
     words = out.reshape(-1).view(_UINT[k])
-    kern, vec = _kernel("merge", k, words.data.ptr, ptrs[0], stride)
-    grid = _grid(-(-n // 8) if vec else n)
-    kern(grid, (256,), (np.uint64(ptrs[0]), words, np.int64(n), np.int64(stride), np.int32(1 if rotate else 0)))
+    kern, grid, block, args = merge_launch(ptrs[0], stride, words.data.ptr, n, k, rotate,
+                                           cupy.cuda.runtime.getDevice())
+    kern(grid, block, args)
     return out

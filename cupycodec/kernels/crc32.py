@@ -70,25 +70,31 @@ __device__ __forceinline__ unsigned step8(const unsigned* t, unsigned crc, unsig
 // consts: [0, 2048) slice-by-8 tables; [2048, 2112) x^(2^k); [2112, 2176) x^-(2^k).
 // work (parts > 1): n zeroed counters, then n * parts partial CRCs.
 // Copy mode (src != 0, for packing): chunk c's bytes are read from src[c], written to ptrs[c] and zero-padded there
-// to a multiple of 16 while their CRC is taken. Block 0 also copies tab_words 4-byte words tab_src -> tab_dst (the
-// container's chunk table), except words [n, 2n): the CRC slots, which the chunks' last blocks fill (at any time).
+// to a multiple of 16 while their CRC is taken. Block t < n_tabs also copies chunk table t, described by tabs[4t ..
+// 4t + 3] = {source, destination, 4-byte words, chunks k}, except its words [k, 2k): the CRC slots, which the
+// chunks' last blocks fill (at any time). Every table has at least one chunk, so there are enough blocks.
 __device__ __forceinline__ void
 crc32_body(const unsigned long long* __restrict__ ptrs, const unsigned long long* __restrict__ sizes,
            unsigned* __restrict__ out, const unsigned long long* __restrict__ out_addrs, long long n,
            int parts, int log2_part, int log2_r, unsigned* __restrict__ work,
            const unsigned* __restrict__ consts, const unsigned long long* __restrict__ src,
-           const unsigned* __restrict__ tab_src, unsigned* __restrict__ tab_dst, long long tab_words)
+           const unsigned long long* __restrict__ tabs, long long n_tabs)
 {
     __shared__ unsigned tab[8 * 256];
     __shared__ unsigned warp_crc[CRC_T / 32];
     __shared__ unsigned part_crc;
     __shared__ int is_last;
+    if ((long long)blockIdx.x < n_tabs) {
+        const unsigned long long* t = tabs + 4 * blockIdx.x;
+        const unsigned* tab_src = (const unsigned*)t[0];
+        unsigned* tab_dst = (unsigned*)t[1];
+        const long long words = (long long)t[2], k = (long long)t[3];
+        for (long long i = threadIdx.x; i < words; i += CRC_T)
+            if (i < k || i >= 2 * k) tab_dst[i] = tab_src[i];
+    }
     const long long c = (long long)blockIdx.x / parts;
     const int j = (int)((long long)blockIdx.x % parts);
     if (c >= n) return;
-    if (blockIdx.x == 0)
-        for (long long i = threadIdx.x; i < tab_words; i += CRC_T)
-            if (i < n || i >= 2 * n) tab_dst[i] = tab_src[i];
     for (int i = threadIdx.x; i < 2048; i += CRC_T) tab[i] = consts[i];
     __syncthreads();
 
@@ -195,22 +201,21 @@ cupycodec_crc32(const unsigned long long* __restrict__ ptrs, const unsigned long
                 unsigned* __restrict__ out, const unsigned long long* __restrict__ out_addrs, long long n,
                 int parts, int log2_part, int log2_r, unsigned* __restrict__ work,
                 const unsigned* __restrict__ consts, const unsigned long long* __restrict__ src,
-                const unsigned* __restrict__ tab_src, unsigned* __restrict__ tab_dst, long long tab_words)
+                const unsigned long long* __restrict__ tabs, long long n_tabs)
 {
-    crc32_body(ptrs, sizes, out, out_addrs, n, parts, log2_part, log2_r, work, consts, src, tab_src, tab_dst,
-               tab_words);
+    crc32_body(ptrs, sizes, out, out_addrs, n, parts, log2_part, log2_r, work, consts, src, tabs, n_tabs);
 }
 
 // The same work with its arguments in device memory (12 u64: ptrs, sizes, out_addrs, n, parts, log2_part, log2_r,
-// work, src, tab_src, tab_dst, tab_words), uploaded with the rows they point to: a launch of two arguments costs
-// the host about half of one with fourteen.
+// work, src, tabs, n_tabs, 0), uploaded with the rows they point to: a launch of two arguments costs the host
+// about half of one with fourteen.
 extern "C" __global__ void __launch_bounds__(CRC_T)
 cupycodec_crc32_packed(const unsigned long long* __restrict__ a, const unsigned* __restrict__ consts)
 {
     crc32_body((const unsigned long long*)a[0], (const unsigned long long*)a[1], 0,
                (const unsigned long long*)a[2], (long long)a[3], (int)a[4], (int)a[5], (int)a[6],
-               (unsigned*)a[7], consts, (const unsigned long long*)a[8], (const unsigned*)a[9], (unsigned*)a[10],
-               (long long)a[11]);
+               (unsigned*)a[7], consts, (const unsigned long long*)a[8], (const unsigned long long*)a[9],
+               (long long)a[10]);
 }
 """
 
@@ -378,25 +383,26 @@ def crc32_batch(ptrs, sizes, out, n: int, shape: tuple[int, int, int], work=None
     zero = np.uint64(0)
     args = (_p(ptrs), _p(sizes), zero if out is None else _p(out), zero if out_addrs is None else _p(out_addrs),
             np.int64(n), np.int32(parts), np.int32(log2_part), np.int32(log2_r), _p(work) if words else zero,
-            table_ptr, zero, zero, zero, np.int64(0))  # no copy, no table
+            table_ptr, zero, zero, np.int64(0))  # no copy, no tables
     _launch(fn, (n * parts,), (THREADS,), args, stream)
 
 
 PACKED_ARGS = 12  # u64 arguments of cupycodec_crc32_packed
 
 
-def packed_args(n: int, shape: tuple[int, int, int], ptrs: int, sizes: int, out_addrs: int, work: int, src: int,
-                tab_src: int, tab_dst: int, tab_nbytes: int) -> list[int]:
+def packed_args(n: int, shape: tuple[int, int, int], *, ptrs: int, sizes: int, out_addrs: int, work: int, src: int,
+                tabs: int, n_tabs: int) -> list[int]:
     """The 12 u64 arguments of :func:`crc32_batch_packed` (addresses as ints; ``work`` 0 when it needs none).
 
     Chunk ``i`` (``ptrs``/``sizes``/``src``/``out_addrs``: device uint64 arrays of ``n``) is copied from ``src[i]``
-    to ``ptrs[i]``, zero-padded there to a multiple of 16, and its CRC-32 is written at ``out_addrs[i]``; the table
-    (``tab_nbytes`` bytes, 4-byte aligned) is copied from ``tab_src`` to ``tab_dst``, except its bytes [4n, 8n): the
-    CRC slots, so ``out_addrs`` may point there."""
-    if tab_nbytes % 4 or (tab_src | tab_dst) % 4:
-        raise ValueError("the table copy needs 4-byte aligned addresses and a multiple of 4 bytes")
+    to ``ptrs[i]``, zero-padded there to a multiple of 16, and its CRC-32 is written at ``out_addrs[i]``. ``tabs``
+    holds ``n_tabs`` chunk tables to copy, 4 uint64 each: source and destination addresses (4-byte aligned), the
+    table's 4-byte words, and its chunk count k; words [k, 2k) (the CRC slots, where ``out_addrs`` may point) are
+    skipped. Every table needs at least one chunk in the launch (``n_tabs <= n``)."""
+    if n_tabs > n:
+        raise ValueError(f"{n_tabs} tables for {n} chunks: a table without chunks has nothing to copy")
     parts, log2_part, log2_r = shape
-    return [ptrs, sizes, out_addrs, n, parts, log2_part, log2_r, work, src, tab_src, tab_dst, tab_nbytes // 4]
+    return [ptrs, sizes, out_addrs, n, parts, log2_part, log2_r, work, src, tabs, n_tabs, 0]
 
 
 def crc32_batch_packed(args_ptr: int, n_blocks: int, stream=None) -> None:

@@ -869,12 +869,12 @@ struct cc_out_f64 {
     }
 };
 
-/* V == 16 (16-byte code loads) or 1 */
+/* V == 16 (16-byte code loads) or 1; blocks blk of nblk share the work (a launch's grid, or a share of one) */
 template <class O, int V>
 __device__ void cc_dequantize(const signed char* __restrict__ q, const float* __restrict__ scale,
-                              typename O::T* __restrict__ y, i64 numel, cc_map mp) {
-    const i64 nvec = numel / V, tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    const i64 stride = (i64)gridDim.x * blockDim.x;
+                              typename O::T* __restrict__ y, i64 numel, cc_map mp, i64 blk, i64 nblk) {
+    const i64 nvec = numel / V, tid = blk * blockDim.x + threadIdx.x;
+    const i64 stride = nblk * blockDim.x;
     for (i64 w = tid; w < nvec; w += stride) {
         const i64 i = w * V;
         float s[V], v[V];
@@ -977,12 +977,35 @@ CC_ALIGNED_KERNELS(f32, cc_in_f32)
 CC_ALIGNED_KERNELS(f16, cc_in_f16)
 CC_ALIGNED_KERNELS(bf16, cc_in_bf16)
 
+/* Several dequantizations in one launch (a decode plan's stage): desc holds CC_DESC u64 words per tensor: codes,
+   scales, output, numel, the 8 map words, vec, its first block and its block count. Blocks find their tensor by a
+   scan (tensors are few: a transformer block's matrices) and run the same element code as the single kernel. */
+#define CC_DESC 16
+template <class O>
+__device__ void cc_dequantize_many(const u64* __restrict__ desc, int items) {
+    int k = 0;
+    while (k + 1 < items && desc[CC_DESC * (k + 1) + 13] <= (u64)blockIdx.x) ++k;
+    const u64* d = desc + CC_DESC * k;
+    const cc_map mp = {{(i64)d[4], d[5]}, {(i64)d[6], d[7]}, {(i64)d[8], d[9]}, {(i64)d[10], d[11]}};
+    const i64 blk = (i64)blockIdx.x - (i64)d[13], nblk = (i64)d[14];
+    if (blk >= nblk) return;
+    const signed char* q = (const signed char*)d[0];
+    const float* scale = (const float*)d[1];
+    typename O::T* y = (typename O::T*)d[2];
+    if (d[12]) cc_dequantize<O, 16>(q, scale, y, (i64)d[3], mp, blk, nblk);
+    else cc_dequantize<O, 1>(q, scale, y, (i64)d[3], mp, blk, nblk);
+}
+
 #define CC_OUTPUT_KERNEL(NAME, O)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_##NAME(                             \
         const signed char* q, const float* scale, O::T* y, i64 numel, CC_MAP_PARAMS, int vec) {                    \
         const cc_map mp = CC_MAP;                                                                                   \
-        if (vec) cc_dequantize<O, 16>(q, scale, y, numel, mp);                                                     \
-        else cc_dequantize<O, 1>(q, scale, y, numel, mp);                                                          \
+        if (vec) cc_dequantize<O, 16>(q, scale, y, numel, mp, blockIdx.x, gridDim.x);                              \
+        else cc_dequantize<O, 1>(q, scale, y, numel, mp, blockIdx.x, gridDim.x);                                   \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) cupycodec_int8_dequantize_many_##NAME(                        \
+        const u64* desc, int items) {                                                                               \
+        cc_dequantize_many<O>(desc, items);                                                                         \
     }
 
 CC_OUTPUT_KERNEL(f32, cc_out_f32)
@@ -1051,10 +1074,7 @@ def _sm_count(device_id: int) -> int:
 def _resident_blocks(name: str, threads: int) -> int:
     """Blocks of `threads` that fit on one SM at once, from the kernel's register count (64K registers, 2048 threads
     and 32 blocks per SM on sm_80 and sm_90; a smaller SM only makes a persistent grid run in two waves)."""
-    try:
-        regs = int(_kernel(name).num_regs)
-    except Exception:  # a CuPy without the attribute; a compile error resurfaces at launch
-        regs = 64
+    regs = int(getattr(_kernel(name), "num_regs", 64))  # a CuPy without the attribute; compile errors propagate
     per_block = _ceil_div(max(regs, 1), 8) * 8 * threads
     return max(1, min(2048 // threads, 32, 65536 // per_block))
 
@@ -1514,3 +1534,30 @@ def dequantize_int8(
             (grid,), (_BLOCK,), (codes, scales, y, _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
         )
     return y
+
+
+DEQUANT_DESC_WORDS = 16  # CC_DESC: u64 words per tensor of cupycodec_int8_dequantize_many
+
+
+def dequantize_desc(codes_ptr: int, scales_ptr: int, out_ptr: int, shape, *, granularity: str, axis, group_size,
+                    first_block: int, device: int) -> tuple[np.ndarray, int]:
+    """The descriptor of one tensor for :func:`dequantize_many` (a decode plan's dequantize stage) and the blocks
+    it takes, starting at ``first_block``. Codes and output must be C-contiguous; 16-byte alignment of both (and of
+    nothing else) selects the vectorized element code, exactly as :func:`dequantize_int8` does."""
+    granularity, axis, group_size, _ = _params(tuple(shape), granularity, axis, group_size)
+    numel = math.prod(shape)
+    n, g, ng, C = _layout(tuple(shape), granularity, axis, group_size) if numel else (1, 1, 1, 1)
+    vec = codes_ptr % 16 == 0 and out_ptr % 16 == 0
+    V = 16 if vec else 1
+    blocks = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(device) * 64) if numel else 0
+    words = [codes_ptr, scales_ptr, out_ptr, numel, *(int(v) for v in _map_args(n, g, ng, C)), int(vec),
+             first_block, blocks, 0]
+    return np.array(words, dtype=np.uint64), blocks
+
+
+def dequantize_many(dtype_name: str, desc_ptr: int, items: int, blocks: int) -> None:
+    """Dequantize ``items`` tensors described at ``desc_ptr`` (device memory, :func:`dequantize_desc` words) into
+    ``dtype_name`` ("F32", "F16", "BF16", "F64") in one launch on the current device and stream."""
+    if blocks:
+        suffix = _OUTPUTS[dtype_name][0]
+        _kernel(f"cupycodec_int8_dequantize_many_{suffix}")((blocks,), (_BLOCK,), (np.uint64(desc_ptr), np.int32(items)))

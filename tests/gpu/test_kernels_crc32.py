@@ -92,12 +92,17 @@ def test_large_batch_throughput_shape():
         assert int(got[i]) == zlib.crc32(host[i * chunk : (i + 1) * chunk].tobytes())
 
 
-def _copy_run(lengths, src_offsets, dst_misalign, seed, shape_max=None):
-    """The packing mode: copy + zero-pad + CRC in one launch, plus the chunk-table copy that skips the CRC slots."""
+def _copy_run(lengths, src_offsets, dst_misalign, seed, shape_max=None, tables=None):
+    """The packing mode: copy + zero-pad + CRC in one launch, plus the chunk-table copies that skip the CRC slots.
+
+    ``tables`` splits the chunks into consecutive groups (default: one), each with its own table placed ahead of
+    its chunks in the destination, as a container lays out its segments."""
     import cupy
 
     rng = np.random.default_rng(seed)
     n = len(lengths)
+    tables = tables or [n]
+    assert sum(tables) == n and all(t > 0 for t in tables)
     chunks = [rng.integers(0, 256, L, dtype=np.uint8) for L in lengths]
     src_pos, pos = [], 0
     for L, o in zip(lengths, src_offsets):
@@ -107,36 +112,52 @@ def _copy_run(lengths, src_offsets, dst_misalign, seed, shape_max=None):
     src_host = np.zeros(max(pos, 1), np.uint8)
     for c, p in zip(chunks, src_pos):
         src_host[p : p + len(c)] = c
-    tn = (9 * n + 15) // 16 * 16
-    dst_pos, pos = [], tn
-    for L in lengths:
-        pos = (pos + 15) // 16 * 16 + dst_misalign
-        dst_pos.append(pos)
-        pos += (L + 15) // 16 * 16 + 16  # a 16-byte gap after each padded chunk must stay untouched
+    dst_pos, slot_pos, tab_pos, tab_bytes, pos, i = [], [], [], [], 0, 0
+    for kk in tables:  # a table of kk chunks, then its chunks
+        tn = (9 * kk + 15) // 16 * 16
+        tab_pos.append(pos)
+        tab_bytes.append(rng.integers(0, 256, tn, dtype=np.uint8))
+        slot_pos.extend(pos + 4 * kk + 4 * j for j in range(kk))
+        pos += tn
+        for L in lengths[i : i + kk]:
+            pos = (pos + 15) // 16 * 16 + dst_misalign
+            dst_pos.append(pos)
+            pos += (L + 15) // 16 * 16 + 16  # a 16-byte gap after each padded chunk must stay untouched
+        pos = (pos + 15) // 16 * 16
+        i += kk
     src = cupy.asarray(src_host)
     dst = cupy.full(pos + 16, 0xAB, dtype=cupy.uint8)
-    table = rng.integers(0, 256, tn, dtype=np.uint8)
-    d_table = cupy.asarray(table)
+    d_tables = [cupy.asarray(t) for t in tab_bytes]
     sp, dp = np.uint64(src.data.ptr), np.uint64(dst.data.ptr)
     rows = np.concatenate([np.array(dst_pos, np.uint64) + dp, np.array(lengths, np.uint64),
-                           np.array(src_pos, np.uint64) + sp, dp + np.uint64(4 * n) + 4 * np.arange(n, dtype=np.uint64)])
+                           np.array(src_pos, np.uint64) + sp, np.array(slot_pos, np.uint64) + dp])
+    descs = np.array([[t.data.ptr, int(dp) + tp, t.size // 4, kk] for t, tp, kk in zip(d_tables, tab_pos, tables)],
+                     np.uint64).reshape(-1)
     shape = k.shape_for(shape_max or max(max(lengths), 1), max(sum(lengths), 1))
     words = k.work_words(n, shape[0])
-    d_rows = cupy.asarray(np.concatenate([rows, np.zeros((words + 1) // 2, np.uint64)]))  # + zeroed work
+    d_rows = cupy.asarray(np.concatenate([rows, descs, np.zeros((words + 1) // 2, np.uint64)]))  # + zeroed work
     r = d_rows.data.ptr
-    args = k.packed_args(n, shape, r, r + 8 * n, r + 24 * n, r + 32 * n if words else 0, r + 16 * n,
-                         d_table.data.ptr, dst.data.ptr, tn)
+    w = r + 32 * n + 8 * descs.size
+    args = k.packed_args(n, shape, ptrs=r, sizes=r + 8 * n, out_addrs=r + 24 * n, work=w if words else 0,
+                         src=r + 16 * n, tabs=r + 32 * n, n_tabs=len(tables))
     d_args = cupy.asarray(np.array(args, np.uint64))  # the launch reads its arguments from device memory
     k.crc32_batch_packed(d_args.data.ptr, n * shape[0])
     got = dst.get()
-    crcs = got[4 * n : 8 * n].view(np.uint32).tolist()
+    crcs = [int(got[q : q + 4].view(np.uint32)[0]) for q in slot_pos]
     assert crcs == [zlib.crc32(c.tobytes()) for c in chunks]
-    keep = np.r_[0 : 4 * n, 8 * n : tn]
-    assert (got[keep] == table[keep]).all()  # the table, its CRC slots excepted
+    for t, tp, kk in zip(tab_bytes, tab_pos, tables):
+        keep = np.r_[0 : 4 * kk, 8 * kk : t.size]
+        assert (got[tp : tp + t.size][keep] == t[keep]).all()  # each table, its CRC slots excepted
     for c, p in zip(chunks, dst_pos):
         L, L16 = len(c), (len(c) + 15) // 16 * 16
         assert (got[p : p + L] == c).all()
         assert (got[p + L : p + L16] == 0).all() and (got[p + L16 : p + L16 + 16] == 0xAB).all()
+
+
+@pytest.mark.parametrize("tables", [[1, 2, 1], [5, 1, 2, 1, 3]])
+def test_packing_mode_copies_several_tables(tables):
+    lengths = [(97 * i * i + 13) % 70_001 for i in range(sum(tables))]
+    _copy_run(lengths, [3 * (i % 2) for i in range(len(lengths))], 0, seed=7, tables=tables)
 
 
 @pytest.mark.parametrize("lengths", [[0], [1], [15, 16, 17], [63, 64, 65, 127, 128, 129], [8191, 8192, 8193],
@@ -150,7 +171,7 @@ def test_packing_mode_copies_pads_and_checksums(lengths, misalign):
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 200_000), min_size=1, max_size=30), st.integers(0, 2**32 - 1), st.booleans())
 def test_packing_mode_matches_zlib_with_oversized_shape(lengths, seed, misalign):
-    # compress_one sizes the launch for the raw chunks, which bound the packed ones: extra parts must be harmless
+    # encode plans size the launch for the raw chunks, which bound the packed ones: extra parts must be harmless
     rng = np.random.default_rng(seed)
     offs = [int(rng.integers(0, 16)) if misalign else 0 for _ in lengths]
     _copy_run(lengths, offs, 0, seed, shape_max=4 * max(max(lengths), 1))

@@ -1,0 +1,322 @@
+"""Compression: each array is placed (host or device), filtered, then compressed by the CPU backend or by one GPU
+encode plan per device for the whole batch. ``auto`` never returns a container bigger than the ``raw`` one."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _config, backends, interop, layout
+from .backends import cpu
+from .codecs import Codec, Raw
+from .container import ChunkTable, CompressedArray, Header, Segment, build_segments, producer_info
+from .dtypes import ArraySpec, dtype_name, storage_dtype
+
+__all__ = ["Job", "compress_jobs", "prepare"]
+
+_AUTO_TRY_NBYTES = 64 * 1024  # below this, CPU auto compresses every candidate and keeps the smallest container
+_AUTO_EXACT_MARGIN = 1024  # payloads within this of raw's are compared with their headers
+
+
+class Job:
+    """One array on its way into a container."""
+
+    __slots__ = ("arrays", "auto", "backend", "chunk", "codec", "device", "keep", "keep_on_device", "metadata",
+                 "pipeline", "source", "spec", "specs", "user_filters")
+
+    def with_codec(self, codec: Codec, pipeline=None) -> Job:
+        """This job with another codec (and pipeline: the filters then run again on the source)."""
+        job = Job()
+        for name in Job.__slots__:
+            setattr(job, name, getattr(self, name))
+        job.codec, job.auto = codec, False
+        if pipeline is not None:
+            _apply_filters(job, pipeline)
+        return job
+
+
+def prepare(x, *, codec: Codec | None, filters: list, chunk_nbytes, dtype, backend, metadata, stream: int | None):
+    """Place ``x`` where it will be compressed and run its filters (a :class:`Job`)."""
+    a = interop.as_array(x)
+    arr, on_device = a.array, a.on_device
+    override = _dtype_override(dtype)
+    if override is None and a.dtype_name != dtype_name(arr.dtype)[0]:
+        override = a.dtype_name  # a bit view of a dtype NumPy/CuPy lack here (bf16 from torch on the GPU, say)
+    spec = ArraySpec.of(arr, override)
+    pipeline = list(filters)
+    quantized = any(not f.lossless for f in pipeline)
+    job = Job()
+    job.auto, job.user_filters = codec is None, bool(pipeline)
+    if codec is None:
+        where = backends.select(backend, on_device=on_device, codecs=[])
+        codec, extra = _config.auto(spec, where == "nvcomp", quantized)
+        if not pipeline:
+            pipeline = extra
+    else:
+        _validate(spec, pipeline, codec, chunk_nbytes)  # option errors before backend errors
+        where = backends.select(backend, on_device=on_device, codecs=[codec])
+    gpu = where == "nvcomp"
+    job.device = None
+    if gpu:
+        job.device = a.device if on_device else _current_device()
+        arr = _to_device(arr, spec, pipeline, on_device, job.device, stream)
+    elif on_device:  # device data compressed on the CPU (no nvCOMP here)
+        arr = arr.get()
+        if spec.dtype != ArraySpec.of(arr).dtype:  # a raw bit view of bf16/f8: give NumPy the logical dtype
+            arr = arr.view(spec.numpy_dtype())
+        arr = np.ascontiguousarray(arr)
+    else:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype != spec.numpy_dtype():
+            arr = arr.view(spec.numpy_dtype())
+    job.source, job.keep = arr, a.keep
+    job.spec, job.codec, job.chunk, job.backend = spec, codec, chunk_nbytes, where
+    job.keep_on_device = on_device and gpu
+    job.metadata = _check_metadata(metadata)
+    if job.auto and gpu and not pipeline and spec.dtype not in _config.ANS_FLOAT_MODES:
+        job.codec = _gpu_trial(arr, spec, job.device, stream)
+    _apply_filters(job, pipeline, stream)
+    return job
+
+
+def _to_device(arr, spec: ArraySpec, pipeline, on_device: bool, device: int, stream: int | None):
+    """The array as a C-contiguous, 256-byte aligned CuPy array on ``device`` (nvCOMP's alignment)."""
+    import cupy
+
+    from .engine import launching_on, stream_ptr
+
+    with launching_on(device, stream_ptr(stream, device)):
+        if not on_device:
+            host = np.ascontiguousarray(arr)
+            if spec.byteorder == ">" and not pipeline:  # CuPy holds native order only: ship the exact bytes
+                arr = cupy.asarray(host.reshape(-1).view(np.uint8))
+            else:  # filters work on values, which do not depend on the byte order
+                native = host.astype(host.dtype.newbyteorder("="), copy=False)
+                arr = cupy.asarray(native.view(storage_dtype(spec.dtype)))
+        arr = cupy.ascontiguousarray(arr)
+        if arr.size and arr.data.ptr % 256:
+            arr = arr.copy()
+    return arr
+
+
+def _apply_filters(job: Job, pipeline, stream: int | None = None) -> None:
+    specs: dict[str, ArraySpec] = {"data": job.spec}
+    arrays: dict[str, Any] = {"data": job.source}
+    resolved = []
+    gpu = job.backend == "nvcomp"
+    ctx = None
+    if gpu and pipeline:
+        from .engine import launching_on, stream_ptr
+
+        ctx = launching_on(job.device, stream_ptr(stream, job.device))
+        ctx.__enter__()
+    try:
+        for f in pipeline:
+            f = f.resolve(specs)
+            out_specs = f.specs(specs)
+            arrays = f.encode(arrays, specs, gpu)
+            specs = out_specs
+            resolved.append(f)
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    job.arrays, job.specs, job.pipeline = arrays, specs, tuple(resolved)
+
+
+def _current_device() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
+def _validate(spec: ArraySpec, pipeline, codec: Codec, chunk_nbytes) -> None:
+    specs = {"data": spec}
+    for f in pipeline:
+        f = f.resolve(specs)
+        specs = f.specs(specs)
+    for s in specs.values():
+        _config.check_chunk(chunk_nbytes, _config.resolved(codec, s))
+
+
+def _dtype_override(dtype) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
+        return "BF16"
+    if isinstance(dtype, str) and dtype.isupper():
+        return dtype
+    import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
+
+    return dtype_name(np.dtype(dtype))[0]
+
+
+def _check_metadata(metadata) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata must be a mapping with string keys (stored as JSON)")
+    return dict(metadata)
+
+
+def _segment_codecs(job: Job) -> list[tuple[str, ArraySpec, Codec, int]]:
+    gpu = job.backend == "nvcomp"
+    out = []
+    for name, spec in job.specs.items():
+        codec = _config.resolved(job.codec, spec)
+        out.append((name, spec, codec, _config.check_chunk(job.chunk, codec, spec.nbytes if gpu else None)))
+    return out
+
+
+# -- the CPU -------------------------------------------------------------------------------------------------------
+
+
+def compress_cpu(job: Job) -> CompressedArray:
+    pieces, blobs = [], []
+    for name, spec, codec, chunk in _segment_codecs(job):
+        comp, crc, flags, chunks = cpu.encode_segment(cpu.as_bytes(job.arrays[name]), codec, chunk)
+        pieces.append((name, spec, codec, chunk, ChunkTable.build(comp, crc, flags)))
+        blobs.append(chunks)
+    segments = build_segments(pieces)
+    header = Header(job.spec, job.pipeline, segments, producer_info("cpu"), job.metadata)
+    payload = bytearray(header.payload_nbytes)
+    mv = memoryview(payload)
+    for seg, chunks in zip(segments, blobs):
+        table = seg.table.to_bytes()
+        mv[seg.offset : seg.offset + len(table)] = table
+        for off, data in zip(seg.chunk_offsets.tolist(), chunks):
+            mv[off : off + len(data)] = data
+    return CompressedArray(header, mv)
+
+
+# -- the GPU -------------------------------------------------------------------------------------------------------
+
+
+def compress_gpu(jobs: list[Job], device: int, stream: int | None) -> list[CompressedArray]:
+    """Every job on ``device`` through one encode plan (one nvCOMP call per codec config for the whole batch)."""
+    from .backends import _nvcomp_lib as nv
+    from .engine import engine, launching_on, stream_ptr
+
+    eng = engine(device)
+    sp = stream_ptr(stream, device)
+    items, datas, names = [], [], []
+    for job in jobs:
+        segs = _segment_codecs(job)
+        for _, _, codec, _ in segs:
+            _warn_ignored_level(codec)
+        items.append(tuple((codec, spec.nbytes, chunk) for _, spec, codec, chunk in segs))
+        names.append(segs)
+        datas.extend(_aligned(job.arrays[name]) for name, _, _, _ in segs)
+    with launching_on(device, sp):
+        packed = eng.encode_plan(items).run(datas, sp)
+        producer = producer_info("nvcomp", nv.version_string())
+        out = []
+        for job, segs, p in zip(jobs, names, packed):
+            payload = p.payload if job.keep_on_device else memoryview(p.payload.get()).cast("B")
+            segments = []
+            for (name, spec, codec, chunk), ps in zip(segs, p.segments):
+                if not job.keep_on_device:
+                    ps.crc.payload = payload  # read the CRCs from the host copy
+                table = ChunkTable(ps.comp_nbytes, ps.crc, ps.flags)
+                segments.append(Segment(name, spec, codec, chunk, ps.offset, ps.nbytes, table, None,
+                                        ps.rows if job.keep_on_device else None))
+            out.append(CompressedArray(Header(job.spec, job.pipeline, tuple(segments), producer, job.metadata),
+                                       payload))
+    return out
+
+
+def _aligned(data):
+    """nvCOMP reads chunks from 256-byte aligned addresses; a filter's fresh output always is."""
+    if data.nbytes and data.data.ptr % 256:
+        return data.copy()
+    return data
+
+
+def _gpu_trial(arr, spec: ArraySpec, device: int, stream: int | None) -> Codec:
+    """codec="auto" on the GPU for data without an ANS float mode (integers, bytes, float64, complex): compress four
+    256 KiB samples spread over the array with ANS, Cascaded and Bitcomp in one encode plan and keep the smallest
+    (ANS on ties: it decodes fastest). Sorted or repetitive integers go to Cascaded/Bitcomp (10-40x where ANS gets
+    1.6x, benchmarks/RESULTS.md); noisy bytes stay with ANS. Costs one extra synchronization."""
+    import cupy
+
+    from .codecs import ANS, Bitcomp, Cascaded
+    from .engine import engine, launching_on, stream_ptr
+
+    n = int(arr.nbytes)
+    if n < _config.TRIAL_MIN_NBYTES:
+        return ANS()
+    flat = arr.reshape(-1).view("u1")
+    sp = stream_ptr(stream, device)
+    block = _config.TRIAL_BLOCK
+    with launching_on(device, sp):
+        starts = [(i * (n - block) // 3) // 16 * 16 for i in range(4)]
+        sample = cupy.concatenate([flat[s : s + block] for s in starts])
+        sample_spec = ArraySpec(spec.dtype, spec.byteorder, (sample.size // spec.itemsize,))
+        choices = (ANS(), Cascaded(), Bitcomp())
+        codecs = [_config.resolved(c, sample_spec) for c in choices]
+        items = [((c, sample.nbytes, c.default_chunk()),) for c in codecs]
+        plan = engine(device).encode_plan(items)
+        keep: list = []
+        sizes, _ = plan.compress([sample] * len(codecs), sp, keep)
+    totals = [int(sizes[plan.row_start[i] : plan.row_start[i + 1]].sum()) for i in range(len(codecs))]
+    return choices[min(range(len(codecs)), key=lambda i: (totals[i], i))]
+
+
+_warned_level = False
+
+
+def _warn_ignored_level(codec) -> None:
+    """nvCOMP has no compression levels: say so once per process when a level was set."""
+    global _warned_level
+    if getattr(codec, "level", None) is not None and not _warned_level:
+        _warned_level = True
+        warnings.warn(f"codec {codec.codec_id!r}: level={codec.level} applies to the CPU backend only; nvCOMP "
+                      "ignores it", UserWarning, stacklevel=5)
+
+
+# -- dispatch and auto's guarantee ------------------------------------------------------------------------------
+
+
+def compress_jobs(jobs: list[Job], stream: int | None) -> list[CompressedArray]:
+    out: list[CompressedArray | None] = [None] * len(jobs)
+    by_device: dict[int, list[int]] = {}
+    for i, j in enumerate(jobs):
+        if j.backend == "nvcomp":
+            by_device.setdefault(j.device, []).append(i)
+    for device, idx in by_device.items():
+        for i, c in zip(idx, compress_gpu([jobs[i] for i in idx], device, stream)):
+            out[i] = c
+    for i, j in enumerate(jobs):
+        if j.backend == "cpu":
+            out[i] = compress_cpu(j)
+    for i, j in enumerate(jobs):
+        if j.auto:
+            out[i] = _smallest(j, out[i], stream)
+    return out  # type: ignore[return-value]
+
+
+def _smallest(job: Job, chosen: CompressedArray, stream) -> CompressedArray:
+    """``auto``'s result, or a smaller container of the same array: never bigger than ``raw``'s (small arrays on
+    the CPU also try zstd without byte planes, whose four segment headers can outweigh what the planes save)."""
+    raw_payload = sum(layout.table_nbytes(layout.n_chunks(s.nbytes, _raw_chunk(job, s.nbytes))) + layout.align(s.nbytes)
+                      for s in job.specs.values())
+    small_cpu = job.backend == "cpu" and job.spec.nbytes <= _AUTO_TRY_NBYTES
+    if chosen._header.payload_nbytes + _AUTO_EXACT_MARGIN < raw_payload and not small_cpu:
+        return chosen  # clearly smaller whatever the headers: the usual case costs no second compression
+    candidates = [chosen, _one(job.with_codec(Raw()), stream)]
+    if small_cpu and not job.user_filters and job.pipeline:  # auto chose byte planes: try without them
+        candidates.append(compress_cpu(job.with_codec(job.codec, pipeline=[])))
+    return min(candidates, key=lambda c: c.nbytes)  # ties keep the earlier (the chosen codec)
+
+
+def _raw_chunk(job: Job, nbytes: int) -> int:
+    raw = Raw()
+    return _config.gpu_default_chunk(raw, nbytes) if job.backend == "nvcomp" else raw.default_chunk()
+
+
+def _one(job: Job, stream) -> CompressedArray:
+    if job.backend == "nvcomp":
+        return compress_gpu([job], job.device, stream)[0]
+    return compress_cpu(job)

@@ -1,0 +1,412 @@
+"""Decompression: where each container decodes (CPU or GPU, by trust, codec and target), then the decode itself.
+
+On the GPU every container bound for one device goes through one :class:`~cupycodec.engine.decode.DecodePlan`
+(filters included), run and checked once. On the CPU, chunks decode in parallel threads and filters run in NumPy.
+Untrusted containers (bytes from outside that nobody vouched for) never reach a decoder that is not hardened
+against crafted input: their encoded chunks decode on the CPU, whatever the target, or not at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import interop
+from .backends import cpu
+from .codecs.base import GPU_ONLY_HINT
+from .container import CompressedArray
+from .dtypes import ArraySpec, gpu_dtype, storage_dtype
+from .errors import BackendUnavailableError, UntrustedError
+from .filters import Int8
+
+__all__ = ["DecodeJob", "Quantized", "decode_jobs", "route", "untrusted_codec"]
+
+DEQUANT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+class Quantized(NamedTuple):
+    """INT8 codes and float32 scales, returned by ``decompress(..., dequantize=False)``."""
+
+    codes: Any
+    scales: Any
+    granularity: str
+    axis: int | None
+    group_size: int | None
+    dtype: str  # the original dtype's name ("BF16", "F16", "F32")
+
+
+class DecodeJob:
+    """One container on its way out: where it goes and into what."""
+
+    __slots__ = ("dequantize", "gpu", "item", "out_obj", "result", "target", "views")
+
+    def __init__(self, item: CompressedArray, out_obj, dequantize: bool):
+        self.item, self.out_obj, self.result = item, out_obj, None
+        self.dequantize = dequantize or _int8(item) is None
+        self.views = None  # interop views of out_obj: (out,), or (codes, scales) for dequantize=False
+        if out_obj is not None:
+            if not self.dequantize:
+                if not (isinstance(out_obj, tuple) and len(out_obj) == 2):
+                    raise TypeError("with dequantize=False, out must be a (codes, scales) pair")
+                self.views = (interop.as_output(out_obj[0], what="out codes"),
+                              interop.as_output(out_obj[1], what="out scales"))
+            else:
+                self.views = (interop.as_output(out_obj),)
+
+    @property
+    def out_nbytes(self) -> int:
+        c = self.item
+        return c.raw_nbytes if self.dequantize else sum(s.raw_nbytes for s in c.segments)
+
+
+def _int8(c: CompressedArray) -> Int8 | None:
+    for f in c.pipeline:
+        if isinstance(f, Int8):
+            return f
+    return None
+
+
+def target_of(device, job: DecodeJob) -> tuple[str, int | None]:
+    """('cpu', None) or ('cuda', ordinal): the output buffer decides, then ``device``, then the data's place."""
+    if job.views is not None:
+        first = job.views[0]
+        return ("cuda", first.device) if first.on_device else ("cpu", None)
+    kind, ordinal = interop.parse_device(device)
+    if kind == "auto":
+        c = job.item
+        return ("cuda", c.device_id) if c.on_device else ("cpu", None)
+    return kind, ordinal
+
+
+def untrusted_codec(c: CompressedArray) -> str | None:
+    """The first codec of an untrusted container whose encoded chunks no hardened decoder reads, else None."""
+    if c.trusted:
+        return None
+    for seg in c.segments:
+        if seg.table.n_encoded and not seg.codec.untrusted_ok:
+            return seg.codec.codec_id
+    return None
+
+
+def _needs_gpu(c: CompressedArray) -> str | None:
+    for seg in c.segments:
+        if seg.table.n_encoded and not seg.codec.cpu_usable():
+            return seg.codec.codec_id
+    return None
+
+
+def route(c: CompressedArray, target, choice: str) -> bool:
+    """Whether ``c`` decodes on the GPU (else the CPU), for a target and a requested backend."""
+    encoded = any(s.table.n_encoded for s in c.segments)
+    if not c.trusted and encoded:
+        bad = untrusted_codec(c)
+        if bad is not None:
+            raise UntrustedError(bad)
+        if choice == "nvcomp":
+            raise UntrustedError(c.segments[0].codec.codec_id, "decode on the GPU (backend='nvcomp')")
+        return False  # hardened CPU decoders; the result then moves to the target
+    if choice == "cpu":
+        codec = _needs_gpu(c)
+        if codec:
+            raise BackendUnavailableError(f"codec {codec!r} has no CPU decoder, so backend='cpu' cannot decode this "
+                                          f"container; {GPU_ONLY_HINT}")
+        if target[0] == "cuda":
+            raise ValueError("backend='cpu' cannot write to a GPU; pass device='cpu' or a NumPy out")
+        return False
+    from .backends import _nvcomp_lib as nv
+
+    if choice == "nvcomp" or target[0] == "cuda":
+        if encoded:
+            nv.require()
+        else:
+            interop.require_cuda()
+        return True
+    if c.on_device and nv.available():
+        return True
+    codec = _needs_gpu(c)
+    if codec:
+        if nv.available():
+            return True
+        raise BackendUnavailableError(f"codec {codec!r} decodes only on a GPU with nvCOMP, which is not usable here "
+                                      f"({nv.unavailable_reason()}); {GPU_ONLY_HINT}")
+    return False
+
+
+def decode_jobs(jobs: list[DecodeJob], stream: int | None) -> None:
+    by_device: dict[int, list[DecodeJob]] = {}
+    for j in jobs:
+        if j.gpu:
+            by_device.setdefault(j.target[1] if j.target[0] == "cuda" else _gpu_for(j.item), []).append(j)
+    for device, mine in by_device.items():
+        _decode_gpu(mine, device, stream)
+    for j in jobs:
+        if not j.gpu:
+            _decode_cpu(j, stream)
+
+
+def _gpu_for(c: CompressedArray) -> int:
+    """The device that decodes a container bound for the host: its own, else the current one."""
+    if c.on_device:
+        return c.device_id
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
+# -- output buffers --------------------------------------------------------------------------------------------
+
+
+def _out_dtype(job: DecodeJob) -> str:
+    """The dtype a dequantized result is written in: the out buffer's float dtype if it has one, else the
+    original's (a same-width integer out is a bit view of the original)."""
+    orig = job.item.spec.dtype
+    if job.views is not None and job.dequantize:
+        name = job.views[0].dtype_name
+        if name in DEQUANT_DTYPES:
+            return name
+    return orig
+
+
+def result_name(result, c: CompressedArray) -> str:
+    """The dtype name of a decoded host array (its logical dtype, whatever the byte order)."""
+    from .dtypes import dtype_name
+
+    return dtype_name(result.dtype)[0]
+
+
+def _check_out(view: interop.Array, shape, dtype_name: str, what: str = "out") -> None:
+    """Shape and dtype of a caller's buffer (contiguity and writability: interop.as_output). A same-width integer
+    buffer is accepted as a bit view on the GPU (CuPy without ml_dtypes holds bfloat16 as uint16)."""
+    arr = view.array
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if view.dtype_name == dtype_name:
+        return
+    from .dtypes import itemsize
+
+    bit_view = view.on_device and view.array.dtype.kind in "ui" and arr.dtype.itemsize == itemsize(dtype_name)
+    if not bit_view:
+        raise ValueError(f"{what} has dtype {view.dtype_name}, expected {dtype_name}")
+
+
+# -- the CPU ----------------------------------------------------------------------------------------------------
+
+
+def _decode_cpu(job: DecodeJob, stream) -> None:
+    c = job.item
+    host_target = job.target[0] == "cpu"
+    bufs: dict[str, np.ndarray] = {}
+    views = job.views if host_target else None
+    for seg in c.segments:
+        bufs[seg.name] = np.empty(seg.spec.shape, dtype=seg.spec.numpy_dtype())
+    if views is not None and not c.pipeline:  # decode straight into the caller's buffer
+        _check_out(views[0], c.shape, c.spec.dtype)
+        if views[0].array.dtype != c.spec.numpy_dtype():
+            raise ValueError(f"out has dtype {views[0].array.dtype}, expected {c.spec.numpy_dtype()} (the "
+                             "container's byte order)")
+        bufs["data"] = views[0].array
+    elif views is not None and not job.dequantize:
+        codes, scales = views
+        specs = {s.name: s.spec for s in c.segments}
+        _check_out(codes, specs["data"].shape, "I8", "out codes")
+        _check_out(scales, specs["scale"].shape, "F32", "out scales")
+        bufs["data"], bufs["scale"] = codes.array, scales.array
+    cpu.decode_segments([(c.host_payload(), seg, cpu.as_bytes_view(bufs[seg.name])) for seg in c.segments])
+    result = _filters_cpu(job, bufs)
+    job.result = _deliver(job, result, stream)
+
+
+def _filters_cpu(job: DecodeJob, arrays: dict[str, Any]):
+    c = job.item
+    chain = [{"data": c.spec}]
+    for f in c.pipeline:
+        chain.append(f.specs(chain[-1]))
+    for k in range(len(c.pipeline) - 1, -1, -1):
+        f = c.pipeline[k]
+        if isinstance(f, Int8):
+            if not job.dequantize:
+                return Quantized(arrays["data"], arrays["scale"], f.granularity, f.axis, f.group_size,
+                                 chain[k]["data"].dtype)
+            spec = chain[k]["data"]
+            dtype = _out_dtype(job)
+            if dtype != spec.dtype:  # an out buffer of another float dtype receives the values in its own
+                spec = ArraySpec(dtype, "<", spec.shape)
+            arrays = f.decode(arrays, {"data": spec}, False)
+            continue
+        arrays = f.decode(arrays, chain[k], False)
+    return arrays["data"]
+
+
+def _deliver(job: DecodeJob, result, stream):
+    """A host result moved to its target (into the caller's buffer when there is one)."""
+    c = job.item
+    if job.target[0] == "cpu":
+        if isinstance(result, Quantized):
+            if job.views is not None:
+                result = result._replace(codes=job.out_obj[0], scales=job.out_obj[1])
+            return result
+        if job.views is not None:
+            out = job.views[0].array
+            if result is not out:
+                _check_out(job.views[0], c.shape, result_name(result, c))
+                out[...] = result
+            return job.out_obj
+        return result.reshape(c.shape)
+    import cupy
+
+    from .engine import launching_on, stream_ptr
+
+    device = job.target[1]
+    with launching_on(device, stream_ptr(stream, device)):
+        if isinstance(result, Quantized):
+            codes, scales = cupy.asarray(result.codes), cupy.asarray(result.scales)
+            if job.views is not None:
+                job.views[0].array[...] = codes
+                job.views[1].array[...] = scales
+                return result._replace(codes=job.out_obj[0], scales=job.out_obj[1])
+            return result._replace(codes=codes, scales=scales)
+        logical = result_name(result, c)
+        host = np.ascontiguousarray(result)
+        host = host.astype(host.dtype.newbyteorder("="), copy=False)
+        dev = cupy.asarray(host.view(storage_dtype(logical)))
+        if job.views is not None:
+            _check_out(job.views[0], c.shape, logical)
+            job.views[0].array[...] = dev.view(job.views[0].array.dtype)
+            return job.out_obj
+        return dev.view(gpu_dtype(logical))
+
+
+# -- the GPU ----------------------------------------------------------------------------------------------------
+
+
+def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
+    import cupy
+
+    from .engine import engine, launching_on, stream_ptr
+    from .engine.decode import DecodePlan, Target, kind_of
+
+    sp = stream_ptr(stream, device)
+    with launching_on(device, sp):
+        targets, posts = [], []
+        for job in jobs:
+            c = job.item if job.item.device_id == device else job.item.to_device(device)
+            kind = kind_of(c.pipeline, job.dequantize)
+            post = {}
+            if kind == "codes":
+                specs = {s.name: s.spec for s in c.segments}
+                bufs = []
+                for name, dt, what, k in (("data", "I8", "out codes", 0), ("scale", "F32", "out scales", 1)):
+                    view = job.views[k] if job.views is not None and job.target[0] == "cuda" else None
+                    if view is not None:
+                        _check_out(view, specs[name].shape, dt, what)
+                    bufs.append(_device_buffer(view, specs[name].shape, storage_dtype(dt)))
+                ptrs = tuple(b[0].data.ptr for b in bufs)
+                post["bufs"] = bufs
+                dtype = None
+            else:
+                dtype = _out_dtype(job) if kind == "dequantize" else c.spec.dtype
+                view = job.views[0] if job.views is not None and job.target[0] == "cuda" else None
+                if view is not None:
+                    _check_out(view, c.shape, dtype)
+                buf = _device_buffer(view, c.shape, storage_dtype(dtype))
+                if kind == "plain" and c.spec.byteorder == ">" and buf[1] is not None:
+                    buf = (cupy.empty(c.shape, storage_dtype(dtype)), buf[1])  # swapped into the caller's after
+                ptrs = (buf[0].data.ptr,)
+                post["bufs"] = [buf]
+                post["dtype"] = dtype
+            targets.append(Target(c, kind, ptrs, dtype))
+            posts.append(post)
+        plan = _cached_plan(jobs, targets, device, sp)
+        if plan is None:
+            plan = DecodePlan(engine(device), targets, stream_ptr=sp, sync=False)
+            _remember_plan(jobs, targets, device, sp, plan)
+        plan.run_and_wait(sp)
+        for job, t, post in zip(jobs, targets, posts):
+            job.result = _finish_gpu(job, t, post)
+
+
+def _device_buffer(view, shape, dtype):
+    """(array to decode into, the caller's array to copy into afterwards or None): the caller's buffer itself when
+    the plan can write it (16-byte aligned), else a fresh one."""
+    import cupy
+
+    if view is None:
+        return cupy.empty(shape, dtype), None
+    arr = view.array
+    if arr.size and arr.data.ptr % 16:
+        return cupy.empty(shape, dtype), arr
+    return arr.view(dtype) if arr.dtype != dtype else arr, None
+
+
+def _finish_gpu(job: DecodeJob, t, post):
+    c = job.item
+    bufs = post["bufs"]
+    for arr, caller in bufs:
+        if caller is not None:
+            if t.kind == "plain" and c.spec.byteorder == ">":
+                arr = _byteswap(arr, c.spec.itemsize)
+            caller[...] = arr.view(caller.dtype)
+    if t.kind == "codes":
+        f = _int8(c)
+        codes, scales = (caller if caller is not None else arr for arr, caller in bufs)
+        if job.target[0] == "cpu":
+            codes, scales = codes.get(), scales.get()
+            if job.views is not None:
+                job.views[0].array[...] = codes
+                job.views[1].array[...] = scales
+        res = Quantized(codes, scales, f.granularity, f.axis, f.group_size, c.spec.dtype)
+        return res._replace(codes=job.out_obj[0], scales=job.out_obj[1]) if job.views is not None else res
+    arr, caller = bufs[0]
+    if caller is not None:
+        return job.out_obj
+    if t.kind == "plain" and c.spec.byteorder == ">":
+        arr = _byteswap(arr, c.spec.itemsize)
+    dtype = post["dtype"]
+    if job.target[0] == "cuda":
+        if job.views is not None:
+            return job.out_obj
+        return arr.view(gpu_dtype(dtype)) if arr.dtype != gpu_dtype(dtype) else arr
+    order = c.spec.byteorder if t.kind == "plain" else "="
+    host = arr.get().view(ArraySpec(dtype, "<", ()).numpy_dtype().newbyteorder("="))
+    if order == ">":
+        host = host.astype(c.spec.numpy_dtype())
+    if job.views is not None:
+        job.views[0].array[...] = host
+        return job.out_obj
+    return host
+
+
+def _byteswap(arr, k: int):
+    if k == 1:
+        return arr
+    import cupy
+
+    flat = arr.reshape(-1).view("u1").reshape(-1, k)[:, ::-1]
+    return cupy.ascontiguousarray(flat).reshape(-1).view(arr.dtype).reshape(arr.shape)
+
+
+# -- plans kept with their container (decompress(c, out=...) called again allocates nothing) ----------------------
+
+_PLANS_PER_ITEM = 4
+
+
+def _plan_key(jobs, targets, device, sp):
+    if len(jobs) != 1 or jobs[0].views is None or targets[0].item is not jobs[0].item:
+        return None  # fresh outputs, several items, or a payload copied to this device: nothing to reuse
+    t = targets[0]
+    return (device, sp, t.kind, t.ptrs, t.dtype)
+
+
+def _cached_plan(jobs, targets, device, sp):
+    key = _plan_key(jobs, targets, device, sp)
+    return None if key is None else jobs[0].item._plan_cache().get(key)
+
+
+def _remember_plan(jobs, targets, device, sp, plan) -> None:
+    key = _plan_key(jobs, targets, device, sp)
+    if key is not None:
+        cache = jobs[0].item._plan_cache()
+        cache[key] = plan
+        while len(cache) > _PLANS_PER_ITEM:
+            cache.popitem(last=False)
