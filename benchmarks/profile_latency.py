@@ -37,7 +37,6 @@ def gpu_us(fn, reps=50):
 def primitives(x, codec):
     import cupy
 
-    from cupycodec.backends import nvcomp
     from cupycodec.kernels import chunks
 
     stream_ptr = cupy.cuda.get_current_stream().ptr
@@ -82,29 +81,16 @@ def primitives(x, codec):
 
     codec_obj = get_codec(codec).resolve(ArraySpec.of(x))
     if codec_obj.nvcomp_algorithm:
-        n = 4 if codec == "ans" else 16
-        sizes = np.full(n, (1 << 20) // n, np.uint64)
-        ptrs = np.uint64(x.data.ptr) + np.arange(n, dtype=np.uint64) * sizes[0]
+        from cupycodec.engine import engine
 
-        def rnd():
-            return nvcomp._round([nvcomp._Batch(codec_obj, ptrs, sizes, np.zeros(n, int), np.arange(n))], stream_ptr)
-
-        rows[f"{codec} _round (upload, compress, download, sync) wall"] = wall(rnd, 300, sync=False)
-        t, mo = nvcomp._compress_sizes(codec_obj, n, int(sizes[0]), 1 << 20)
-        copts, _ = nvcomp.codec_opts(codec_obj)
-        scratch = cupy.empty(n * mo + t + 1, np.uint8)
-        tab = cupy.asarray(np.concatenate([ptrs, sizes, np.uint64(scratch.data.ptr) + np.arange(n, dtype=np.uint64)
-                                           * np.uint64(mo), np.zeros(n, np.uint64)]))
-        st = cupy.empty(n, np.int32)
-        algo = nvcomp._cname(codec_obj)
-        fn = getattr(nvcomp._library(), f"nvcompBatched{algo}CompressAsync")
-
-        def comp_only():
-            fn(tab.data.ptr, tab.data.ptr + 8 * n, int(sizes[0]), n, scratch.data.ptr + n * mo, t,
-               tab.data.ptr + 16 * n, tab.data.ptr + 24 * n, copts, st.data.ptr, stream_ptr)
-
-        rows[f"{codec} CompressAsync GPU alone ({n} chunks)"] = gpu_us(comp_only)
-        rows[f"{codec} CompressAsync host call"] = wall(comp_only, 300, sync=False)
+        eng = engine(cupy.cuda.runtime.getDevice())
+        plan = eng.encode_plan([((codec_obj, x.nbytes, 65536),)])
+        rows[f"{codec} EncodePlan.compress (upload, nvCOMP, download, sync) wall"] = wall(
+            lambda: plan.compress([x], stream_ptr, []), 300, sync=False)
+        rows[f"{codec} EncodePlan.run (compress + pack) wall"] = wall(lambda: plan.run([x], stream_ptr), 300,
+                                                                       sync=False)
+        rows[f"{codec} encode_plan lookup (cached)"] = wall(
+            lambda: eng.encode_plan([((codec_obj, x.nbytes, 65536),)]), 500, sync=False)
 
     for nchunks in (1, 4, 16):
         rows.update(_crc_rows(x, nchunks, stream_ptr))
@@ -128,7 +114,7 @@ def primitives(x, codec):
 def _crc_rows(x, nchunks, stream_ptr):
     import cupy
 
-    from cupycodec.backends import nvcomp
+    from cupycodec.backends import _nvcomp_lib as nvcomp
     from cupycodec.kernels import crc32
 
     sizes = np.full(nchunks, (1 << 20) // nchunks, np.uint64)
@@ -182,18 +168,20 @@ def stage_timers(x, codec, reps):
     """Wrap the functions of the compress/decompress path with host timers (inclusive)."""
     import cupy
 
-    from cupycodec import api
-    from cupycodec.backends import nvcomp
+    from cupycodec import _compress, _config, _decompress, container, interop
+    from cupycodec.engine import Engine, decode, encode
 
     acc = defaultdict(float)
     cnt = defaultdict(int)
-    targets = [(api, "_prepare"), (api, "_compress_gpu"), (api, "_segment_codecs"), (nvcomp, "compress_segments"),
-               (nvcomp, "_round"), (nvcomp, "_upload"), (nvcomp, "_download"), (nvcomp, "_sync"),
-               (nvcomp, "pack_payload"), (api, "build_segments"), (api, "Header"), (api, "CompressedArray"),
-               (api, "producer_info"), (api, "_decode_gpu"), (api, "_segment_buffers"), (api, "_run_filters"),
-               (nvcomp, "DecodePlan"), (nvcomp.DecodePlan, "run"), (nvcomp.DecodePlan, "check"),
-               (api, "_as_compressed"), (api, "_decode_on_gpu"), (api, "_target"), (nvcomp, "require"),
-               (api.ChunkTable, "build"), (api, "_flat_bytes"), (api, "_auto"), (api.backends, "select")]
+    targets = [(_compress, "prepare"), (_compress, "compress_jobs"), (_compress, "compress_gpu"),
+               (_compress, "_segment_codecs"), (_compress, "_smallest"), (_config, "resolved"),
+               (encode.EncodePlan, "run"), (encode.EncodePlan, "compress"), (encode.EncodePlan, "_pack"),
+               (Engine, "encode_plan"), (Engine, "upload"), (Engine, "download"), (container, "Header"),
+               (container, "CompressedArray"), (container, "producer_info"), (_decompress, "route"),
+               (_decompress, "decode_jobs"), (_decompress, "_decode_gpu"), (_decompress, "_finish_gpu"),
+               (decode, "DecodePlan"), (decode.DecodePlan, "run_and_wait"), (decode.DecodePlan, "run"),
+               (interop, "as_array"), (interop, "as_output"), (interop, "stream_handle"),
+               (_decompress, "target_of")]
     saved = []
     for mod, name in targets:
         if not hasattr(mod, name):

@@ -202,14 +202,14 @@ def compress_gpu(jobs: list[Job], device: int, stream: int | None) -> list[Compr
     eng = engine(device)
     sp = stream_ptr(stream, device)
     items, datas, names = [], [], []
-    for job in jobs:
-        segs = _segment_codecs(job)
-        for _, _, codec, _ in segs:
-            _warn_ignored_level(codec)
-        items.append(tuple((codec, spec.nbytes, chunk) for _, spec, codec, chunk in segs))
-        names.append(segs)
-        datas.extend(_aligned(job.arrays[name]) for name, _, _, _ in segs)
     with launching_on(device, sp):
+        for job in jobs:
+            segs = _segment_codecs(job)
+            for _, _, codec, _ in segs:
+                _warn_ignored_level(codec)
+            items.append(tuple((codec, spec.nbytes, chunk) for _, spec, codec, chunk in segs))
+            names.append(segs)
+            datas.extend(_aligned(job.arrays[name]) for name, _, _, _ in segs)
         packed = eng.encode_plan(items).run(datas, sp)
         producer = producer_info("nvcomp", nv.version_string())
         out = []
@@ -220,8 +220,7 @@ def compress_gpu(jobs: list[Job], device: int, stream: int | None) -> list[Compr
                 if not job.keep_on_device:
                     ps.crc.payload = payload  # read the CRCs from the host copy
                 table = ChunkTable(ps.comp_nbytes, ps.crc, ps.flags)
-                segments.append(Segment(name, spec, codec, chunk, ps.offset, ps.nbytes, table, None,
-                                        ps.rows if job.keep_on_device else None))
+                segments.append(Segment(name, spec, codec, chunk, ps.offset, ps.nbytes, table, None, ps.rows))
             out.append(CompressedArray(Header(job.spec, job.pipeline, tuple(segments), producer, job.metadata),
                                        payload))
     return out

@@ -16,7 +16,7 @@ from . import interop
 from .backends import cpu
 from .codecs.base import GPU_ONLY_HINT
 from .container import CompressedArray
-from .dtypes import ArraySpec, gpu_dtype, storage_dtype
+from .dtypes import ArraySpec, dtype_name, gpu_dtype, storage_dtype
 from .errors import BackendUnavailableError, UntrustedError
 from .filters import Int8
 
@@ -53,6 +53,29 @@ class DecodeJob:
                               interop.as_output(out_obj[1], what="out scales"))
             else:
                 self.views = (interop.as_output(out_obj),)
+
+    def check_out(self, prefix: str = "out") -> None:
+        """Raise (before any work) unless the caller's buffers have the shapes and dtypes this decode writes."""
+        if self.views is None:
+            return
+        c = self.item
+        if not self.dequantize:
+            specs = {s.name: s.spec for s in c.segments}
+            _check_out(self.views[0], specs["data"].shape, "I8", f"{prefix} codes")
+            _check_out(self.views[1], specs["scale"].shape, "F32", f"{prefix} scales")
+            return
+        view = self.views[0]
+        if _int8(c) is not None:
+            want = _out_dtype(self)
+            if want not in DEQUANT_DTYPES:
+                raise ValueError(f"{prefix} receives dequantized values: it must be float32, float16, bfloat16 or "
+                                 f"float64, got {view.dtype_name}")
+            _check_out(view, c.shape, want, prefix)
+            return
+        _check_out(view, c.shape, c.spec.dtype, prefix)
+        if not view.on_device and view.array.dtype != c.spec.numpy_dtype():
+            raise ValueError(f"{prefix} has dtype {view.array.dtype}, expected {c.spec.numpy_dtype()} (the "
+                             "container's byte order)")
 
     @property
     def out_nbytes(self) -> int:
@@ -168,13 +191,6 @@ def _out_dtype(job: DecodeJob) -> str:
     return orig
 
 
-def result_name(result, c: CompressedArray) -> str:
-    """The dtype name of a decoded host array (its logical dtype, whatever the byte order)."""
-    from .dtypes import dtype_name
-
-    return dtype_name(result.dtype)[0]
-
-
 def _check_out(view: interop.Array, shape, dtype_name: str, what: str = "out") -> None:
     """Shape and dtype of a caller's buffer (contiguity and writability: interop.as_output). A same-width integer
     buffer is accepted as a bit view on the GPU (CuPy without ml_dtypes holds bfloat16 as uint16)."""
@@ -197,21 +213,13 @@ def _decode_cpu(job: DecodeJob, stream) -> None:
     c = job.item
     host_target = job.target[0] == "cpu"
     bufs: dict[str, np.ndarray] = {}
-    views = job.views if host_target else None
+    views = job.views if host_target else None  # checked by DecodeJob.check_out before any work
     for seg in c.segments:
         bufs[seg.name] = np.empty(seg.spec.shape, dtype=seg.spec.numpy_dtype())
     if views is not None and not c.pipeline:  # decode straight into the caller's buffer
-        _check_out(views[0], c.shape, c.spec.dtype)
-        if views[0].array.dtype != c.spec.numpy_dtype():
-            raise ValueError(f"out has dtype {views[0].array.dtype}, expected {c.spec.numpy_dtype()} (the "
-                             "container's byte order)")
         bufs["data"] = views[0].array
     elif views is not None and not job.dequantize:
-        codes, scales = views
-        specs = {s.name: s.spec for s in c.segments}
-        _check_out(codes, specs["data"].shape, "I8", "out codes")
-        _check_out(scales, specs["scale"].shape, "F32", "out scales")
-        bufs["data"], bufs["scale"] = codes.array, scales.array
+        bufs["data"], bufs["scale"] = views[0].array, views[1].array
     cpu.decode_segments([(c.host_payload(), seg, cpu.as_bytes_view(bufs[seg.name])) for seg in c.segments])
     result = _filters_cpu(job, bufs)
     job.result = _deliver(job, result, stream)
@@ -249,7 +257,6 @@ def _deliver(job: DecodeJob, result, stream):
         if job.views is not None:
             out = job.views[0].array
             if result is not out:
-                _check_out(job.views[0], c.shape, result_name(result, c))
                 out[...] = result
             return job.out_obj
         return result.reshape(c.shape)
@@ -266,12 +273,11 @@ def _deliver(job: DecodeJob, result, stream):
                 job.views[1].array[...] = scales
                 return result._replace(codes=job.out_obj[0], scales=job.out_obj[1])
             return result._replace(codes=codes, scales=scales)
-        logical = result_name(result, c)
+        logical = dtype_name(result.dtype)[0]
         host = np.ascontiguousarray(result)
         host = host.astype(host.dtype.newbyteorder("="), copy=False)
         dev = cupy.asarray(host.view(storage_dtype(logical)))
         if job.views is not None:
-            _check_out(job.views[0], c.shape, logical)
             job.views[0].array[...] = dev.view(job.views[0].array.dtype)
             return job.out_obj
         return dev.view(gpu_dtype(logical))
@@ -281,8 +287,6 @@ def _deliver(job: DecodeJob, result, stream):
 
 
 def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
-    import cupy
-
     from .engine import engine, launching_on, stream_ptr
     from .engine.decode import DecodePlan, Target, kind_of
 
@@ -292,64 +296,52 @@ def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
         for job in jobs:
             c = job.item if job.item.device_id == device else job.item.to_device(device)
             kind = kind_of(c.pipeline, job.dequantize)
-            post = {}
+            views = job.views if job.views is not None and job.target[0] == "cuda" else (None, None)
             if kind == "codes":
                 specs = {s.name: s.spec for s in c.segments}
-                bufs = []
-                for name, dt, what, k in (("data", "I8", "out codes", 0), ("scale", "F32", "out scales", 1)):
-                    view = job.views[k] if job.views is not None and job.target[0] == "cuda" else None
-                    if view is not None:
-                        _check_out(view, specs[name].shape, dt, what)
-                    bufs.append(_device_buffer(view, specs[name].shape, storage_dtype(dt)))
-                ptrs = tuple(b[0].data.ptr for b in bufs)
-                post["bufs"] = bufs
+                bufs = [_device_buffer(views[0], specs["data"].shape, np.dtype(np.int8), False),
+                        _device_buffer(views[1], specs["scale"].shape, np.dtype(np.float32), False)]
                 dtype = None
             else:
                 dtype = _out_dtype(job) if kind == "dequantize" else c.spec.dtype
-                view = job.views[0] if job.views is not None and job.target[0] == "cuda" else None
-                if view is not None:
-                    _check_out(view, c.shape, dtype)
-                buf = _device_buffer(view, c.shape, storage_dtype(dtype))
-                if kind == "plain" and c.spec.byteorder == ">" and buf[1] is not None:
-                    buf = (cupy.empty(c.shape, storage_dtype(dtype)), buf[1])  # swapped into the caller's after
-                ptrs = (buf[0].data.ptr,)
-                post["bufs"] = [buf]
-                post["dtype"] = dtype
-            targets.append(Target(c, kind, ptrs, dtype))
-            posts.append(post)
+                swap = kind == "plain" and c.spec.byteorder == ">" and c.spec.itemsize > 1
+                bufs = [_device_buffer(views[0], c.shape, storage_dtype(dtype), swap)]
+            targets.append(Target(c, kind, tuple(b[0].data.ptr for b in bufs), dtype))
+            posts.append(bufs)
         plan = _cached_plan(jobs, targets, device, sp)
         if plan is None:
             plan = DecodePlan(engine(device), targets, stream_ptr=sp, sync=False)
             _remember_plan(jobs, targets, device, sp, plan)
         plan.run_and_wait(sp)
-        for job, t, post in zip(jobs, targets, posts):
-            job.result = _finish_gpu(job, t, post)
+        for job, t, bufs in zip(jobs, targets, posts):
+            job.result = _finish_gpu(job, t, bufs)
 
 
-def _device_buffer(view, shape, dtype):
-    """(array to decode into, the caller's array to copy into afterwards or None): the caller's buffer itself when
-    the plan can write it (16-byte aligned), else a fresh one."""
+def _device_buffer(view, shape, dtype, fresh: bool):
+    """(array the plan decodes into, the caller's device array to copy into afterwards, or None). The caller's
+    buffer itself when the plan can write it (16-byte aligned, and no byte swap to come), else a fresh one."""
     import cupy
 
     if view is None:
         return cupy.empty(shape, dtype), None
     arr = view.array
-    if arr.size and arr.data.ptr % 16:
+    if fresh or (arr.size and arr.data.ptr % 16):
         return cupy.empty(shape, dtype), arr
-    return arr.view(dtype) if arr.dtype != dtype else arr, None
+    return (arr.view(dtype) if arr.dtype != dtype else arr), None
 
 
-def _finish_gpu(job: DecodeJob, t, post):
+def _finish_gpu(job: DecodeJob, t, bufs):
+    """Byte order restored, results moved to the caller's buffers or to the host, views in the logical dtype."""
     c = job.item
-    bufs = post["bufs"]
+    if t.kind == "plain" and c.spec.byteorder == ">":  # CuPy holds native order only: swap on the device
+        bufs = [(_byteswap(arr, c.spec.itemsize), caller) for arr, caller in bufs]
     for arr, caller in bufs:
         if caller is not None:
-            if t.kind == "plain" and c.spec.byteorder == ">":
-                arr = _byteswap(arr, c.spec.itemsize)
             caller[...] = arr.view(caller.dtype)
+    results = [arr if caller is None else caller for arr, caller in bufs]
     if t.kind == "codes":
         f = _int8(c)
-        codes, scales = (caller if caller is not None else arr for arr, caller in bufs)
+        codes, scales = results
         if job.target[0] == "cpu":
             codes, scales = codes.get(), scales.get()
             if job.views is not None:
@@ -357,19 +349,13 @@ def _finish_gpu(job: DecodeJob, t, post):
                 job.views[1].array[...] = scales
         res = Quantized(codes, scales, f.granularity, f.axis, f.group_size, c.spec.dtype)
         return res._replace(codes=job.out_obj[0], scales=job.out_obj[1]) if job.views is not None else res
-    arr, caller = bufs[0]
-    if caller is not None:
-        return job.out_obj
-    if t.kind == "plain" and c.spec.byteorder == ">":
-        arr = _byteswap(arr, c.spec.itemsize)
-    dtype = post["dtype"]
+    (arr,) = results
     if job.target[0] == "cuda":
         if job.views is not None:
             return job.out_obj
-        return arr.view(gpu_dtype(dtype)) if arr.dtype != gpu_dtype(dtype) else arr
-    order = c.spec.byteorder if t.kind == "plain" else "="
-    host = arr.get().view(ArraySpec(dtype, "<", ()).numpy_dtype().newbyteorder("="))
-    if order == ">":
+        return arr.view(gpu_dtype(t.dtype)) if arr.dtype != gpu_dtype(t.dtype) else arr
+    host = arr.get().view(ArraySpec(t.dtype, "<", ()).numpy_dtype().newbyteorder("="))
+    if c.spec.byteorder == ">" and t.dtype == c.spec.dtype:  # the host result keeps the container's byte order
         host = host.astype(c.spec.numpy_dtype())
     if job.views is not None:
         job.views[0].array[...] = host

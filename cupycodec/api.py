@@ -282,6 +282,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
         for item, o in zip(items, outs):
             c, external = _as_compressed(item, verify, trusted)
             job = DecodeJob(c, o, dequantize)
+            job.check_out()
             limit = max_output_nbytes
             if limit is _UNSET:
                 limit = default_max_output_nbytes(c.nbytes) if external else None
@@ -352,14 +353,8 @@ def decode_plan(items: Sequence[CompressedArray], out: Sequence, *, dequantize=T
                 raise ValueError(f"out[{i}] must be on cuda:{c.device_id}, where items[{i}] is")
             if v.array.size and v.array.data.ptr % 16:
                 raise ValueError(f"out[{i}] must be 16-byte aligned (fresh allocations are)")
-        if kind == "codes":
-            specs = {s.name: s.spec for s in c.segments}
-            _decompress._check_out(views[0], specs["data"].shape, "I8", f"out[{i}] codes")
-            _decompress._check_out(views[1], specs["scale"].shape, "F32", f"out[{i}] scales")
-            dtype = None
-        else:
-            dtype = _decompress._out_dtype(job) if kind == "dequantize" else c.spec.dtype
-            _decompress._check_out(views[0], c.shape, dtype, f"out[{i}]")
+        job.check_out(f"out[{i}]")
+        dtype = None if kind == "codes" else _decompress._out_dtype(job) if kind == "dequantize" else c.spec.dtype
         targets.append(Target(c, kind, tuple(v.array.data.ptr for v in views), dtype))
     if len(devices) > 1:
         raise ValueError(f"decode_plan items live on several devices ({sorted(devices)}); build one plan per device")

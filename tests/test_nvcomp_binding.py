@@ -399,15 +399,17 @@ def test_size_queries_are_memoized_by_config_and_geometry(monkeypatch):
     nvlib.decompress_temp(codec, 4, 65536, 4 * 65536)
     monkeypatch.undo()
     nvlib.clear_caches()
-    assert not nvlib._compress_cache.data and not nvlib._decompress_cache.data and not nvlib._opts_cache.data
+    assert not len(nvlib._compress_cache) and not len(nvlib._decompress_cache) and not len(nvlib._opts_cache)
 
 
 def test_lru_is_bounded():
-    cache = nvlib._LRU(2)
+    from cupycodec._lru import LRU
+
+    cache = LRU(2)
     for key in "abca":
         cache.get(key, lambda k=key: k.upper())
     cache.get("d", lambda: "D")  # evicts "b", the least recently used
-    assert list(cache.data) == ["a", "d"] and cache.get("a", lambda: pytest.fail("evicted")) == "A"
+    assert list(cache._data) == ["a", "d"] and cache.get("a", lambda: pytest.fail("evicted")) == "A"
 
 
 @needs_libnvcomp

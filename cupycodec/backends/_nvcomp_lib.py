@@ -12,9 +12,9 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
+from .._lru import LRU
 from ..errors import BackendError, BackendUnavailableError
 
 __all__ = [
@@ -269,26 +269,8 @@ def require() -> None:
 # -- per-codec options and size queries ------------------------------------------------------------------------------
 
 
-class _LRU:
-    """A bounded, thread-safe memo; keys are codec config keys and geometry, never object ids."""
-
-    def __init__(self, maxsize: int):
-        self.maxsize, self.data, self.lock = maxsize, OrderedDict(), threading.Lock()
-
-    def get(self, key, make):
-        with self.lock:
-            if key in self.data:
-                self.data.move_to_end(key)
-                return self.data[key]
-        value = make()  # outside the lock: may call nvCOMP, and two threads computing one value is harmless
-        with self.lock:
-            self.data[key] = value
-            if len(self.data) > self.maxsize:
-                self.data.popitem(last=False)
-        return value
-
-
-_opts_cache, _compress_cache, _decompress_cache = _LRU(256), _LRU(1024), _LRU(1024)
+# bounded memos keyed by codec config and geometry, never by object ids
+_opts_cache, _compress_cache, _decompress_cache = LRU(256), LRU(1024), LRU(1024)
 
 
 def _cname(codec) -> str:
@@ -378,4 +360,4 @@ def clear_caches() -> None:
     # Locks are replaced, not taken: in a forked child, a lock that another parent thread held is never released.
     _lock, _loaded, _reason = threading.Lock(), None, None
     for cache in (_opts_cache, _compress_cache, _decompress_cache):
-        cache.lock, cache.data = threading.Lock(), OrderedDict()
+        cache.clear()

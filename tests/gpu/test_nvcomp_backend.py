@@ -52,8 +52,15 @@ def test_roundtrip_on_gpu(cp, codec, dtype):
     assert isinstance(y, cp.ndarray) and y.dtype == g.dtype and y.shape == g.shape
     assert _same(y, x)
     # the container is valid bytes: header, tables and every GPU-computed CRC check out on the CPU
-    again = cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)
+    again = cc.CompressedArray.from_bytes(c.to_bytes(), verify=True, trusted=True)
     assert _same(cc.decompress(again, device="cuda"), x)
+    untrusted = cc.CompressedArray.from_bytes(c.to_bytes())
+    if codec in ("cascaded", "bitcomp", "ans", "gdeflate") and any(s.table.n_encoded for s in c.segments):
+        with pytest.raises(cc.UntrustedError, match=codec):
+            cc.decompress(untrusted, device="cuda")
+    else:  # hardened CPU decoders, then uploaded
+        y = cc.decompress(untrusted, device="cuda")
+        assert isinstance(y, cp.ndarray) and _same(y, x)
 
 
 @pytest.mark.parametrize("codec", ALL)
@@ -76,7 +83,7 @@ def test_gpu_written_decodes_on_cpu(cp, codec):
     x = weights(300_000, seed=2)
     c = cc.compress(cp.asarray(x.view(np.uint16)), dtype="bfloat16", codec=codec, chunk_nbytes=65536)
     assert c.dtype_name == "BF16"
-    y = cc.decompress(c.to_bytes(), backend="cpu")
+    y = cc.decompress(c.to_bytes(), backend="cpu", trusted=True)  # gdeflate/bitcomp's host decoders need trust
     assert y.dtype == ml_dtypes.bfloat16 and _same(y, x)
     # and each encoded chunk is a standard stream of its format
     if codec in ("zstd", "deflate", "gzip"):
@@ -147,7 +154,7 @@ def test_byteplane_on_gpu_matches_cpu_bytes(cp, codec):
         h = cc.compress(x, codec=codec, filters=["byteplane"], backend="cpu")
         # same planes on both sides: decoded segment bytes agree, and each decodes the other's container
         assert _same(cc.decompress(h, device="cuda"), x.view(np.uint16))
-        assert _same(cc.decompress(g.to_bytes(), backend="cpu"), x)
+        assert _same(cc.decompress(g.to_bytes(), backend="cpu"), x)  # zstd/lz4 decode untrusted on the CPU
 
 
 @settings(deadline=None, max_examples=40)
@@ -277,7 +284,7 @@ def test_lazy_chunk_crcs_are_zlibs(cp, codec, quantize):
     assert _chunk_crcs_ok(c)
     blob = c.to_bytes()
     assert cc.CompressedArray.from_bytes(blob, verify=True) == c  # table CRCs and chunk CRCs verify
-    assert cc.decompress(blob, backend="nvcomp").shape == x.shape
+    assert cc.decompress(blob, backend="nvcomp", trusted=True).shape == x.shape
 
 
 def test_lazy_crcs_survive_the_stream_and_host_results(cp):
@@ -305,57 +312,55 @@ def _mixed(n, seed):
 
 @pytest.mark.parametrize("codec", ALL)
 @pytest.mark.parametrize("case", ["tiny", "odd", "mixed", "weights", "weights-16k"])
-def test_one_segment_path_writes_the_general_paths_bytes(cp, codec, case, monkeypatch):
-    # compress() of one plain array takes nvcomp.compress_one; compress_many of several takes compress_segments +
-    # pack_payload. Both must write the same container, and both decode paths (decode_one for a fresh output,
-    # cached DecodePlans for out=) must return the input.
-    from cupycodec import api
-
+def test_one_array_and_a_batch_write_the_same_bytes(cp, codec, case):
+    # compress() of one array and compress_many() of it among others share one engine, whose encode plans batch
+    # every chunk of a codec config into one nvCOMP call: the container of an array must not depend on its company,
+    # and fresh decodes, out= decodes (twice: the second reuses the plan kept with the container) and CPU-verified
+    # bytes must all give the input back.
     data = {"tiny": np.arange(5, dtype=np.int16), "odd": np.arange(70_001, dtype=np.int32) % 977,
             "mixed": _mixed(300_000, 11), "weights": weights(1 << 19, seed=12).view(np.uint16),
             "weights-16k": weights(100_000, seed=13).view(np.uint16)}[case]
     chunk = 16384 if case == "weights-16k" else None
     g = cp.asarray(data)
-    fast = cc.compress(g, codec=codec, chunk_nbytes=chunk)
-    monkeypatch.setattr(api, "_ONE_SEGMENT_PATH", False)
-    general = cc.compress(g, codec=codec, chunk_nbytes=chunk)
-    monkeypatch.setattr(api, "_ONE_SEGMENT_PATH", True)
-    assert fast.to_bytes() == general.to_bytes()
-    assert _chunk_crcs_ok(fast)
+    alone = cc.compress(g, codec=codec, chunk_nbytes=chunk)
+    batch = cc.compress_many([cp.asarray(_mixed(70_000, 3)), g, g[: len(g) // 2]], codec=codec, chunk_nbytes=chunk)
+    assert alone.to_bytes() == batch[1].to_bytes()
+    assert _chunk_crcs_ok(alone) and all(_chunk_crcs_ok(b) for b in batch)
     if case == "mixed" and codec != "raw":  # random chunks are stored, the compressible ones encoded
-        flags = fast.segments[0].table.flags
+        flags = alone.segments[0].table.flags
         assert 0 < int(flags.sum()) < len(flags)
-    assert _same(cc.decompress(fast), data)
+    assert _same(cc.decompress(alone), data)
     out = cp.empty_like(g)
-    for _ in range(2):  # the second call reuses the cached plan
+    for _ in range(2):  # the second call reuses the plan kept with the container
         out[...] = 0
-        assert cc.decompress(fast, out=out) is out and _same(out, data)
-    assert _same(cc.decompress(cc.CompressedArray.from_bytes(fast.to_bytes()), device="cuda"), data)
+        assert cc.decompress(alone, out=out) is out and _same(out, data)
+    assert _same(cc.decompress(cc.CompressedArray.from_bytes(alone.to_bytes(), trusted=True), device="cuda"), data)
     h = cc.compress(data, codec=codec, backend="nvcomp", chunk_nbytes=chunk)  # host data, GPU compression
-    assert not h.on_device and h.to_bytes() == fast.to_bytes() and _chunk_crcs_ok(h)
+    assert not h.on_device and h.to_bytes() == alone.to_bytes() and _chunk_crcs_ok(h)
 
 
 @pytest.mark.parametrize("codec", ["ans", "lz4"])
 def test_one_shot_decodes_report_bad_chunks(cp, codec):
-    # Lie about one chunk's decoded size in the rows the decoders trust: both the fresh-output decode (decode_one)
-    # and the cached plan of decompress(out=) must raise, never return the short output.
-    from cupycodec.backends import nvcomp
+    # Lie about one chunk's decoded size in the rows the decoders trust: the fresh-output decode and the plan kept
+    # for decompress(out=) must raise, naming the chunk, never return the short output.
+    import dataclasses
 
     x = cp.asarray(np.arange(1 << 17, dtype=np.int32) % 977)  # 512 KiB that both codecs shrink
     c = cc.compress(x, codec=codec, chunk_nbytes=65536)
     seg = c.segments[0]
-    enc, stored = nvcomp._segment_rows(seg)
-    assert stored is None and len(enc[0]) == 8
-    raw = enc[3].copy()
+    rows = seg.decode_rows
+    assert rows.n_stored == 0 and rows.n_encoded == 8
+    raw = rows.enc_raw.copy()
     raw[1] -= 16
-    nvcomp.remember_rows(seg, ((enc[0], enc[1], enc[2], raw, [enc[4][0], enc[4][1], None]), stored))
-    with pytest.raises(cc.BackendError, match="failed to decode 1 chunk"):
+    object.__setattr__(seg, "_rows", dataclasses.replace(rows, enc_raw=raw))
+    with pytest.raises(cc.BackendError, match="failed to decode 1 chunk.*item 0, segment 'data', chunk 1"):
         cc.decompress(c)
     out = cp.empty_like(x)
     with pytest.raises(cc.BackendError, match="failed to decode 1 chunk"):
         cc.decompress(c, out=out)
-    nvcomp.remember_rows(seg, (enc, stored))
-    assert _same(cc.decompress(c), x) and _same(cc.decompress(c, out=cp.empty_like(x)), x)
+    object.__setattr__(seg, "_rows", rows)
+    c2 = cc.CompressedArray.from_bytes(c.to_bytes(), trusted=True).to_device()  # fresh plans from true rows
+    assert _same(cc.decompress(c2), x) and _same(cc.decompress(c2, out=cp.empty_like(x)), x)
 
 
 def test_raw_one_segment_round_trip_does_not_wait(cp):
