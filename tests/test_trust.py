@@ -1,0 +1,182 @@
+"""The trust model: bytes from outside are untrusted unless vouched for, and only hardened decoders see them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from fuzzing import mutate, recompute_crcs
+
+import cupycodec as cc
+from cupycodec.codecs import _nvcomp_host
+
+KEY = bytes(range(32))
+X = (np.arange(50_000) % 251).astype(np.int32)
+
+
+def _blob(codec="zstd", **kw) -> bytes:
+    return cc.compress(X, codec=codec, **kw).to_bytes()
+
+
+def _edit_header(blob: bytes, edit) -> bytes:
+    """Change the header JSON (as an attacker can), then fix every CRC."""
+    n = struct.unpack_from("<Q", blob, 8)[0]
+    header = json.loads(blob[24 : 24 + n])
+    edit(header)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    prelude = struct.pack("<4sHHQI4x", b"CPCC", 1, 0, len(text), zlib.crc32(text))
+    return recompute_crcs(prelude + text + blob[24 + n :])
+
+
+def test_what_is_trusted():
+    c = cc.compress(X, codec="zstd")
+    assert c.trusted and not c.signed  # made by this process
+    blob = c.to_bytes()
+    assert not cc.CompressedArray.from_bytes(blob).trusted
+    assert not cc.CompressedArray.from_bytes(blob, verify=False).trusted
+    assert cc.CompressedArray.from_bytes(blob, trusted=True).trusted
+    assert not cc.CompressedArray.from_bytes(blob).to_host().trusted
+    with pytest.raises(TypeError, match="trusted must be a bool"):
+        cc.CompressedArray.from_bytes(blob, trusted="yes")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "deflate", "gzip", "lz4", "snappy", "raw"])
+def test_untrusted_standard_codecs_decode_on_the_cpu(codec):
+    blob = _blob(codec)
+    assert np.array_equal(cc.decompress(blob), X)
+    assert np.array_equal(cc.decompress(cc.CompressedArray.from_bytes(blob), device="cpu"), X)
+
+
+@pytest.mark.skipif(not _nvcomp_host.available(), reason="nvidia-libnvcomp is not installed")
+@pytest.mark.parametrize("codec", ["gdeflate", "bitcomp"])
+def test_untrusted_nvcomp_host_formats_are_refused(codec):
+    blob = _blob(codec, backend="cpu")
+    with pytest.raises(cc.UntrustedError, match=f"codec '{codec}'.*trusted=True.*key=") as info:
+        cc.decompress(blob)
+    assert info.value.codec == codec and isinstance(info.value, ValueError)
+    assert np.array_equal(cc.decompress(blob, trusted=True), X)
+
+
+def test_untrusted_containers_never_reach_nvcomp():
+    blob = _blob("zstd")
+    with pytest.raises(cc.UntrustedError, match="on the GPU"):
+        cc.decompress(blob, backend="nvcomp")
+    with pytest.raises(cc.UntrustedError, match="decode plan"):
+        cc.decode_plan([cc.CompressedArray.from_bytes(blob)], [np.empty_like(X)])
+
+
+def test_crafted_chunks_raise_only_library_errors_on_the_cpu():
+    rng = np.random.default_rng(0)
+    good = _blob("zstd", chunk_nbytes=16384)
+    for _ in range(50):
+        try:
+            y = cc.decompress(mutate(good, rng, int(rng.integers(1, 9))))
+        except cc.CupycodecError:
+            continue
+        assert y.shape == X.shape and y.dtype == X.dtype
+
+
+def test_a_key_signs_and_authenticates(tmp_path):
+    c = cc.compress(X, codec="zstd", metadata={"layer": 3})
+    path = tmp_path / "w.cc"
+    cc.save(path, c, key=KEY)
+    assert cc.load(path, key=KEY).trusted and cc.load(path, key=KEY).signed
+    assert not cc.load(path).trusted  # without the key it is just bytes from outside
+    assert np.array_equal(cc.decompress(cc.load(path, key=KEY)), X)
+    blob = c.to_bytes(key=KEY)
+    assert blob == path.read_bytes()
+    assert cc.CompressedArray.from_bytes(blob, key=KEY) == cc.CompressedArray.from_bytes(blob)
+    with pytest.raises(cc.AuthenticationError, match="MAC mismatch"):
+        cc.load(path, key=bytes(32))
+    with pytest.raises(cc.AuthenticationError, match="carries no MAC"):
+        cc.CompressedArray.from_bytes(c.to_bytes(), key=KEY)
+
+
+def test_a_forged_container_fails_authentication():
+    blob = cc.compress(X, codec="zstd", metadata={"layer": 3}).to_bytes(key=KEY)
+    rng = np.random.default_rng(1)
+    crafted = mutate(blob, rng, 4)  # payload changed, every CRC recomputed: CRCs cannot tell
+    cc.CompressedArray.from_bytes(crafted)  # ... and the container parses
+    with pytest.raises(cc.AuthenticationError, match="MAC mismatch"):
+        cc.CompressedArray.from_bytes(crafted, key=KEY)
+
+    def relabel(header):
+        header["metadata"]["layer"] = 4
+
+    with pytest.raises(cc.AuthenticationError, match="MAC mismatch"):
+        cc.CompressedArray.from_bytes(_edit_header(blob, relabel), key=KEY)
+
+    def strip(header):
+        del header["auth"]
+
+    with pytest.raises(cc.AuthenticationError, match="carries no MAC"):
+        cc.CompressedArray.from_bytes(_edit_header(blob, strip), key=KEY)
+
+    def reorder(header):  # the same header spelled differently still authenticates: the MAC covers meaning
+        header["producer"] = dict(reversed(list(header["producer"].items())))
+
+    assert cc.CompressedArray.from_bytes(_edit_header(blob, reorder), key=KEY).trusted
+
+
+def test_bad_keys_and_mac_fields():
+    c = cc.compress(X, codec="raw")
+    with pytest.raises(TypeError, match="key must be bytes"):
+        c.to_bytes(key="secret")
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        c.to_bytes(key=b"short")
+    blob = c.to_bytes(key=KEY)
+
+    def bad(header):
+        header["auth"]["mac"] = "zz" * 32
+
+    with pytest.raises(cc.FormatError, match="64 lowercase hex"):
+        cc.CompressedArray.from_bytes(_edit_header(blob, bad))
+
+
+def test_pickling_keeps_trust():
+    blob = _blob("zstd")
+    for c in (cc.CompressedArray.from_bytes(blob), cc.CompressedArray.from_bytes(blob, trusted=True),
+              cc.compress(X)):
+        again = pickle.loads(pickle.dumps(c))
+        assert again.trusted == c.trusted and again == c
+        assert bool(again._cache.get("external")) == bool(c._cache.get("external"))
+
+
+def test_parser_bugs_are_not_disguised_as_bad_files(monkeypatch):
+    # reader rules raise FormatError themselves; anything else escaping the parser is a bug and must show as one
+    from cupycodec import container
+
+    blob = _blob("zstd")
+
+    def broken(obj, where):
+        raise KeyError("a bug in the parser")
+
+    monkeypatch.setattr(container, "_spec", broken)
+    with pytest.raises(KeyError, match="a bug in the parser"):
+        cc.CompressedArray.from_bytes(blob)
+
+
+def test_deeply_nested_metadata_is_a_format_error():
+    deep: dict = {}
+    node = deep
+    for _ in range(100):
+        node["a"] = {}
+        node = node["a"]
+
+    def nest(header):
+        header["metadata"] = deep
+
+    with pytest.raises(cc.FormatError, match="nested deeper"):
+        cc.CompressedArray.from_bytes(_edit_header(_blob("raw"), nest))
+
+
+def test_load_has_a_key_argument(tmp_path):
+    path = os.path.join(tmp_path, "x.cc")
+    cc.save(path, cc.compress(X, codec="lz4"), key=KEY)
+    assert cc.load(path, key=KEY, mmap=False).trusted
