@@ -1,0 +1,26 @@
+"""The installed package is the source tree: every subpackage is listed in pyproject.toml."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_subpackage_is_packaged():
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib is Python >= 3.11")
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, name in (("cupycodec", "cupycodec"), ("integrations", "cupycodec.integrations")):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            if "__init__.py" in files and "__pycache__" not in dirpath:
+                rel = os.path.relpath(dirpath, os.path.join(ROOT, top))
+                found.add(name if rel == "." else f"{name}.{rel.replace(os.sep, '.')}")
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
