@@ -6,7 +6,7 @@ Normative description (mirrored in docs/FORMAT.md; every rule below has a test):
     0       4     magic            b"CPCC"
     4       2     format_version   u16 LE, = 1
     6       2     flags            u16 LE, = 0 in v1 (a reader rejects unknown bits)
-    8       8     header_len N     u64 LE, N % 8 == 0, N <= 16 MiB; writers pad so that 24 + N is a multiple of 64
+    8       8     header_len N     u64 LE, N % 8 == 0, N <= 16 MiB
     16      4     header_crc32     u32 LE, zlib.crc32 of the N header bytes
     20      4     zero padding
     24      N     header           UTF-8 JSON object, padded with spaces (0x20) to N bytes
@@ -35,8 +35,9 @@ N % 8 == 0, N <= 16 MiB, 24 + N <= len; (4) the header CRC, UTF-8, JSON, an obje
 field has its type and range; segments are back to back from 0 and end exactly at the end of the payload; (6) every
 filter and codec id resolves, with a version we support; the segment names, dtypes and shapes are exactly what the
 pipeline derives from ``array``; (7) table CRCs match and every table entry is consistent (sizes, flags, total);
-(8) chunk CRCs are verified before any chunk is decompressed; (9) anything else that goes wrong while parsing
-becomes a FormatError.
+(8) chunk CRCs are verified before any chunk is decompressed; (9) each rule is an explicit check, so any other
+exception escaping the parser is a reader bug, never disguised as a bad file. An optional ``auth`` key carries an
+HMAC-SHA256 of the container (docs/FORMAT.md, "Authentication").
 """
 
 from __future__ import annotations
