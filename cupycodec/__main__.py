@@ -32,9 +32,11 @@ def _cmd_demo(args) -> int:
         where = f"GPU {gpu.get('name')} (nvCOMP {gpu.get('nvcomp')})" if device == "cuda" else "CPU"
         codecs = args.codecs or (GPU_CODECS if device == "cuda" else CPU_CODECS)
         print(f"\n{where}: ratio = raw bytes / container bytes; speeds in GB/s of raw data; "
-              f"median of {args.repeat} after a warm-up")
-        rows = bench.run(arrays, codecs, device=device, repeat=args.repeat)
-        print(bench.format_table(rows))
+              f"median of up to {args.repeat} after a warm-up (slow codecs fewer); rows appear as they finish",
+              flush=True)
+        print(bench.format_header(), flush=True)
+        rows = bench.run(arrays, codecs, device=device, repeat=args.repeat,
+                         on_row=lambda r: print(bench.format_row(r), flush=True))
         if not all(r.exact for r in rows if r.nbytes):
             print("ERROR: a round trip was not bit-exact", file=sys.stderr)
             return 1
@@ -48,6 +50,11 @@ def _cmd_bench(args) -> int:
     import numpy as np
 
     from . import bench
+
+    if args.device == "cuda":
+        from .backends import _nvcomp_lib
+
+        _nvcomp_lib.require()  # BackendUnavailableError naming the fix, not a traceback
 
     n = int(args.size_mib * 2**20 / 2)
     w = (0.02 * np.random.default_rng(0).standard_t(5, n)).astype(ml_dtypes.bfloat16)
@@ -65,13 +72,17 @@ def _cmd_compress(args) -> int:
 
     import cupycodec as cc
 
+    with open(args.input, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{args.input} is not a .npy file (the format numpy.save writes); save the array with "
+                             "numpy.save first")
     x = np.load(args.input, mmap_mode="r", allow_pickle=False)
     options = {}
     if args.level is not None:
         options["level"] = args.level
     c = cc.compress(np.asarray(x), codec=args.codec, chunk_nbytes=args.chunk_nbytes, dtype=args.dtype,
-                    filters=args.filter or None, quantize=args.quantize, granularity=args.granularity,
-                    group_size=args.group_size, **options)
+                    filters=args.filter or None, quantize=args.quantize, granularity=args.granularity or "channel",
+                    group_size=args.group_size or 128, **options)
     cc.save(args.output, c)
     print(f"{args.input} -> {args.output}: {c.raw_nbytes} -> {c.nbytes} bytes, ratio {c.ratio:.3f} ({c.codec})")
     return 0
@@ -82,14 +93,20 @@ def _cmd_decompress(args) -> int:
 
     import cupycodec as cc
 
-    c = cc.load(args.input)
+    from ._files import atomic_write
+
+    c = cc.load(args.input, trusted=args.trusted)
     limit = None if args.max_output_nbytes == 0 else args.max_output_nbytes
     kwargs = {} if args.max_output_nbytes is None else {"max_output_nbytes": limit}
-    y = cc.decompress(c, device="cpu", **kwargs)
+    try:
+        y = cc.decompress(c, device="cpu", **kwargs)
+    except cc.DecompressionBombError as exc:  # the library's text names a keyword argument: name the flag here
+        raise ValueError(f"the container decompresses to {exc.nbytes} bytes, more than the limit of {exc.limit}; "
+                         "pass --max-output-nbytes N (or 0 for no limit) if you trust this file") from exc
     if y.dtype.kind == "V" or type(y.dtype).__module__.startswith("ml_dtypes") or "bfloat16" in str(y.dtype):
         print(f"note: .npy has no {c.dtype_name} dtype; writing its bits as {y.dtype.itemsize * 8}-bit unsigned ints")
         y = y.view(f"u{y.dtype.itemsize}")
-    np.save(args.output, y, allow_pickle=False)
+    atomic_write(args.output, lambda f: np.lib.format.write_array(f, y, allow_pickle=False))  # exactly this path
     print(f"{args.input} -> {args.output}: {y.shape} {c.dtype_name}")
     return 0
 
@@ -103,57 +120,78 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+_DESCRIPTION = ("Compress NumPy arrays into cupycodec containers and back, inspect containers, and measure "
+                "codecs on this machine. Commands: info, demo, bench, compress, decompress, inspect.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cupycodec", description=__doc__)
+    from . import registry
+
+    codecs = ["auto", *sorted(registry.registered_codecs())]
+    p = argparse.ArgumentParser(prog="cupycodec", description=_DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, GPU, nvCOMP and which codecs run where")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(fn=_cmd_info)
 
     s = sub.add_parser("demo", help="compress real arrays with every codec and print ratios and speeds")
-    s.add_argument("--size-mib", type=float, default=32.0, help="size of the synthetic data if no real weights")
-    s.add_argument("--codecs", nargs="*")
-    s.add_argument("--repeat", type=int, default=3)
-    s.add_argument("--cpu-only", action="store_true")
+    s.add_argument("--size-mib", type=float, default=32.0, help="size of the synthetic data if no real weights "
+                   "(default: %(default)s)")
+    s.add_argument("--codecs", nargs="*", metavar="CODEC", help=f"codecs to run (default: all usable; "
+                   f"{', '.join(codecs)})")
+    s.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default: %(default)s)")
+    s.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is usable")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("bench", help="ratio and speed per codec on weight-like bf16 data")
-    s.add_argument("--size-mib", type=float, default=64.0)
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("--codecs", nargs="*")
-    s.add_argument("--repeat", type=int, default=5)
-    s.add_argument("--json", metavar="PATH")
+    s.add_argument("--size-mib", type=float, default=64.0, help="data size (default: %(default)s)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: %(default)s)")
+    s.add_argument("--codecs", nargs="*", metavar="CODEC", help=f"codecs to run (default: all usable; "
+                   f"{', '.join(codecs)})")
+    s.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
+    s.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("compress", help="compress a .npy file into a container")
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--codec", default="auto")
-    s.add_argument("--level", type=int)
-    s.add_argument("--chunk-nbytes", type=int)
+    s.add_argument("input", help="a .npy file (numpy.save)")
+    s.add_argument("output", help="the container file to write (atomically)")
+    s.add_argument("--codec", default="auto", choices=codecs, metavar="CODEC",
+                   help=f"one of {', '.join(codecs)} (default: %(default)s: the best lossless choice here)")
+    s.add_argument("--level", type=int, help="compression level, for codecs that have one (zstd: 1-22; deflate, "
+                   "gzip: 0-9); default: the codec's")
+    s.add_argument("--chunk-nbytes", type=int, metavar="N", help="uncompressed bytes per chunk, a multiple of 16 "
+                   "up to 16 MiB (default: per codec, e.g. 64 KiB for zstd, 1 MiB for raw)")
     s.add_argument("--dtype", help="logical dtype of a bit view, e.g. bfloat16 for a uint16 .npy")
     s.add_argument("--filter", action="append", help="pipeline filter id (repeatable), e.g. byteplane")
-    s.add_argument("--quantize", choices=["int8"])
-    s.add_argument("--granularity", default="channel", choices=["channel", "group", "tensor"])
-    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--quantize", choices=["int8"], help="lossy INT8 quantization (default: lossless)")
+    s.add_argument("--granularity", choices=["channel", "group", "tensor"],
+                   help="with --quantize: one scale per channel (default), per group or per tensor")
+    s.add_argument("--group-size", type=int, help="with --quantize --granularity group: elements per group "
+                   "(default: 128)")
     s.set_defaults(fn=_cmd_compress)
 
     s = sub.add_parser("decompress", help="decompress a container into a .npy file")
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--max-output-nbytes", type=int, help="bound on the output (0: none; default: 1024x the file)")
+    s.add_argument("input", help="a container file")
+    s.add_argument("output", help="the .npy file to write, at exactly this path (atomically)")
+    s.add_argument("--max-output-nbytes", type=int, metavar="N", help="refuse to produce more than N bytes "
+                   "(default: max(1 GiB, 1024 x the file's size); 0: no limit)")
+    s.add_argument("--trusted", action="store_true", help="you made this file: let nvCOMP's decoders read it "
+                   "(needed for ans, cascaded, bitcomp and gdeflate chunks)")
     s.set_defaults(fn=_cmd_decompress)
 
     s = sub.add_parser("inspect", help="print a container's header without decompressing")
-    s.add_argument("input")
+    s.add_argument("input", help="a container file")
     s.add_argument("--no-verify", action="store_true", help="skip the chunk CRC pass")
     s.set_defaults(fn=_cmd_inspect)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compress" and args.quantize is None and (args.granularity or args.group_size):
+        parser.error("--granularity and --group-size apply to --quantize int8 only")
     from .errors import CupycodecError
 
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import _compress, _config, _decompress, backends, interop
 from ._decompress import DecodeJob, Quantized
+from ._files import atomic_write, open_regular
 from .container import CompressedArray
 from .errors import DecompressionBombError, UntrustedError
 
@@ -248,7 +248,9 @@ def decompress(data, *, device="auto", out=None, max_output_nbytes=_UNSET, dequa
     -------
     numpy.ndarray, cupy.ndarray, ``out`` itself, or Quantized
         bfloat16 on the CPU is an ``ml_dtypes.bfloat16`` array; on the GPU CuPy's bfloat16 where it has one, else
-        a uint16 array of its bits.
+        a uint16 array of its bits. A fresh result is C-contiguous: the container records the shape, dtype and byte
+        order, not the input's memory layout, so a Fortran-order or strided input comes back equal element for
+        element, in C order.
 
     Examples
     --------
@@ -377,7 +379,8 @@ def clear_caches() -> None:
 
 
 def save(path, c: CompressedArray, *, overwrite: bool = True, key=None) -> None:
-    """Write a container to ``path`` atomically (a temporary file in the same directory, then ``os.replace``).
+    """Write a container to ``path`` atomically (a temporary file in the same directory, then ``os.replace``), with
+    the permissions a plain write would give (an existing file's mode is kept; a new one gets 0o666 less the umask).
 
     With ``key`` (a secret of at least 16 bytes, e.g. ``os.urandom(32)`` kept by you) the file carries an
     HMAC-SHA256 of the container: ``load(path, key=key)`` then trusts it, and a file changed or made by someone
@@ -385,21 +388,7 @@ def save(path, c: CompressedArray, *, overwrite: bool = True, key=None) -> None:
     """
     if not isinstance(c, CompressedArray):
         raise TypeError(f"save takes a CompressedArray, got {type(c).__name__}; compress the array first")
-    path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".cc.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            c.write_to(f, key=key)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: c.write_to(f, key=key), overwrite=overwrite)
 
 
 def load(path, *, verify: bool = True, mmap: bool = True, trusted: bool = False, key=None) -> CompressedArray:
@@ -409,8 +398,7 @@ def load(path, *, verify: bool = True, mmap: bool = True, trusted: bool = False,
     A file is untrusted (it decodes only through hardened CPU decoders, see
     :meth:`CompressedArray.from_bytes`) unless ``trusted=True``, or ``key`` is the secret it was saved with.
     """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if mmap and size:
             import mmap as _mmap

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Row", "demo_arrays", "format_table", "median_seconds", "run"]
+__all__ = ["Row", "demo_arrays", "format_header", "format_row", "format_table", "median_seconds", "run"]
 
 
 @dataclass
@@ -102,8 +102,14 @@ def median_seconds(fn: Callable[[], object], repeat: int, gpu: bool, warmup: int
     return float(np.median(times))
 
 
-def run(arrays: dict[str, np.ndarray], codecs: list[str], device: str = "cpu", repeat: int = 3) -> list[Row]:
-    """Compress and decompress each array with each codec; check the round trip bit for bit."""
+def run(arrays: dict[str, np.ndarray], codecs: list[str], device: str = "cpu", repeat: int = 3,
+        on_row: Callable[[Row], object] | None = None, budget_s: float = 3.0) -> list[Row]:
+    """Compress and decompress each array with each codec; check the round trip bit for bit.
+
+    ``on_row`` is called with each row as soon as it is measured (the demo prints them as they come). A codec whose
+    first compression took longer than ``budget_s / repeat`` is timed fewer times (at least once, the first call
+    counting as its warm-up), so the slowest codecs (deflate and gzip on the CPU) do not dominate the run.
+    """
     import cupycodec as cc
 
     gpu = device == "cuda"
@@ -118,17 +124,23 @@ def run(arrays: dict[str, np.ndarray], codecs: list[str], device: str = "cpu", r
         logical = "bfloat16" if x.dtype.name == "bfloat16" and gpu else None
         for codec in codecs:
             try:
-                c = cc.compress(src, codec=codec, dtype=logical)
+                t = time.perf_counter()
+                c = cc.compress(src, codec=codec, dtype=logical)  # also the warm-up
+                first = time.perf_counter() - t
                 y = cc.decompress(c)
                 host = y.get() if gpu else y
                 exact = host.tobytes() == x.tobytes()
                 out = y
-                tc = median_seconds(lambda s=src, k=codec, d=logical: cc.compress(s, codec=k, dtype=d), repeat, gpu)
+                n = max(1, min(repeat, int(budget_s / max(first, 1e-9))))
+                tc = median_seconds(lambda s=src, k=codec, d=logical: cc.compress(s, codec=k, dtype=d), n, gpu, 0)
                 td = median_seconds(lambda c=c, o=out: cc.decompress(c, out=o), repeat, gpu)
-                rows.append(Row(label, codec, device, x.nbytes, c.nbytes, x.nbytes / tc / 1e9, x.nbytes / td / 1e9,
-                                exact, _describe(c)))
+                row = Row(label, codec, device, x.nbytes, c.nbytes, x.nbytes / tc / 1e9, x.nbytes / td / 1e9,
+                          exact, _describe(c))
             except cc.BackendUnavailableError as exc:
-                rows.append(Row(label, codec, device, x.nbytes, 0, 0.0, 0.0, False, f"unavailable: {exc}"[:60]))
+                row = Row(label, codec, device, x.nbytes, 0, 0.0, 0.0, False, f"unavailable: {exc}"[:60])
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows
 
 
@@ -139,13 +151,19 @@ def _describe(c) -> str:
     return "+".join([*parts, cfg.get("id", "raw") + (f"({opts})" if opts else "")])
 
 
+_HEAD = f"{'data':22s} {'codec':9s} {'pipeline':30s} {'ratio':>7s} {'comp GB/s':>10s} {'decomp GB/s':>12s}  exact"
+
+
+def format_header() -> str:
+    return f"{_HEAD}\n{'-' * len(_HEAD)}"
+
+
+def format_row(r: Row) -> str:
+    if r.nbytes == 0:
+        return f"{r.data:22s} {r.codec:9s} {r.note}"
+    return (f"{r.data:22s} {r.codec:9s} {r.note[:30]:30s} {r.ratio:7.3f} {r.compress_gbps:10.3f} "
+            f"{r.decompress_gbps:12.3f}  {'yes' if r.exact else 'NO'}")
+
+
 def format_table(rows: list[Row]) -> str:
-    head = f"{'data':22s} {'codec':9s} {'pipeline':30s} {'ratio':>7s} {'comp GB/s':>10s} {'decomp GB/s':>12s}  exact"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if r.nbytes == 0:
-            lines.append(f"{r.data:22s} {r.codec:9s} {r.note}")
-            continue
-        lines.append(f"{r.data:22s} {r.codec:9s} {r.note[:30]:30s} {r.ratio:7.3f} {r.compress_gbps:10.3f} "
-                     f"{r.decompress_gbps:12.3f}  {'yes' if r.exact else 'NO'}")
-    return "\n".join(lines)
+    return "\n".join([format_header(), *(format_row(r) for r in rows)])

@@ -75,7 +75,7 @@ __all__ = [
 
 MAGIC = b"CPCC"
 FORMAT_VERSION = 1
-_PRELUDE = struct.Struct("<4sHHQI4x")
+_PRELUDE = struct.Struct("<4sHHQI4s")
 PRELUDE_NBYTES = _PRELUDE.size  # 24
 MAX_HEADER_NBYTES = 16 * 2**20
 HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (format v1 writers before 0.2 padded to 64)
@@ -253,7 +253,7 @@ class Header:
         if n > MAX_HEADER_NBYTES:
             raise ValueError(f"header of {n} bytes exceeds {MAX_HEADER_NBYTES}; use less metadata")
         text += b" " * (n - len(text))
-        return _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, n, zlib.crc32(text)) + text
+        return _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, n, zlib.crc32(text), bytes(4)) + text
 
     def signed(self, key, payload) -> Header:
         """This header with the HMAC of (itself without a MAC, payload) under ``key``."""
@@ -396,7 +396,7 @@ def _spec(obj: Mapping, where: str) -> ArraySpec:
 def parse_prelude(buf: memoryview) -> tuple[int, int]:
     if len(buf) < PRELUDE_NBYTES:
         raise FormatError(f"need at least {PRELUDE_NBYTES} bytes for the prelude, got {len(buf)}")
-    magic, version, flags, n, header_crc = _PRELUDE.unpack_from(buf)
+    magic, version, flags, n, header_crc, reserved = _PRELUDE.unpack_from(buf)
     if magic != MAGIC:
         raise FormatError(f"not a cupycodec container: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version > FORMAT_VERSION or version == 0:
@@ -405,6 +405,8 @@ def parse_prelude(buf: memoryview) -> tuple[int, int]:
         raise UnsupportedVersionError("container format", version, FORMAT_VERSION)
     if flags != 0:
         raise FormatError(f"unknown flags {flags:#06x} for format version {version}")
+    if reserved != bytes(4):  # no CRC covers these four bytes: a flip there must not pass unnoticed
+        raise FormatError(f"prelude bytes 20-23 must be zero in format version {version}, got {bytes(reserved)!r}")
     if n % 8 or n > MAX_HEADER_NBYTES:
         raise FormatError(f"header length {n} is not a multiple of 8 or exceeds {MAX_HEADER_NBYTES}")
     if PRELUDE_NBYTES + n > len(buf):

@@ -55,7 +55,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         for marker, reason in why_not.items():
             if reason and marker in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+                item.stash[_SKIP] = reason
+                break
+
+
+_SKIP = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item):
+    # Skipped here, from one line of this file, so that `pytest -ra` sums up every GPU skip in one summary line
+    # ("SKIPPED [n] tests/conftest.py:NN: no usable CUDA device") instead of one line per test location.
+    reason = item.stash.get(_SKIP, None)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])

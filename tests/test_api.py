@@ -452,3 +452,27 @@ def test_backend_environment_variable_is_read_on_every_call(monkeypatch):
         backends.requested_backend(None)
     monkeypatch.delenv("CUPYCODEC_BACKEND")
     assert backends.requested_backend(None) == "auto"
+
+
+def test_fortran_order_comes_back_c_contiguous_and_equal():
+    x = np.asfortranarray(np.arange(600, dtype=np.float32).reshape(20, 30))
+    y = cc.decompress(cc.compress(x, codec="zstd"))
+    assert y.flags.c_contiguous and np.array_equal(y, x)  # documented: the layout is not recorded
+
+
+@pytest.mark.parametrize("kw", [{"codec": "zstd"}, {"codec": "zstd", "filters": ["byteplane"]},
+                                {"quantize": "int8", "codec": "zstd"}])
+def test_out_errors_come_before_any_work(kw, monkeypatch):
+    from cupycodec.backends import cpu
+
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    c = cc.compress(x, **kw)
+    monkeypatch.setattr(cpu, "decode_segments", lambda *a: pytest.fail("decoded before checking out"))
+    read_only = np.empty_like(x)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        cc.decompress(c, out=read_only)
+    with pytest.raises(ValueError, match="shape"):
+        cc.decompress(c, out=np.empty((32, 64), np.float32))
+    with pytest.raises(TypeError, match="max_output_nbytes"):
+        cc.decompress(c, max_output_nbytes=1.5)

@@ -66,3 +66,73 @@ def test_examples_run(script):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "cupycodec", "info"], check=True, capture_output=True, text=True)
     assert "cupycodec:" in out.stdout
+
+
+def test_files_get_the_permissions_a_plain_write_gives(tmp_path):
+    x = np.arange(100, dtype=np.int32)
+    np.save(tmp_path / "x.npy", x)
+    old = os.umask(0o022)
+    try:
+        cc.save(tmp_path / "a.cc", cc.compress(x))
+        assert (os.stat(tmp_path / "a.cc").st_mode & 0o777) == 0o644  # what np.save and open() give
+        os.chmod(tmp_path / "a.cc", 0o640)
+        cc.save(tmp_path / "a.cc", cc.compress(x + 1))  # overwriting keeps the file's mode
+        assert (os.stat(tmp_path / "a.cc").st_mode & 0o777) == 0o640
+        assert main(["decompress", str(tmp_path / "a.cc"), str(tmp_path / "y.npy")]) == 0
+        assert (os.stat(tmp_path / "y.npy").st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_decompress_writes_exactly_the_given_path_atomically(tmp_path, capsys, monkeypatch):
+    x = np.arange(1000, dtype=np.float64)
+    cc.save(tmp_path / "x.cc", cc.compress(x))
+    assert main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / "out")]) == 0
+    assert "-> " + str(tmp_path / "out") in capsys.readouterr().out
+    assert np.array_equal(np.load(tmp_path / "out"), x) and not (tmp_path / "out.npy").exists()
+
+    def boom(*args, **kwargs):  # a full disk, or a signal, half-way through the write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "write_array", boom)
+    assert main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / "new.npy")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "x.cc"]  # nothing half-written left behind
+
+
+def test_cli_reports_user_errors_plainly(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("1,2,3\n")
+    assert main(["compress", str(tmp_path / "x.txt"), str(tmp_path / "x.cc")]) == 2
+    assert "is not a .npy file" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros(1 << 18, np.uint8))
+    with pytest.raises(SystemExit):
+        main(["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.cc"), "--granularity", "group"])
+    assert "--quantize int8 only" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.cc"), "--codec", "zstd"]) == 0
+    capsys.readouterr()
+    assert main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / "y.npy"), "--max-output-nbytes", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-output-nbytes" in err and "max_output_nbytes=None" not in err
+    if os.path.exists("/dev/zero"):
+        assert main(["inspect", "/dev/zero"]) == 2
+        assert "not a regular file" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="not a regular file"):
+            cc.load("/dev/zero")
+
+
+def test_bench_on_cuda_without_a_gpu_says_why(capsys):
+    from cupycodec import backends
+
+    if backends.nvcomp_available():
+        pytest.skip("a GPU with nvCOMP is present")
+    assert main(["bench", "--device", "cuda", "--size-mib", "1"]) == 2
+    assert "cannot run here" in capsys.readouterr().err
+
+
+def test_help_texts_name_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    out = capsys.readouterr().out
+    assert "zstd" in out and "default: auto" in out and "64 KiB" in out and "``" not in out
+    with pytest.raises(SystemExit):
+        main(["decompress", "--help"])
+    assert "1024 x the file's size" in capsys.readouterr().out

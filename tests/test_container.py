@@ -294,3 +294,36 @@ def test_header_json_fuzz(data):
     except cc.CupycodecError:
         return
     assert np.asarray(y).tobytes() == cc.decompress(src).tobytes()
+
+
+def test_prelude_reserved_bytes_must_be_zero_and_chunk_padding_is_ignored():
+    from fuzzing import chunks
+
+    x = np.arange(1001, dtype=np.int32)  # 4004 bytes: the chunk ends 12 bytes short of a multiple of 16
+    blob = bytearray(cc.compress(x, codec="raw").to_bytes())
+    for i in range(20, 24):  # no CRC covers them: the reader checks them
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(cc.FormatError, match="bytes 20-23 must be zero"):
+            cc.CompressedArray.from_bytes(bytes(bad))
+    last = chunks(bytes(blob))[-1]
+    assert (last.stop - last.start) % 16  # the chunk is followed by padding
+    padded = bytearray(blob)
+    padded[last.stop] ^= 0xFF  # FORMAT.md: readers ignore padding after a chunk; no decoded value changes
+    assert np.array_equal(cc.decompress(bytes(padded)), x)
+
+
+def test_crafted_int8_scales_are_a_format_error():
+    from fuzzing import chunks, recompute_crcs
+
+    w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    blob = bytearray(cc.compress(w, quantize="int8", codec="raw").to_bytes())
+    scale = next(c for c in chunks(bytes(blob)) if c.segment == "scale")
+    for value in (3e38, np.inf, np.nan, 0.0, 1e-40):
+        crafted = bytearray(blob)
+        crafted[scale.start : scale.start + 4] = np.float32(value).tobytes()
+        crafted = recompute_crcs(bytes(crafted))  # what an attacker does: the CRCs cannot tell
+        with pytest.raises(cc.FormatError, match="segment 'scale'"):
+            cc.decompress(crafted)
+        q = cc.decompress(crafted, dequantize=False)  # codes and scales are returned as they are
+        assert q.scales[0] == np.float32(value) or np.isnan(q.scales[0])

@@ -102,10 +102,14 @@ class Int8(Filter):
 
             y = kern.dequantize_int8(arrays["data"], arrays["scale"], dtype_name=spec.dtype, out=target, **self._kw())
             return {"data": y}
+        from ..errors import FormatError
         from ..quant import reference
 
         codes = np.asarray(arrays["data"]).reshape(spec.shape)
         scales = np.asarray(arrays["scale"])
+        if not reference.scales_in_range(scales):  # a crafted container: scale 3e38 would dequantize to inf
+            raise FormatError("segment 'scale' holds values quantize_int8 cannot produce (NaN, Inf, below 2**-126 "
+                              f"or above {reference.MAX_SCALE!r}); the container is corrupt or crafted")
         y = reference.dequantize_int8(codes, scales, dtype=spec.numpy_dtype().newbyteorder("="), **self._kw())
         if spec.byteorder == ">":
             y = y.astype(spec.numpy_dtype())

@@ -34,6 +34,15 @@ _INPUT_DTYPES = ("float32", "float16", "bfloat16")
 _OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _LIMIT = np.float32(2.0**127)  # |x| must stay below this: 127 * (2**127 / 127) still rounds to a finite float32
 _TINY = np.finfo(np.float32).tiny  # 2**-126, the smallest normal float32
+# The largest scale quantize_int8 can produce: the largest |x| allowed (the float32 just below 2**127) over 127.
+MAX_SCALE = np.nextafter(_LIMIT, np.float32(0)) / np.float32(127)
+
+
+def scales_in_range(scales: np.ndarray) -> bool:
+    """Whether every scale is one :func:`quantize_int8` can produce: finite, in [2**-126, MAX_SCALE]. Only such
+    scales keep ``127 * scale`` finite in float32, so dequantizing them cannot overflow."""
+    s = np.asarray(scales, dtype=np.float32)
+    return bool(((s >= _TINY) & (s <= MAX_SCALE)).all())  # NaN compares False
 _QMAX = np.float32(127)
 
 
