@@ -42,6 +42,26 @@ def _cmd_demo(args) -> int:
             return 1
     if not gpu.get("available"):
         print(f"\nGPU codecs not run: {gpu.get('reason')}")
+    if not args.no_llm:
+        return _llm_demo("cuda" if gpu.get("available") and not args.cpu_only else "cpu")
+    return 0
+
+
+def _llm_demo(device: str) -> int:
+    """The PyTorch integration on an LLM, when torch and transformers are installed."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"\nPyTorch integration not shown: {' and '.join(missing)} not installed (see README)")
+        return 0
+    from .integrations.torch import demo
+
+    phases = demo.run(device=device)
+    lossless = next((p for p in phases if p.name == "lossless"), None)
+    if lossless is not None and lossless.text != phases[0].text:
+        print("ERROR: the lossless model's text differs from the baseline's", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -142,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(codecs)})")
     s.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default: %(default)s)")
     s.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is usable")
+    s.add_argument("--no-llm", action="store_true", help="skip the PyTorch part (compress_model on an LLM)")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("bench", help="ratio and speed per codec on weight-like bf16 data")

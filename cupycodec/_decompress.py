@@ -42,6 +42,9 @@ class DecodeJob:
     __slots__ = ("dequantize", "gpu", "item", "out_obj", "result", "target", "views")
 
     def __init__(self, item: CompressedArray, out_obj, dequantize: bool):
+        if item._cache.get("headless"):
+            raise ValueError("this container holds a header only (without_payload()); give it its payload with "
+                             "with_payload() before decoding it")
         self.item, self.out_obj, self.result = item, out_obj, None
         self.dequantize = dequantize or _int8(item) is None
         self.views = None  # interop views of out_obj: (out,), or (codes, scales) for dequantize=False

@@ -770,6 +770,8 @@ class CompressedArray:
 
     def host_payload(self) -> memoryview:
         """The payload in host memory (copied from the device if it lives there)."""
+        if self._cache.get("headless"):
+            raise ValueError("this container holds a header only (without_payload()); it has no bytes to give")
         if isinstance(self._payload, memoryview):
             return self._payload
         return memoryview(self._payload.get()).cast("B")
@@ -840,6 +842,35 @@ class CompressedArray:
             else:
                 payload = cupy.asarray(np.frombuffer(self._payload, dtype=np.uint8))
         return self._like(payload)
+
+    def with_payload(self, payload) -> CompressedArray:
+        """This container's header over another copy of its payload bytes, not copied: a uint8 NumPy or CuPy array,
+        or any 1-D uint8 buffer a framework owns (a torch tensor, through DLPack). A framework keeps the bytes in its
+        own memory (so its allocator counts them) and decodes them through this view. The view keeps the buffer
+        alive and has this container's trust.
+
+        Raises ValueError when the buffer does not hold exactly this container's payload size.
+        """
+        from .interop import as_array
+
+        a = as_array(payload, what="payload")
+        arr = a.array
+        if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+            raise ValueError(f"the payload must be a C-contiguous 1-D uint8 buffer, got {arr.dtype} of shape "
+                             f"{arr.shape}")
+        if arr.nbytes != self._header.payload_nbytes:
+            raise ValueError(f"the payload holds {arr.nbytes} bytes; this container's has "
+                             f"{self._header.payload_nbytes}")
+        c = self._like(arr if a.on_device else memoryview(arr).cast("B"))
+        c._cache["keep"] = a.keep
+        return c
+
+    def without_payload(self) -> CompressedArray:
+        """A copy holding this container's header and trust but no payload (so no memory), to be given one later
+        with :meth:`with_payload`; it cannot be decoded or written itself."""
+        c = self._like(memoryview(b""))
+        c._cache["headless"] = True
+        return c
 
     def _like(self, payload) -> CompressedArray:
         c = CompressedArray(self._header, payload, _prefix=self._prefix)

@@ -52,9 +52,29 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_demo_runs_on_synthetic_data(capsys, monkeypatch):
     monkeypatch.setattr("cupycodec.bench._minilm_path", lambda: None)
-    assert main(["demo", "--size-mib", "1", "--repeat", "1", "--cpu-only", "--codecs", "zstd", "auto"]) == 0
+    assert main(["demo", "--size-mib", "1", "--repeat", "1", "--cpu-only", "--codecs", "zstd", "auto",
+                 "--no-llm"]) == 0
     out = capsys.readouterr().out
-    assert "synthetic weight-like data" in out and "byteplane+zstd" in out
+    assert "synthetic weight-like data" in out and "byteplane+zstd" in out and "PyTorch" not in out
+
+
+@pytest.mark.torch
+def test_demo_shows_the_torch_integration(capsys, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from cupycodec.integrations.torch import demo
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()  # fast; SmolLM2 runs in its own tests
+    monkeypatch.setattr(demo, "load_model", lambda **kw: (model, None, "a tiny random Llama"))
+    monkeypatch.setattr("cupycodec.bench._minilm_path", lambda: None)
+    assert main(["demo", "--size-mib", "1", "--repeat", "1", "--cpu-only", "--codecs", "raw"]) == 0
+    out = capsys.readouterr().out
+    assert "PyTorch: compress_model on" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["lossless"], ["int8"])}
+    assert "identical" in lines["lossless"] and " yes " in lines["lossless"]
 
 
 @pytest.mark.parametrize("script", ["compress_arrays.py"])

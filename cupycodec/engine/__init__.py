@@ -10,15 +10,15 @@ with none (CUDA state and thread pools do not survive ``fork``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
 import numpy as np
 
+from .._cuda import current_device, launching_on, stream_ptr
 from .._lru import LRU
 
-__all__ = ["Engine", "clear_caches", "engine"]
+__all__ = ["Engine", "clear_caches", "current_device", "engine", "launching_on", "stream_ptr"]
 
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
 
@@ -88,39 +88,6 @@ def engine(device: int) -> Engine:
         with _ENGINES_LOCK:
             eng = _ENGINES.setdefault(device, Engine(device))
     return eng
-
-
-def current_device() -> int:
-    import cupy
-
-    return cupy.cuda.runtime.getDevice()
-
-
-def stream_ptr(stream: int | None, device: int) -> int:
-    """The raw handle to run on: ``stream`` (already an int, see :func:`cupycodec.interop.stream_handle`), or
-    CuPy's current stream on ``device``."""
-    if stream is not None:
-        return stream
-    import cupy
-
-    if current_device() == device:
-        return cupy.cuda.get_current_stream().ptr
-    with cupy.cuda.Device(device):
-        return cupy.cuda.get_current_stream().ptr
-
-
-@contextlib.contextmanager
-def launching_on(device: int, sp: int):
-    """Make ``device`` current and ``sp`` CuPy's current stream for kernel launches, entering only what differs
-    (each context costs the host microseconds, and a plan's run enters this once for all its launches)."""
-    import cupy
-
-    with contextlib.ExitStack() as stack:
-        if current_device() != device:
-            stack.enter_context(cupy.cuda.Device(device))
-        if cupy.cuda.get_current_stream().ptr != sp:
-            stack.enter_context(cupy.cuda.ExternalStream(sp, device))
-        yield
 
 
 def clear_caches() -> None:

