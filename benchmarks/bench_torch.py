@@ -1,0 +1,249 @@
+"""The torch integration on a GPU, beside bf16 and torchao int8 weight-only in the same run.
+
+Sections:
+  gemv  one layer at batch 1 (and M = 4, 16): bf16 F.linear, our fused INT8 GEMV, dequantize + F.linear, torchao
+        int8wo (if importable), for 4096x4096, 11008x4096, 4096x11008, 14336x4096; GPU time (CUDA events, median),
+        bytes read, and their rate against the device copy bandwidth measured here.
+  e2e   random-weight TinyLlama-1.1B and Llama-2-7B shapes: prefill-512, HF generate (batch 1, 128 tokens, eager),
+        and a decode step captured in a CUDA graph (static KV cache) replayed 128 times; tok/s and peak memory as
+        torch counts it, per mode (bf16, lossless, int8, int8+entropy, torchao int8wo).
+
+Usage: python benchmarks/bench_torch.py [--sections gemv,e2e] [--configs tinyllama,llama7b] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+import traceback
+
+import torch
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+CONFIGS = {
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4),
+    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def gpu_ms(fn, reps=50, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_gbps():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = gpu_ms(lambda: b.copy_(a), reps=10)
+    return 2 * a.numel() / ms / 1e6
+
+
+def torchao_int8wo(model):
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def bench_gemv(rows, bw):
+    for n, k in SHAPES:
+        rows.extend(_gemv_rows(n, k, bw))
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
+    from cupycodec.integrations.torch import CompressedLinear, ops
+
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    cl = CompressedLinear.from_linear(lin, "int8")
+    w = cl.decompress_weight()
+    ao = torchao_int8wo(copy.deepcopy(torch.nn.Sequential(lin)))
+    rows = []
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+        def ours(x=x):
+            return ops.int8_linear(x, cl.qweight, cl.scale, None, "channel", 128)
+
+        with torch.no_grad():
+            t_bf16 = gpu_ms(lambda x=x: torch.nn.functional.linear(x, lin.weight))
+            t_ours = gpu_ms(ours)
+            t_dq = gpu_ms(lambda x=x: torch.nn.functional.linear(
+                x, ops.dequantize(cl.qweight, cl.scale, "channel", 128, x.dtype)))
+            t_ao = gpu_ms(lambda x=x: ao(x)) if ao is not None else None
+            y, ref = ours(), x.double() @ w.double().T
+        err = (torch.linalg.vector_norm(y.double() - ref) / torch.linalg.vector_norm(ref)).item()
+        read = n * k + n * 4 + m * k * 2  # codes, scales, activations
+        row = {"shape": f"{n}x{k}", "m": m, "bf16_us": t_bf16 * 1e3, "int8_gemv_us": t_ours * 1e3,
+               "dequant_linear_us": t_dq * 1e3, "torchao_int8wo_us": t_ao * 1e3 if t_ao else None,
+               "gemv_vs_bf16": t_ours / t_bf16, "gemv_read_gbps": read / t_ours / 1e6,
+               "gemv_of_copy": read / t_ours / 1e6 / bw, "rel_err_vs_fp64": err}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _build(config):
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS[config]))
+    return model.to(torch.bfloat16).eval()
+
+
+def _graph_tok_s(model, prompt, n_new):
+    """Tokens/s of greedy decoding with one decode step captured in a CUDA graph (static KV cache)."""
+    from transformers import StaticCache
+
+    runtime = getattr(model, "_cupycodec_runtime", None)
+    length = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + n_new + 1)
+    with torch.no_grad():
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(length, device="cuda"))
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.tensor([length], device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
+        torch.cuda.current_stream().wait_stream(side)
+        if runtime is not None:
+            runtime[0].reset()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            logits = model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        tokens = []
+        for _ in range(n_new):
+            g.replay()
+            nxt = logits[:, -1:].argmax(-1)
+            tokens.append(nxt)
+            tok.copy_(nxt)
+            pos += 1
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    return n_new / dt, torch.cat(tokens, 1)
+
+
+def bench_e2e(rows, configs, modes, n_new=128):
+    from cupycodec.integrations.torch import compress_model
+
+    for config in configs:
+        base = _build(config)
+        prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+        long = torch.randint(0, 32000, (1, 512), device="cuda")
+        for mode in ["bf16", *modes, "torchao"]:
+            row = {"config": config, "mode": mode}
+            try:
+                torch.cuda.synchronize()
+                if mode == "bf16":
+                    model = base
+                elif mode == "torchao":
+                    model = torchao_int8wo(copy.deepcopy(base))
+                    if model is None:
+                        continue
+                else:
+                    model = copy.deepcopy(base)
+                    t = time.perf_counter()
+                    report = compress_model(model, mode, progress=False)
+                    torch.cuda.synchronize()
+                    row.update(compress_s=time.perf_counter() - t, ratio=report.ratio)
+                torch.cuda.reset_peak_memory_stats()
+                with torch.no_grad():
+                    row["prefill512_ms"] = gpu_ms(lambda m=model, ids=long: m(ids, use_cache=False), reps=5, warmup=2)
+                    model.generate(prompt, max_new_tokens=4, do_sample=False)
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    out = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+                    torch.cuda.synchronize()
+                row["eager_tok_s"] = n_new / (time.perf_counter() - t)
+                row["graph_tok_s"], graph_tokens = _graph_tok_s(model, prompt, n_new)
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                row["tokens"] = out[0, prompt.shape[1]:].tolist()[:16]
+                row["graph_tokens_equal_eager"] = bool(torch.equal(graph_tokens[0, :16].cpu(),
+                                                                   out[0, prompt.shape[1]:][:16].cpu()))
+            except Exception as exc:  # keep going: one mode's failure must not hide the others
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if mode != "bf16":
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+        base_rows = {r["mode"]: r for r in rows if r.get("config") == config}
+        for r in base_rows.values():
+            for k in ("eager_tok_s", "graph_tok_s"):
+                if k in r and k in base_rows.get("bf16", {}):
+                    r[k.replace("tok_s", "vs_bf16")] = r[k] / base_rows["bf16"][k]
+            if "tokens" in r and "tokens" in base_rows.get("bf16", {}):
+                r["tokens_equal_bf16"] = r["tokens"] == base_rows["bf16"]["tokens"]
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sections", default="gemv,e2e")
+    p.add_argument("--configs", default="tinyllama,llama7b")
+    p.add_argument("--modes", default="lossless,int8,int8+entropy")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    env["copy_gbps_read_plus_write"] = copy_gbps()
+    print(json.dumps(env), flush=True)
+    results = {"env": env, "gemv": [], "e2e": []}
+    sections = set(args.sections.split(","))
+    if "gemv" in sections:
+        bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
+    if "e2e" in sections:
+        bench_e2e(results["e2e"], args.configs.split(","), args.modes.split(","), args.tokens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n| shape | M | bf16 us | int8 GEMV us | vs bf16 | GB/s read | of copy | dequant+linear us | torchao us |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results["gemv"]:
+        ao = f"{r['torchao_int8wo_us']:.1f}" if r["torchao_int8wo_us"] else "-"
+        print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | {r['int8_gemv_us']:.1f} | {r['gemv_vs_bf16']:.2f}x | "
+              f"{r['gemv_read_gbps']:.0f} | {r['gemv_of_copy']:.0%} | {r['dequant_linear_us']:.1f} | {ao} |")
+    print("\n| config | mode | ratio | prefill-512 ms | eager tok/s | vs bf16 | graph tok/s | vs bf16 | peak GiB | "
+          "tokens = bf16 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in results["e2e"]:
+        if "error" in r:
+            print(f"| {r['config']} | {r['mode']} | error: {r['error'][:60]} |")
+            continue
+        print(f"| {r['config']} | {r['mode']} | {r.get('ratio', 1.0):.3f} | {r['prefill512_ms']:.1f} | "
+              f"{r['eager_tok_s']:.1f} | {r.get('eager_vs_bf16', 1.0):.2f}x | {r['graph_tok_s']:.1f} | "
+              f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r['peak_gib']:.2f} | {r.get('tokens_equal_bf16', '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
