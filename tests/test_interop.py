@@ -502,5 +502,6 @@ def test_interop_imports_neither_torch_nor_cupy():
 
 def test_no_torch_import_in_the_core():
     root = pathlib.Path(cc.__file__).parent
-    offenders = [str(p) for p in root.rglob("*.py") if "import torch" in p.read_text()]
-    assert not offenders
+    offenders = [str(p) for p in root.rglob("*.py")
+                 if "import torch" in p.read_text() and "integrations" not in p.relative_to(root).parts]
+    assert not offenders  # integrations/torch (installed as cupycodec.integrations.torch) is where torch belongs
