@@ -14,6 +14,7 @@ from .backends import cpu
 from .codecs import Codec, Raw
 from .container import ChunkTable, CompressedArray, Header, Segment, build_segments, producer_info
 from .dtypes import ArraySpec, dtype_name, storage_dtype
+from .filters import Byteplane
 
 __all__ = ["Job", "compress_jobs", "prepare"]
 
@@ -117,7 +118,10 @@ def _apply_filters(job: Job, pipeline, stream: int | None = None) -> None:
         for f in pipeline:
             f = f.resolve(specs)
             out_specs = f.specs(specs)
-            arrays = f.encode(arrays, specs, gpu)
+            if not gpu and len(pipeline) == 1 and isinstance(f, Byteplane):
+                arrays = None  # split block by block while compressing (backends.cpu.EncodePlanes)
+            else:
+                arrays = f.encode(arrays, specs, gpu)
             specs = out_specs
             resolved.append(f)
     finally:
@@ -173,15 +177,33 @@ def _segment_codecs(job: Job) -> list[tuple[str, ArraySpec, Codec, int]]:
 # -- the CPU -------------------------------------------------------------------------------------------------------
 
 
+def cpu_work(job: Job):
+    """``(works, finish)``: the job's CPU work (:class:`~cupycodec.backends.cpu.Work`), and a function that builds
+    its container once that work has run."""
+    segs = _segment_codecs(job)
+    if job.arrays is None:  # byte planes, split block by block
+        _, _, codec, chunk = segs[0]
+        k, rotate, big = job.pipeline[0].params(job.spec)
+        work = cpu.EncodePlanes(cpu.as_bytes_array(job.source), k, rotate, big, codec, chunk)
+        return [work], lambda: _assemble(job, segs, work.tables())
+    works = [cpu.EncodeSegment(cpu.as_bytes(job.arrays[name]), codec, chunk) for name, _, codec, chunk in segs]
+    return works, lambda: _assemble(job, segs, [w.table() for w in works])
+
+
 def compress_cpu(job: Job) -> CompressedArray:
+    works, finish = cpu_work(job)
+    cpu.run(works)
+    return finish()
+
+
+def _assemble(job: Job, segs, tables) -> CompressedArray:
     pieces, blobs = [], []
-    for name, spec, codec, chunk in _segment_codecs(job):
-        comp, crc, flags, chunks = cpu.encode_segment(cpu.as_bytes(job.arrays[name]), codec, chunk)
+    for (name, spec, codec, chunk), (comp, crc, flags, chunks) in zip(segs, tables):
         pieces.append((name, spec, codec, chunk, ChunkTable.build(comp, crc, flags)))
         blobs.append(chunks)
     segments = build_segments(pieces)
     header = Header(job.spec, job.pipeline, segments, producer_info("cpu"), job.metadata)
-    payload = bytearray(header.payload_nbytes)
+    payload = bytearray(header.payload_nbytes)  # zeroed: the padding between chunks must be
     mv = memoryview(payload)
     for seg, chunks in zip(segments, blobs):
         table = seg.table.to_bytes()
@@ -287,9 +309,12 @@ def compress_jobs(jobs: list[Job], stream: int | None) -> list[CompressedArray]:
     for device, idx in by_device.items():
         for i, c in zip(idx, compress_gpu([jobs[i] for i in idx], device, stream)):
             out[i] = c
-    for i, j in enumerate(jobs):
-        if j.backend == "cpu":
-            out[i] = compress_cpu(j)
+    cpu_jobs = [i for i, j in enumerate(jobs) if j.backend == "cpu"]
+    if cpu_jobs:  # every CPU job's chunks through the pool in one pass
+        plans = [cpu_work(jobs[i]) for i in cpu_jobs]
+        cpu.run([w for works, _ in plans for w in works])
+        for i, (_, finish) in zip(cpu_jobs, plans):
+            out[i] = finish()
     for i, j in enumerate(jobs):
         if j.auto:
             out[i] = _smallest(j, out[i], stream)
