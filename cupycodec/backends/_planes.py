@@ -31,7 +31,7 @@ __all__ = ["BlockPlanes", "blosc2_library", "planes_for"]
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _NATIVE_BIG = sys.byteorder == "big"
-_PIECE = 16384  # words rotated at a time
+_PIECE = 131072  # words rotated at a time: few NumPy calls, still within L2
 
 
 @functools.cache

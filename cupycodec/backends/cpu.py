@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import BackendError, ChecksumError, FormatError
+from ..layout import table_nbytes
 from ._planes import planes_for
 
 __all__ = ["DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "crc32", "decode_segments",
@@ -101,6 +102,11 @@ class Work:
         raise NotImplementedError
 
 
+def _segment_nbytes(results) -> int:
+    """Payload bytes of one segment's chunk results (its table and its chunks, each padded to 16)."""
+    return table_nbytes(len(results)) + sum(-(-len(r[0]) // 16) * 16 for r in results)
+
+
 def run(works) -> None:
     """Run every step of ``works``: inline when there is little to do, else in a few balanced groups per thread.
 
@@ -178,6 +184,10 @@ class EncodeSegment(Work):
             else:
                 res[i] = (data, 0, crc(data))
 
+    def payload_nbytes(self) -> int:
+        """Bytes this segment takes in the payload, once run."""
+        return _segment_nbytes(self.results)
+
     def table(self):
         """``(comp_nbytes, crc32, flags, chunks)``: per-chunk uint32 sizes and CRCs, uint8 flags (1 = stored), and
         the chunk byte strings (memoryview slices of the input for stored chunks)."""
@@ -217,6 +227,10 @@ class EncodePlanes(Work):
                     res[j][i] = (data, 1, crc(data))
                 else:
                     res[j][i] = (data, 0, crc(data))
+
+    def payload_nbytes(self) -> int:
+        """Bytes the plane segments take in the payload, once run."""
+        return sum(_segment_nbytes(r) for r in self.results)
 
     def tables(self) -> list:
         """One :meth:`EncodeSegment.table` tuple per plane, plane 0 first."""
