@@ -35,9 +35,9 @@ N % 8 == 0, N <= 16 MiB, 24 + N <= len; (4) the header CRC, UTF-8, JSON, an obje
 field has its type and range; segments are back to back from 0 and end exactly at the end of the payload; (6) every
 filter and codec id resolves, with a version we support; the segment names, dtypes and shapes are exactly what the
 pipeline derives from ``array``; (7) table CRCs match and every table entry is consistent (sizes, flags, total);
-(8) chunk CRCs are verified before any chunk is decompressed; (9) each rule is an explicit check, so any other
-exception escaping the parser is a reader bug, never disguised as a bad file. An optional ``auth`` key carries an
-HMAC-SHA256 of the container (docs/FORMAT.md, "Authentication").
+(8) a chunk's CRC is verified before the chunk is decompressed or handed on (at first use, not at parse); (9) each
+rule is an explicit check, so any other exception escaping the parser is a reader bug, never disguised as a bad
+file. An optional ``auth`` key carries an HMAC-SHA256 of the container (docs/FORMAT.md, "Authentication").
 """
 
 from __future__ import annotations
