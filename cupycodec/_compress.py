@@ -9,16 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _config, backends, interop, layout
+from . import _config, _cpu_auto, backends, interop, layout
 from .backends import cpu
 from .codecs import Codec, Raw
 from .container import ChunkTable, CompressedArray, Header, Segment, build_segments, producer_info
 from .dtypes import ArraySpec, dtype_name, storage_dtype
+from .filters import Byteplane
 
 __all__ = ["Job", "compress_jobs", "prepare"]
 
 _AUTO_TRY_NBYTES = 64 * 1024  # below this, CPU auto compresses every candidate and keeps the smallest container
 _AUTO_EXACT_MARGIN = 1024  # payloads within this of raw's are compared with their headers
+_SEGMENT_HEADER_NBYTES = 190  # header JSON of one segment (measured: 185-195 bytes for plane segments)
 
 
 class Job:
@@ -78,6 +80,8 @@ def prepare(x, *, codec: Codec | None, filters: list, chunk_nbytes, dtype, backe
     job.metadata = _check_metadata(metadata)
     if job.auto and gpu and not pipeline and spec.dtype not in _config.ANS_FLOAT_MODES:
         job.codec = _gpu_trial(arr, spec, job.device, stream)
+    if job.auto and not gpu and not job.user_filters and spec.nbytes > _AUTO_TRY_NBYTES:
+        pipeline = _cpu_auto.choose(arr, spec, codec, _config.cpu_chunk(codec, spec))
     _apply_filters(job, pipeline, stream)
     return job
 
@@ -117,7 +121,10 @@ def _apply_filters(job: Job, pipeline, stream: int | None = None) -> None:
         for f in pipeline:
             f = f.resolve(specs)
             out_specs = f.specs(specs)
-            arrays = f.encode(arrays, specs, gpu)
+            if not gpu and len(pipeline) == 1 and isinstance(f, Byteplane):
+                arrays = None  # split block by block while compressing (backends.cpu.EncodePlanes)
+            else:
+                arrays = f.encode(arrays, specs, gpu)
             specs = out_specs
             resolved.append(f)
     finally:
@@ -166,22 +173,46 @@ def _segment_codecs(job: Job) -> list[tuple[str, ArraySpec, Codec, int]]:
     out = []
     for name, spec in job.specs.items():
         codec = _config.resolved(job.codec, spec)
-        out.append((name, spec, codec, _config.check_chunk(job.chunk, codec, spec.nbytes if gpu else None)))
+        if gpu:
+            chunk = _config.check_chunk(job.chunk, codec, spec.nbytes)
+        elif job.chunk is None:
+            chunk = _config.cpu_chunk(codec, job.spec)
+        else:
+            chunk = _config.check_chunk(job.chunk, codec)
+        out.append((name, spec, codec, chunk))
     return out
 
 
 # -- the CPU -------------------------------------------------------------------------------------------------------
 
 
+def cpu_work(job: Job):
+    """``(works, finish)``: the job's CPU work (:class:`~cupycodec.backends.cpu.Work`), and a function that builds
+    its container once that work has run."""
+    segs = _segment_codecs(job)
+    if job.arrays is None:  # byte planes, split block by block
+        _, _, codec, chunk = segs[0]
+        k, rotate, big = job.pipeline[0].params(job.spec)
+        work = cpu.EncodePlanes(cpu.as_bytes_array(job.source), k, rotate, big, codec, chunk)
+        return [work], lambda: _assemble(job, segs, work.tables())
+    works = [cpu.EncodeSegment(cpu.as_bytes(job.arrays[name]), codec, chunk) for name, _, codec, chunk in segs]
+    return works, lambda: _assemble(job, segs, [w.table() for w in works])
+
+
 def compress_cpu(job: Job) -> CompressedArray:
+    works, finish = cpu_work(job)
+    cpu.run(works)
+    return finish()
+
+
+def _assemble(job: Job, segs, tables) -> CompressedArray:
     pieces, blobs = [], []
-    for name, spec, codec, chunk in _segment_codecs(job):
-        comp, crc, flags, chunks = cpu.encode_segment(cpu.as_bytes(job.arrays[name]), codec, chunk)
+    for (name, spec, codec, chunk), (comp, crc, flags, chunks) in zip(segs, tables):
         pieces.append((name, spec, codec, chunk, ChunkTable.build(comp, crc, flags)))
         blobs.append(chunks)
     segments = build_segments(pieces)
     header = Header(job.spec, job.pipeline, segments, producer_info("cpu"), job.metadata)
-    payload = bytearray(header.payload_nbytes)
+    payload = bytearray(header.payload_nbytes)  # zeroed: the padding between chunks must be
     mv = memoryview(payload)
     for seg, chunks in zip(segments, blobs):
         table = seg.table.to_bytes()
@@ -287,26 +318,63 @@ def compress_jobs(jobs: list[Job], stream: int | None) -> list[CompressedArray]:
     for device, idx in by_device.items():
         for i, c in zip(idx, compress_gpu([jobs[i] for i in idx], device, stream)):
             out[i] = c
+    cpu_jobs = []
     for i, j in enumerate(jobs):
-        if j.backend == "cpu":
-            out[i] = compress_cpu(j)
+        if j.backend != "cpu":
+            continue
+        if _small_auto(j):
+            out[i] = _smallest_small(j)
+        else:
+            cpu_jobs.append(i)
+    if cpu_jobs:  # every CPU job's chunks through the pool in one pass
+        plans = [cpu_work(jobs[i]) for i in cpu_jobs]
+        cpu.run([w for works, _ in plans for w in works])
+        for i, (_, finish) in zip(cpu_jobs, plans):
+            out[i] = finish()
     for i, j in enumerate(jobs):
-        if j.auto:
+        if j.auto and not (j.backend == "cpu" and _small_auto(j)):
             out[i] = _smallest(j, out[i], stream)
     return out  # type: ignore[return-value]
 
 
+def _small_auto(job: Job) -> bool:
+    return job.auto and not job.user_filters and job.spec.nbytes <= _AUTO_TRY_NBYTES
+
+
+def _smallest_small(job: Job) -> CompressedArray:
+    """``auto`` on a small array on the CPU: every candidate pipeline is compressed (inline: a few KiB), the one
+    whose payload plus ~:data:`_SEGMENT_HEADER_NBYTES` per segment is smallest becomes a container, and the plain
+    ``raw`` container replaces it if that is smaller. Only two containers are built: their headers and tables
+    cost more than compressing a few KiB."""
+    best, best_nbytes = None, None
+    variants = [job] + [job.with_codec(job.codec, pipeline=p) for p in _cpu_auto.candidates(job.spec)
+                        if tuple(p) != job.pipeline]
+    for v in variants:
+        works, finish = cpu_work(v)
+        for w in works:
+            w.run(0, w.n)
+        nbytes = sum(w.payload_nbytes() for w in works) + _SEGMENT_HEADER_NBYTES * len(v.specs)
+        if best_nbytes is None or nbytes < best_nbytes:
+            best, best_nbytes = finish, nbytes
+    raw_payload = layout.table_nbytes(layout.n_chunks(job.spec.nbytes, Raw().default_chunk())) \
+        + layout.align(job.spec.nbytes)
+    if best_nbytes + _AUTO_EXACT_MARGIN < raw_payload + _SEGMENT_HEADER_NBYTES:
+        return best()  # clearly smaller than raw whatever the exact headers
+    chosen = best()
+    raw = compress_cpu(job.with_codec(Raw(), pipeline=[]))
+    return chosen if chosen.nbytes <= raw.nbytes else raw
+
+
 def _smallest(job: Job, chosen: CompressedArray, stream) -> CompressedArray:
-    """``auto``'s result, or a smaller container of the same array: never bigger than ``raw``'s (small arrays on
-    the CPU also try zstd without byte planes, whose four segment headers can outweigh what the planes save)."""
+    """``auto``'s result, or the ``raw`` container of the same array when that is smaller (small arrays on the CPU:
+    :func:`_smallest_small`)."""
+    plain = not job.user_filters  # the raw candidate keeps a user's (lossy) pipeline, else stores the array as is
+    specs = {"data": job.spec} if plain else job.specs
     raw_payload = sum(layout.table_nbytes(layout.n_chunks(s.nbytes, _raw_chunk(job, s.nbytes))) + layout.align(s.nbytes)
-                      for s in job.specs.values())
-    small_cpu = job.backend == "cpu" and job.spec.nbytes <= _AUTO_TRY_NBYTES
-    if chosen._header.payload_nbytes + _AUTO_EXACT_MARGIN < raw_payload and not small_cpu:
+                      for s in specs.values())
+    if chosen._header.payload_nbytes + _AUTO_EXACT_MARGIN < raw_payload:
         return chosen  # clearly smaller whatever the headers: the usual case costs no second compression
-    candidates = [chosen, _one(job.with_codec(Raw()), stream)]
-    if small_cpu and not job.user_filters and job.pipeline:  # auto chose byte planes: try without them
-        candidates.append(compress_cpu(job.with_codec(job.codec, pipeline=[])))
+    candidates = [chosen, _one(job.with_codec(Raw(), pipeline=[] if plain else None), stream)]
     return min(candidates, key=lambda c: c.nbytes)  # ties keep the earlier (the chosen codec)
 
 

@@ -9,7 +9,7 @@ from . import registry
 from ._lru import LRU
 from .codecs import Codec
 from .dtypes import ArraySpec, is_float
-from .filters import Byteplane, Filter, Int8
+from .filters import Filter, Int8
 
 __all__ = ["AUTO_ZSTD_LEVEL", "auto", "check_chunk", "gpu_default_chunk", "parse_codec", "parse_filters", "resolved"]
 
@@ -17,6 +17,8 @@ AUTO_ZSTD_LEVEL = 1  # on exponent planes zstd-1 beats levels 2-12 (benchmarks/R
 ANS_FLOAT_MODES = ("F16", "BF16", "F32", "F8_E4M3")  # nvCOMP's ANS has a float mode for these: no trial needed
 TRIAL_BLOCK = 256 * 1024
 TRIAL_MIN_NBYTES = 1 << 20
+CPU_FLOAT_CHUNK_NBYTES = 512 * 1024  # CPU zstd defaults (cpu_chunk)
+CPU_CHUNK_NBYTES = 128 * 1024
 _SMALL_MIN_CHUNKS = 16  # on the GPU, small segments get at least this many chunks ...
 _SMALL_MIN_CHUNK_NBYTES = 64 * 1024  # ... of no less than this
 
@@ -72,14 +74,21 @@ def parse_filters(filters, quantize, granularity, axis, group_size) -> list[Filt
 
 def auto(spec: ArraySpec, on_gpu: bool, quantized: bool) -> tuple[Codec, list[Filter]]:
     """The best lossless choice for this data on this machine (measured: benchmarks/RESULTS.md)."""
-    from .codecs import Zstd
-
     if on_gpu:
         return gpu_auto(), []  # ANS picks its float data type from the dtype ('<f2' for bf16/fp16)
-    if not quantized and (is_float(spec.dtype) or spec.dtype in ("C64", "C128")) and spec.itemsize in (2, 4, 8, 16) \
-            and not spec.dtype.startswith(("FLD", "CLD")):
-        return Zstd(level=AUTO_ZSTD_LEVEL), [Byteplane(rotate=True)]
-    return Zstd(level=AUTO_ZSTD_LEVEL), []
+    if quantized:
+        return cpu_auto(), []
+    from ._cpu_auto import candidates
+
+    return cpu_auto(), candidates(spec)[0]  # samples of the data may pick another pipeline (_cpu_auto.choose)
+
+
+@functools.cache
+def cpu_auto() -> Codec:
+    """The codec auto picks on a CPU, one instance (its resolutions and chunk sizes memoize on it)."""
+    from .codecs import Zstd
+
+    return Zstd(level=AUTO_ZSTD_LEVEL)
 
 
 @functools.cache
@@ -103,6 +112,21 @@ def gpu_default_chunk(codec: Codec, nbytes: int) -> int:
         return default
     want = max(_SMALL_MIN_CHUNK_NBYTES, 1 << max(0, (max(nbytes, 1) // _SMALL_MIN_CHUNKS).bit_length() - 1))
     return min(default, want)
+
+
+def cpu_chunk(codec: Codec, array: ArraySpec) -> int:
+    """The CPU's default chunk for a segment of an array of ``array``'s dtype (zstd only; other codecs keep theirs).
+
+    Measured on 2 cores with zstd level 1 (benchmarks/RESULTS.md, issue 10): 512 KiB chunks of float byte planes
+    compress better than 64-256 KiB ones (MiniLM bf16 1.458x vs 1.434-1.444x; zstd's parameters for inputs over
+    256 KiB) and decode faster (a tenth of the calls). Integer planes lose ratio as chunks grow (sorted int32
+    3.827x at 128 KiB, 3.798x at 512 KiB), so integers and bytes get 128 KiB. The GPU keeps the codec's defaults
+    (:func:`gpu_default_chunk`); containers record their chunk size, so readers are unaffected.
+    """
+    if codec.codec_id != "zstd":
+        return codec.default_chunk()
+    floats = is_float(array.dtype) or array.dtype in ("C64", "C128")
+    return CPU_FLOAT_CHUNK_NBYTES if floats else CPU_CHUNK_NBYTES
 
 
 def check_chunk(chunk_nbytes, codec: Codec, nbytes: int | None = None) -> int:

@@ -18,7 +18,7 @@ from .codecs.base import GPU_ONLY_HINT
 from .container import CompressedArray
 from .dtypes import ArraySpec, dtype_name, gpu_dtype, storage_dtype
 from .errors import BackendUnavailableError, UntrustedError
-from .filters import Int8
+from .filters import Byteplane, Int8
 
 __all__ = ["DecodeJob", "Quantized", "decode_jobs", "route", "untrusted_codec"]
 
@@ -168,9 +168,9 @@ def decode_jobs(jobs: list[DecodeJob], stream: int | None) -> None:
             by_device.setdefault(j.target[1] if j.target[0] == "cuda" else _gpu_for(j.item), []).append(j)
     for device, mine in by_device.items():
         _decode_gpu(mine, device, stream)
-    for j in jobs:
-        if not j.gpu:
-            _decode_cpu(j, stream)
+    host = [j for j in jobs if not j.gpu]
+    if host:
+        _decode_cpu(host, stream)
 
 
 def _gpu_for(c: CompressedArray) -> int:
@@ -214,20 +214,44 @@ def _check_out(view: interop.Array, shape, dtype_name: str, what: str = "out") -
 # -- the CPU ----------------------------------------------------------------------------------------------------
 
 
-def _decode_cpu(job: DecodeJob, stream) -> None:
+def _cpu_work(job: DecodeJob, stream):
+    """``(works, finish)``: the job's CPU work and what completes it once run (filters, delivery)."""
     c = job.item
     host_target = job.target[0] == "cpu"
-    bufs: dict[str, np.ndarray] = {}
     views = job.views if host_target else None  # checked by DecodeJob.check_out before any work
+    payload = c._host_payload()
+    verify = not c.verified  # from_bytes(verify=True): each chunk's CRC is checked right before it is decoded
+    release = c._release_pages()
+    f = c.pipeline[0] if len(c.pipeline) == 1 else None
+    if isinstance(f, Byteplane) and len({s.chunk_nbytes for s in c.segments}) == 1:
+        # planes merge block by block straight into the result (all planes chunked alike, as every writer does)
+        target = views[0].array if views is not None else np.empty(c.spec.shape, dtype=c.spec.numpy_dtype())
+        k, rotate, big = f.params(c.spec)
+        works = [cpu.DecodePlanes(payload, c.segments, cpu.as_bytes_array(target), k, rotate, big, verify, release)]
+        return works, lambda: _finish_cpu(job, target, stream)
+    bufs: dict[str, np.ndarray] = {}
     for seg in c.segments:
         bufs[seg.name] = np.empty(seg.spec.shape, dtype=seg.spec.numpy_dtype())
     if views is not None and not c.pipeline:  # decode straight into the caller's buffer
         bufs["data"] = views[0].array
     elif views is not None and not job.dequantize:
         bufs["data"], bufs["scale"] = views[0].array, views[1].array
-    cpu.decode_segments([(c.host_payload(), seg, cpu.as_bytes_view(bufs[seg.name])) for seg in c.segments])
-    result = _filters_cpu(job, bufs)
+    works = [cpu.DecodeSegment(payload, seg, cpu.as_bytes_view(bufs[seg.name]), verify, release)
+             for seg in c.segments]
+    return works, lambda: _finish_cpu(job, _filters_cpu(job, bufs), stream)
+
+
+def _finish_cpu(job: DecodeJob, result, stream) -> None:
+    job.item._cache.pop("unverified", None)  # every chunk passed its CRC check on the way
     job.result = _deliver(job, result, stream)
+
+
+def _decode_cpu(jobs: list[DecodeJob], stream) -> None:
+    """Every job's chunks through the CPU pool in one pass, then each job's filters and delivery."""
+    plans = [_cpu_work(job, stream) for job in jobs]
+    cpu.run([w for works, _ in plans for w in works])
+    for _, finish in plans:
+        finish()
 
 
 def _filters_cpu(job: DecodeJob, arrays: dict[str, Any]):

@@ -397,6 +397,10 @@ def load(path, *, verify: bool = True, mmap: bool = True, trusted: bool = False,
 
     A file is untrusted (it decodes only through hardened CPU decoders, see
     :meth:`CompressedArray.from_bytes`) unless ``trusted=True``, or ``key`` is the secret it was saved with.
+
+    With ``verify=True`` each chunk's CRC32 is checked as the chunk is decoded (see
+    :meth:`CompressedArray.from_bytes`), and the CPU decoder drops the file pages it has decoded from the
+    process's resident set, so decoding a memory-mapped file needs about the output's memory.
     """
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -406,4 +410,7 @@ def load(path, *, verify: bool = True, mmap: bool = True, trusted: bool = False,
             buf: Any = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
         else:
             buf = f.read()
-    return CompressedArray.from_bytes(buf, verify=verify, trusted=trusted, key=key)
+    c = CompressedArray.from_bytes(buf, verify=verify, trusted=trusted, key=key)
+    if mmap and size and hasattr(buf, "madvise") and hasattr(_mmap, "MADV_DONTNEED"):
+        c._cache["mmap"] = (buf, c.nbytes - c._header.payload_nbytes)  # the CPU decoder drops decoded pages
+    return c

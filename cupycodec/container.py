@@ -35,9 +35,9 @@ N % 8 == 0, N <= 16 MiB, 24 + N <= len; (4) the header CRC, UTF-8, JSON, an obje
 field has its type and range; segments are back to back from 0 and end exactly at the end of the payload; (6) every
 filter and codec id resolves, with a version we support; the segment names, dtypes and shapes are exactly what the
 pipeline derives from ``array``; (7) table CRCs match and every table entry is consistent (sizes, flags, total);
-(8) chunk CRCs are verified before any chunk is decompressed; (9) each rule is an explicit check, so any other
-exception escaping the parser is a reader bug, never disguised as a bad file. An optional ``auth`` key carries an
-HMAC-SHA256 of the container (docs/FORMAT.md, "Authentication").
+(8) a chunk's CRC is verified before the chunk is decompressed or handed on (at first use, not at parse); (9) each
+rule is an explicit check, so any other exception escaping the parser is a reader bug, never disguised as a bad
+file. An optional ``auth`` key carries an HMAC-SHA256 of the container (docs/FORMAT.md, "Authentication").
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import hashlib
 import hmac
 import json
 import math
+import mmap
 import struct
 import zlib
 from collections import OrderedDict
@@ -79,6 +80,8 @@ _PRELUDE = struct.Struct("<4sHHQI4s")
 PRELUDE_NBYTES = _PRELUDE.size  # 24
 MAX_HEADER_NBYTES = 16 * 2**20
 HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (format v1 writers before 0.2 padded to 64)
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _MAX_JSON_DEPTH = 64  # nesting allowed in a header (metadata included): deeper JSON is rejected, not recursed into
 
 
@@ -556,6 +559,8 @@ def _check_table(table: ChunkTable, raw_nbytes: int, chunk: int, data_nbytes: in
 
 def verify_chunks(header: Header, payload: memoryview, executor=None) -> None:
     """Check every chunk's CRC32 against the table (in parallel when an executor is given)."""
+    from .backends.cpu import crc32
+
     jobs = []
     for seg in header.segments:
         offs, sizes, crcs = seg.chunk_offsets, seg.table.comp_nbytes, seg.table.crc32
@@ -565,7 +570,7 @@ def verify_chunks(header: Header, payload: memoryview, executor=None) -> None:
     def check(job):
         name, lo, offs, sizes, crcs = job
         for j, (o, s, c) in enumerate(zip(offs.tolist(), sizes.tolist(), crcs.tolist())):
-            got = zlib.crc32(payload[o : o + s])
+            got = crc32(payload[o : o + s])
             if got != c:
                 raise ChecksumError(name, c, got, chunk=lo + j)
 
@@ -769,12 +774,61 @@ class CompressedArray:
         return self._header.signed(key, payload).encode()
 
     def host_payload(self) -> memoryview:
-        """The payload in host memory (copied from the device if it lives there)."""
+        """The payload in host memory (copied from the device if it lives there), its chunk CRCs verified first
+        when the container came from :meth:`from_bytes` with ``verify=True`` and no decode has checked them yet."""
         if self._cache.get("headless"):
             raise ValueError("this container holds a header only (without_payload()); it has no bytes to give")
+        self.verify()
+        return self._host_payload()
+
+    def _host_payload(self) -> memoryview:
         if isinstance(self._payload, memoryview):
             return self._payload
         return memoryview(self._payload.get()).cast("B")
+
+    @property
+    def verified(self) -> bool:
+        """False while chunk CRCs that ``from_bytes(verify=True)`` deferred are still unchecked.
+
+        The CPU decoder checks each chunk right before decoding it (and marks the container verified once every
+        chunk has passed); everything else that hands chunks on (:meth:`to_bytes`, :meth:`write_to`,
+        :meth:`host_payload`, :meth:`to_device`, GPU decoding) calls :meth:`verify` first. Containers made in this
+        process, and those read with ``verify=False`` (the caller vouches for the bytes), count as verified.
+        """
+        return not self._cache.get("unverified", False)
+
+    def verify(self) -> CompressedArray:
+        """Check every chunk's CRC32 now, if that is still pending (see :attr:`verified`); returns ``self``.
+
+        Raises
+        ------
+        ChecksumError
+            A chunk's bytes do not match their CRC32; the message names the segment and the chunk.
+        """
+        if self._cache.get("unverified"):
+            from .backends import cpu
+
+            verify_chunks(self._header, self._payload, cpu.executor())
+            self._cache.pop("unverified", None)
+        return self
+
+    def _release_pages(self):
+        """For a memory-mapped file (:func:`cupycodec.load`): a function that drops the mapped pages of payload
+        bytes ``[start, end)`` from this process's resident set once decoded (they stay in the page cache and
+        are read again from there if needed), so a decode's peak RSS is the output, not file plus output."""
+        mapping = self._cache.get("mmap")
+        if mapping is None:
+            return None
+        mm, base = mapping
+        page = _PAGE
+
+        def release(start: int, end: int) -> None:
+            lo = -(-(base + start) // page) * page
+            hi = (base + end) // page * page
+            if hi > lo:
+                mm.madvise(_MADV_DONTNEED, lo, hi - lo)
+
+        return release
 
     def write_to(self, f, *, key=None) -> int:
         """Write the container to a binary file object without building one big bytes object."""
@@ -787,10 +841,14 @@ class CompressedArray:
     def from_bytes(cls, buf, *, verify: bool = True, trusted: bool = False, key=None) -> CompressedArray:
         """Parse and validate a container from a bytes-like object (not copied; keep it unchanged).
 
-        Everything is checked before any data is touched: prelude, header CRC and schema, chunk tables, and (with
-        ``verify=True``) the CRC32 of every chunk. Any defect raises :class:`~cupycodec.FormatError` or a subclass
-        (:class:`~cupycodec.ChecksumError`, :class:`~cupycodec.UnsupportedVersionError`); unknown ids raise
-        :class:`~cupycodec.UnknownCodecError`.
+        The prelude, the header (CRC and schema) and the chunk tables (CRCs and consistency) are checked here; any
+        defect raises :class:`~cupycodec.FormatError` or a subclass (:class:`~cupycodec.ChecksumError`,
+        :class:`~cupycodec.UnsupportedVersionError`); unknown ids raise :class:`~cupycodec.UnknownCodecError`.
+        With ``verify=True`` every chunk's CRC32 is checked before the chunk is used: the CPU decoder checks each
+        chunk right before decoding it (so a decode reads the container once, and its peak memory is the
+        output's), and anything else that hands chunks on (:meth:`to_bytes`, :meth:`to_device`, GPU decoding)
+        checks them all first. A corrupt chunk therefore raises :class:`~cupycodec.ChecksumError` at first use,
+        never after reaching a decoder; call :meth:`verify` to check everything at once.
 
         CRCs catch accidents, not forgeries, so the result is *untrusted* (:attr:`trusted`) unless ``trusted=True``
         (you vouch for the bytes) or ``key`` is the secret the container was signed with (its MAC is checked, and
@@ -808,11 +866,9 @@ class CompressedArray:
         payload = mv[payload_offset:]
         if key is not None:
             check_mac(key, header, payload)
-        if verify:
-            from .backends import cpu
-
-            verify_chunks(header, payload, cpu.executor())
         c = cls(header, payload, _prefix=bytes(mv[:payload_offset]))
+        if verify and any(seg.n_chunks for seg in header.segments):
+            c._cache["unverified"] = True  # checked chunk by chunk as they are decoded, or by verify()
         c._cache["external"] = True  # bytes from outside: decompress bounds the output by default
         if not trusted and key is None:
             c._cache["untrusted"] = True
@@ -840,7 +896,7 @@ class CompressedArray:
                 payload = cupy.empty_like(self._payload)
                 payload.data.copy_from_device_async(self._payload.data, self._payload.nbytes)
             else:
-                payload = cupy.asarray(np.frombuffer(self._payload, dtype=np.uint8))
+                payload = cupy.asarray(np.frombuffer(self.host_payload(), dtype=np.uint8))
         return self._like(payload)
 
     def with_payload(self, payload) -> CompressedArray:
@@ -874,7 +930,7 @@ class CompressedArray:
 
     def _like(self, payload) -> CompressedArray:
         c = CompressedArray(self._header, payload, _prefix=self._prefix)
-        for flag in ("external", "untrusted"):
+        for flag in ("external", "untrusted", "unverified"):
             if self._cache.get(flag):
                 c._cache[flag] = True
         return c
@@ -890,7 +946,7 @@ class CompressedArray:
     def __eq__(self, other):
         if not isinstance(other, CompressedArray):
             return NotImplemented
-        return self._prefix == other._prefix and bytes(self.host_payload()) == bytes(other.host_payload())
+        return self._prefix == other._prefix and bytes(self._host_payload()) == bytes(other._host_payload())
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import struct
 import zlib
 
@@ -224,15 +226,45 @@ def test_rule7_lying_chunk_table():
         cc.CompressedArray.from_bytes(with_table(bad))
 
 
-def test_rule8_flipped_payload_bit_is_detected():
+def test_rule8_flipped_payload_bit_is_detected_before_the_chunk_is_used():
     blob = bytearray(cc.compress(np.arange(64, dtype=np.uint8), codec="raw").to_bytes())
     blob[-9] ^= 1  # inside the stored chunk (the last 8 bytes are padding)
+    # header and tables are fine, so parsing succeeds; the chunk CRC is checked at first use
+    c = cc.CompressedArray.from_bytes(bytes(blob))
+    assert not c.verified
+    for use in (cc.decompress, lambda c: c.to_bytes(), lambda c: c.verify(), lambda c: c.host_payload(),
+                lambda c: c.write_to(io.BytesIO()), lambda c: pickle.dumps(c)):
+        with pytest.raises(cc.ChecksumError, match="segment 'data', chunk 0"):
+            use(c)
+        assert not c.verified
     with pytest.raises(cc.ChecksumError, match="segment 'data', chunk 0"):
-        cc.CompressedArray.from_bytes(bytes(blob))
-    with pytest.raises(cc.ChecksumError):
         cc.decompress(bytes(blob))
     # verify=False skips the chunk CRCs (the caller vouches for the bytes) but not the structure
-    cc.CompressedArray.from_bytes(bytes(blob), verify=False)
+    assert cc.CompressedArray.from_bytes(bytes(blob), verify=False).verified
+
+
+@pytest.mark.parametrize("codec", ["zstd", "raw", "auto", "lz4", "deflate"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.int32])
+def test_rule8_every_corrupt_chunk_raises_before_its_decoder_sees_it(codec, dtype, monkeypatch):
+    x = (np.arange(40_000) % 251).astype(dtype)
+    good = cc.compress(x, codec=codec, chunk_nbytes=4096).to_bytes()
+    c = cc.CompressedArray.from_bytes(good)
+    assert not c.verified
+    np.testing.assert_array_equal(cc.decompress(c), x)
+    assert c.verified  # the decode checked every chunk on its way
+    seen = []
+    for seg in c.segments:
+        for i in range(0, seg.n_chunks, max(1, seg.n_chunks // 3)):
+            blob = bytearray(good)
+            o = c.nbytes - c._header.payload_nbytes + int(seg.chunk_offsets[i])
+            blob[o] ^= 0x10
+            bad = cc.CompressedArray.from_bytes(bytes(blob))
+            with pytest.raises(cc.ChecksumError, match=f"segment '{seg.name}', chunk {i}\\b"):
+                cc.decompress(bad)
+            with pytest.raises(cc.ChecksumError, match=f"segment '{seg.name}', chunk {i}\\b"):
+                bad.verify()
+            seen.append((seg.name, i))
+    assert seen
 
 
 def test_codec_raw_cannot_claim_encoded_chunks():

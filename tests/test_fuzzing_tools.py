@@ -110,10 +110,10 @@ def test_recompute_crcs_makes_an_edited_payload_pass_verification():
     edited = bytearray(blob)
     edited[c.start + 3] ^= 0x40
     with pytest.raises(cc.ChecksumError):
-        cc.CompressedArray.from_bytes(bytes(edited))
+        cc.CompressedArray.from_bytes(bytes(edited)).verify()
     crafted = recompute_crcs(bytes(edited))
     assert len(crafted) == len(blob) and crafted[c.start + 3] == edited[c.start + 3]
-    cc.CompressedArray.from_bytes(crafted, verify=True)  # every CRC matches again
+    cc.CompressedArray.from_bytes(crafted, verify=True).verify()  # every CRC matches again
 
 
 def _encode(header: dict, pad_to: int) -> bytes:
@@ -145,7 +145,7 @@ def test_recompute_crcs_grows_a_full_header_to_the_next_multiple_of_64():
     fixed = recompute_crcs(forged)
     n_after = struct.unpack_from("<Q", fixed, 8)[0]
     assert n_after == n_before + 64 and (24 + n_after) % 64 == 0
-    c = cc.CompressedArray.from_bytes(fixed, verify=True)
+    c = cc.CompressedArray.from_bytes(fixed, verify=True).verify()
     np.testing.assert_array_equal(cc.decompress(c), x)
     assert recompute_crcs(fixed) == fixed
 
@@ -159,7 +159,7 @@ def test_recompute_crcs_keeps_a_header_padded_to_a_multiple_of_8():
     n = struct.unpack_from("<Q", blob, 8)[0]
     fixed = recompute_crcs(blob)
     assert struct.unpack_from("<Q", fixed, 8)[0] == n
-    cc.CompressedArray.from_bytes(fixed, verify=True)
+    cc.CompressedArray.from_bytes(fixed, verify=True).verify()
 
 
 @pytest.mark.parametrize("bad", [b"", b"CPC", b"XXXX" + bytes(60), b"CPCC\x01\x00\x00\x00" + struct.pack("<Q", 999)
@@ -176,7 +176,7 @@ def test_recompute_crcs_rejects_what_is_not_a_container(bad):
 def test_mutate_changes_exactly_n_encoded_bytes_and_passes_verification(name, n_bytes):
     blob = cpu_sources()[name]
     crafted = mutate(blob, np.random.default_rng(n_bytes), n_bytes)
-    cc.CompressedArray.from_bytes(crafted, verify=True)
+    cc.CompressedArray.from_bytes(crafted, verify=True).verify()
     diffs = _chunk_diffs(blob, crafted)
     assert len(diffs) == n_bytes
     pa = _payload_start(blob)
@@ -230,7 +230,7 @@ def test_mutate_properties(codec, n, chunk_kib, n_bytes, seed, bf16):
     available = sum(c.stop - c.start for c in chunks(blob))
     n_bytes = min(n_bytes, available)
     crafted = mutate(blob, np.random.default_rng(seed), n_bytes)
-    cc.CompressedArray.from_bytes(crafted, verify=True)
+    cc.CompressedArray.from_bytes(crafted, verify=True).verify()
     assert len(_chunk_diffs(blob, crafted)) == n_bytes
 
 

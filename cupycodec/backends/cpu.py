@@ -1,11 +1,14 @@
 """CPU backend: chunks compressed and decompressed in parallel threads with zstandard, zlib and cramjam.
 
-The libraries release the GIL while they work, so a thread pool spreads chunks over every core. Decoders write
-straight into the output array (cramjam's ``*_into``), bounded by each chunk's size from the table.
+The libraries release the GIL while they work, so a thread pool spreads chunks over every core; the chunks of a
+whole batch of arrays go through the pool in one pass (:func:`run`). Decoders write straight into the output
+array (cramjam's ``*_into``), bounded by each chunk's size from the table. Byte planes are split and merged one
+block of words at a time in per-thread scratch (:mod:`._planes`), so neither side ever holds whole planes.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import zlib
@@ -13,9 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import BackendError, FormatError
+from ..errors import BackendError, ChecksumError, FormatError
+from ..layout import table_nbytes
+from ._planes import planes_for
 
-__all__ = ["decode_segments", "encode_segment", "executor", "num_threads"]
+__all__ = ["DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "crc32", "decode_segments",
+           "encode_segment", "executor", "num_threads", "run"]
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
@@ -60,91 +66,283 @@ if hasattr(os, "register_at_fork"):  # DataLoader workers and multiprocessing fo
     os.register_at_fork(after_in_child=reset_after_fork)
 
 
-def _run(jobs: list, fn, total_nbytes: int) -> list:
-    if total_nbytes < _INLINE_NBYTES or len(jobs) < 2:
-        return [fn(j) for j in jobs]
-    return list(executor().map(fn, jobs))
+# -- checksums -----------------------------------------------------------------------------------------------------
 
 
-def _batches(n: int, total_nbytes: int) -> list[tuple[int, int]]:
-    """Split ``n`` chunks into contiguous ranges, a few per worker (to balance uneven chunks)."""
-    if n == 0:
-        return []
-    parts = 1 if total_nbytes < _INLINE_NBYTES else min(n, 4 * num_threads())
-    step = -(-n // parts)
-    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+@functools.cache
+def _crc32_impl():
+    # zlib's CRC-32 (the container's), from ISA-L when python-isal is installed: ~13 GB/s a core against zlib's
+    # ~2.3 GB/s on the 2-core machine of benchmarks/RESULTS.md, where zlib's took a fifth of a bf16 decode.
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.crc32
+    return isal_zlib.crc32
 
 
-def encode_segment(raw: memoryview, codec, chunk_nbytes: int):
-    """Compress a segment's bytes chunk by chunk.
+def crc32(data) -> int:
+    """zlib.crc32 of a bytes-like object (ISA-L's implementation when installed: same values, ~6x faster)."""
+    return _crc32_impl()(data)
 
-    Returns ``(comp_nbytes, crc32, flags, chunks)``: per-chunk uint32 sizes and CRCs, uint8 flags (1 = stored), and
-    the list of chunk byte strings (memoryview slices of ``raw`` for stored chunks).
+
+# -- running work in the pool ----------------------------------------------------------------------------------------
+
+
+class Work:
+    """``n`` independent steps (chunks, or blocks of plane chunks) of about ``nbytes / n`` bytes each.
+
+    :func:`run` spreads the steps of every piece of work it is given over the pool in one pass, so a batch of
+    small arrays keeps every core busy as one large array does.
     """
-    n = -(-len(raw) // chunk_nbytes) if len(raw) else 0
-    store_all = codec.codec_id == "raw"
 
-    def work(span):
-        lo, hi = span
-        out = []
+    n: int = 0
+    nbytes: int = 0
+
+    def run(self, lo: int, hi: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _segment_nbytes(results) -> int:
+    """Payload bytes of one segment's chunk results (its table and its chunks, each padded to 16)."""
+    return table_nbytes(len(results)) + sum(-(-len(r[0]) // 16) * 16 for r in results)
+
+
+def run(works) -> None:
+    """Run every step of ``works``: inline when there is little to do, else in a few balanced groups per thread.
+
+    Every group is waited for before the first error (in submission order) is raised, so no worker still writes
+    into a caller's buffer after this returns.
+    """
+    works = [w for w in works if w.n]
+    total = sum(w.nbytes for w in works)
+    threads = num_threads()
+    if total < _INLINE_NBYTES or threads == 1:
+        for w in works:
+            w.run(0, w.n)
+        return
+    groups = _groups(works, total, 4 * threads)
+    if len(groups) < 2:
+        for w, lo, hi in groups[0]:
+            w.run(lo, hi)
+        return
+    futures = [executor().submit(_run_group, g) for g in groups]
+    error = None
+    for f in futures:
+        exc = f.exception()
+        if exc is not None and error is None:
+            error = exc
+    if error is not None:
+        raise error
+
+
+def _run_group(group) -> None:
+    for w, lo, hi in group:
+        w.run(lo, hi)
+
+
+def _groups(works, total: int, parts: int) -> list[list]:
+    """Cut the steps of ``works`` (in order) into about ``parts`` groups of similar byte counts."""
+    target = max(1, total // parts)
+    groups, cur, acc = [], [], 0
+    for w in works:
+        per = max(1, w.nbytes // w.n)
+        lo = 0
+        while lo < w.n:
+            hi = min(w.n, lo + max(1, -(-(target - acc) // per)))
+            cur.append((w, lo, hi))
+            acc += (hi - lo) * per
+            lo = hi
+            if acc >= target:
+                groups.append(cur)
+                cur, acc = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# -- encoding --------------------------------------------------------------------------------------------------------
+
+
+class EncodeSegment(Work):
+    """Compress a segment's bytes chunk by chunk; :meth:`table` gives the result once run."""
+
+    def __init__(self, raw: memoryview, codec, chunk_nbytes: int):
+        self.raw, self.codec, self.chunk = raw, codec, chunk_nbytes
+        self.nbytes = len(raw)
+        self.n = -(-len(raw) // chunk_nbytes) if len(raw) else 0
+        self.results: list = [None] * self.n
+
+    def run(self, lo: int, hi: int) -> None:
+        raw, c, codec, res = self.raw, self.chunk, self.codec, self.results
+        store_all = codec.codec_id == "raw"
+        crc = _crc32_impl()
         for i in range(lo, hi):
-            src = raw[i * chunk_nbytes : (i + 1) * chunk_nbytes]
+            src = raw[i * c : (i + 1) * c]
             data = None if store_all else codec.encode_chunk(src)
             if data is None or len(data) >= len(src):
-                out.append((src, 1, zlib.crc32(src)))
+                res[i] = (src, 1, crc(src))
             else:
-                out.append((data, 0, zlib.crc32(data)))
-        return out
+                res[i] = (data, 0, crc(data))
 
-    results = [r for part in _run(_batches(n, len(raw)), work, len(raw)) for r in part]
+    def payload_nbytes(self) -> int:
+        """Bytes this segment takes in the payload, once run."""
+        return _segment_nbytes(self.results)
+
+    def table(self):
+        """``(comp_nbytes, crc32, flags, chunks)``: per-chunk uint32 sizes and CRCs, uint8 flags (1 = stored), and
+        the chunk byte strings (memoryview slices of the input for stored chunks)."""
+        return _table(self.results)
+
+
+def _table(results):
+    n = len(results)
     comp = np.fromiter((len(r[0]) for r in results), dtype=np.uint32, count=n)
     flags = np.fromiter((r[1] for r in results), dtype=np.uint8, count=n)
     crc = np.fromiter((r[2] for r in results), dtype=np.uint32, count=n)
     return comp, crc, flags, [r[0] for r in results]
 
 
-def decode_segments(jobs) -> None:
-    """Decode ``(payload, segment, out)`` jobs: ``out`` is a writable uint8 memoryview of ``segment.raw_nbytes``.
+class EncodePlanes(Work):
+    """Split an array's bytes into format v1's byte planes and compress them, one block of ``chunk_nbytes`` words
+    (one chunk of every plane) per step, in per-thread scratch: no whole-plane buffer is ever made."""
 
-    Every job's chunks go through one parallel pass. Chunk CRCs were verified when the container was parsed.
-    """
-    work_items = []
-    total = 0
-    for payload, seg, out in jobs:
+    def __init__(self, raw: np.ndarray, k: int, rotate: bool, big: bool, codec, chunk_nbytes: int):
+        self.raw, self.k, self.codec, self.chunk = raw, k, codec, chunk_nbytes
+        self.planes = planes_for(k, rotate, big)
+        self.words = raw.size // k
+        self.nbytes = raw.size
+        self.n = -(-self.words // chunk_nbytes) if self.words else 0
+        self.results: list[list] = [[None] * self.n for _ in range(k)]
+
+    def run(self, lo: int, hi: int) -> None:
+        raw, k, c, codec, res = self.raw, self.k, self.chunk, self.codec, self.results
+        crc = _crc32_impl()
+        split = self.planes.split
+        for i in range(lo, hi):
+            src = raw[i * c * k : min((i + 1) * c, self.words) * k]
+            for j, plane in enumerate(split(src)):
+                data = codec.encode_chunk(plane)
+                if data is None or len(data) >= len(plane):
+                    data = bytes(plane)  # the scratch is reused by the next block
+                    res[j][i] = (data, 1, crc(data))
+                else:
+                    res[j][i] = (data, 0, crc(data))
+
+    def payload_nbytes(self) -> int:
+        """Bytes the plane segments take in the payload, once run."""
+        return sum(_segment_nbytes(r) for r in self.results)
+
+    def tables(self) -> list:
+        """One :meth:`EncodeSegment.table` tuple per plane, plane 0 first."""
+        return [_table(r) for r in self.results]
+
+
+def encode_segment(raw: memoryview, codec, chunk_nbytes: int):
+    """Compress one segment's bytes chunk by chunk (:meth:`EncodeSegment.table`)."""
+    work = EncodeSegment(raw, codec, chunk_nbytes)
+    run([work])
+    return work.table()
+
+
+# -- decoding --------------------------------------------------------------------------------------------------------
+
+
+def _check(seg, i: int, src, crc) -> None:
+    got = crc(src)
+    want = int(seg.table.crc32[i])
+    if got != want:
+        raise ChecksumError(seg.name, want, got, chunk=i)
+
+
+def _decode_chunk(seg, i: int, src, dst) -> None:
+    try:
+        seg.codec.decode_chunk_into(src, dst)
+    except FormatError as exc:
+        raise FormatError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
+    except (MemoryError, OSError) as exc:  # pragma: no cover
+        raise BackendError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
+
+
+class DecodeSegment(Work):
+    """Decode a segment's chunks into ``out`` (a writable uint8 memoryview of ``seg.raw_nbytes``); with ``verify``,
+    each chunk's CRC is checked right before it is decoded (:class:`~cupycodec.ChecksumError` names the chunk)."""
+
+    def __init__(self, payload, seg, out, verify: bool, release=None):
         if len(out) != seg.raw_nbytes:
             raise ValueError(f"segment {seg.name!r}: output holds {len(out)} bytes, expected {seg.raw_nbytes}")
-        total += seg.raw_nbytes
-        for lo, hi in _batches(seg.n_chunks, seg.raw_nbytes):
-            work_items.append((payload, seg, out, lo, hi))
+        self.payload, self.seg, self.out, self.verify, self.release = payload, seg, out, verify, release
+        self.n, self.nbytes = seg.n_chunks, seg.raw_nbytes
 
-    def work(item):
-        payload, seg, out, lo, hi = item
+    def run(self, lo: int, hi: int) -> None:
+        payload, seg, out = self.payload, self.seg, self.out
         offs = seg.chunk_offsets
         sizes = seg.table.comp_nbytes
         flags = seg.table.flags
         c = seg.chunk_nbytes
-        raw_total = seg.raw_nbytes
+        crc = _crc32_impl() if self.verify else None
         for i in range(lo, hi):
             o, s = int(offs[i]), int(sizes[i])
             src = payload[o : o + s]
-            dst = out[i * c : min((i + 1) * c, raw_total)]
+            if crc is not None:
+                _check(seg, i, src, crc)
+            dst = out[i * c : (i + 1) * c]
             if flags[i]:
                 dst[:] = src
-                continue
-            try:
-                seg.codec.decode_chunk_into(src, dst)
-            except FormatError as exc:
-                raise FormatError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
-            except (MemoryError, OSError) as exc:  # pragma: no cover
-                raise BackendError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
+            else:
+                _decode_chunk(seg, i, src, dst)
+        if self.release is not None:
+            self.release(int(offs[lo]), int(offs[hi - 1] + sizes[hi - 1]))
 
-    _run(work_items, work, total)
+
+class DecodePlanes(Work):
+    """Decode byte-plane segments block by block straight into ``out`` (uint8, the array's bytes): each step
+    decodes chunk ``i`` of every plane into per-thread scratch and merges it into its place in ``out``."""
+
+    def __init__(self, payload, segs, out: np.ndarray, k: int, rotate: bool, big: bool, verify: bool, release=None):
+        chunk = segs[0].chunk_nbytes
+        self.payload, self.segs, self.out, self.k, self.chunk = payload, segs, out, k, chunk
+        self.verify, self.release = verify, release
+        self.words = out.size // k
+        self.planes = planes_for(k, rotate, big)
+        self.n, self.nbytes = segs[0].n_chunks, out.size
+
+    def run(self, lo: int, hi: int) -> None:
+        payload, segs, k, c = self.payload, self.segs, self.k, self.chunk
+        planes = self.planes
+        crc = _crc32_impl() if self.verify else None
+        cols = [(s, s.chunk_offsets, s.table.comp_nbytes, s.table.flags) for s in segs]
+        for i in range(lo, hi):
+            m = min(c, self.words - i * c)
+            for (seg, offs, sizes, flags), dst in zip(cols, planes.rows(m)):
+                o, s = int(offs[i]), int(sizes[i])
+                src = payload[o : o + s]
+                if crc is not None:
+                    _check(seg, i, src, crc)
+                if flags[i]:
+                    dst[:] = src
+                else:
+                    _decode_chunk(seg, i, src, dst)
+            planes.merge_into(self.out[i * c * k : (i * c + m) * k])
+        if self.release is not None:
+            for _, offs, sizes, _ in cols:
+                self.release(int(offs[lo]), int(offs[hi - 1] + sizes[hi - 1]))
+
+
+def decode_segments(jobs, verify: bool = False) -> None:
+    """Decode ``(payload, segment, out)`` jobs (``out``: a writable uint8 memoryview of ``segment.raw_nbytes``) in
+    one parallel pass; with ``verify``, every chunk's CRC is checked before it is decoded."""
+    run([DecodeSegment(payload, seg, out, verify) for payload, seg, out in jobs])
 
 
 def as_bytes(arr) -> memoryview:
     """A flat uint8 memoryview of a C-contiguous NumPy array (any dtype, ml_dtypes included)."""
     a = np.ascontiguousarray(arr)
     return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def as_bytes_array(arr) -> np.ndarray:
+    """A flat uint8 NumPy view of a C-contiguous array (a copy only when it is not contiguous)."""
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
 
 
 def as_bytes_view(arr) -> memoryview:

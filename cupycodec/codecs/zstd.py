@@ -32,6 +32,20 @@ class Zstd(Codec):
         return comp.compress(src)
 
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
+        import zstandard
+
+        # A per-thread decompression context: cramjam's decompress_into builds one per call, ~17 us that dominated
+        # decoding 64 KiB chunks (benchmarks/RESULTS.md, issue 10). The frame must say it holds exactly this
+        # chunk (no allocation a header could inflate); anything unusual takes cramjam's exact path below.
+        dctx = per_thread(("zstd-d",), zstandard.ZstdDecompressor)
+        try:
+            if zstandard.frame_content_size(src) == len(dst):
+                out = dctx.decompress(src, allow_extra_data=False)
+                if len(out) == len(dst):
+                    dst[:] = out
+                    return
+        except zstandard.ZstdError:
+            pass  # cramjam reports what is wrong with it
         import cramjam
 
         decode_exact("zstd", cramjam.zstd.decompress_into, src, dst)

@@ -69,8 +69,11 @@ def split_planes(raw: np.ndarray, k: int, rotate: bool, big_endian: bool) -> np.
     return planes
 
 
-def merge_planes(planes: np.ndarray, k: int, rotate: bool, big_endian: bool, out: np.ndarray) -> None:
-    """Reference inverse of :func:`split_planes`: planes (k, n) uint8 -> ``out`` (uint8, n*k bytes)."""
+def merge_planes(planes, k: int, rotate: bool, big_endian: bool, out: np.ndarray) -> None:
+    """Reference inverse of :func:`split_planes`: planes (k, n) uint8 -> ``out`` (uint8, n*k bytes).
+
+    ``planes`` may also be a sequence of ``k`` uint8 arrays of ``n`` bytes (read block by block, never stacked).
+    """
     t = _UINT[k]
     words = _words(out, k, big_endian)
     n = words.size
@@ -80,10 +83,10 @@ def merge_planes(planes: np.ndarray, k: int, rotate: bool, big_endian: bool, out
         hi = min(n, lo + _BLOCK)
         m = hi - lo
         w, v = u[:m], tmp[:m]
-        w[...] = planes[0, lo:hi]
+        w[...] = planes[0][lo:hi]
         for j in range(1, k):
             np.left_shift(w, t(8), out=w)
-            v[...] = planes[j, lo:hi]
+            v[...] = planes[j][lo:hi]
             np.bitwise_or(w, v, out=w)
         if rotate:
             np.left_shift(w, t(8 * k - 1), out=v)
@@ -133,12 +136,13 @@ class Byteplane(Filter):
         n = data.nbytes // k
         return {name: ArraySpec("U8", "|", (n,)) for name in plane_names(k)}
 
-    def _params(self, spec: ArraySpec):
+    def params(self, spec: ArraySpec) -> tuple[int, bool, bool]:
+        """``(word size, rotate, big-endian)`` of this (resolved) filter on an array of ``spec``."""
         return word_size(spec), bool(self.rotate), spec.byteorder == ">"
 
     def encode(self, arrays, specs, gpu):
         spec = specs["data"]
-        k, rotate, big = self._params(spec)
+        k, rotate, big = self.params(spec)
         if gpu:
             from ..kernels import byteplane as kern
 
@@ -149,7 +153,7 @@ class Byteplane(Filter):
 
     def decode(self, arrays, specs, gpu, out=None):
         spec = specs["data"]
-        k, rotate, big = self._params(spec)
+        k, rotate, big = self.params(spec)
         names = plane_names(k)
         if gpu:
             from ..kernels import byteplane as kern
@@ -160,6 +164,6 @@ class Byteplane(Filter):
             target = out["data"]
         else:
             target = np.empty(spec.shape, dtype=spec.numpy_dtype())
-        planes = np.stack([np.asarray(arrays[n]).reshape(-1) for n in names]) if names else None
-        merge_planes(planes, k, rotate, big, target.reshape(-1).view(np.uint8))
+        merge_planes([np.asarray(arrays[n]).reshape(-1) for n in names], k, rotate, big,
+                     target.reshape(-1).view(np.uint8))
         return {"data": target}

@@ -1,0 +1,65 @@
+"""``codec="auto"`` on the CPU: byte planes or not, rotated or not, chosen by compressing samples of the data.
+
+Measured on the 2-core machine of benchmarks/RESULTS.md (issue 10), zstd level 1: byte planes win on weights
+(bf16 1.46x vs 1.28x plain), smooth float fields (1.80x vs 1.10x) and sorted integers (3.8x vs 1.5x); the one-bit
+rotation gains 0.5% on weights and loses 4% on smooth fields, and costs ~30% of decode speed (a NumPy pass), so it
+is kept only where it saves at least :data:`ROTATE_MARGIN` of the bytes. As on the GPU, a few samples spread over
+the array decide; arrays of up to ``_compress._AUTO_TRY_NBYTES`` are compressed whole with every candidate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dtypes import ArraySpec, is_float
+from .filters import Byteplane
+
+__all__ = ["ROTATE_MARGIN", "candidates", "choose"]
+
+ROTATE_MARGIN = 0.01
+_PIECES = 4
+_MIN_PIECE_WORDS = 2048
+_SAMPLE_SHARE = 256  # each piece is 1/256 of the array (4 pieces, 3 candidates: ~5% of a compression's work)
+_INTS = ("I16", "U16", "I32", "U32", "I64", "U64")
+
+
+def candidates(spec: ArraySpec) -> list[list]:
+    """The pipelines auto weighs for ``spec``, in order of preference on ties (empty: plain zstd)."""
+    floats = (is_float(spec.dtype) or spec.dtype in ("C64", "C128")) and not spec.dtype.startswith(("FLD", "CLD"))
+    if floats and spec.itemsize in (2, 4, 8, 16):
+        return [[Byteplane(rotate=False)], [Byteplane(rotate=True)], []]
+    if spec.dtype in _INTS:
+        return [[Byteplane(rotate=False)], []]
+    return [[]]
+
+
+def choose(arr: np.ndarray, spec: ArraySpec, codec, chunk_nbytes: int) -> list:
+    """The candidate pipeline whose samples of ``arr`` (host, C-contiguous) compress smallest with ``codec``."""
+    from .backends._planes import planes_for
+
+    options = candidates(spec)
+    if len(options) == 1:
+        return options[0]
+    raw = arr.reshape(-1).view(np.uint8)
+    k = options[0][0].params(spec)[0]
+    big = spec.byteorder == ">"
+    words = raw.size // k
+    piece = max(_MIN_PIECE_WORDS, min(chunk_nbytes, words // _SAMPLE_SHARE))
+    starts = sorted({(i * max(0, words - piece) // (_PIECES - 1)) for i in range(_PIECES)})
+    samples = [raw[s * k : (s + piece) * k] for s in starts]
+    sizes = []
+    for pipeline in options:
+        total = 0
+        for sample in samples:
+            if pipeline:
+                rotate = pipeline[0].rotate
+                parts = planes_for(k, rotate, big).split(sample)
+            else:
+                parts = [memoryview(sample)]
+            for part in parts:
+                data = codec.encode_chunk(part)
+                total += len(part) if data is None else min(len(part), len(data))
+        if pipeline and pipeline[0].rotate:
+            total = int(total / (1 - ROTATE_MARGIN))  # rotation must pay for its decode cost
+        sizes.append(total)
+    return options[min(range(len(options)), key=lambda i: (sizes[i], i))]

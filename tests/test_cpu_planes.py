@@ -1,0 +1,103 @@
+"""The CPU byte-plane engine (backends/_planes.py, backends/cpu.py) against the NumPy reference of format v1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cupycodec as cc
+from cupycodec.backends import cpu
+from cupycodec.backends._planes import blosc2_library, planes_for
+from cupycodec.filters.byteplane import merge_planes, split_planes
+
+ENGINES = ["numpy", "blosc2"]
+
+
+def test_blosc2_engine_is_available():
+    # blosc2 is a runtime dependency: without its library the CPU path silently runs the slow reference
+    assert blosc2_library() is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(k=st.sampled_from([2, 4, 8]), rotate=st.booleans(), big=st.booleans(), engine=st.sampled_from(ENGINES),
+       words=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1))
+def test_block_split_and_merge_match_the_reference(k, rotate, big, engine, words, seed):
+    raw = np.random.default_rng(seed).integers(0, 256, words * k, dtype=np.uint8)
+    eng = planes_for(k, rotate, big, engine=engine)
+    ref = split_planes(raw, k, rotate, big)
+    got = eng.split(raw)
+    assert len(got) == k
+    for j in range(k):
+        np.testing.assert_array_equal(np.frombuffer(got[j], np.uint8), ref[j])
+    for slot, plane in zip(eng.rows(words), ref):
+        slot[:] = plane.tobytes()
+    out = np.empty_like(raw)
+    eng.merge_into(out)
+    np.testing.assert_array_equal(out, raw)
+    back = np.empty_like(raw)
+    merge_planes(list(ref), k, rotate, big, back)  # the reference reads a list of planes as well as a 2-D array
+    np.testing.assert_array_equal(back, raw)
+
+
+_DTYPES = ["<u2", ">u2", "<f2", ">f2", "<i4", ">i4", "<f4", ">f4", "<f8", ">f8", "<i8", "<c8", ">c16"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(dtype=st.sampled_from(_DTYPES), n=st.integers(0, 3000), chunk=st.sampled_from([16, 48, 256, 4096, 65536]),
+       rotate=st.booleans(), codec=st.sampled_from(["zstd", "raw", "lz4"]), seed=st.integers(0, 2**32 - 1))
+def test_byteplane_containers_hold_the_reference_planes(dtype, n, chunk, rotate, codec, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 3).astype(dtype) if dtype[1] in "fc" else rng.integers(-300, 300, n).astype(dtype)
+    c = cc.compress(x, codec=codec, filters=[{"id": "byteplane", "rotate": rotate}], chunk_nbytes=chunk)
+    k = x.dtype.itemsize // (2 if dtype[1] == "c" else 1)
+    ref = split_planes(x.reshape(-1).view(np.uint8), k, rotate, x.dtype.byteorder == ">")
+    assert [s.name for s in c.segments] == [f"data.p{j}" for j in range(k)]
+    for j, seg in enumerate(c.segments):  # each plane segment decoded on its own is the reference plane
+        plane = np.empty(seg.raw_nbytes, np.uint8)
+        cpu.decode_segments([(c.host_payload(), seg, memoryview(plane))])
+        np.testing.assert_array_equal(plane, ref[j])
+    for blob in (c, c.to_bytes()):
+        y = cc.decompress(blob)
+        assert y.dtype == x.dtype
+        np.testing.assert_array_equal(y.view(np.uint8), x.view(np.uint8))
+    out = np.empty_like(x)
+    assert cc.decompress(c, out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint8), x.view(np.uint8))
+
+
+def test_planes_chunked_differently_still_decode():
+    """Writers chunk every plane alike; a container whose planes differ takes the plane-by-plane path."""
+    x = np.linspace(-3, 3, 5000, dtype=np.float32)
+    c = cc.compress(x, filters=["byteplane"], codec="zstd", chunk_nbytes=1024)
+    d = cc.compress(x, filters=["byteplane"], codec="zstd", chunk_nbytes=2048)
+    from cupycodec.container import CompressedArray, Header, build_segments
+
+    segs = [c.segments[0], *d.segments[1:]]
+    pieces = [(s.name, s.spec, s.codec, s.chunk_nbytes, s.table) for s in segs]
+    payloads = [c.host_payload(), d.host_payload(), d.host_payload(), d.host_payload()]
+    built = build_segments(pieces)
+    payload = bytearray(sum(s.nbytes for s in built))
+    for new, old, src in zip(built, segs, payloads):
+        payload[new.offset : new.offset + new.nbytes] = src[old.offset : old.offset + old.nbytes]
+    mixed = CompressedArray(Header(c.spec, c.pipeline, built, c.producer, {}), memoryview(payload))
+    np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(mixed.to_bytes())), x)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_batches_of_many_arrays_decode_in_one_pass(threads, monkeypatch):
+    monkeypatch.setenv("CUPYCODEC_NUM_THREADS", threads)
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(int(s)).astype(d) for s, d in
+              zip(rng.integers(0, 300_000, 40), ["f4", "f2", "f8", "i4", "u1"] * 8)]
+    packed = cc.compress_many(arrays)
+    for a, c in zip(arrays, packed):
+        assert c.nbytes <= cc.compress(a, codec="raw").nbytes
+    blobs = [c.to_bytes() for c in packed]
+    for a, y in zip(arrays, cc.decompress_many(blobs)):
+        np.testing.assert_array_equal(y, a)
+    outs = [np.empty_like(a) for a in arrays]
+    cc.decompress_many(packed, out=outs)
+    for a, y in zip(arrays, outs):
+        np.testing.assert_array_equal(y, a)
