@@ -323,7 +323,7 @@ def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
     with launching_on(device, sp):
         targets, posts = [], []
         for job in jobs:
-            c = job.item if job.item.device_id == device else job.item.to_device(device)
+            c = job.item.verify() if job.item.device_id == device else job.item.to_device(device)
             kind = kind_of(c.pipeline, job.dequantize)
             views = job.views if job.views is not None and job.target[0] == "cuda" else (None, None)
             if kind == "codes":

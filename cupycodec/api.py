@@ -344,6 +344,7 @@ def decode_plan(items: Sequence[CompressedArray], out: Sequence, *, dequantize=T
         if not c.on_device:
             raise ValueError(f"items[{i}] lives on the host; decode_plan takes device-resident CompressedArrays "
                              "(call c.to_device() first)")
+        c.verify()  # CRCs still pending (from_bytes, then with_payload over device bytes): checked once, here
         devices.add(c.device_id)
         kind = kind_of(c.pipeline, dequantize)
         if kind == "plain" and c.spec.byteorder == ">":

@@ -46,7 +46,6 @@ import hashlib
 import hmac
 import json
 import math
-import mmap
 import struct
 import zlib
 from collections import OrderedDict
@@ -59,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from . import layout, registry
+from ._files import release_pages
 from ._version import __version__
 from .dtypes import ArraySpec, itemsize, numpy_dtype
 from .errors import AuthenticationError, ChecksumError, CupycodecError, FormatError, UnsupportedVersionError
@@ -80,8 +80,6 @@ _PRELUDE = struct.Struct("<4sHHQI4s")
 PRELUDE_NBYTES = _PRELUDE.size  # 24
 MAX_HEADER_NBYTES = 16 * 2**20
 HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (format v1 writers before 0.2 padded to 64)
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _MAX_JSON_DEPTH = 64  # nesting allowed in a header (metadata included): deeper JSON is rejected, not recursed into
 
 
@@ -423,6 +421,18 @@ def parse_header(buf: memoryview) -> tuple[Header, int]:
     Chunk CRCs are not checked here (see :func:`verify_chunks`). Every reader rule raises FormatError (or a
     subclass) itself, so an exception of any other type from here is a bug in this parser, not a bad file.
     """
+    obj, payload_offset = _header_json(buf)
+    return _parse_header(obj, buf[payload_offset:]), payload_offset
+
+
+def header_json(prefix) -> dict:
+    """The header of container bytes ``prefix`` (prelude and header, with or without the payload after them) as
+    JSON, its prelude, CRC and JSON syntax checked; the rest of the rules need the payload (see :func:`parse_header`).
+    """
+    return _header_json(memoryview(prefix).cast("B"))[0]
+
+
+def _header_json(buf: memoryview) -> tuple[dict, int]:
     n, header_crc = parse_prelude(buf)
     text = buf[PRELUDE_NBYTES : PRELUDE_NBYTES + n]
     computed = zlib.crc32(text)
@@ -440,8 +450,11 @@ def parse_header(buf: memoryview) -> tuple[Header, int]:
     if not isinstance(obj, dict):
         raise FormatError(f"header must be a JSON object, got {type(obj).__name__}")
     _check_depth(obj)
-    payload_offset = PRELUDE_NBYTES + n
-    payload_nbytes = len(buf) - payload_offset
+    return obj, PRELUDE_NBYTES + n
+
+
+def _parse_header(obj: dict, payload: memoryview) -> Header:
+    payload_nbytes = len(payload)
 
     array = _spec(_field(obj, "array", dict, "header"), "array")
     pipeline = []
@@ -487,7 +500,7 @@ def parse_header(buf: memoryview) -> tuple[Header, int]:
         tnb = table_nbytes(k)
         if tnb > nbytes:
             raise FormatError(f"{where}: its chunk table ({tnb} bytes) does not fit in {nbytes} bytes")
-        table_bytes = buf[payload_offset + seg_off : payload_offset + seg_off + tnb]
+        table_bytes = payload[seg_off : seg_off + tnb]
         stored_crc = _field(sj, "table_crc32", int, where)
         computed = zlib.crc32(table_bytes)
         if computed != stored_crc:
@@ -499,8 +512,7 @@ def parse_header(buf: memoryview) -> tuple[Header, int]:
     if offset != payload_nbytes:
         raise FormatError(f"segments cover {offset} payload bytes but the buffer holds {payload_nbytes} "
                           f"({'trailing bytes' if offset < payload_nbytes else 'truncated'})")
-    header = Header(array, tuple(pipeline), tuple(segments), _freeze(producer), _freeze(metadata), mac)
-    return header, payload_offset
+    return Header(array, tuple(pipeline), tuple(segments), _freeze(producer), _freeze(metadata), mac)
 
 
 def _reject_constant(name: str):
@@ -768,6 +780,11 @@ class CompressedArray:
         payload = self.host_payload()
         return self._signed_prefix(key, payload) + bytes(payload)
 
+    def header_bytes(self, *, key=None) -> bytes:
+        """The prelude and header, the bytes :meth:`to_bytes` writes before the payload (signed with ``key`` when
+        given, which needs the payload's bytes); :meth:`from_parts` takes them back with the payload."""
+        return self._signed_prefix(key, self.host_payload() if key is not None else None)
+
     def _signed_prefix(self, key, payload) -> bytes:
         if key is None:
             return self._prefix
@@ -808,7 +825,10 @@ class CompressedArray:
         if self._cache.get("unverified"):
             from .backends import cpu
 
-            verify_chunks(self._header, self._payload, cpu.executor())
+            payload = self._payload
+            if not isinstance(payload, memoryview):  # on a GPU (with_payload over device bytes): check a host copy
+                payload = memoryview(payload.get()).cast("B")
+            verify_chunks(self._header, payload, cpu.executor())
             self._cache.pop("unverified", None)
         return self
 
@@ -820,15 +840,7 @@ class CompressedArray:
         if mapping is None:
             return None
         mm, base = mapping
-        page = _PAGE
-
-        def release(start: int, end: int) -> None:
-            lo = -(-(base + start) // page) * page
-            hi = (base + end) // page * page
-            if hi > lo:
-                mm.madvise(_MADV_DONTNEED, lo, hi - lo)
-
-        return release
+        return lambda start, end: release_pages(mm, base + start, base + end)
 
     def write_to(self, f, *, key=None) -> int:
         """Write the container to a binary file object without building one big bytes object."""
@@ -860,13 +872,33 @@ class CompressedArray:
             mv = memoryview(buf).cast("B")
         except TypeError as exc:
             raise TypeError(f"from_bytes takes a bytes-like object, got {type(buf).__name__}") from exc
+        header, payload_offset = parse_header(mv)
+        return cls._parsed(header, mv[payload_offset:], bytes(mv[:payload_offset]), verify=verify, trusted=trusted,
+                           key=key)
+
+    @classmethod
+    def from_parts(cls, prefix, payload, *, verify: bool = True, trusted: bool = False, key=None) -> CompressedArray:
+        """As :meth:`from_bytes`, for a container whose prelude and header (``prefix``, bytes-like) are stored
+        apart from its payload (a host bytes-like object, not copied): e.g. headers in a file's metadata and
+        payloads elsewhere. ``prefix`` must hold exactly the prelude and header, ``payload`` exactly the payload.
+        """
+        try:
+            head = memoryview(prefix).cast("B")
+            body = memoryview(payload).cast("B")
+        except TypeError as exc:
+            raise TypeError(f"from_parts takes bytes-like prefix and payload: {exc}") from exc
+        obj, end = _header_json(head)
+        if end != len(head):
+            raise FormatError(f"the prefix holds {len(head)} bytes, but its prelude says prelude and header take {end}")
+        return cls._parsed(_parse_header(obj, body), body, bytes(head), verify=verify, trusted=trusted, key=key)
+
+    @classmethod
+    def _parsed(cls, header: Header, payload: memoryview, prefix: bytes, *, verify, trusted, key) -> CompressedArray:
         if not isinstance(trusted, bool):
             raise TypeError(f"trusted must be a bool, got {trusted!r}")
-        header, payload_offset = parse_header(mv)
-        payload = mv[payload_offset:]
         if key is not None:
             check_mac(key, header, payload)
-        c = cls(header, payload, _prefix=bytes(mv[:payload_offset]))
+        c = cls(header, payload, _prefix=prefix)
         if verify and any(seg.n_chunks for seg in header.segments):
             c._cache["unverified"] = True  # checked chunk by chunk as they are decoded, or by verify()
         c._cache["external"] = True  # bytes from outside: decompress bounds the output by default
