@@ -27,13 +27,12 @@ import torch.nn.functional as F
 import cupycodec as cc
 
 from . import ops
-from .dlpack import current_stream, dtype_name
+from .dlpack import current_stream, dtype_name, torch_dtype
 from .runtime import DecodeGroup, Runtime
 
 __all__ = ["MODES", "CompressedLinear"]
 
 MODES = ("lossless", "int8", "int8+entropy")
-FORMAT_VERSION = 1
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -142,8 +141,32 @@ class CompressedLinear(torch.nn.Module):
         else:
             packed[len(prefix) :] = torch.from_numpy(np.frombuffer(c.host_payload(), np.uint8)).to(device)
         self.packed = packed
-        self._template = c.without_payload()  # the header alone: views over `packed` come from it
-        self._views = {}
+        self._set_template(c)
+
+    _CONFIG_KEYS = ("mode", "granularity", "group_size", "dtype", "in_features", "out_features", "bias")
+
+    def config(self) -> dict:
+        """The layer's configuration (JSON-able): what :meth:`from_config` needs to build it again, empty."""
+        return {"mode": self.mode, "granularity": self.granularity, "group_size": self.group_size,
+                "dtype": dtype_name(self.weight_dtype), "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_config(cls, config, *, device=None) -> CompressedLinear:
+        """An empty layer (for ``load_state_dict``) from :meth:`config`'s dict; ValueError names a bad entry."""
+        if not isinstance(config, dict) or sorted(config) != sorted(cls._CONFIG_KEYS):
+            raise ValueError(f"a CompressedLinear configuration has the keys {', '.join(cls._CONFIG_KEYS)}, got "
+                             f"{config!r}")
+        ints = [config[k] for k in ("group_size", "in_features", "out_features")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints) or \
+                not isinstance(config["bias"], bool):
+            raise ValueError(f"bad CompressedLinear configuration {config!r}: sizes must be positive integers")
+        try:
+            dtype = torch_dtype(config["dtype"])
+        except cc.UnsupportedDtypeError as exc:
+            raise ValueError(f"bad CompressedLinear configuration {config!r}: {exc}") from None
+        return cls(config["in_features"], config["out_features"], config["bias"], mode=config["mode"],
+                   granularity=config["granularity"], group_size=config["group_size"], dtype=dtype, device=device)
 
     # -- what it holds ----------------------------------------------------------------------------------------
     def _scale_shape(self) -> tuple[int, ...]:
@@ -186,19 +209,48 @@ class CompressedLinear(torch.nn.Module):
         return c
 
     def _parse(self) -> None:
-        """Read the container's header from ``packed`` (after load_state_dict): one host copy of the bytes, checked
-        CRCs and all. The state dict is trusted, as anything handed to load_state_dict is; checkpoints from outside
-        go through load_compressed, which applies the trust rules."""
-        host = self.packed.detach().cpu().numpy()
-        if host.size == 0:
+        """Read the container from ``packed`` (after load_state_dict): one host copy of the bytes, CRCs checked."""
+        if self.packed.numel() == 0:
             raise RuntimeError("this CompressedLinear holds no weight yet: load a state dict or use from_linear()")
-        c = cc.CompressedArray.from_bytes(host, trusted=True)
-        want = {"lossless": ((self.out_features, self.in_features), dtype_name(self.weight_dtype))}
-        if self.mode == "lossless" and (c.shape, c.dtype_name) != want["lossless"]:
-            raise ValueError(f"the packed weight holds {c.dtype_name}{list(c.shape)}, this layer expects "
-                             f"{want['lossless'][1]}[{self.out_features}, {self.in_features}]")
-        self._template = c.without_payload()
+        self._set_template(self._check_container(self.packed, trusted=True))
+
+    def _set_template(self, c: cc.CompressedArray) -> None:
+        self._template = c.without_payload()  # the header alone (and its trust): views over `packed` come from it
         self._views = {}
+
+    def _check_container(self, packed: torch.Tensor, *, trusted: bool, key=None) -> cc.CompressedArray:
+        """Parse container bytes meant for this layer, check every CRC, and check that they hold this layer's weight
+        (shape, dtype, and for int8+entropy the INT8 configuration); raise ValueError naming the difference.
+
+        A state dict is trusted, as anything handed to ``load_state_dict`` is; checkpoints from outside come through
+        :func:`~cupycodec.integrations.torch.load_compressed`, which applies the trust rules."""
+        if packed.dtype != torch.uint8 or packed.dim() != 1:
+            raise ValueError(f"a packed weight is a 1-D uint8 tensor, got {packed.dtype} of shape {list(packed.shape)}")
+        host = packed.detach().cpu().numpy()
+        return self._expect(cc.CompressedArray.from_bytes(host, trusted=trusted, key=key).verify())
+
+    def _expect(self, c: cc.CompressedArray) -> cc.CompressedArray:
+        """``c`` if it holds this layer's weight (shape, dtype, INT8 configuration), else ValueError saying how not."""
+        want = (self.out_features, self.in_features)
+        got_filters = [f.get_config() for f in c.pipeline if f.get_config()["id"] == "int8"]  # (byte planes: any)
+        if self.mode == "lossless":
+            expect = []
+        else:
+            cfg = {"granularity": self.granularity}
+            if self.granularity == "group":
+                cfg["group_size"] = self.group_size
+            else:
+                cfg["axis"] = 0
+            expect = [cfg]
+        got_cfg = [{k: v for k, v in f.items() if k not in ("id", "version")} for f in got_filters]
+        if c.shape != want or c.dtype_name != dtype_name(self.weight_dtype) or got_cfg != expect:
+            def describe(dt, shape, cfg):
+                return f"{dt}{list(shape)} " + (f"int8 {cfg[0]}" if cfg else "lossless")
+
+            raise ValueError(f"the packed weight holds {describe(c.dtype_name, c.shape, got_cfg)}; this layer "
+                             f"expects {describe(dtype_name(self.weight_dtype), want, expect)} (mode {self.mode!r}); "
+                             "build the layer with the configuration the weight was compressed with")
+        return c
 
     def decompress_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh tensor with the weight (dequantized for the INT8 modes), for inspection; forward never does this."""
@@ -229,31 +281,24 @@ class CompressedLinear(torch.nn.Module):
         return ops.int8_linear(x, codes, scales, self.bias, self.granularity, self.group_size)
 
     # -- state dict ---------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "mode": self.mode, "granularity": self.granularity,
-                "group_size": self.group_size, "dtype": dtype_name(self.weight_dtype),
-                "in_features": self.in_features, "out_features": self.out_features}
-
-    def set_extra_state(self, state) -> None:
-        if not isinstance(state, dict) or state.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"CompressedLinear state {state!r} is not one this version reads (format_version <= "
-                             f"{FORMAT_VERSION}); upgrade cupycodec")
-        mine = self.get_extra_state()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "format_version" and state.get(k) != v}
-        if diff:
-            raise ValueError(f"the state dict was saved from a differently configured CompressedLinear: {diff} "
-                             "(saved, this module); build the module with the saved configuration")
-
+    # The state dict holds plain tensors only (``packed``, or ``qweight`` and ``scale``, and ``bias``), so it saves
+    # with safetensors as it is; a packed container describes itself, and is checked against the layer on load.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "packed"
-        if self.mode != "int8" and key in state_dict and state_dict[key].shape != self.packed.shape:
-            self.packed = torch.empty_like(state_dict[key], device=self.packed.device)  # a container has its size
+        parsed = None
+        if self.mode != "int8" and key in state_dict:
+            try:  # before anything changes: a wrong or corrupt weight leaves the layer as it was
+                parsed = self._check_container(state_dict[key], trusted=True)
+            except (ValueError, cc.CupycodecError) as exc:
+                error_msgs.append(f"{key}: {exc}")
+                return
+            if state_dict[key].shape != self.packed.shape:
+                self.packed = torch.empty_like(state_dict[key], device=self.packed.device)  # a container has its size
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if self.mode != "int8" and key in state_dict:
-            self._template = None  # parsed again (and CRC-checked) on first use
-            self._views = {}
+        if parsed is not None:
+            self._set_template(parsed)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import torch
 from .linear import CompressedLinear, check_mode
 from .runtime import DecodeGroup, Runtime, block_hook
 
-__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks"]
+__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install"]
 
 
 @dataclass
@@ -205,20 +206,34 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         reports.append(rep)
         first_of.setdefault(id(m.weight), fqn)
 
-    # everything compressed: now replace, group by block, hook
-    blocks = find_blocks(model)
-    groups, hooks, placed = [], [], set()
-    decoded = [f for f in new if new[f].mode != "int8"]
-    for bfqn, block in blocks:
-        members = [f for f in decoded if f.startswith(bfqn + ".") and f not in placed]
-        if members:
-            groups.append((block, DecodeGroup([new[f] for f in members], name=bfqn)))
-            placed.update(members)
-    groups += [(None, DecodeGroup([new[f]], name=f)) for f in decoded if f not in placed]
-    runtime = Runtime([g for _, g in groups])
+    blocks = install(model, new)  # everything compressed: now replace, group by block, hook
+    if "transformers" in sys.modules:  # a transformers model: give it what save_pretrained needs
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            from . import hf
+
+            hf.attach(model, mode, granularity, group_size, codec)
+    return CompressionReport(mode, reports, time.perf_counter() - t0, skipped, blocks=blocks)
+
+
+def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
+    """Put compressed layers into ``model`` (``fqn -> layer``), group the decoded layers of the model (these and any
+    compressed before) by transformer block under one :class:`Runtime`, and hook the blocks; return the number of
+    blocks hooked. Only Python attributes change, so this cannot stop half-way."""
     for fqn, layer in new.items():
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, CompressedLinear) and m.mode != "int8"]
+    groups, hooks, placed = [], [], set()
+    for bfqn, block in find_blocks(model):
+        members = [m for f, m in decoded if f.startswith(bfqn + ".") and f not in placed]
+        placed.update(f for f, _ in decoded if f.startswith(bfqn + "."))
+        if members:
+            groups.append((block, DecodeGroup(members, name=bfqn)))
+    groups += [(None, DecodeGroup([m], name=f)) for f, m in decoded if f not in placed]
+    runtime = Runtime([g for _, g in groups])
     for gi, (block, _) in enumerate(groups):
         if block is not None:
             hooks.append(block.register_forward_pre_hook(block_hook(runtime, gi)))
@@ -227,8 +242,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         for h in old[1]:
             h.remove()
     model._cupycodec_runtime = (runtime, hooks)  # plain attribute: not a submodule, not in the state dict
-    return CompressionReport(mode, reports, time.perf_counter() - t0, skipped,
-                             blocks=sum(1 for b, _ in groups if b is not None))
+    return sum(1 for b, _ in groups if b is not None)
 
 
 def _progress(items, enabled: bool, mode: str):

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+safetensors = pytest.importorskip("safetensors")
+
+import safetensors.torch  # noqa: E402
 
 import cupycodec as cc  # noqa: E402
 from cupycodec.integrations.torch import CompressedLinear, from_compressed, to_compressed  # noqa: E402
@@ -61,27 +64,42 @@ def test_int8_modes_compute_with_the_reference_weight(mode, granularity):
 @pytest.mark.parametrize("mode", MODES)
 def test_state_dict_round_trip_and_config_checks(mode):
     lin = _linear(bias=False)
-    cl = CompressedLinear.from_linear(lin, mode)
+    cl = CompressedLinear.from_linear(lin, mode, granularity="group", group_size=64)
     sd = cl.state_dict()
-    assert set(sd) == ({"qweight", "scale", "_extra_state"} if mode == "int8" else {"packed", "_extra_state"})
-    again = CompressedLinear(256, 96, bias=False, mode=mode, dtype=torch.bfloat16)
+    assert set(sd) == ({"qweight", "scale"} if mode == "int8" else {"packed"})  # plain tensors: safetensors-ready
+    safetensors.torch.load(safetensors.torch.save(sd))
+    again = CompressedLinear(256, 96, bias=False, mode=mode, granularity="group", group_size=64, dtype=torch.bfloat16)
     again.load_state_dict(sd)
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     assert torch.equal(again(x), cl(x))
-    wrong = CompressedLinear(256, 96, bias=False, mode=mode, dtype=torch.float16)
-    with pytest.raises(ValueError, match="differently configured"):
-        wrong.load_state_dict(sd)
+    if mode == "int8":  # codes and scales: their shapes are all there is to check
+        with pytest.raises(RuntimeError, match="size mismatch for scale"):
+            CompressedLinear(256, 96, bias=False, mode=mode, dtype=torch.bfloat16).load_state_dict(sd)
+        return
+    # a container describes itself: a layer configured otherwise refuses it, and keeps what it had
+    for wrong in (CompressedLinear(256, 96, bias=False, mode=mode, granularity="group", group_size=64,
+                                   dtype=torch.float16),
+                  CompressedLinear(256, 80, bias=False, mode=mode, granularity="group", group_size=64,
+                                   dtype=torch.bfloat16),
+                  CompressedLinear(256, 96, bias=False, mode=mode, granularity="group", group_size=32,
+                                   dtype=torch.bfloat16)):
+        if mode == "lossless" and wrong.group_size == 32:
+            continue  # lossless layers have no INT8 configuration
+        before = wrong.packed.clone()
+        with pytest.raises(RuntimeError, match="packed: the packed weight holds .* build the layer with"):
+            wrong.load_state_dict(sd)
+        assert torch.equal(wrong.packed, before)
 
 
-def test_a_corrupt_packed_weight_is_caught_on_first_use():
+def test_a_corrupt_packed_weight_is_refused_by_load_state_dict():
     cl = CompressedLinear.from_linear(_linear(), "lossless")
     sd = cl.state_dict()
     sd["packed"] = sd["packed"].clone()
     sd["packed"][-3] ^= 0xFF
     again = CompressedLinear(256, 96, mode="lossless", dtype=torch.bfloat16)
-    again.load_state_dict(sd)
-    with pytest.raises(cc.ChecksumError):
-        again(torch.randn(1, 256, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="packed: checksum mismatch"):
+        again.load_state_dict(sd)
+    assert again.packed.numel() == 0  # left as it was
 
 
 def test_bad_input_names_the_fix():
