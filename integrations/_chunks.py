@@ -87,6 +87,9 @@ class ChunkConfig:
     def __setattr__(self, name, value):
         raise AttributeError("ChunkConfig is immutable")
 
+    def __reduce__(self):  # pickles (Dask, multiprocessing) carry the JSON form and validate it again
+        return (_from_json, (self.to_json(),))
+
     def _core_kwargs(self, codec: str, filters: list) -> dict[str, Any]:
         kw: dict[str, Any] = {"codec": codec, "level": self.level, "chunk_nbytes": self.chunk_nbytes,
                               "filters": filters or None, "quantize": self.quantize, "granularity": self.granularity,
@@ -135,6 +138,10 @@ class ChunkConfig:
         return kw
 
 
+def _from_json(config: dict) -> ChunkConfig:
+    return ChunkConfig(**config)
+
+
 def _float_like(dtype) -> bool:
     from cupycodec.dtypes import dtype_name, is_float
 
@@ -179,7 +186,8 @@ def parse_chunk(cfg: ChunkConfig, blob, where: str) -> cc.CompressedArray:
 def check_chunk(c: cc.CompressedArray, shape: tuple, dtype: np.dtype, logical: str | None, where: str) -> None:
     """Raise FormatError unless container ``c`` holds what the array's metadata says this chunk holds."""
     want = np.dtype(logical) if logical is not None else dtype
-    if tuple(c.shape) != tuple(shape) or c.dtype != want:
+    # Byte order is a storage detail (zarr may hand a big-endian array's chunks over in native order): compare types.
+    if tuple(c.shape) != tuple(shape) or c.dtype.newbyteorder("=") != want.newbyteorder("="):
         raise FormatError(f"{where}: the chunk holds {c.dtype} of shape {tuple(c.shape)}, but the array's metadata "
                           f"says {want} of shape {tuple(shape)}; the chunk belongs to another array or was replaced")
 

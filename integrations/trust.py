@@ -51,7 +51,7 @@ class Policy(NamedTuple):
     key: bytes | None = None
 
     def __repr__(self):
-        return f"Policy(trusted={self.trusted!r}, key={None if self.key is None else '<set>'})"
+        return f"Policy(trusted={self.trusted!r}, key={None if self.key is None else '<set>'!r})"
 
     def chunk_trusted(self, declared: bool) -> bool:
         """Whether a chunk whose codec configuration declares ``trusted=declared`` is trusted (no key set)."""
@@ -64,7 +64,7 @@ _policy = Policy()
 
 
 def _checked(trusted, key, base: Policy) -> Policy:
-    if trusted is not _UNSET and trusted not in (False, True, "metadata"):
+    if trusted is not _UNSET and not (trusted is False or trusted is True or trusted == "metadata"):
         raise ValueError(f"trusted must be False, True or 'metadata', got {trusted!r}")
     if key is not _UNSET and key is not None:
         if isinstance(key, str):

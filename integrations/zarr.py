@@ -174,8 +174,9 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
         results = decode_chunks(items, outs, [wheres[i] for i in idx], device) if items else []
         out: list[NDBuffer | None] = [None] * len(bufs)
         for i, nd, arr, o, res in zip(idx, nds, arrs, outs, results):
-            if o is None:
-                arr[...] = res.view(arr.dtype) if res.dtype != arr.dtype else res
+            if o is None:  # assignment converts byte order; a bf16 result goes into its integer array as bits
+                native = arr.dtype.newbyteorder("=")
+                arr[...] = res if res.dtype.newbyteorder("=") == native else res.view(native)
             out[i] = nd
         return out
 
