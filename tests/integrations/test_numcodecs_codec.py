@@ -14,10 +14,10 @@ import ml_dtypes
 import numcodecs
 import numpy as np
 import pytest
-from cupycodec.integrations import trust
-from cupycodec.integrations.numcodecs import Cupycodec
 
 import cupycodec as cc
+from cupycodec.integrations import trust
+from cupycodec.integrations.numcodecs import Cupycodec
 from cupycodec.quant.reference import sqnr
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")

@@ -11,12 +11,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import zarr
-from cupycodec.integrations import trust
-from cupycodec.integrations.numcodecs import Cupycodec
-from cupycodec.integrations.zarr import CupycodecCodec
 from zarr.codecs import ZstdCodec
 
 import cupycodec as cc
+from cupycodec.integrations import trust
+from cupycodec.integrations.numcodecs import Cupycodec
+from cupycodec.integrations.zarr import CupycodecCodec
 from cupycodec.quant.reference import sqnr
 
 RNG = np.random.default_rng(3)
