@@ -27,6 +27,14 @@ _TRUST_HINT = ("; for a store or buffer you wrote yourself, set trusted: true in
                "trust.configure(key=...) (docs/ZARR.md, 'Trust')")
 
 
+def _filter_json(f) -> dict:
+    """A filter config as plain JSON (a mapping, or a cupycodec Filter instance)."""
+    config = f.get_config() if hasattr(f, "get_config") else f
+    if not isinstance(config, Mapping):
+        raise TypeError(f"filters take ids, config mappings or Filter instances, got {type(f).__name__}")
+    return json.loads(json.dumps(dict(config)))
+
+
 def _json_scalar(name: str, value):
     if value is not None and not isinstance(value, (bool, int, float, str)):
         raise TypeError(f"codec option {name}={value!r} is not a JSON scalar")
@@ -61,12 +69,19 @@ class ChunkConfig:
             raise TypeError(f"codec must be a codec id string such as 'zstd' or 'auto', got {codec!r}")
         if not isinstance(trusted, bool):
             raise TypeError(f"trusted must be a bool, got {trusted!r}")
-        if dtype is not None and not isinstance(dtype, str):
-            raise TypeError(f"dtype must be a dtype name such as 'bfloat16', got {dtype!r}")
+        if dtype is not None:
+            if not isinstance(dtype, str):
+                raise TypeError(f"dtype must be a dtype name such as 'bfloat16', got {dtype!r}")
+            import ml_dtypes  # noqa: F401  # "bfloat16" and the float8 names as NumPy dtypes
+
+            try:
+                np.dtype(dtype)
+            except TypeError as exc:
+                raise TypeError(f"dtype={dtype!r} is not a NumPy (or ml_dtypes) dtype name") from exc
         if filters is not None:
             if isinstance(filters, (str, Mapping)) or not isinstance(filters, Sequence):
                 raise TypeError(f"filters must be a list of filter ids or configs, got {filters!r}")
-            filters = tuple(f if isinstance(f, str) else json.loads(json.dumps(dict(f))) for f in filters)
+            filters = tuple(f if isinstance(f, str) else _filter_json(f) for f in filters)
         set_ = object.__setattr__
         set_(self, "codec", codec)
         set_(self, "level", _optional_int("level", level))

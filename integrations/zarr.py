@@ -106,6 +106,11 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
                 raise TypeError(f"dtype={logical!r} reinterprets integer chunks of {want.itemsize} bytes (e.g. "
                                 f"uint{8 * want.itemsize}); this array's data type is {native}")
             name = dtype_name(want)[0]
+        uses_planes = any(f == "byteplane" or (isinstance(f, dict) and f.get("id") == "byteplane")
+                          for f in self.config.filters or ())
+        if uses_planes and native.itemsize not in (2, 4, 8):
+            raise TypeError(f"filters=['byteplane'] splits 2-, 4- or 8-byte words; this array's data type is "
+                            f"{native}: drop the filter")
         if self.config.quantize is not None and name not in _QUANTIZABLE:
             raise TypeError(f"quantize={self.config.quantize!r} takes float32, float16 or bfloat16 chunks, got "
                             f"{name}; store bfloat16 as uint16 with dtype='bfloat16'")

@@ -74,6 +74,13 @@ def test_config_round_trips_through_json(config):
             assert codec.get_config()[key] == value
 
 
+def test_filter_instances_become_their_configs():
+    from cupycodec.filters import Byteplane
+
+    codec = Cupycodec(codec="zstd", filters=[Byteplane(rotate=True)])
+    assert codec.get_config()["filters"] == [{"id": "byteplane", "rotate": True, "version": 1}]
+
+
 def test_get_config_is_canonical_and_from_config_does_not_mutate():
     codec = Cupycodec(codec="zstd", level=3, quantize="int8", granularity="tensor")
     assert codec.get_config() == {"id": "cupycodec", "codec": "zstd", "trusted": False, "level": 3,
@@ -95,6 +102,8 @@ def test_get_config_is_canonical_and_from_config_does_not_mutate():
     ({"codec": ["zstd"]}, TypeError, "codec id string"),
     ({"codec": "zstd", "level": 1.5}, TypeError, "level must be an int"),
     ({"codec": "ans", "data_type": object()}, TypeError, "JSON scalar"),
+    ({"codec": "zstd", "dtype": "bfloat17"}, TypeError, "not a NumPy"),
+    ({"codec": "zstd", "filters": [3]}, TypeError, "filters take ids"),
 ])
 def test_bad_configs_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -213,6 +213,9 @@ def test_data_types_the_codec_cannot_store_are_refused_at_creation():
     with pytest.raises(TypeError, match="reinterprets integer chunks of 2 bytes"):
         zarr.create_array(store={}, shape=(4,), dtype="float32", serializer=CupycodecCodec(dtype="bfloat16"),
                           compressors=None)
+    with pytest.raises(TypeError, match="splits 2-, 4- or 8-byte words"):
+        zarr.create_array(store={}, shape=(4,), dtype="uint8", serializer=CupycodecCodec(filters=["byteplane"]),
+                          compressors=None)
     with pytest.raises(cc.UnknownCodecError):
         CupycodecCodec(codec="nope")
 
