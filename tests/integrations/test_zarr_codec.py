@@ -156,6 +156,15 @@ def test_fill_values_and_missing_chunks(tmp_path):
     assert ints[:].tolist() == [-7, -7, -7, -7, -7, 3, -7, -7, -7, -7]
 
 
+def test_scalar_and_empty_arrays(tmp_path):
+    z = _create(tmp_path / "scalar", (), "float64", ())
+    z[...] = 3.25
+    assert zarr.open_array(str(tmp_path / "scalar"))[...] == 3.25
+    e = _create(tmp_path / "empty", (0, 5), "int16", (2, 5))
+    e[:] = np.zeros((0, 5), np.int16)
+    assert zarr.open_array(str(tmp_path / "empty"))[:].shape == (0, 5)
+
+
 def test_partial_chunks_reads_and_writes(tmp_path):
     x = _data("float64", (203, 117))
     z = _create(tmp_path, x.shape, "float64", (50, 40))
