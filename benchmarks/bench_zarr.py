@@ -318,7 +318,7 @@ def machine(device: str) -> dict:
         "threads": {
             "zarr async.concurrency": zarr.config.get("async.concurrency"),
             "zarr codec_pipeline.batch_size (default)": zarr.config.get("codec_pipeline.batch_size"),
-            "cupycodec CPU pool": cpu.num_threads(),
+            "cupycodec CPU pool": getattr(cpu, "num_threads", os.cpu_count)(),
             "blosc": "1 per chunk (zarr sets numcodecs.blosc.use_threads = False)",
         },
     }

@@ -121,8 +121,10 @@ def test_ans_for_trusted_stores(tmp_path, cp, zarr, zdtype):
 
 
 def test_int8_on_the_gpu_matches_the_cpu(tmp_path, cp, zarr):
+    from cupycodec.integrations import trust
+
     w = (RNG.standard_normal((256, 384)) * 0.02).astype(np.float32)
-    with zarr.config.enable_gpu():
+    with zarr.config.enable_gpu(), trust.settings(trusted=True):  # trusted: nvCOMP and the dequantize kernel
         _create(tmp_path / "gpu", w, chunks=(128, 128), quantize="int8")[:] = cp.asarray(w)
         on_gpu = zarr.open_array(str(tmp_path / "gpu"))[:].get()
     _create(tmp_path / "cpu", w, chunks=(128, 128), quantize="int8")[:] = w
