@@ -110,7 +110,7 @@ def test_bad_configs_fail_at_construction(kwargs, error, match):
         Cupycodec(**kwargs)
 
 
-def test_registry_lookup_in_a_fresh_interpreter():
+def test_registry_lookup_in_a_fresh_interpreter(tmp_path):
     # The entry point exists only for an installed cupycodec (pip install -e . here; pip install . in CI).
     eps = entry_points(group="numcodecs.codecs", name="cupycodec")
     assert eps, 'cupycodec is not installed, so its numcodecs entry point is missing: pip install -e ".[test]"'
@@ -124,7 +124,9 @@ def test_registry_lookup_in_a_fresh_interpreter():
         "heavy = {'torch', 'cupy', 'zarr', 'dask'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # run elsewhere: `python -c` puts the working directory first on sys.path, and the source tree's cupycodec/
+    # has no integrations/ (the installed package maps it in)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 def test_decode_returns_the_logical_array_and_keeps_bfloat16():

@@ -85,7 +85,7 @@ def test_registry_lookup_in_a_fresh_interpreter(tmp_path):
         "assert type(z.metadata.codecs[0]).__module__ == 'cupycodec.integrations.zarr'\n"
         "np.testing.assert_array_equal(z[:], np.arange(1000.0).reshape(10, 100))\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # not the source tree (see numcodecs')
     assert zarr.registry.get_codec_class("cupycodec") is CupycodecCodec
 
 
