@@ -143,6 +143,9 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
         decoded = await asyncio.to_thread(self._decode_batch, fetched, [s for _, _, s in batch], wheres)
         return [None if nd is None else nd[sel] for nd, (_, sel, _) in zip(decoded, batch)]
 
+    # No _decode_sync/_encode_sync on purpose: with them, zarr >= 3.3's FusedCodecPipeline would decode chunk by
+    # chunk in its thread pool; without them it hands every chunk of a read to decode_partial at once.
+
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         return (await self.encode([(chunk_array, chunk_spec)]))[0]
 
