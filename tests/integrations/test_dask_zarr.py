@@ -1,0 +1,37 @@
+"""examples/dask_zarr.py on a LocalCluster of worker processes: 256 MiB of float32 into a Zarr store and back."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import zarr
+from dask.distributed import Client, LocalCluster
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "examples", "dask_zarr.py")
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("dask_zarr_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dask_local_cluster_round_trip(tmp_path, example):
+    store = str(tmp_path / "field.zarr")
+    # Worker processes (not threads): each one unpickles the codec and imports cupycodec on its own.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster):
+        result = example.run(store, 256)
+    assert result["ok"]
+    assert result["nbytes"] == 256 * 2**20 and result["chunks"] == 64
+    assert result["ratio"] > 1.3
+    z = zarr.open_array(store)
+    assert z.metadata.codecs[0].to_dict()["name"] == "cupycodec"
+    assert z[5000:5003, 7].tobytes() == example._field_block({None: {"array-location": [(5000, 5003), (7, 8)]}}) \
+        .tobytes()
+    assert np.isfinite(z[-1, -1])
