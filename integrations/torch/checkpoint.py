@@ -1,0 +1,600 @@
+"""Compressed checkpoints: :func:`save_compressed` and :func:`load_compressed`, safetensors files and no pickle.
+
+A checkpoint (format version 1) is a directory, written the same way by :func:`save_compressed` and by
+transformers' ``save_pretrained`` (:mod:`.hf`):
+
+* ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``
+  (Hugging Face's names), and for a transformers model its ``config.json`` with a ``quantization_config``;
+* the tensors, named as in the model's state dict:
+
+  - ``<layer>.packed``: a :class:`CompressedLinear`'s container payload (uint8; lossless and int8+entropy);
+  - ``<layer>.qweight``, ``<layer>.scale``: an int8 layer's codes and scales as they are;
+  - every other parameter and persistent buffer (embeddings, norms, biases, an uncompressed output head): a
+    lossless container's payload (uint8; byte planes + zstd, never larger than the tensor);
+
+* in every shard's metadata, ``cupycodec``: JSON with the format version, a checkpoint id, the fingerprint of the
+  key the containers are signed with (if any), each compressed layer's configuration, and per tensor its role and
+  either its container's prelude and header (base64) or, for codes and scales, its CRC32.
+
+Loading checks everything the metadata says against the model before it reads a payload byte, reads the shards
+through a memory map one tensor at a time (its CRCs checked, its pages dropped once used), puts each tensor on the
+target device, and changes the model only when every tensor has been read: an error leaves the model as it was.
+
+Checkpoints are untrusted unless the caller vouches for them (``trusted=True``) or they are signed with a key the
+caller holds: by default this user's key (:mod:`._signing`), which :func:`save_compressed` signs with, so a
+checkpoint saved here loads here as trusted. Untrusted containers decode only through decoders hardened against
+crafted input (CPU zstd and the like), never through nvCOMP, so a crafted file cannot crash the CUDA context.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import cupycodec as cc
+from cupycodec import registry
+from cupycodec.backends.cpu import crc32
+from cupycodec.container import check_mac, header_json
+from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
+
+from . import _signing
+from ._shards import INDEX, WEIGHTS, ShardFile, write_shards
+from .dlpack import dtype_name
+from .linear import MODES, CompressedLinear
+from .model import install
+
+__all__ = ["FORMAT_VERSION", "load_compressed", "save_compressed"]
+
+FORMAT_VERSION = 1
+META_KEY = "cupycodec"
+ROLES = ("packed", "plain", "dense")
+# An empty tensor whose name transformers lists among the unexpected keys when it reads a checkpoint without knowing
+# cupycodec (its other keys then fail to load, with a size mismatch), so the report says what to do.
+SENTINEL = "cupycodec checkpoint: import cupycodec.integrations before from_pretrained, pip install cupycodec"
+
+
+# -- what a checkpoint holds ----------------------------------------------------------------------------------------
+
+
+def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of ``model``'s checkpoint (the files' contents before sharding). Tensors stay where
+    they are (a device payload is copied to the host when its shard is written); non-layer tensors are compressed
+    losslessly on the CPU here."""
+    layers = {fqn: m for fqn, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    table: dict = {"format_version": FORMAT_VERSION, "checkpoint": secrets.token_hex(8),
+                   "signed_by": _signing.fingerprint(key) if key is not None else None,
+                   "layers": {fqn: m.config() for fqn, m in layers.items()}, "tensors": {}, "aliases": {}}
+    tensors: dict[str, torch.Tensor] = {}
+    first: dict = {}  # identity of a tensor's bytes -> the first key holding them
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name!r} in the state dict is a {type(t).__name__}; checkpoints hold tensors only")
+        if t.device.type == "meta":
+            raise ValueError(f"{name!r} is on the meta device (offloaded?); move the model to a real device first")
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                 t.dtype)
+        if ident in first and t.numel():
+            table["aliases"][name] = first[ident]  # a tied weight: stored once
+            continue
+        first[ident] = name
+        owner, _, attr = name.rpartition(".")
+        layer = layers.get(owner)
+        if layer is not None and attr == "packed":
+            c = layer._container(t.device)
+            prefix = c.header_bytes(key=key)
+            tensors[name] = t.detach()[len(c._prefix):]
+            table["tensors"][name] = {"role": "packed", "header": base64.b64encode(prefix).decode()}
+        elif layer is not None and attr in ("qweight", "scale"):
+            tensors[name] = t.detach()
+            table["tensors"][name] = {"role": "plain", "crc32": _crc(t.detach())}
+        else:
+            c = cc.compress(t.detach().to("cpu"), codec="auto")  # CPU codecs: hardened decoders read them anywhere
+            tensors[name] = torch.from_numpy(np.frombuffer(c.host_payload(), np.uint8).copy())
+            table["tensors"][name] = {"role": "dense",
+                                      "header": base64.b64encode(c.header_bytes(key=key)).decode()}
+    tensors[SENTINEL] = torch.zeros(0, dtype=torch.uint8)
+    return tensors, {META_KEY: json.dumps(table, sort_keys=True, separators=(",", ":"))}
+
+
+def _crc(t: torch.Tensor) -> int:
+    host = t.detach().to("cpu").contiguous()
+    return crc32(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else 0
+
+
+@dataclass
+class _Table:
+    """A checkpoint's metadata, checked: what the loader knows before reading a payload byte."""
+
+    version: int
+    checkpoint: str
+    signed_by: str | None
+    layers: dict
+    tensors: dict
+    aliases: dict
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> _Table:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{where}: the {META_KEY!r} metadata is not valid JSON ({exc})") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("format_version"), int):
+            raise FormatError(f"{where}: the {META_KEY!r} metadata has no format_version")
+        if obj["format_version"] > FORMAT_VERSION:
+            raise UnsupportedVersionError(f"{where}: checkpoint format", obj["format_version"], FORMAT_VERSION)
+        for field, kind in (("checkpoint", str), ("layers", dict), ("tensors", dict), ("aliases", dict)):
+            if not isinstance(obj.get(field), kind):
+                raise FormatError(f"{where}: the {META_KEY!r} metadata lacks {field!r}")
+        for fqn, cfg in obj["layers"].items():
+            mode = cfg.get("mode") if isinstance(cfg, dict) else None
+            if mode not in MODES:
+                raise ValueError(f"{where}: layer {fqn!r} has mode {mode!r}, which this cupycodec does not know "
+                                 f"({', '.join(MODES)}); upgrade cupycodec")
+        for name, entry in obj["tensors"].items():
+            if not isinstance(entry, dict) or entry.get("role") not in ROLES:
+                raise FormatError(f"{where}: tensor {name!r} has no valid role in the metadata")
+        return cls(obj["format_version"], obj["checkpoint"], obj.get("signed_by"), obj["layers"], obj["tensors"],
+                   obj["aliases"])
+
+
+def _prefix(entry: dict, where: str) -> bytes:
+    try:
+        return base64.b64decode(entry["header"], validate=True)
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise FormatError(f"{where}: its container header in the metadata is not valid base64") from exc
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """A checkpoint directory's files and metadata, opened and checked (no payload read yet)."""
+
+    def __init__(self, directory):
+        self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"{self.directory!r} is not a directory (a checkpoint is a directory of "
+                                    "safetensors files)")
+        self.files = self._files()
+        self.shards: dict[str, ShardFile] = {}
+        self.where: dict[str, str] = {}  # tensor -> file name
+        table = None
+        try:
+            for name in self.files:
+                shard = self.shards[name] = ShardFile(os.path.join(self.directory, name))
+                text = shard.metadata.get(META_KEY)
+                if text is None:
+                    raise FormatError(f"{shard.path} is not a cupycodec checkpoint (its metadata has no "
+                                      f"{META_KEY!r}); load it with transformers or safetensors")
+                t = _Table.parse(text, shard.path)
+                if table is None:
+                    table = t
+                elif t.checkpoint != table.checkpoint:
+                    raise FormatError(f"{shard.path} belongs to another save than {self.files[0]} (checkpoint ids "
+                                      f"{t.checkpoint} and {table.checkpoint}): an interrupted save? Save again")
+                for tensor in shard.tensors:
+                    if tensor == SENTINEL:
+                        continue
+                    if tensor in self.where:
+                        raise FormatError(f"tensor {tensor!r} is in both {self.where[tensor]} and {name}")
+                    self.where[tensor] = name
+        except BaseException:
+            self.close()
+            raise
+        self.table: _Table = table  # type: ignore[assignment]
+        stored, listed = set(self.where), set(self.table.tensors)
+        if stored != listed:
+            odd = sorted(stored ^ listed)[:5]
+            raise FormatError(f"{self.directory}: the files hold tensors {sorted(stored - listed)[:5]} that the "
+                              f"metadata does not list, or lack {sorted(listed - stored)[:5]} ({odd})")
+
+    def _files(self) -> list[str]:
+        index = os.path.join(self.directory, INDEX)
+        if os.path.exists(index):
+            with open(index, "rb") as f:
+                try:
+                    wm = json.load(f)["weight_map"]
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise FormatError(f"{index}: not a safetensors index (no weight_map)") from exc
+            names = sorted(set(wm.values()))
+            for n in names:
+                if not isinstance(n, str) or os.path.basename(n) != n:
+                    raise FormatError(f"{index}: names a shard {n!r} outside the checkpoint directory")
+                if not os.path.exists(os.path.join(self.directory, n)):
+                    raise FileNotFoundError(f"shard {n} is missing from {self.directory} (listed in {INDEX}); "
+                                            "copy the whole checkpoint directory")
+            return names
+        if not os.path.exists(os.path.join(self.directory, WEIGHTS)):
+            raise FileNotFoundError(f"{self.directory} holds neither {WEIGHTS} nor {INDEX}: not a checkpoint")
+        return [WEIGHTS]
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            shard.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _trust(table: _Table, trusted: bool, key) -> bytes | None:
+    """The key to check MACs with, or None when the checkpoint is trusted as it is or untrusted."""
+    if not isinstance(trusted, bool):
+        raise TypeError(f"trusted must be a bool, got {trusted!r}")
+    if trusted:
+        return None
+    if key is not None:
+        if table.signed_by is None:
+            raise AuthenticationError("this checkpoint is not signed, so key= cannot vouch for it (load it with "
+                                      "trusted=True if you trust where it came from)")
+        if _signing.fingerprint(key) != table.signed_by:
+            raise AuthenticationError("this checkpoint is signed with another key than the one given")
+        return bytes(key)
+    mine = _signing.local_key(create=False)
+    if mine is not None and table.signed_by == _signing.fingerprint(mine):
+        return mine
+    return None
+
+
+def _untrusted(message: str) -> UntrustedError:
+    exc = UntrustedError("nvCOMP")
+    exc.args = (message,)
+    return exc
+
+
+def _untrusted_codec(prefix: bytes, where: str) -> str | None:
+    obj = header_json(prefix)
+    for seg in obj.get("segments", []):
+        cid = seg.get("codec", {}).get("id") if isinstance(seg, dict) and isinstance(seg.get("codec"), dict) \
+            else None
+        try:
+            codec = registry.get_codec(cid) if isinstance(cid, str) else None
+        except cc.UnknownCodecError as exc:
+            raise FormatError(f"{where}: {exc}") from exc
+        if codec is None or not getattr(codec, "untrusted_ok", False):
+            return str(cid)
+    return None
+
+
+@dataclass
+class _Plan:
+    """What goes where: checked against the model before any payload is read."""
+
+    layers: dict  # fqn -> CompressedLinear config
+    dense: dict  # key -> (shape, dtype) in the model
+    order: list  # (file, key) in file order
+
+
+def _plan(ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, trusted: bool, strict: bool) -> _Plan:
+    table = ckpt.table
+    state = model.state_dict(keep_vars=True)
+    layer_keys, dense = set(), {}
+    for fqn, cfg in table.layers.items():
+        where = f"{ckpt.directory}: layer {fqn!r}"
+        try:
+            probe = CompressedLinear.from_config(cfg, device="meta")
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"{where} is not in this {type(model).__name__} (a checkpoint of another model?)") \
+                from None
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if not isinstance(module, torch.nn.Linear | CompressedLinear) or \
+                (module.in_features, module.out_features) != (probe.in_features, probe.out_features) or \
+                (module.bias is not None) != (probe.bias is not None):
+            got = f"{type(module).__name__}({getattr(module, 'in_features', '?')}, " \
+                  f"{getattr(module, 'out_features', '?')}, bias={getattr(module, 'bias', None) is not None})"
+            raise ValueError(f"{where} holds a Linear({probe.in_features}, {probe.out_features}, "
+                             f"bias={probe.bias is not None}); the model has {got} there")
+        for attr, t in probe.state_dict(keep_vars=True).items():
+            name = f"{fqn}.{attr}"
+            layer_keys.add(name)
+            if name in table.aliases:
+                continue  # the same tensor as another layer's (a tied weight): checked there
+            if name not in table.tensors:
+                raise FormatError(f"{where}: the checkpoint lacks {name!r}")
+            _check_stored(ckpt, name, t, attr, trusted, device, probe)
+            if attr == "bias":
+                dense[name] = (tuple(t.shape), t.dtype)
+    for name, entry in table.tensors.items():
+        if name in layer_keys:
+            continue
+        where = f"{ckpt.where[name]}: tensor {name!r}"
+        if entry["role"] != "dense":
+            raise FormatError(f"{where} is a {entry['role']!r} tensor of no compressed layer in the metadata")
+        target = state.get(name)
+        if target is None:
+            raise ValueError(f"{where} is not in this {type(model).__name__}'s state dict (a checkpoint of another "
+                             "model?)")
+        _check_stored(ckpt, name, target, None, trusted, device, None)
+        dense[name] = (tuple(target.shape), target.dtype)
+    for alias, src in table.aliases.items():
+        if src not in table.tensors or (alias not in state and alias not in layer_keys):
+            raise FormatError(f"{ckpt.directory}: alias {alias!r} -> {src!r} names a tensor that is not there")
+    if strict:
+        covered = layer_keys | set(dense) | set(table.aliases)
+        prefixes = tuple(f + "." for f in table.layers)
+        missing = [k for k in state if k not in covered and not k.startswith(prefixes)]
+        if missing:
+            raise ValueError(f"{ckpt.directory} lacks {len(missing)} tensors of this {type(model).__name__}: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (pass strict=False to keep the "
+                             "model's own)")
+    order = sorted((ckpt.where[n], ckpt.shards[ckpt.where[n]].tensors[n].start, n) for n in table.tensors)
+    return _Plan(dict(table.layers), dense, [(f, n) for f, _, n in order])
+
+
+def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str | None, trusted: bool,
+                  device: torch.device, layer: CompressedLinear | None) -> None:
+    """Check what the file and metadata say of tensor ``name`` against ``target`` (the model's, or a layer's own
+    buffer for ``attr``), and that it can be decoded under this trust."""
+    file = ckpt.where[name]
+    where = f"{file}: tensor {name!r}"
+    entry, info = ckpt.table.tensors[name], ckpt.shards[file].tensors[name]
+    role = entry["role"]
+    want_role = {"packed": "packed", "qweight": "plain", "scale": "plain"}.get(attr or "", "dense")
+    if role != want_role:
+        raise FormatError(f"{where} is stored as {role!r}, expected {want_role!r}")
+    if role == "plain":
+        if info.dtype != target.dtype or info.shape != tuple(target.shape):
+            raise ValueError(f"{where} is {dtype_name(info.dtype)}{list(info.shape)}; the model expects "
+                             f"{dtype_name(target.dtype)}{list(target.shape)}")
+        if not isinstance(entry.get("crc32"), int):
+            raise FormatError(f"{where}: its CRC32 is missing from the metadata")
+        return
+    if info.dtype != torch.uint8 or len(info.shape) != 1:
+        raise FormatError(f"{where}: a container payload is a 1-D uint8 tensor, the file holds "
+                          f"{dtype_name(info.dtype)}{list(info.shape)}")
+    prefix = _prefix(entry, where)
+    try:
+        head = header_json(prefix)
+        arr = head["array"]
+        shape, dt = tuple(arr["shape"]), arr["dtype"]
+    except (cc.FormatError, KeyError, TypeError) as exc:
+        raise FormatError(f"{where}: its container header is not valid ({exc})") from exc
+    if role == "packed":
+        target = torch.empty((layer.out_features, layer.in_features), dtype=layer.weight_dtype, device="meta")
+    if shape != tuple(target.shape) or dt != dtype_name(target.dtype):
+        raise ValueError(f"{where} holds {dt}{list(shape)}; the model expects {dtype_name(target.dtype)}"
+                         f"{list(target.shape)}")
+    if not trusted:
+        bad = _untrusted_codec(prefix, where)
+        if bad is not None or (role == "packed" and device.type == "cuda"):
+            how = f"its codec {bad!r} has no decoder hardened against crafted input" if bad else \
+                "a compressed layer on a GPU decodes through nvCOMP, which is not hardened against crafted input"
+            raise _untrusted(f"{where}: the checkpoint is untrusted (not signed with your key) and {how}. If you "
+                             "trust its source, pass trusted=True (from_pretrained: quantization_config="
+                             "CupycodecConfig(trusted=True)); if you hold the key it was signed with, pass key=it")
+
+
+def _read(ckpt: Checkpoint, plan: _Plan, device: torch.device, trusted: bool, key, progress: bool) -> dict:
+    """Every tensor on ``device``, CRCs checked (MACs too under a key): name -> tensor (and the packed layers'
+    containers under ``("template", fqn)``)."""
+    out: dict = {}
+    items = plan.order
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="loading", unit="tensor")
+    for file, name in items:
+        shard = ckpt.shards[file]
+        view = shard.tensor(name)
+        try:
+            got = _materialize_host(name, ckpt.table.tensors[name], view, trusted, key, plan,
+                                    f"{shard.path}: tensor {name!r}")
+            for k, v in got.items():
+                if isinstance(v, torch.Tensor):  # to the device; off the memory map either way
+                    shares = v.numel() and v.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+                    v = v.to(device, copy=bool(shares))
+                out[k] = v
+        finally:
+            del view
+            shard.release(name)
+    return out
+
+
+def _named(exc: BaseException, where: str) -> BaseException:
+    """``exc`` (same type and attributes) with ``where`` in front of its message."""
+    exc.args = (f"{where}: {exc}",)
+    return exc
+
+
+def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool, key, plan: _Plan,
+                      where: str) -> dict:
+    """Check one stored tensor (its bytes as read, on the host) and make what the model holds of it, on the host:
+    ``{name: tensor}``, and for a packed layer its container under ``("template", layer)``. Errors name ``where``."""
+    try:
+        if entry["role"] == "plain":
+            got = _crc(host)
+            if got != entry["crc32"]:
+                raise cc.ChecksumError(name, entry["crc32"], got)
+            return {name: host}
+        if host.dtype != torch.uint8 or host.dim() != 1:
+            raise FormatError(f"a container payload is a 1-D uint8 tensor, got {host.dtype} {list(host.shape)}")
+        payload = host.numpy()
+        c = cc.CompressedArray.from_parts(_prefix(entry, where), payload, trusted=trusted).verify()
+        if key is not None:  # after the CRCs: an accident reads as a checksum error, a forgery as a bad MAC
+            check_mac(key, c._header, payload)
+        if entry["role"] == "packed":
+            fqn = name.rpartition(".")[0]
+            CompressedLinear.from_config(plan.layers[fqn], device="meta")._expect(c)
+            prefix = c._prefix
+            packed = torch.empty(len(prefix) + payload.size, dtype=torch.uint8)
+            packed[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+            packed[len(prefix) :] = host
+            return {name: packed, ("template", fqn): c.without_payload()}
+        shape, dtype = plan.dense[name]
+        out = torch.empty(shape, dtype=dtype)
+        cc.decompress(c, out=out)  # hardened CPU decoders, whatever the trust: these tensors are small
+        return {name: out}
+    except (cc.CupycodecError, ValueError) as exc:
+        raise _named(exc, where) from None
+
+
+def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, device: torch.device) -> None:
+    """Put what was read into ``model`` (Python attribute changes only)."""
+    def get(name):
+        return loaded[aliases.get(name, name)]
+
+    new = {}
+    for fqn, cfg in plan.layers.items():
+        layer = CompressedLinear.from_config(cfg, device="meta")
+        for attr in list(layer._buffers):
+            layer._buffers[attr] = get(f"{fqn}.{attr}")
+        if layer.bias is not None:
+            layer.bias = torch.nn.Parameter(get(f"{fqn}.bias"), requires_grad=False)
+        src = aliases.get(f"{fqn}.packed", f"{fqn}.packed").rpartition(".")[0]
+        if ("template", src) in loaded:
+            layer._set_template(loaded[("template", src)])
+        new[fqn] = layer
+    layer_keys = {f"{fqn}.{a}" for fqn, layer in new.items() for a in layer.state_dict()}
+    for name in [*plan.dense, *(a for a in aliases if a not in layer_keys)]:
+        if name in layer_keys:
+            continue  # a layer's bias: set above
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if name in plan.dense:
+            value = loaded[name]
+        else:  # an alias: the very tensor its source now is
+            src_owner, _, src_attr = aliases[name].rpartition(".")
+            src_module = new.get(src_owner) or (model.get_submodule(src_owner) if src_owner else model)
+            value = getattr(src_module, src_attr)
+        if attr in module._parameters:
+            old = module._parameters[attr]
+            if not isinstance(value, torch.nn.Parameter):
+                value = torch.nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+            module._parameters[attr] = value
+        else:
+            module._buffers[attr] = value
+    install(model, new)
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    left += [f"{n} (buffer)" for n, t in model.named_buffers() if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"after loading, {left[:5]} are still on the meta device; build the model on a real device, "
+                         "or load a transformers checkpoint with load_compressed(directory) / from_pretrained")
+
+
+# -- the API ---------------------------------------------------------------------------------------------------------
+
+
+def _shard_nbytes(size) -> int:
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size must be a byte count or a size like '5GB' or '500MiB', got {size!r}")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "KMGT".index(unit[0]) * base)
+
+
+def save_compressed(model: torch.nn.Module, directory, *, max_shard_size="5GB", key=None) -> list[str]:
+    """Write ``model`` (compressed by :func:`compress_model`) to ``directory`` as a compressed checkpoint.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Its :class:`CompressedLinear` layers are stored as they are; every other parameter and persistent buffer is
+        compressed losslessly. A transformers model also gets its ``config.json`` (with a ``quantization_config``)
+        and ``generation_config.json``, so ``from_pretrained`` reads the directory.
+    directory : str or PathLike
+        Created if needed. Files of an earlier checkpoint there are replaced; other files are left alone.
+    max_shard_size : int or str
+        Largest shard, in bytes or as ``"5GB"`` / ``"500MiB"``; a larger tensor gets a shard of its own.
+    key : bytes, False or None
+        The secret to sign the containers with: by default this user's key (created on first use, see
+        :mod:`cupycodec.integrations.torch._signing`), so the checkpoint loads here as trusted; ``False`` for none.
+
+    Returns the names of the files written. Each file is written atomically.
+    """
+    if key is None:
+        key = _signing.local_key(create=True)
+    elif key is False:
+        key = None
+    max_nbytes = _shard_nbytes(max_shard_size)
+    tensors, metadata = checkpoint_state(model, key=key)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    table = json.loads(metadata[META_KEY])
+    names = write_shards(directory, tensors, {"format": "pt", **metadata}, max_nbytes,
+                         {"cupycodec_checkpoint": table["checkpoint"]})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        from . import hf
+
+        names += hf.write_configs(model, directory, table)
+    return names
+
+
+def load_compressed(directory, model: torch.nn.Module | None = None, *, device=None, trusted: bool = False,
+                    key=None, strict: bool = True, progress: bool = True) -> torch.nn.Module:
+    """Load a checkpoint written by :func:`save_compressed` (or ``save_pretrained``) and return the model.
+
+    Parameters
+    ----------
+    directory : str or PathLike
+    model : torch.nn.Module, optional
+        The model to load into (its Linear layers are replaced by the checkpoint's compressed ones, its other
+        tensors by the checkpoint's). Build it on the meta device (``with torch.device("meta"): ...``) so that it
+        never holds uncompressed weights. Without it, a transformers checkpoint is loaded through
+        ``from_pretrained``.
+    device : str or torch.device, optional
+        Where the tensors go: default the model's device, else CUDA when available, else the CPU.
+    trusted : bool
+        Vouch for the checkpoint: its containers may then reach nvCOMP's decoders.
+    key : bytes, optional
+        The key the checkpoint was signed with (default: this user's, when it signed it); its MACs are checked.
+    strict : bool
+        Require the checkpoint to cover every tensor of the model's state dict.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Raises
+    ------
+    FileNotFoundError
+        A missing directory or shard (named).
+    cupycodec.FormatError
+        A truncated, corrupt (:class:`~cupycodec.ChecksumError`) or newer (:class:`~cupycodec.UnsupportedVersionError`)
+        file, naming the file and the tensor.
+    ValueError
+        A tensor or layer that does not match the model, or a layer mode this version does not know (named).
+    cupycodec.UntrustedError, cupycodec.AuthenticationError
+        An untrusted checkpoint that would need nvCOMP, or a key that does not match.
+
+    The model changes only once every tensor has been read.
+    """
+    directory = os.fspath(directory)
+    if model is None:
+        from . import hf
+
+        return hf.from_pretrained(directory, device=device, trusted=trusted, key=key)
+    device = _device(device, model)
+    t0 = time.perf_counter()
+    with Checkpoint(directory) as ckpt:
+        mac_key = _trust(ckpt.table, trusted, key)
+        trust = trusted or mac_key is not None
+        plan = _plan(ckpt, model, device, trust, strict)
+        loaded = _read(ckpt, plan, device, trust, mac_key, progress)
+    _install(model, plan, loaded, ckpt.table.aliases, device)
+    model._cupycodec_load_seconds = time.perf_counter() - t0
+    return model
+
+
+def _device(device, model: torch.nn.Module) -> torch.device:
+    if device is None:
+        real = next((t.device for t in model.state_dict().values() if t.device.type != "meta"), None)
+        device = real or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device

@@ -1,0 +1,457 @@
+"""Hugging Face transformers: ``CupycodecConfig`` and its quantizer, through transformers' quantizer plugin API.
+
+* ``from_pretrained(bf16_dir, quantization_config=CupycodecConfig(mode="int8"))`` compresses while loading: the
+  chosen Linear layers become :class:`CompressedLinear` on the meta device before any weight is read, and each
+  weight is compressed as it arrives (per-tensor conversion), so the model never holds its uncompressed weights.
+* ``model.save_pretrained(out)`` writes the compressed checkpoint of :mod:`.checkpoint`, with ``quantization_config``
+  (``quant_method: "cupycodec"``) in ``config.json``.
+* ``from_pretrained(out)`` reads it back: the layers are built from the checkpoint's metadata, and every tensor goes
+  through a conversion that checks its CRCs (and MACs) on the host before it reaches the device.
+
+Registered with transformers when :mod:`cupycodec.integrations.torch` is imported (``import cupycodec.integrations``
+arranges that too). A checkpoint that is not signed with this user's key loads only through hardened decoders
+unless ``CupycodecConfig(trusted=True)`` (or ``key=``) is passed to ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import warnings
+
+import torch
+
+from cupycodec.errors import UnsupportedVersionError
+
+from . import _signing
+from .checkpoint import FORMAT_VERSION, SENTINEL, Checkpoint, _materialize_host, _plan, _trust, checkpoint_state
+from .linear import CompressedLinear, check_mode, default_codec
+from .model import CompressionReport, LayerReport, _is_linear, _sqnr, install
+
+from transformers.quantizers import HfQuantizer  # isort: skip
+from transformers.quantizers.auto import (  # isort: skip
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin  # isort: skip
+
+try:  # transformers >= 5: per-tensor conversions
+    from transformers.core_model_loading import ConversionOps, WeightConverter
+except ImportError as exc:  # pragma: no cover - transformers 4.x
+    raise ImportError("cupycodec's transformers integration needs transformers >= 5 (per-tensor weight "
+                      "conversions): pip install -U transformers") from exc
+
+__all__ = ["QUANT_METHOD", "CupycodecConfig", "CupycodecHfQuantizer", "compress_checkpoint", "from_pretrained",
+           "register"]
+
+QUANT_METHOD = "cupycodec"
+
+
+class CupycodecConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of cupycodec models.
+
+    Parameters
+    ----------
+    mode : {"lossless", "int8", "int8+entropy"}
+        How Linear weights are held (see :class:`CompressedLinear`).
+    granularity, group_size
+        INT8 scales: per output channel, or per ``group_size`` inputs.
+    codec : str, optional
+        Codec of the lossless and int8+entropy payloads (default: ANS on a GPU, zstd-based on a CPU).
+    modules_to_convert : list of str, optional
+        Regular expressions: compress only the Linear layers whose name one of them matches (``re.search``).
+    modules_to_not_convert : list of str, optional
+        Linear layers to leave alone (names, prefixes or patterns, as transformers' other quantizers take them), in
+        addition to the output head and weights tied to embeddings.
+    trusted, key
+        Loading only, never saved: vouch for a checkpoint, or give the key it was signed with (see
+        :func:`~cupycodec.integrations.torch.load_compressed`).
+    """
+
+    def __init__(self, mode: str = "int8", granularity: str = "channel", group_size: int = 128,
+                 codec: str | None = None, modules_to_convert: list[str] | None = None,
+                 modules_to_not_convert: list[str] | None = None,
+                 format_version: int = FORMAT_VERSION, trusted: bool = False, key=None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+            raise UnsupportedVersionError("cupycodec checkpoint format (quantization_config)", format_version,
+                                          FORMAT_VERSION)
+        try:
+            self.mode = check_mode(mode)
+        except ValueError as exc:
+            raise ValueError(f"quantization_config: {exc} (a checkpoint from a newer cupycodec? upgrade it)") \
+                from None
+        if granularity not in ("channel", "group"):
+            raise ValueError(f"quantization_config: granularity must be 'channel' or 'group', got {granularity!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"quantization_config: group_size must be a positive int, got {group_size!r}")
+        for name, value in (("modules_to_convert", modules_to_convert),
+                            ("modules_to_not_convert", modules_to_not_convert)):
+            if value is not None and not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
+                raise ValueError(f"quantization_config: {name} must be a list of module names or patterns")
+        for pattern in modules_to_convert or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"quantization_config: modules_to_convert pattern {pattern!r}: {exc}") from None
+        self.granularity, self.group_size, self.codec = granularity, group_size, codec
+        self.modules_to_convert, self.modules_to_not_convert = modules_to_convert, modules_to_not_convert
+        self.format_version = FORMAT_VERSION
+        self.trusted, self.key = trusted, key
+        kwargs.pop("quant_method", None)  # from config.json; anything else is from a newer writer: ignored
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "mode": self.mode, "granularity": self.granularity,
+                "group_size": self.group_size, "codec": self.codec, "modules_to_convert": self.modules_to_convert,
+                "modules_to_not_convert": self.modules_to_not_convert, "format_version": self.format_version}
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
+    def get_loading_attributes(self) -> dict:
+        return {"trusted": self.trusted, "key": self.key}
+
+    def __repr__(self):
+        return f"CupycodecConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'quant_method')})"
+
+
+class _Same(ConversionOps):
+    """The reverse of a loading conversion: nothing (a checkpoint is saved from the model's own tensors)."""
+
+    def convert(self, input_dict, **kwargs):
+        return input_dict
+
+
+class _Op(ConversionOps):
+    """A conversion that holds the quantizer; deep copies (one per tensor, by transformers) share it."""
+
+    def __init__(self, quantizer: CupycodecHfQuantizer):
+        self.quantizer = quantizer
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _Same()
+
+
+class _Compress(_Op):
+    """bf16 weight in, compressed layer buffers out (compress-while-loading)."""
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
+        fqn = full_layer_name.rpartition(".")[0]
+        layer = model.get_submodule(fqn)
+        cfg = self.quantizer.quantization_config
+        placeholder = layer._parameters["weight"]
+        if value.dtype != layer.weight_dtype:
+            value = value.to(layer.weight_dtype)
+        try:
+            layer._compress(value, cfg.codec or default_codec(layer.mode, value.device), value.device)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise type(exc)(f"layer {fqn!r}: {exc}") from exc
+        rep = LayerReport(fqn, (layer.out_features, layer.in_features), value.numel() * value.element_size(),
+                          layer.compressed_nbytes)
+        if layer.mode != "lossless":
+            rep.sqnr_db = _sqnr(value, layer)
+        self.quantizer._reports.append(rep)
+        # the layer's buffers, so that transformers counts them loaded; the meta placeholder likewise (dropped later)
+        out = {f"{fqn}.{k}": b for k, b in layer._buffers.items()}
+        out[full_layer_name] = placeholder
+        return out
+
+
+class _Load(_Op):
+    """A checkpoint tensor in (on the host), checked (CRCs, MACs) and made ready for the model, out."""
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
+        q = self.quantizer
+        ckpt = q._ckpt
+        where = f"{os.path.join(ckpt.directory, ckpt.where.get(full_layer_name, '?'))}: tensor {full_layer_name!r}"
+        out = _materialize_host(full_layer_name, ckpt.table.tensors[full_layer_name], value, q._trusted, q._mac_key,
+                                q._plan, where)
+        template = next((v for k, v in out.items() if isinstance(k, tuple)), None)
+        if template is not None:
+            model.get_submodule(full_layer_name.rpartition(".")[0])._set_template(template)
+        return {k: v for k, v in out.items() if isinstance(k, str)}
+
+
+class CupycodecHfQuantizer(HfQuantizer):
+    """transformers' side of cupycodec: module swaps before loading, per-tensor conversions, serialization."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: CupycodecConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._ckpt = None
+        self._plan = None
+        self._trusted = False
+        self._mac_key = None
+        self._reports: list[LayerReport] = []
+        self._skipped: dict[str, str] = {}
+        self._t0 = time.perf_counter()
+
+    def validate_environment(self, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("cupycodec models cannot be offloaded to disk; use a device_map of GPUs and 'cpu'")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
+        module, attr = _module_of(model, param_name)
+        if isinstance(module, CompressedLinear) and attr == "weight":  # a placeholder: what it will take
+            return 1.0 if module.mode != "lossless" else 0.7 * param.element_size()
+        return super().param_element_size(model, param_name, param)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
+        unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = unexpected | {re.escape(SENTINEL)}
+        if self.pre_quantized:
+            self._prepare_load(model, checkpoint_files, device_map)
+        else:
+            self._prepare_compress(model)
+        return model
+
+    def _prepare_compress(self, model) -> None:
+        cfg = self.quantization_config
+        self._t0 = time.perf_counter()
+        skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, model._keep_in_fp32_modules,
+                                               add_default_skips=True)
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        head = model.get_output_embeddings()
+        chosen = 0
+        for fqn, m in list(model.named_modules()):
+            if not _is_linear(m):
+                continue
+            why = ("output head" if m is head else "tied to an embedding" if id(m.weight) in tied else
+                   "modules_to_not_convert" if not _should_convert(fqn, skip) else
+                   "modules_to_convert" if cfg.modules_to_convert and
+                   not any(re.search(p, fqn) for p in cfg.modules_to_convert) else None)
+            if why is not None:
+                self._skipped[fqn] = why
+                continue
+            chosen += 1
+            layer = CompressedLinear(m.in_features, m.out_features, m.bias is not None, mode=cfg.mode,
+                                     granularity=cfg.granularity, group_size=cfg.group_size, dtype=m.weight.dtype,
+                                     device="meta")
+            layer.weight = torch.nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
+            _set(model, fqn, layer)
+        if not chosen:
+            raise ValueError(f"quantization_config chose none of {type(model).__name__}'s Linear layers (left alone: "
+                             f"{dict(list(self._skipped.items())[:5])})")
+
+    def _prepare_load(self, model, checkpoint_files, device_map) -> None:
+        if not checkpoint_files:
+            raise ValueError("a cupycodec checkpoint needs its safetensors files")
+        directory = os.path.dirname(checkpoint_files[0])
+        ckpt = Checkpoint(directory)
+        ckpt.close()  # transformers reads the tensors; the table is what is needed here
+        self._ckpt = ckpt
+        cfg = self.quantization_config
+        self._mac_key = _trust(ckpt.table, cfg.trusted, cfg.key)
+        self._trusted = cfg.trusted or self._mac_key is not None
+        for fqn, layer_cfg in ckpt.table.layers.items():
+            try:
+                module = model.get_submodule(fqn)
+            except AttributeError:
+                raise ValueError(f"{directory}: layer {fqn!r} is not in this {type(model).__name__}") from None
+            if _is_linear(module):
+                _set(model, fqn, CompressedLinear.from_config(layer_cfg, device="meta"))
+        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map or "cpu"}
+        device = torch.device("cuda") if any("cuda" in str(d) or isinstance(d, int) for d in devices) else \
+            torch.device("cpu")
+        self._plan = _plan(ckpt, model, device, self._trusted, strict=False)
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, attr = _module_of(model, param_name)
+        return isinstance(module, CompressedLinear) and attr == "weight"
+
+    def get_quantize_ops(self):
+        return _Compress(self)
+
+    def get_weight_conversions(self):
+        if not self.pre_quantized or self._ckpt is None:
+            return []
+        op = _Load(self)
+        return [WeightConverter([f"^{re.escape(k)}$"], [f"^{re.escape(k)}$"], [op], force_cpu=True)
+                for k in self._ckpt.table.tensors]
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for m in model.modules():
+            if isinstance(m, CompressedLinear):
+                m._parameters.pop("weight", None)  # the placeholders of compress-while-loading
+        blocks = install(model, {})
+        if not self.pre_quantized:  # what compress-while-loading did, as compress_model reports it
+            model.cupycodec_report = CompressionReport(self.quantization_config.mode, self._reports,
+                                                       time.perf_counter() - self._t0, self._skipped, blocks=blocks)
+        conv = getattr(model, "_weight_conversions", None)
+        if conv:  # ours were for loading only: saving writes the model's own tensors
+            model._weight_conversions = [c for c in conv if not any(isinstance(o, _Op) for o in
+                                                                    getattr(c, "operations", ()))]
+        self._ckpt = self._plan = None
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def get_state_dict_and_metadata(self, model):
+        key = _signing.local_key(create=True)
+        tensors, metadata = checkpoint_state(model, key=key)
+        return tensors, metadata
+
+
+def _module_of(model, name: str):
+    owner, _, attr = name.rpartition(".")
+    try:
+        return (model.get_submodule(owner) if owner else model), attr
+    except AttributeError:
+        return None, attr
+
+
+def _should_convert(fqn: str, patterns) -> bool:
+    return not any(re.match(rf"{p}\.", fqn) or re.match(p, fqn) or fqn.endswith(p) for p in patterns or ())
+
+
+def _set(model, fqn: str, module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def write_configs(model, directory: str, table: dict) -> list[str]:
+    """``config.json`` (with this checkpoint's ``quantization_config``) and ``generation_config.json``, atomically."""
+    import copy
+
+    from cupycodec._files import atomic_write
+
+    modes = {cfg["mode"] for cfg in table["layers"].values()} or {"lossless"}
+    first = next(iter(table["layers"].values()), {"granularity": "channel", "group_size": 128})
+    qc = CupycodecConfig(mode=modes.pop() if len(modes) == 1 else "int8", granularity=first["granularity"],
+                         group_size=first["group_size"])
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qc
+    if hasattr(model, "dtype"):
+        config.dtype = str(model.dtype).rpartition(".")[2]
+    config.architectures = [type(model).__name__]
+    written = []
+    text = config.to_json_string(use_diff=True).encode()
+    atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(text))
+    written.append("config.json")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gtext = gen.to_json_string(use_diff=True).encode()
+        atomic_write(os.path.join(directory, "generation_config.json"), lambda f: f.write(gtext))
+        written.append("generation_config.json")
+    return written
+
+
+def attach(model, mode: str, granularity: str, group_size: int, codec: str | None) -> None:
+    """Give a transformers model compressed by :func:`compress_model` the quantizer and ``quantization_config``
+    that ``save_pretrained`` needs."""
+    cfg = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec)
+    model.config.quantization_config = cfg
+    model.hf_quantizer = CupycodecHfQuantizer(cfg, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=None, **kwargs):
+    """Load a transformers checkpoint of cupycodec's with the class its ``config.json`` names, onto ``device``."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method != QUANT_METHOD:
+        raise ValueError(f"{directory} is not a cupycodec checkpoint (its config.json has no quantization_config "
+                         f"with quant_method 'cupycodec'); load it with transformers")
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+    if device is not None:
+        kwargs.setdefault("device_map", {"": str(torch.device(device))})
+    elif torch.cuda.is_available():
+        kwargs.setdefault("device_map", {"": f"cuda:{torch.cuda.current_device()}"})
+    with warnings.catch_warnings():  # "you passed a quantization_config ... loading attributes will be overwritten"
+        warnings.filterwarnings("ignore", message=".*quantization_config.*")
+        return cls.from_pretrained(directory, quantization_config=CupycodecConfig(trusted=trusted, key=key),
+                                   **kwargs)
+
+
+def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = "channel", group_size: int = 128,
+                        codec: str | None = None, modules_to_convert: list[str] | None = None,
+                        modules_to_not_convert: list[str] | None = None, device=None, max_shard_size="5GB",
+                        key=None, progress: bool = True) -> CompressionReport:
+    """Compress a transformers model directory into a compressed checkpoint (``cupycodec compress-model``).
+
+    The weights are compressed one by one as they load (the model never holds them uncompressed), then written
+    with :func:`~cupycodec.integrations.torch.save_compressed`; the directory's other files (tokenizer, chat
+    template, ...) are copied. Returns the :class:`CompressionReport`.
+    """
+    import shutil
+
+    import transformers
+
+    from cupycodec._files import atomic_write_path
+
+    from .checkpoint import save_compressed
+
+    input_dir, output_dir = os.fspath(input_dir), os.fspath(output_dir)
+    if os.path.abspath(input_dir) == os.path.abspath(output_dir):
+        raise ValueError("compress-model writes a new directory; give an output other than the input")
+    config = transformers.AutoConfig.from_pretrained(input_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        qc = config.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise ValueError(f"{input_dir} is already quantized ({method}); compress-model takes bf16/fp16/fp32 models")
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = (getattr(transformers, arch, None) if arch else None) or transformers.AutoModelForCausalLM
+    qc = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec,
+                         modules_to_convert=modules_to_convert, modules_to_not_convert=modules_to_not_convert)
+    device = str(torch.device(device)) if device is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(input_dir, quantization_config=qc, device_map={"": device}, dtype="auto")
+    finally:
+        if bars and not progress:
+            transformers.utils.logging.enable_progress_bar()
+    written = set(save_compressed(model, output_dir, max_shard_size=max_shard_size, key=key))
+    skip = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack)$|.*\.index\.json$")
+    for name in sorted(os.listdir(input_dir)):
+        src = os.path.join(input_dir, name)
+        if name in written or name in ("config.json", "generation_config.json") or skip.match(name) or \
+                not os.path.isfile(src) or name.startswith("."):
+            continue
+        atomic_write_path(os.path.join(output_dir, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
+    return model.cupycodec_report
+
+
+def register() -> None:
+    """Make transformers know ``quant_method: "cupycodec"`` (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(CupycodecConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(CupycodecHfQuantizer)
+    with contextlib.suppress(ImportError, AttributeError):  # so that from_pretrained's trusted=/key= reach the config
+        from transformers.quantizers import auto
+
+        if CupycodecConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+            auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, CupycodecConfig)
+
+
+register()

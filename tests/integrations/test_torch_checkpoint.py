@@ -1,0 +1,439 @@
+"""Compressed checkpoints on the CPU: save_compressed / load_compressed, save_pretrained / from_pretrained,
+compress-while-loading, the compress-model CLI, bad input, trust; SmolLM2 (real weights) saved and reloaded."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+st = pytest.importorskip("safetensors.torch")
+
+import cupycodec as cc  # noqa: E402
+import cupycodec.integrations  # noqa: E402  (registers the quantizer with transformers)
+from cupycodec.integrations.torch import (  # noqa: E402
+    CompressedLinear,
+    CupycodecConfig,
+    compress_model,
+    load_compressed,
+    save_compressed,
+)
+from cupycodec.integrations.torch._shards import ShardFile  # noqa: E402
+from tests.fuzzing import mutate, recompute_crcs  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+MODES = ["lossless", "int8", "int8+entropy"]
+IDS = torch.tensor([[1, 17, 33, 5, 99, 64, 2, 250, 7, 8]])
+
+
+@pytest.fixture(autouse=True)
+def _own_key(tmp_path, monkeypatch):
+    """Every test signs and checks with a key of its own (never the user's)."""
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "keys" / "signing.key"))
+
+
+def _config(**kw):
+    args = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaConfig(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("bf16")
+    transformers.LlamaForCausalLM(_config()).to(torch.bfloat16).save_pretrained(d)
+    return str(d)
+
+
+def _load(path, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _compressed(bf16_dir, mode):
+    model = _load(bf16_dir)
+    compress_model(model, mode, progress=False)
+    return model
+
+
+def _table(path):
+    with ShardFile(path) as f:
+        return json.loads(f.metadata["cupycodec"])
+
+
+def _shards(d):
+    return sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
+
+
+def _rewrite(path, edit_tensors=None, edit_table=None):
+    """Rewrite one shard, changing its tensors and/or its cupycodec table (what a crafted file does)."""
+    tensors = st.load_file(path)
+    with ShardFile(path) as f:
+        meta = dict(f.metadata)
+    table = json.loads(meta["cupycodec"])
+    if edit_tensors:
+        edit_tensors(tensors, table)
+    if edit_table:
+        edit_table(table)
+    meta["cupycodec"] = json.dumps(table)
+    st.save_file(tensors, path, metadata=meta)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- round trips -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_compressed_and_load_compressed(bf16_dir, tmp_path, mode):
+    model = _compressed(bf16_dir, mode)
+    want = _logits(model)
+    out = tmp_path / "ckpt"
+    names = save_compressed(model, out, max_shard_size="40KB")
+    shards = _shards(out)
+    assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(out)
+    assert set(names) >= {*shards, "config.json"} and not [n for n in os.listdir(out) if n.endswith((".bin", ".pt"))]
+    table = _table(out / shards[0])
+    assert table["format_version"] == 1 and set(table["layers"]) == {
+        f for f, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    for entry in table["tensors"].values():  # every container header is in the metadata, and parses
+        if entry["role"] != "plain":
+            head = cc.container.header_json(base64.b64decode(entry["header"]))
+            assert head["array"]["shape"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "cupycodec"
+
+    loaded = load_compressed(out, progress=False)  # a transformers checkpoint: through from_pretrained
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, CompressedLinear)
+    assert torch.equal(_logits(loaded), want)
+
+    fresh = transformers.AutoModelForCausalLM.from_config(_config(), dtype=torch.bfloat16).eval()
+    assert load_compressed(out, fresh, progress=False) is fresh  # into a model you built
+    assert torch.equal(_logits(fresh), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_pretrained_and_from_pretrained(bf16_dir, tmp_path, mode):
+    base = _logits(_load(bf16_dir))
+    model = _compressed(bf16_dir, mode)
+    want = _logits(model)
+    if mode == "lossless":
+        assert torch.equal(want, base)
+    model.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "cupycodec" and cfg["mode"] == mode
+    again = _load(tmp_path / "hf")  # no extra argument
+    assert isinstance(again.model.layers[0].self_attn.q_proj, CompressedLinear)
+    assert torch.equal(_logits(again), want)
+    again.save_pretrained(tmp_path / "hf2")  # and once more, from the reloaded model
+    assert torch.equal(_logits(_load(tmp_path / "hf2")), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compress_while_loading_matches_compress_model(bf16_dir, mode):
+    model = _load(bf16_dir, quantization_config=CupycodecConfig(mode=mode))
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert len(layers) == 14 and not any("weight" in m._parameters for m in layers)  # no placeholder left
+    assert not [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert torch.equal(_logits(model), _logits(_compressed(bf16_dir, mode)))
+    report = model.cupycodec_report
+    assert len(report.layers) == 14 and report.skipped == {"lm_head": "output head"} and report.ratio > 1.2
+    assert (mode == "lossless") == all(r.sqnr_db is None for r in report.layers)
+
+
+def test_compress_while_loading_filters(bf16_dir):
+    model = _load(bf16_dir, quantization_config=CupycodecConfig(mode="int8", modules_to_convert=[r"mlp\."],
+                                                                modules_to_not_convert=["model.layers.1"]))
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, CompressedLinear))
+    assert names == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    with pytest.raises(ValueError, match="chose none"):
+        _load(bf16_dir, quantization_config=CupycodecConfig(mode="int8", modules_to_convert=["nothing"]))
+
+
+def test_tied_and_plain_modules(tmp_path):
+    """A model that is not a transformers one, with a weight shared by two layers: stored once, tied again."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
+                              torch.nn.LayerNorm(32), torch.nn.Linear(48, 32)).to(torch.bfloat16)
+    net[4].weight = net[2].weight  # tied
+    compress_model(net, "lossless", progress=False)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    want = net[3](net[2](net[1](net[0](x))))
+    save_compressed(net, tmp_path / "net")
+    assert not (tmp_path / "net" / "config.json").exists()
+    table = _table(tmp_path / "net" / "model.safetensors")
+    assert table["aliases"] == {"4.packed": "2.packed"}
+    fresh = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
+                                torch.nn.LayerNorm(32), torch.nn.Linear(48, 32)).to(torch.bfloat16)
+    load_compressed(tmp_path / "net", fresh, progress=False)
+    assert fresh[4].packed is fresh[2].packed
+    assert torch.equal(fresh[3](fresh[2](fresh[1](fresh[0](x)))), want)
+    with pytest.raises(ValueError, match="model.* lacks|not in this"):
+        load_compressed(tmp_path / "net", torch.nn.Sequential(torch.nn.Linear(32, 48)), progress=False)
+
+
+# -- transformers without cupycodec ----------------------------------------------------------------------------
+
+
+def _python(code):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_transformers_refuses_the_checkpoint_until_cupycodec_is_imported(bf16_dir, tmp_path):
+    _compressed(bf16_dir, "int8").save_pretrained(tmp_path / "hf")
+    load = f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r})\n" \
+           "print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    alone = _python(f"from transformers import AutoModelForCausalLM\n{load}")
+    assert alone.returncode != 0  # a size mismatch, not a model of random weights
+    assert "import cupycodec.integrations before from_pretrained" in alone.stdout + alone.stderr
+    for first in ("import cupycodec.integrations\nfrom transformers import AutoModelForCausalLM",
+                  "from transformers import AutoModelForCausalLM\nimport cupycodec.integrations"):
+        run = _python(f"{first}\n{load}")
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip().endswith("CompressedLinear")
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(bf16_dir, tmp_path):
+    """A lossless model and its two-shard checkpoint."""
+    model = _compressed(bf16_dir, "lossless")
+    out = tmp_path / "ckpt"
+    save_compressed(model, out, max_shard_size="100KB")
+    assert len(_shards(out)) == 2
+    return model, out
+
+
+def _fresh():
+    return transformers.AutoModelForCausalLM.from_config(_config(), dtype=torch.bfloat16).eval()
+
+
+def test_a_newer_format_version_is_refused(saved):
+    _, out = saved
+    shard = out / _shards(out)[1]
+    _rewrite(shard, edit_table=lambda t: t.update(format_version=2))
+    with pytest.raises(cc.UnsupportedVersionError, match=rf"{shard.name}.*version 2 .*upgrade cupycodec"):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def test_a_missing_shard_is_named(saved):
+    _, out = saved
+    name = _shards(out)[1]
+    os.unlink(out / name)
+    with pytest.raises(FileNotFoundError, match=rf"shard {name} is missing"):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def test_a_shape_mismatch_names_the_tensor_and_changes_nothing(saved):
+    _, out = saved
+    other = transformers.AutoModelForCausalLM.from_config(_config(vocab_size=300), dtype=torch.bfloat16)
+    before = _state(other)
+    with pytest.raises(ValueError, match=r"model-0000\d-of-00002.safetensors: tensor '(model.embed_tokens|lm_head)"
+                                         r".weight' holds BF16\[256, 64\]; the model expects BF16\[300, 64\]"):
+        load_compressed(out, other, progress=False)
+    assert _same_state(_state(other), before) and not any(
+        isinstance(m, CompressedLinear) for m in other.modules())
+
+
+def test_an_unknown_mode_is_refused(saved, tmp_path):
+    model, out = saved
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["mode"] = "int4"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'int4'.*upgrade"):
+        _load(out)
+    with pytest.raises(ValueError, match="'int4'"):
+        CupycodecConfig(mode="int4")
+    shard = out / _shards(out)[0]
+    _rewrite(shard, edit_table=lambda t: next(iter(t["layers"].values())).update(mode="int4"))
+    with pytest.raises(ValueError, match=r"layer .* has mode 'int4'.*upgrade cupycodec"):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def test_a_truncated_shard_names_file_and_tensor(saved):
+    _, out = saved
+    shard = out / _shards(out)[1]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    with pytest.raises(cc.FormatError, match=rf"{shard.name}: tensor '.*': its bytes .*run past .*truncated"):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def test_a_corrupt_payload_names_file_and_tensor_and_changes_nothing(saved, caplog):
+    _, out = saved
+    shard = out / _shards(out)[0]
+    with ShardFile(shard) as f:
+        name = next(n for n in f.tensors if n.endswith("mlp.up_proj.packed"))
+        pos = (f.tensors[name].start + f.tensors[name].end) // 2
+    with open(shard, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    model = _fresh()
+    before = _state(model)
+    with pytest.raises(cc.ChecksumError, match=rf"{shard.name}: tensor '{name}': checksum mismatch"):
+        load_compressed(out, model, progress=False)
+    assert _same_state(_state(model), before)
+    hf_logger = logging.getLogger("transformers")  # it does not propagate to the root logger
+    hf_logger.addHandler(caplog.handler)
+    try:
+        with pytest.raises(RuntimeError, match="CONVERSION"):  # through transformers: its load report says why
+            _load(out)
+    finally:
+        hf_logger.removeHandler(caplog.handler)
+    assert f"{shard.name}: tensor '{name}': checksum mismatch" in caplog.text
+
+
+def test_shards_of_two_saves_are_told_apart(saved, bf16_dir, tmp_path):
+    model, out = saved
+    save_compressed(model, tmp_path / "again", max_shard_size="100KB")
+    name = _shards(out)[1]
+    shutil.copyfile(tmp_path / "again" / name, out / name)  # what an interrupted save over an older one leaves
+    with pytest.raises(cc.FormatError, match="another save.*interrupted"):
+        load_compressed(out, _fresh(), progress=False)
+
+
+# -- trust ----------------------------------------------------------------------------------------------------
+
+
+def _templates(model):
+    return [m._template for m in model.modules() if isinstance(m, CompressedLinear) and m._template is not None]
+
+
+def test_signed_here_loads_trusted_elsewhere_untrusted(saved, tmp_path, monkeypatch):
+    model, out = saved
+    want = _logits(model)
+    mine = load_compressed(out, _fresh(), progress=False)
+    assert _templates(mine) and all(t.trusted for t in _templates(mine))
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "another-user.key"))  # someone else
+    theirs = load_compressed(out, _fresh(), progress=False)
+    assert not any(t.trusted for t in _templates(theirs))
+    assert torch.equal(_logits(theirs), want)  # zstd payloads: hardened CPU decoders read them untrusted
+    with pytest.raises(cc.UntrustedError, match=r"not signed with your key.*trusted=True.*key="):
+        load_compressed(out, _fresh(), device="cuda", progress=False)  # nvCOMP: refused before any byte is read
+    assert all(t.trusted for t in _templates(load_compressed(out, _fresh(), trusted=True, progress=False)))
+
+
+def test_keys_must_match(saved, tmp_path, bf16_dir):
+    model, out = saved
+    with pytest.raises(cc.AuthenticationError, match="another key"):
+        load_compressed(out, _fresh(), key=b"k" * 32, progress=False)
+    save_compressed(model, tmp_path / "unsigned", key=False)
+    with pytest.raises(cc.AuthenticationError, match="not signed"):
+        load_compressed(tmp_path / "unsigned", _fresh(), key=b"k" * 32, progress=False)
+    save_compressed(model, tmp_path / "theirs", key=b"s" * 32)
+    assert torch.equal(_logits(load_compressed(tmp_path / "theirs", _fresh(), key=b"s" * 32, progress=False)),
+                       _logits(model))
+
+
+def _craft(out, tensor, rng_seed=0):
+    """Change bytes of a tensor's encoded chunks and recompute every CRC: a crafted checkpoint CRCs do not catch."""
+    import numpy as np
+
+    shard = next(out / n for n in _shards(out) if tensor in ShardFile(out / n).tensors)
+
+    def edit(tensors, table):
+        entry = table["tensors"][tensor]
+        prefix = base64.b64decode(entry["header"])
+        blob = prefix + tensors[tensor].numpy().tobytes()
+        bad = mutate(blob, np.random.default_rng(rng_seed), 8)
+        assert recompute_crcs(bad) == bad and bad != blob
+        new_prefix = bad[: len(prefix)]
+        tensors[tensor] = torch.frombuffer(bytearray(bad[len(prefix):]), dtype=torch.uint8)
+        entry["header"] = base64.b64encode(new_prefix).decode()
+
+    _rewrite(shard, edit_tensors=edit)
+
+
+def test_a_crafted_checkpoint_fails_cleanly_on_the_cpu(saved, tmp_path, monkeypatch):
+    model, out = saved
+    want = _logits(model)
+    _craft(out, "model.layers.0.mlp.up_proj.packed")
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "another-user.key"))
+    crafted = load_compressed(out, _fresh(), progress=False)  # CRCs recomputed: loading cannot tell
+    try:  # the hardened zstd decoder rejects the chunk, or decodes other weights; it never crashes the process
+        got = _logits(crafted)
+    except (cc.CupycodecError, ValueError) as exc:
+        assert "zstd" in str(exc).lower() or "chunk" in str(exc).lower(), exc
+    else:
+        assert not torch.equal(got, want)
+
+
+def test_a_tampered_signed_checkpoint_is_refused(saved, monkeypatch):
+    _, out = saved
+    name = "model.layers.1.self_attn.o_proj.packed"
+    _craft(out, name)
+    with pytest.raises(cc.AuthenticationError, match=rf"tensor '{name}'"):
+        load_compressed(out, _fresh(), progress=False)  # signed by this user: its MACs are checked, and fail
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+def test_compress_model_cli(bf16_dir, tmp_path, capsys):
+    from cupycodec.__main__ import main
+
+    (tmp_path / "in").mkdir()
+    for n in os.listdir(bf16_dir):
+        shutil.copyfile(os.path.join(bf16_dir, n), tmp_path / "in" / n)
+    (tmp_path / "in" / "tokenizer_config.json").write_text("{}")
+    rc = main(["compress-model", str(tmp_path / "in"), str(tmp_path / "out"), "--mode", "int8", "--skip",
+               "model.layers.1", "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.0.mlp.down_proj" in printed and "SQNR" in printed and "left alone" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["layers"]) == 7 and report["ratio"] > 1.5
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    model = _load(tmp_path / "out")
+    assert isinstance(model.model.layers[0].mlp.up_proj, CompressedLinear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, torch.nn.Linear)
+    assert main(["compress-model", str(tmp_path / "out"), str(tmp_path / "x"), "--mode", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+# -- real weights ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:gguf")
+def test_smollm2_lossless_checkpoint_reloads_identical(smollm2, tmp_path):
+    base, tok, ids, base_logits, base_text = smollm2
+    model = copy.deepcopy(base)
+    compress_model(model, "lossless", progress=False)
+    names = save_compressed(model, tmp_path / "smollm2")
+    disk = sum(os.path.getsize(tmp_path / "smollm2" / n) for n in names if n.endswith(".safetensors"))
+    again = load_compressed(tmp_path / "smollm2", progress=False)  # from_pretrained under the hood
+    assert again.lm_head.weight is again.model.embed_tokens.weight  # tied again
+    with torch.no_grad():
+        logits = again(**ids).logits
+        text = tok.decode(again.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert torch.equal(logits, base_logits) and text == base_text
+    bf16 = sum(p.numel() * p.element_size() for p in base.parameters())
+    print(f"SmolLM2 lossless checkpoint: {disk} bytes on disk vs {bf16} bytes of bf16 parameters "
+          f"({bf16 / disk:.3f}x)")
+    assert disk < bf16 / 1.3
