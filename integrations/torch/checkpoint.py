@@ -7,14 +7,16 @@ transformers' ``save_pretrained`` (:mod:`.hf`):
   (Hugging Face's names), and for a transformers model its ``config.json`` with a ``quantization_config``;
 * the tensors, named as in the model's state dict:
 
-  - ``<layer>.packed``: a :class:`CompressedLinear`'s container payload (uint8; lossless and int8+entropy);
+  - ``<layer>.packed``: a :class:`CompressedLinear`'s container as the layer holds it (uint8: prelude, header,
+    payload; lossless and int8+entropy), so loading hands the bytes over without a copy;
   - ``<layer>.qweight``, ``<layer>.scale``: an int8 layer's codes and scales as they are;
   - every other parameter and persistent buffer (embeddings, norms, biases, an uncompressed output head): a
     lossless container's payload (uint8; byte planes + zstd, never larger than the tensor);
 
 * in every shard's metadata, ``cupycodec``: JSON with the format version, a checkpoint id, the fingerprint of the
   key the containers are signed with (if any), each compressed layer's configuration, and per tensor its role and
-  either its container's prelude and header (base64) or, for codes and scales, its CRC32.
+  either its container's prelude and header (base64; for a packed layer, a copy of the bytes the tensor starts
+  with) or, for codes and scales, its CRC32.
 
 Loading checks everything the metadata says against the model before it reads a payload byte, reads the shards
 through a memory map one tensor at a time (its CRCs checked, its pages dropped once used), puts each tensor on the
@@ -43,7 +45,8 @@ import torch
 import cupycodec as cc
 from cupycodec import registry
 from cupycodec.backends.cpu import crc32
-from cupycodec.container import check_mac, header_json
+from cupycodec.container import check_mac, header_json, verify_chunks
+from cupycodec.dtypes import numpy_dtype
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
 
 from . import _signing
@@ -88,10 +91,16 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
         first[ident] = name
         owner, _, attr = name.rpartition(".")
         layer = layers.get(owner)
-        if layer is not None and attr == "packed":
+        if layer is not None and attr == "packed":  # the layer's buffer as it is: loading hands it over, no copy
             c = layer._container(t.device)
             prefix = c.header_bytes(key=key)
-            tensors[name] = t.detach()[len(c._prefix):]
+            if prefix == c._prefix:
+                tensors[name] = t.detach()
+            else:  # signed: the header grows a MAC (the payload is copied once, here)
+                blob = torch.empty(len(prefix) + c._header.payload_nbytes, dtype=torch.uint8, device=t.device)
+                blob[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+                blob[len(prefix) :] = t.detach()[len(c._prefix) :]
+                tensors[name] = blob
             table["tensors"][name] = {"role": "packed", "header": base64.b64encode(prefix).decode()}
         elif layer is not None and attr in ("qweight", "scale"):
             tensors[name] = t.detach()
@@ -177,10 +186,12 @@ class Checkpoint:
                                       f"{META_KEY!r}); load it with transformers or safetensors")
                 t = _Table.parse(text, shard.path)
                 if table is None:
-                    table = t
+                    table, first_text = t, text
                 elif t.checkpoint != table.checkpoint:
                     raise FormatError(f"{shard.path} belongs to another save than {self.files[0]} (checkpoint ids "
                                       f"{t.checkpoint} and {table.checkpoint}): an interrupted save? Save again")
+                elif text != first_text:  # every shard carries the same table: one edited alone is not trusted
+                    raise FormatError(f"{shard.path}: its {META_KEY!r} metadata differs from {self.files[0]}'s")
                 for tensor in shard.tensors:
                     if tensor == SENTINEL:
                         continue
@@ -274,16 +285,17 @@ class _Plan:
     layers: dict  # fqn -> CompressedLinear config
     dense: dict  # key -> (shape, dtype) in the model
     order: list  # (file, key) in file order
+    probes: dict  # fqn -> an empty CompressedLinear of that configuration, on the meta device (checks containers)
 
 
 def _plan(ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, trusted: bool, strict: bool) -> _Plan:
     table = ckpt.table
     state = model.state_dict(keep_vars=True)
-    layer_keys, dense = set(), {}
+    layer_keys, dense, probes = set(), {}, {}
     for fqn, cfg in table.layers.items():
         where = f"{ckpt.directory}: layer {fqn!r}"
         try:
-            probe = CompressedLinear.from_config(cfg, device="meta")
+            probe = probes[fqn] = CompressedLinear.from_config(cfg, device="meta")
             module = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(f"{where} is not in this {type(model).__name__} (a checkpoint of another model?)") \
@@ -331,7 +343,7 @@ def _plan(ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, truste
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (pass strict=False to keep the "
                              "model's own)")
     order = sorted((ckpt.where[n], ckpt.shards[ckpt.where[n]].tensors[n].start, n) for n in table.tensors)
-    return _Plan(dict(table.layers), dense, [(f, n) for f, _, n in order])
+    return _Plan(dict(table.layers), dense, [(f, n) for f, _, n in order], probes)
 
 
 def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str | None, trusted: bool,
@@ -377,9 +389,43 @@ def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str |
                              "CupycodecConfig(trusted=True)); if you hold the key it was signed with, pass key=it")
 
 
-def _read(ckpt: Checkpoint, plan: _Plan, device: torch.device, trusted: bool, key, progress: bool) -> dict:
-    """Every tensor on ``device``, CRCs checked (MACs too under a key): name -> tensor (and the packed layers'
-    containers under ``("template", fqn)``)."""
+class Checks:
+    """Whole-tensor checks (CRCs, and MACs under a key) on worker threads, while tensors are read and placed:
+    ``wait()`` raises the first failure, in submission order, naming its file and tensor. A loader calls it before
+    the model changes (compressed layers decode only at forward, so nothing reads a payload unchecked); dense
+    tensors, which are decoded while loading, are checked before that, on the caller's thread."""
+
+    def __init__(self, workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1),
+                                        thread_name_prefix="cupycodec-checks")
+        self._jobs: list = []
+
+    def submit(self, where: str, fn, *args) -> None:
+        self._jobs.append((where, self._pool.submit(fn, *args)))
+
+    def abandon(self) -> None:
+        """Drop the pending checks (after another error); returns once none is running."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._jobs = []
+
+    def wait(self) -> None:
+        try:
+            for where, job in self._jobs:
+                try:
+                    job.result()
+                except (cc.CupycodecError, ValueError) as exc:
+                    raise _named(exc, where) from None
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._jobs = []
+
+
+def _read(ckpt: Checkpoint, plan: _Plan, device: torch.device, trusted: bool, key, progress: bool,
+          checks: Checks) -> dict:
+    """Every tensor on ``device`` (its checks submitted to ``checks``): name -> tensor, and the packed layers'
+    containers under ``("template", fqn)``."""
     out: dict = {}
     items = plan.order
     if progress:
@@ -389,18 +435,28 @@ def _read(ckpt: Checkpoint, plan: _Plan, device: torch.device, trusted: bool, ke
     for file, name in items:
         shard = ckpt.shards[file]
         view = shard.tensor(name)
-        try:
-            got = _materialize_host(name, ckpt.table.tensors[name], view, trusted, key, plan,
-                                    f"{shard.path}: tensor {name!r}")
-            for k, v in got.items():
-                if isinstance(v, torch.Tensor):  # to the device; off the memory map either way
-                    shares = v.numel() and v.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
-                    v = v.to(device, copy=bool(shares))
-                out[k] = v
-        finally:
-            del view
+        where = f"{shard.path}: tensor {name!r}"
+        deferred = []
+        got = _materialize_host(name, ckpt.table.tensors[name], view, trusted, key, plan, where,
+                                defer=deferred.append)
+        for k, v in got.items():
+            if isinstance(v, torch.Tensor):  # to the device; off the memory map either way
+                shares = v.numel() and v.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+                v = v.to(device, copy=bool(shares))
+            out[k] = v
+        if deferred:  # the check reads the mapped bytes; their pages go once it is done
+            checks.submit(where, _then_release, deferred[0], shard, name)
+        else:
             shard.release(name)
+        del view
     return out
+
+
+def _then_release(check, shard: ShardFile, name: str) -> None:
+    try:
+        check()
+    finally:
+        shard.release(name)
 
 
 def _named(exc: BaseException, where: str) -> BaseException:
@@ -410,35 +466,68 @@ def _named(exc: BaseException, where: str) -> BaseException:
 
 
 def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool, key, plan: _Plan,
-                      where: str) -> dict:
+                      where: str, defer=None) -> dict:
     """Check one stored tensor (its bytes as read, on the host) and make what the model holds of it, on the host:
-    ``{name: tensor}``, and for a packed layer its container under ``("template", layer)``. Errors name ``where``."""
+    ``{name: tensor}``, and for a packed layer its container under ``("template", layer)``. Errors name ``where``.
+
+    The CRC and MAC checks of tensors that are not decoded here (codes, scales, packed layers) go to ``defer(fn)``
+    when given (to run before the model changes), else run now."""
     try:
         if entry["role"] == "plain":
-            got = _crc(host)
-            if got != entry["crc32"]:
-                raise cc.ChecksumError(name, entry["crc32"], got)
+            def check_plain():
+                got = _crc(host)
+                if got != entry["crc32"]:
+                    raise cc.ChecksumError(name, entry["crc32"], got)
+
+            (defer or _now)(check_plain)
             return {name: host}
         if host.dtype != torch.uint8 or host.dim() != 1:
-            raise FormatError(f"a container payload is a 1-D uint8 tensor, got {host.dtype} {list(host.shape)}")
-        payload = host.numpy()
-        c = cc.CompressedArray.from_parts(_prefix(entry, where), payload, trusted=trusted).verify()
-        if key is not None:  # after the CRCs: an accident reads as a checksum error, a forgery as a bad MAC
-            check_mac(key, c._header, payload)
+            raise FormatError(f"a container is stored as a 1-D uint8 tensor, got {host.dtype} {list(host.shape)}")
+        prefix = _prefix(entry, where)
+        if entry["role"] == "packed":  # the whole container, its prelude and header also in the metadata
+            blob = host.numpy()
+            if bytes(blob[: len(prefix)]) != prefix:
+                raise FormatError("its container's prelude and header differ from the metadata's copy")
+            payload = blob[len(prefix) :]
+        else:
+            payload = host.numpy()
+        # parsed now (header, tables); chunk CRCs and the MAC by check() below
+        c = cc.CompressedArray.from_parts(prefix, payload, verify=False, trusted=trusted)
+
+        def check():
+            verify_chunks(c._header, payload)
+            if key is not None:  # after the CRCs: an accident reads as a checksum error, a forgery as a bad MAC
+                check_mac(key, c._header, payload)
+
         if entry["role"] == "packed":
             fqn = name.rpartition(".")[0]
-            CompressedLinear.from_config(plan.layers[fqn], device="meta")._expect(c)
-            prefix = c._prefix
-            packed = torch.empty(len(prefix) + payload.size, dtype=torch.uint8)
-            packed[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
-            packed[len(prefix) :] = host
-            return {name: packed, ("template", fqn): c.without_payload()}
+            plan.probes[fqn]._expect(c)
+            (defer or _now)(check)
+            return {name: host, ("template", fqn): c.without_payload()}
+        check()  # decoded below: checked first
         shape, dtype = plan.dense[name]
         out = torch.empty(shape, dtype=dtype)
-        cc.decompress(c, out=out)  # hardened CPU decoders, whatever the trust: these tensors are small
+        # hardened CPU decoders, whatever the trust (these tensors are small); into a NumPy bit view of ``out``,
+        # which spares a first DLPack export from torch its import cost (~0.6 s)
+        cc.decompress(c, out=_numpy_bits(out))
         return {name: out}
     except (cc.CupycodecError, ValueError) as exc:
         raise _named(exc, where) from None
+
+
+def _now(fn) -> None:
+    fn()
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _numpy_bits(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of CPU tensor ``t``, in its dtype (ml_dtypes' for bfloat16 and float8, which NumPy lacks)."""
+    try:
+        return t.numpy()
+    except TypeError:
+        return t.view(_BITS[t.element_size()]).numpy().view(numpy_dtype(dtype_name(t.dtype)))
 
 
 def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, device: torch.device) -> None:
@@ -584,7 +673,13 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
         mac_key = _trust(ckpt.table, trusted, key)
         trust = trusted or mac_key is not None
         plan = _plan(ckpt, model, device, trust, strict)
-        loaded = _read(ckpt, plan, device, trust, mac_key, progress)
+        checks = Checks()
+        try:
+            loaded = _read(ckpt, plan, device, trust, mac_key, progress, checks)
+        except BaseException:
+            checks.abandon()
+            raise
+        checks.wait()  # every CRC and MAC, before the model changes (and before the files close)
     _install(model, plan, loaded, ckpt.table.aliases, device)
     model._cupycodec_load_seconds = time.perf_counter() - t0
     return model

@@ -106,27 +106,56 @@ def _sync(device):
 
 
 def run(modes=("lossless", "int8", "int8+entropy"), *, model=None, tok=None, description=None, device="cpu",
-        max_new_tokens: int = 8, print_fn=print) -> list[Phase]:
-    """Baseline, then each mode on a copy of the model; print the comparison rows as they finish, return them."""
+        max_new_tokens: int = 8, checkpoint: bool = True, print_fn=print) -> list[Phase]:
+    """Baseline, then each mode on a copy of the model; print the comparison rows as they finish, return them.
+    With ``checkpoint``, the lossless model is also saved with :func:`save_compressed` to a temporary directory and
+    loaded back (a row named "lossless, reloaded")."""
     if model is None:
         model, tok, description = load_model(device=device)
     print_fn(f"\nPyTorch: compress_model on {description}, on {device}; greedy, {max_new_tokens} new tokens")
     print_fn(HEAD + "\n" + "-" * len(HEAD))
     base = measure(model, tok, "bf16 (baseline)", max_new_tokens)
     print_fn(format_phase(base, base))
-    phases = [base]
+    phases, lossless = [base], None
     for mode in modes:
         m = copy.deepcopy(model)
         t = time.perf_counter()
         compress_model(m, mode, progress=False)
         phases.append(measure(m, tok, mode, max_new_tokens, time.perf_counter() - t))
         print_fn(format_phase(phases[-1], base))
+        if mode == "lossless":
+            lossless = m
         del m
+    if lossless is not None and checkpoint:
+        phases.append(_checkpoint(lossless, tok, model, base, max_new_tokens, print_fn))
     print_fn(f"text ({base.name}): {base.text!r}")
     for p in phases[1:]:
         if p.text != base.text:
             print_fn(f"text ({p.name}): {p.text!r}")
     return phases
+
+
+def _checkpoint(model, tok, bf16_model, base: Phase, max_new_tokens: int, print_fn) -> Phase:
+    """Save the compressed model, load it back, and run it: what a user does between sessions."""
+    import tempfile
+
+    from .checkpoint import load_compressed, save_compressed
+
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory(prefix="cupycodec-demo-") as d:
+        t = time.perf_counter()
+        names = save_compressed(model, d, key=False)  # a temporary file of our own: unsigned, loaded as trusted
+        saved_s = time.perf_counter() - t
+        disk = sum(os.path.getsize(os.path.join(d, n)) for n in names if n.endswith(".safetensors"))
+        t = time.perf_counter()
+        again = load_compressed(d, device=device, trusted=True, progress=False)
+        loaded_s = time.perf_counter() - t
+    bf16 = sum(p.numel() * p.element_size() for p in bf16_model.parameters())
+    phase = measure(again, tok, "lossless, reloaded", max_new_tokens)
+    print_fn(format_phase(phase, base))
+    print_fn(f"checkpoint: save_compressed wrote {disk / 2**20:.1f} MiB in {saved_s:.1f} s (the bf16 parameters: "
+             f"{bf16 / 2**20:.1f} MiB, {bf16 / disk:.3f}x); load_compressed read it back in {loaded_s:.1f} s")
+    return phase
 
 
 HEAD = (f"{'model':16s} {'Linear weights':>15s} {'ratio':>6s} {'memory':>10s} {'tok/s':>7s} {'vs base':>7s} "

@@ -26,7 +26,16 @@ import torch
 from cupycodec.errors import UnsupportedVersionError
 
 from . import _signing
-from .checkpoint import FORMAT_VERSION, SENTINEL, Checkpoint, _materialize_host, _plan, _trust, checkpoint_state
+from .checkpoint import (
+    FORMAT_VERSION,
+    SENTINEL,
+    Checkpoint,
+    Checks,
+    _materialize_host,
+    _plan,
+    _trust,
+    checkpoint_state,
+)
 from .linear import CompressedLinear, check_mode, default_codec
 from .model import CompressionReport, LayerReport, _is_linear, _sqnr, install
 
@@ -175,7 +184,7 @@ class _Load(_Op):
         ckpt = q._ckpt
         where = f"{os.path.join(ckpt.directory, ckpt.where.get(full_layer_name, '?'))}: tensor {full_layer_name!r}"
         out = _materialize_host(full_layer_name, ckpt.table.tensors[full_layer_name], value, q._trusted, q._mac_key,
-                                q._plan, where)
+                                q._plan, where, defer=lambda fn: q._checks.submit(where, fn))
         template = next((v for k, v in out.items() if isinstance(k, tuple)), None)
         if template is not None:
             model.get_submodule(full_layer_name.rpartition(".")[0])._set_template(template)
@@ -193,6 +202,7 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._plan = None
         self._trusted = False
         self._mac_key = None
+        self._checks: Checks | None = None
         self._reports: list[LayerReport] = []
         self._skipped: dict[str, str] = {}
         self._t0 = time.perf_counter()
@@ -268,6 +278,7 @@ class CupycodecHfQuantizer(HfQuantizer):
         device = torch.device("cuda") if any("cuda" in str(d) or isinstance(d, int) for d in devices) else \
             torch.device("cpu")
         self._plan = _plan(ckpt, model, device, self._trusted, strict=False)
+        self._checks = Checks()  # CRCs and MACs of the tensors transformers hands over, on worker threads
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
@@ -286,6 +297,9 @@ class CupycodecHfQuantizer(HfQuantizer):
                 for k in self._ckpt.table.tensors]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._checks is not None:  # every CRC and MAC of the checkpoint, before the model is handed out
+            checks, self._checks = self._checks, None
+            checks.wait()
         for m in model.modules():
             if isinstance(m, CompressedLinear):
                 m._parameters.pop("weight", None)  # the placeholders of compress-while-loading

