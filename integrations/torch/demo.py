@@ -109,7 +109,7 @@ def run(modes=("lossless", "int8", "int8+entropy"), *, model=None, tok=None, des
         max_new_tokens: int = 8, checkpoint: bool = True, print_fn=print) -> list[Phase]:
     """Baseline, then each mode on a copy of the model; print the comparison rows as they finish, return them.
     With ``checkpoint``, the lossless model is also saved with :func:`save_compressed` to a temporary directory and
-    loaded back (a row named "lossless, reloaded")."""
+    loaded back (a row named "lossless, loaded")."""
     if model is None:
         model, tok, description = load_model(device=device)
     print_fn(f"\nPyTorch: compress_model on {description}, on {device}; greedy, {max_new_tokens} new tokens")
@@ -151,7 +151,7 @@ def _checkpoint(model, tok, bf16_model, base: Phase, max_new_tokens: int, print_
         again = load_compressed(d, device=device, trusted=True, progress=False)
         loaded_s = time.perf_counter() - t
     bf16 = sum(p.numel() * p.element_size() for p in bf16_model.parameters())
-    phase = measure(again, tok, "lossless, reloaded", max_new_tokens)
+    phase = measure(again, tok, "lossless, loaded", max_new_tokens)
     print_fn(format_phase(phase, base))
     print_fn(f"checkpoint: save_compressed wrote {disk / 2**20:.1f} MiB in {saved_s:.1f} s (the bf16 parameters: "
              f"{bf16 / 2**20:.1f} MiB, {bf16 / disk:.3f}x); load_compressed read it back in {loaded_s:.1f} s")
