@@ -347,13 +347,14 @@ def _set(model, fqn: str, module) -> None:
 def write_configs(model, directory: str, table: dict) -> list[str]:
     """``config.json`` (with this checkpoint's ``quantization_config``) and ``generation_config.json``, atomically."""
     import copy
+    from collections import Counter
 
     from cupycodec._files import atomic_write
 
-    modes = {cfg["mode"] for cfg in table["layers"].values()} or {"lossless"}
-    first = next(iter(table["layers"].values()), {"granularity": "channel", "group_size": 128})
-    qc = CupycodecConfig(mode=modes.pop() if len(modes) == 1 else "int8", granularity=first["granularity"],
-                         group_size=first["group_size"])
+    layers = list(table["layers"].values())  # the layers' own entries rule loading; this says what most are
+    mode = Counter(cfg["mode"] for cfg in layers).most_common(1)[0][0] if layers else "lossless"
+    first = next((cfg for cfg in layers if cfg["mode"] == mode), {"granularity": "channel", "group_size": 128})
+    qc = CupycodecConfig(mode=mode, granularity=first["granularity"], group_size=first["group_size"])
     config = copy.deepcopy(model.config)
     config.quantization_config = qc
     if hasattr(model, "dtype"):
