@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("safetensors.torch")
 
+from fuzzing import mutate  # noqa: E402
+
 import cupycodec as cc  # noqa: E402
 import cupycodec.integrations  # noqa: E402  (registers the quantizer with transformers)
 from cupycodec.integrations.torch import (  # noqa: E402
@@ -24,7 +26,6 @@ from cupycodec.integrations.torch import (  # noqa: E402
     save_compressed,
 )
 from cupycodec.integrations.torch._shards import ShardFile  # noqa: E402
-from tests.fuzzing import mutate  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.nvcomp, pytest.mark.torch]
 

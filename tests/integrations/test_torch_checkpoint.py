@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("safetensors.torch")
 
+from fuzzing import mutate, recompute_crcs  # noqa: E402
+
 import cupycodec as cc  # noqa: E402
 import cupycodec.integrations  # noqa: E402  (registers the quantizer with transformers)
 from cupycodec.integrations.torch import (  # noqa: E402
@@ -27,7 +29,6 @@ from cupycodec.integrations.torch import (  # noqa: E402
     save_compressed,
 )
 from cupycodec.integrations.torch._shards import ShardFile  # noqa: E402
-from tests.fuzzing import mutate, recompute_crcs  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
