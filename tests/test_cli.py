@@ -67,7 +67,10 @@ def test_demo_shows_the_torch_integration(capsys, monkeypatch):
 
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()  # fast; SmolLM2 runs in its own tests
+    torch.manual_seed(0)
+    # fast (SmolLM2 runs in its own tests); from_config keeps the rotary buffers in float32, as from_pretrained
+    # builds them, so the demo's saved-and-reloaded model computes what this one does
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     monkeypatch.setattr(demo, "load_model", lambda **kw: (model, None, "a tiny random Llama"))
     monkeypatch.setattr("cupycodec.bench._minilm_path", lambda: None)
     assert main(["demo", "--size-mib", "1", "--repeat", "1", "--cpu-only", "--codecs", "raw"]) == 0
@@ -75,6 +78,9 @@ def test_demo_shows_the_torch_integration(capsys, monkeypatch):
     assert "PyTorch: compress_model on" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["lossless"], ["int8"])}
     assert "identical" in lines["lossless"] and " yes " in lines["lossless"]
+    assert "checkpoint: save_compressed wrote" in out
+    loaded = next(line for line in out.splitlines() if line.startswith("lossless, loaded"))
+    assert "identical" in loaded and " yes " in loaded
 
 
 @pytest.mark.parametrize("script", ["compress_arrays.py"])

@@ -139,7 +139,7 @@ class _Op(ConversionOps):
     """A conversion that holds the quantizer; deep copies (one per tensor, by transformers) share it."""
 
     def __init__(self, quantizer: CupycodecHfQuantizer):
-        self.quantizer = quantizer
+        self.hf_quantizer = quantizer  # the name transformers looks for: tensors bound for it are never cast
 
     def __deepcopy__(self, memo):
         return self
@@ -156,7 +156,7 @@ class _Compress(_Op):
         (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
         fqn = full_layer_name.rpartition(".")[0]
         layer = model.get_submodule(fqn)
-        cfg = self.quantizer.quantization_config
+        cfg = self.hf_quantizer.quantization_config
         placeholder = layer._parameters["weight"]
         if value.dtype != layer.weight_dtype:
             value = value.to(layer.weight_dtype)
@@ -168,7 +168,7 @@ class _Compress(_Op):
                           layer.compressed_nbytes)
         if layer.mode != "lossless":
             rep.sqnr_db = _sqnr(value, layer)
-        self.quantizer._reports.append(rep)
+        self.hf_quantizer._reports.append(rep)
         # the layer's buffers, so that transformers counts them loaded; the meta placeholder likewise (dropped later)
         out = {f"{fqn}.{k}": b for k, b in layer._buffers.items()}
         out[full_layer_name] = placeholder
@@ -180,7 +180,7 @@ class _Load(_Op):
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
-        q = self.quantizer
+        q = self.hf_quantizer
         ckpt = q._ckpt
         where = f"{os.path.join(ckpt.directory, ckpt.where.get(full_layer_name, '?'))}: tensor {full_layer_name!r}"
         out = _materialize_host(full_layer_name, ckpt.table.tensors[full_layer_name], value, q._trusted, q._mac_key,
@@ -281,10 +281,13 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._checks = Checks()  # CRCs and MACs of the tensors transformers hands over, on worker threads
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized:
-            return False
+        """A compressed layer's placeholder weight (compressed while loading) and its container buffer, whose size
+        the checkpoint, not the empty layer, knows (transformers >= 5.2x asks this before accepting a tensor of
+        another shape; it quantizes only when the checkpoint is not pre-quantized)."""
         module, attr = _module_of(model, param_name)
-        return isinstance(module, CompressedLinear) and attr == "weight"
+        if not isinstance(module, CompressedLinear):
+            return False
+        return attr == "packed" or (attr == "weight" and not self.pre_quantized)
 
     def get_quantize_ops(self):
         return _Compress(self)
@@ -293,8 +296,9 @@ class CupycodecHfQuantizer(HfQuantizer):
         if not self.pre_quantized or self._ckpt is None:
             return []
         op = _Load(self)
-        return [WeightConverter([f"^{re.escape(k)}$"], [f"^{re.escape(k)}$"], [op], force_cpu=True)
-                for k in self._ckpt.table.tensors]
+        # the source matches the whole key and nothing else; the target is the key itself (transformers versions
+        # differ in how they strip anchors from targets, and a key needs no pattern characters)
+        return [WeightConverter([f"^{re.escape(k)}$"], [k], [op], force_cpu=True) for k in self._ckpt.table.tensors]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self._checks is not None:  # every CRC and MAC of the checkpoint, before the model is handed out

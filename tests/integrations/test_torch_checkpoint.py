@@ -201,22 +201,23 @@ def test_tied_and_plain_modules(tmp_path):
 # -- transformers without cupycodec ----------------------------------------------------------------------------
 
 
-def _python(code):
+def _python(code, cwd):
+    """A fresh interpreter outside the source tree (whose cupycodec/ lacks the installed integrations)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=cwd)
 
 
 def test_transformers_refuses_the_checkpoint_until_cupycodec_is_imported(bf16_dir, tmp_path):
     _compressed(bf16_dir, "int8").save_pretrained(tmp_path / "hf")
     load = f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r})\n" \
            "print(type(m.model.layers[0].mlp.up_proj).__name__)"
-    alone = _python(f"from transformers import AutoModelForCausalLM\n{load}")
+    alone = _python(f"from transformers import AutoModelForCausalLM\n{load}", tmp_path)
     assert alone.returncode != 0  # a size mismatch, not a model of random weights
     assert "import cupycodec.integrations before from_pretrained" in alone.stdout + alone.stderr
     for first in ("import cupycodec.integrations\nfrom transformers import AutoModelForCausalLM",
                   "from transformers import AutoModelForCausalLM\nimport cupycodec.integrations"):
-        run = _python(f"{first}\n{load}")
+        run = _python(f"{first}\n{load}", tmp_path)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip().endswith("CompressedLinear")
 
