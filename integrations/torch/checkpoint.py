@@ -204,9 +204,8 @@ class Checkpoint:
         self.table: _Table = table  # type: ignore[assignment]
         stored, listed = set(self.where), set(self.table.tensors)
         if stored != listed:
-            odd = sorted(stored ^ listed)[:5]
-            raise FormatError(f"{self.directory}: the files hold tensors {sorted(stored - listed)[:5]} that the "
-                              f"metadata does not list, or lack {sorted(listed - stored)[:5]} ({odd})")
+            raise FormatError(f"{self.directory}: the metadata and the files disagree: tensors in the files only "
+                              f"{sorted(stored - listed)[:5]}, in the metadata only {sorted(listed - stored)[:5]}")
 
     def _files(self) -> list[str]:
         index = os.path.join(self.directory, INDEX)
@@ -216,9 +215,11 @@ class Checkpoint:
                     wm = json.load(f)["weight_map"]
                 except (KeyError, TypeError, ValueError) as exc:
                     raise FormatError(f"{index}: not a safetensors index (no weight_map)") from exc
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise FormatError(f"{index}: its weight_map must map tensor names to shard file names")
             names = sorted(set(wm.values()))
             for n in names:
-                if not isinstance(n, str) or os.path.basename(n) != n:
+                if os.path.basename(n) != n:
                     raise FormatError(f"{index}: names a shard {n!r} outside the checkpoint directory")
                 if not os.path.exists(os.path.join(self.directory, n)):
                     raise FileNotFoundError(f"shard {n} is missing from {self.directory} (listed in {INDEX}); "
