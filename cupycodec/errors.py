@@ -80,15 +80,15 @@ class UntrustedError(CupycodecError, ValueError):
     write out of bounds on crafted chunks, and a CRC32 stops accidents, not attackers. ``codec`` names the codec.
     """
 
-    def __init__(self, codec: str, action: str = "decode it"):
+    def __init__(self, codec: str, action: str = "decode it", *, message: str | None = None):
         self.codec = codec
-        super().__init__(
+        super().__init__(message or (
             f"this container came from outside (from_bytes/load) and is untrusted, and codec {codec!r} has no "
             f"decoder hardened against crafted input, so cupycodec will not {action}. If you made the file, "
             "pass trusted=True to from_bytes()/load(), or save it with cc.save(path, c, key=secret) and load it "
             "with cc.load(path, key=secret); untrusted files decode only with zstd, deflate, gzip, lz4, snappy or "
             "raw chunks (on the CPU)"
-        )
+        ))
 
 
 class DecompressionBombError(CupycodecError, ValueError):

@@ -259,12 +259,6 @@ def _trust(table: _Table, trusted: bool, key) -> bytes | None:
     return None
 
 
-def _untrusted(message: str) -> UntrustedError:
-    exc = UntrustedError("nvCOMP")
-    exc.args = (message,)
-    return exc
-
-
 def _untrusted_codec(prefix: bytes, where: str) -> str | None:
     obj = header_json(prefix)
     for seg in obj.get("segments", []):
@@ -385,9 +379,10 @@ def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str |
         if bad is not None or (role == "packed" and device.type == "cuda"):
             how = f"its codec {bad!r} has no decoder hardened against crafted input" if bad else \
                 "a compressed layer on a GPU decodes through nvCOMP, which is not hardened against crafted input"
-            raise _untrusted(f"{where}: the checkpoint is untrusted (not signed with your key) and {how}. If you "
-                             "trust its source, pass trusted=True (from_pretrained: quantization_config="
-                             "CupycodecConfig(trusted=True)); if you hold the key it was signed with, pass key=it")
+            raise UntrustedError(bad or "nvCOMP", message=(
+                f"{where}: the checkpoint is untrusted (not signed with your key) and {how}. If you trust its "
+                "source, pass trusted=True (from_pretrained: quantization_config=CupycodecConfig(trusted=True)); if "
+                "you hold the key it was signed with, pass key=it"))
 
 
 class Checks:

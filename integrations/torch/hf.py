@@ -37,7 +37,7 @@ from .checkpoint import (
     checkpoint_state,
 )
 from .linear import CompressedLinear, check_mode, default_codec
-from .model import CompressionReport, LayerReport, _is_linear, _sqnr, install
+from .model import CompressionReport, LayerReport, _is_linear, _sqnr, install, set_module
 
 from transformers.quantizers import HfQuantizer  # isort: skip
 from transformers.quantizers.auto import (  # isort: skip
@@ -46,6 +46,7 @@ from transformers.quantizers.auto import (  # isort: skip
     register_quantization_config,
     register_quantizer,
 )
+from transformers.quantizers.quantizers_utils import should_convert_module  # isort: skip
 from transformers.utils.quantization_config import QuantizationConfigMixin  # isort: skip
 
 try:  # transformers >= 5: per-tensor conversions
@@ -241,7 +242,7 @@ class CupycodecHfQuantizer(HfQuantizer):
             if not _is_linear(m):
                 continue
             why = ("output head" if m is head else "tied to an embedding" if id(m.weight) in tied else
-                   "modules_to_not_convert" if not _should_convert(fqn, skip) else
+                   "modules_to_not_convert" if not should_convert_module(fqn, skip) else
                    "modules_to_convert" if cfg.modules_to_convert and
                    not any(re.search(p, fqn) for p in cfg.modules_to_convert) else None)
             if why is not None:
@@ -252,7 +253,7 @@ class CupycodecHfQuantizer(HfQuantizer):
                                      granularity=cfg.granularity, group_size=cfg.group_size, dtype=m.weight.dtype,
                                      device="meta")
             layer.weight = torch.nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
-            _set(model, fqn, layer)
+            set_module(model, fqn, layer)
         if not chosen:
             raise ValueError(f"quantization_config chose none of {type(model).__name__}'s Linear layers (left alone: "
                              f"{dict(list(self._skipped.items())[:5])})")
@@ -273,7 +274,7 @@ class CupycodecHfQuantizer(HfQuantizer):
             except AttributeError:
                 raise ValueError(f"{directory}: layer {fqn!r} is not in this {type(model).__name__}") from None
             if _is_linear(module):
-                _set(model, fqn, CompressedLinear.from_config(layer_cfg, device="meta"))
+                set_module(model, fqn, CompressedLinear.from_config(layer_cfg, device="meta"))
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map or "cpu"}
         device = torch.device("cuda") if any("cuda" in str(d) or isinstance(d, int) for d in devices) else \
             torch.device("cpu")
@@ -337,15 +338,6 @@ def _module_of(model, name: str):
         return (model.get_submodule(owner) if owner else model), attr
     except AttributeError:
         return None, attr
-
-
-def _should_convert(fqn: str, patterns) -> bool:
-    return not any(re.match(rf"{p}\.", fqn) or re.match(p, fqn) or fqn.endswith(p) for p in patterns or ())
-
-
-def _set(model, fqn: str, module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def write_configs(model, directory: str, table: dict) -> list[str]:

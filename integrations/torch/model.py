@@ -23,7 +23,7 @@ import torch
 from .linear import CompressedLinear, check_mode
 from .runtime import DecodeGroup, Runtime, block_hook
 
-__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install"]
+__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "set_module"]
 
 
 @dataclass
@@ -217,13 +217,18 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     return CompressionReport(mode, reports, time.perf_counter() - t0, skipped, blocks=blocks)
 
 
+def set_module(model: torch.nn.Module, fqn: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at dotted name ``fqn`` inside ``model``."""
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     """Put compressed layers into ``model`` (``fqn -> layer``), group the decoded layers of the model (these and any
     compressed before) by transformer block under one :class:`Runtime`, and hook the blocks; return the number of
     blocks hooked. Only Python attributes change, so this cannot stop half-way."""
     for fqn, layer in new.items():
-        parent, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        set_module(model, fqn, layer)
     decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, CompressedLinear) and m.mode != "int8"]
     groups, hooks, placed = [], [], set()
