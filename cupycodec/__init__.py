@@ -7,6 +7,7 @@
 Importing cupycodec imports NumPy and nothing heavier: CuPy, nvCOMP, zstandard and cramjam load on first use.
 """
 
+from ._source_tree import map_integrations as _map_integrations
 from ._version import __version__
 from .api import (
     Compressor,
@@ -79,3 +80,5 @@ __all__ = [
     "registered_codecs",
     "save",
 ]
+
+_map_integrations()

@@ -1,8 +1,10 @@
-"""The installed package is the source tree: every subpackage is listed in pyproject.toml."""
+"""The installed package is the source tree: every subpackage is listed in pyproject.toml, and commands run from
+the checkout (python -m cupycodec ..., whose working directory shadows the installed package) find the integrations."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,3 +26,13 @@ def test_every_subpackage_is_packaged():
                 rel = os.path.relpath(dirpath, os.path.join(ROOT, top))
                 found.add(name if rel == "." else f"{name}.{rel.replace(os.sep, '.')}")
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_the_source_checkout_finds_the_integrations():
+    """`python -m cupycodec demo` from the checkout imports the source cupycodec/, which has no integrations/."""
+    code = "import cupycodec.integrations.numcodecs as m, cupycodec; print(m.__file__); print(cupycodec.__file__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    mod, pkg = run.stdout.split()
+    assert mod == os.path.join(ROOT, "integrations", "numcodecs.py")
+    assert pkg == os.path.join(ROOT, "cupycodec", "__init__.py")
