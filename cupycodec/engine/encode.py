@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layout
+from .._cuda import external_stream
 from ..backends import _nvcomp_lib as nv
 from ..errors import BackendError
 from ..kernels import chunks, crc32
@@ -37,7 +38,7 @@ class PendingCRC:
     __slots__ = ("event", "n", "offset", "payload")
 
     def __init__(self, payload, offset: int, n: int, event):
-        self.payload, self.offset, self.n, self.event = payload, offset, n, event
+        self.payload, self.offset, self.n, self.event = payload, int(offset), int(n), event
 
     def __call__(self) -> np.ndarray:
         if isinstance(self.payload, memoryview):  # the payload was brought to the host: read it there
@@ -210,7 +211,7 @@ class EncodePlan:
         padded = layout.padded(comp)
         offs = np.cumsum(padded) - padded
         k = len(rows)
-        with cupy.cuda.ExternalStream(sp):
+        with external_stream(sp):
             tight = cupy.empty(max(int(padded.sum()), 1), dtype=np.uint8)
             if k:
                 new = _U64(tight.data.ptr) + offs
@@ -247,7 +248,7 @@ class EncodePlan:
                 lo, hi = self.row_start[k], self.row_start[k + 1]
                 comp = sizes[lo:hi]
                 rel = layout.chunk_offsets(comp) + _U64(off + self.tables[k])
-                nbytes = self.tables[k] + layout.data_nbytes(comp)
+                nbytes = int(self.tables[k] + layout.data_nbytes(comp))
                 metas.append((k, lo, hi, comp, rel, off, nbytes))
                 offsets.append(off)
                 off += nbytes
@@ -255,7 +256,7 @@ class EncodePlan:
             pb = _U64(payload.data.ptr)
             segs = []
             for k, lo, hi, comp, rel, seg_off, nbytes in metas:
-                n = hi - lo
+                n = int(hi - lo)
                 dst[lo:hi] = rel + pb
                 slots[lo:hi] = layout.crc_slots(n) + _U64(seg_off) + pb
                 comp32 = comp.astype(np.uint32)
@@ -265,7 +266,7 @@ class EncodePlan:
                     image[: 4 * n] = comp32.view(np.uint8)
                     image[8 * n : 9 * n] = fl
                     images.append(image)
-                    tabs.append((int(pb) + seg_off, self.tables[k] // 4, n))
+                    tabs.append((int(pb) + seg_off, int(self.tables[k]) // 4, n))
                 rows = layout.decode_rows(rel, comp, fl, self.nbytes[k], self.chunks[k])
                 segs.append(PackedSegment(comp32, fl, seg_off, nbytes, PendingCRC(payload, seg_off + 4 * n, n, None),
                                           rows))
@@ -311,7 +312,7 @@ class EncodePlan:
                                      out_addrs=p + 8 * (o_rows + 2 * m), work=p + 8 * o_work if work else 0,
                                      src=p + 8 * (o_rows + 3 * m), tabs=p + 8 * o_tabs, n_tabs=len(tabs))
         self.engine.upload(p, host, sp)
-        with cupy.cuda.ExternalStream(sp):
+        with external_stream(sp):
             crc32.crc32_batch_packed(p, self.n_blocks)
             event = cupy.cuda.Event(block=False, disable_timing=True)
             event.record()
