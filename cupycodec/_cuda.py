@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["current_device", "launching_on", "stream_ptr"]
+__all__ = ["current_device", "external_stream", "launching_on", "stream_ptr"]
 
 
 def current_device() -> int:
@@ -26,6 +26,29 @@ def stream_ptr(stream: int | None, device: int) -> int:
         return cupy.cuda.get_current_stream().ptr
 
 
+class _Handle:
+    """A raw stream handle dressed in the CUDA stream protocol, for ``cupy.cuda.Stream.from_external``."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def external_stream(sp: int, device: int = -1):
+    """A CuPy stream object over the raw handle ``sp`` (usable as a context manager): ``Stream.from_external`` on
+    CuPy >= 14, which deprecates ``ExternalStream`` (a DeprecationWarning per call there), else ``ExternalStream``."""
+    import cupy
+
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(sp, device)
+    return from_external(_Handle(sp))
+
+
 @contextlib.contextmanager
 def launching_on(device: int, sp: int):
     """Make ``device`` current and ``sp`` CuPy's current stream for kernel launches, entering only what differs
@@ -36,5 +59,5 @@ def launching_on(device: int, sp: int):
         if current_device() != device:
             stack.enter_context(cupy.cuda.Device(device))
         if cupy.cuda.get_current_stream().ptr != sp:
-            stack.enter_context(cupy.cuda.ExternalStream(sp, device))
+            stack.enter_context(external_stream(sp, device))
         yield

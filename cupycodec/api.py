@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _compress, _config, _decompress, backends, interop
+from ._cuda import external_stream
 from ._decompress import DecodeJob, Quantized
 from ._files import atomic_write, open_regular
 from .container import CompressedArray
@@ -44,9 +45,8 @@ def _on_stream(stream: int | None):
     if stream is None:
         yield
         return
-    import cupy
 
-    with cupy.cuda.ExternalStream(stream):
+    with external_stream(stream):
         yield
 
 
@@ -310,7 +310,8 @@ def decode_plan(items: Sequence[CompressedArray], out: Sequence, *, dequantize=T
     ----------
     items : sequence of CompressedArray
         Device-resident (``c.to_device()``), all on one GPU, trusted (compressed here, or loaded with
-        ``trusted=True`` or a matching ``key``): an untrusted container raises :class:`~cupycodec.UntrustedError`.
+        ``trusted=True`` or a matching ``key``): an untrusted container raises :class:`~cupycodec.UntrustedError`
+        unless every chunk of it is stored (then the plan only copies, within the validated table's bounds).
     out : sequence
         One buffer per item, on the items' GPU: C-contiguous, 16-byte aligned, of the item's shape. Any framework
         (CuPy, torch, DLPack, ``__cuda_array_interface__``). A lossless item needs its dtype (or a same-width

@@ -6,6 +6,8 @@ import functools
 
 import numpy as np
 
+from .._cuda import external_stream
+
 # Pointer tables hold raw device addresses (unsigned long long). One launch copies every chunk of a batch; each
 # chunk is split over `parts` blocks. With `pad` set the destination is zero-filled up to the next multiple of 16,
 # which keeps the container's padding bytes deterministic without a separate memset.
@@ -115,7 +117,7 @@ def _launch(kernel, grid, block, args, stream):
 
         if isinstance(stream, int):
             if stream != cupy.cuda.get_current_stream().ptr:
-                with cupy.cuda.ExternalStream(stream):
+                with external_stream(stream):
                     kernel(grid, block, args)
                 return
         else:

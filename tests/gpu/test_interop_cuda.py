@@ -7,6 +7,7 @@ import gc
 import numpy as np
 import pytest
 
+from cupycodec._cuda import external_stream
 from cupycodec.interop import as_array, as_output, parse_device, stream_handle
 
 pytestmark = pytest.mark.gpu
@@ -108,7 +109,7 @@ def test_real_devices_and_streams():
         parse_device(f"cuda:{count}")
     s = cupy.cuda.Stream(non_blocking=True)
     assert stream_handle(s) == s.ptr
-    assert stream_handle(cupy.cuda.ExternalStream(s.ptr)) == s.ptr
+    assert stream_handle(external_stream(s.ptr)) == s.ptr
 
 
 @pytest.mark.torch
