@@ -244,8 +244,8 @@ def _consume(capsule, name: str | None, on_device: bool) -> Array:
     name = name or dl_name
     size = itemsize(name)
     shape = tuple(t.shape[i] for i in range(t.ndim))
-    if t.strides:
-        strides = tuple(t.strides[i] * size for i in range(t.ndim))  # DLPack strides count elements
+    if t.strides:  # DLPack strides count elements; see _byte_stride
+        strides = tuple(_byte_stride(t.strides[i], size) for i in range(t.ndim))
     else:  # NULL strides mean C-contiguous (DLPack < 1.2)
         strides = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * size for i in range(t.ndim))
     ptr = (t.data or 0) + t.byte_offset
@@ -253,6 +253,16 @@ def _consume(capsule, name: str | None, on_device: bool) -> Array:
         arr = _device_array(ptr, shape, strides, name, t.device.device_id, owner)
         return Array(arr, True, t.device.device_id, name, owner)
     return Array(_host_array(ptr, shape, strides, name, owner), False, None, name, owner)
+
+
+def _byte_stride(elements: int, size: int) -> int:
+    """A DLPack stride in bytes, read modulo 2**64 as a signed number.
+
+    CuPy 14 exports a negative stride as the unsigned quotient (2**64 - bytes) // itemsize (x[::-1] of int32 gives
+    2**62 - 1 for -1; seen on an H200 host, CuPy 14.2.0). Multiplying back modulo 2**64 recovers -bytes exactly for
+    power-of-two item sizes, and leaves every honest stride (|bytes| < 2**63) as it is."""
+    b = (elements * size) & 0xFFFF_FFFF_FFFF_FFFF
+    return b - (1 << 64) if b >= 1 << 63 else b
 
 
 def _extent(shape, strides, size: int) -> tuple[int, int]:

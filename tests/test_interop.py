@@ -505,3 +505,11 @@ def test_no_torch_import_in_the_core():
     offenders = [str(p) for p in root.rglob("*.py")
                  if "import torch" in p.read_text() and "integrations" not in p.relative_to(root).parts]
     assert not offenders  # integrations/torch (installed as cupycodec.integrations.torch) is where torch belongs
+
+
+def test_dlpack_strides_are_read_modulo_2_64():
+    from cupycodec.interop import _byte_stride
+
+    assert [_byte_stride(s, 4) for s in (2, -6, 0)] == [8, -24, 0]
+    # CuPy 14.2 exports x[::-1] of int32 with the stride (2**64 - 4) // 4: the same -4 bytes, read back
+    assert _byte_stride((2**64 - 24) // 4, 4) == -24 and _byte_stride((2**64 - 16) // 2, 2) == -16
