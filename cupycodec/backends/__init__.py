@@ -65,7 +65,7 @@ def select(requested: str | None, *, on_device: bool, codecs, what: str = "compr
         if not nvcomp_available():
             raise BackendUnavailableError(f"backend='nvcomp' cannot run here: {_nvcomp_reason()}")
         return "nvcomp"
-    if nvcomp_available() and (on_device or gpu_only):
+    if (on_device or gpu_only) and nvcomp_available():  # host data, CPU codec: never initialize CUDA for it
         return "nvcomp"
     if gpu_only:
         from ..codecs.base import GPU_ONLY_HINT
