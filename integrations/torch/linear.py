@@ -123,8 +123,9 @@ class CompressedLinear(torch.nn.Module):
             c = cc.compress(w, quantize="int8", granularity=self.granularity, group_size=self.group_size,
                             codec="raw", stream=stream)
             q = cc.decompress(c, dequantize=False, stream=stream)
-            self.qweight = torch.from_dlpack(q.codes).to(home) if c.on_device else torch.from_numpy(q.codes).to(home)
-            self.scale = torch.from_dlpack(q.scales).to(home) if c.on_device else torch.from_numpy(q.scales).to(home)
+            # copies made by torch: views of CuPy's arrays would keep the codes in CuPy's pool, unseen by torch
+            wrap = torch.from_dlpack if c.on_device else torch.from_numpy
+            self.qweight, self.scale = wrap(q.codes).to(home, copy=True), wrap(q.scales).to(home, copy=True)
             return
         kw = {"quantize": "int8", "granularity": self.granularity, "group_size": self.group_size} \
             if self.mode == "int8+entropy" else {}
@@ -259,7 +260,15 @@ class CompressedLinear(torch.nn.Module):
             return ops.dequantize(self.qweight, self.scale, self.granularity, self.group_size, dtype)
         c = self._container(self.packed.device)
         out = torch.empty((self.out_features, self.in_features), dtype=dtype, device=self.packed.device)
-        cc.decompress(c, out=out, stream=current_stream(out.device))
+        stream = current_stream(out.device)
+        if c.on_device and c.trusted:
+            # a plan of its own, its scratch from torch and gone with it: cc.decompress(c, out=) would keep its plan
+            # (and, for int8+entropy, scratch as large as the codes) in CuPy's pool for as long as the layer lives
+            plan = cc.decode_plan([c], [out], stream=stream,
+                                  alloc=lambda n: torch.empty(n, dtype=torch.uint8, device=out.device))
+            plan.run_and_wait(stream)
+        else:  # the CPU, or untrusted bytes (decoded by the hardened CPU decoders, then uploaded)
+            cc.decompress(c, out=out, stream=stream)
         return out
 
     # -- runtime ----------------------------------------------------------------------------------------------

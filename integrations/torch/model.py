@@ -95,14 +95,14 @@ class CompressionReport:
 
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The model's repeated blocks, outermost first, in module order: the modules whose class transformers names in
-    ``_no_split_modules``, else each entry of an ``nn.ModuleList`` that holds Linear layers."""
+    ``_no_split_modules``, else each entry of an ``nn.ModuleList`` that holds Linear (or compressed) layers."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     found = [(fqn, m) for fqn, m in model.named_modules() if type(m).__name__ in names]
     if not found:
         for fqn, m in model.named_modules():
             if isinstance(m, torch.nn.ModuleList):
                 found += [(f"{fqn}.{i}", child) for i, child in enumerate(m)
-                          if any(isinstance(c, torch.nn.Linear) for c in child.modules())]
+                          if any(isinstance(c, (torch.nn.Linear, CompressedLinear)) for c in child.modules())]
     out: list[tuple[str, torch.nn.Module]] = []
     for fqn, m in found:  # keep the outermost of nested blocks
         if not any(fqn.startswith(p + ".") for p, _ in out):

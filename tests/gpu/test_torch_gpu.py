@@ -107,7 +107,8 @@ def test_models_on_cuda_and_their_memory(mode):
         assert cos > 0.99
     # payloads, scales, slots and plan tables are torch's: CuPy's pool holds (almost) nothing of ours
     assert cupy.get_default_memory_pool().used_bytes() < (1 << 20)
-    assert torch.cuda.memory_allocated() > before  # the compressed model (and its scratch) as torch counts it
+    # torch counts the compressed model (and its scratch): the replaced weights went, their compressed form came
+    assert torch.cuda.memory_allocated() >= before - report.original_nbytes + report.compressed_nbytes
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])

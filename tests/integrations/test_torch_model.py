@@ -56,6 +56,11 @@ def test_blocks_come_from_the_module_tree():
     assert [f for f, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
     plain = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2)]))
     assert [f for f, _ in find_blocks(plain)] == ["0.0", "0.1"]
+    # and still once the Linear layers are compressed (a ModuleList of blocks with no _no_split_modules)
+    stack = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                                                         torch.nn.Linear(64, 64)) for _ in range(3)]))
+    assert compress_model(stack, "lossless", progress=False).blocks == 3
+    assert [f for f, _ in find_blocks(stack)] == ["0.0", "0.1", "0.2"]
 
 
 def test_filter_and_errors_leave_the_model_as_it_was():
