@@ -21,7 +21,6 @@ from . import trust
 
 __all__ = ["ChunkConfig", "at", "decode_chunks", "encode_chunks", "is_device", "parse_chunk"]
 
-_AUTO_LEVEL = 1  # the CPU's auto level: on exponent planes zstd-1 beats levels 2-12 (benchmarks/RESULTS.md)
 _TRUST_HINT = ("; for a store or buffer you wrote yourself, set trusted: true in the codec configuration and "
                "call cupycodec.integrations.trust.configure(trusted='metadata'), or sign and verify chunks with "
                "trust.configure(key=...) (docs/ZARR.md, 'Trust')")
@@ -149,7 +148,8 @@ class ChunkConfig:
         if not filters and self.quantize is None and _float_like(self.dtype or dtype):
             filters = ["byteplane"]
         kw = self._core_kwargs("zstd", filters)
-        kw["level"] = _AUTO_LEVEL if self.level is None else self.level
+        if self.level is not None:  # nvCOMP has no levels: only one the user set is passed on (and warned about)
+            kw["level"] = self.level
         return kw
 
 

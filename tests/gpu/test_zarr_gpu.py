@@ -112,7 +112,7 @@ def test_ans_for_trusted_stores(tmp_path, cp, zarr, zdtype):
     with zarr.config.enable_gpu():
         z = _create(tmp_path, x, codec="ans", trusted=True, **kw)
         z[:] = cp.asarray(x)
-        with pytest.raises(cc.UntrustedError, match=r"^chunk '.*c/0/0': .*codec 'ans'"):
+        with pytest.raises(cc.UntrustedError, match=r"^chunk '.*c/\d+/\d+': .*codec 'ans'"):
             zarr.open_array(str(tmp_path))[:]
         with trust.settings(trusted="metadata"):
             y = zarr.open_array(str(tmp_path))[:]

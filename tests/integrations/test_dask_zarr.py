@@ -7,8 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import zarr
-from dask.distributed import Client, LocalCluster
+
+zarr = pytest.importorskip("zarr")
+pytest.importorskip("dask.distributed")
+from dask.distributed import Client, LocalCluster  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "examples", "dask_zarr.py")
 
