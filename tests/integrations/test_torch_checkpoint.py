@@ -129,7 +129,9 @@ def test_save_compressed_and_load_compressed(bf16_dir, tmp_path, mode):
             assert head["array"]["shape"]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "cupycodec"
 
-    loaded = load_compressed(out, progress=False)  # a transformers checkpoint: through from_pretrained
+    # a transformers checkpoint: through from_pretrained (on the CPU, where `want` was computed; the default is CUDA
+    # where there is one)
+    loaded = load_compressed(out, device="cpu", progress=False)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, CompressedLinear)
     assert torch.equal(_logits(loaded), want)
 
