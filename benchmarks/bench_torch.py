@@ -117,7 +117,7 @@ def _graph_tok_s(model, prompt, n_new):
 
     runtime = getattr(model, "_cupycodec_runtime", None)
     length = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=length + n_new + 1)
+    cache = StaticCache(config=model.config, max_cache_len=length + n_new + 8)
     with torch.no_grad():
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(length, device="cuda"))
@@ -135,8 +135,13 @@ def _graph_tok_s(model, prompt, n_new):
         with torch.cuda.graph(g):
             logits = model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
         torch.cuda.synchronize()
+        # transformers >= 5 writes a static cache at its own counter (cumulative_length), which the warm-up steps
+        # advanced: rewind it to the prompt, so the replays write where cache_position says
+        for layer in getattr(cache, "layers", ()):
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                layer.cumulative_length.fill_(length)
         t = time.perf_counter()
-        tokens = []
+        tokens = [tok.clone()]  # the prefill's token, as generate's output starts
         for _ in range(n_new):
             g.replay()
             nxt = logits[:, -1:].argmax(-1)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (device tool): install the carried wheels (../shared/device/wheels.sh), then run
+# the named stages in order, each under its own time limit, with its log and JSON under $OUT.
+# Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
+# Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
+# torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), pytest:EXPR
+# (tests matching -k EXPR).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CUPYCODEC_REQUIRE_GPU=1
+# compiled now, so that a carried package's SyntaxWarnings (torchao's) are not raised at import under -W error
+python3 -m compileall -q /tmp/site >/dev/null 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c 'import torch, cupy, transformers; print("torch", torch.__version__, "cupy", cupy.__version__,
+"transformers", transformers.__version__, torch.cuda.get_device_name())'
+for arg in "$@"; do
+  stage=${arg%%:*}; secs=${arg#*:}; [ "$secs" = "$arg" ] && secs=300
+  echo "=== $stage (limit ${secs}s) $(date +%T)"
+  t0=$SECONDS
+  case $stage in
+    tests) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n 8 --timeout 240 -rfEs ${TEST_ARGS:-} tests >"$OUT/tests.log" 2>&1
+           rc=$?; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 ;;
+    pytest=*) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n 4 --timeout 240 -rfEs \
+             -k "${stage#pytest=}" tests >"$OUT/pytest.log" 2>&1; rc=$?; tail -5 "$OUT/pytest.log" ;;
+    gpu) timeout -k 5 "$secs" python3 benchmarks/bench_gpu.py --quick --json "$OUT/bench_gpu.json" \
+           >"$OUT/bench_gpu.log" 2>&1; rc=$?; tail -40 "$OUT/bench_gpu.log" ;;
+    torch) timeout -k 5 "$secs" python3 benchmarks/bench_torch.py ${TORCH_ARGS:-} --json "$OUT/bench_torch.json" \
+             >"$OUT/bench_torch.log" 2>&1; rc=$?; tail -40 "$OUT/bench_torch.log" ;;
+    ckpt) timeout -k 5 "$secs" python3 benchmarks/bench_checkpoint.py ${CKPT_ARGS:---models tinyllama --device cuda:0} \
+            --json "$OUT/bench_checkpoint.json" >"$OUT/bench_checkpoint.log" 2>&1; rc=$?
+          tail -20 "$OUT/bench_checkpoint.log" ;;
+    zarr) timeout -k 5 "$secs" python3 benchmarks/bench_zarr.py --device cuda --json "$OUT/bench_zarr.json" \
+            >"$OUT/bench_zarr.log" 2>&1; rc=$?; tail -20 "$OUT/bench_zarr.log" ;;
+    fuzz) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --trials 40 \
+            --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
+    probe) timeout -k 5 "$secs" python3 probe/probe_gpu.py >"$OUT/probe.log" 2>&1; rc=$?; tail -60 "$OUT/probe.log" ;;
+    *) echo "unknown stage $stage"; rc=2 ;;
+  esac
+  echo "=== $stage rc=$rc in $((SECONDS - t0))s"
+done
