@@ -50,7 +50,7 @@ import struct
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
@@ -114,6 +114,11 @@ class ChunkTable:
             src.flags.writeable = False
             object.__setattr__(self, "crc_source", src)
         return src
+
+    def owned(self) -> ChunkTable:
+        """This table in arrays of its own: a parsed table views the payload it came from (and keeps it alive), a
+        GPU compression's pending CRCs hold the device payload."""
+        return ChunkTable(self.comp_nbytes.copy(), self.crc32.copy(), self.flags.copy())
 
     def __len__(self) -> int:
         return len(self.comp_nbytes)
@@ -234,6 +239,10 @@ class Header:
     @property
     def payload_nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
+
+    def detached(self) -> Header:
+        """This header with chunk tables of its own, referencing no payload."""
+        return replace(self, segments=tuple(replace(s, table=s.table.owned()) for s in self.segments))
 
     def to_json(self) -> dict[str, Any]:
         obj = {
@@ -956,12 +965,12 @@ class CompressedArray:
     def without_payload(self) -> CompressedArray:
         """A copy holding this container's header and trust but no payload (so no memory), to be given one later
         with :meth:`with_payload`; it cannot be decoded or written itself."""
-        c = self._like(memoryview(b""))
+        c = self._like(memoryview(b""), self._header.detached())  # a header that keeps no payload alive
         c._cache["headless"] = True
         return c
 
-    def _like(self, payload) -> CompressedArray:
-        c = CompressedArray(self._header, payload, _prefix=self._prefix)
+    def _like(self, payload, header: Header | None = None) -> CompressedArray:
+        c = CompressedArray(header or self._header, payload, _prefix=self._prefix)
         for flag in ("external", "untrusted", "unverified"):
             if self._cache.get(flag):
                 c._cache[flag] = True

@@ -359,3 +359,23 @@ def test_crafted_int8_scales_are_a_format_error():
             cc.decompress(crafted)
         q = cc.decompress(crafted, dequantize=False)  # codes and scales are returned as they are
         assert q.scales[0] == np.float32(value) or np.isnan(q.scales[0])
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_header_without_payload_keeps_no_payload_alive(quantize):
+    # a parsed chunk table views the payload it came from; a template kept for a model's lifetime (the torch layers
+    # keep one per compressed layer) must not keep the host copy of a checkpoint's bytes with it
+    x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+    blob = np.frombuffer(bytearray(cc.compress(x, codec="zstd", quantize=quantize, chunk_nbytes=4096).to_bytes()),
+                         np.uint8)
+    c = cc.CompressedArray.from_bytes(blob)
+    tables = [(s.table.comp_nbytes, s.table.crc32, s.table.flags) for s in c.segments]
+    assert any(np.shares_memory(a, blob) for t in tables for a in t)  # what makes the copy necessary
+    t = c.without_payload()
+    assert not any(np.shares_memory(a, blob) for s in t.segments
+                   for a in (s.table.comp_nbytes, s.table.crc32, s.table.flags))
+    assert t._header.encode() == c._header.encode() and t.trusted == c.trusted
+    y = cc.decompress(t.with_payload(blob[len(c._prefix) :]))  # and it still takes its payload back
+    assert y.shape == x.shape
+    if quantize is None:
+        np.testing.assert_array_equal(y, x)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -134,6 +135,11 @@ def test_save_compressed_and_load_compressed(bf16_dir, tmp_path, mode):
     loaded = load_compressed(out, device="cpu", progress=False)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, CompressedLinear)
     assert torch.equal(_logits(loaded), want)
+    for m in loaded.modules():  # a layer's template keeps no view of the bytes read (the host copy, on a GPU load)
+        if isinstance(m, CompressedLinear) and m.mode != "int8":
+            host = m.packed.numpy()
+            assert not any(np.shares_memory(a, host) for s in m._template.segments
+                           for a in (s.table.comp_nbytes, s.table.crc32, s.table.flags))
 
     fresh = transformers.AutoModelForCausalLM.from_config(_config(), dtype=torch.bfloat16).eval()
     assert load_compressed(out, fresh, progress=False) is fresh  # into a model you built
