@@ -622,7 +622,8 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size="5GB", 
 
 
 def load_compressed(directory, model: torch.nn.Module | None = None, *, device=None, trusted: bool = False,
-                    key=None, strict: bool = True, progress: bool = True) -> torch.nn.Module:
+                    key=None, strict: bool = True, progress: bool = True, offload: str | None = None,
+                    max_gpu_memory=None) -> torch.nn.Module:
     """Load a checkpoint written by :func:`save_compressed` (or ``save_pretrained``) and return the model.
 
     Parameters
@@ -643,6 +644,12 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
         Require the checkpoint to cover every tensor of the model's state dict.
     progress : bool
         Show a tqdm progress bar.
+    offload : {"cpu", None}
+        ``"cpu"``: load onto the host, then place the model on the GPU (``device``, else the current one) with its
+        blocks' compressed weights in pinned host memory (:func:`~cupycodec.integrations.torch.offload_model`; its
+        report is ``model.cupycodec_offload``).
+    max_gpu_memory : int or str, optional
+        With offloading, a budget for the model's device memory (e.g. ``"8GiB"``). Implies ``offload="cpu"``.
 
     Raises
     ------
@@ -659,6 +666,28 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     The model changes only once every tensor has been read.
     """
     directory = os.fspath(directory)
+    if max_gpu_memory is not None and offload is None:
+        offload = "cpu"
+    if offload is not None:  # checked before any byte is read; the model is read onto the host, then placed
+        from .offload import _compute_device, offload_model, parse_nbytes
+
+        if offload != "cpu":
+            raise ValueError(f"offload must be 'cpu' or None, got {offload!r}")
+        if max_gpu_memory is not None:
+            parse_nbytes(max_gpu_memory)
+        target = _compute_device(device)
+        loaded = load_compressed(directory, model, device="cpu", trusted=trusted, key=key, strict=strict,
+                                 progress=progress)
+        untrusted = next((f for f, m in loaded.named_modules() if isinstance(m, CompressedLinear)
+                          and m._template is not None and not m._template.trusted), None)
+        if untrusted is not None:  # the CPU took it; offloaded layers decode on the GPU, through nvCOMP
+            raise UntrustedError("nvCOMP", message=(
+                f"{directory}: layer {untrusted!r}: the checkpoint is untrusted (not signed with your key), and an "
+                "offloaded model decodes its layers on the GPU through nvCOMP, which is not hardened against crafted "
+                "input; it was loaded onto the CPU and not offloaded. If you trust its source, pass trusted=True; if "
+                "you hold the key it was signed with, pass key=it"))
+        loaded.cupycodec_offload = offload_model(loaded, offload, max_gpu_memory=max_gpu_memory, device=target)
+        return loaded
     if model is None:
         from . import hf
 

@@ -80,12 +80,18 @@ class CupycodecConfig(QuantizationConfigMixin):
     trusted, key
         Loading only, never saved: vouch for a checkpoint, or give the key it was signed with (see
         :func:`~cupycodec.integrations.torch.load_compressed`).
+    offload, max_gpu_memory, offload_device
+        Loading only, never saved: once loaded (load onto the host: no ``device_map``, or ``device_map="cpu"``),
+        place the model on ``offload_device`` (default: the current CUDA device) with its blocks' compressed
+        weights in pinned host memory, under an optional budget (see
+        :func:`~cupycodec.integrations.torch.offload_model`; its report is ``model.cupycodec_offload``).
     """
 
     def __init__(self, mode: str = "int8", granularity: str = "channel", group_size: int = 128,
                  codec: str | None = None, modules_to_convert: list[str] | None = None,
                  modules_to_not_convert: list[str] | None = None,
-                 format_version: int = FORMAT_VERSION, trusted: bool = False, key=None, **kwargs):
+                 format_version: int = FORMAT_VERSION, trusted: bool = False, key=None, offload: str | None = None,
+                 max_gpu_memory=None, offload_device=None, **kwargs):
         self.quant_method = QUANT_METHOD
         if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
             raise UnsupportedVersionError("cupycodec checkpoint format (quantization_config)", format_version,
@@ -112,6 +118,15 @@ class CupycodecConfig(QuantizationConfigMixin):
         self.modules_to_convert, self.modules_to_not_convert = modules_to_convert, modules_to_not_convert
         self.format_version = FORMAT_VERSION
         self.trusted, self.key = trusted, key
+        if max_gpu_memory is not None and offload is None:
+            offload = "cpu"
+        if offload not in (None, "cpu"):
+            raise ValueError(f"quantization_config: offload must be 'cpu' or None, got {offload!r}")
+        if max_gpu_memory is not None:
+            from .offload import parse_nbytes
+
+            parse_nbytes(max_gpu_memory)
+        self.offload, self.max_gpu_memory, self.offload_device = offload, max_gpu_memory, offload_device
         kwargs.pop("quant_method", None)  # from config.json; anything else is from a newer writer: ignored
 
     def to_dict(self) -> dict:
@@ -123,7 +138,8 @@ class CupycodecConfig(QuantizationConfigMixin):
         return self.to_dict()
 
     def get_loading_attributes(self) -> dict:
-        return {"trusted": self.trusted, "key": self.key}
+        return {"trusted": self.trusted, "key": self.key, "offload": self.offload,
+                "max_gpu_memory": self.max_gpu_memory, "offload_device": self.offload_device}
 
     def __repr__(self):
         return f"CupycodecConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'quant_method')})"
@@ -317,6 +333,12 @@ class CupycodecHfQuantizer(HfQuantizer):
             model._weight_conversions = [c for c in conv if not any(isinstance(o, _Op) for o in
                                                                     getattr(c, "operations", ()))]
         self._ckpt = self._plan = None
+        cfg = self.quantization_config
+        if getattr(cfg, "offload", None) is not None:
+            from .offload import offload_model
+
+            model.cupycodec_offload = offload_model(model, cfg.offload, max_gpu_memory=cfg.max_gpu_memory,
+                                                    device=cfg.offload_device)
         return model
 
     def is_serializable(self) -> bool:

@@ -93,6 +93,7 @@ class CompressedLinear(torch.nn.Module):
         self._views: dict = {}  # (device, payload address) -> CompressedArray over this module's `packed`
         self._runtime: Runtime | None = None
         self._slot_index = (0, 0)
+        self._offloaded = False  # its stored tensors are kept on the host and staged to the GPU per use (.offload)
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -197,6 +198,16 @@ class CompressedLinear(torch.nn.Module):
     def _payload_ptr(self) -> int:
         return self.packed.data_ptr()
 
+    def _stored(self) -> list[torch.Tensor]:
+        """The tensors the weight is stored in: the container bytes, or the INT8 codes and scales."""
+        return [self.qweight, self.scale] if self.mode == "int8" else [self.packed]
+
+    def _container_over(self, packed: torch.Tensor) -> cc.CompressedArray:
+        """The container over a copy of this module's ``packed`` bytes (a staging buffer's view, for offloading)."""
+        if self._template is None:
+            self._parse()
+        return self._template.with_payload(packed[len(self._template._prefix) :])
+
     def _container(self, device: torch.device) -> cc.CompressedArray:
         """The container over this module's ``packed`` bytes where they are now (rebuilt after ``.to()``)."""
         if self._template is None:
@@ -281,12 +292,12 @@ class CompressedLinear(torch.nn.Module):
         return self._runtime  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int8":
+        if self.mode == "int8" and not self._offloaded:
             return ops.int8_linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
         views = self._own_runtime().views(*self._slot_index, x.device)
         if self.mode == "lossless":
             return F.linear(x, views[0], self.bias)
-        codes, scales = views
+        codes, scales = views  # int8+entropy, or offloaded int8: where the block's staging put them
         return ops.int8_linear(x, codes, scales, self.bias, self.granularity, self.group_size)
 
     # -- state dict ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,6 +53,7 @@ class CompressionReport:
     seconds: float
     skipped: dict[str, str] = field(default_factory=dict)  # Linear layers left alone -> why
     blocks: int = 0
+    offload: Any = None  # the OffloadReport, when compress_model offloaded the model
 
     @property
     def original_nbytes(self) -> int:
@@ -131,7 +133,7 @@ def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
 
 def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | None = None,
                    granularity: str = "channel", group_size: int = 128, codec: str | None = None, device=None,
-                   progress: bool = True) -> CompressionReport:
+                   progress: bool = True, offload: str | None = None, max_gpu_memory=None) -> CompressionReport:
     """Replace ``model``'s Linear layers by :class:`CompressedLinear` in place; return a :class:`CompressionReport`.
 
     Parameters
@@ -151,16 +153,34 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         Where to compress (e.g. ``"cuda"`` for a model on the CPU); each layer stays on its own device.
     progress : bool
         Show a tqdm progress bar.
+    offload : {"cpu", None}
+        ``"cpu"``: then place the model on the GPU (``device``, else the current one) with its blocks' compressed
+        weights in pinned host memory, streamed in as the blocks run (:func:`offload_model`; the report's
+        ``offload`` says where everything went).
+    max_gpu_memory : int or str, optional
+        With offloading, a budget for the model's device memory (e.g. ``"8GiB"``): the first blocks stay resident
+        while it holds. Implies ``offload="cpu"``.
 
     Raises
     ------
     ValueError
         An unknown mode, a model without Linear layers, a filter matching none, NaN or Inf weights in an INT8 mode
-        (naming the layer and the element). Nothing is replaced then.
+        (naming the layer and the element). Nothing is replaced then. With offloading, a budget below the model's
+        minimum (given in the message): the model is then compressed but not moved.
     TypeError
         A non-float weight (naming the layer).
     """
     check_mode(mode)
+    if max_gpu_memory is not None and offload is None:
+        offload = "cpu"
+    if offload is not None:  # checked before anything changes
+        from .offload import _compute_device, parse_nbytes
+
+        if offload != "cpu":
+            raise ValueError(f"offload must be 'cpu' or None, got {offload!r}")
+        if max_gpu_memory is not None:
+            parse_nbytes(max_gpu_memory)
+        target = _compute_device(device if device is not None and torch.device(device).type == "cuda" else None)
     t0 = time.perf_counter()
     linears = [(fqn, m) for fqn, m in model.named_modules() if _is_linear(m)]
     if not linears:
@@ -214,7 +234,13 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
             from . import hf
 
             hf.attach(model, mode, granularity, group_size, codec)
-    return CompressionReport(mode, reports, time.perf_counter() - t0, skipped, blocks=blocks)
+    report = CompressionReport(mode, reports, time.perf_counter() - t0, skipped, blocks=blocks)
+    if offload is not None:
+        from .offload import offload_model
+
+        report.offload = offload_model(model, offload, max_gpu_memory=max_gpu_memory, device=target)
+        report.blocks = len(model._cupycodec_runtime[1])
+    return report
 
 
 def set_module(model: torch.nn.Module, fqn: str, module: torch.nn.Module) -> None:
@@ -229,19 +255,20 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     blocks hooked. Only Python attributes change, so this cannot stop half-way."""
     for fqn, layer in new.items():
         set_module(model, fqn, layer)
+    # decoded per use: containers, and INT8 codes kept on the host (offloaded)
     decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False)
-               if isinstance(m, CompressedLinear) and m.mode != "int8"]
+               if isinstance(m, CompressedLinear) and (m.mode != "int8" or m._offloaded)]
     groups, hooks, placed = [], [], set()
     for bfqn, block in find_blocks(model):
         members = [m for f, m in decoded if f.startswith(bfqn + ".") and f not in placed]
         placed.update(f for f, _ in decoded if f.startswith(bfqn + "."))
         if members:
-            groups.append((block, DecodeGroup(members, name=bfqn)))
-    groups += [(None, DecodeGroup([m], name=f)) for f, m in decoded if f not in placed]
+            groups.append((block, DecodeGroup(members, name=bfqn, offloaded=any(m._offloaded for m in members))))
+    groups += [(None, DecodeGroup([m], name=f, offloaded=m._offloaded)) for f, m in decoded if f not in placed]
     runtime = Runtime([g for _, g in groups])
     for gi, (block, _) in enumerate(groups):
         if block is not None:
-            hooks.append(block.register_forward_pre_hook(block_hook(runtime, gi)))
+            hooks.append(block.register_forward_pre_hook(block_hook(runtime, gi), with_kwargs=True))
     old = getattr(model, "_cupycodec_runtime", None)
     if old is not None:
         for h in old[1]:

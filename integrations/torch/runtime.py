@@ -7,6 +7,11 @@ decodes on a side stream into one while this block computes from the other, orde
 Everything here runs ahead of the forward pass's math and never synchronizes: statuses accumulate on the device
 until :meth:`Runtime.check`.
 
+An offloaded group (:mod:`.offload`) keeps its compressed tensors in pinned host memory. On a GPU they are copied
+into one of two device staging buffers on a copy stream, and decoded from there: when block ``i`` starts, block
+``i + 1`` decodes on the side stream from staging its copy filled earlier, and block ``i + 2``'s bytes start
+copying into the other staging buffer, once the decode that last read it is done (events, no host waits).
+
 Scratch, plans and payloads are torch tensors (the plans' tables come from ``alloc=torch.empty``), so
 ``torch.cuda.memory_allocated()`` counts them.
 """
@@ -31,17 +36,28 @@ def _a(n: int) -> int:
 
 
 class DecodeGroup:
-    """Compressed layers whose weights decode together into one slot (a transformer block's, or one layer's)."""
+    """Compressed layers whose weights decode together into one slot (a transformer block's, or one layer's).
 
-    def __init__(self, layers: list, name: str):
+    ``offloaded``: the layers' compressed tensors live in host memory and reach the GPU through a staging buffer
+    of ``stored_nbytes`` (their stored tensors, each 256-byte aligned)."""
+
+    def __init__(self, layers: list, name: str, *, offloaded: bool = False):
         self.name = name
         self.layers = list(layers)
+        self.offloaded = offloaded
         self.offsets, total = [], 0
         for layer in self.layers:
             self.offsets.append(total)
             total += sum(_a(nb) for nb in layer._decoded_nbytes())
         self.nbytes = total
+        self.stored_offsets, total = [], 0
+        for layer in self.layers:
+            self.stored_offsets.append(total)
+            total += sum(_a(t.numel() * t.element_size()) for t in layer._stored())
+        self.stored_nbytes = total
         self._plans: dict = {}
+        self._staged_plans: dict = {}  # (slot address, staging address) -> plan over the staged payloads
+        self._staged_containers: dict = {}  # staging address -> containers over it
 
     def views(self, slot: torch.Tensor, i: int) -> list[torch.Tensor]:
         """Layer ``i``'s decoded tensors inside ``slot``: its weight, or its INT8 codes and scales."""
@@ -51,11 +67,57 @@ class DecodeGroup:
             off += _a(nbytes)
         return out
 
-    def decode(self, slot: torch.Tensor) -> None:
-        """Enqueue the decode of every layer into ``slot`` on torch's current stream (GPU: one plan run, no wait)."""
-        containers = [layer._container(slot.device) for layer in self.layers]
-        outs = [tuple(v) if len(v) == 2 else v[0] for v in (self.views(slot, i) for i in range(len(self.layers)))]
-        entropy = [layer.mode == "int8+entropy" for layer in self.layers]
+    def staged_views(self, staging: torch.Tensor, i: int) -> list[torch.Tensor]:
+        """Layer ``i``'s stored tensors (packed bytes, or codes and scales) as views of ``staging``."""
+        out, off = [], self.stored_offsets[i]
+        for t in self.layers[i]._stored():
+            nbytes = t.numel() * t.element_size()
+            out.append(staging[off : off + nbytes].view(t.dtype).view(t.shape))
+            off += _a(nbytes)
+        return out
+
+    def stage(self, staging: torch.Tensor) -> None:
+        """Enqueue the copies of every layer's stored tensors into ``staging`` on torch's current stream."""
+        for i, layer in enumerate(self.layers):
+            for dst, src in zip(self.staged_views(staging, i), layer._stored()):
+                dst.copy_(src, non_blocking=True)
+
+    def decode(self, slot: torch.Tensor, staging: torch.Tensor | None = None) -> None:
+        """Enqueue the decode of every layer into ``slot`` on torch's current stream (GPU: one plan run, no wait),
+        from the layers' own tensors, or from ``staging`` where :meth:`stage` copied them."""
+        if staging is not None:
+            self._decode_staged(slot, staging)
+            return
+        plain = [i for i, layer in enumerate(self.layers) if layer.mode == "int8"]  # offloaded codes: copied
+        for i in plain:
+            for dst, src in zip(self.views(slot, i), self.layers[i]._stored()):
+                dst.copy_(src, non_blocking=True)
+        if len(plain) == len(self.layers):
+            return
+        coded = [i for i in range(len(self.layers)) if i not in plain]
+        self._run([self.layers[i]._container(slot.device) for i in coded], slot, coded,
+                  (slot.data_ptr(), *(self.layers[i]._payload_ptr() for i in coded)), self._plans, forget=True)
+
+    def _decode_staged(self, slot: torch.Tensor, staging: torch.Tensor) -> None:
+        coded = []
+        for i, layer in enumerate(self.layers):
+            if layer.mode == "int8":  # codes and scales as they are: a device copy into the slot
+                for dst, src in zip(self.views(slot, i), self.staged_views(staging, i)):
+                    dst.copy_(src)
+            else:
+                coded.append(i)
+        if not coded:
+            return
+        containers = self._staged_containers.get(staging.data_ptr())
+        if containers is None:  # built once per staging buffer, on the first pass
+            containers = self._staged_containers[staging.data_ptr()] = [
+                self.layers[i]._container_over(self.staged_views(staging, i)[0]) for i in coded]
+        self._run(containers, slot, coded, (slot.data_ptr(), staging.data_ptr()), self._staged_plans, forget=False)
+
+    def _run(self, containers: list, slot: torch.Tensor, idx: list[int], key: tuple, plans: dict,
+             forget: bool) -> None:
+        outs = [tuple(v) if len(v) == 2 else v[0] for v in (self.views(slot, i) for i in idx)]
+        entropy = [self.layers[i].mode == "int8+entropy" for i in idx]
         if slot.device.type != "cuda":
             # one call for the group: every chunk of every layer through the CPU thread pool
             lossless = [i for i, e in enumerate(entropy) if not e]
@@ -65,27 +127,31 @@ class DecodeGroup:
             if coded:
                 cc.decompress_many([containers[i] for i in coded], out=[outs[i] for i in coded], dequantize=False)
             return
-        key = (slot.data_ptr(), *(layer._payload_ptr() for layer in self.layers))
-        plan = self._plans.get(key)
+        plan = plans.get(key)
         if plan is None:  # once per slot and payload placement: built before any graph capture, on a warm-up pass
-            self._plans = {k: v for k, v in self._plans.items() if k[0] != key[0]}  # forget moved payloads
+            if forget:  # payloads that moved: their plans go
+                for k in [k for k in plans if k[0] == key[0]]:
+                    del plans[k]
             dequantize = not any(entropy)
             if any(entropy) and not all(entropy):
                 raise ValueError(f"group {self.name}: mixes lossless and int8+entropy layers; compress a model with "
                                  "one mode")
             plan = cc.decode_plan(containers, outs, dequantize=dequantize, stream=current_stream(slot.device),
                                   alloc=lambda n, d=slot.device: torch.empty(n, dtype=torch.uint8, device=d))
-            self._plans[key] = plan
+            plans[key] = plan
         plan.run(current_stream(slot.device))
+
+    def plans(self) -> list:
+        return [*self._plans.values(), *self._staged_plans.values()]
 
     def check(self) -> None:
         """Wait for and raise any bad chunk reported by this group's GPU decodes since the last check."""
-        for plan in self._plans.values():
+        for plan in self.plans():
             plan.check()
 
 
 class _DeviceState:
-    __slots__ = ("active", "resident", "side", "slots")
+    __slots__ = ("active", "copy", "resident", "side", "slots", "staged", "staging")
 
     def __init__(self):
         self.slots: list[torch.Tensor] = []
@@ -93,6 +159,11 @@ class _DeviceState:
         self.resident: list = [None, None]
         self.active = 0  # the slot of the group in use: never the one a new decode goes to
         self.side = None
+        # offloaded groups: two staging buffers, each [group, copied event, event of the decode that read it (None
+        # until one was enqueued)], and the stream their host-to-device copies run on
+        self.staging: list[torch.Tensor] = []
+        self.staged: list = [None, None]
+        self.copy = None
 
 
 class Runtime:
@@ -102,6 +173,7 @@ class Runtime:
         self.groups = groups
         self.prefetch = prefetch
         self.slot_nbytes = max((g.nbytes for g in groups), default=0)
+        self.staging_nbytes = max((g.stored_nbytes for g in groups if g.offloaded), default=0)
         self._devices: dict[torch.device, _DeviceState] = {}
         for gi, g in enumerate(groups):
             for li, layer in enumerate(g.layers):
@@ -118,6 +190,10 @@ class Runtime:
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1
             st.slots = [torch.empty(max(self.slot_nbytes, 1), dtype=torch.uint8, device=device) for _ in range(n)]
             st.resident = [None] * n
+            if device.type == "cuda" and self.staging_nbytes:
+                st.staging = [torch.empty(self.staging_nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+                st.staged = [None, None]
+                st.copy = torch.cuda.Stream(device)
         return st
 
     # -- the forward pass ---------------------------------------------------------------------------------------
@@ -131,6 +207,8 @@ class Runtime:
             if held is None or held[0] != nxt:
                 self._settle(st, 1 - slot, device)
                 self._prefetch(st, nxt, 1 - slot, device)
+            if st.staging and nxt + 1 < len(self.groups) and self.groups[nxt + 1].offloaded:
+                self._stage(st, nxt + 1, device, keep=nxt)  # the copy engine works ahead of the decodes
 
     def views(self, gi: int, li: int, device: torch.device) -> list[torch.Tensor]:
         """A layer's decoded tensors, decoding its group first if no slot holds it (a layer called on its own)."""
@@ -145,10 +223,46 @@ class Runtime:
                 return s
         s = 0 if len(st.slots) == 1 else 1 - st.active  # never the slot the group in use reads from
         self._settle(st, s, device)  # a prefetch still writing there finishes before this decode overwrites it
-        self.groups[gi].decode(st.slots[s])
+        self._decode(st, gi, s, device)
         st.resident[s] = (gi, None)
         st.active = s
         return s
+
+    def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device) -> None:
+        """Decode group ``gi`` into slot ``s`` on torch's current stream (through staging if it is offloaded)."""
+        group = self.groups[gi]
+        if not (group.offloaded and st.staging):
+            group.decode(st.slots[s])
+            return
+        k = self._stage(st, gi, device)
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(st.staged[k][1])  # its bytes have arrived
+        group.decode(st.slots[s], st.staging[k])
+        done = torch.cuda.Event()
+        done.record(stream)
+        st.staged[k][2] = done  # staging k may be overwritten once this decode is done
+
+    def _stage(self, st: _DeviceState, gi: int, device: torch.device, keep: int | None = None) -> int:
+        """The staging buffer holding (or now being copied) group ``gi``'s stored bytes; never the one holding group
+        ``keep``. The copy goes on the copy stream, after the decode that last read the buffer."""
+        for k, held in enumerate(st.staged):
+            if held is not None and held[0] == gi:
+                return k
+        free = [k for k, held in enumerate(st.staged) if held is None or (held[2] is not None and held[0] != keep)]
+        k = free[0] if free else next(k for k, held in enumerate(st.staged) if held[0] != keep)
+        main = torch.cuda.current_stream(device)
+        ready = torch.cuda.Event()
+        ready.record(main)  # the copy stream joins the caller's stream (and a graph capture on it)
+        st.copy.wait_event(ready)
+        held = st.staged[k]
+        if held is not None and held[2] is not None:
+            st.copy.wait_event(held[2])
+        with torch.cuda.stream(st.copy):
+            self.groups[gi].stage(st.staging[k])
+        copied = torch.cuda.Event()
+        copied.record(st.copy)
+        st.staged[k] = [gi, copied, None]
+        return k
 
     @staticmethod
     def _settle(st: _DeviceState, s: int, device: torch.device) -> None:
@@ -166,20 +280,21 @@ class Runtime:
         ready.record(main)  # everything that read slot s before (the previous block) is enqueued before this
         st.side.wait_event(ready)
         with torch.cuda.stream(st.side):
-            self.groups[gi].decode(st.slots[s])
+            self._decode(st, gi, s, device)
         done = torch.cuda.Event()
         done.record(st.side)
         st.resident[s] = (gi, done)
 
     def nbytes(self) -> int:
         """Device (or host) memory this runtime holds: scratch slots and the decode plans' tables and temp."""
-        slots = sum(t.numel() for st in self._devices.values() for t in st.slots)
-        return slots + sum(p.nbytes for g in self.groups for p in g._plans.values())
+        slots = sum(t.numel() for st in self._devices.values() for t in (*st.slots, *st.staging))
+        return slots + sum(p.nbytes for g in self.groups for p in g.plans())
 
     def reset(self) -> None:
         """Forget which slots hold which block (before capturing a CUDA graph, so the graph decodes every block)."""
         for st in self._devices.values():
             st.resident = [None] * len(st.slots)
+            st.staged = [None] * len(st.staging)
 
     def check(self) -> None:
         """Wait for the GPU and raise :class:`cupycodec.BackendError` if a decode reported a bad chunk."""
@@ -188,24 +303,28 @@ class Runtime:
 
 
 def block_hook(runtime: Runtime, gi: int):
-    """A forward pre-hook that decodes group ``gi`` when its block starts (and prefetches the next)."""
+    """A forward pre-hook (``with_kwargs=True``) that decodes group ``gi`` when its block starts (and prefetches the
+    next), on the device of the block's input (an offloaded block's compressed tensors are on the host)."""
     ref = weakref.ref(runtime)
 
-    def hook(module, args):
+    def hook(module, args, kwargs):
         rt = ref()
         if rt is None:
             return
-        device = _device_of(module)
+        device = _device_of(module, args, kwargs)
         if device is not None:
             rt.enter(gi, device)
 
     return hook
 
 
-def _device_of(module) -> torch.device | None:
-    for t in module.buffers():
-        return t.device
+def _device_of(module, args=(), kwargs=None) -> torch.device | None:
+    for a in (*args, *(kwargs or {}).values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.device
     for t in module.parameters():
+        return t.device
+    for t in module.buffers():
         return t.device
     return None
 

@@ -1,0 +1,248 @@
+"""Host offload: a compressed model's blocks kept in pinned host memory and streamed to the GPU, under a VRAM budget.
+
+:func:`offload_model` places an already compressed model (:func:`~cupycodec.integrations.torch.compress_model`,
+:func:`~cupycodec.integrations.torch.load_compressed`): every tensor goes to the GPU except the compressed weights
+of the transformer blocks chosen for offloading, which go to pinned host memory. In the forward pass the runtime
+(:mod:`.runtime`) copies block ``i + 2``'s compressed bytes to the GPU on a copy stream and decodes block ``i + 1``
+on a side stream while block ``i`` computes, all ordered by events: weights cross PCIe compressed, so an offloaded
+model streams at up to (host-to-device bandwidth x compression ratio).
+
+With ``max_gpu_memory``, the first blocks stay resident as long as the model's device memory (its other tensors,
+resident blocks, decode slots and staging buffers) fits the budget; the rest are offloaded. Activations and the KV
+cache are not part of the budget.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+import cupycodec as cc
+
+from .linear import CompressedLinear
+from .model import find_blocks, install
+
+__all__ = ["OffloadReport", "offload_model", "parse_nbytes"]
+
+_ALIGN = 256
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _a(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def parse_nbytes(value) -> int:
+    """Bytes from an int or a string such as ``"8GiB"``, ``"8 GB"``, ``"512MiB"`` (ValueError otherwise)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(value).lower()) if isinstance(value, str) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"max_gpu_memory must be a positive number of bytes or a size such as '8GiB' or '500MB', "
+                         f"got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+@dataclass
+class OffloadReport:
+    """Where :func:`offload_model` put a model: ``resident`` and ``offloaded`` block names, and its estimate of the
+    device memory the model holds (``device_nbytes``: other tensors, resident blocks, slots and staging) and of the
+    host memory of the offloaded blocks (``host_nbytes``, pinned unless ``pinned`` is False)."""
+
+    device: str
+    resident: list[str] = field(default_factory=list)
+    offloaded: list[str] = field(default_factory=list)
+    device_nbytes: int = 0
+    host_nbytes: int = 0
+    pinned: bool = True
+
+    def __str__(self) -> str:
+        return (f"{len(self.offloaded)} of {len(self.resident) + len(self.offloaded)} blocks offloaded to "
+                f"{'pinned' if self.pinned else 'pageable'} host memory ({self.host_nbytes / 2**30:.2f} GiB); "
+                f"{self.device_nbytes / 2**30:.2f} GiB on {self.device}")
+
+
+@dataclass
+class _Block:
+    name: str
+    layers: list[CompressedLinear]
+    stored: int  # bytes of the layers' stored tensors, as staged (aligned)
+    decoded: int  # bytes of the slot the block decodes into (0 for resident INT8: used in place)
+
+    def slot_if(self, offloaded: bool) -> int:
+        return self.decoded if (offloaded or any(m.mode != "int8" for m in self.layers)) else 0
+
+
+def _blocks(model: torch.nn.Module) -> list[_Block]:
+    out = []
+    for name, block in find_blocks(model):
+        layers = [m for m in block.modules() if isinstance(m, CompressedLinear)]
+        if layers:
+            stored = sum(_a(t.numel() * t.element_size()) for m in layers for t in m._stored())
+            decoded = sum(_a(nb) for m in layers for nb in m._decoded_nbytes())
+            out.append(_Block(name, layers, stored, decoded))
+    return out
+
+
+def _tensors(model: torch.nn.Module):
+    """(module, kind, name, tensor) for every parameter and buffer, each tensor once (tied ones at first sight)."""
+    seen = set()
+    for module in model.modules():
+        for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
+            for name, t in table.items():
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                yield module, kind, name, t
+
+
+def _device_nbytes(model, blocks: list[_Block], k: int) -> int:
+    """The model's device bytes when blocks[:k] stay resident and the rest are offloaded."""
+    offloaded_ids = {id(t) for b in blocks[k:] for m in b.layers for t in m._stored()}
+    rest = sum(t.numel() * t.element_size() for _, _, _, t in _tensors(model) if id(t) not in offloaded_ids)
+    slot = max((b.slot_if(i >= k) for i, b in enumerate(blocks)), default=0)
+    staging = max((b.stored for b in blocks[k:]), default=0)
+    return rest + 2 * slot + 2 * staging
+
+
+def plan(model: torch.nn.Module, max_gpu_memory=None) -> tuple[list[_Block], int, int]:
+    """``(blocks, k, device_nbytes)``: the first ``k`` blocks stay resident. Without a budget every block is
+    offloaded; with one, the most that fit. ValueError names the minimum when no split fits."""
+    blocks = _blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer block with compressed layers to offload; "
+                         "compress it first (compress_model or load_compressed)")
+    if max_gpu_memory is None:
+        return blocks, 0, _device_nbytes(model, blocks, 0)
+    budget = parse_nbytes(max_gpu_memory)
+    # not monotonic in k: resident blocks add their bytes, offloaded ones need staging buffers as large as the
+    # largest of them, so the best split is looked for over every k
+    sizes = [_device_nbytes(model, blocks, k) for k in range(len(blocks) + 1)]
+    fits = [k for k, n in enumerate(sizes) if n <= budget]
+    if not fits:
+        need = min(sizes)
+        raise ValueError(f"max_gpu_memory={max_gpu_memory!r} ({budget / 2**30:.2f} GiB) is below the minimum for this "
+                         f"model, {need / 2**30:.2f} GiB ({need} bytes): its other tensors, its resident blocks, two "
+                         f"decode slots and two staging buffers of an offloaded block, for the best split; give at "
+                         f"least that")
+    k = max(fits)
+    return blocks, k, sizes[k]
+
+
+def _compute_device(device) -> torch.device:
+    if device is None:
+        if not torch.cuda.is_available():
+            raise cc.BackendUnavailableError("offload='cpu' keeps compressed weights on the host and decodes them on "
+                                             "a GPU, and torch sees no CUDA device here; run on a machine with one, "
+                                             "or keep the model on the CPU without offload")
+        device = "cuda"
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"offload='cpu' decodes on a GPU: device must be a CUDA device, got {device}")
+    if not torch.cuda.is_available():
+        raise cc.BackendUnavailableError(f"offload onto {device}: torch sees no CUDA device here")
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+_warned_pageable = False
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    global _warned_pageable
+    h = t.detach().to("cpu")
+    try:
+        return h.pin_memory(), True
+    except RuntimeError as exc:  # no pinnable memory (container limits, an exhausted lock limit)
+        if not _warned_pageable:
+            _warned_pageable = True
+            warnings.warn(f"offload: pinned host memory is unavailable ({exc}); the offloaded weights stay in pageable "
+                          "memory, whose copies to the GPU are slower and synchronous with the host",
+                          cc.PerformanceWarning, stacklevel=3)
+        return h, False
+
+
+def offload_model(model: torch.nn.Module, offload: str | None = "cpu", *, max_gpu_memory=None,
+                  device=None) -> OffloadReport:
+    """Place a compressed model on ``device`` (default: the current CUDA device) with its blocks' compressed
+    weights in pinned host memory, streamed to the GPU as the blocks run (see the module docstring).
+
+    Parameters
+    ----------
+    offload : {"cpu", None}
+        ``"cpu"``: offload (all blocks, or what ``max_gpu_memory`` leaves over); None: every block resident.
+    max_gpu_memory : int or str, optional
+        A budget for the model's device memory, e.g. ``"8GiB"``: the first blocks stay resident while it holds.
+    device : optional
+        The GPU the model computes on.
+
+    Raises
+    ------
+    ValueError
+        An uncompressed model, a budget below the minimum (which the message gives), a non-CUDA device.
+    cupycodec.BackendUnavailableError
+        No CUDA device.
+    torch.OutOfMemoryError
+        The GPU ran out of memory while the tensors were copied; nothing was moved then.
+
+    Every new copy is made before the first module changes, so a failure leaves the model as it was. Moving the
+    model afterwards (``model.to(...)``) moves the offloaded weights too; call :func:`offload_model` again after it.
+    """
+    if offload not in ("cpu", None):
+        raise ValueError(f"offload must be 'cpu' or None, got {offload!r}")
+    if getattr(model, "_cupycodec_runtime", None) is None:
+        raise ValueError(f"{type(model).__name__} is not compressed: compress_model(model, mode) or load_compressed "
+                         "first, then offload it")
+    dev = _compute_device(device)
+    if offload is None:
+        blocks = _blocks(model)
+        k, device_nbytes = len(blocks), _device_nbytes(model, blocks, len(blocks))
+    else:
+        blocks, k, device_nbytes = plan(model, max_gpu_memory)
+    return _place(model, dev, blocks, k, device_nbytes)
+
+
+def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], k: int,
+           device_nbytes: int) -> OffloadReport:
+    """Blocks[k:]'s stored tensors to (pinned) host memory, every other tensor to ``dev``; regroup and rehook."""
+    host_ids = {id(t) for b in blocks[k:] for m in b.layers for t in m._stored()}
+    new, pinned, host_nbytes = {}, True, 0
+    try:
+        for _, _, _, t in _tensors(model):
+            if id(t) in host_ids:
+                new[id(t)], ok = _to_host(t)
+                pinned &= ok
+                host_nbytes += t.numel() * t.element_size()
+            else:
+                new[id(t)] = t.detach().to(dev)
+    except torch.OutOfMemoryError as exc:
+        new.clear()
+        raise torch.OutOfMemoryError(f"offload: {dev} ran out of memory while the model was copied to it (about "
+                                     f"{device_nbytes / 2**30:.2f} GiB needed); nothing was moved. Give a smaller "
+                                     f"max_gpu_memory, or free memory on the device. ({exc})") from exc
+    # every copy exists: now change the modules (plain attribute work, which cannot fail half-way); `olds` keeps
+    # the old tensors alive until the end, so that no id() is reused while it keys `new` and `params`
+    olds = list(_tensors(model))
+    params: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, t in list(module._parameters.items()):
+            if t is not None:  # a tied parameter: one new Parameter for every module that holds it
+                p = params.get(id(t))
+                if p is None:
+                    p = params[id(t)] = torch.nn.Parameter(new[id(t)], requires_grad=t.requires_grad)
+                module._parameters[name] = p
+        for name, t in list(module._buffers.items()):
+            if t is not None:
+                module._buffers[name] = new[id(t)]
+    del olds
+    offloaded = {id(m) for b in blocks[k:] for m in b.layers}
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            m._offloaded = id(m) in offloaded
+            m._views = {}
+    install(model, {})  # regroup: offloaded INT8 layers join their block's group; new runtime, slots and hooks
+    return OffloadReport(str(dev), [b.name for b in blocks[:k]], [b.name for b in blocks[k:]], device_nbytes,
+                         host_nbytes, pinned)

@@ -1,0 +1,109 @@
+"""Host offload on a GPU: staged copies on a copy stream, decodes on a side stream, the same results as resident."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cupycodec.integrations.torch import (  # noqa: E402
+    CompressedLinear,
+    compress_model,
+    load_compressed,
+    offload_model,
+    save_compressed,
+)
+from cupycodec.integrations.torch import offload as off  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.torch]
+MODES = ["lossless", "int8", "int8+entropy"]
+
+
+def _tiny_llama(layers=6, device="cuda"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+
+
+def _run(model, ids):
+    with torch.no_grad():
+        return model(ids).logits, model.generate(ids, max_new_tokens=8, do_sample=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_offloaded_model_computes_what_the_resident_one_does(mode):
+    model = _tiny_llama()
+    compress_model(model, mode, progress=False)
+    ids = torch.randint(0, 512, (2, 12), device="cuda")
+    want, want_tokens = _run(model, ids)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    report = offload_model(model)
+    assert report.offloaded == [f"model.layers.{i}" for i in range(6)] and report.pinned and not report.resident
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            assert all(t.device.type == "cpu" and t.is_pinned() for t in m._stored())
+            assert m.bias is None or m.bias.device.type == "cuda"
+    got, tokens = _run(model, ids)
+    model._cupycodec_runtime[0].check()
+    assert torch.equal(got, want) and torch.equal(tokens, want_tokens)
+    assert torch.cuda.memory_allocated() < before  # six blocks left the device; two slots and two staging came
+
+
+def test_a_budget_keeps_the_first_blocks_resident():
+    model = _tiny_llama()
+    compress_model(model, "int8+entropy", progress=False)
+    ids = torch.randint(0, 512, (1, 12), device="cuda")
+    want, _ = _run(model, ids)
+    blocks, _, _ = off.plan(model)
+    sizes = [off._device_nbytes(model, blocks, k) for k in range(7)]
+    budget = sizes[3]
+    report = offload_model(model, max_gpu_memory=budget)
+    k = max(i for i in range(7) if sizes[i] <= budget)
+    assert report.resident == [f"model.layers.{i}" for i in range(k)] and report.device_nbytes <= budget
+    assert torch.equal(_run(model, ids)[0], want)
+    with pytest.raises(ValueError, match="below the minimum for this model"):
+        offload_model(model, max_gpu_memory=min(sizes) - 1)
+    assert torch.equal(_run(model, ids)[0], want)  # the refused call changed nothing
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_offloaded_forward_captures_in_a_cuda_graph(mode):
+    model = _tiny_llama(layers=4)
+    compress_model(model, mode, offload="cpu", progress=False)
+    static = torch.randint(0, 512, (1, 8), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):  # plans, staging and scratch exist before capture
+            model(static, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    model._cupycodec_runtime[0].reset()
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        out = model(static, use_cache=False).logits
+    for seed in range(3):
+        static.copy_(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(seed)).cuda())
+        g.replay()
+        model._cupycodec_runtime[0].reset()
+        with torch.no_grad():
+            eager = model(static, use_cache=False).logits
+        assert torch.equal(out, eager), mode
+
+
+def test_offload_when_compressing_and_when_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "keys" / "signing.key"))
+    base = _tiny_llama(device="cpu")
+    ids = torch.randint(0, 512, (1, 12))
+    model = copy.deepcopy(base)
+    report = compress_model(model, "int8", device="cuda", offload="cpu", progress=False)
+    assert report.offload.offloaded and model.model.embed_tokens.weight.device.type == "cuda"
+    want, _ = _run(model, ids.cuda())
+    save_compressed(model, tmp_path / "ckpt")  # the offloaded tensors are saved from the host as they are
+    loaded = load_compressed(tmp_path / "ckpt", offload="cpu", progress=False)
+    assert loaded.cupycodec_offload.offloaded == report.offload.offloaded
+    assert torch.equal(_run(loaded, ids.cuda())[0], want)

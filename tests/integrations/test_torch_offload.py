@@ -1,0 +1,154 @@
+"""Host offload on the CPU: budgets, the placement plan, errors, and the placement itself with the CPU standing in
+for the GPU (the stream and staging path is in tests/gpu/test_offload_gpu.py)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import cupycodec as cc  # noqa: E402
+from cupycodec.integrations.torch import CompressedLinear, compress_model, offload_model  # noqa: E402
+from cupycodec.integrations.torch import offload as off  # noqa: E402
+
+pytestmark = pytest.mark.torch
+MODES = ["lossless", "int8", "int8+entropy"]
+IDS = torch.tensor([[1, 17, 33, 5, 99, 64, 2]])
+
+
+def tiny_llama(layers=4):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_sizes_parse():
+    assert off.parse_nbytes(1024) == 1024
+    assert off.parse_nbytes("8GiB") == 8 << 30 and off.parse_nbytes("8 GB") == 8 * 10**9
+    assert off.parse_nbytes("1.5gib") == 3 << 29 and off.parse_nbytes("512MiB") == 512 << 20
+    for bad in ("8 parsecs", "", "-1GB", 0, -5, True, 2.5, None, "0GB"):
+        with pytest.raises(ValueError, match="max_gpu_memory must be a positive number of bytes"):
+            off.parse_nbytes(bad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_budget_keeps_the_first_blocks_that_fit(mode):
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    blocks, k, need = off.plan(model)
+    assert [b.name for b in blocks] == [f"model.layers.{i}" for i in range(4)] and k == 0
+    everything = off._device_nbytes(model, blocks, 4)
+    assert off.plan(model, everything)[1] == 4 and off.plan(model, f"{everything + 10**6}B")[1] == 4
+    sizes = [off._device_nbytes(model, blocks, k) for k in range(5)]
+    assert need == sizes[0] and sizes[1] < sizes[2] < sizes[3]  # each resident block adds its bytes
+    most = max(k for k in range(5) if sizes[k] <= sizes[2])  # the most resident blocks within that budget
+    assert off.plan(model, sizes[2])[1:] == (most, sizes[most]) and most >= 2
+    least = min(sizes)  # the staging buffers make "all resident" cheaper than "one resident" in a model this small
+    with pytest.raises(ValueError, match=rf"below the minimum for this model, .* \({least} bytes\).*give at least"):
+        off.plan(model, least - 1)
+    assert off.plan(model, least)[2] == least
+
+
+def test_what_offload_refuses():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"is not compressed: compress_model\(model, mode\) or load_compressed first"):
+        offload_model(model)
+    compress_model(model, "int8", progress=False)
+    with pytest.raises(ValueError, match="offload must be 'cpu' or None"):
+        offload_model(model, "disk")
+    with pytest.raises(ValueError, match="device must be a CUDA device"):
+        offload_model(model, device="cpu")
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    compress_model(plain, "int8", progress=False)
+    with pytest.raises(ValueError, match="has no transformer block with compressed layers"):
+        off.plan(plain)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_a_gpu_offload_is_refused_before_anything_changes():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(cc.BackendUnavailableError, match="decodes them on a GPU, and torch sees no CUDA device"):
+        compress_model(model, "int8", offload="cpu", progress=False)
+    with pytest.raises(ValueError, match="max_gpu_memory must be"):
+        compress_model(model, "int8", max_gpu_memory="lots", progress=False)
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_placement_regroups_and_computes_the_same(mode, monkeypatch):
+    # the CPU stands in for the GPU: offloaded layers decode (or copy) into the runtime's slot per use, resident
+    # INT8 layers compute in place; torch without CUDA cannot pin memory, so pageable memory and one warning
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    want = _logits(model)
+    blocks, _, _ = off.plan(model)
+    monkeypatch.setattr(off, "_warned_pageable", False)
+    with pytest.warns(cc.PerformanceWarning, match="pinned host memory is unavailable"):
+        report = off._place(model, torch.device("cpu"), blocks, 2, off._device_nbytes(model, blocks, 2))
+    assert report.resident == ["model.layers.0", "model.layers.1"] and not report.pinned
+    assert report.offloaded == ["model.layers.2", "model.layers.3"] and report.host_nbytes > 0
+    layers = {f: m for f, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    assert all(m._offloaded == f.startswith(("model.layers.2.", "model.layers.3.")) for f, m in layers.items())
+    runtime = model._cupycodec_runtime[0]
+    grouped = {id(m) for g in runtime.groups for m in g.layers}
+    for f, m in layers.items():  # offloaded layers decode per use; resident INT8 layers are used in place
+        assert (id(m) in grouped) == (m._offloaded or mode != "int8"), f
+    assert [g.offloaded for g in runtime.groups] == ([False, False] if mode != "int8" else []) + [True, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_logits(model), want)
+        assert torch.equal(_logits(model), want)  # and again, from the same slots
+
+
+def test_a_failed_copy_leaves_the_model_as_it_was(monkeypatch):
+    model = tiny_llama()
+    compress_model(model, "int8+entropy", progress=False)
+    want = _logits(model)
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    runtime = model._cupycodec_runtime
+    calls = []
+
+    def failing(t):
+        calls.append(t)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return t.detach().clone(), True
+
+    monkeypatch.setattr(off, "_to_host", failing)
+    blocks, _, need = off.plan(model)
+    with pytest.raises(torch.OutOfMemoryError, match=r"ran out of memory while the model was copied.*nothing was moved"):
+        off._place(model, torch.device("cpu"), blocks, 0, need)
+    assert len(calls) == 3
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())
+    assert model._cupycodec_runtime is runtime
+    assert not any(m._offloaded for m in model.modules() if isinstance(m, CompressedLinear))
+    assert torch.equal(_logits(model), want)
+
+
+def test_the_loading_options():
+    from cupycodec.integrations.torch import CupycodecConfig, load_compressed
+
+    cfg = CupycodecConfig(mode="int8", max_gpu_memory="8GiB")
+    assert cfg.offload == "cpu" and cfg.get_loading_attributes()["max_gpu_memory"] == "8GiB"
+    assert "offload" not in cfg.to_dict() and "max_gpu_memory" not in cfg.to_dict()  # never saved
+    with pytest.raises(ValueError, match="quantization_config: offload must be 'cpu' or None"):
+        CupycodecConfig(offload="disk")
+    with pytest.raises(ValueError, match="max_gpu_memory must be a positive number"):
+        CupycodecConfig(max_gpu_memory="a lot")
+    with pytest.raises(ValueError, match="offload must be 'cpu' or None"):
+        load_compressed("/nonexistent", offload="nvme")
+    if not torch.cuda.is_available():  # refused before any file is opened
+        with pytest.raises(cc.BackendUnavailableError, match="torch sees no CUDA device"):
+            load_compressed("/nonexistent", offload="cpu")
