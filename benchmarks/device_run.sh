@@ -3,7 +3,8 @@
 # the named stages in order, each under its own time limit, with its log and JSON under $OUT.
 # Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
-# torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), pytest:EXPR
+# torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), offload
+# (bench_offload), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -37,7 +38,8 @@ for arg in "$@"; do
             >"$OUT/bench_zarr.log" 2>&1; rc=$?; tail -20 "$OUT/bench_zarr.log" ;;
     fuzz) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --trials 40 \
             --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
-    probe) timeout -k 5 "$secs" python3 probe/probe_gpu.py >"$OUT/probe.log" 2>&1; rc=$?; tail -60 "$OUT/probe.log" ;;
+    offload) timeout -k 5 "$secs" python3 benchmarks/bench_offload.py ${OFFLOAD_ARGS:-} --json "$OUT/bench_offload.json" \
+               >"$OUT/bench_offload.log" 2>&1; rc=$?; tail -20 "$OUT/bench_offload.log" ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
   echo "=== $stage rc=$rc in $((SECONDS - t0))s"

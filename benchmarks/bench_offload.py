@@ -1,0 +1,137 @@
+"""Host offload on a GPU whose memory the bf16 model does not fit, beside accelerate's bf16 CPU offload, same run.
+
+A random-weight Llama-2-7B shape (or ``--config tinyllama``) is built on the host in bf16. The process's share of
+the GPU is capped with ``torch.cuda.set_per_process_memory_fraction`` (``--cap-gib``, default 8 GiB: the bf16
+weights, 12.6 GiB, do not fit). For each row: greedy HF ``generate`` (eager) at batch 1 and batch 8, ``--tokens``
+new tokens after a 16-token prompt, tokens/s, and the bytes of weights streamed per second (bf16 bytes of the
+offloaded blocks times tokens/s) against the measured pinned host-to-device bandwidth times the compression ratio
+(issue 12's target: >= 85 %), plus peak device memory as torch counts it.
+
+Rows: accelerate's ``cpu_offload`` of the bf16 model (its hooks copy each weight to the GPU before the layer runs);
+ours, ``compress_model(..., offload="cpu")`` in lossless, int8 and int8+entropy modes. DFloat11's ``cpu_offload``
+is not run: its wheel is not carried to the GPU machine.
+
+Usage: python benchmarks/bench_offload.py [--config llama7b] [--cap-gib 8] [--tokens 32] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4),
+    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def pinned_h2d_gbps(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src, non_blocking=True)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    del src, dst
+    return nbytes / sorted(times)[2] / 1e6
+
+
+def tok_s(model, batch: int, tokens: int) -> tuple[float, list]:
+    prompt = torch.randint(0, 32000, (batch, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=2, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        torch.cuda.synchronize()
+    return batch * tokens / (time.perf_counter() - t), out[0, 16:24].tolist()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="llama7b", choices=sorted(CONFIGS))
+    p.add_argument("--cap-gib", type=float, default=8.0)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--modes", default="lossless,int8,int8+entropy")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    import accelerate
+    import transformers
+
+    from cupycodec.integrations.torch import compress_model
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "pinned_h2d_gbps": pinned_h2d_gbps(), "cap_gib": args.cap_gib, "config": args.config}
+    print(json.dumps(env), flush=True)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS[args.config])).to(torch.bfloat16).eval()
+    block_bf16 = sum(p.numel() * 2 for layer in base.model.layers for p in layer.parameters())
+    rows = []
+    for mode in ["accelerate-bf16", *args.modes.split(",")]:
+        row = {"mode": mode}
+        try:
+            model = copy.deepcopy(base)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            if mode == "accelerate-bf16":
+                accelerate.cpu_offload(model, execution_device=torch.device("cuda:0"))
+                ratio = 1.0
+            else:
+                report = compress_model(model, mode, device="cuda", offload="cpu", progress=False)
+                ratio = report.ratio
+                row.update(offloaded=len(report.offload.offloaded), pinned=report.offload.pinned,
+                           device_gib_estimate=report.offload.device_nbytes / 2**30)
+            row["ratio"] = ratio
+            for batch in (1, 8):
+                rate, toks = tok_s(model, batch, args.tokens)
+                row[f"tok_s_b{batch}"] = rate
+                row[f"tokens_b{batch}"] = toks
+            steps = row["tok_s_b1"]  # one decode step streams every offloaded block's weights once
+            row["weight_gbps_b1"] = steps * block_bf16 / 1e9
+            row["of_h2d_x_ratio"] = row["weight_gbps_b1"] / (env["pinned_h2d_gbps"] * ratio)
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except Exception as exc:  # one row's failure must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    ref = next((r for r in rows if r["mode"] == "accelerate-bf16" and "tok_s_b1" in r), None)
+    print("\n| mode | ratio | tok/s b1 | tok/s b8 | vs accelerate b1 | weights GB/s b1 | of H2D x ratio | peak GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | error: {r['error'][:80]} |")
+            continue
+        vs = f"{r['tok_s_b1'] / ref['tok_s_b1']:.2f}x" if ref else "-"
+        print(f"| {r['mode']} | {r['ratio']:.3f} | {r['tok_s_b1']:.2f} | {r['tok_s_b8']:.2f} | {vs} | "
+              f"{r['weight_gbps_b1']:.1f} | {r['of_h2d_x_ratio']:.0%} | {r['peak_gib']:.2f} |")
+    print(f"\npinned host-to-device: {env['pinned_h2d_gbps']:.1f} GB/s; cap {args.cap_gib} GiB; {env['gpu']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
