@@ -177,8 +177,12 @@ class _Compress(_Op):
         placeholder = layer._parameters["weight"]
         if value.dtype != layer.weight_dtype:
             value = value.to(layer.weight_dtype)
+        work = value.device
+        gpu = getattr(self.hf_quantizer, "_map_gpu", None)
+        if work.type == "cpu" and gpu is not None:  # a block mapped to the host, to be streamed to this GPU
+            work = gpu
         try:
-            layer._compress(value, cfg.codec or default_codec(layer.mode, value.device), value.device)
+            layer._compress(value.to(work), cfg.codec or default_codec(layer.mode, work), value.device)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise type(exc)(f"layer {fqn!r}: {exc}") from exc
         rep = LayerReport(fqn, (layer.out_features, layer.in_features), value.numel() * value.element_size(),
@@ -226,7 +230,16 @@ class CupycodecHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("cupycodec models cannot be offloaded to disk; use a device_map of GPUs and 'cpu'")
+            raise ValueError("cupycodec models cannot be offloaded to disk; use a device_map of GPUs and 'cpu' "
+                             "(compressed blocks mapped to 'cpu' are streamed to the GPU as they run)")
+        self._device_map = device_map if isinstance(device_map, dict) else None
+        self._map_gpu = None  # blocks mapped to "cpu" compress on the map's GPU (with its codecs), to run there
+        if self._device_map and "cpu" in {str(v) for v in self._device_map.values()}:
+            from .offload import _as_device
+
+            gpus = [d for d in map(_as_device, self._device_map.values())
+                    if isinstance(d, torch.device) and d.type == "cuda"]
+            self._map_gpu = gpus[0] if gpus else None
 
     def update_dtype(self, dtype):
         return dtype
@@ -334,7 +347,14 @@ class CupycodecHfQuantizer(HfQuantizer):
                                                                     getattr(c, "operations", ()))]
         self._ckpt = self._plan = None
         cfg = self.quantization_config
-        if getattr(cfg, "offload", None) is not None:
+        device_map = getattr(model, "hf_device_map", None) or getattr(self, "_device_map", None)
+        mapped = None
+        places = {str(v) for v in device_map.values()} if isinstance(device_map, dict) else set()
+        if "cpu" in places and places - {"cpu", "disk", "meta"}:  # blocks on the host, and a GPU to stream them to
+            from .offload import place_mapped
+
+            mapped = model.cupycodec_offload = place_mapped(model, device_map)
+        if mapped is None and getattr(cfg, "offload", None) is not None:
             from .offload import offload_model
 
             model.cupycodec_offload = offload_model(model, cfg.offload, max_gpu_memory=cfg.max_gpu_memory,

@@ -25,7 +25,7 @@ import cupycodec as cc
 from .linear import CompressedLinear
 from .model import find_blocks, install
 
-__all__ = ["OffloadReport", "offload_model", "parse_nbytes"]
+__all__ = ["OffloadReport", "map_blocks", "offload_model", "parse_nbytes", "place_mapped"]
 
 _ALIGN = 256
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -69,6 +69,7 @@ class OffloadReport:
 @dataclass
 class _Block:
     name: str
+    module: torch.nn.Module
     layers: list[CompressedLinear]
     stored: int  # bytes of the layers' stored tensors, as staged (aligned)
     decoded: int  # bytes of the slot the block decodes into (0 for resident INT8: used in place)
@@ -84,7 +85,7 @@ def _blocks(model: torch.nn.Module) -> list[_Block]:
         if layers:
             stored = sum(_a(t.numel() * t.element_size()) for m in layers for t in m._stored())
             decoded = sum(_a(nb) for m in layers for nb in m._decoded_nbytes())
-            out.append(_Block(name, layers, stored, decoded))
+            out.append(_Block(name, block, layers, stored, decoded))
     return out
 
 
@@ -100,12 +101,14 @@ def _tensors(model: torch.nn.Module):
                 yield module, kind, name, t
 
 
-def _device_nbytes(model, blocks: list[_Block], k: int) -> int:
-    """The model's device bytes when blocks[:k] stay resident and the rest are offloaded."""
-    offloaded_ids = {id(t) for b in blocks[k:] for m in b.layers for t in m._stored()}
+def _device_nbytes(model, blocks: list[_Block], offloaded) -> int:
+    """The model's device bytes when the blocks of index set ``offloaded`` (an int k: blocks k and after) are
+    offloaded and the rest stay resident."""
+    off = set(range(offloaded, len(blocks))) if isinstance(offloaded, int) else set(offloaded)
+    offloaded_ids = {id(t) for i in off for m in blocks[i].layers for t in m._stored()}
     rest = sum(t.numel() * t.element_size() for _, _, _, t in _tensors(model) if id(t) not in offloaded_ids)
-    slot = max((b.slot_if(i >= k) for i, b in enumerate(blocks)), default=0)
-    staging = max((b.stored for b in blocks[k:]), default=0)
+    slot = max((b.slot_if(i in off) for i, b in enumerate(blocks)), default=0)
+    staging = max((blocks[i].stored for i in off), default=0)
     return rest + 2 * slot + 2 * staging
 
 
@@ -205,10 +208,15 @@ def offload_model(model: torch.nn.Module, offload: str | None = "cpu", *, max_gp
     return _place(model, dev, blocks, k, device_nbytes)
 
 
-def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], k: int,
-           device_nbytes: int) -> OffloadReport:
-    """Blocks[k:]'s stored tensors to (pinned) host memory, every other tensor to ``dev``; regroup and rehook."""
-    host_ids = {id(t) for b in blocks[k:] for m in b.layers for t in m._stored()}
+def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], offloaded,
+           device_nbytes: int, *, others_stay: bool = False) -> OffloadReport:
+    """The offloaded blocks' stored tensors (``offloaded``: index set, or an int k for blocks k and after) to
+    (pinned) host memory, every other tensor to ``dev`` (with ``others_stay``, only those of the offloaded blocks:
+    the rest stay where a device map put them); regroup and rehook."""
+    off = set(range(offloaded, len(blocks))) if isinstance(offloaded, int) else set(offloaded)
+    host_ids = {id(t) for i in off for m in blocks[i].layers for t in m._stored()}
+    moved_ids = {id(t) for i in off for t in blocks[i].module.parameters()} | \
+        {id(t) for i in off for t in blocks[i].module.buffers()}
     new, pinned, host_nbytes = {}, True, 0
     try:
         for _, _, _, t in _tensors(model):
@@ -216,6 +224,8 @@ def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], k: i
                 new[id(t)], ok = _to_host(t)
                 pinned &= ok
                 host_nbytes += t.numel() * t.element_size()
+            elif others_stay and id(t) not in moved_ids:
+                new[id(t)] = t
             else:
                 new[id(t)] = t.detach().to(dev)
     except torch.OutOfMemoryError as exc:
@@ -238,11 +248,82 @@ def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], k: i
             if t is not None:
                 module._buffers[name] = new[id(t)]
     del olds
-    offloaded = {id(m) for b in blocks[k:] for m in b.layers}
+    layers = {id(m) for i in off for m in blocks[i].layers}
     for m in model.modules():
         if isinstance(m, CompressedLinear):
-            m._offloaded = id(m) in offloaded
+            m._offloaded = id(m) in layers
             m._views = {}
     install(model, {})  # regroup: offloaded INT8 layers join their block's group; new runtime, slots and hooks
-    return OffloadReport(str(dev), [b.name for b in blocks[:k]], [b.name for b in blocks[k:]], device_nbytes,
-                         host_nbytes, pinned)
+    return OffloadReport(str(dev), [b.name for i, b in enumerate(blocks) if i not in off],
+                         [b.name for i, b in enumerate(blocks) if i in off], device_nbytes, host_nbytes, pinned)
+
+
+# -- placement from an accelerate / transformers device map ------------------------------------------------------
+
+
+def _as_device(value) -> torch.device | str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return torch.device("cuda", value)
+    if str(value) in ("cpu", "disk", "meta"):
+        return str(value)
+    return torch.device(value)
+
+
+def _entry(name: str, device_map: dict):
+    """The device map's entry covering module ``name`` (its own key, else the longest prefix, else "")."""
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return _as_device(device_map[max(keys, key=len)]) if keys else None
+
+
+def map_blocks(model: torch.nn.Module, device_map: dict) -> tuple[list[_Block], set[int], torch.device | None]:
+    """``(blocks, offloaded, gpu)``: the compressed blocks, the indices of those ``device_map`` puts on "cpu", and
+    the GPU they run on (the map's first CUDA device, as accelerate's main device). ValueError for a block the map
+    splits between devices, or "disk"."""
+    blocks = _blocks(model)
+    off = set()
+    for i, b in enumerate(blocks):
+        where = _entry(b.name, device_map)
+        inner = {str(_as_device(v)) for k, v in device_map.items() if k.startswith(b.name + ".")}
+        if inner and inner != {str(where)}:
+            raise ValueError(f"device_map splits block {b.name!r} between {', '.join(sorted({str(where), *inner}))}; "
+                             "cupycodec places whole blocks: map the block to one device")
+        if where == "disk":
+            raise ValueError(f"device_map puts block {b.name!r} on 'disk'; cupycodec keeps offloaded compressed "
+                             "blocks in pinned host memory: map it to 'cpu'")
+        if where == "cpu":
+            off.add(i)
+    gpus = [d for d in map(_as_device, device_map.values()) if isinstance(d, torch.device) and d.type == "cuda"]
+    return blocks, off, (gpus[0] if gpus else None)
+
+
+def place_mapped(model: torch.nn.Module, device_map: dict) -> OffloadReport | None:
+    """After accelerate dispatched ``model`` by ``device_map``: the compressed blocks it mapped to "cpu" become
+    offloaded blocks (their compressed tensors in pinned host memory, streamed to the map's first GPU as they run,
+    instead of accelerate's synchronous per-layer copies); everything else stays where the map put it. None when
+    the map puts no compressed block on the CPU."""
+    blocks, off, gpu = map_blocks(model, device_map)
+    if not off:
+        return None
+    if gpu is None:
+        raise ValueError("device_map puts compressed blocks on 'cpu' and nothing on a GPU, so there is no GPU to "
+                         "stream them to; map some modules to a CUDA device, or load with device_map='cpu' and no "
+                         "offloading")
+    from accelerate.hooks import remove_hook_from_module
+
+    for i in off:  # accelerate's offload hooks (weights set aside, copied per forward) give way to ours;
+        remove_hook_from_module(blocks[i].module, recurse=True)  # detaching puts the weights back on the host
+    report = _place(model, gpu, blocks, off, _device_nbytes(model, blocks, off), others_stay=True)
+    skip = getattr(model, "_skip_keys_device_placement", None)
+    for i in off:  # inputs to the GPU first, before the block's decode hook reads their device
+        blocks[i].module.register_forward_pre_hook(_inputs_to(gpu, skip), with_kwargs=True, prepend=True)
+    return report
+
+
+def _inputs_to(device: torch.device, skip_keys):
+    from accelerate.utils import send_to_device
+
+    def hook(module, args, kwargs):
+        return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=skip_keys)
+
+    return hook
+

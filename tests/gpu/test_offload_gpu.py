@@ -107,3 +107,33 @@ def test_offload_when_compressing_and_when_loading(tmp_path, monkeypatch):
     loaded = load_compressed(tmp_path / "ckpt", offload="cpu", progress=False)
     assert loaded.cupycodec_offload.offloaded == report.offload.offloaded
     assert torch.equal(_run(loaded, ids.cuda())[0], want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_device_map_that_puts_blocks_on_the_cpu(tmp_path, mode):
+    from cupycodec.integrations.torch import CupycodecConfig
+
+    _tiny_llama(device="cpu").save_pretrained(tmp_path / "bf16")
+    ids = torch.randint(0, 512, (1, 12), device="cuda")
+
+    def load(device_map):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "bf16", device_map=device_map, quantization_config=CupycodecConfig(mode=mode)).eval()
+
+    torch.cuda.synchronize()
+    empty = torch.cuda.memory_allocated()
+    full = load({"": 0})
+    want, want_tokens = _run(full, ids)
+    full_nbytes = torch.cuda.memory_allocated() - empty
+    del full
+    dm = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0,
+          **{f"model.layers.{i}": 0 if i < 3 else "cpu" for i in range(6)}}
+    mixed = load(dm)
+    assert mixed.cupycodec_offload.offloaded == [f"model.layers.{i}" for i in range(3, 6)]
+    for i in range(6):
+        for m in mixed.model.layers[i].modules():
+            if isinstance(m, CompressedLinear):
+                assert all((t.device.type == "cpu") == (i >= 3) for t in m._stored())
+    got, tokens = _run(mixed, ids)
+    assert torch.equal(got, want) and torch.equal(tokens, want_tokens)  # the same codes, decoded on the same GPU
+    assert torch.cuda.memory_allocated() - empty < full_nbytes  # the mixed model holds less of the GPU

@@ -152,3 +152,24 @@ def test_the_loading_options():
     if not torch.cuda.is_available():  # refused before any file is opened
         with pytest.raises(cc.BackendUnavailableError, match="torch sees no CUDA device"):
             load_compressed("/nonexistent", offload="cpu")
+
+
+def test_device_maps_name_the_blocks_to_offload():
+    model = tiny_llama()
+    compress_model(model, "int8", progress=False)
+    gpu0 = torch.device("cuda", 0)
+    blocks, offloaded, gpu = off.map_blocks(model, {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0,
+                                                    "model.layers.2": "cpu", "model.layers.3": "cpu",
+                                                    "model.norm": "cuda:0", "lm_head": 0})
+    assert offloaded == {2, 3} and gpu == gpu0 and len(blocks) == 4
+    # prefixes, "", and accelerate's integer devices
+    assert off.map_blocks(model, {"": "cpu"})[1:] == ({0, 1, 2, 3}, None)
+    assert off.map_blocks(model, {"model": 1, "model.layers.3": "cpu", "lm_head": "cpu"})[1:] == (
+        {3}, torch.device("cuda", 1))
+    with pytest.raises(ValueError, match=r"device_map splits block 'model.layers.1' between cpu, cuda:0"):
+        off.map_blocks(model, {"": 0, "model.layers.1.mlp": "cpu"})
+    with pytest.raises(ValueError, match=r"puts block 'model.layers.0' on 'disk'.*map it to 'cpu'"):
+        off.map_blocks(model, {"": 0, "model.layers.0": "disk"})
+    with pytest.raises(ValueError, match="nothing on a GPU, so there is no GPU to stream them to"):
+        off.place_mapped(model, {"": "cpu"})
+    assert off.place_mapped(model, {"": 0}) is None  # nothing on the host: accelerate's placement stands
