@@ -109,7 +109,9 @@ class DecodeGroup:
         if not coded:
             return
         containers = self._staged_containers.get(staging.data_ptr())
-        if containers is None:  # built once per staging buffer, on the first pass
+        if containers is None:  # built once per staging buffer, on the first pass (a warm-up, before any capture):
+            # the copy is waited for, since a container from a checkpoint may still check its CRCs over the bytes
+            torch.cuda.current_stream(slot.device).synchronize()
             containers = self._staged_containers[staging.data_ptr()] = [
                 self.layers[i]._container_over(self.staged_views(staging, i)[0]) for i in coded]
         self._run(containers, slot, coded, (slot.data_ptr(), staging.data_ptr()), self._staged_plans, forget=False)
@@ -291,8 +293,11 @@ class Runtime:
         return slots + sum(p.nbytes for g in self.groups for p in g.plans())
 
     def reset(self) -> None:
-        """Forget which slots hold which block (before capturing a CUDA graph, so the graph decodes every block)."""
-        for st in self._devices.values():
+        """Forget which slots hold which block (before capturing a CUDA graph, so the graph decodes every block).
+        Waits for the device where blocks are staged: the events that ordered reuse of their buffers are dropped."""
+        for device, st in self._devices.items():
+            if st.staging:
+                torch.cuda.synchronize(device)
             st.resident = [None] * len(st.slots)
             st.staged = [None] * len(st.staging)
 
