@@ -159,6 +159,22 @@ def test_out_is_filled_in_place():
         cc.decompress(cc.compress(x), out=[0] * 5000)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "auto", "raw"])
+def test_a_same_width_integer_out_is_a_bit_view(codec):
+    # on the host as on the GPU: a caller without ml_dtypes (the torch loader) decodes bfloat16 into int16
+    x = (np.random.default_rng(3).standard_normal((64, 80)) * 0.02).astype(ml_dtypes.bfloat16)
+    blob = cc.compress(x, codec=codec).to_bytes()
+    for dt in (np.int16, np.uint16):
+        out = np.empty(x.shape, dt)
+        assert cc.decompress(blob, out=out) is out and out.tobytes() == x.tobytes()
+    with pytest.raises(ValueError, match=r"out is a >i2 bit view of BF16; the container's byte order is '<'"):
+        cc.decompress(blob, out=np.empty(x.shape, ">i2"))
+    with pytest.raises(ValueError, match="out has dtype I32, expected BF16"):  # another width is no bit view
+        cc.decompress(blob, out=np.empty(x.shape, np.int32))
+    with pytest.raises(ValueError, match="out has dtype F16, expected BF16"):  # nor another float
+        cc.decompress(blob, out=np.empty(x.shape, np.float16))
+
+
 def test_out_with_filters():
     x = (np.random.default_rng(2).standard_normal((64, 64)) * 0.02).astype(np.float32)
     out = np.empty_like(x)

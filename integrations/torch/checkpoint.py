@@ -46,12 +46,11 @@ import cupycodec as cc
 from cupycodec import registry
 from cupycodec.backends.cpu import crc32
 from cupycodec.container import check_mac, header_json, verify_chunks
-from cupycodec.dtypes import numpy_dtype
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
 
 from . import _signing
 from ._shards import INDEX, WEIGHTS, ShardFile, write_shards
-from .dlpack import dtype_name
+from .dlpack import dtype_name, host_bits
 from .linear import MODES, CompressedLinear
 from .model import install
 
@@ -505,7 +504,7 @@ def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool,
         out = torch.empty(shape, dtype=dtype)
         # hardened CPU decoders, whatever the trust (these tensors are small); into a NumPy bit view of ``out``,
         # which spares a first DLPack export from torch its import cost (~0.6 s)
-        cc.decompress(c, out=_numpy_bits(out))
+        cc.decompress(c, out=host_bits(out))
         return {name: out}
     except (cc.CupycodecError, ValueError) as exc:
         raise _named(exc, where) from None
@@ -513,17 +512,6 @@ def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool,
 
 def _now(fn) -> None:
     fn()
-
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _numpy_bits(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of CPU tensor ``t``, in its dtype (ml_dtypes' for bfloat16 and float8, which NumPy lacks)."""
-    try:
-        return t.numpy()
-    except TypeError:
-        return t.view(_BITS[t.element_size()]).numpy().view(numpy_dtype(dtype_name(t.dtype)))
 
 
 def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, device: torch.device) -> None:

@@ -11,7 +11,8 @@ import torch
 
 import cupycodec as cc
 
-__all__ = ["TORCH_DTYPES", "current_stream", "dtype_name", "from_compressed", "to_compressed", "torch_dtype"]
+__all__ = ["TORCH_DTYPES", "current_stream", "dtype_name", "from_compressed", "host_bits", "to_compressed",
+           "torch_dtype"]
 
 TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -70,3 +71,17 @@ def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | N
         out = torch.empty(c.shape, dtype=dtype or torch_dtype(c.dtype_name), device=device)
     cc.decompress(c, out=out, stream=current_stream(out.device))
     return out
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def host_bits(t: torch.Tensor):
+    """A NumPy view of CPU tensor ``t`` to decode into: in its dtype, or a same-width integer bit view for bfloat16
+    and float8, which NumPy lacks (cupycodec decodes into those; ml_dtypes' types would cost ~0.6 s of import per
+    process, paid by a checkpoint load or a first forward)."""
+    try:
+        return t.numpy()
+    except TypeError:
+        return t.view(_BITS[t.element_size()]).numpy()
+

@@ -24,7 +24,7 @@ import torch
 
 import cupycodec as cc
 
-from .dlpack import current_stream
+from .dlpack import current_stream, host_bits
 
 __all__ = ["DecodeGroup", "Runtime"]
 
@@ -121,7 +121,8 @@ class DecodeGroup:
         outs = [tuple(v) if len(v) == 2 else v[0] for v in (self.views(slot, i) for i in idx)]
         entropy = [self.layers[i].mode == "int8+entropy" for i in idx]
         if slot.device.type != "cuda":
-            # one call for the group: every chunk of every layer through the CPU thread pool
+            # one call for the group: every chunk of every layer through the CPU thread pool, into NumPy views
+            outs = [tuple(host_bits(t) for t in o) if isinstance(o, tuple) else host_bits(o) for o in outs]
             lossless = [i for i, e in enumerate(entropy) if not e]
             coded = [i for i, e in enumerate(entropy) if e]
             if lossless:

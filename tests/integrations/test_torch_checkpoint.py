@@ -230,6 +230,19 @@ def test_transformers_refuses_the_checkpoint_until_cupycodec_is_imported(bf16_di
         assert run.stdout.strip().endswith("CompressedLinear")
 
 
+def test_a_load_and_a_forward_never_import_ml_dtypes(saved, tmp_path):
+    # ml_dtypes costs ~0.6 s of import: a third of a small model's from_pretrained on the CPU (RESULTS.md);
+    # bfloat16 tensors are decoded into through integer bit views instead
+    _, out = saved
+    code = ("import sys, torch\nimport cupycodec.integrations\nfrom transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+            "with torch.no_grad():\n    m(torch.tensor([[1, 2, 3]]))\n"
+            "print('ml_dtypes' in sys.modules)")
+    run = _python(code, tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("False")
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 
 
