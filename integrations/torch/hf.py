@@ -325,10 +325,11 @@ class CupycodecHfQuantizer(HfQuantizer):
     def get_weight_conversions(self):
         if not self.pre_quantized or self._ckpt is None:
             return []
-        op = _Load(self)
-        # the source matches the whole key and nothing else; the target is the key itself (transformers versions
-        # differ in how they strip anchors from targets, and a key needs no pattern characters)
-        return [WeightConverter([f"^{re.escape(k)}$"], [k], [op], force_cpu=True) for k in self._ckpt.table.tensors]
+        # One converter for every stored tensor: its source is the alternation of the escaped keys, whole, and its
+        # target the key it matched (\1). One per key cost ~0.4 s on a 272-tensor model: transformers tries each
+        # key against each converter in turn, and builds and compiles every converter.
+        keys = "|".join(re.escape(k) for k in self._ckpt.table.tensors)
+        return [WeightConverter([f"^({keys})$"], [r"\1"], [_Load(self)], force_cpu=True)]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self._checks is not None:  # every CRC and MAC of the checkpoint, before the model is handed out
