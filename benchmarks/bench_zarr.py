@@ -12,6 +12,7 @@ zstd; trusted, so nvCOMP decodes it in one plan; untrusted, decoded on the CPU a
 the same decode path is built here over ``nvidia.nvcomp``) on a store written with zarr's zstd.
 
 Usage: python benchmarks/bench_zarr.py [--runs 3] [--mib 64] [--json PATH] [--device cpu|cuda] [--gpu-mib 1024]
+       [--profile N]
 """
 
 from __future__ import annotations
@@ -228,7 +229,10 @@ def _nvcomp_zstd_baseline():
     return NvcompZstdBaseline, "PR #2863's decode path over nvidia.nvcomp (zarr.codecs.gpu is absent)"
 
 
-def _gpu_read(path: str, nchunks: int, runs: int, x: np.ndarray, zarr_config: dict | None = None) -> list[float]:
+def _gpu_read(path: str, nchunks: int, runs: int, x: np.ndarray, zarr_config: dict | None = None,
+              profile: int = 0, label: str = "") -> list[float]:
+    """Seconds per whole-array read into device memory (``runs`` of them after a first read); with ``profile``, one
+    more read under cProfile, whose top ``profile`` functions by own time go to stderr (where the host spends it)."""
     import cupy
 
     times = []
@@ -245,6 +249,19 @@ def _gpu_read(path: str, nchunks: int, runs: int, x: np.ndarray, zarr_config: di
             else:
                 if not isinstance(y, cupy.ndarray) or y.get().tobytes() != x.tobytes():
                     raise AssertionError(f"{path}: the GPU read is not bit-exact")
+            del y
+        if profile:
+            import cProfile
+            import pstats
+
+            z = zarr.open_array(path)
+            pr = cProfile.Profile()
+            pr.enable()
+            y = z[:]
+            cupy.cuda.runtime.deviceSynchronize()
+            pr.disable()
+            print(f"--- profile of one read: {label}", file=sys.stderr)
+            pstats.Stats(pr, stream=sys.stderr).sort_stats("tottime").print_stats(profile)
             del y
     return times
 
@@ -284,7 +301,7 @@ def gpu_rows(args) -> list[dict]:
         ]
         for label, store, trusted, cfg in cases:
             with trust.settings(trusted=trusted):
-                times = _gpu_read(stores[store], nchunks, args.runs, x, cfg)
+                times = _gpu_read(stores[store], nchunks, args.runs, x, cfg, args.profile, label)
             stored = zarr.open_array(stores[store]).nbytes_stored()
             rows.append({"data": f"smooth float32 field {side}x{side}", "codec": label, "raw_nbytes": x.nbytes,
                          "ratio": x.nbytes / stored, "chunk_nbytes": 4 * 2**20, "chunks": nchunks,
@@ -353,6 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--gpu-mib", type=int, default=1024, help="MiB of the array read into device memory")
     p.add_argument("--json", help="write machine info and every row (raw times included) here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="GPU: after each case's timed reads, profile one more and print its top N functions")
     args = p.parse_args(argv)
     info = machine(args.device)
     rows = gpu_rows(args) if args.device == "cuda" else cpu_rows(args)
