@@ -34,7 +34,7 @@ for arg in "$@"; do
     ckpt) timeout -k 5 "$secs" python3 benchmarks/bench_checkpoint.py ${CKPT_ARGS:---models tinyllama --device cuda:0} \
             --json "$OUT/bench_checkpoint.json" >"$OUT/bench_checkpoint.log" 2>&1; rc=$?
           tail -20 "$OUT/bench_checkpoint.log" ;;
-    zarr) timeout -k 5 "$secs" python3 benchmarks/bench_zarr.py --device cuda --json "$OUT/bench_zarr.json" \
+    zarr) timeout -k 5 "$secs" python3 benchmarks/bench_zarr.py --device cuda ${ZARR_ARGS:-} --json "$OUT/bench_zarr.json" \
             >"$OUT/bench_zarr.log" 2>&1; rc=$?; tail -20 "$OUT/bench_zarr.log" ;;
     fuzz) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --trials 40 \
             --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
