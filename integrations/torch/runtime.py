@@ -55,6 +55,8 @@ class DecodeGroup:
             self.stored_offsets.append(total)
             total += sum(_a(t.numel() * t.element_size()) for t in layer._stored())
         self.stored_nbytes = total
+        self._copied = [i for i, layer in enumerate(self.layers) if layer.mode == "int8"]  # offloaded codes
+        self._coded = [i for i, layer in enumerate(self.layers) if layer.mode != "int8"]  # containers
         self._plans: dict = {}
         self._staged_plans: dict = {}  # (slot address, staging address) -> plan over the staged payloads
         self._staged_containers: dict = {}  # staging address -> containers over it
@@ -88,58 +90,57 @@ class DecodeGroup:
         if staging is not None:
             self._decode_staged(slot, staging)
             return
-        plain = [i for i, layer in enumerate(self.layers) if layer.mode == "int8"]  # offloaded codes: copied
-        for i in plain:
+        for i in self._copied:
             for dst, src in zip(self.views(slot, i), self.layers[i]._stored()):
                 dst.copy_(src, non_blocking=True)
-        if len(plain) == len(self.layers):
-            return
-        coded = [i for i in range(len(self.layers)) if i not in plain]
-        self._run([self.layers[i]._container(slot.device) for i in coded], slot, coded,
-                  (slot.data_ptr(), *(self.layers[i]._payload_ptr() for i in coded)), self._plans, forget=True)
+        if self._coded:
+            key = (slot.data_ptr(), *(self.layers[i]._payload_ptr() for i in self._coded))
+            self._run(lambda: [self.layers[i]._container(slot.device) for i in self._coded], slot, key, self._plans,
+                      forget=True)
 
     def _decode_staged(self, slot: torch.Tensor, staging: torch.Tensor) -> None:
-        coded = []
-        for i, layer in enumerate(self.layers):
-            if layer.mode == "int8":  # codes and scales as they are: a device copy into the slot
-                for dst, src in zip(self.views(slot, i), self.staged_views(staging, i)):
-                    dst.copy_(src)
-            else:
-                coded.append(i)
-        if not coded:
-            return
-        containers = self._staged_containers.get(staging.data_ptr())
-        if containers is None:  # built once per staging buffer, on the first pass (a warm-up, before any capture):
-            # the copy is waited for, since a container from a checkpoint may still check its CRCs over the bytes
-            torch.cuda.current_stream(slot.device).synchronize()
-            containers = self._staged_containers[staging.data_ptr()] = [
-                self.layers[i]._container_over(self.staged_views(staging, i)[0]) for i in coded]
-        self._run(containers, slot, coded, (slot.data_ptr(), staging.data_ptr()), self._staged_plans, forget=False)
+        for i in self._copied:  # codes and scales as they are: a device copy into the slot
+            for dst, src in zip(self.views(slot, i), self.staged_views(staging, i)):
+                dst.copy_(src)
+        if self._coded:
+            self._run(lambda: self._staged(staging), slot, (slot.data_ptr(), staging.data_ptr()), self._staged_plans,
+                      forget=False)
 
-    def _run(self, containers: list, slot: torch.Tensor, idx: list[int], key: tuple, plans: dict,
-             forget: bool) -> None:
-        outs = [tuple(v) if len(v) == 2 else v[0] for v in (self.views(slot, i) for i in idx)]
-        entropy = [self.layers[i].mode == "int8+entropy" for i in idx]
+    def _staged(self, staging: torch.Tensor) -> list:
+        """The containers over ``staging``'s copies, built once per staging buffer (on the first pass, a warm-up
+        before any capture, which waits for the copy: a checkpoint's container may still check its CRCs)."""
+        containers = self._staged_containers.get(staging.data_ptr())
+        if containers is None:
+            torch.cuda.current_stream(staging.device).synchronize()
+            containers = self._staged_containers[staging.data_ptr()] = [
+                self.layers[i]._container_over(self.staged_views(staging, i)[0]) for i in self._coded]
+        return containers
+
+    def _run(self, containers, slot: torch.Tensor, key: tuple, plans: dict, forget: bool) -> None:
+        """Decode the container layers into ``slot``: a cached plan's run on a GPU (``containers()`` and the slot
+        views are built only with the plan), the CPU pool on the host."""
+        entropy = [self.layers[i].mode == "int8+entropy" for i in self._coded]
         if slot.device.type != "cuda":
             # one call for the group: every chunk of every layer through the CPU thread pool, into NumPy views
-            outs = [tuple(host_bits(t) for t in o) if isinstance(o, tuple) else host_bits(o) for o in outs]
-            lossless = [i for i, e in enumerate(entropy) if not e]
-            coded = [i for i, e in enumerate(entropy) if e]
-            if lossless:
-                cc.decompress_many([containers[i] for i in lossless], out=[outs[i] for i in lossless])
-            if coded:
-                cc.decompress_many([containers[i] for i in coded], out=[outs[i] for i in coded], dequantize=False)
+            items = containers()
+            outs = [tuple(host_bits(t) for t in v) if len(v) == 2 else host_bits(v[0])
+                    for v in (self.views(slot, i) for i in self._coded)]
+            for dequantize in (True, False):  # lossless weights, then int8+entropy codes and scales
+                pick = [k for k, e in enumerate(entropy) if e != dequantize]
+                if pick:
+                    cc.decompress_many([items[k] for k in pick], out=[outs[k] for k in pick], dequantize=dequantize)
             return
         plan = plans.get(key)
         if plan is None:  # once per slot and payload placement: built before any graph capture, on a warm-up pass
             if forget:  # payloads that moved: their plans go
                 for k in [k for k in plans if k[0] == key[0]]:
                     del plans[k]
-            dequantize = not any(entropy)
             if any(entropy) and not all(entropy):
                 raise ValueError(f"group {self.name}: mixes lossless and int8+entropy layers; compress a model with "
                                  "one mode")
-            plan = cc.decode_plan(containers, outs, dequantize=dequantize, stream=current_stream(slot.device),
+            outs = [tuple(v) if len(v) == 2 else v[0] for v in (self.views(slot, i) for i in self._coded)]
+            plan = cc.decode_plan(containers(), outs, dequantize=not any(entropy),
+                                  stream=current_stream(slot.device),
                                   alloc=lambda n, d=slot.device: torch.empty(n, dtype=torch.uint8, device=d))
             plans[key] = plan
         plan.run(current_stream(slot.device))
