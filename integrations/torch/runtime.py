@@ -26,7 +26,7 @@ import cupycodec as cc
 
 from .dlpack import current_stream, host_bits
 
-__all__ = ["DecodeGroup", "Runtime"]
+__all__ = ["DecodeGroup", "Runtime", "pick_staging"]
 
 _ALIGN = 256
 
@@ -252,8 +252,7 @@ class Runtime:
         for k, held in enumerate(st.staged):
             if held is not None and held[0] == gi:
                 return k
-        free = [k for k, held in enumerate(st.staged) if held is None or (held[2] is not None and held[0] != keep)]
-        k = free[0] if free else next(k for k, held in enumerate(st.staged) if held[0] != keep)
+        k = pick_staging(st.staged, keep)
         main = torch.cuda.current_stream(device)
         ready = torch.cuda.Event()
         ready.record(main)  # the copy stream joins the caller's stream (and a graph capture on it)
@@ -307,6 +306,20 @@ class Runtime:
         """Wait for the GPU and raise :class:`cupycodec.BackendError` if a decode reported a bad chunk."""
         for g in self.groups:
             g.check()
+
+
+def pick_staging(staged: list, keep: int | None) -> int:
+    """The staging buffer a new group's bytes go to (``staged``: per buffer None or [group, copied event, event of
+    the decode that read it or None]): an empty one, else one whose decode is enqueued (its copy then waits for that
+    decode), else one whose bytes nothing has read yet; never the one holding group ``keep``, which a decode about
+    to be enqueued needs."""
+    for k, held in enumerate(staged):
+        if held is None:
+            return k
+    for k, held in enumerate(staged):
+        if held[2] is not None and held[0] != keep:
+            return k
+    return next(k for k, held in enumerate(staged) if held[0] != keep)
 
 
 def block_hook(runtime: Runtime, gi: int):

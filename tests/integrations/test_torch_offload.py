@@ -173,3 +173,18 @@ def test_device_maps_name_the_blocks_to_offload():
     with pytest.raises(ValueError, match="nothing on a GPU, so there is no GPU to stream them to"):
         off.place_mapped(model, {"": "cpu"})
     assert off.place_mapped(model, {"": 0}) is None  # nothing on the host: accelerate's placement stands
+
+
+def test_which_staging_buffer_a_copy_takes():
+    from cupycodec.integrations.torch.runtime import pick_staging
+
+    ev, done = object(), object()  # a copied event, and the event of a decode that read the buffer
+    assert pick_staging([None, None], None) == 0
+    assert pick_staging([[3, ev, None], None], 3) == 1  # an empty buffer first
+    # block i starts: i+1 was just decoded from buffer 1 (enqueued), i's buffer 0 too: i+2 may take either but the
+    # one holding i+1, the group a decode is about to read, is never chosen while another is free
+    assert pick_staging([[4, ev, done], [5, ev, done]], 5) == 0
+    assert pick_staging([[4, ev, done], [5, ev, done]], 4) == 1
+    # neither decoded yet (copied ahead, then the order changed): overwrite the one not needed next
+    assert pick_staging([[4, ev, None], [5, ev, None]], 5) == 0
+    assert pick_staging([[4, ev, None], [5, ev, done]], 4) == 1
