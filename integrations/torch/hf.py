@@ -240,6 +240,9 @@ class CupycodecHfQuantizer(HfQuantizer):
             gpus = [d for d in map(_as_device, self._device_map.values())
                     if isinstance(d, torch.device) and d.type == "cuda"]
             self._map_gpu = gpus[0] if gpus else None
+        cfg = self.quantization_config
+        if self._map_gpu is None and getattr(cfg, "offload", None) is not None and torch.cuda.is_available():
+            self._map_gpu = torch.device(cfg.offload_device or "cuda")  # read onto the host, placed there later
 
     def update_dtype(self, dtype):
         return dtype
