@@ -8,7 +8,6 @@ against crafted input: their encoded chunks decode on the CPU, whatever the targ
 
 from __future__ import annotations
 
-import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -85,7 +84,7 @@ class DecodeJob:
             if view.array.dtype != c.spec.numpy_dtype():
                 raise ValueError(f"{prefix} has dtype {view.array.dtype}, expected {c.spec.numpy_dtype()} (the "
                                  "container's byte order)")
-        elif view.array.dtype.itemsize > 1 and _order(view.array.dtype) != c.spec.byteorder:  # a bit view
+        elif dtype_name(view.array.dtype)[1] != c.spec.byteorder:  # a bit view: its byte order must be the container's
             raise ValueError(f"{prefix} is a {view.array.dtype.str} bit view of {c.spec.dtype}; the container's "
                              f"byte order is {c.spec.byteorder!r}")
 
@@ -93,10 +92,6 @@ class DecodeJob:
     def out_nbytes(self) -> int:
         c = self.item
         return c.raw_nbytes if self.dequantize else sum(s.raw_nbytes for s in c.segments)
-
-
-def _order(dtype: np.dtype) -> str:
-    return {"=": "<" if sys.byteorder == "little" else ">"}.get(dtype.byteorder, dtype.byteorder)
 
 
 def _int8(c: CompressedArray) -> Int8 | None:
