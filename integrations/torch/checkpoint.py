@@ -654,15 +654,10 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     The model changes only once every tensor has been read.
     """
     directory = os.fspath(directory)
-    if max_gpu_memory is not None and offload is None:
-        offload = "cpu"
-    if offload is not None:  # checked before any byte is read; the model is read onto the host, then placed
-        from .offload import _compute_device, offload_model, parse_nbytes
+    from .offload import _compute_device, check_options, offload_model
 
-        if offload != "cpu":
-            raise ValueError(f"offload must be 'cpu' or None, got {offload!r}")
-        if max_gpu_memory is not None:
-            parse_nbytes(max_gpu_memory)
+    offload = check_options(offload, max_gpu_memory)  # checked before any byte is read
+    if offload is not None:  # the model is read onto the host, then placed
         target = _compute_device(device)
         loaded = load_compressed(directory, model, device="cpu", trusted=trusted, key=key, strict=strict,
                                  progress=progress)

@@ -118,14 +118,12 @@ class CupycodecConfig(QuantizationConfigMixin):
         self.modules_to_convert, self.modules_to_not_convert = modules_to_convert, modules_to_not_convert
         self.format_version = FORMAT_VERSION
         self.trusted, self.key = trusted, key
-        if max_gpu_memory is not None and offload is None:
-            offload = "cpu"
-        if offload not in (None, "cpu"):
-            raise ValueError(f"quantization_config: offload must be 'cpu' or None, got {offload!r}")
-        if max_gpu_memory is not None:
-            from .offload import parse_nbytes
+        from .offload import check_options
 
-            parse_nbytes(max_gpu_memory)
+        try:
+            offload = check_options(offload, max_gpu_memory)
+        except ValueError as exc:
+            raise ValueError(f"quantization_config: {exc}") from None
         self.offload, self.max_gpu_memory, self.offload_device = offload, max_gpu_memory, offload_device
         kwargs.pop("quant_method", None)  # from config.json; anything else is from a newer writer: ignored
 
@@ -235,11 +233,9 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._device_map = device_map if isinstance(device_map, dict) else None
         self._map_gpu = None  # blocks mapped to "cpu" compress on the map's GPU (with its codecs), to run there
         if self._device_map and "cpu" in {str(v) for v in self._device_map.values()}:
-            from .offload import _as_device
+            from .offload import map_gpu
 
-            gpus = [d for d in map(_as_device, self._device_map.values())
-                    if isinstance(d, torch.device) and d.type == "cuda"]
-            self._map_gpu = gpus[0] if gpus else None
+            self._map_gpu = map_gpu(self._device_map)
         cfg = self.quantization_config
         if self._map_gpu is None and getattr(cfg, "offload", None) is not None and torch.cuda.is_available():
             self._map_gpu = torch.device(cfg.offload_device or "cuda")  # read onto the host, placed there later

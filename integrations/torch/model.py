@@ -171,15 +171,10 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         A non-float weight (naming the layer).
     """
     check_mode(mode)
-    if max_gpu_memory is not None and offload is None:
-        offload = "cpu"
-    if offload is not None:  # checked before anything changes
-        from .offload import _compute_device, parse_nbytes
+    from .offload import _compute_device, check_options
 
-        if offload != "cpu":
-            raise ValueError(f"offload must be 'cpu' or None, got {offload!r}")
-        if max_gpu_memory is not None:
-            parse_nbytes(max_gpu_memory)
+    offload = check_options(offload, max_gpu_memory)  # checked before anything changes
+    if offload is not None:
         target = _compute_device(device if device is not None and torch.device(device).type == "cuda" else None)
     t0 = time.perf_counter()
     linears = [(fqn, m) for fqn, m in model.named_modules() if _is_linear(m)]

@@ -25,7 +25,7 @@ import cupycodec as cc
 from .linear import CompressedLinear
 from .model import find_blocks, install
 
-__all__ = ["OffloadReport", "map_blocks", "offload_model", "parse_nbytes", "place_mapped"]
+__all__ = ["OffloadReport", "check_options", "map_blocks", "map_gpu", "offload_model", "parse_nbytes", "place_mapped"]
 
 _ALIGN = 256
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -45,6 +45,17 @@ def parse_nbytes(value) -> int:
         raise ValueError(f"max_gpu_memory must be a positive number of bytes or a size such as '8GiB' or '500MB', "
                          f"got {value!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def check_options(offload, max_gpu_memory) -> str | None:
+    """The offload setting that ``offload=`` and ``max_gpu_memory=`` ask for (a budget implies "cpu"), checked
+    before anything is done: ValueError for another value or a size that does not parse."""
+    if max_gpu_memory is not None:
+        parse_nbytes(max_gpu_memory)
+        offload = "cpu" if offload is None else offload
+    if offload not in ("cpu", None):
+        raise ValueError(f"offload must be 'cpu' or None, got {offload!r}")
+    return offload
 
 
 @dataclass
@@ -292,8 +303,13 @@ def map_blocks(model: torch.nn.Module, device_map: dict) -> tuple[list[_Block], 
                              "blocks in pinned host memory: map it to 'cpu'")
         if where == "cpu":
             off.add(i)
-    gpus = [d for d in map(_as_device, device_map.values()) if isinstance(d, torch.device) and d.type == "cuda"]
-    return blocks, off, (gpus[0] if gpus else None)
+    return blocks, off, map_gpu(device_map)
+
+
+def map_gpu(device_map: dict) -> torch.device | None:
+    """The first CUDA device of a device map: accelerate's main device, where "cpu" blocks are streamed to."""
+    return next((d for d in map(_as_device, device_map.values()) if isinstance(d, torch.device) and d.type == "cuda"),
+                None)
 
 
 def place_mapped(model: torch.nn.Module, device_map: dict) -> OffloadReport | None:
