@@ -188,9 +188,11 @@ class _Compress(_Op):
         if layer.mode != "lossless":
             rep.sqnr_db = _sqnr(value, layer)
         self.hf_quantizer._reports.append(rep)
-        # the layer's buffers, so that transformers counts them loaded; the meta placeholder likewise (dropped later)
+        # the layer's buffers, so that transformers counts them loaded, and for the placeholder an empty tensor on
+        # the layer's device (dropped after loading): a meta one would reach accelerate's dispatch of a device map
+        # that spans devices, which runs before the quantizer's last hook and cannot place a meta tensor
         out = {f"{fqn}.{k}": b for k, b in layer._buffers.items()}
-        out[full_layer_name] = placeholder
+        out[full_layer_name] = torch.empty(0, dtype=placeholder.dtype, device=value.device)
         return out
 
 
@@ -334,9 +336,6 @@ class CupycodecHfQuantizer(HfQuantizer):
         if self._checks is not None:  # every CRC and MAC of the checkpoint, before the model is handed out
             checks, self._checks = self._checks, None
             checks.wait()
-        for m in model.modules():
-            if isinstance(m, CompressedLinear):
-                m._parameters.pop("weight", None)  # the placeholders of compress-while-loading
         blocks = install(model, {})
         if not self.pre_quantized:  # what compress-while-loading did, as compress_model reports it
             model.cupycodec_report = CompressionReport(self.quantization_config.mode, self._reports,
@@ -359,6 +358,11 @@ class CupycodecHfQuantizer(HfQuantizer):
 
             model.cupycodec_offload = offload_model(model, cfg.offload, max_gpu_memory=cfg.max_gpu_memory,
                                                     device=cfg.offload_device)
+        # The empty placeholders of compress-while-loading go last: accelerate's hooks on blocks mapped to "cpu"
+        # (removed by place_mapped above) put back every tensor they saw at dispatch, these included.
+        for m in model.modules():
+            if isinstance(m, CompressedLinear):
+                m._parameters.pop("weight", None)
         return model
 
     def is_serializable(self) -> bool:

@@ -26,7 +26,9 @@ def _tiny_llama(layers=6, device="cuda"):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
                                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+    # built in bf16 rather than cast to it: a cast also makes the rotary inv_freq buffer bf16, which a loaded
+    # checkpoint recomputes in float32, as transformers' own from_pretrained does
+    return transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).to(device).eval()
 
 
 def _run(model, ids):
