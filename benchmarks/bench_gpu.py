@@ -247,6 +247,13 @@ def bench_block(results, decode_gbps_by_codec, copy_gbps):
                                   ("int8+ans codes", {"quantize": "int8", "codec": "ans"}, False),
                                   ("int8+ans 64 KiB -> bf16", {"quantize": "int8", "codec": "ans",
                                                                 "chunk_nbytes": 65536}, True),
+                                  ("int8+ans 256 KiB -> bf16", {"quantize": "int8", "codec": "ans",
+                                                                 "chunk_nbytes": 262144}, True),
+                                  # the codes as pairs of bytes: ANS's 16-bit float mode (two byte streams)
+                                  ("int8+ans<f2 -> bf16", {"quantize": "int8",
+                                                           "codec": {"id": "ans", "data_type": "<f2"}}, True),
+                                  ("int8+ans<f2 256 KiB -> bf16", {"quantize": "int8", "chunk_nbytes": 262144,
+                                                                    "codec": {"id": "ans", "data_type": "<f2"}}, True),
                                   ("bf16 lossless ans", {"codec": "ans"}, True)):
         try:
             cs = cc.compress_many(weights, dtype="bfloat16", **kw)

@@ -25,7 +25,8 @@ import traceback
 
 import torch
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (4096, 4096), (11008, 4096), (4096, 11008),
+          (14336, 4096)]  # TinyLlama's, then Llama-2-7B's and Llama-3-8B's
 CONFIGS = {
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4),
@@ -94,7 +95,11 @@ L2_DEFEAT_BYTES = 256 << 20  # weights per timed graph: several times the H200's
 
 
 def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
+    from cupycodec._cuda import launching_on
     from cupycodec.integrations.torch import CompressedLinear, ops
+    from cupycodec.kernels.int8 import dequantize_raw
+
+    ops.reserve_scratch(2 * n * k)
 
     copies = max(2, -(-L2_DEFEAT_BYTES // (2 * n * k)))
     lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -102,17 +107,24 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
     w = cls[0].decompress_weight()
     aos = [torchao_int8wo(copy.deepcopy(torch.nn.Sequential(lin))) for lin in lins]
     rows = []
-    for m in (1, 4, 16):
+    for m in (1, 4, 8, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
         def ours(cl, x=x):
             return ops.int8_linear(x, cl.qweight, cl.scale, None, "channel", 128)
 
+        def dequant_linear(x, cl):  # the path int8_linear takes above M = 16: our dequantize kernel, then cuBLAS
+            w = ops.scratch(x.device)[: 2 * n * k].view(torch.bfloat16).view(n, k)
+            with launching_on(x.device.index, torch.cuda.current_stream().cuda_stream):
+                dequantize_raw(cl.qweight.data_ptr(), cl.scale.data_ptr(), w.data_ptr(), (n, k),
+                               granularity="channel", axis=0, group_size=None, dtype_name="BF16",
+                               device=x.device.index)
+            return torch.nn.functional.linear(x, w)
+
         with torch.no_grad():
             t_bf16 = graph_us([lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight) for lin in lins])
             t_ours = graph_us([lambda cl=cl: ours(cl) for cl in cls])
-            t_dq = graph_us([lambda cl=cl, x=x: torch.nn.functional.linear(
-                x, ops.dequantize(cl.qweight, cl.scale, "channel", 128, x.dtype)) for cl in cls])
+            t_dq = graph_us([lambda cl=cl, x=x: dequant_linear(x, cl) for cl in cls])
             try:
                 t_ao = graph_us([lambda ao=ao, x=x: ao(x) for ao in aos]) if aos[0] is not None else None
             except Exception as exc:  # a tensor subclass that does not capture: say so, keep the other figures

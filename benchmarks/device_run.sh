@@ -4,7 +4,7 @@
 # Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), offload
-# (bench_offload), pytest=EXPR
+# (bench_offload), prof (profile_latency), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -27,7 +27,7 @@ for arg in "$@"; do
            rc=$?; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 ;;
     pytest=*) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n 4 --timeout 240 -rfEs \
              -k "${stage#pytest=}" tests >"$OUT/pytest.log" 2>&1; rc=$?; tail -5 "$OUT/pytest.log" ;;
-    gpu) timeout -k 5 "$secs" python3 benchmarks/bench_gpu.py --quick --json "$OUT/bench_gpu.json" \
+    gpu) timeout -k 5 "$secs" python3 benchmarks/bench_gpu.py --quick ${GPU_ARGS:-} --json "$OUT/bench_gpu.json" \
            >"$OUT/bench_gpu.log" 2>&1; rc=$?; tail -40 "$OUT/bench_gpu.log" ;;
     torch) timeout -k 5 "$secs" python3 benchmarks/bench_torch.py ${TORCH_ARGS:-} --json "$OUT/bench_torch.json" \
              >"$OUT/bench_torch.log" 2>&1; rc=$?; tail -40 "$OUT/bench_torch.log" ;;
@@ -38,6 +38,8 @@ for arg in "$@"; do
             >"$OUT/bench_zarr.log" 2>&1; rc=$?; tail -20 "$OUT/bench_zarr.log" ;;
     fuzz) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --trials 40 \
             --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
+    prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
+          rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     offload) timeout -k 5 "$secs" python3 benchmarks/bench_offload.py ${OFFLOAD_ARGS:-} --json "$OUT/bench_offload.json" \
                >"$OUT/bench_offload.log" 2>&1; rc=$?; tail -20 "$OUT/bench_offload.log" ;;
     *) echo "unknown stage $stage"; rc=2 ;;

@@ -1,0 +1,66 @@
+"""The fused INT8 GEMV (cupycodec.kernels.gemv) against a float64 reference, for every warps-per-row variant.
+
+The kernel sums in float32 in its own order, so the comparison has a tolerance (as every GEMM's test does); the
+shapes make each variant run its edge cases: rows that do not fill the last block, K that is not a multiple of a
+step (lanes and whole warps past the end), and a matrix smaller than one block.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cupycodec.kernels import gemv
+from cupycodec.quant import reference
+
+pytestmark = pytest.mark.gpu
+
+ACTS = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+TOL = {"F32": 1e-5, "F16": 1e-3, "BF16": 8e-3}
+
+
+def _run(x, q, s, bias, *, granularity, group, warps, dtype_name):
+    import cupy
+
+    m, k = x.shape
+    n = q.shape[0]
+    bits = (lambda a: a.view(np.uint16)) if dtype_name == "BF16" else (lambda a: a)
+    xd, qd, sd = cupy.asarray(bits(x)), cupy.asarray(q), cupy.asarray(s)
+    bd = cupy.asarray(bits(bias)) if bias is not None else None
+    yd = cupy.empty((m, n), dtype=xd.dtype)
+    gemv.gemv_int8(xd.data.ptr, k, qd.data.ptr, sd.data.ptr, bd.data.ptr if bd is not None else 0, yd.data.ptr,
+                   m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity, group_size=group,
+                   device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps)
+    y = yd.get()
+    return y.view(ml_dtypes.bfloat16) if dtype_name == "BF16" else y
+
+
+@pytest.mark.parametrize("warps", [1, 2, 4, 8])
+@pytest.mark.parametrize("n,k", [(1000, 1088), (37, 4096 + 48), (5, 160)])
+@pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 64)])
+@pytest.mark.parametrize("dtype_name", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_every_variant_matches_the_float64_reference(warps, n, k, granularity, group, dtype_name, m):
+    rng = np.random.default_rng(n * 31 + k + m)
+    w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
+    q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group or 128)
+    x = rng.standard_normal((m, k)).astype(ACTS[dtype_name])
+    bias = rng.standard_normal(n).astype(ACTS[dtype_name]) if m != 3 else None
+    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name=dtype_name)
+    wd = reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group or 128, dtype=np.float64)
+    ref = x.astype(np.float64) @ wd.T + (bias.astype(np.float64) if bias is not None else 0.0)
+    err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
+    assert y.shape == (m, n) and err < TOL[dtype_name]
+
+
+def test_default_variant_choice():
+    # a 7B attention matrix on an H200 (132 SMs) splits K over two warps, a wide MLP matrix does not, and a narrow
+    # one never splits past what K gives work to
+    assert gemv.warps_per_row(4096, 4096, 132) == 2
+    assert gemv.warps_per_row(11008, 4096, 132) == 1
+    assert gemv.warps_per_row(256, 2048, 132) == 4
+    assert gemv.warps_per_row(256, 8192, 132) == 8
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        gemv.gemv_int8(0, 16, 0, 0, 0, 0, m=1, k=16, n=1, dtype_name="F32", granularity="channel", group_size=None,
+                       device=0, stream_ptr=0, warps=3)
