@@ -1,6 +1,6 @@
 """The INT8 linear as a torch custom op, so ``torch.compile`` and CUDA graphs see one opaque operation.
 
-On CUDA, small batches (M <= 16 rows of activations) run the fused dequantize-GEMV (:mod:`cupycodec.kernels.gemv`),
+On CUDA, small batches (M <= 8 rows of activations) run the fused dequantize-GEMV (:mod:`cupycodec.kernels.gemv`),
 which reads each INT8 code once; larger ones dequantize into a per-device scratch (our kernel, the reference's
 arithmetic) and call cuBLAS through ``F.linear``. On the CPU the same dequantization runs in torch ops. Both launch on
 torch's current stream and never synchronize; nothing is allocated but the output. A backward formula gives the
@@ -14,7 +14,12 @@ import torch.nn.functional as F
 
 from .dlpack import dtype_name
 
-__all__ = ["dequantize", "int8_linear", "reserve_scratch", "scratch"]
+__all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "reserve_scratch", "scratch"]
+
+# Up to this many rows of activations the fused GEMV beats dequantize + cuBLAS; measured on an H200 (bench_torch.py,
+# benchmarks/RESULTS.md): at M = 8 the two tie on Llama-2-7B's shapes, at M = 16 cuBLAS's path takes 0.45-0.65x
+# the GEMV's time, at M = 4 the GEMV takes 0.6-0.7x of it.
+GEMV_MAX_M = 8
 
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, granularity: str, group_size: int,
@@ -98,7 +103,7 @@ def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
     device = x.device.index
     stream = torch.cuda.current_stream(x.device).cuda_stream
     bias = _bias(bias, x)
-    if gemv.supported(name, m, k, granularity, group_size):
+    if m <= GEMV_MAX_M and gemv.supported(name, m, k, granularity, group_size):
         x2 = x.reshape(m, k)
         if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
             x2 = x2.contiguous()
