@@ -97,7 +97,6 @@ L2_DEFEAT_BYTES = 256 << 20  # weights per timed graph: several times the H200's
 def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
     from cupycodec._cuda import launching_on
     from cupycodec.integrations.torch import CompressedLinear, ops
-    from cupycodec.kernels import gemv
     from cupycodec.kernels.int8 import dequantize_raw
 
     ops.reserve_scratch(2 * n * k)
@@ -114,13 +113,6 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
         def ours(cl, x=x):
             return ops.int8_linear(x, cl.qweight, cl.scale, None, "channel", 128)
 
-        def gemv_loads(x, cl, loads):  # the GEMV with 4 loads in flight per lane (the default at M <= 2 is 8)
-            y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-            gemv.gemv_int8(x.data_ptr(), k, cl.qweight.data_ptr(), cl.scale.data_ptr(), 0, y.data_ptr(), m=x.shape[0],
-                           k=k, n=n, dtype_name="BF16", granularity="channel", group_size=None,
-                           device=x.device.index, stream_ptr=torch.cuda.current_stream().cuda_stream, loads=loads)
-            return y
-
         def dequant_linear(x, cl):  # the path int8_linear takes above M = 16: our dequantize kernel, then cuBLAS
             w = ops.scratch(x.device)[: 2 * n * k].view(torch.bfloat16).view(n, k)
             with launching_on(x.device.index, torch.cuda.current_stream().cuda_stream):
@@ -133,7 +125,6 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
             t_bf16 = graph_us([lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight) for lin in lins])
             t_ours = graph_us([lambda cl=cl: ours(cl) for cl in cls])
             t_dq = graph_us([lambda cl=cl, x=x: dequant_linear(x, cl) for cl in cls])
-            t_u4 = graph_us([lambda cl=cl, x=x: gemv_loads(x, cl, 4) for cl in cls]) if m <= 2 else None
             try:
                 t_ao = graph_us([lambda ao=ao, x=x: ao(x) for ao in aos]) if aos[0] is not None else None
             except Exception as exc:  # a tensor subclass that does not capture: say so, keep the other figures
@@ -143,7 +134,7 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
         err = (torch.linalg.vector_norm(y.double() - ref) / torch.linalg.vector_norm(ref)).item()
         read = n * k + n * 4 + m * k * 2  # codes, scales, activations
         row = {"shape": f"{n}x{k}", "m": m, "timing": f"CUDA graph of {copies} layers, per call",
-               "bf16_us": t_bf16, "int8_gemv_us": t_ours, "int8_gemv_4_loads_us": t_u4, "dequant_linear_us": t_dq,
+               "bf16_us": t_bf16, "int8_gemv_us": t_ours, "dequant_linear_us": t_dq,
                "torchao_int8wo_us": t_ao,
                "gemv_vs_bf16": t_ours / t_bf16, "gemv_read_gbps": read / t_ours / 1e3,
                "gemv_of_copy": read / t_ours / 1e3 / bw, "bf16_read_gbps": (2 * n * k + m * k * 2) / t_bf16 / 1e3,
@@ -287,13 +278,12 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     print("\n| shape | M | bf16 us | int8_linear us (GEMV at M <= 8) | vs bf16 | GB/s read | of copy | "
-          "GEMV, 4 loads us | dequant+linear us | torchao us |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "dequant+linear us | torchao us |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results["gemv"]:
         ao = f"{r['torchao_int8wo_us']:.1f}" if r["torchao_int8wo_us"] else "-"
-        u4 = f"{r['int8_gemv_4_loads_us']:.1f}" if r.get("int8_gemv_4_loads_us") else "-"
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | {r['int8_gemv_us']:.1f} | {r['gemv_vs_bf16']:.2f}x | "
-              f"{r['gemv_read_gbps']:.0f} | {r['gemv_of_copy']:.0%} | {u4} | {r['dequant_linear_us']:.1f} | {ao} |")
+              f"{r['gemv_read_gbps']:.0f} | {r['gemv_of_copy']:.0%} | {r['dequant_linear_us']:.1f} | {ao} |")
     print("\n| config | mode | ratio | prefill-512 ms | eager tok/s | vs bf16 | graph tok/s | vs bf16 | model GiB | "
           "peak GiB | tokens = bf16 |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")

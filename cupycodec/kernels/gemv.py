@@ -3,14 +3,15 @@
 Reference: ``reference.dequantize_int8`` to float32, then a float64 matrix product (tests compare with a tolerance:
 the kernel sums in float32 in its own order, as every GEMM does). Importing this module does not import CuPy.
 
-Decode at batch 1-16 is bound by reading the weights. This kernel reads each INT8 code once (half the bytes of bf16
-weights, and no dequantized copy written and read back), multiplies in float32 and writes bf16, fp16 or fp32:
+Decode at batch 1-8 is bound by reading the weights (the torch integration uses this kernel up to M = 8). This
+kernel reads each INT8 code once (half the bytes of bf16 weights, and no dequantized copy written and read back),
+multiplies in float32 and writes bf16, fp16 or fp32:
 
-* W warps per output row n (W = 1, 2, 4 or 8, split K; partial sums meet in shared memory), blocks of 8 warps
-  grid-striding over rows; a lane takes 16 codes with one 16-byte load and issues 4 such loads before using any, so
-  that enough bytes are in flight to read at bandwidth when a matrix has few rows (M = 1 decode is bound by reading
-  the weights); activations (M rows of K, bf16/fp16/fp32) come through the read-only cache (a row of x is reused
-  by every warp);
+* W warps per output row n (W = 1, 2, 4 or 8, split K; partial sums meet in shared memory), a block of 8 warps per
+  8 / W rows; a lane takes 16 codes with one 16-byte load and issues 4 such loads before using any (8 measured
+  slower on an H200), so that bytes are in flight when a matrix has few rows; activations (M rows of K,
+  bf16/fp16/fp32) come through the read-only cache (a row of x is reused by every warp);
+* codes become floats by a byte permute under the exponent of 2^23 and one subtraction (exact), not by I2F;
 * per-channel scales multiply the row's sum once at the end; per-group scales (group size a multiple of 16, so a
   16-code vector never straddles two groups) multiply each vector's partial sum;
 * M (1..16) partial sums live in registers; a warp shuffle reduces them; lane 0 adds the bias in float32 and rounds
@@ -86,11 +87,11 @@ struct cc_f32 { typedef float T;
    scales per row (group == 0) or per group of `group` codes (N x ngroups); K % 16 == 0 and every row of x and of the
    codes 16-byte aligned (the launcher checks). W warps share a row (split K, partial sums meet in shared memory),
    so that a matrix of few rows still keeps every SM busy; a block of 8 warps takes 8 / W rows at a time. */
-template <class X, int MM, int W, int U>
+template <class X, int MM, int W>
 __device__ void cc_gemv(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                         const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                         typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
-    /* U: 16-byte loads a lane issues before using any (bandwidth at batch 1 needs bytes in flight) */
+    constexpr int U = 4;  /* 16-byte loads a lane issues before using any (8 measured slower on an H200) */
     constexpr int RPB = 8 / W;
     __shared__ float part[8][MM];
     const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
@@ -172,11 +173,11 @@ __device__ void cc_gemv(const typename X::T* __restrict__ x, i64 ldx, const sign
     }
 }
 
-#define CC_GEMV(NAME, X, MM, W, U)                                                                                  \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_int8_##NAME##_m##MM##_w##W##_u##U(                 \
+#define CC_GEMV(NAME, X, MM, W)                                                                                     \
+extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_int8_##NAME##_m##MM##_w##W(                        \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv<X, MM, W, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                                      \
+    cc_gemv<X, MM, W>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                                         \
 }
 """
 
@@ -186,16 +187,16 @@ _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
 
 
 @functools.cache
-def _function(device: int, dtype_name: str, mm: int, w: int, u: int):
-    """The kernel for one (activation dtype, M bound, warps per row, loads in flight), compiled on first use (one
-    instance per module: a model's shapes need a few, and each compiles in well under a second)."""
+def _function(device: int, dtype_name: str, mm: int, w: int):
+    """The kernel for one (activation dtype, M bound, warps per row), compiled on first use (one instance per module:
+    a model's shapes need a few of the 60, and each compiles in well under a second)."""
     import cupy  # lazy: importing this module must not import cupy
 
     suffix = _SUFFIX[dtype_name]
-    code = f"{_SOURCE}\nCC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w}, {u})\n"
+    code = f"{_SOURCE}\nCC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})\n"
     with cupy.cuda.Device(device):
         mod = cupy.RawModule(code=code, options=("--std=c++14",))
-        return mod.get_function(f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}_u{u}")
+        return mod.get_function(f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}")
 
 
 def warps_per_row(n: int, k: int, sm_count: int) -> int:
@@ -226,14 +227,13 @@ def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int
 
 def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: int, y_ptr: int, *, m: int, k: int,
               n: int, dtype_name: str, granularity: str, group_size: int | None, device: int, stream_ptr: int,
-              warps: int | None = None, loads: int | None = None) -> None:
+              warps: int | None = None) -> None:
     """Launch ``y[m, n] = sum_k x[m, k] * codes[n, k] * scale + bias[n]`` on ``stream_ptr`` (never waits).
 
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
     (row-major); ``scales``: float32, N (channel) or N x ceil(K / group_size) (group); ``bias``: N values of
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
-    ``warps`` (warps per row: 1, 2, 4 or 8; default :func:`warps_per_row`) and ``loads`` (16-byte loads a lane
-    keeps in flight: 4 or 8; default 8 for M <= 2, whose registers allow it, else 4) are for tests and benchmarks.
+    ``warps``: warps per row (1, 2, 4 or 8; default :func:`warps_per_row`), a parameter for tests and benchmarks.
     """
     from .._cuda import launching_on
 
@@ -247,14 +247,11 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ngroups = -(-k // group) if group else 0
     if warps not in (None, 1, 2, 4, 8):
         raise ValueError(f"warps per row must be 1, 2, 4 or 8, got {warps!r}")
-    if loads not in (None, 4, 8):
-        raise ValueError(f"loads in flight must be 4 or 8, got {loads!r}")
     sms = _sm_count(device)
     w = warps_per_row(n, k, sms) if warps is None else warps
     rows_per_block = _THREADS // 32 // w
     grid = max(1, -(-n // rows_per_block))  # a block per row group: the hardware balances them as they finish
-    u = loads or (8 if mm <= 2 else 4)
-    fn = _function(device, dtype_name, mm, w, u)
+    fn = _function(device, dtype_name, mm, w)
     with launching_on(device, stream_ptr):
         fn((grid,), (_THREADS,), (np.uint64(x_ptr), np.int64(ldx), np.uint64(codes_ptr), np.uint64(scales_ptr),
                                   np.uint64(bias_ptr), np.uint64(y_ptr), np.int32(m), np.int64(k), np.int64(n),

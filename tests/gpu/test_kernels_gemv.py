@@ -20,7 +20,7 @@ ACTS = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"F32": 1e-5, "F16": 1e-3, "BF16": 8e-3}
 
 
-def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, loads=None):
+def _run(x, q, s, bias, *, granularity, group, warps, dtype_name):
     import cupy
 
     m, k = x.shape
@@ -31,25 +31,23 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, loads=None):
     yd = cupy.empty((m, n), dtype=xd.dtype)
     gemv.gemv_int8(xd.data.ptr, k, qd.data.ptr, sd.data.ptr, bd.data.ptr if bd is not None else 0, yd.data.ptr,
                    m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity, group_size=group,
-                   device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps,
-                   loads=loads)
+                   device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps)
     y = yd.get()
     return y.view(ml_dtypes.bfloat16) if dtype_name == "BF16" else y
 
 
-@pytest.mark.parametrize("loads", [4, 8])
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 @pytest.mark.parametrize("n,k", [(1000, 1088), (37, 4096 + 48), (5, 160)])
 @pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 64)])
 @pytest.mark.parametrize("dtype_name", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_every_variant_matches_the_float64_reference(loads, warps, n, k, granularity, group, dtype_name, m):
+def test_every_variant_matches_the_float64_reference(warps, n, k, granularity, group, dtype_name, m):
     rng = np.random.default_rng(n * 31 + k + m)
     w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
     q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group or 128)
     x = rng.standard_normal((m, k)).astype(ACTS[dtype_name])
     bias = rng.standard_normal(n).astype(ACTS[dtype_name]) if m != 3 else None
-    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name=dtype_name, loads=loads)
+    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name=dtype_name)
     wd = reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group or 128, dtype=np.float64)
     ref = x.astype(np.float64) @ wd.T + (bias.astype(np.float64) if bias is not None else 0.0)
     err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
@@ -66,6 +64,3 @@ def test_default_variant_choice():
     with pytest.raises(ValueError, match="1, 2, 4 or 8"):
         gemv.gemv_int8(0, 16, 0, 0, 0, 0, m=1, k=16, n=1, dtype_name="F32", granularity="channel", group_size=None,
                        device=0, stream_ptr=0, warps=3)
-    with pytest.raises(ValueError, match="4 or 8"):
-        gemv.gemv_int8(0, 16, 0, 0, 0, 0, m=1, k=16, n=1, dtype_name="F32", granularity="channel", group_size=None,
-                       device=0, stream_ptr=0, loads=2)
