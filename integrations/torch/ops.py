@@ -17,8 +17,8 @@ from .dlpack import dtype_name
 __all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "reserve_scratch", "scratch"]
 
 # Up to this many rows of activations the fused GEMV beats dequantize + cuBLAS; measured on an H200 (bench_torch.py,
-# benchmarks/RESULTS.md): at M = 8 the two tie on Llama-2-7B's shapes, at M = 16 cuBLAS's path takes 0.45-0.65x
-# the GEMV's time, at M = 4 the GEMV takes 0.6-0.7x of it.
+# benchmarks/RESULTS.md, 2026-12-02, eight Llama shapes): GEMV time / cuBLAS route time is 0.46-0.74 at M = 4,
+# 0.62-1.29 (six of eight within 0.94-1.03) at M = 8, and 0.93-2.07 at M = 16.
 GEMV_MAX_M = 8
 
 
