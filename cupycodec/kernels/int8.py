@@ -1529,22 +1529,37 @@ def dequantize_int8(
 
 
 def dequantize_raw(codes_ptr: int, scales_ptr: int, out_ptr: int, shape, *, granularity: str, axis, group_size,
-                   dtype_name: str, device: int) -> None:
-    """:func:`dequantize_int8` on raw device addresses (C-contiguous codes, scales and output), launched on the
-    current device and stream: what a framework's forward calls without converting its tensors. Parameters are
-    the already-checked ones (``reference.check_params``)."""
+                   dtype_name: str, device: int, stream_ptr: int | None = None) -> None:
+    """:func:`dequantize_int8` on raw device addresses (C-contiguous codes, scales and output), launched on
+    ``device`` and the raw stream ``stream_ptr`` (default: the current device and stream): what a framework's
+    forward calls without converting its tensors. Parameters are the already-checked ones
+    (``reference.check_params``)."""
+    vec = codes_ptr % 16 == 0 and out_ptr % 16 == 0
+    launch_args = _dequantize_config(tuple(shape), granularity, axis, group_size, dtype_name, device, vec)
+    if launch_args is None:
+        return
+    name, grid, tail = launch_args
+    args = (codes_ptr, scales_ptr, out_ptr, *tail)
+    if stream_ptr is None:
+        _kernel(name)(grid, (_BLOCK,), args)
+    else:
+        from .._cuda import launch
+
+        launch(_kernel_on(device, name), grid, (_BLOCK,), args, device, stream_ptr)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dequantize_config(shape: tuple, granularity: str, axis, group_size, dtype_name: str, device: int, vec: bool):
+    """(kernel name, grid, the arguments after the three pointers) of one :func:`dequantize_raw` signature, or None
+    for an empty array: worked out once per layer shape, so a forward costs a lookup and a launch."""
     numel = math.prod(shape)
     if numel == 0:
-        return
+        return None
     suffix = _OUTPUTS[dtype_name][0]
-    n, g, ng, C = _layout(tuple(shape), granularity, axis, group_size)
-    vec = codes_ptr % 16 == 0 and out_ptr % 16 == 0
+    n, g, ng, C = _layout(shape, granularity, axis, group_size)
     V = 16 if vec else 1
     grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(device) * 64)
-    _kernel(f"cupycodec_int8_dequantize_{suffix}")(
-        (grid,), (_BLOCK,), (np.uint64(codes_ptr), np.uint64(scales_ptr), np.uint64(out_ptr), _i64(numel),
-                             *_map_args(n, g, ng, C), np.int32(vec))
-    )
+    return f"cupycodec_int8_dequantize_{suffix}", (grid,), (_i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
 
 
 DEQUANT_DESC_WORDS = 16  # CC_DESC: u64 words per tensor of cupycodec_int8_dequantize_many
