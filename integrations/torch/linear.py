@@ -293,12 +293,12 @@ class CompressedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8" and not self._offloaded:
-            return ops.int8_linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
+            return ops.linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
         views = self._own_runtime().views(*self._slot_index, x.device)
         if self.mode == "lossless":
             return F.linear(x, views[0], self.bias)
         codes, scales = views  # int8+entropy, or offloaded int8: where the block's staging put them
-        return ops.int8_linear(x, codes, scales, self.bias, self.granularity, self.group_size)
+        return ops.linear(x, codes, scales, self.bias, self.granularity, self.group_size)
 
     # -- state dict ---------------------------------------------------------------------------------------------
     # The state dict holds plain tensors only (``packed``, or ``qweight`` and ``scale``, and ``bias``), so it saves

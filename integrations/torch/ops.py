@@ -4,7 +4,9 @@ On CUDA, small batches (M <= 8 rows of activations) run the fused dequantize-GEM
 which reads each INT8 code once; larger ones dequantize into a per-device scratch (our kernel, the reference's
 arithmetic) and call cuBLAS through ``F.linear``. On the CPU the same dequantization runs in torch ops. Both launch on
 torch's current stream and never synchronize; nothing is allocated but the output. A backward formula gives the
-activations and the bias their gradients (for adapters trained over frozen compressed weights).
+activations and the bias their gradients (for adapters trained over frozen compressed weights). Layers call
+:func:`linear`, which goes through the op only where tracing or autograd needs it (the op's eager dispatch costs more
+host time than the kernel runs).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dlpack import dtype_name
+from .dlpack import dtype_name, raw_stream
 
-__all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "reserve_scratch", "scratch"]
+__all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "linear", "reserve_scratch", "scratch"]
 
 # Up to this many rows of activations the fused GEMV beats dequantize + cuBLAS; measured on an H200 (bench_torch.py,
 # benchmarks/RESULTS.md, 2026-12-02, eight Llama shapes): GEMV time / cuBLAS route time is 0.46-0.74 at M = 4,
@@ -54,14 +56,30 @@ def scratch(device: torch.device) -> torch.Tensor:
     return buf
 
 
+def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           granularity: str, group_size: int) -> torch.Tensor:
+    """The INT8 linear a forward calls: the custom op :func:`int8_linear` where ``torch.compile`` or ``torch.export``
+    traces, autograd records, or an input is a tensor subclass; otherwise the op's own implementation, called
+    directly. Same function, same result: an eager dispatch of a Python custom op costs tens of host microseconds per
+    call (pytorch/pytorch#176592), more than the GEMV it launches takes on the GPU at batch 1."""
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        return int8_linear(x, qweight, scale, bias, granularity, group_size)
+    return _int8_linear(x, qweight, scale, bias, granularity, group_size)
+
+
+def _int8_linear(x, qweight, scale, bias, granularity, group_size):
+    if x.device.type != "cuda":
+        return F.linear(x, dequantize(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))
+    return _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size)
+
+
 @torch.library.custom_op("cupycodec::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 granularity: str, group_size: int) -> torch.Tensor:
     """``x @ dequantize(qweight, scale).T + bias`` in ``x``'s dtype (functional: the dequantized weight, when the
     fused kernel does not apply, goes to this module's per-device scratch, which nothing else reads)."""
-    if x.device.type != "cuda":
-        return F.linear(x, dequantize(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))
-    return _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size)
+    return _int8_linear(x, qweight, scale, bias, granularity, group_size)
 
 
 @int8_linear.register_fake
@@ -93,30 +111,46 @@ def _bias(bias, x):
 
 
 def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
-    from cupycodec._cuda import launching_on
     from cupycodec.kernels import gemv
-    from cupycodec.kernels.int8 import dequantize_raw
+
+    k = qweight.shape[1]
+    m = x.numel() // k if k else 0
+    if m <= GEMV_MAX_M and gemv.supported(dtype_name(x.dtype), m, k, granularity, group_size):
+        return gemv_linear(x, qweight, scale, bias, granularity, group_size)
+    return dequant_linear(x, qweight, scale, bias, granularity, group_size)
+
+
+def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None):
+    """The small-batch route on CUDA: the fused dequantize-GEMV (``kernel``: see
+    :func:`cupycodec.kernels.gemv.gemv_int8`; benchmarks compare both)."""
+    from cupycodec.kernels import gemv
 
     n, k = qweight.shape
     m = x.numel() // k if k else 0
-    name = dtype_name(x.dtype)
     device = x.device.index
-    stream = torch.cuda.current_stream(x.device).cuda_stream
     bias = _bias(bias, x)
-    if m <= GEMV_MAX_M and gemv.supported(name, m, k, granularity, group_size):
-        x2 = x.reshape(m, k)
-        if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
-            x2 = x2.contiguous()
-        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-        gemv.gemv_int8(x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scale.data_ptr(),
-                       bias.data_ptr() if bias is not None else 0, y.data_ptr(), m=m, k=k, n=n, dtype_name=name,
-                       granularity=granularity, group_size=group_size, device=device, stream_ptr=stream)
-        return y
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
+        x2 = x2.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    gemv.gemv_int8(x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scale.data_ptr(),
+                   bias.data_ptr() if bias is not None else 0, y.data_ptr(), m=m, k=k, n=n,
+                   dtype_name=dtype_name(x.dtype), granularity=granularity, group_size=group_size, device=device,
+                   stream_ptr=raw_stream(device), kernel=kernel)
+    return y
+
+
+def dequant_linear(x, qweight, scale, bias, granularity, group_size):
+    """The large-batch route on CUDA: dequantize into the device's scratch (our kernel), then cuBLAS."""
+    from cupycodec.kernels.int8 import dequantize_raw
+
+    n, k = qweight.shape
+    device = x.device.index
     need = n * k * x.element_size()
     reserve_scratch(need)  # a no-op when the model reserved it, as compress_model and from_linear do
     w = scratch(x.device)[:need].view(x.dtype).view(n, k)
-    with launching_on(device, stream):
-        dequantize_raw(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), (n, k), granularity=granularity,
-                       axis=0 if granularity == "channel" else None,
-                       group_size=group_size if granularity == "group" else None, dtype_name=name, device=device)
-    return F.linear(x, w, bias)
+    dequantize_raw(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), (n, k), granularity=granularity,
+                   axis=0 if granularity == "channel" else None,
+                   group_size=group_size if granularity == "group" else None, dtype_name=dtype_name(x.dtype),
+                   device=device, stream_ptr=raw_stream(device))
+    return F.linear(x, w, _bias(bias, x))

@@ -58,15 +58,21 @@ class DecodeGroup:
         self._copied = [i for i, layer in enumerate(self.layers) if layer.mode == "int8"]  # offloaded codes
         self._coded = [i for i, layer in enumerate(self.layers) if layer.mode != "int8"]  # containers
         self._plans: dict = {}
+        self._views: dict = {}  # (device, slot address, layer) -> the layer's views of that slot
         self._staged_plans: dict = {}  # (slot address, staging address) -> plan over the staged payloads
         self._staged_containers: dict = {}  # staging address -> containers over it
 
     def views(self, slot: torch.Tensor, i: int) -> list[torch.Tensor]:
-        """Layer ``i``'s decoded tensors inside ``slot``: its weight, or its INT8 codes and scales."""
-        layer, out, off = self.layers[i], [], self.offsets[i]
-        for nbytes, dtype, shape in zip(layer._decoded_nbytes(), *layer._decoded_layout()):
-            out.append(slot[off : off + nbytes].view(dtype).view(shape))
-            off += _a(nbytes)
+        """Layer ``i``'s decoded tensors inside ``slot``: its weight, or its INT8 codes and scales (built once per
+        slot: a layer's forward asks for them every call, and a slot lives as long as its runtime)."""
+        key = (slot.device, slot.data_ptr(), i)
+        out = self._views.get(key)
+        if out is None:
+            layer, out, off = self.layers[i], [], self.offsets[i]
+            for nbytes, dtype, shape in zip(layer._decoded_nbytes(), *layer._decoded_layout()):
+                out.append(slot[off : off + nbytes].view(dtype).view(shape))
+                off += _a(nbytes)
+            self._views[key] = out
         return out
 
     def staged_views(self, staging: torch.Tensor, i: int) -> list[torch.Tensor]:

@@ -123,6 +123,29 @@ def test_int8_op_under_torch_compile():
     assert torch.equal(compiled(x), cl(x))
 
 
+def test_eager_forward_skips_the_op_dispatch_unless_autograd_needs_it(monkeypatch):
+    from cupycodec.integrations.torch import ops
+
+    cl = CompressedLinear.from_linear(_linear(), "int8")
+    calls = []
+    real = ops.int8_linear
+    monkeypatch.setattr(ops, "int8_linear", lambda *a: calls.append(a[0].requires_grad) or real(*a))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = cl(x)
+    assert calls == []  # inference: the op's implementation, called directly
+    assert torch.equal(cl(x), y) and calls == [False]  # the bias is trainable: autograd records through the op
+    cl.bias.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    out = cl(xg)
+    out.float().sum().backward()
+    assert calls == [False, True] and torch.equal(out.detach(), y)
+    w = cl.decompress_weight(torch.float32)
+    assert torch.allclose(xg.grad.float(), torch.ones(3, 96) @ w, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        assert torch.equal(cl(x.clone().requires_grad_()), y) and len(calls) == 2  # no grad mode: direct again
+
+
 def test_tensor_helpers_round_trip_bf16():
     t = torch.randn(64, 33, dtype=torch.bfloat16)
     c = to_compressed(t[:, ::2], codec="zstd")  # a non-contiguous view, as it is
