@@ -3,19 +3,22 @@
 Reference: ``reference.dequantize_int8`` to float32, then a float64 matrix product (tests compare with a tolerance:
 the kernel sums in float32 in its own order, as every GEMM does). Importing this module does not import CuPy.
 
-Decode at batch 1-8 is bound by reading the weights (the torch integration uses this kernel up to M = 8). This
-kernel reads each INT8 code once (half the bytes of bf16 weights, and no dequantized copy written and read back),
-multiplies in float32 and writes bf16, fp16 or fp32:
+Decode at batch 1-8 is bound by reading the weights (the torch integration uses these kernels up to M = 8). Both
+kernels read each INT8 code once (half the bytes of bf16 weights, and no dequantized copy written and read back),
+sum in float32 and write bf16, fp16 or fp32. Two kernels, because the faster one does not take every case:
 
-* W warps per output row n (W = 1, 2, 4 or 8, split K; partial sums meet in shared memory), a block of 8 warps per
-  8 / W rows; a lane takes 16 codes with one 16-byte load and issues 4 such loads before using any (8 measured
-  slower on an H200), so that bytes are in flight when a matrix has few rows; activations (M rows of K,
-  bf16/fp16/fp32) come through the read-only cache (a row of x is reused by every warp);
-* codes become floats by a byte permute under the exponent of 2^23 and one subtraction (exact), not by I2F;
-* per-channel scales multiply the row's sum once at the end; per-group scales (group size a multiple of 16, so a
-  16-code vector never straddles two groups) multiply each vector's partial sum;
-* M (1..16) partial sums live in registers; a warp shuffle reduces them; lane 0 adds the bias in float32 and rounds
-  once to the output type (round to nearest even).
+* ``mma`` (bf16/fp16 activations, sm_80+, channel scales or groups of a multiple of 64): codes become bf16/fp16
+  exactly by byte permutes and one packed fused multiply-add per two codes, and tensor cores (mma.sync m16n8k16)
+  multiply them with the activations, which go to the tensor cores as loaded. A warp takes 16 rows; M <= 8 costs
+  what M = 1 does. W warps per 16-row tile split K.
+* ``fma`` (everything else: fp32 activations, groups of 16-48): W warps per output row n (W = 1, 2, 4 or 8, split
+  K; partial sums meet in shared memory), a block of 8 warps per 8 / W rows; a lane takes 16 codes with one
+  16-byte load and issues 4 such loads before using any (8 measured slower on an H200); activations come through
+  the read-only cache; codes become floats by a byte permute under the exponent of 2^23 and one subtraction (exact),
+  not by I2F; M (1..16) partial sums live in registers and a warp shuffle reduces them.
+
+In both, per-channel scales multiply a row's sum once at the end and per-group scales each group's partial sum;
+the bias is added in float32 and the result rounded once to the output type (round to nearest even).
 
 The launcher takes raw device addresses and a stream, so any framework can call it (the torch integration does).
 """
@@ -26,7 +29,7 @@ import functools
 
 import numpy as np
 
-__all__ = ["MAX_M", "gemv_int8", "supported"]
+__all__ = ["KERNELS", "MAX_M", "gemv_int8", "mma_supported", "supported"]
 
 MAX_M = 16
 _THREADS = 256
@@ -173,6 +176,168 @@ __device__ void cc_gemv(const typename X::T* __restrict__ x, i64 ldx, const sign
     }
 }
 
+/* ---- Tensor-core variant (bf16/fp16 activations, sm_80+): codes become bf16/fp16 exactly (an int8 has 8
+   significant bits) and mma.sync m16n8k16 multiplies them with the activations, products exact, sums in float32.
+   A warp takes a tile of 16 rows; lane (g = lane / 4, t = lane % 4) loads 16 codes of rows g and g + 8 at
+   k0 + 16 t and, if g < M, 16 activations of row g at the same k: one 64-k step of the tile is four mma steps j,
+   step j using bytes 4j..4j+3 of every lane's 16 (the mma's k order is any order A and B share). The 16 rows by
+   M <= 8 (MT = 1) or <= 16 (MT = 2) outputs live in the mma's accumulator fragment. */
+struct cc_mma_bf16 {
+    /* codes c (4 bytes) to two bf16x2: 128 + (c & 127) under the exponent of 2^7, minus 128, or 256 for c < 0 */
+    __device__ static void pairs(unsigned w, unsigned& p01, unsigned& p23) {
+        const unsigned m = w & 0x7f7f7f7fu, s = w & 0x80808080u;
+        const unsigned x01 = __byte_perm(m, 0x43434343u, 0x4140), x23 = __byte_perm(m, 0x43434343u, 0x4342);
+        const unsigned s01 = __byte_perm(s, 0xc3c3c3c3u, 0x4140), s23 = __byte_perm(s, 0xc3c3c3c3u, 0x4342);
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(p01) : "r"(x01), "r"(0x3f803f80u), "r"(s01));
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(p23) : "r"(x23), "r"(0x3f803f80u), "r"(s23));
+    }
+    __device__ static void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+struct cc_mma_f16 {
+    /* codes c to two f16x2: c + 128 under the exponent of 2^10 (1024 + c + 128), minus 1152 */
+    __device__ static void pairs(unsigned w, unsigned& p01, unsigned& p23) {
+        const unsigned u = w ^ 0x80808080u;
+        const unsigned x01 = __byte_perm(u, 0x64646464u, 0x4140), x23 = __byte_perm(u, 0x64646464u, 0x4342);
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p01) : "r"(x01), "r"(0x3c003c00u), "r"(0xe480e480u));
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p23) : "r"(x23), "r"(0x3c003c00u), "r"(0xe480e480u));
+    }
+    __device__ static void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+/* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of 8 warps takes
+   8 / W tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one group. */
+template <class X, class C, int MT, int W, bool GROUP>
+__device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
+                           const float* __restrict__ scale, const typename X::T* __restrict__ bias,
+                           typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
+    constexpr int U = 4;  /* 64-k steps whose loads a warp issues before using any */
+    constexpr int TPB = 8 / W;
+    __shared__ float part[8][32][4 * MT];
+    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int tl = wib / W, slice = wib % W;
+    const i64 tiles = (N + 15) / 16, steps = (K + 63) / 64;
+    const i64 block_groups = (tiles + TPB - 1) / TPB;
+    const bool hx0 = g < M, hx1 = MT == 2 && g + 8 < M;
+    const typename X::T* x0 = x + (i64)g * ldx;
+    const typename X::T* x1 = x + (i64)(g + 8) * ldx;
+    for (i64 bg = blockIdx.x; bg < block_groups; bg += gridDim.x) {  /* uniform per block: __syncthreads below */
+        const i64 tile = bg * TPB + tl;
+        const i64 r0 = tile * 16 + g, r1 = r0 + 8;
+        const bool ok0 = tile < tiles && r0 < N, ok1 = tile < tiles && r1 < N;
+        const signed char* q0 = q + (ok0 ? r0 : 0) * K;
+        const signed char* q1 = q + (ok1 ? r1 : 0) * K;
+        float acc[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f; }
+        for (i64 i0 = slice; i0 < steps; i0 += (i64)W * U) {
+            uint4 c0[U], c1[U], xa[U][2], xb[U][2];
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const i64 k = (i0 + (i64)u * W) * 64 + 16 * t;
+                const bool in = i0 + (i64)u * W < steps && k < K;
+                const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+                c0[u] = in && ok0 ? __ldg(reinterpret_cast<const uint4*>(q0 + k)) : z;
+                c1[u] = in && ok1 ? __ldg(reinterpret_cast<const uint4*>(q1 + k)) : z;
+                xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
+                xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
+                if (MT == 2) {
+                    xb[u][0] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k)) : z;
+                    xb[u][1] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1) : z;
+                }
+            }
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const i64 i = i0 + (i64)u * W;
+                if (i < steps) {  /* uniform across the warp: every lane takes part in the mma */
+                    const unsigned cw0[4] = {c0[u].x, c0[u].y, c0[u].z, c0[u].w};
+                    const unsigned cw1[4] = {c1[u].x, c1[u].y, c1[u].z, c1[u].w};
+                    const unsigned xw0[8] = {xa[u][0].x, xa[u][0].y, xa[u][0].z, xa[u][0].w,
+                                             xa[u][1].x, xa[u][1].y, xa[u][1].z, xa[u][1].w};
+                    float part_acc[MT][4];
+                    float (*d)[4] = GROUP ? part_acc : acc;
+                    if (GROUP) {
+                        #pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) { d[mt][0] = d[mt][1] = d[mt][2] = d[mt][3] = 0.0f; }
+                    }
+                    #pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        unsigned a[4];
+                        C::pairs(cw0[j], a[0], a[2]);  /* row g: k 4j, 4j+1 then 4j+2, 4j+3 */
+                        C::pairs(cw1[j], a[1], a[3]);  /* row g + 8 */
+                        C::mma(d[0], a, xw0[2 * j], xw0[2 * j + 1]);
+                        if (MT == 2) {
+                            const unsigned xw1[8] = {xb[u][0].x, xb[u][0].y, xb[u][0].z, xb[u][0].w,
+                                                     xb[u][1].x, xb[u][1].y, xb[u][1].z, xb[u][1].w};
+                            C::mma(d[MT - 1], a, xw1[2 * j], xw1[2 * j + 1]);
+                        }
+                    }
+                    if (GROUP) {
+                        const i64 gi = i * 64 / group;
+                        const float s0 = ok0 ? __ldg(scale + r0 * ngroups + gi) : 0.0f;
+                        const float s1 = ok1 ? __ldg(scale + r1 * ngroups + gi) : 0.0f;
+                        #pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            acc[mt][0] = fmaf(d[mt][0], s0, acc[mt][0]); acc[mt][1] = fmaf(d[mt][1], s0, acc[mt][1]);
+                            acc[mt][2] = fmaf(d[mt][2], s1, acc[mt][2]); acc[mt][3] = fmaf(d[mt][3], s1, acc[mt][3]);
+                        }
+                    }
+                }
+            }
+        }
+        if (W > 1) {
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) part[wib][lane][4 * mt + e] = acc[mt][e];
+            __syncthreads();
+            if (slice == 0) {
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float v = part[wib][lane][4 * mt + e];
+                        #pragma unroll
+                        for (int s = 1; s < W; ++s) v += part[wib + s][lane][4 * mt + e];
+                        acc[mt][e] = v;
+                    }
+            }
+            __syncthreads();  /* part is rewritten by the next tile group */
+        }
+        if (slice == 0) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool ok = e < 2 ? ok0 : ok1;
+                const i64 n = e < 2 ? r0 : r1;
+                if (ok) {
+                    const float cs = GROUP ? 1.0f : __ldg(scale + n);
+                    const float b = bias ? X::load(bias + n) : 0.0f;
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        const int m = 8 * mt + 2 * t + (e & 1);
+                        if (m < M) y[(i64)m * N + n] = X::store(fmaf(acc[mt][e], cs, b));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G)                                                                   \
+extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G(                  \
+    const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
+    i64 N, i64 group, i64 ngroups) {                                                                               \
+    cc_gemv_tc<X, C, MT, W, GROUP>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                            \
+}
+
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
 extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_int8_##NAME##_m##MM##_w##W(                        \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
@@ -184,19 +349,51 @@ extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_int8_##NAME##_m
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 _SUFFIX = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
+_MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
+KERNELS = ("fma", "mma")
 
 
 @functools.cache
-def _function(device: int, dtype_name: str, mm: int, w: int):
-    """The kernel for one (activation dtype, M bound, warps per row), compiled on first use (one instance per module:
-    a model's shapes need a few of the 60, and each compiles in well under a second)."""
+def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool):
+    """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
+    second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column tiles), with ``w``
+    warps per row (tile), per-group scales or not."""
     import cupy  # lazy: importing this module must not import cupy
 
     suffix = _SUFFIX[dtype_name]
-    code = f"{_SOURCE}\nCC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})\n"
+    if kernel == "fma":
+        code, name = f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
+    else:
+        mt, g = mm // 8, "g" if grouped else "c"
+        code = f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g})"
+        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}"
     with cupy.cuda.Device(device):
-        mod = cupy.RawModule(code=code, options=("--std=c++14",))
-        return mod.get_function(f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}")
+        mod = cupy.RawModule(code=f"{_SOURCE}\n{code}\n", options=("--std=c++14",))
+        return mod.get_function(name)
+
+
+@functools.cache
+def _compute_capability(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device).compute_capability)
+
+
+def mma_supported(dtype_name: str, granularity: str, group_size: int | None, device: int) -> bool:
+    """Whether the tensor-core kernel takes this case: bf16 or fp16 activations on sm_80 or newer, channel scales or
+    groups of a multiple of 64 codes (a 64-code step of a tile then lies in one group)."""
+    if dtype_name not in _MMA or _compute_capability(device) < 80:
+        return False
+    return granularity == "channel" or (group_size is not None and group_size % 64 == 0)
+
+
+def mma_warps(n: int, k: int, sm_count: int) -> int:
+    """W for the tensor-core kernel on an N x K matrix: warps per 16-row tile, enough for 16 warps per SM (four
+    64-code steps of 16 rows in flight each), but no more than gives each warp two rounds of four steps."""
+    w, tiles = 1, -(-n // 16)
+    while w < 8 and tiles * w < 16 * sm_count and 512 * 2 * w <= k:
+        w *= 2
+    return w
 
 
 def warps_per_row(n: int, k: int, sm_count: int) -> int:
@@ -227,32 +424,49 @@ def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int
 
 def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: int, y_ptr: int, *, m: int, k: int,
               n: int, dtype_name: str, granularity: str, group_size: int | None, device: int, stream_ptr: int,
-              warps: int | None = None) -> None:
+              warps: int | None = None, kernel: str | None = None) -> None:
     """Launch ``y[m, n] = sum_k x[m, k] * codes[n, k] * scale + bias[n]`` on ``stream_ptr`` (never waits).
 
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
     (row-major); ``scales``: float32, N (channel) or N x ceil(K / group_size) (group); ``bias``: N values of
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
-    ``warps``: warps per row (1, 2, 4 or 8; default :func:`warps_per_row`), a parameter for tests and benchmarks.
+    ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_warps`) and
+    ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`), parameters for tests and
+    benchmarks.
     """
-    from .._cuda import launching_on
+    from .._cuda import launch
 
+    fn, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel)
+    if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
+        raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
+    launch(fn, grid, (_THREADS,), (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
+            warps: int | None, kernel: str | None) -> tuple:
+    """(kernel, grid, the arguments after the six pointers) of one call signature: worked out once, so that a
+    layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
         raise ValueError(f"gemv_int8 does not take M={m}, K={k}, {dtype_name}, {granularity} (see supported())")
-    isz = _ITEMSIZE[dtype_name]
-    if (x_ptr | codes_ptr) % 16 or (ldx * isz) % 16:
-        raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
-    mm = next(v for v in (1, 2, 4, 8, 16) if v >= m)
-    group = group_size if granularity == "group" else 0
-    ngroups = -(-k // group) if group else 0
     if warps not in (None, 1, 2, 4, 8):
         raise ValueError(f"warps per row must be 1, 2, 4 or 8, got {warps!r}")
+    mma = mma_supported(dtype_name, granularity, group_size, device)
+    if kernel is None:
+        kernel = "mma" if mma else "fma"
+    elif kernel not in KERNELS or (kernel == "mma" and not mma):
+        raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
+    group = group_size if granularity == "group" else 0
+    ngroups = -(-k // group) if group else 0
     sms = _sm_count(device)
-    w = warps_per_row(n, k, sms) if warps is None else warps
-    rows_per_block = _THREADS // 32 // w
-    grid = max(1, -(-n // rows_per_block))  # a block per row group: the hardware balances them as they finish
-    fn = _function(device, dtype_name, mm, w)
-    with launching_on(device, stream_ptr):
-        fn((grid,), (_THREADS,), (np.uint64(x_ptr), np.int64(ldx), np.uint64(codes_ptr), np.uint64(scales_ptr),
-                                  np.uint64(bias_ptr), np.uint64(y_ptr), np.int32(m), np.int64(k), np.int64(n),
-                                  np.int64(group), np.int64(ngroups)))
+    if kernel == "mma":
+        mm = 8 if m <= 8 else 16
+        w = mma_warps(n, k, sms) if warps is None else warps
+        tiles = -(-n // 16)
+        grid = max(1, -(-tiles // (_THREADS // 32 // w)))  # a block per group of 16-row tiles
+    else:
+        mm = next(v for v in (1, 2, 4, 8, 16) if v >= m)
+        w = warps_per_row(n, k, sms) if warps is None else warps
+        grid = max(1, -(-n // (_THREADS // 32 // w)))  # a block per row group: the hardware balances them
+    tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
+    return _function(device, kernel, dtype_name, mm, w, bool(group)), (grid,), tail

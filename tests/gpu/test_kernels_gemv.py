@@ -20,7 +20,7 @@ ACTS = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"F32": 1e-5, "F16": 1e-3, "BF16": 8e-3}
 
 
-def _run(x, q, s, bias, *, granularity, group, warps, dtype_name):
+def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None):
     import cupy
 
     m, k = x.shape
@@ -31,27 +31,55 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name):
     yd = cupy.empty((m, n), dtype=xd.dtype)
     gemv.gemv_int8(xd.data.ptr, k, qd.data.ptr, sd.data.ptr, bd.data.ptr if bd is not None else 0, yd.data.ptr,
                    m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity, group_size=group,
-                   device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps)
+                   device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps,
+                   kernel=kernel)
     y = yd.get()
     return y.view(ml_dtypes.bfloat16) if dtype_name == "BF16" else y
 
 
+@pytest.mark.parametrize("kernel", gemv.KERNELS)
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 @pytest.mark.parametrize("n,k", [(1000, 1088), (37, 4096 + 48), (5, 160)])
-@pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 64)])
+@pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 64), ("group", 128), ("group", 48)])
 @pytest.mark.parametrize("dtype_name", ["BF16", "F16", "F32"])
-@pytest.mark.parametrize("m", [1, 3, 16])
-def test_every_variant_matches_the_float64_reference(warps, n, k, granularity, group, dtype_name, m):
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granularity, group, dtype_name, m):
+    import cupy
+
+    if kernel == "mma" and not gemv.mma_supported(dtype_name, granularity, group, cupy.cuda.runtime.getDevice()):
+        with pytest.raises(ValueError, match="mma_supported"):
+            gemv.gemv_int8(0, k, 0, 0, 0, 0, m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity,
+                           group_size=group, device=0, stream_ptr=0, kernel="mma")
+        return
     rng = np.random.default_rng(n * 31 + k + m)
     w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
     q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group or 128)
     x = rng.standard_normal((m, k)).astype(ACTS[dtype_name])
     bias = rng.standard_normal(n).astype(ACTS[dtype_name]) if m != 3 else None
-    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name=dtype_name)
+    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name=dtype_name, kernel=kernel)
     wd = reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group or 128, dtype=np.float64)
     ref = x.astype(np.float64) @ wd.T + (bias.astype(np.float64) if bias is not None else 0.0)
     err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
     assert y.shape == (m, n) and err < TOL[dtype_name]
+
+
+def test_mma_takes_every_code_exactly():
+    """All 256 codes in every position of a 64-code step, with one-hot activations: each output is one code times
+    its scale, so any code the byte permutes convert wrongly shows as a wrong value, not as noise in a tolerance."""
+    import cupy
+
+    if not gemv.mma_supported("BF16", "channel", None, cupy.cuda.runtime.getDevice()):
+        pytest.skip("needs sm_80 for the tensor-core kernel")
+    k, n = 256, 256
+    q = ((np.arange(n)[:, None] + np.arange(k)[None, :]) % 256 - 128).astype(np.int8)
+    s = np.ones(n, np.float32)
+    for dtype_name in ("BF16", "F16"):
+        for col in (0, 1, 2, 3, 17, 63, 64, 255):
+            x = np.zeros((1, k), ACTS[dtype_name])
+            x[0, col] = 1
+            y = _run(x, q, s, None, granularity="channel", group=None, warps=None, dtype_name=dtype_name,
+                     kernel="mma")
+            assert np.array_equal(y[0].astype(np.float32), q[:, col].astype(np.float32)), (dtype_name, col)
 
 
 def test_default_variant_choice():
@@ -61,6 +89,10 @@ def test_default_variant_choice():
     assert gemv.warps_per_row(11008, 4096, 132) == 1
     assert gemv.warps_per_row(256, 2048, 132) == 4
     assert gemv.warps_per_row(256, 8192, 132) == 8
+    # the tensor-core kernel: 16-row tiles, up to 16 warps per SM, at least eight 64-code steps per warp
+    assert gemv.mma_warps(11008, 4096, 132) == 4
+    assert gemv.mma_warps(4096, 4096, 132) == 8
+    assert gemv.mma_warps(256, 2048, 132) == 4
     with pytest.raises(ValueError, match="1, 2, 4 or 8"):
         gemv.gemv_int8(0, 16, 0, 0, 0, 0, m=1, k=16, n=1, dtype_name="F32", granularity="channel", group_size=None,
                        device=0, stream_ptr=0, warps=3)
