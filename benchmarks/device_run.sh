@@ -4,7 +4,7 @@
 # Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), offload
-# (bench_offload), prof (profile_latency), pytest=EXPR
+# (bench_offload), prof (profile_latency), fwd (profile_forward), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -40,6 +40,8 @@ for arg in "$@"; do
             --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
     prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
+    fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
+         rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log" ;;
     offload) timeout -k 5 "$secs" python3 benchmarks/bench_offload.py ${OFFLOAD_ARGS:-} --json "$OUT/bench_offload.json" \
                >"$OUT/bench_offload.log" 2>&1; rc=$?; tail -20 "$OUT/bench_offload.log" ;;
     *) echo "unknown stage $stage"; rc=2 ;;

@@ -1,0 +1,102 @@
+"""Where the host time of a compressed model's forward goes (GPU): per-layer host cost, and a profile of prefill.
+
+Eager forwards on a slow host are bound by Python and launch cost, not by the GPU; this script measures that cost.
+
+1. Host microseconds per call of one layer at batch 1 (5632x2048, TinyLlama's MLP shape), calls enqueued back to back
+   with one synchronization at the end: ``nn.Linear`` (bf16), ``CompressedLinear`` int8 (what the forward runs), the
+   same through the custom op's dispatch (``ops.int8_linear``), and a lossless layer (its views of the decoded block).
+2. ``torch.profiler`` over one prefill of 512 tokens of a random-weight TinyLlama shape per mode: the top entries by
+   self CPU time, and the wall time of the prefill with and without the profiler.
+
+Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+
+
+def host_us(fn, calls: int) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def per_layer(calls: int) -> None:
+    from cupycodec.integrations.torch import CompressedLinear, ops
+
+    lin = torch.nn.Linear(2048, 5632, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    q = CompressedLinear.from_linear(lin, "int8")
+    ll = CompressedLinear.from_linear(lin, "lossless")
+    with torch.no_grad():
+        ll(x)  # decodes its group once; later calls use the resident slot
+        rows = {
+            "nn.Linear bf16": lambda: lin(x),
+            "CompressedLinear int8": lambda: q(x),
+            "ops.int8_linear (custom-op dispatch)": lambda: ops.int8_linear(x, q.qweight, q.scale, None, "channel",
+                                                                           128),
+            "CompressedLinear lossless (resident)": lambda: ll(x),
+            "empty launch: torch.empty(1)": lambda: torch.empty(1, device="cuda"),
+        }
+        for name, fn in rows.items():
+            print(f"{name:45s} {host_us(fn, calls):8.1f} us/call", flush=True)
+
+
+def prefill_profile(modes, top: int) -> None:
+    import transformers
+
+    from cupycodec.integrations.torch import compress_model
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                   num_attention_heads=32, num_key_value_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 32000, (1, 512), device="cuda")
+    for mode in modes:
+        model = base if mode == "bf16" else copy.deepcopy(base)
+        if mode != "bf16":
+            compress_model(model, mode, progress=False)
+        with torch.no_grad():
+            for _ in range(3):
+                model(ids, use_cache=False)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(ids, use_cache=False)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) * 1e3
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model(ids, use_cache=False)
+                torch.cuda.synchronize()
+        print(f"\n=== prefill-512 TinyLlama shape, {mode}: {wall:.1f} ms wall without the profiler", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
+        if mode != "bf16":
+            del model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--modes", default="bf16,int8,lossless")
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args(argv)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    per_layer(args.calls)
+    prefill_profile(args.modes.split(","), args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
