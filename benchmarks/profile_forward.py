@@ -5,8 +5,12 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
 1. Host microseconds per call of one layer at batch 1 (5632x2048, TinyLlama's MLP shape), calls enqueued back to back
    with one synchronization at the end: ``nn.Linear`` (bf16), ``CompressedLinear`` int8 (what the forward runs), the
    same through the custom op's dispatch (``ops.int8_linear``), and a lossless layer (its views of the decoded block).
-2. ``torch.profiler`` over one prefill of 512 tokens of a random-weight TinyLlama shape per mode: the top entries by
-   self CPU time, and the wall time of the prefill with and without the profiler.
+2. Host microseconds per kernel launch: CuPy's ``RawKernel`` call (stream passed to it) against
+   :func:`cupycodec._cuda.launch` (``cuLaunchKernel`` through CuPy's driver binding, reused argument slots), and
+   one ``with launching_on(...)`` (what a plan's ``run`` enters).
+3. Per mode, on a random-weight TinyLlama shape: ``torch.profiler`` over one prefill of 512 tokens (top entries by
+   self CPU time, and the wall time without the profiler), and ``cProfile`` over ten one-token forwards (the Python
+   functions with the most own time).
 
 Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
 """
@@ -53,7 +57,38 @@ def per_layer(calls: int) -> None:
             print(f"{name:45s} {host_us(fn, calls):8.1f} us/call", flush=True)
 
 
+def launches(calls: int) -> None:
+    from cupycodec._cuda import _Handle, launch, launching_on
+    from cupycodec.kernels import gemv
+
+    dev = torch.cuda.current_device()
+    sp = torch.cuda.current_stream().cuda_stream
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    q = torch.zeros(64, 256, device="cuda", dtype=torch.int8)
+    s = torch.ones(64, device="cuda")
+    y = torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
+    handle, grid, tail = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
+    args = (x.data_ptr(), 256, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), *tail)
+    raw = gemv._function(dev, "mma", "BF16", 8, gemv.mma_warps(64, 256, gemv._sm_count(dev)), False)
+
+    def contexts():
+        with launching_on(dev, sp):
+            pass
+
+    rows = {
+        "CuPy RawKernel call, stream=": lambda: raw((grid,), (256,), args, stream=_Handle(sp)),
+        "cupycodec._cuda.launch": lambda: launch(handle, grid, 256, args, dev, sp),
+        "with launching_on(device, stream): pass": contexts,
+    }
+    for name, f in rows.items():
+        print(f"{name:45s} {host_us(f, calls):8.1f} us/call", flush=True)
+
+
 def prefill_profile(modes, top: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
     import transformers
 
     from cupycodec.integrations.torch import compress_model
@@ -82,6 +117,26 @@ def prefill_profile(modes, top: int) -> None:
                 torch.cuda.synchronize()
         print(f"\n=== prefill-512 TinyLlama shape, {mode}: {wall:.1f} ms wall without the profiler", flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
+        one = ids[:, :1]
+        with torch.no_grad():
+            for _ in range(3):
+                model(one, use_cache=False)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                model(one, use_cache=False)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) * 1e2
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(10):
+                model(one, use_cache=False)
+            torch.cuda.synchronize()
+            pr.disable()
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top + 10)
+        print(f"\n=== one-token forward, TinyLlama shape, {mode}: {wall:.2f} ms wall per forward; cProfile of ten:")
+        print(out.getvalue()[-6000:], flush=True)
         if mode != "bf16":
             del model
 
@@ -94,6 +149,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     per_layer(args.calls)
+    launches(args.calls)
     prefill_profile(args.modes.split(","), args.top)
     return 0
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import threading
 
-__all__ = ["current_device", "external_stream", "launch", "launching_on", "stream_ptr"]
+__all__ = ["current_device", "external_stream", "kernel_handle", "launch", "launching_on", "stream_ptr"]
 
 
 def current_device() -> int:
@@ -63,14 +65,42 @@ def launching_on(device: int, sp: int):
         yield
 
 
-def launch(kernel, grid: tuple, block: tuple, args: tuple, device: int, sp: int) -> None:
-    """Launch the CuPy kernel ``kernel`` on ``device`` and the raw stream ``sp``, for code that launches one kernel
-    per call (a layer's forward): the stream goes to the launch itself and the device is entered only when it is not
-    current, where :func:`launching_on` builds a stream object and enters contexts (host microseconds per call)."""
+
+def kernel_handle(kernel, device: int) -> tuple:
+    """What :func:`launch` takes for the CuPy kernel ``kernel`` (a ``RawKernel``) on ``device``: the compiled
+    function (held, so that its module stays loaded) and its driver handle."""
     import cupy
 
-    if cupy.cuda.runtime.getDevice() == device:
-        kernel(grid, block, args, stream=_Handle(sp))
-    else:
+    with cupy.cuda.Device(device):
+        fn = kernel.kernel
+        return fn, int(fn.ptr)
+
+
+_TLS = threading.local()
+_MAX_ARGS = 16
+
+
+def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: int) -> None:
+    """Launch the kernel ``handle`` (:func:`kernel_handle`) with a 1-D ``grid`` of ``block`` threads on ``device``
+    and the raw stream ``sp``, straight through ``cuLaunchKernel``: for code that launches per call (a layer's
+    forward), where CuPy's launch converts every argument to an object and :func:`launching_on` enters contexts,
+    tens of host microseconds on a slow host. ``args`` are integers and device pointers only (numpy integer scalars
+    included), each passed from an 8-byte little-endian slot from which the driver copies the parameter's width."""
+    import cupy
+
+    st = _TLS.__dict__
+    params = st.get("params")
+    if params is None:  # per thread: the slots are filled, then copied by the driver at launch
+        values = (ctypes.c_uint64 * _MAX_ARGS)()
+        base = ctypes.addressof(values)
+        pointers = (ctypes.c_void_p * _MAX_ARGS)(*(base + 8 * i for i in range(_MAX_ARGS)))
+        params = st["params"] = (values, pointers, ctypes.addressof(pointers), set())
+    values, _, pointers_at, ready = params
+    values[: len(args)] = args
+    if device not in ready or cupy.cuda.runtime.getDevice() != device:
         with cupy.cuda.Device(device):
-            kernel(grid, block, args, stream=_Handle(sp))
+            cupy.cuda.runtime.setDevice(device)  # CUDA >= 12: makes the primary context current on this thread
+            cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)
+        ready.add(device)
+        return
+    cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)

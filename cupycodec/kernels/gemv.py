@@ -3,14 +3,14 @@
 Reference: ``reference.dequantize_int8`` to float32, then a float64 matrix product (tests compare with a tolerance:
 the kernel sums in float32 in its own order, as every GEMM does). Importing this module does not import CuPy.
 
-Decode at batch 1-8 is bound by reading the weights (the torch integration uses these kernels up to M = 8). Both
+Decode at batch 1-16 is bound by reading the weights (the torch integration uses these kernels up to M = 16). Both
 kernels read each INT8 code once (half the bytes of bf16 weights, and no dequantized copy written and read back),
 sum in float32 and write bf16, fp16 or fp32. Two kernels, because the faster one does not take every case:
 
 * ``mma`` (bf16/fp16 activations, sm_80+, channel scales or groups of a multiple of 64): codes become bf16/fp16
   exactly by byte permutes and one packed fused multiply-add per two codes, and tensor cores (mma.sync m16n8k16)
   multiply them with the activations, which go to the tensor cores as loaded. A warp takes 16 rows; M <= 8 costs
-  what M = 1 does. W warps per 16-row tile split K.
+  what M = 1 does, M <= 16 little more. W warps per 16-row tile split K.
 * ``fma`` (everything else: fp32 activations, groups of 16-48): W warps per output row n (W = 1, 2, 4 or 8, split
   K; partial sums meet in shared memory), a block of 8 warps per 8 / W rows; a lane takes 16 codes with one
   16-byte load and issues 4 such loads before using any (8 measured slower on an H200); activations come through
@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from .._cuda import kernel_handle, launch
 
 __all__ = ["KERNELS", "MAX_M", "gemv_int8", "mma_supported", "supported"]
 
@@ -434,12 +436,10 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`), parameters for tests and
     benchmarks.
     """
-    from .._cuda import launch
-
-    fn, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel)
+    handle, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
-    launch(fn, grid, (_THREADS,), (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
+    launch(handle, grid, _THREADS, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -469,4 +469,4 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w = warps_per_row(n, k, sms) if warps is None else warps
         grid = max(1, -(-n // (_THREADS // 32 // w)))  # a block per row group: the hardware balances them
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
-    return _function(device, kernel, dtype_name, mm, w, bool(group)), (grid,), tail
+    return kernel_handle(_function(device, kernel, dtype_name, mm, w, bool(group)), device), grid, tail

@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from .._cuda import kernel_handle, launch
 from ..errors import UnsupportedDtypeError
 
 __all__ = ["dequantize_int8", "quantize_int8"]
@@ -1541,11 +1542,14 @@ def dequantize_raw(codes_ptr: int, scales_ptr: int, out_ptr: int, shape, *, gran
     name, grid, tail = launch_args
     args = (codes_ptr, scales_ptr, out_ptr, *tail)
     if stream_ptr is None:
-        _kernel(name)(grid, (_BLOCK,), args)
+        _kernel(name)((grid,), (_BLOCK,), args)
     else:
-        from .._cuda import launch
+        launch(_handle(device, name), grid, _BLOCK, args, device, stream_ptr)
 
-        launch(_kernel_on(device, name), grid, (_BLOCK,), args, device, stream_ptr)
+
+@functools.cache
+def _handle(device: int, name: str) -> tuple:
+    return kernel_handle(_kernel_on(device, name), device)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1559,7 +1563,7 @@ def _dequantize_config(shape: tuple, granularity: str, axis, group_size, dtype_n
     n, g, ng, C = _layout(shape, granularity, axis, group_size)
     V = 16 if vec else 1
     grid = min(max(1, _ceil_div(numel // V, _BLOCK)), _sm_count(device) * 64)
-    return f"cupycodec_int8_dequantize_{suffix}", (grid,), (_i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
+    return f"cupycodec_int8_dequantize_{suffix}", grid, (_i64(numel), *_map_args(n, g, ng, C), np.int32(vec))
 
 
 DEQUANT_DESC_WORDS = 16  # CC_DESC: u64 words per tensor of cupycodec_int8_dequantize_many

@@ -1,12 +1,12 @@
 """The INT8 linear as a torch custom op, so ``torch.compile`` and CUDA graphs see one opaque operation.
 
-On CUDA, small batches (M <= 8 rows of activations) run the fused dequantize-GEMV (:mod:`cupycodec.kernels.gemv`),
-which reads each INT8 code once; larger ones dequantize into a per-device scratch (our kernel, the reference's
-arithmetic) and call cuBLAS through ``F.linear``. On the CPU the same dequantization runs in torch ops. Both launch on
-torch's current stream and never synchronize; nothing is allocated but the output. A backward formula gives the
-activations and the bias their gradients (for adapters trained over frozen compressed weights). Layers call
-:func:`linear`, which goes through the op only where tracing or autograd needs it (the op's eager dispatch costs more
-host time than the kernel runs).
+On CUDA, small batches (M <= 16 rows of activations, 8 where only the FMA kernel applies) run the fused
+dequantize-GEMV (:mod:`cupycodec.kernels.gemv`), which reads each INT8 code once; larger ones dequantize into a
+per-device scratch (our kernel, the reference's arithmetic) and call cuBLAS through ``F.linear``. On the CPU the same
+dequantization runs in torch ops. Both launch on torch's current stream and never synchronize; nothing is allocated
+but the output. A backward formula gives the activations and the bias their gradients (for adapters trained over
+frozen compressed weights). Layers call :func:`linear`, which goes through the op only where tracing or autograd
+needs it (the op's eager dispatch costs more host time than the kernel runs).
 """
 
 from __future__ import annotations
@@ -14,14 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cupycodec.kernels import gemv
+from cupycodec.kernels.int8 import dequantize_raw
+
 from .dlpack import dtype_name, raw_stream
 
 __all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "linear", "reserve_scratch", "scratch"]
 
 # Up to this many rows of activations the fused GEMV beats dequantize + cuBLAS; measured on an H200 (bench_torch.py,
-# benchmarks/RESULTS.md, 2026-12-02, eight Llama shapes): GEMV time / cuBLAS route time is 0.46-0.74 at M = 4,
-# 0.62-1.29 (six of eight within 0.94-1.03) at M = 8, and 0.93-2.07 at M = 16.
-GEMV_MAX_M = 8
+# benchmarks/RESULTS.md, third session of 2026-12-02, eight Llama shapes): the tensor-core kernel takes the same time
+# from M = 1 to 8 and 0.47-0.90x the cuBLAS route's time at M = 16; the FMA kernel (fp32 activations, small groups)
+# grows with M and is 0.94-1.03x the cuBLAS route at M = 8 on six of eight shapes (second session).
+GEMV_MAX_M = 16
+GEMV_MAX_M_FMA = 8
 
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, granularity: str, group_size: int,
@@ -53,7 +58,25 @@ def scratch(device: torch.device) -> torch.Tensor:
     buf = _SCRATCH.get(device)
     if buf is None or buf.numel() < _RESERVED[0]:
         buf = _SCRATCH[device] = torch.empty(max(_RESERVED[0], 1), dtype=torch.uint8, device=device)
+        for key in [key for key in _WEIGHT_VIEWS if key[0] == device.index]:
+            del _WEIGHT_VIEWS[key]
     return buf
+
+
+_WEIGHT_VIEWS: dict = {}  # (device index, n, k, dtype) -> an n x k view of that device's scratch
+
+
+def _weight_view(index: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The scratch as an ``n x k`` weight of ``dtype`` (built once per shape: three tensor ops per forward cost more
+    host time than the dequantize kernel runs)."""
+    need = n * k * dtype.itemsize
+    reserve_scratch(need)  # a no-op when the model reserved it, as compress_model and from_linear do
+    buf = scratch(torch.device("cuda", index))  # grown (and the views dropped) if a larger layer came since
+    key = (index, n, k, dtype)
+    w = _WEIGHT_VIEWS.get(key)
+    if w is None:
+        w = _WEIGHT_VIEWS[key] = buf[:need].view(dtype).view(n, k)
+    return w
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -111,11 +134,11 @@ def _bias(bias, x):
 
 
 def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
-    from cupycodec.kernels import gemv
-
     k = qweight.shape[1]
     m = x.numel() // k if k else 0
-    if m <= GEMV_MAX_M and gemv.supported(dtype_name(x.dtype), m, k, granularity, group_size):
+    name = dtype_name(x.dtype)
+    if m <= GEMV_MAX_M and gemv.supported(name, m, k, granularity, group_size) and (
+            m <= GEMV_MAX_M_FMA or gemv.mma_supported(name, granularity, group_size, x.get_device())):
         return gemv_linear(x, qweight, scale, bias, granularity, group_size)
     return dequant_linear(x, qweight, scale, bias, granularity, group_size)
 
@@ -123,32 +146,29 @@ def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
 def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None):
     """The small-batch route on CUDA: the fused dequantize-GEMV (``kernel``: see
     :func:`cupycodec.kernels.gemv.gemv_int8`; benchmarks compare both)."""
-    from cupycodec.kernels import gemv
-
     n, k = qweight.shape
     m = x.numel() // k if k else 0
-    device = x.device.index
+    device = x.get_device()
     bias = _bias(bias, x)
-    x2 = x.reshape(m, k)
-    if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
-        x2 = x2.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    gemv.gemv_int8(x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scale.data_ptr(),
-                   bias.data_ptr() if bias is not None else 0, y.data_ptr(), m=m, k=k, n=n,
-                   dtype_name=dtype_name(x.dtype), granularity=granularity, group_size=group_size, device=device,
-                   stream_ptr=raw_stream(device), kernel=kernel)
+    if x.is_contiguous() and not x.data_ptr() % 16:  # rows of K (a multiple of 16) stay aligned
+        xp, ldx = x.data_ptr(), k
+    else:
+        x2 = x.reshape(m, k)
+        if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
+            x2 = x2.contiguous()
+        xp, ldx = x2.data_ptr(), x2.stride(0)
+    y = x.new_empty((*x.shape[:-1], n))
+    gemv.gemv_int8(xp, ldx, qweight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                   y.data_ptr(), m=m, k=k, n=n, dtype_name=dtype_name(x.dtype), granularity=granularity,
+                   group_size=group_size, device=device, stream_ptr=raw_stream(device), kernel=kernel)
     return y
 
 
 def dequant_linear(x, qweight, scale, bias, granularity, group_size):
     """The large-batch route on CUDA: dequantize into the device's scratch (our kernel), then cuBLAS."""
-    from cupycodec.kernels.int8 import dequantize_raw
-
     n, k = qweight.shape
-    device = x.device.index
-    need = n * k * x.element_size()
-    reserve_scratch(need)  # a no-op when the model reserved it, as compress_model and from_linear do
-    w = scratch(x.device)[:need].view(x.dtype).view(n, k)
+    device = x.get_device()
+    w = _weight_view(device, n, k, x.dtype)
     dequantize_raw(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), (n, k), granularity=granularity,
                    axis=0 if granularity == "channel" else None,
                    group_size=group_size if granularity == "group" else None, dtype_name=dtype_name(x.dtype),
