@@ -4,7 +4,7 @@
 # Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), offload
-# (bench_offload), prof (profile_latency), fwd (profile_forward), pytest=EXPR
+# (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -42,6 +42,8 @@ for arg in "$@"; do
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
          rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log" ;;
+    sweep) timeout -k 5 "$secs" python3 benchmarks/sweep_gemv.py --json "$OUT/sweep_gemv.json" >"$OUT/sweep_gemv.log" 2>&1
+           rc=$?; grep -o '"shape[^}]*"best[^}]*' "$OUT/sweep_gemv.log" | cut -c1-200 ;;
     offload) timeout -k 5 "$secs" python3 benchmarks/bench_offload.py ${OFFLOAD_ARGS:-} --json "$OUT/bench_offload.json" \
                >"$OUT/bench_offload.log" 2>&1; rc=$?; tail -20 "$OUT/bench_offload.log" ;;
     *) echo "unknown stage $stage"; rc=2 ;;

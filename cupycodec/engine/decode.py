@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._cuda import current_device, launch
 from ..backends import _nvcomp_lib as nv
 from ..errors import BackendError
 from ..filters import Byteplane, Int8
@@ -22,7 +23,6 @@ from ..filters.byteplane import word_size
 from ..kernels import byteplane as bp_kernels
 from ..kernels import chunks
 from ..kernels import int8 as int8_kernels
-from . import launching_on
 
 __all__ = ["KINDS", "DecodePlan", "Target"]
 
@@ -133,7 +133,7 @@ class DecodePlan:
                 row += rows.n_encoded
         copy = [[r.st_src + _U64(pb) for r, pb, _ in stored], [r.st_dst + _U64(where(d)) for r, _, d in stored],
                 [r.st_size for r, _, _ in stored]]
-        descs, self._dequant = [], []
+        descs, dequant_runs = [], []
         first_desc = 0
         for dtype in dict.fromkeys(d[0] for d in dequants):  # one launch per output dtype
             mine = [d for d in dequants if d[0] == dtype]
@@ -143,11 +143,11 @@ class DecodePlan:
                                                     first_block=blocks, device=self.device)
                 descs.append(w)
                 blocks += b
-            self._dequant.append((dtype, base + 8 * (o_desc + first_desc * int8_kernels.DEQUANT_DESC_WORDS),
-                                  len(mine), blocks))
+            dequant_runs.append((dtype, base + 8 * (o_desc + first_desc * int8_kernels.DEQUANT_DESC_WORDS),
+                                 len(mine), blocks))
             first_desc += len(mine)
-        self._merges = [bp_kernels.merge_launch(where(planes), stride, out, n, k, rotate, self.device)
-                        for planes, stride, out, n, k, rotate in merges]
+        merges = [bp_kernels.merge_launch(where(planes), stride, out, n, k, rotate, self.device)
+                  for planes, stride, out, n, k, rotate in merges]
         pieces = [*cols[0], *cols[1], *cols[2], *cols[3], np.zeros(G + h, _U64), *copy[0], *copy[1], *copy[2],
                   _ERR_INIT, *descs]
         host = np.concatenate(pieces) if pieces else np.zeros(0, _U64)
@@ -160,10 +160,25 @@ class DecodePlan:
         self._ptrs = tuple(base + 8 * k * G for k in range(6))  # comp, sizes, outs, raw, actual, statuses
         self._err = base + 8 * o_err
         self._n_enc = G
-        self._copy = None
+        # the kernels every run launches after nvCOMP's: the status check, stored-chunk copies, byte-plane merges
+        # and dequantization, as (handle, grid, block, arguments) for cupycodec._cuda.launch
+        _, _, _, raw_sizes, actual, status = self._ptrs
+        after = []
         if S:
             c0 = base + 8 * o_copy
-            self._copy = (c0, c0 + 8 * S, c0 + 16 * S, S, max(r.st_max for r, _, _ in stored))
+            name, grid, block, args = chunks.copy_args(c0, c0 + 8 * S, c0 + 16 * S, n=S, pad=False,
+                                                       max_nbytes=max(r.st_max for r, _, _ in stored))
+            after.append((chunks.handle(self.device, name), grid, block, args))
+        after += merges
+        for dtype, desc, items, blocks in dequant_runs:
+            if blocks:
+                name, grid, block, args = int8_kernels.dequantize_many_args(dtype, desc, items, blocks)
+                after.append((int8_kernels.handle(self.device, name), grid, block, args))
+        self._after = after
+        self._check = None
+        if G:
+            name, grid, block, args = chunks.check_args(status, actual, raw_sizes, self._err, n=G)
+            self._check = (chunks.handle(self.device, name), grid, block, args)
         self.n_chunks = G + S
 
     # -- building -------------------------------------------------------------------------------------------------
@@ -221,22 +236,26 @@ class DecodePlan:
     def run(self, stream=None, *, _check: bool = True) -> None:
         """Enqueue the decode on ``stream`` (default: CuPy's current stream on the plan's device); never waits."""
         sp = self._stream(stream)
+        if self._groups:
+            if current_device() == self.device:  # nvCOMP launches on the current device
+                self._run_nvcomp(sp)
+            else:
+                import cupy
+
+                with cupy.cuda.Device(self.device):
+                    self._run_nvcomp(sp)
+        if self._check is not None and _check:
+            launch(*self._check, self.device, sp)
+        for h, grid, block, args in self._after:
+            launch(h, grid, block, args, self.device, sp)
+
+    def _run_nvcomp(self, sp: int) -> None:
         comp_ptrs, comp_sizes, out_ptrs, raw_sizes, actual, status = self._ptrs
-        with launching_on(self.device, sp):
-            for fn, dopts, row, n, temp_n, temp_ptr, name in self._groups:
-                st = fn(comp_ptrs + 8 * row, comp_sizes + 8 * row, raw_sizes + 8 * row, actual + 8 * row, n,
-                        temp_ptr, temp_n, out_ptrs + 8 * row, dopts, status + 4 * row, sp)
-                if st != 0:
-                    raise BackendError(f"{name} failed", nv.status_name(st))
-            if self._n_enc and _check:
-                chunks.check_statuses(status, actual, raw_sizes, self._err, n=self._n_enc)
-            if self._copy is not None:
-                src, dst, nb, n, mx = self._copy
-                chunks.copy_chunks(src, dst, nb, n=n, max_nbytes=mx, pad=False)
-            for kern, grid, block, args in self._merges:
-                kern(grid, block, args)
-            for dtype, desc, items, blocks in self._dequant:
-                int8_kernels.dequantize_many(dtype, desc, items, blocks)
+        for fn, dopts, row, n, temp_n, temp_ptr, name in self._groups:
+            st = fn(comp_ptrs + 8 * row, comp_sizes + 8 * row, raw_sizes + 8 * row, actual + 8 * row, n,
+                    temp_ptr, temp_n, out_ptrs + 8 * row, dopts, status + 4 * row, sp)
+            if st != 0:
+                raise BackendError(f"{name} failed", nv.status_name(st))
 
     def run_and_wait(self, stream=None) -> None:
         """:meth:`run`, then wait and raise :class:`~cupycodec.BackendError` if any chunk failed. Statuses and decoded

@@ -6,6 +6,8 @@ import functools
 
 import numpy as np
 
+from .._cuda import kernel_handle, launch
+
 # One thread per word. Words are read native-endian (CuPy arrays are little-endian), rotated left by one bit when
 # ROTATE (sign to the bottom, exponent to the top byte), and byte j of the plane layout is bits 8*(K-1-j).. of the
 # rotated word: exactly split_planes/merge_planes. Planes live in one buffer, `stride` bytes apart.
@@ -140,12 +142,12 @@ def _kernel(op: str, k: int, words_ptr: int, planes_ptr: int, stride: int, devic
 
 
 def merge_launch(planes_ptr: int, stride: int, words_ptr: int, n: int, k: int, rotate: bool, device: int):
-    """(kernel, grid, block, args) merging ``k`` planes of ``n`` bytes at ``planes_ptr`` (``stride`` apart) into
+    """(launch handle, grid, block, args) merging ``k`` planes of ``n`` bytes at ``planes_ptr`` (``stride`` apart) into
     ``n`` native-endian words at ``words_ptr``: built once, launched by a decode plan on each run."""
     kern, vec = _kernel("merge", k, words_ptr, planes_ptr, stride, device)
     grid = _grid(-(-n // 8) if vec else n)
-    return kern, grid, (256,), (np.uint64(planes_ptr), np.uint64(words_ptr), np.int64(n), np.int64(stride),
-                               np.int32(1 if rotate else 0))
+    return kernel_handle(kern, device), grid[0], 256, (np.uint64(planes_ptr), np.uint64(words_ptr), np.int64(n),
+                                                       np.int64(stride), np.int32(1 if rotate else 0))
 
 
 def plane_stride(n: int) -> int:
@@ -199,7 +201,7 @@ def merge(planes: list, k: int, rotate: bool, spec, out=None):
         ptrs = [packed.data.ptr]
         planes = [packed]  # keep it alive until the launch is enqueued
     words = out.reshape(-1).view(_UINT[k])
-    kern, grid, block, args = merge_launch(ptrs[0], stride, words.data.ptr, n, k, rotate,
-                                           cupy.cuda.runtime.getDevice())
-    kern(grid, block, args)
+    device = cupy.cuda.runtime.getDevice()
+    h, grid, block, args = merge_launch(ptrs[0], stride, words.data.ptr, n, k, rotate, device)
+    launch(h, grid, block, args, device, cupy.cuda.get_current_stream().ptr)
     return out

@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from .._cuda import external_stream
+from .._cuda import external_stream, kernel_handle
 
 # Pointer tables hold raw device addresses (unsigned long long). One launch copies every chunk of a batch; each
 # chunk is split over `parts` blocks. With `pad` set the destination is zero-filled up to the next multiple of 16,
@@ -75,17 +75,34 @@ def copy_parts(n: int, max_nbytes: int, threads: int = 256) -> int:
     return max(1, min(by_size, 1024, -(-600 // max(n, 1))))
 
 
+def copy_args(src_ptrs, dst_ptrs, nbytes, *, n: int, max_nbytes: int, pad: bool) -> tuple:
+    """(kernel name, grid, block, arguments) of :func:`copy_chunks`."""
+    threads = 256
+    parts = copy_parts(n, max_nbytes, threads)
+    return "cupycodec_chunks_copy", n * parts, threads, (_ptr(src_ptrs), _ptr(dst_ptrs), _ptr(nbytes), np.int64(n),
+                                                        np.int32(parts), np.int32(1 if pad else 0))
+
+
+def check_args(status, actual, expected, err, *, n: int, index_base: int = 0) -> tuple:
+    """(kernel name, grid, block, arguments) of :func:`check_statuses`."""
+    return "cupycodec_chunks_check", -(-n // 256), 256, (
+        _ptr(status), _ptr(actual) if actual is not None else np.uint64(0), _ptr(expected), np.int64(n),
+        np.int64(index_base), _ptr(err))
+
+
+def handle(device: int, name: str) -> tuple:
+    """The :func:`cupycodec._cuda.launch` handle of kernel ``name`` on ``device`` (for plans that launch per run)."""
+    return kernel_handle(_function(device, name), device)
+
+
 def copy_chunks(src_ptrs, dst_ptrs, nbytes, *, max_nbytes: int, pad: bool, stream=None, n: int | None = None) -> None:
     """Copy ``nbytes[i]`` bytes from ``src_ptrs[i]`` to ``dst_ptrs[i]`` (device uint64 arrays, or their device
     addresses with ``n`` given) in one launch."""
     n = int(src_ptrs.size) if n is None else int(n)
     if n == 0:
         return
-    threads = 256
-    parts = copy_parts(n, max_nbytes, threads)
-    kernel = _function(_device(), "cupycodec_chunks_copy")
-    _launch(kernel, (n * parts,), (threads,), (_ptr(src_ptrs), _ptr(dst_ptrs), _ptr(nbytes), np.int64(n),
-                                                 np.int32(parts), np.int32(1 if pad else 0)), stream)
+    name, grid, block, args = copy_args(src_ptrs, dst_ptrs, nbytes, n=n, max_nbytes=max_nbytes, pad=pad)
+    _launch(_function(_device(), name), (grid,), (block,), args, stream)
 
 
 def check_statuses(status, actual, expected, err, *, index_base: int = 0, stream=None, n: int | None = None) -> None:
@@ -94,10 +111,8 @@ def check_statuses(status, actual, expected, err, *, index_base: int = 0, stream
     n = int(status.size) if n is None else int(n)
     if n == 0:
         return
-    kernel = _function(_device(), "cupycodec_chunks_check")
-    args = (_ptr(status), _ptr(actual) if actual is not None else np.uint64(0), _ptr(expected), np.int64(n),
-            np.int64(index_base), _ptr(err))
-    _launch(kernel, (-(-n // 256),), (256,), args, stream)
+    name, grid, block, args = check_args(status, actual, expected, err, n=n, index_base=index_base)
+    _launch(_function(_device(), name), (grid,), (block,), args, stream)
 
 
 def _device() -> int:
@@ -109,8 +124,9 @@ def _device() -> int:
 def _launch(kernel, grid, block, args, stream):
     """Launch on ``stream`` (None: CuPy's current stream; a cupy Stream; or a raw cudaStream_t int).
 
-    Through CuPy's RawKernel call: a ctypes ``cuLaunchKernel`` with reused argument slots measured slower on an
-    H200 host (19 us against 10 us per launch), so there is no hand-written launcher.
+    Through CuPy's RawKernel call, for one-off launches; plans, which launch the same kernels on every run, use
+    :func:`cupycodec._cuda.launch` (a ctypes ``cuLaunchKernel`` measured slower than CuPy's call on an H200 host,
+    19 against 10 us, but CuPy's own driver binding with reused argument slots faster, 4.6 against 7.9 us).
     """
     if stream is not None:
         import cupy

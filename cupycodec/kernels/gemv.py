@@ -216,11 +216,11 @@ struct cc_mma_f16 {
 
 /* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of 8 warps takes
    8 / W tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one group. */
-template <class X, class C, int MT, int W, bool GROUP>
+template <class X, class C, int MT, int W, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
-    constexpr int U = 4;  /* 64-k steps whose loads a warp issues before using any */
+    /* U: 64-k steps whose loads a warp issues before using any */
     constexpr int TPB = 8 / W;
     __shared__ float part[8][32][4 * MT];
     const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
@@ -333,11 +333,11 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G)                                                                   \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G(                  \
+#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U)                                                                \
+extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U(           \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, GROUP>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                            \
+    cc_gemv_tc<X, C, MT, W, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                         \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -355,8 +355,11 @@ _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
 KERNELS = ("fma", "mma")
 
 
+MMA_UNROLL = 4  # 64-code steps a warp of the tensor-core kernel loads before using any
+
+
 @functools.cache
-def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool):
+def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = MMA_UNROLL):
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
     second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column tiles), with ``w``
     warps per row (tile), per-group scales or not."""
@@ -366,9 +369,10 @@ def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, groupe
     if kernel == "fma":
         code, name = f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
     else:
-        mt, g = mm // 8, "g" if grouped else "c"
-        code = f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g})"
-        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}"
+        mt, g, u = mm // 8, "g" if grouped else "c", unroll
+        code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, "
+                f"{u})")
+        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}"
     with cupy.cuda.Device(device):
         mod = cupy.RawModule(code=f"{_SOURCE}\n{code}\n", options=("--std=c++14",))
         return mod.get_function(name)
@@ -426,17 +430,18 @@ def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int
 
 def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: int, y_ptr: int, *, m: int, k: int,
               n: int, dtype_name: str, granularity: str, group_size: int | None, device: int, stream_ptr: int,
-              warps: int | None = None, kernel: str | None = None) -> None:
+              warps: int | None = None, kernel: str | None = None, unroll: int | None = None) -> None:
     """Launch ``y[m, n] = sum_k x[m, k] * codes[n, k] * scale + bias[n]`` on ``stream_ptr`` (never waits).
 
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
     (row-major); ``scales``: float32, N (channel) or N x ceil(K / group_size) (group); ``bias``: N values of
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
     ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_warps`) and
-    ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`), parameters for tests and
+    ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and ``unroll`` (the mma
+    kernel's 64-code steps in flight per warp: 2, 4 or 8; default :data:`MMA_UNROLL`), parameters for tests and
     benchmarks.
     """
-    handle, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel)
+    handle, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel, unroll)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
     launch(handle, grid, _THREADS, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
@@ -444,13 +449,15 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
 
 @functools.lru_cache(maxsize=1024)
 def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
-            warps: int | None, kernel: str | None) -> tuple:
+            warps: int | None, kernel: str | None, unroll: int | None = None) -> tuple:
     """(kernel, grid, the arguments after the six pointers) of one call signature: worked out once, so that a
     layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
         raise ValueError(f"gemv_int8 does not take M={m}, K={k}, {dtype_name}, {granularity} (see supported())")
     if warps not in (None, 1, 2, 4, 8):
         raise ValueError(f"warps per row must be 1, 2, 4 or 8, got {warps!r}")
+    if unroll not in (None, 2, 4, 8):
+        raise ValueError(f"unroll must be 2, 4 or 8, got {unroll!r}")
     mma = mma_supported(dtype_name, granularity, group_size, device)
     if kernel is None:
         kernel = "mma" if mma else "fma"
@@ -469,4 +476,5 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w = warps_per_row(n, k, sms) if warps is None else warps
         grid = max(1, -(-n // (_THREADS // 32 // w)))  # a block per row group: the hardware balances them
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
-    return kernel_handle(_function(device, kernel, dtype_name, mm, w, bool(group)), device), grid, tail
+    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel == "mma" and unroll else []))
+    return kernel_handle(fn, device), grid, tail

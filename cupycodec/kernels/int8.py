@@ -1589,5 +1589,16 @@ def dequantize_many(dtype_name: str, desc_ptr: int, items: int, blocks: int) -> 
     """Dequantize ``items`` tensors described at ``desc_ptr`` (device memory, :func:`dequantize_desc` words) into
     ``dtype_name`` ("F32", "F16", "BF16", "F64") in one launch on the current device and stream."""
     if blocks:
-        suffix = _OUTPUTS[dtype_name][0]
-        _kernel(f"cupycodec_int8_dequantize_many_{suffix}")((blocks,), (_BLOCK,), (np.uint64(desc_ptr), np.int32(items)))
+        name, grid, block, args = dequantize_many_args(dtype_name, desc_ptr, items, blocks)
+        _kernel(name)((grid,), (block,), args)
+
+
+def dequantize_many_args(dtype_name: str, desc_ptr: int, items: int, blocks: int) -> tuple:
+    """(kernel name, grid, block, arguments) of :func:`dequantize_many`, for plans that launch it per run."""
+    return (f"cupycodec_int8_dequantize_many_{_OUTPUTS[dtype_name][0]}", blocks, _BLOCK,
+            (np.uint64(desc_ptr), np.int32(items)))
+
+
+def handle(device: int, name: str) -> tuple:
+    """The :func:`cupycodec._cuda.launch` handle of kernel ``name`` on ``device``."""
+    return _handle(device, name)
