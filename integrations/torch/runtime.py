@@ -90,11 +90,14 @@ class DecodeGroup:
             for dst, src in zip(self.staged_views(staging, i), layer._stored()):
                 dst.copy_(src, non_blocking=True)
 
-    def decode(self, slot: torch.Tensor, staging: torch.Tensor | None = None) -> None:
-        """Enqueue the decode of every layer into ``slot`` on torch's current stream (GPU: one plan run, no wait),
-        from the layers' own tensors, or from ``staging`` where :meth:`stage` copied them."""
+    def decode(self, slot: torch.Tensor, staging: torch.Tensor | None = None, sp: int | None = None) -> None:
+        """Enqueue the decode of every layer into ``slot`` (GPU: one plan run, no wait) on the raw stream ``sp``
+        (default: torch's current stream), from the layers' own tensors, or from ``staging`` where :meth:`stage`
+        copied them. Copies (INT8 layers, staging) go on torch's current stream: give ``sp`` only without them."""
+        if sp is None:
+            sp = current_stream(slot.device)
         if staging is not None:
-            self._decode_staged(slot, staging)
+            self._decode_staged(slot, staging, sp)
             return
         for i in self._copied:
             for dst, src in zip(self.views(slot, i), self.layers[i]._stored()):
@@ -102,15 +105,15 @@ class DecodeGroup:
         if self._coded:
             key = (slot.data_ptr(), *(self.layers[i]._payload_ptr() for i in self._coded))
             self._run(lambda: [self.layers[i]._container(slot.device) for i in self._coded], slot, key, self._plans,
-                      forget=True)
+                      forget=True, sp=sp)
 
-    def _decode_staged(self, slot: torch.Tensor, staging: torch.Tensor) -> None:
+    def _decode_staged(self, slot: torch.Tensor, staging: torch.Tensor, sp: int | None) -> None:
         for i in self._copied:  # codes and scales as they are: a device copy into the slot
             for dst, src in zip(self.views(slot, i), self.staged_views(staging, i)):
                 dst.copy_(src)
         if self._coded:
             self._run(lambda: self._staged(staging), slot, (slot.data_ptr(), staging.data_ptr()), self._staged_plans,
-                      forget=False)
+                      forget=False, sp=sp)
 
     def _staged(self, staging: torch.Tensor) -> list:
         """The containers over ``staging``'s copies, built once per staging buffer (on the first pass, a warm-up
@@ -122,7 +125,7 @@ class DecodeGroup:
                 self.layers[i]._container_over(self.staged_views(staging, i)[0]) for i in self._coded]
         return containers
 
-    def _run(self, containers, slot: torch.Tensor, key: tuple, plans: dict, forget: bool) -> None:
+    def _run(self, containers, slot: torch.Tensor, key: tuple, plans: dict, forget: bool, sp: int | None) -> None:
         """Decode the container layers into ``slot``: a cached plan's run on a GPU (``containers()`` and the slot
         views are built only with the plan), the CPU pool on the host."""
         entropy = [self.layers[i].mode == "int8+entropy" for i in self._coded]
@@ -145,11 +148,10 @@ class DecodeGroup:
                 raise ValueError(f"group {self.name}: mixes lossless and int8+entropy layers; compress a model with "
                                  "one mode")
             outs = [tuple(v) if len(v) == 2 else v[0] for v in (self.views(slot, i) for i in self._coded)]
-            plan = cc.decode_plan(containers(), outs, dequantize=not any(entropy),
-                                  stream=current_stream(slot.device),
+            plan = cc.decode_plan(containers(), outs, dequantize=not any(entropy), stream=sp,
                                   alloc=lambda n, d=slot.device: torch.empty(n, dtype=torch.uint8, device=d))
             plans[key] = plan
-        plan.run(current_stream(slot.device))
+        plan.run(sp)
 
     def plans(self) -> list:
         return [*self._plans.values(), *self._staged_plans.values()]
@@ -233,24 +235,31 @@ class Runtime:
                 return s
         s = 0 if len(st.slots) == 1 else 1 - st.active  # never the slot the group in use reads from
         self._settle(st, s, device)  # a prefetch still writing there finishes before this decode overwrites it
-        self._decode(st, gi, s, device)
+        self._decode(st, gi, s, device, torch.cuda.current_stream(device) if device.type == "cuda" else None)
         st.resident[s] = (gi, None)
         st.active = s
         return s
 
-    def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device) -> None:
-        """Decode group ``gi`` into slot ``s`` on torch's current stream (through staging if it is offloaded)."""
+    def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device, stream) -> None:
+        """Decode group ``gi`` into slot ``s`` on ``stream`` (a torch stream; None on the CPU), through staging if it
+        is offloaded. A group of containers only runs its plan on the stream's handle, entering no stream context."""
         group = self.groups[gi]
-        if not (group.offloaded and st.staging):
+        if stream is None:
             group.decode(st.slots[s])
             return
-        k = self._stage(st, gi, device)
-        stream = torch.cuda.current_stream(device)
-        stream.wait_event(st.staged[k][1])  # its bytes have arrived
-        group.decode(st.slots[s], st.staging[k])
-        done = torch.cuda.Event()
-        done.record(stream)
-        st.staged[k][2] = done  # staging k may be overwritten once this decode is done
+        if not (group.offloaded and st.staging) and not group._copied:
+            group.decode(st.slots[s], sp=stream.cuda_stream)
+            return
+        with torch.cuda.stream(stream):
+            if not (group.offloaded and st.staging):
+                group.decode(st.slots[s])
+                return
+            k = self._stage(st, gi, device)
+            stream.wait_event(st.staged[k][1])  # its bytes have arrived
+            group.decode(st.slots[s], st.staging[k])
+            done = torch.cuda.Event()
+            done.record(stream)
+            st.staged[k][2] = done  # staging k may be overwritten once this decode is done
 
     def _stage(self, st: _DeviceState, gi: int, device: torch.device, keep: int | None = None) -> int:
         """The staging buffer holding (or now being copied) group ``gi``'s stored bytes; never the one holding group
@@ -288,8 +297,7 @@ class Runtime:
         ready = torch.cuda.Event()
         ready.record(main)  # everything that read slot s before (the previous block) is enqueued before this
         st.side.wait_event(ready)
-        with torch.cuda.stream(st.side):
-            self._decode(st, gi, s, device)
+        self._decode(st, gi, s, device, st.side)
         done = torch.cuda.Event()
         done.record(st.side)
         st.resident[s] = (gi, done)
