@@ -69,7 +69,8 @@ def launches(calls: int) -> None:
     y = torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
     handle, grid, tail = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
     args = (x.data_ptr(), 256, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), *tail)
-    raw = gemv._function(dev, "mma", "BF16", 8, gemv.mma_warps(64, 256, gemv._sm_count(dev)), False)
+    w, u = gemv.mma_shape(64, 256, gemv._sm_count(dev))
+    raw = gemv._function(dev, "mma", "BF16", 8, w, False, u)
 
     def contexts():
         with launching_on(dev, sp):

@@ -810,6 +810,8 @@ class CompressedArray:
     def _host_payload(self) -> memoryview:
         if isinstance(self._payload, memoryview):
             return self._payload
+        for seg in self.segments:  # a GPU compression may still be packing the payload on its own stream: its
+            seg.table.crc32  # noqa: B018  CRCs are read after an event recorded behind that work, so wait for them
         return memoryview(self._payload.get()).cast("B")
 
     @property

@@ -355,11 +355,8 @@ _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
 KERNELS = ("fma", "mma")
 
 
-MMA_UNROLL = 4  # 64-code steps a warp of the tensor-core kernel loads before using any
-
-
 @functools.cache
-def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = MMA_UNROLL):
+def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4):
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
     second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column tiles), with ``w``
     warps per row (tile), per-group scales or not."""
@@ -393,13 +390,18 @@ def mma_supported(dtype_name: str, granularity: str, group_size: int | None, dev
     return granularity == "channel" or (group_size is not None and group_size % 64 == 0)
 
 
-def mma_warps(n: int, k: int, sm_count: int) -> int:
-    """W for the tensor-core kernel on an N x K matrix: warps per 16-row tile, enough for 16 warps per SM (four
-    64-code steps of 16 rows in flight each), but no more than gives each warp two rounds of four steps."""
-    w, tiles = 1, -(-n // 16)
-    while w < 8 and tiles * w < 16 * sm_count and 512 * 2 * w <= k:
-        w *= 2
-    return w
+def mma_shape(n: int, k: int, sm_count: int) -> tuple[int, int]:
+    """(W, U) for the tensor-core kernel on an N x K matrix: W warps per 16-row tile (split K) and U 64-code steps in
+    flight per warp. Swept on an H200 (benchmarks/sweep_gemv.py, six Llama shapes, W in 1-8 by U in 2, 4, 8): the
+    most warps won everywhere, so W = 8 wherever K gives each warp two steps; U = 4 (97 registers, two blocks of 8
+    warps per SM) while every warp fits on the GPU at once, else U = 2 (77 registers, three blocks per SM), which
+    keeps more warps resident: within 6 % of the best pair on each shape and M, 8-14 % faster than the first rule
+    (W by occupancy, U = 4) on the three tall ones."""
+    w = 8
+    while w > 1 and 64 * 2 * w > k:
+        w //= 2
+    tiles = -(-n // 16)
+    return w, 4 if tiles * w <= 16 * sm_count else 2
 
 
 def warps_per_row(n: int, k: int, sm_count: int) -> int:
@@ -436,9 +438,9 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
     (row-major); ``scales``: float32, N (channel) or N x ceil(K / group_size) (group); ``bias``: N values of
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
-    ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_warps`) and
+    ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_shape`) and
     ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and ``unroll`` (the mma
-    kernel's 64-code steps in flight per warp: 2, 4 or 8; default :data:`MMA_UNROLL`), parameters for tests and
+    kernel's 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`), parameters for tests and
     benchmarks.
     """
     handle, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel, unroll)
@@ -468,7 +470,9 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
     sms = _sm_count(device)
     if kernel == "mma":
         mm = 8 if m <= 8 else 16
-        w = mma_warps(n, k, sms) if warps is None else warps
+        w, u = mma_shape(n, k, sms)
+        w = w if warps is None else warps
+        unroll = unroll or u
         tiles = -(-n // 16)
         grid = max(1, -(-tiles // (_THREADS // 32 // w)))  # a block per group of 16-row tiles
     else:
@@ -476,5 +480,5 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w = warps_per_row(n, k, sms) if warps is None else warps
         grid = max(1, -(-n // (_THREADS // 32 // w)))  # a block per row group: the hardware balances them
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
-    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel == "mma" and unroll else []))
+    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel == "mma" else []))
     return kernel_handle(fn, device), grid, tail

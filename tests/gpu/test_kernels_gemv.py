@@ -89,10 +89,14 @@ def test_default_variant_choice():
     assert gemv.warps_per_row(11008, 4096, 132) == 1
     assert gemv.warps_per_row(256, 2048, 132) == 4
     assert gemv.warps_per_row(256, 8192, 132) == 8
-    # the tensor-core kernel: 16-row tiles, up to 16 warps per SM, at least eight 64-code steps per warp
-    assert gemv.mma_warps(11008, 4096, 132) == 4
-    assert gemv.mma_warps(4096, 4096, 132) == 8
-    assert gemv.mma_warps(256, 2048, 132) == 4
+    # the tensor-core kernel: 8 warps per 16-row tile where K gives each two 64-code steps; 4 steps in flight
+    # while all warps fit on the GPU at once (256 tiles of a 4096-row matrix), else 2 (a 11008-row MLP matrix)
+    assert gemv.mma_shape(4096, 4096, 132) == (8, 4)
+    assert gemv.mma_shape(11008, 4096, 132) == (8, 2)
+    assert gemv.mma_shape(4096, 11008, 132) == (8, 4)
+    assert gemv.mma_shape(5632, 2048, 132) == (8, 2)
+    assert gemv.mma_shape(256, 512, 132) == (4, 4)
+    assert gemv.mma_shape(64, 64, 132) == (1, 4)
     with pytest.raises(ValueError, match="1, 2, 4 or 8"):
         gemv.gemv_int8(0, 16, 0, 0, 0, 0, m=1, k=16, n=1, dtype_name="F32", granularity="channel", group_size=None,
                        device=0, stream_ptr=0, warps=3)

@@ -1,0 +1,75 @@
+"""Sweep the tensor-core GEMV's launch parameters (GPU): warps per 16-row tile (W) and 64-code steps in flight per
+warp (U), per Llama shape, at M = 1 and 8, against bf16 ``F.linear`` and the default choice, timed as bench_torch
+times a layer (CUDA-graph replays over enough copies of the layer to defeat L2).
+
+Usage: python benchmarks/sweep_gemv.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (5632, 2048), (2048, 5632)]
+
+
+def main(argv=None) -> int:
+    from cupycodec.integrations.torch import CompressedLinear, ops
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    bw = copy_gbps()
+    env = {"gpu": torch.cuda.get_device_name(), "copy_gbps_read_plus_write": bw}
+    print(json.dumps(env), flush=True)
+    rows = []
+    for n, k in SHAPES:
+        copies = max(2, -(-L2_DEFEAT_BYTES // (2 * n * k)))
+        lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        cls = [CompressedLinear.from_linear(lin, "int8") for lin in lins]
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            a = [(x, cl.qweight, cl.scale, None, "channel", 128) for cl in cls]
+            read = n * k + n * 4 + m * k * 2
+            with torch.no_grad():
+                row = {"shape": f"{n}x{k}", "m": m,
+                       "bf16_us": graph_us([lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight)
+                                            for lin in lins]),
+                       "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a])}
+                for u in (2, 4, 8):
+                    for w in (1, 2, 4, 8):
+                        row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: _run(t, w, u) for t in a])
+            best = min((v, key) for key, v in row.items() if key.startswith("u"))
+            row["best"] = best[1]
+            row["best_of_copy"] = read / best[0] / 1e3 / bw
+            row["default_of_copy"] = read / row["default_us"] / 1e3 / bw
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del lins, cls
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+def _run(t, warps, unroll):
+    from cupycodec.integrations.torch.dlpack import raw_stream
+    from cupycodec.kernels import gemv
+
+    x, q, s = t[0], t[1], t[2]
+    n, k = q.shape
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    dev = x.get_device()
+    gemv.gemv_int8(x.data_ptr(), k, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), m=x.shape[0], k=k, n=n,
+                   dtype_name="BF16", granularity="channel", group_size=None, device=dev, stream_ptr=raw_stream(dev),
+                   warps=warps, kernel="mma", unroll=unroll)
+    return y
+
+
+if __name__ == "__main__":
+    sys.exit(main())
