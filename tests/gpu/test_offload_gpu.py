@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import assert_graph_replays_match_eager  # noqa: E402
+
 from cupycodec.integrations.torch import (  # noqa: E402
     CompressedLinear,
     compress_model,
@@ -78,24 +80,7 @@ def test_a_budget_keeps_the_first_blocks_resident():
 def test_an_offloaded_forward_captures_in_a_cuda_graph(mode):
     model = _tiny_llama(layers=4)
     compress_model(model, mode, offload="cpu", progress=False)
-    static = torch.randint(0, 512, (1, 8), device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(2):  # plans, staging and scratch exist before capture
-            model(static, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    model._cupycodec_runtime[0].reset()
-    g = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(g):
-        out = model(static, use_cache=False).logits
-    for seed in range(3):
-        static.copy_(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(seed)).cuda())
-        g.replay()
-        model._cupycodec_runtime[0].reset()
-        with torch.no_grad():
-            eager = model(static, use_cache=False).logits
-        assert torch.equal(out, eager), mode
+    assert_graph_replays_match_eager(model, reset=model._cupycodec_runtime[0].reset)
 
 
 def test_offload_when_compressing_and_when_loading(tmp_path, monkeypatch):

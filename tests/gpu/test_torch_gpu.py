@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import assert_graph_replays_match_eager  # noqa: E402
+
 from cupycodec.quant import reference  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.nvcomp, pytest.mark.torch]
@@ -119,22 +121,7 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
 
     model = _tiny_llama(layers=3)
     compress_model(model, mode, progress=False)
-    static = torch.randint(0, 512, (1, 8), device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(2):  # warm-up: plans, kernels and scratch exist before capture
-            model(static, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(g):
-        out = model(static, use_cache=False).logits
-    for seed in range(3):
-        static.copy_(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(seed)).cuda())
-        g.replay()
-        with torch.no_grad():
-            eager = model(static, use_cache=False).logits
-        assert torch.equal(out, eager), mode
+    assert_graph_replays_match_eager(model)
     model._cupycodec_runtime[0].check()
 
 
