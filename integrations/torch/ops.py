@@ -83,8 +83,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: to
            granularity: str, group_size: int) -> torch.Tensor:
     """The INT8 linear a forward calls: the custom op :func:`int8_linear` where ``torch.compile`` or ``torch.export``
     traces, autograd records, or an input is a tensor subclass; otherwise the op's own implementation, called
-    directly. Same function, same result: an eager dispatch of a Python custom op costs tens of host microseconds per
-    call (pytorch/pytorch#176592), more than the GEMV it launches takes on the GPU at batch 1."""
+    directly. Same function, same result: an eager dispatch of a Python custom op added 7-33 us of host time per call
+    on an H200's host (pytorch/pytorch#176592), more than the GEMV it launches takes on the GPU at batch 1."""
     if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
         return int8_linear(x, qweight, scale, bias, granularity, group_size)
