@@ -149,3 +149,26 @@ def test_third_party_codec_registration():
     assert c.codec == "test-xor" and np.array_equal(cc.decompress(c.to_bytes(), trusted=True), x)
     with pytest.raises(cc.UntrustedError, match="test-xor"):  # a plug-in's decoder is not known to be hardened
         cc.decompress(c.to_bytes())
+
+
+def test_zstd_decodes_straight_into_the_chunk_with_libzstd():
+    import zstandard
+
+    from cupycodec.codecs._cpu import _libzstd, zstd_decode_into
+
+    if _libzstd() is None:
+        pytest.skip("blosc2's shared library (which exports libzstd's API) is not installed")
+    data = np.random.default_rng(0).integers(0, 8, 100_000, dtype=np.uint8).tobytes()
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(data)
+    dst = bytearray(len(data))
+    assert zstd_decode_into(memoryview(frame), memoryview(dst)) and bytes(dst) == data
+    # a frame that does not hold exactly this chunk, or says nothing of its size: left to the exact path
+    assert not zstd_decode_into(memoryview(frame), memoryview(bytearray(len(data) - 1)))
+    unsized = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(data)
+    assert not zstd_decode_into(memoryview(unsized), memoryview(bytearray(len(data))))
+    for at in (0, 5, len(frame) // 2, len(frame) - 1):  # corrupt frames: no crash, no write past the chunk
+        bad = bytearray(frame)
+        bad[at] ^= 0xFF
+        guard = bytearray(len(data) + 64)
+        zstd_decode_into(memoryview(bytes(bad)), memoryview(guard)[: len(data)])
+        assert guard[len(data) :] == bytes(64)

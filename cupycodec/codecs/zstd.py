@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._cpu import decode_exact, per_thread
+from ._cpu import decode_exact, per_thread, zstd_decode_into
 from .base import Codec, Option, int_range
 
 __all__ = ["Zstd"]
@@ -32,11 +32,14 @@ class Zstd(Codec):
         return comp.compress(src)
 
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
+        # libzstd straight into dst where blosc2's library provides it (no bytes object per chunk), else a
+        # per-thread zstandard context (cramjam's decompress_into builds one per call, ~17 us that dominated decoding
+        # 64 KiB chunks: benchmarks/RESULTS.md, issue 10). The frame must say it holds exactly this chunk (no
+        # allocation a header could inflate); anything unusual takes cramjam's exact path below, which words errors.
+        if zstd_decode_into(src, dst):
+            return
         import zstandard
 
-        # A per-thread decompression context: cramjam's decompress_into builds one per call, ~17 us that dominated
-        # decoding 64 KiB chunks (benchmarks/RESULTS.md, issue 10). The frame must say it holds exactly this
-        # chunk (no allocation a header could inflate); anything unusual takes cramjam's exact path below.
         dctx = per_thread(("zstd-d",), zstandard.ZstdDecompressor)
         try:
             if zstandard.frame_content_size(src) == len(dst):
