@@ -996,6 +996,14 @@ class CompressedArray:
     def __reduce__(self):
         return (_unpickle, (self.to_bytes(), self.trusted, bool(self._cache.get("external"))))
 
+    def __deepcopy__(self, memo):
+        """A header-only container (:meth:`without_payload`) is immutable and holds no memory: its deep copy is
+        itself (so a torch model whose layers keep one can be deep-copied); any other is copied with its payload."""
+        if self._cache.get("headless"):
+            return self
+        fn, args = self.__reduce__()
+        return fn(*args)
+
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
 

@@ -19,6 +19,7 @@ in the module's extra state. Build one with :meth:`CompressedLinear.from_linear`
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -91,7 +92,8 @@ class CompressedLinear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
         self._template: cc.CompressedArray | None = None  # the container's header over no particular payload
         self._views: dict = {}  # (device, payload address) -> CompressedArray over this module's `packed`
-        self._runtime: Runtime | None = None
+        self._runtime: weakref.ref | None = None  # to the Runtime that decodes this layer (see _attach)
+        self._standalone: Runtime | None = None
         self._slot_index = (0, 0)
         self._offloaded = False  # its stored tensors are kept on the host and staged to the GPU per use (.offload)
 
@@ -283,13 +285,25 @@ class CompressedLinear(torch.nn.Module):
         return out
 
     # -- runtime ----------------------------------------------------------------------------------------------
+    def __getstate__(self):
+        """Without the caches tied to this instance's tensors and runtime (``copy.deepcopy`` and pickling): views
+        over ``packed`` where it was, and the runtime, which a copied model's runtime attaches again."""
+        state = self.__dict__.copy()
+        state.update(_views={}, _runtime=None, _standalone=None)
+        return state
+
+    # A model's runtime is owned by the model and held here weakly: runtime -> groups -> layers -> runtime would be a
+    # reference cycle, and `del model` would then free GPU memory only at the next garbage collection. A layer with
+    # no runtime (used on its own, or outliving its model) makes one of its own and holds it.
     def _attach(self, runtime: Runtime, group: int, index: int) -> None:
-        self._runtime, self._slot_index = runtime, (group, index)
+        self._runtime, self._slot_index = weakref.ref(runtime), (group, index)
 
     def _own_runtime(self) -> Runtime:
-        if self._runtime is None:  # a layer used on its own: a group of one, in a runtime of its own
-            Runtime([DecodeGroup([self], name=f"{type(self).__name__}@{id(self):x}")], prefetch=False)
-        return self._runtime  # type: ignore[return-value]
+        rt = self._runtime() if self._runtime is not None else None
+        if rt is None or rt.groups[self._slot_index[0]].layers[self._slot_index[1]] is not self:
+            rt = Runtime([DecodeGroup([self], name=f"{type(self).__name__}@{id(self):x}")], prefetch=False)
+            self._standalone = rt  # a group of one, in a runtime of its own
+        return rt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8" and not self._offloaded:

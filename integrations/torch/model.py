@@ -261,9 +261,9 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
             groups.append((block, DecodeGroup(members, name=bfqn, offloaded=any(m._offloaded for m in members))))
     groups += [(None, DecodeGroup([m], name=f, offloaded=m._offloaded)) for f, m in decoded if f not in placed]
     runtime = Runtime([g for _, g in groups])
-    for gi, (block, _) in enumerate(groups):
+    for block, group in groups:
         if block is not None:
-            hooks.append(block.register_forward_pre_hook(block_hook(runtime, gi), with_kwargs=True))
+            hooks.append(block_hook(block, group.layers[0]))
     old = getattr(model, "_cupycodec_runtime", None)
     if old is not None:
         for h in old[1]:

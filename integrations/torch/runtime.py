@@ -18,7 +18,7 @@ Scratch, plans and payloads are torch tensors (the plans' tables come from ``all
 
 from __future__ import annotations
 
-import weakref
+import copy
 
 import torch
 
@@ -194,6 +194,15 @@ class Runtime:
     def __repr__(self):
         return f"<Runtime groups={len(self.groups)} slot_nbytes={self.slot_nbytes} devices={list(self._devices)}>"
 
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` of a model: a fresh runtime over the copied layers, attached to them (layers hold their
+        runtime weakly, and a weak reference is copied as it is); slots and plans, which hold the original's device
+        addresses, are made again on first use."""
+        groups = [DecodeGroup([copy.deepcopy(layer, memo) for layer in g.layers], g.name, offloaded=g.offloaded)
+                  for g in self.groups]
+        new = memo[id(self)] = Runtime(groups, prefetch=self.prefetch)
+        return new
+
     def _state(self, device: torch.device) -> _DeviceState:
         st = self._devices.get(device)
         if st is None:
@@ -336,20 +345,24 @@ def pick_staging(staged: list, keep: int | None) -> int:
     return next(k for k, held in enumerate(staged) if held[0] != keep)
 
 
-def block_hook(runtime: Runtime, gi: int):
-    """A forward pre-hook (``with_kwargs=True``) that decodes group ``gi`` when its block starts (and prefetches the
-    next), on the device of the block's input (an offloaded block's compressed tensors are on the host)."""
-    ref = weakref.ref(runtime)
+def block_hook(block: torch.nn.Module, layer) -> torch.utils.hooks.RemovableHandle:
+    """Make ``block`` decode its group (the one ``layer`` belongs to) when it starts, and prefetch the next: a forward
+    pre-hook on the device of the block's input (an offloaded block's compressed tensors are on the host). The hook
+    is one module-level function that finds the runtime through the block's own layer, so that ``copy.deepcopy`` of
+    a model gives hooks that drive the copy's runtime; the layer is kept in the block's ``__dict__``, not as a
+    submodule, so the module tree and the state dict are unchanged."""
+    object.__setattr__(block, "_cupycodec_layer", layer)
+    return block.register_forward_pre_hook(_enter_block, with_kwargs=True)
 
-    def hook(module, args, kwargs):
-        rt = ref()
-        if rt is None:
-            return
-        device = _device_of(module, args, kwargs)
-        if device is not None:
-            rt.enter(gi, device)
 
-    return hook
+def _enter_block(module, args, kwargs):
+    layer = module.__dict__.get("_cupycodec_layer")
+    rt = layer._runtime() if layer is not None and layer._runtime is not None else None
+    if rt is None:
+        return
+    device = _device_of(module, args, kwargs)
+    if device is not None:
+        rt.enter(layer._slot_index[0], device)
 
 
 def _device_of(module, args=(), kwargs=None) -> torch.device | None:

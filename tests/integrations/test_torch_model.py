@@ -51,6 +51,43 @@ def test_every_mode_on_a_tiny_llama(mode):
     assert "total (21 layers)" in str(report)
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_del_frees_a_model_at_once_and_deepcopy_gives_an_independent_one(mode, monkeypatch):
+    import gc
+    import weakref
+
+    from cupycodec.integrations.torch.runtime import Runtime
+
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    want = _logits(model)
+    twin = copy.deepcopy(model)
+    rt, twin_rt = model._cupycodec_runtime[0], twin._cupycodec_runtime[0]
+    layers = [m for m in twin.modules() if isinstance(m, CompressedLinear)]
+    assert twin_rt is not rt and all(m._own_runtime() is twin_rt for m in layers)
+    calls, real = [], Runtime.enter
+    monkeypatch.setattr(Runtime, "enter", lambda self, gi, device: calls.append((id(self), gi)) or real(self, gi, device))
+    assert torch.equal(_logits(twin), want) and calls == [(id(twin_rt), gi) for gi in range(3)]  # the copy's hooks
+    monkeypatch.undo()
+    del model, rt
+    assert torch.equal(_logits(twin), want)  # the original's runtime gone: the copy does not need it
+    lone = layers[0]  # a layer that outlives its model decodes with a runtime of its own
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = lone(x)
+    refs = [weakref.ref(m) for m in layers]
+    gc.collect()
+    gc.disable()
+    try:
+        del twin, twin_rt, layers
+        # no reference cycle: the layers went with the model, without waiting for the garbage collector
+        assert sum(r() is not None for r in refs) == 1
+        with torch.no_grad():
+            assert torch.equal(lone(x), ref)
+    finally:
+        gc.enable()
+
+
 def test_blocks_come_from_the_module_tree():
     model = tiny_llama()
     assert [f for f, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
