@@ -236,6 +236,10 @@ class Header:
             if not isinstance(value, MappingProxyType):  # already frozen when it comes from producer_info
                 object.__setattr__(self, name, _freeze(_thaw(value)) if value else _EMPTY)
 
+    def __reduce__(self):  # mapping proxies do not pickle: their contents go as dicts and are frozen again
+        return (type(self), (self.array, self.pipeline, self.segments, _thaw(self.producer), _thaw(self.metadata),
+                             self.mac))
+
     @property
     def payload_nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
@@ -994,6 +998,9 @@ class CompressedArray:
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self):
+        if self._cache.get("headless"):  # its header (tables included) and trust, as objects: there are no bytes
+            flags = tuple(f for f in ("external", "untrusted", "unverified") if self._cache.get(f))
+            return (_unpickle_headless, (self._header, self._prefix, flags))
         return (_unpickle, (self.to_bytes(), self.trusted, bool(self._cache.get("external"))))
 
     def __deepcopy__(self, memo):
@@ -1011,6 +1018,14 @@ class CompressedArray:
         lossy = "" if self.lossless else f", pipeline={[f.get_config()['id'] for f in self.pipeline]}"
         return (f"<CompressedArray shape={self.shape} dtype={self.spec.dtype} codec={self.codec!r}{lossy} "
                 f"nbytes={self.nbytes} ratio={self.ratio:.3f} device={self.device}>")
+
+
+def _unpickle_headless(header: Header, prefix: bytes, flags: tuple) -> CompressedArray:
+    c = CompressedArray(header, memoryview(b""), _prefix=prefix)
+    c._cache["headless"] = True
+    for flag in flags:
+        c._cache[flag] = True
+    return c
 
 
 def _unpickle(blob: bytes, trusted: bool = True, external: bool = False) -> CompressedArray:

@@ -214,6 +214,9 @@ class ArraySpec:
         object.__setattr__(self, "byteorder", "|" if itemsize(dtype) == 1 else byteorder)
         object.__setattr__(self, "shape", tuple(int(s) for s in shape))
 
+    def __reduce__(self):  # immutable and slotted: rebuilt from its fields
+        return (type(self), (self.dtype, self.byteorder, self.shape))
+
     def __setattr__(self, name, value):
         raise AttributeError("ArraySpec is immutable")
 

@@ -391,6 +391,23 @@ def test_pickle_roundtrip():
     assert pickle.loads(pickle.dumps(c)) == c
 
 
+def test_a_header_only_container_pickles_and_deep_copies_with_its_trust():
+    import copy
+    import pickle
+
+    c = cc.compress(np.arange(1000.0), codec="zstd", metadata={"layer": [1, 2]})
+    for src in (c, cc.CompressedArray.from_bytes(c.to_bytes())):  # trusted (made here), and untrusted (from outside)
+        h = src.without_payload()
+        assert copy.deepcopy(h) is h  # immutable, no memory: shared
+        back = pickle.loads(pickle.dumps(h))
+        assert back.header == h.header and back.trusted == src.trusted and back.shape == (1000,)
+        assert back.header_bytes() == h.header_bytes()
+        again = back.with_payload(np.frombuffer(src.host_payload(), np.uint8).copy())
+        assert np.array_equal(cc.decompress(again), np.arange(1000.0)) and again.trusted == src.trusted
+        with pytest.raises(ValueError, match="header only"):
+            back.to_bytes()
+
+
 def test_decompress_rejects_wrong_types(tmp_path):
     with pytest.raises(TypeError, match="load"):
         cc.decompress(str(tmp_path / "x.cc"))

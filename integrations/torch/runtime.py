@@ -18,8 +18,6 @@ Scratch, plans and payloads are torch tensors (the plans' tables come from ``all
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import cupycodec as cc
@@ -194,14 +192,11 @@ class Runtime:
     def __repr__(self):
         return f"<Runtime groups={len(self.groups)} slot_nbytes={self.slot_nbytes} devices={list(self._devices)}>"
 
-    def __deepcopy__(self, memo):
-        """``copy.deepcopy`` of a model: a fresh runtime over the copied layers, attached to them (layers hold their
-        runtime weakly, and a weak reference is copied as it is); slots and plans, which hold the original's device
-        addresses, are made again on first use."""
-        groups = [DecodeGroup([copy.deepcopy(layer, memo) for layer in g.layers], g.name, offloaded=g.offloaded)
-                  for g in self.groups]
-        new = memo[id(self)] = Runtime(groups, prefetch=self.prefetch)
-        return new
+    def __reduce__(self):
+        """``copy.deepcopy`` and pickling of a model: a fresh runtime over the (copied) layers, attached to them
+        (layers hold their runtime weakly, and a weak reference is copied as it is); slots and plans, which hold
+        device addresses, are made again on first use."""
+        return (_rebuild, ([(g.layers, g.name, g.offloaded) for g in self.groups], self.prefetch))
 
     def _state(self, device: torch.device) -> _DeviceState:
         st = self._devices.get(device)
@@ -329,6 +324,11 @@ class Runtime:
         """Wait for the GPU and raise :class:`cupycodec.BackendError` if a decode reported a bad chunk."""
         for g in self.groups:
             g.check()
+
+
+def _rebuild(groups: list, prefetch: bool) -> Runtime:
+    return Runtime([DecodeGroup(layers, name, offloaded=offloaded) for layers, name, offloaded in groups],
+                   prefetch=prefetch)
 
 
 def pick_staging(staged: list, keep: int | None) -> int:

@@ -88,6 +88,20 @@ def test_del_frees_a_model_at_once_and_deepcopy_gives_an_independent_one(mode, m
         gc.enable()
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_whole_model_pickles_with_torch_save(mode, tmp_path):
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    want = _logits(model)
+    torch.save(model, tmp_path / "m.pt")  # the module itself, not its state dict
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(_logits(back), want)
+    if mode != "int8":
+        rt = back._cupycodec_runtime[0]
+        assert rt is not model._cupycodec_runtime[0]
+        assert all(m._own_runtime() is rt for m in back.modules() if isinstance(m, CompressedLinear))
+
+
 def test_blocks_come_from_the_module_tree():
     model = tiny_llama()
     assert [f for f, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
