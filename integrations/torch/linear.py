@@ -305,10 +305,18 @@ class CompressedLinear(torch.nn.Module):
             self._standalone = rt  # a group of one, in a runtime of its own
         return rt
 
+    def _decoded(self, device: torch.device) -> list[torch.Tensor]:
+        """This layer's decoded tensors in its runtime's slot (decoding its group first if no slot holds it)."""
+        return self._own_runtime().views(*self._slot_index, device)
+
+    # what torch.compile calls instead: the runtime's bookkeeping runs as Python between compiled graphs (Dynamo
+    # cannot trace it); eager forwards skip the wrapper, which costs host time on every call
+    _decoded_untraced = torch.compiler.disable(_decoded)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8" and not self._offloaded:
             return ops.linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
-        views = self._own_runtime().views(*self._slot_index, x.device)
+        views = self._decoded_untraced(x.device) if torch.compiler.is_compiling() else self._decoded(x.device)
         if self.mode == "lossless":
             return F.linear(x, views[0], self.bias)
         codes, scales = views  # int8+entropy, or offloaded int8: where the block's staging put them

@@ -355,6 +355,7 @@ def block_hook(block: torch.nn.Module, layer) -> torch.utils.hooks.RemovableHand
     return block.register_forward_pre_hook(_enter_block, with_kwargs=True)
 
 
+@torch.compiler.disable  # runs as Python between compiled graphs: Dynamo does not trace the runtime
 def _enter_block(module, args, kwargs):
     layer = module.__dict__.get("_cupycodec_layer")
     rt = layer._runtime() if layer is not None and layer._runtime is not None else None
