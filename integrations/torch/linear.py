@@ -272,7 +272,9 @@ class CompressedLinear(torch.nn.Module):
         if self.mode == "int8":
             return ops.dequantize(self.qweight, self.scale, self.granularity, self.group_size, dtype)
         c = self._container(self.packed.device)
-        out = torch.empty((self.out_features, self.in_features), dtype=dtype, device=self.packed.device)
+        # lossless: decoded in its own dtype, then cast if asked; INT8 containers dequantize straight to ``dtype``
+        out = torch.empty((self.out_features, self.in_features),
+                          dtype=self.weight_dtype if self.mode == "lossless" else dtype, device=self.packed.device)
         stream = current_stream(out.device)
         if c.on_device and c.trusted:
             # a plan of its own, its scratch from torch and gone with it: cc.decompress(c, out=) would keep its plan
@@ -282,7 +284,7 @@ class CompressedLinear(torch.nn.Module):
             plan.run_and_wait(stream)
         else:  # the CPU, or untrusted bytes (decoded by the hardened CPU decoders, then uploaded)
             cc.decompress(c, out=out, stream=stream)
-        return out
+        return out.to(dtype)
 
     # -- runtime ----------------------------------------------------------------------------------------------
     def __getstate__(self):
@@ -318,7 +320,10 @@ class CompressedLinear(torch.nn.Module):
             return ops.linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
         views = self._decoded_untraced(x.device) if torch.compiler.is_compiling() else self._decoded(x.device)
         if self.mode == "lossless":
-            return F.linear(x, views[0], self.bias)
+            w = views[0]
+            if w.dtype != x.dtype:  # the module was cast (.half(), .float()): the decoded weight follows, per call
+                w = w.to(x.dtype)
+            return F.linear(x, w, self.bias)
         codes, scales = views  # int8+entropy, or offloaded int8: where the block's staging put them
         return ops.linear(x, codes, scales, self.bias, self.granularity, self.group_size)
 
@@ -343,7 +348,12 @@ class CompressedLinear(torch.nn.Module):
             self._set_template(parsed)
 
     def _apply(self, fn, recurse=True):
+        scale = self._buffers.get("scale")
         out = super()._apply(fn, recurse)
+        moved = self._buffers.get("scale")
+        if scale is not None and moved is not None and moved.dtype != torch.float32:
+            # a dtype cast (.half(), .to(dtype)): INT8 scales stay float32 and exact, only their device follows
+            self._buffers["scale"] = scale.to(moved.device)
         self._views = {}  # buffers may have moved; the template keeps the header
         return out
 

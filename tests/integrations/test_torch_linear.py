@@ -146,6 +146,22 @@ def test_eager_forward_skips_the_op_dispatch_unless_autograd_needs_it(monkeypatc
         assert torch.equal(cl(x.clone().requires_grad_()), y) and len(calls) == 2  # no grad mode: direct again
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("cast,dtype", [("half", torch.float16), ("float", torch.float32)])
+def test_a_cast_layer_computes_in_the_new_dtype_with_exact_scales(mode, cast, dtype):
+    # .half() / .float() cast parameters and float buffers: the INT8 scales must stay float32 (a float16 copy would
+    # round them, and the GPU kernel reads float32), and lossless weights, stored as bf16, follow the activations
+    cl = CompressedLinear.from_linear(_linear(), mode)
+    getattr(cl, cast)()
+    assert cl.bias.dtype == dtype and (mode != "int8" or cl.scale.dtype == torch.float32)
+    x = torch.randn(3, 256, dtype=torch.bfloat16).to(dtype)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, cl.decompress_weight(dtype), cl.bias)
+        assert torch.equal(cl(x), want)
+    if mode == "int8":  # the scales are the compressed layer's own, bit for bit
+        assert torch.equal(cl.scale, CompressedLinear.from_linear(_linear(), "int8").scale)
+
+
 def test_tensor_helpers_round_trip_bf16():
     t = torch.randn(64, 33, dtype=torch.bfloat16)
     c = to_compressed(t[:, ::2], codec="zstd")  # a non-contiguous view, as it is
