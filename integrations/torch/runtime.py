@@ -18,6 +18,8 @@ Scratch, plans and payloads are torch tensors (the plans' tables come from ``all
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 import cupycodec as cc
@@ -140,7 +142,7 @@ class DecodeGroup:
         plan = plans.get(key)
         if plan is None:  # once per slot and payload placement: built before any graph capture, on a warm-up pass
             if forget:  # payloads that moved: their plans go
-                for k in [k for k in plans if k[0] == key[0]]:
+                for k in [k for k in list(plans) if k[0] == key[0]]:  # list(): another thread may add one
                     del plans[k]
             if any(entropy) and not all(entropy):
                 raise ValueError(f"group {self.name}: mixes lossless and int8+entropy layers; compress a model with "
@@ -184,13 +186,16 @@ class Runtime:
         self.prefetch = prefetch
         self.slot_nbytes = max((g.nbytes for g in groups), default=0)
         self.staging_nbytes = max((g.stored_nbytes for g in groups if g.offloaded), default=0)
-        self._devices: dict[torch.device, _DeviceState] = {}
+        # per (thread, device): which block each slot holds is the state of one forward pass, so threads running
+        # the model at once each get their own slots (a thread that ends leaves its state to the next with its id)
+        self._devices: dict[tuple[int, torch.device], _DeviceState] = {}
         for gi, g in enumerate(groups):
             for li, layer in enumerate(g.layers):
                 layer._attach(self, gi, li)
 
     def __repr__(self):
-        return f"<Runtime groups={len(self.groups)} slot_nbytes={self.slot_nbytes} devices={list(self._devices)}>"
+        devices = list(dict.fromkeys(d for _, d in self._devices))
+        return f"<Runtime groups={len(self.groups)} slot_nbytes={self.slot_nbytes} devices={devices}>"
 
     def __reduce__(self):
         """``copy.deepcopy`` and pickling of a model: a fresh runtime over the (copied) layers, attached to them
@@ -199,9 +204,10 @@ class Runtime:
         return (_rebuild, ([(g.layers, g.name, g.offloaded) for g in self.groups], self.prefetch))
 
     def _state(self, device: torch.device) -> _DeviceState:
-        st = self._devices.get(device)
+        key = (threading.get_ident(), device)
+        st = self._devices.get(key)
         if st is None:
-            st = self._devices[device] = _DeviceState()
+            st = self._devices[key] = _DeviceState()
         if not st.slots:  # allocated when a group first decodes
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1
             st.slots = [torch.empty(max(self.slot_nbytes, 1), dtype=torch.uint8, device=device) for _ in range(n)]
@@ -314,7 +320,7 @@ class Runtime:
     def reset(self) -> None:
         """Forget which slots hold which block (before capturing a CUDA graph, so the graph decodes every block).
         Waits for the device where blocks are staged: the events that ordered reuse of their buffers are dropped."""
-        for device, st in self._devices.items():
+        for (_, device), st in self._devices.items():
             if st.staging:
                 torch.cuda.synchronize(device)
             st.resident = [None] * len(st.slots)

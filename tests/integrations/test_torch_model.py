@@ -119,6 +119,30 @@ def test_every_mode_runs_under_torch_compile(mode):
         assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0) and torch.equal(_logits(model), want)
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_threads_running_one_model_at_once_get_exact_results(mode):
+    # which block a slot holds is per forward pass: two threads must not decode into each other's slots
+    import threading
+
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    ids = [torch.tensor([[1, 17, 33, 5]]), torch.tensor([[99, 64, 2, 7, 11, 3]])]
+    want = [model(i).logits.detach() for i in ids]
+    wrong = [0, 0]
+
+    def work(k):
+        for _ in range(15):
+            with torch.no_grad():
+                wrong[k] += not torch.equal(model(ids[k]).logits, want[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]
+
+
 def test_blocks_come_from_the_module_tree():
     model = tiny_llama()
     assert [f for f, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
