@@ -96,6 +96,8 @@ def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: i
         pointers = (ctypes.c_void_p * _MAX_ARGS)(*(base + 8 * i for i in range(_MAX_ARGS)))
         params = st["params"] = (values, pointers, ctypes.addressof(pointers), set())
     values, _, pointers_at, ready = params
+    if len(args) > _MAX_ARGS:
+        raise ValueError(f"launch() passes at most {_MAX_ARGS} kernel arguments, got {len(args)}")
     values[: len(args)] = args
     if device not in ready or cupy.cuda.runtime.getDevice() != device:
         with cupy.cuda.Device(device):
