@@ -23,8 +23,8 @@ __all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "linear", "reserve_scratch
 
 # Up to this many rows of activations the fused GEMV beats dequantize + cuBLAS; measured on an H200 (bench_torch.py,
 # benchmarks/RESULTS.md, third session of 2026-12-02, eight Llama shapes): the tensor-core kernel takes the same time
-# from M = 1 to 8 and 0.47-0.90x the cuBLAS route's time at M = 16; the FMA kernel (fp32 activations, small groups)
-# grows with M and is 0.94-1.03x the cuBLAS route at M = 8 on six of eight shapes (second session).
+# from M = 1 to 8 and 0.36-0.61x the cuBLAS route's time at M = 16 (call 4); the FMA kernel (fp32 activations, small
+# groups) grows with M and is 0.94-1.03x the cuBLAS route at M = 8 on six of eight shapes (second session).
 GEMV_MAX_M = 16
 GEMV_MAX_M_FMA = 8
 
