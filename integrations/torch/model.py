@@ -193,8 +193,14 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         else:
             chosen.append((fqn, m))
     if not chosen:
+        done = sum(isinstance(m, CompressedLinear) for m in model.modules())
         names = ", ".join(f for f, _ in linears[:5]) + (", ..." if len(linears) > 5 else "")
-        raise ValueError(f"filter_fn matched none of the {len(linears)} Linear layers ({names})")
+        if done and filter_fn is None:
+            raise ValueError(f"{type(model).__name__} is already compressed ({done} CompressedLinear layers; left "
+                             f"uncompressed by default: {names}); to compress it another way, start again from its "
+                             "original weights")
+        why = "filter_fn matched" if filter_fn is not None else "the default rules chose"
+        raise ValueError(f"{why} none of the {len(linears)} Linear layers ({names})")
     for fqn, m in chosen:
         if m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"layer {fqn!r}: its weight is {m.weight.dtype}; compress_model compresses float32, "

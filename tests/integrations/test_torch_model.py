@@ -174,6 +174,9 @@ def test_filter_and_errors_leave_the_model_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     only_mlp = compress_model(model, "int8", filter_fn=lambda m, fqn: ".mlp." in fqn, progress=False)
     assert len(only_mlp.layers) == 9 and "model.layers.0.self_attn.q_proj" in only_mlp.skipped
+    compress_model(model, "int8", progress=False)  # the rest
+    with pytest.raises(ValueError, match=r"already compressed \(21 CompressedLinear layers.*original weights"):
+        compress_model(model, "lossless", progress=False)
 
 
 def test_a_non_float_weight_names_the_layer():
