@@ -19,6 +19,7 @@ import argparse
 import copy
 import gc
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -187,11 +188,6 @@ def _graph_tok_s(model, prompt, n_new):
     return n_new / dt, torch.cat(tokens, 1)
 
 
-def _median(values):
-    v = sorted(values)
-    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
-
-
 def bench_e2e(rows, configs, modes, n_new=128, rounds=4, eager_tokens=32):
     """Every mode's model is built first and kept; then the host-bound figures (prefill-512 and eager generate) are
     measured in ``rounds`` rounds that take the modes in turn, and the median of all but the first (a warm-up: this
@@ -253,9 +249,9 @@ def bench_e2e(rows, configs, modes, n_new=128, rounds=4, eager_tokens=32):
             if "error" in row:
                 continue
             try:
-                row["prefill512_ms"] = _median(prefill[mode][1:])
+                row["prefill512_ms"] = statistics.median(prefill[mode][1:])
                 row["prefill512_ms_rounds"] = prefill[mode]
-                row["eager_tok_s"] = _median(eager[mode][1:])
+                row["eager_tok_s"] = statistics.median(eager[mode][1:])
                 row["eager_tok_s_rounds"] = eager[mode]
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

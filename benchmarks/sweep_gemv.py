@@ -42,7 +42,8 @@ def main(argv=None) -> int:
                        "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a])}
                 for u in (2, 4, 8):
                     for w in (1, 2, 4, 8):
-                        row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: _run(t, w, u) for t in a])
+                        row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
+                            *t, kernel="mma", warps=w, unroll=u) for t in a])
             best = min((v, key) for key, v in row.items() if key.startswith("u"))
             row["best"] = best[1]
             row["best_of_copy"] = read / best[0] / 1e3 / bw
@@ -55,20 +56,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)
     return 0
-
-
-def _run(t, warps, unroll):
-    from cupycodec.integrations.torch.dlpack import raw_stream
-    from cupycodec.kernels import gemv
-
-    x, q, s = t[0], t[1], t[2]
-    n, k = q.shape
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    dev = x.get_device()
-    gemv.gemv_int8(x.data_ptr(), k, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), m=x.shape[0], k=k, n=n,
-                   dtype_name="BF16", granularity="channel", group_size=None, device=dev, stream_ptr=raw_stream(dev),
-                   warps=warps, kernel="mma", unroll=unroll)
-    return y
 
 
 if __name__ == "__main__":

@@ -1544,12 +1544,7 @@ def dequantize_raw(codes_ptr: int, scales_ptr: int, out_ptr: int, shape, *, gran
     if stream_ptr is None:
         _kernel(name)((grid,), (_BLOCK,), args)
     else:
-        launch(_handle(device, name), grid, _BLOCK, args, device, stream_ptr)
-
-
-@functools.cache
-def _handle(device: int, name: str) -> tuple:
-    return kernel_handle(_kernel_on(device, name), device)
+        launch(handle(device, name), grid, _BLOCK, args, device, stream_ptr)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1599,6 +1594,7 @@ def dequantize_many_args(dtype_name: str, desc_ptr: int, items: int, blocks: int
             (np.uint64(desc_ptr), np.int32(items)))
 
 
+@functools.cache
 def handle(device: int, name: str) -> tuple:
     """The :func:`cupycodec._cuda.launch` handle of kernel ``name`` on ``device``."""
-    return _handle(device, name)
+    return kernel_handle(_kernel_on(device, name), device)
