@@ -3,7 +3,8 @@
 # the named stages in order, each under its own time limit, with its log and JSON under $OUT.
 # Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
-# torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu), offload
+# torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu, 8 cases at once),
+# fuzzsan (fuzz_gpu under compute-sanitizer memcheck), offload
 # (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
@@ -36,8 +37,11 @@ for arg in "$@"; do
           tail -20 "$OUT/bench_checkpoint.log" ;;
     zarr) timeout -k 5 "$secs" python3 benchmarks/bench_zarr.py --device cuda ${ZARR_ARGS:-} --json "$OUT/bench_zarr.json" \
             >"$OUT/bench_zarr.log" 2>&1; rc=$?; tail -20 "$OUT/bench_zarr.log" ;;
-    fuzz) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --trials 40 \
-            --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
+    fuzz) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --trials 40 --jobs 8 \
+            ${FUZZ_ARGS:-} --json "$OUT/fuzz_gpu.json" >"$OUT/fuzz_gpu.log" 2>&1; rc=$?; tail -30 "$OUT/fuzz_gpu.log" ;;
+    fuzzsan) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --sanitizer --trials 6 \
+               --jobs 8 ${FUZZSAN_ARGS:-} --json "$OUT/fuzz_sanitizer.json" >"$OUT/fuzz_sanitizer.log" 2>&1; rc=$?
+             tail -30 "$OUT/fuzz_sanitizer.log" ;;
     prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1

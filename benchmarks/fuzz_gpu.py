@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import importlib.util
@@ -60,6 +61,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import zlib
@@ -406,7 +408,7 @@ def _log_size(path: Path | None) -> int:
 
 
 def run_case(case: str, trials: int, worker_argv, *, workdir: Path, timeout: float, startup_timeout: float,
-             deadline: float, sanitizer: bool = False, env: dict | None = None, log=print) -> dict:
+             deadline: float, sanitizer: bool = False, env: dict | None = None, log=print, tag: str = "") -> dict:
     """Run trials 0..trials-1 of one case through workers, restarting after every death or timeout.
 
     ``worker_argv(start, log_path)`` gives the command of a worker that runs trials [start, trials) and prints
@@ -430,9 +432,10 @@ def run_case(case: str, trials: int, worker_argv, *, workdir: Path, timeout: flo
         if time.monotonic() >= deadline:
             stopped = "budget"
             break
-        log_path = workdir / f"{case}.w{len(workers)}.sanitizer.log" if sanitizer else None
+        stem = f"{tag + '-' if tag else ''}{case}.w{len(workers)}"  # cases of both modes may run at once
+        log_path = workdir / f"{stem}.sanitizer.log" if sanitizer else None
         w = _Worker(worker_argv(next_trial, None if log_path is None else str(log_path)),
-                    workdir / f"{case}.w{len(workers)}.stderr", env)
+                    workdir / f"{stem}.stderr", env)
         winfo = {"pid": w.proc.pid, "first_trial": next_trial, "stderr": str(w.stderr_path),
                  "log": None if log_path is None else str(log_path), "snapshots": [], "died_on": None}
         workers.append(winfo)
@@ -662,6 +665,9 @@ def _parse_args(argv):
     p.add_argument("--sanitizer", action="store_true", help="run workers under compute-sanitizer --tool memcheck")
     p.add_argument("--budget-s", type=float, default=1200.0, help="stop after this many seconds and report")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cases run at once, each in its own worker processes (a CUDA error kills only its worker's "
+                        "context)")
     p.add_argument("--chunk-kib", type=int, default=64, help="chunk size in KiB (512 KiB arrays: 8 chunks)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: decode on the host (checks the harness without a GPU)")
@@ -711,44 +717,53 @@ def main(argv=None) -> int:
     print(f"work directory: {workdir}", flush=True)
     cases, info = _prepare(args, workdir, env)
     modes = ["default", "trusted"] if args.mode == "both" else [args.mode]
-    runnable = [c for c in cases if "skipped" not in c]
-    remaining = len(runnable) * len(modes)
-    results: dict[str, list[dict]] = {m: [] for m in modes}
-    interrupted = False
-    for mode in modes:
-        for c in cases:
-            if "skipped" in c:
-                results[mode].append({**c, "trials_requested": args.trials, "trials_run": 0})
-                continue
+    tasks = [(mode, c) for mode in modes for c in cases]
+    remaining = [sum("skipped" not in c for _, c in tasks)]
+    lock = threading.Lock()
+    interrupted = threading.Event()
+
+    def do(task) -> dict:
+        mode, c = task
+        if "skipped" in c:
+            return {**c, "trials_requested": args.trials, "trials_run": 0}
+        with lock:  # each running case gets an equal share of what is left; --jobs of them run at once
             now = time.monotonic()
-            share = now + max(0.0, deadline - now) / max(1, remaining)
-            remaining -= 1
-            print(f"[{mode}] {c['case']}: {c['n_encoded']}/{c['n_chunks']} chunks encoded, "
-                  f"{max(0.0, share - now):.0f} s of budget", flush=True)
-            if interrupted:
+            share = min(deadline, now + max(0.0, deadline - now) * args.jobs / max(1, remaining[0]))
+            remaining[0] -= 1
+        print(f"[{mode}] {c['case']}: {c['n_encoded']}/{c['n_chunks']} chunks encoded, "
+              f"{max(0.0, share - now):.0f} s of budget", flush=True)
+        if interrupted.is_set():
+            r = {"case": c["case"], "trials_requested": args.trials, "trials_run": 0, "stopped": "interrupted"}
+        else:
+            try:
+                r = run_case(c["case"], args.trials, _worker_argv_factory(args, workdir, c["case"], mode,
+                                                                          sanitizer_exe),
+                             workdir=workdir, timeout=args.timeout, startup_timeout=args.startup_timeout,
+                             deadline=share, sanitizer=args.sanitizer, env=env, tag=mode)
+            except KeyboardInterrupt:
+                interrupted.set()
                 r = {"case": c["case"], "trials_requested": args.trials, "trials_run": 0, "stopped": "interrupted"}
-            else:
-                try:
-                    r = run_case(c["case"], args.trials, _worker_argv_factory(args, workdir, c["case"], mode,
-                                                                              sanitizer_exe),
-                                 workdir=workdir, timeout=args.timeout, startup_timeout=args.startup_timeout,
-                                 deadline=share, sanitizer=args.sanitizer, env=env)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    r = {"case": c["case"], "trials_requested": args.trials, "trials_run": 0,
-                         "stopped": "interrupted"}
-            r.update(codec=c["codec"], data=c["data"], n_chunks=c["n_chunks"], n_encoded=c["n_encoded"])
-            for rec in r.get("records", []):
-                if rec.get("n_bytes") is None:  # a trial the driver charged (death, hang)
-                    rec["n_bytes"] = trial_rng(c["case"], args.seed, rec["trial"])[1]
-            if args.save_blobs and r.get("records"):
-                r["saved_blobs"] = _save_blobs(args, workdir, mode, r)
-            results[mode].append(r)
-            print(f"    {r.get('counts', {})} restarts={r.get('restarts', 0)}"
-                  + (f" error={r['error']}" if r.get("error") else ""), flush=True)
-            warm = r.get("warmup") or {}
-            if warm.get("outcome") not in (None, "same", "refused"):
-                print(f"    WARNING: the unmodified container gave {warm['outcome']}: {warm.get('error')}", flush=True)
+        r.update(codec=c["codec"], data=c["data"], n_chunks=c["n_chunks"], n_encoded=c["n_encoded"])
+        for rec in r.get("records", []):
+            if rec.get("n_bytes") is None:  # a trial the driver charged (death, hang)
+                rec["n_bytes"] = trial_rng(c["case"], args.seed, rec["trial"])[1]
+        if args.save_blobs and r.get("records"):
+            r["saved_blobs"] = _save_blobs(args, workdir, mode, r)
+        print(f"    [{mode}] {c['case']}: {r.get('counts', {})} restarts={r.get('restarts', 0)}"
+              + (f" error={r['error']}" if r.get("error") else ""), flush=True)
+        warm = r.get("warmup") or {}
+        if warm.get("outcome") not in (None, "same", "refused"):
+            print(f"    WARNING: the unmodified container gave {warm['outcome']}: {warm.get('error')}", flush=True)
+        return r
+
+    if args.jobs == 1:
+        done = [do(t) for t in tasks]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(do, tasks))
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    for (mode, _), r in zip(tasks, done):
+        results[mode].append(r)
 
     tables = [markdown_table(results[m], m) for m in modes]
     print()

@@ -341,6 +341,25 @@ def test_campaign_end_to_end_on_the_cpu(tmp_path):
     assert next(r for r in results if r["case"] == "gzip-i32")["counts"] == {"reported": 12}  # gzip's own CRC32
 
 
+def test_cases_of_both_modes_run_at_once_and_report_like_one_at_a_time(tmp_path):
+    """--jobs runs cases concurrently: both modes of one case at once must not share worker files, and the
+    records must be those of a serial run (each trial's blob depends on (seed, case, trial) only)."""
+    docs = {}
+    for jobs in ("1", "4"):
+        out = tmp_path / f"fuzz{jobs}.json"
+        proc = _run_script("--device", "cpu", "--codecs", "zstd,gzip", "--data", "i32", "--trials", "6", "--jobs", jobs,
+                           "--workdir", str(tmp_path / f"work{jobs}"), "--json", str(out))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        docs[jobs] = json.loads(out.read_text())["results"]
+    for mode in ("default", "trusted"):
+        serial, parallel = docs["1"][mode], docs["4"][mode]
+        assert [r["case"] for r in serial] == [r["case"] for r in parallel] == ["zstd-i32", "gzip-i32"]
+        for a, b in zip(serial, parallel):
+            assert b["trials_run"] == 6 and b["restarts"] == 0
+            assert [(x["trial"], x["outcome"]) for x in a["records"]] == [(x["trial"], x["outcome"]) for x in b["records"]]
+    assert len(list((tmp_path / "work4").glob("*.stderr"))) == 4  # one worker per case and mode, none overwritten
+
+
 def _trust_model() -> bool:
     return hasattr(cc, "UntrustedError") and "trusted" in inspect.signature(cc.CompressedArray.from_bytes).parameters
 
