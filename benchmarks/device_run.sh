@@ -5,7 +5,8 @@
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu, 8 cases at once),
 # fuzzsan (fuzz_gpu under compute-sanitizer memcheck), offload
-# (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), pytest=EXPR
+# (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), ncu (Nsight Compute on
+# benchmarks/gemv_once.py), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -48,6 +49,11 @@ for arg in "$@"; do
          rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log" ;;
     sweep) timeout -k 5 "$secs" python3 benchmarks/sweep_gemv.py --json "$OUT/sweep_gemv.json" >"$OUT/sweep_gemv.log" 2>&1
            rc=$?; grep -o '"shape[^}]*"best[^}]*' "$OUT/sweep_gemv.log" | cut -c1-200 ;;
+    ncu) timeout -k 5 "$secs" ncu --clock-control none --target-processes all --kernel-name regex:"gemv|gemm" \
+           --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+           --section LaunchStats python3 benchmarks/gemv_once.py ${NCU_ARGS:-} >"$OUT/ncu_gemv.log" 2>&1; rc=$?
+         grep -E "^  [a-z_]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall|One or More" \
+           "$OUT/ncu_gemv.log" | head -80 ;;
     offload) timeout -k 5 "$secs" python3 benchmarks/bench_offload.py ${OFFLOAD_ARGS:-} --json "$OUT/bench_offload.json" \
                >"$OUT/bench_offload.log" 2>&1; rc=$?; tail -20 "$OUT/bench_offload.log" ;;
     *) echo "unknown stage $stage"; rc=2 ;;

@@ -20,7 +20,7 @@ ACTS = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"F32": 1e-5, "F16": 1e-3, "BF16": 8e-3}
 
 
-def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None):
+def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, unroll=None):
     import cupy
 
     m, k = x.shape
@@ -32,7 +32,7 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None):
     gemv.gemv_int8(xd.data.ptr, k, qd.data.ptr, sd.data.ptr, bd.data.ptr if bd is not None else 0, yd.data.ptr,
                    m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity, group_size=group,
                    device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps,
-                   kernel=kernel)
+                   kernel=kernel, unroll=unroll)
     y = yd.get()
     return y.view(ml_dtypes.bfloat16) if dtype_name == "BF16" else y
 
@@ -46,10 +46,10 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None):
 def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granularity, group, dtype_name, m):
     import cupy
 
-    if kernel == "mma" and not gemv.mma_supported(dtype_name, granularity, group, cupy.cuda.runtime.getDevice()):
+    if kernel != "fma" and not gemv.mma_supported(dtype_name, granularity, group, cupy.cuda.runtime.getDevice()):
         with pytest.raises(ValueError, match="mma_supported"):
             gemv.gemv_int8(0, k, 0, 0, 0, 0, m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity,
-                           group_size=group, device=0, stream_ptr=0, kernel="mma")
+                           group_size=group, device=0, stream_ptr=0, kernel=kernel)
         return
     rng = np.random.default_rng(n * 31 + k + m)
     w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
@@ -63,6 +63,37 @@ def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granul
     assert y.shape == (m, n) and err < TOL[dtype_name]
 
 
+@pytest.mark.parametrize("kernel,unroll", [("mma", 2), ("mma", 4), ("mma", 8), ("pipe", 2), ("pipe", 3), ("pipe", 4)])
+@pytest.mark.parametrize("warps", [1, 2, 8])
+@pytest.mark.parametrize("n,k,m", [(1000, 1088, 1), (37, 4096 + 192, 12), (300, 64 * 9, 8)])
+@pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 128)])
+def test_every_depth_of_the_tensor_core_kernels_matches_the_reference(kernel, unroll, warps, n, k, m, granularity,
+                                                                      group):
+    """Steps in flight (mma: registers, pipe: cp.async ring slots) change which steps a warp holds at once, and
+    the ring's prologue and zero-filled steps past the end: every depth against the float64 reference."""
+    import cupy
+
+    if not gemv.mma_supported("BF16", granularity, group, cupy.cuda.runtime.getDevice()):
+        pytest.skip("needs sm_80 for the tensor-core kernels")
+    rng = np.random.default_rng(n + k + m + unroll)
+    w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
+    q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group or 128)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16)
+    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name="BF16", kernel=kernel,
+             unroll=unroll)
+    wd = reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group or 128, dtype=np.float64)
+    ref = x.astype(np.float64) @ wd.T + bias.astype(np.float64)
+    assert np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref) < TOL["BF16"]
+
+
+def test_unroll_is_checked_per_kernel():
+    for kernel, bad in (("mma", 3), ("pipe", 8), ("fma", 2)):
+        with pytest.raises(ValueError, match="unroll"):
+            gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
+                           group_size=None, device=0, stream_ptr=0, kernel=kernel, unroll=bad)
+
+
 def test_mma_takes_every_code_exactly():
     """All 256 codes in every position of a 64-code step, with one-hot activations: each output is one code times
     its scale, so any code the byte permutes convert wrongly shows as a wrong value, not as noise in a tolerance."""
@@ -73,13 +104,15 @@ def test_mma_takes_every_code_exactly():
     k, n = 256, 256
     q = ((np.arange(n)[:, None] + np.arange(k)[None, :]) % 256 - 128).astype(np.int8)
     s = np.ones(n, np.float32)
-    for dtype_name in ("BF16", "F16"):
-        for col in (0, 1, 2, 3, 17, 63, 64, 255):
-            x = np.zeros((1, k), ACTS[dtype_name])
-            x[0, col] = 1
-            y = _run(x, q, s, None, granularity="channel", group=None, warps=None, dtype_name=dtype_name,
-                     kernel="mma")
-            assert np.array_equal(y[0].astype(np.float32), q[:, col].astype(np.float32)), (dtype_name, col)
+    for kernel in ("mma", "pipe"):
+        for dtype_name in ("BF16", "F16"):
+            for col in (0, 1, 2, 3, 17, 63, 64, 255):
+                x = np.zeros((1, k), ACTS[dtype_name])
+                x[0, col] = 1
+                y = _run(x, q, s, None, granularity="channel", group=None, warps=None, dtype_name=dtype_name,
+                         kernel=kernel)
+                assert np.array_equal(y[0].astype(np.float32), q[:, col].astype(np.float32)), (kernel, dtype_name,
+                                                                                               col)
 
 
 def test_default_variant_choice():
