@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -101,3 +103,33 @@ def test_batches_of_many_arrays_decode_in_one_pass(threads, monkeypatch):
     cc.decompress_many(packed, out=outs)
     for a, y in zip(arrays, outs):
         np.testing.assert_array_equal(y, a)
+
+
+@pytest.mark.parametrize("planes", [False, True])
+def test_workers_drop_the_mapped_payload_as_they_go(planes):
+    """A decoding worker releases the pages of what it has read every ~1 MiB of compressed bytes, not once at the
+    end of its group, so the resident part of a memory-mapped file stays near threads x 1 MiB on many cores."""
+    from cupycodec.backends import cpu
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(8 << 20 >> 2).astype(np.float32)  # 8 MiB, barely compressible
+    c = cc.compress(x, codec="zstd", chunk_nbytes=65536, filters=["byteplane"] if planes else None, backend="cpu")
+    calls = []
+    payload = c._host_payload()
+    out = np.empty(x.nbytes, np.uint8)
+    if planes:
+        k, rotate, big = c.pipeline[0].params(c.spec)
+        work = cpu.DecodePlanes(payload, c.segments, out, k, rotate, big, True, lambda a, b: calls.append((a, b)))
+    else:
+        work = cpu.DecodeSegment(payload, c.segments[0], memoryview(out), True, lambda a, b: calls.append((a, b)))
+    work.run(3, work.n)
+    first = 3 * 65536 * (4 if planes else 1)  # a plane chunk covers 65536 words; a plain one 65536 bytes
+    assert np.array_equal(out[first:].view(np.float32), x[first // 4 :])
+    for seg in c.segments:  # per segment: contiguous ranges from chunk 3 to the end, each about 1 MiB or less
+        offs, sizes = seg.chunk_offsets, seg.table.comp_nbytes
+        mine = [(a, b) for a, b in calls if offs[3] <= a < offs[-1] + sizes[-1]]
+        assert mine[0][0] == offs[3] and mine[-1][1] == offs[-1] + sizes[-1]
+        assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(mine))
+        assert len(mine) >= 2
+    step = max(b - a for a, b in calls)
+    assert step <= cpu._RELEASE_NBYTES + 2 * 65536 + 4096

@@ -26,6 +26,7 @@ __all__ = ["DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Wo
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 _INLINE_NBYTES = 1 << 20  # below this, threads cost more than they save
+_RELEASE_NBYTES = 1 << 20  # compressed bytes a worker decodes between drops of a mapped file's pages
 
 
 def num_threads() -> int:
@@ -263,6 +264,25 @@ def _decode_chunk(seg, i: int, src, dst) -> None:
         raise BackendError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
 
 
+class _Released:
+    """Drops a memory-mapped payload's pages from the resident set as a worker's chunks are decoded, every
+    :data:`_RELEASE_NBYTES` of compressed bytes (so each thread keeps about that much of the file mapped, whatever
+    the group size), and the rest at the end. ``columns``: per segment read, (chunk offsets, chunk sizes)."""
+
+    __slots__ = ("columns", "pending", "release", "start")
+
+    def __init__(self, release, columns, lo: int):
+        self.release, self.columns, self.start, self.pending = release, columns, lo, 0
+
+    def step(self, i: int, nbytes: int, final: bool = False) -> None:
+        self.pending += nbytes
+        if self.release is None or i < self.start or not (final or self.pending >= _RELEASE_NBYTES):
+            return
+        for offs, sizes in self.columns:
+            self.release(int(offs[self.start]), int(offs[i] + sizes[i]))
+        self.start, self.pending = i + 1, 0
+
+
 class DecodeSegment(Work):
     """Decode a segment's chunks into ``out`` (a writable uint8 memoryview of ``seg.raw_nbytes``); with ``verify``,
     each chunk's CRC is checked right before it is decoded (:class:`~cupycodec.ChecksumError` names the chunk)."""
@@ -280,6 +300,7 @@ class DecodeSegment(Work):
         flags = seg.table.flags
         c = seg.chunk_nbytes
         crc = _crc32_impl() if self.verify else None
+        done = _Released(self.release, [(offs, sizes)], lo)
         for i in range(lo, hi):
             o, s = int(offs[i]), int(sizes[i])
             src = payload[o : o + s]
@@ -290,8 +311,8 @@ class DecodeSegment(Work):
                 dst[:] = src
             else:
                 _decode_chunk(seg, i, src, dst)
-        if self.release is not None:
-            self.release(int(offs[lo]), int(offs[hi - 1] + sizes[hi - 1]))
+            done.step(i, s)
+        done.step(hi - 1, 0, final=True)
 
 
 class DecodePlanes(Work):
@@ -311,8 +332,10 @@ class DecodePlanes(Work):
         planes = self.planes
         crc = _crc32_impl() if self.verify else None
         cols = [(s, s.chunk_offsets, s.table.comp_nbytes, s.table.flags) for s in segs]
+        done = _Released(self.release, [(offs, sizes) for _, offs, sizes, _ in cols], lo)
         for i in range(lo, hi):
             m = min(c, self.words - i * c)
+            read = 0
             for (seg, offs, sizes, flags), dst in zip(cols, planes.rows(m)):
                 o, s = int(offs[i]), int(sizes[i])
                 src = payload[o : o + s]
@@ -322,10 +345,10 @@ class DecodePlanes(Work):
                     dst[:] = src
                 else:
                     _decode_chunk(seg, i, src, dst)
+                read += s
             planes.merge_into(self.out[i * c * k : (i * c + m) * k])
-        if self.release is not None:
-            for _, offs, sizes, _ in cols:
-                self.release(int(offs[lo]), int(offs[hi - 1] + sizes[hi - 1]))
+            done.step(i, read)
+        done.step(hi - 1, 0, final=True)
 
 
 def decode_segments(jobs, verify: bool = False) -> None:
