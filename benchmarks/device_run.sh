@@ -49,7 +49,7 @@ for arg in "$@"; do
          rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log" ;;
     sweep) timeout -k 5 "$secs" python3 benchmarks/sweep_gemv.py --json "$OUT/sweep_gemv.json" >"$OUT/sweep_gemv.log" 2>&1
            rc=$?; grep -o '"shape[^}]*"best[^}]*' "$OUT/sweep_gemv.log" | cut -c1-200 ;;
-    ncu) timeout -k 5 "$secs" ncu --clock-control none --target-processes all --kernel-name regex:"gemv|gemm" \
+    ncu) timeout -k 5 "$secs" ncu --clock-control none --target-processes all --kernel-name regex:"gemv|gemm|cutlass|sm90" \
            --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
            --section LaunchStats python3 benchmarks/gemv_once.py ${NCU_ARGS:-} >"$OUT/ncu_gemv.log" 2>&1; rc=$?
          grep -E "^  [a-z_]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall|One or More" \

@@ -1,8 +1,8 @@
 """Launch each GEMV variant once on one shape, for a profiler (``ncu``) to read its counters (GPU).
 
-bf16 ``F.linear`` (cuBLAS) comes first, then the int8 kernels: ``fma``, ``mma`` (the default shape), and ``pipe``
-at each ring depth with the default warps; every launch follows a warm-up launch of the same kernel, so a profiler
-given ``--launch-skip``-free filters sees compiled, warm kernels. Usage (device_run.sh's ``ncu`` stage):
+bf16 ``F.linear`` (cuBLAS) comes first, then the int8 kernels ``fma`` and ``mma`` (their default shapes); every
+launch follows a warm-up launch of the same kernel, so a profiler sees compiled, warm kernels. Usage (device_run.sh's
+``ncu`` stage):
 
     ncu --clock-control none --section SpeedOfLight ... python benchmarks/gemv_once.py --shape 11008x4096 --m 1
 """
@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     variants = [("bf16", lambda: torch.nn.functional.linear(x, lin.weight)),
                 ("fma", lambda: ops.gemv_linear(*t, kernel="fma")),
                 ("mma", lambda: ops.gemv_linear(*t, kernel="mma"))]
-    variants += [(f"pipe s{s}", lambda s=s: ops.gemv_linear(*t, kernel="pipe", unroll=s)) for s in (2, 3, 4)]
     with torch.no_grad():
         for name, fn in variants:
             fn()

@@ -349,96 +349,11 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-/* cp.async (sm_80+): 16 bytes global -> shared without registers; src_size 0 writes zeros and reads nothing. */
-__device__ __forceinline__ void cc_cp_async16(void* dst, const void* src, int src_size) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(d), "l"(src), "r"(src_size) : "memory");
-}
-__device__ __forceinline__ void cc_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cc_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
-
-/* The same tiles, steps and arithmetic as cc_gemv_tc, but the codes stream through shared memory: each lane copies
-   its own 32 bytes of a step (rows g and g + 8 at k .. k + 15) with cp.async into a ring of S slots and reads them
-   back itself once that step's group has landed, so S - 1 steps stay in flight per warp whatever the registers,
-   and no lane waits for another (each reads only what it copied: no barrier). Activations stay __ldg loads (they
-   are shared by every tile and live in L1). */
-template <class X, class C, int MT, int W, bool GROUP, int S>
-__device__ void cc_gemv_tc_pipe(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
-                                const float* __restrict__ scale, const typename X::T* __restrict__ bias,
-                                typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
-    constexpr int TPB = 8 / W;
-    __shared__ float part[8][32][4 * MT];
-    __shared__ uint4 ring[S][8][32][2];
-    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int tl = wib / W, slice = wib % W;
-    const i64 tiles = (N + 15) / 16, steps = (K + 63) / 64;
-    const i64 block_groups = (tiles + TPB - 1) / TPB;
-    const int nj = slice < steps ? (int)((steps - 1 - slice) / W + 1) : 0;  /* steps this warp takes */
-    const bool hx0 = g < M, hx1 = MT == 2 && g + 8 < M;
-    const typename X::T* x0 = x + (i64)g * ldx;
-    const typename X::T* x1 = x + (i64)(g + 8) * ldx;
-    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-    for (i64 bg = blockIdx.x; bg < block_groups; bg += gridDim.x) {  /* uniform per block: __syncthreads below */
-        const i64 tile = bg * TPB + tl;
-        const i64 r0 = tile * 16 + g, r1 = r0 + 8;
-        const bool ok0 = tile < tiles && r0 < N, ok1 = tile < tiles && r1 < N;
-        const signed char* q0 = q + (ok0 ? r0 : 0) * K;
-        const signed char* q1 = q + (ok1 ? r1 : 0) * K;
-        float acc[MT][4];
-        #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f; }
-        #pragma unroll
-        for (int j = 0; j < S - 1; ++j) {  /* prologue: steps 0 .. S - 2 in flight */
-            const i64 k = ((i64)slice + (i64)j * W) * 64 + 16 * t;
-            const bool in = j < nj && k < K;
-            cc_cp_async16(&ring[j][wib][lane][0], in && ok0 ? q0 + k : q, in && ok0 ? 16 : 0);
-            cc_cp_async16(&ring[j][wib][lane][1], in && ok1 ? q1 + k : q, in && ok1 ? 16 : 0);
-            cc_cp_async_commit();
-        }
-        for (int j = 0; j < nj; ++j) {  /* nj is uniform across the warp: every lane takes part in the mma */
-            {  /* step j + S - 1 into the slot step j - 1 used (this lane has read it) */
-                const int jn = j + S - 1, sl = jn % S;
-                const i64 k = ((i64)slice + (i64)jn * W) * 64 + 16 * t;
-                const bool in = jn < nj && k < K;
-                cc_cp_async16(&ring[sl][wib][lane][0], in && ok0 ? q0 + k : q, in && ok0 ? 16 : 0);
-                cc_cp_async16(&ring[sl][wib][lane][1], in && ok1 ? q1 + k : q, in && ok1 ? 16 : 0);
-                cc_cp_async_commit();
-            }
-            const i64 i = (i64)slice + (i64)j * W;
-            const i64 k = i * 64 + 16 * t;
-            uint4 xa[2] = {z, z}, xb[2] = {z, z};
-            if (k < K && hx0) {
-                xa[0] = __ldg(reinterpret_cast<const uint4*>(x0 + k));
-                xa[1] = __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1);
-            }
-            if (MT == 2 && k < K && hx1) {
-                xb[0] = __ldg(reinterpret_cast<const uint4*>(x1 + k));
-                xb[1] = __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1);
-            }
-            cc_cp_async_wait<S - 1>();  /* step j's group (and every earlier one) has landed */
-            const uint4 c0 = ring[j % S][wib][lane][0], c1 = ring[j % S][wib][lane][1];
-            cc_tc_step<C, MT, GROUP>(acc, c0, c1, xa, xb, scale, ok0, ok1, r0, r1, ngroups, GROUP ? i * 64 / group : 0);
-        }
-        cc_cp_async_wait<0>();  /* the zero-size groups past the end land before the next tile group reuses the ring */
-        cc_tc_finish<X, MT, W, GROUP>(acc, part, wib, lane, slice, t, ok0, ok1, r0, r1, scale, bias, y, M, N);
-    }
-}
-
 #define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U)                                                                \
 extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U(           \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
     cc_gemv_tc<X, C, MT, W, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                         \
-}
-
-#define CC_GEMV_PIPE(NAME, X, C, MT, W, GROUP, G, S)                                                              \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_pipe_##NAME##_t##MT##_w##W##_##G##_s##S(         \
-    const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
-    i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc_pipe<X, C, MT, W, GROUP, S>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                    \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -453,8 +368,7 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 _SUFFIX = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
 _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
-KERNELS = ("fma", "mma", "pipe")
-_UNROLLS = {"mma": (2, 4, 8), "pipe": (2, 3, 4)}  # pipe: cp.async stages (ring slots)
+KERNELS = ("fma", "mma")
 
 
 @functools.cache
@@ -469,10 +383,9 @@ def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, groupe
         code, name = f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
     else:
         mt, g, u = mm // 8, "g" if grouped else "c", unroll
-        macro, stem, tag = ("CC_GEMV_TC", "tc", "u") if kernel == "mma" else ("CC_GEMV_PIPE", "pipe", "s")
-        code = (f"{macro}({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, "
+        code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, "
                 f"{u})")
-        name = f"cupycodec_gemv_{stem}_{suffix}_t{mt}_w{w}_{g}_{tag}{u}"
+        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}"
     with cupy.cuda.Device(device):
         mod = cupy.RawModule(code=f"{_SOURCE}\n{code}\n", options=("--std=c++14",))
         return mod.get_function(name)
@@ -565,9 +478,9 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
     if kernel is None:
         kernel = "mma" if mma else "fma"
     elif kernel not in KERNELS or (kernel != "fma" and not mma):
-        raise ValueError(f"kernel must be one of {KERNELS} ('mma' and 'pipe' where mma_supported()), got {kernel!r}")
-    if unroll is not None and unroll not in _UNROLLS.get(kernel, ()):
-        raise ValueError(f"unroll for kernel {kernel!r} must be one of {_UNROLLS.get(kernel, ())}, got {unroll!r}")
+        raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
+    if unroll is not None and (kernel != "mma" or unroll not in (2, 4, 8)):
+        raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
     ngroups = -(-k // group) if group else 0
     sms = _sm_count(device)
@@ -575,7 +488,7 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         mm = 8 if m <= 8 else 16
         w, u = mma_shape(n, k, sms)
         w = w if warps is None else warps
-        unroll = unroll or (u if kernel == "mma" else 4)
+        unroll = unroll or u
         tiles = -(-n // 16)
         grid = max(1, -(-tiles // (_THREADS // 32 // w)))  # a block per group of 16-row tiles
     else:

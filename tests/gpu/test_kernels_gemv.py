@@ -63,14 +63,14 @@ def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granul
     assert y.shape == (m, n) and err < TOL[dtype_name]
 
 
-@pytest.mark.parametrize("kernel,unroll", [("mma", 2), ("mma", 4), ("mma", 8), ("pipe", 2), ("pipe", 3), ("pipe", 4)])
+@pytest.mark.parametrize("kernel,unroll", [("mma", 2), ("mma", 4), ("mma", 8)])
 @pytest.mark.parametrize("warps", [1, 2, 8])
 @pytest.mark.parametrize("n,k,m", [(1000, 1088, 1), (37, 4096 + 192, 12), (300, 64 * 9, 8)])
 @pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 128)])
-def test_every_depth_of_the_tensor_core_kernels_matches_the_reference(kernel, unroll, warps, n, k, m, granularity,
+def test_every_depth_of_the_tensor_core_kernel_matches_the_reference(kernel, unroll, warps, n, k, m, granularity,
                                                                       group):
-    """Steps in flight (mma: registers, pipe: cp.async ring slots) change which steps a warp holds at once, and
-    the ring's prologue and zero-filled steps past the end: every depth against the float64 reference."""
+    """Steps in flight change which steps a warp holds at once and which of them lie past the end: every depth
+    against the float64 reference."""
     import cupy
 
     if not gemv.mma_supported("BF16", granularity, group, cupy.cuda.runtime.getDevice()):
@@ -88,7 +88,7 @@ def test_every_depth_of_the_tensor_core_kernels_matches_the_reference(kernel, un
 
 
 def test_unroll_is_checked_per_kernel():
-    for kernel, bad in (("mma", 3), ("pipe", 8), ("fma", 2)):
+    for kernel, bad in (("mma", 3), ("fma", 2)):
         with pytest.raises(ValueError, match="unroll"):
             gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
                            group_size=None, device=0, stream_ptr=0, kernel=kernel, unroll=bad)
@@ -104,7 +104,7 @@ def test_mma_takes_every_code_exactly():
     k, n = 256, 256
     q = ((np.arange(n)[:, None] + np.arange(k)[None, :]) % 256 - 128).astype(np.int8)
     s = np.ones(n, np.float32)
-    for kernel in ("mma", "pipe"):
+    for kernel in ("mma",):
         for dtype_name in ("BF16", "F16"):
             for col in (0, 1, 2, 3, 17, 63, 64, 255):
                 x = np.zeros((1, k), ACTS[dtype_name])
