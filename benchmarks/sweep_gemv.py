@@ -1,9 +1,8 @@
 """Sweep the tensor-core GEMV's launch parameters (GPU): warps per 16-row tile (W) and 64-code steps in flight per
 warp (U), per Llama shape, at M = 1, 8 and 16, against bf16 ``F.linear``, the default choice and the FMA kernel,
 timed as bench_torch times a layer (CUDA-graph replays over enough copies of the layer to defeat L2). Row keys:
-``u{U}_w{W}_us`` (mma), ``l{U}_w{W}_us`` (mma_late: activations loaded when used, not held in flight). A
-cp.async-pipelined variant (a ring of 2-4 steps per warp in shared memory) ran 1.3-1.6x slower than mma in the
-sweep of 2026-12-02, call 2 (RESULTS.md), and was dropped.
+``u{U}_w{W}_us``. (A cp.async-pipelined variant, a ring of 2-4 steps per warp in shared memory, ran 1.3-1.6x
+slower than this kernel in the sweep of 2026-12-02, call 2: RESULTS.md.)
 
 Usage: python benchmarks/sweep_gemv.py [--json PATH]
 """
@@ -44,12 +43,11 @@ def main(argv=None) -> int:
                                             for lin in lins]),
                        "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a]),
                        "fma_us": graph_us([lambda t=t: ops.gemv_linear(*t, kernel="fma") for t in a])}
-                for kernel, tag, depths in (("mma", "u", (2, 4)), ("mma_late", "l", (2, 4, 8))):
-                    for u in depths:
-                        for w in (4, 8):
-                            row[f"{tag}{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w, kernel=kernel: ops.gemv_linear(
-                                *t, kernel=kernel, warps=w, unroll=u) for t in a])
-            best = min((v, key) for key, v in row.items() if key[0] in "ul" and key[1].isdigit())
+                for u in (2, 4):
+                    for w in (2, 4, 8):
+                        row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
+                            *t, kernel="mma", warps=w, unroll=u) for t in a])
+            best = min((v, key) for key, v in row.items() if key[0] == "u" and key[1].isdigit())
             row["best"] = best[1]
             row["best_of_copy"] = read / best[0] / 1e3 / bw
             row["default_of_copy"] = read / row["default_us"] / 1e3 / bw

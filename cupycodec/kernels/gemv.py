@@ -297,7 +297,7 @@ __device__ __forceinline__ void cc_tc_finish(float (*acc)[4], float (*part)[32][
 
 /* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of 8 warps takes
    8 / W tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one group. */
-template <class X, class C, int MT, int W, bool GROUP, int U, bool XL>
+template <class X, class C, int MT, int W, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
@@ -330,43 +330,30 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
                 const uint4 z = make_uint4(0u, 0u, 0u, 0u);
                 c0[u] = in && ok0 ? __ldg(reinterpret_cast<const uint4*>(q0 + k)) : z;
                 c1[u] = in && ok1 ? __ldg(reinterpret_cast<const uint4*>(q1 + k)) : z;
-                if (!XL) {
-                    xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
-                    xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
-                    if (MT == 2) {
-                        xb[u][0] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k)) : z;
-                        xb[u][1] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1) : z;
-                    }
+                xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
+                xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
+                if (MT == 2) {
+                    xb[u][0] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k)) : z;
+                    xb[u][1] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1) : z;
                 }
             }
             #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const i64 i = i0 + (i64)u * W;
-                if (i < steps) {  /* uniform across the warp: every lane takes part in the mma */
-                    if (XL) {  /* activations loaded late (L1 hits: every tile reads them), not held in flight */
-                        const i64 k = i * 64 + 16 * t;
-                        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-                        xa[u][0] = k < K && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
-                        xa[u][1] = k < K && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
-                        if (MT == 2) {
-                            xb[u][0] = k < K && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k)) : z;
-                            xb[u][1] = k < K && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1) : z;
-                        }
-                    }
+                if (i < steps)  /* uniform across the warp: every lane takes part in the mma */
                     cc_tc_step<C, MT, GROUP>(acc, c0[u], c1[u], xa[u], xb[u], scale, ok0, ok1, r0, r1, ngroups,
                                              GROUP ? i * 64 / group : 0);
-                }
             }
         }
         cc_tc_finish<X, MT, W, GROUP>(acc, part, wib, lane, slice, t, ok0, ok1, r0, r1, scale, bias, y, M, N);
     }
 }
 
-#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U, XL)                                                            \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U##_x##XL(   \
+#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U)                                                                \
+extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U(           \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, GROUP, U, XL>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                     \
+    cc_gemv_tc<X, C, MT, W, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                         \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -381,7 +368,7 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 _SUFFIX = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
 _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
-KERNELS = ("fma", "mma", "mma_late")  # mma_late: activations loaded late (sweep_gemv compares)
+KERNELS = ("fma", "mma")
 
 
 @functools.cache
@@ -396,10 +383,9 @@ def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, groupe
         code, name = f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
     else:
         mt, g, u = mm // 8, "g" if grouped else "c", unroll
-        xl = int(kernel == "mma_late")
         code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, "
-                f"{u}, {xl})")
-        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}_x{xl}"
+                f"{u})")
+        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}"
     with cupy.cuda.Device(device):
         mod = cupy.RawModule(code=f"{_SOURCE}\n{code}\n", options=("--std=c++14",))
         return mod.get_function(name)
@@ -493,7 +479,7 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         kernel = "mma" if mma else "fma"
     elif kernel not in KERNELS or (kernel != "fma" and not mma):
         raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
-    if unroll is not None and (kernel == "fma" or unroll not in (2, 4, 8)):
+    if unroll is not None and (kernel != "mma" or unroll not in (2, 4, 8)):
         raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
     ngroups = -(-k // group) if group else 0
