@@ -1,8 +1,9 @@
 """Sweep the tensor-core GEMV's launch parameters (GPU): warps per 16-row tile (W) and 64-code steps in flight per
 warp (U), per Llama shape, at M = 1, 8 and 16, against bf16 ``F.linear``, the default choice and the FMA kernel,
 timed as bench_torch times a layer (CUDA-graph replays over enough copies of the layer to defeat L2). Row keys:
-``u{U}_w{W}_us``. (A cp.async-pipelined variant, a ring of 2-4 steps per warp in shared memory, ran 1.3-1.6x
-slower than this kernel in the sweep of 2026-12-02, call 2: RESULTS.md.)
+``u{U}_w{W}_us``. Two variants were tried and dropped (RESULTS.md, 2026-12-02): a cp.async-pipelined one (a ring
+of 2-4 steps per warp in shared memory), 1.3-1.6x slower in call 2, and one that loaded activations when a step
+is used instead of holding them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows in call 3.
 
 Usage: python benchmarks/sweep_gemv.py [--json PATH]
 """
