@@ -165,13 +165,53 @@ def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None
     return y
 
 
+class _ScratchOrder:
+    """Orders the uses of one device's scratch across CUDA streams without a host sync: when a forward on another
+    stream than the last user's comes, the last user's stream records an event (after everything enqueued there,
+    its reads of the scratch included) and the new stream waits for it. One stream, the usual case, costs a
+    comparison. The lock makes check, enqueue and hand-over one step, so two threads cannot interleave them.
+
+    While a stream is being captured into a CUDA graph no event from outside the capture may be waited on, so a
+    capture neither waits nor becomes the last user: replays of a graph that uses the scratch must not overlap
+    eager forwards on other streams (as with any buffer a graph shares)."""
+
+    __slots__ = ("event", "lock", "stream")
+
+    def __init__(self):
+        import threading
+
+        self.lock, self.stream, self.event = threading.Lock(), None, None
+
+    def enter(self, device: int, sp: int) -> None:
+        if self.stream is None or self.stream[1] == sp or torch.cuda.is_current_stream_capturing():
+            return
+        if self.event is None:
+            self.event = torch.cuda.Event()
+        self.event.record(self.stream[0])
+        torch.cuda.current_stream(device).wait_event(self.event)
+
+    def leave(self, device: int, sp: int) -> None:
+        if (self.stream is None or self.stream[1] != sp) and not torch.cuda.is_current_stream_capturing():
+            self.stream = (torch.cuda.current_stream(device), sp)
+
+
+_ORDER: dict[int, _ScratchOrder] = {}
+
+
 def dequant_linear(x, qweight, scale, bias, granularity, group_size):
-    """The large-batch route on CUDA: dequantize into the device's scratch (our kernel), then cuBLAS."""
+    """The large-batch route on CUDA: dequantize into the device's scratch (our kernel), then cuBLAS; forwards on
+    different streams take turns with the scratch (:class:`_ScratchOrder`)."""
     n, k = qweight.shape
     device = x.get_device()
-    w = _weight_view(device, n, k, x.dtype)
-    dequantize_raw(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), (n, k), granularity=granularity,
-                   axis=0 if granularity == "channel" else None,
-                   group_size=group_size if granularity == "group" else None, dtype_name=dtype_name(x.dtype),
-                   device=device, stream_ptr=raw_stream(device))
-    return F.linear(x, w, _bias(bias, x))
+    sp = raw_stream(device)
+    order = _ORDER.get(device) or _ORDER.setdefault(device, _ScratchOrder())
+    with order.lock:
+        order.enter(device, sp)
+        w = _weight_view(device, n, k, x.dtype)
+        dequantize_raw(qweight.data_ptr(), scale.data_ptr(), w.data_ptr(), (n, k), granularity=granularity,
+                       axis=0 if granularity == "channel" else None,
+                       group_size=group_size if granularity == "group" else None, dtype_name=dtype_name(x.dtype),
+                       device=device, stream_ptr=sp)
+        y = F.linear(x, w, _bias(bias, x))
+        order.leave(device, sp)
+    return y

@@ -49,6 +49,31 @@ def test_fused_gemv_matches_the_float64_reference(dtype, granularity, group, m):
     assert ops.int8_linear(x3, qd, sd, None, granularity, group).shape == (2, m, n)
 
 
+def test_the_dequantize_scratch_takes_turns_across_streams():
+    """Large batches dequantize into one scratch per device. Layer a's long GEMM on one stream and layer b's
+    dequantize on another, enqueued right after, would otherwise overlap: b's weights would land in the scratch
+    while a's GEMM still reads it. Each output must match the same layer run alone."""
+    from cupycodec.integrations.torch import CompressedLinear
+
+    torch.manual_seed(0)
+    a, b = (CompressedLinear.from_linear(torch.nn.Linear(4096, 4096, bias=False, device="cuda",
+                                                         dtype=torch.bfloat16), "int8") for _ in range(2))
+    xa = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)  # a GEMM of ~1 ms
+    xb = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref_a, ref_b = a(xa), b(xb)
+        torch.cuda.synchronize()
+        sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
+        for _ in range(3):
+            with torch.cuda.stream(sa):
+                ya = a(xa)
+            with torch.cuda.stream(sb):
+                yb = b(xb)
+                yb2 = a(xb)  # and back to a's weights on b's stream, while a's stream may still run
+            torch.cuda.synchronize()
+            assert _rel(ya, ref_a) < 1e-2 and _rel(yb, ref_b) < 1e-2 and _rel(yb2, a(xb)) < 1e-2
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
 @pytest.mark.parametrize("m", [1, 64])  # the fused GEMV, and dequantize + cuBLAS
 def test_compressed_linear_on_cuda(mode, m):

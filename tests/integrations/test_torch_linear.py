@@ -170,3 +170,44 @@ def test_tensor_helpers_round_trip_bf16():
     assert back.dtype == torch.bfloat16 and torch.equal(back, t[:, ::2])
     q = to_compressed(torch.nn.Parameter(t), quantize="int8")
     assert from_compressed(q, dtype=torch.float32).dtype == torch.float32
+
+
+def test_scratch_order_hands_over_between_streams(monkeypatch):
+    """The large-batch scratch's ordering (ops._ScratchOrder), with torch.cuda's stream calls replaced by fakes: one
+    stream never records or waits; a new stream waits for an event recorded on the last user's stream; a capture
+    neither waits nor takes over."""
+    from cupycodec.integrations.torch import ops
+
+    log, state = [], {"stream": "A", "capturing": False}
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+    class Stream(str):
+        def wait_event(self, event):
+            log.append(("wait", str(self)))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(state["stream"]))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    order = ops._ScratchOrder()
+
+    def use(stream, capturing=False):
+        state.update(stream=stream, capturing=capturing)
+        order.enter(0, hash(stream))
+        order.leave(0, hash(stream))
+
+    use("A")
+    use("A")
+    assert log == []
+    use("B")
+    assert log == [("record", "A"), ("wait", "B")]
+    use("B")
+    use("A")
+    assert log[2:] == [("record", "B"), ("wait", "A")]
+    del log[:]
+    use("G", capturing=True)  # a graph capture on its own stream
+    assert log == []
+    use("A")  # A is still the last eager user
+    assert log == []
