@@ -1540,11 +1540,11 @@ def dequantize_raw(codes_ptr: int, scales_ptr: int, out_ptr: int, shape, *, gran
     if launch_args is None:
         return
     name, grid, tail = launch_args
-    args = (codes_ptr, scales_ptr, out_ptr, *tail)
     if stream_ptr is None:
-        _kernel(name)((grid,), (_BLOCK,), args)
-    else:
-        launch(handle(device, name), grid, _BLOCK, args, device, stream_ptr)
+        import cupy
+
+        stream_ptr = cupy.cuda.get_current_stream().ptr
+    launch(handle(device, name), grid, _BLOCK, (codes_ptr, scales_ptr, out_ptr, *tail), device, stream_ptr)
 
 
 @functools.lru_cache(maxsize=1024)
