@@ -8,8 +8,10 @@ offloaded blocks times tokens/s) against the measured pinned host-to-device band
 (issue 12's target: >= 85 %), plus peak device memory as torch counts it.
 
 Rows: accelerate's ``cpu_offload`` of the bf16 model (its hooks copy each weight to the GPU before the layer runs);
-ours, ``compress_model(..., offload="cpu")`` in lossless, int8 and int8+entropy modes. DFloat11's ``cpu_offload``
-is not run: its wheel is not carried to the GPU machine.
+ours, ``compress_model`` then ``offload_model`` in lossless, int8 and int8+entropy modes, every block offloaded,
+or with ``MODE@half`` the second half only (the mixed placement), or with ``MODE@resident`` none (the all-GPU
+reference whose tokens the others must equal). Weights GB/s counts the offloaded blocks' bf16 bytes per step.
+DFloat11's ``cpu_offload`` is not run: its wheel is not carried to the GPU machine.
 
 Usage: python benchmarks/bench_offload.py [--config llama7b] [--cap-gib 8] [--tokens 32] [--json PATH]
 """
@@ -51,6 +53,26 @@ def pinned_h2d_gbps(nbytes: int = 1 << 30) -> float:
     return nbytes / sorted(times)[2] / 1e6
 
 
+def build(config: str) -> torch.nn.Module:
+    """The random-weight bf16 model, built without transformers' per-parameter init (minutes for 7B on the CPU):
+    allocated in bf16 with init skipped, then every Linear and Embedding weight drawn from N(0, 0.02) (Llama's
+    ``initializer_range``, what its init draws) and the norms set to one, seeded."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    cfg = transformers.LlamaConfig(**CONFIGS[config])
+    with no_init_weights():
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, cfg.initializer_range, generator=gen)
+            elif "RMSNorm" in type(module).__name__:
+                module.weight.fill_(1.0)
+    return model.eval()
+
+
 def tok_s(model, batch: int, tokens: int) -> tuple[float, list]:
     prompt = torch.randint(0, 32000, (batch, 16), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
@@ -62,19 +84,28 @@ def tok_s(model, batch: int, tokens: int) -> tuple[float, list]:
     return batch * tokens / (time.perf_counter() - t), out[0, 16:24].tolist()
 
 
+def _half_budget(model) -> int:
+    """The device budget that keeps the first half of the blocks resident (offload's own accounting)."""
+    from cupycodec.integrations.torch import offload
+
+    blocks = offload._blocks(model)
+    return offload._device_nbytes(model, blocks, len(blocks) // 2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="llama7b", choices=sorted(CONFIGS))
     p.add_argument("--cap-gib", type=float, default=8.0)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--modes", default="lossless,int8,int8+entropy",
-                   help="comma-separated; accelerate-bf16 runs last unless listed (then where listed)")
+                   help="comma-separated MODE (every block offloaded), MODE@half (the second half), MODE@resident "
+                        "(none; the reference for tokens); accelerate-bf16 runs last unless listed")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import accelerate
     import transformers
 
-    from cupycodec.integrations.torch import compress_model
+    from cupycodec.integrations.torch import compress_model, offload_model
 
     total = torch.cuda.get_device_properties(0).total_memory
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -82,9 +113,11 @@ def main(argv=None) -> int:
            "pinned_h2d_gbps": pinned_h2d_gbps(), "cap_gib": args.cap_gib, "config": args.config}
     print(json.dumps(env), flush=True)
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS[args.config])).to(torch.bfloat16).eval()
+    t0 = time.perf_counter()
+    base = build(args.config)
+    env["build_s"] = time.perf_counter() - t0
     block_bf16 = sum(p.numel() * 2 for layer in base.model.layers for p in layer.parameters())
+    n_blocks = len(base.model.layers)
     rows = []
     # ours first unless --modes places accelerate-bf16: its synchronous copies are the slow row, which a time
     # limit should cut short, unless the baseline is what the run is for
@@ -99,18 +132,22 @@ def main(argv=None) -> int:
             if mode == "accelerate-bf16":
                 accelerate.cpu_offload(model, execution_device=torch.device("cuda:0"))
                 ratio = 1.0
-            else:
-                report = compress_model(model, mode, device="cuda", offload="cpu", progress=False)
+            else:  # MODE (every block offloaded), MODE@resident (none), MODE@half (the second half of the blocks)
+                base_mode, _, place = mode.partition("@")
+                report = compress_model(model, base_mode, device="cuda", progress=False)
                 ratio = report.ratio
-                row.update(offloaded=len(report.offload.offloaded), pinned=report.offload.pinned,
-                           device_gib_estimate=report.offload.device_nbytes / 2**30)
+                off = offload_model(model, None if place == "resident" else "cpu", device="cuda",
+                                    max_gpu_memory=_half_budget(model) if place == "half" else None)
+                row.update(offloaded=len(off.offloaded), pinned=off.pinned,
+                           device_gib_estimate=off.device_nbytes / 2**30)
             row["ratio"] = ratio
             for batch in (1, 8):
                 rate, toks = tok_s(model, batch, args.tokens)
                 row[f"tok_s_b{batch}"] = rate
                 row[f"tokens_b{batch}"] = toks
             steps = row["tok_s_b1"]  # one decode step streams every offloaded block's weights once
-            row["weight_gbps_b1"] = steps * block_bf16 / 1e9
+            streamed = block_bf16 * row.get("offloaded", n_blocks) / n_blocks
+            row["weight_gbps_b1"] = steps * streamed / 1e9
             row["of_h2d_x_ratio"] = row["weight_gbps_b1"] / (env["pinned_h2d_gbps"] * ratio)
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         except Exception as exc:  # one row's failure must not hide the others
@@ -123,16 +160,26 @@ def main(argv=None) -> int:
         del model
         gc.collect()
         torch.cuda.empty_cache()
+    for r in rows:  # an offloaded row must give the tokens of the same mode with every block resident
+        same = next((x for x in rows if x["mode"] == r["mode"].partition("@")[0] + "@resident" and "tokens_b1" in x),
+                    None)
+        if same is not None and "tokens_b1" in r and r is not same:
+            r["tokens_equal_resident"] = r["tokens_b1"] == same["tokens_b1"] and r["tokens_b8"] == same["tokens_b8"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
     ref = next((r for r in rows if r["mode"] == "accelerate-bf16" and "tok_s_b1" in r), None)
-    print("\n| mode | ratio | tok/s b1 | tok/s b8 | vs accelerate b1 | weights GB/s b1 | of H2D x ratio | peak GiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| mode | ratio | tok/s b1 | tok/s b8 | vs accelerate b1 | weights GB/s b1 | of H2D x ratio | peak GiB | "
+          "tokens = resident |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['mode']} | error: {r['error'][:80]} |")
             continue
         vs = f"{r['tok_s_b1'] / ref['tok_s_b1']:.2f}x" if ref else "-"
+        same = {True: "yes", False: "NO"}.get(r.get("tokens_equal_resident"), "-")
         print(f"| {r['mode']} | {r['ratio']:.3f} | {r['tok_s_b1']:.2f} | {r['tok_s_b8']:.2f} | {vs} | "
-              f"{r['weight_gbps_b1']:.1f} | {r['of_h2d_x_ratio']:.0%} | {r['peak_gib']:.2f} |")
+              f"{r['weight_gbps_b1']:.1f} | {r['of_h2d_x_ratio']:.0%} | {r['peak_gib']:.2f} | {same} |")
     print(f"\npinned host-to-device: {env['pinned_h2d_gbps']:.1f} GB/s; cap {args.cap_gib} GiB; {env['gpu']}")
     return 0  # the JSON was written after the last row
 
