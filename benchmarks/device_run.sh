@@ -25,8 +25,10 @@ for arg in "$@"; do
   echo "=== $stage (limit ${secs}s) $(date +%T)"
   t0=$SECONDS
   case $stage in
-    tests) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n 8 --timeout 240 -rfEs ${TEST_ARGS:-} tests >"$OUT/tests.log" 2>&1
-           rc=$?; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 ;;
+    tests) # -v: each result is a line with its test's name, so a run cut by the limit still names its failures
+           timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -v -n ${TEST_WORKERS:-8} \
+             --timeout 240 -rfEs --durations=20 ${TEST_ARGS:-} tests >"$OUT/tests.log" 2>&1
+           rc=$?; grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -20; grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 ;;
     pytest=*) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n 4 --timeout 240 -rfEs \
              -k "${stage#pytest=}" tests >"$OUT/pytest.log" 2>&1; rc=$?; tail -5 "$OUT/pytest.log" ;;
     gpu) timeout -k 5 "$secs" python3 benchmarks/bench_gpu.py --quick ${GPU_ARGS:-} --json "$OUT/bench_gpu.json" \
