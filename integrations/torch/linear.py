@@ -296,15 +296,19 @@ class CompressedLinear(torch.nn.Module):
 
     # A model's runtime is owned by the model and held here weakly: runtime -> groups -> layers -> runtime would be a
     # reference cycle, and `del model` would then free GPU memory only at the next garbage collection. A layer with
-    # no runtime (used on its own, or outliving its model) makes one of its own and holds it.
+    # no runtime (used on its own, or outliving its model) makes one of its own and holds it; that runtime's group
+    # holds the layer through a weak proxy, so there is no cycle that way either.
     def _attach(self, runtime: Runtime, group: int, index: int) -> None:
         self._runtime, self._slot_index = weakref.ref(runtime), (group, index)
 
     def _own_runtime(self) -> Runtime:
         rt = self._runtime() if self._runtime is not None else None
-        if rt is None or rt.groups[self._slot_index[0]].layers[self._slot_index[1]] is not self:
-            rt = Runtime([DecodeGroup([self], name=f"{type(self).__name__}@{id(self):x}")], prefetch=False)
-            self._standalone = rt  # a group of one, in a runtime of its own
+        if rt is not None and (rt is self._standalone or rt.groups[self._slot_index[0]].layers[self._slot_index[1]]
+                               is self):
+            return rt
+        rt = Runtime([DecodeGroup([weakref.proxy(self)], name=f"{type(self).__name__}@{id(self):x}")],
+                     prefetch=False)
+        self._standalone = rt  # a group of one, in a runtime of its own
         return rt
 
     def _decoded(self, device: torch.device) -> list[torch.Tensor]:
