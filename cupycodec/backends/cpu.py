@@ -8,6 +8,7 @@ block of words at a time in per-thread scratch (:mod:`._planes`), so neither sid
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import threading
@@ -20,12 +21,13 @@ from ..errors import BackendError, ChecksumError, FormatError
 from ..layout import table_nbytes
 from ._planes import planes_for
 
-__all__ = ["DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "crc32", "decode_segments",
-           "encode_segment", "executor", "num_threads", "run"]
+__all__ = ["DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "address", "crc32",
+           "decode_segments", "encode_segment", "executor", "num_threads", "run"]
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 _INLINE_NBYTES = 1 << 20  # below this, threads cost more than they save
+_memmove = ctypes.memmove  # a foreign call: copies without holding the GIL
 
 
 def num_threads() -> int:
@@ -254,9 +256,25 @@ def _check(seg, i: int, src, crc) -> None:
         raise ChecksumError(seg.name, want, got, chunk=i)
 
 
-def _decode_chunk(seg, i: int, src, dst) -> None:
+def address(buf) -> int:
+    """The address of a contiguous bytes-like object's first byte (read-only ones too)."""
+    return np.frombuffer(buf, np.uint8).ctypes.data
+
+
+def _decode_chunk(seg, i: int, payload, o: int, s: int, src: int, dst: int, n: int, dst_view) -> None:
+    """Decode (or, when stored, copy) chunk ``i`` of ``seg`` (``s`` bytes at payload offset ``o``, address ``src``)
+    into the ``n`` bytes at ``dst``; ``dst_view()`` gives them as a memoryview for codecs without an address-level
+    decoder. Copies and address-level decoders are foreign calls, so they run without the GIL (a memoryview slice
+    assignment holds it for the whole copy: a stored 512 KiB plane chunk kept the other worker waiting)."""
+    if seg.table.flags[i]:
+        if s != n:  # the table check at parse time rules this out; a copy between addresses must not trust it
+            raise FormatError(f"segment {seg.name!r} chunk {i}: stored chunk holds {s} bytes, expected {n}")
+        _memmove(dst, src, n)
+        return
+    if seg.codec.decode_chunk_at(src, s, dst, n):
+        return
     try:
-        seg.codec.decode_chunk_into(src, dst)
+        seg.codec.decode_chunk_into(payload[o : o + s], dst_view())
     except FormatError as exc:
         raise FormatError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
     except (MemoryError, OSError) as exc:  # pragma: no cover
@@ -275,23 +293,18 @@ class DecodeSegment(Work):
 
     def run(self, lo: int, hi: int) -> None:
         payload, seg, out = self.payload, self.seg, self.out
-        offs = seg.chunk_offsets
-        sizes = seg.table.comp_nbytes
-        flags = seg.table.flags
-        c = seg.chunk_nbytes
+        offs = seg.chunk_offsets[lo:hi].tolist()
+        sizes = seg.table.comp_nbytes[lo:hi].tolist()
+        c, total = seg.chunk_nbytes, self.nbytes
+        base, out_base = address(payload), address(out)
         crc = _crc32_impl() if self.verify else None
-        for i in range(lo, hi):
-            o, s = int(offs[i]), int(sizes[i])
-            src = payload[o : o + s]
+        for i, o, s in zip(range(lo, hi), offs, sizes):
             if crc is not None:
-                _check(seg, i, src, crc)
-            dst = out[i * c : (i + 1) * c]
-            if flags[i]:
-                dst[:] = src
-            else:
-                _decode_chunk(seg, i, src, dst)
+                _check(seg, i, payload[o : o + s], crc)
+            a, b = i * c, min(total, (i + 1) * c)
+            _decode_chunk(seg, i, payload, o, s, base + o, out_base + a, b - a, lambda a=a, b=b: out[a:b])
         if self.release is not None:
-            self.release(int(offs[lo]), int(offs[hi - 1] + sizes[hi - 1]))
+            self.release(offs[0], offs[-1] + sizes[-1])
 
 
 class DecodePlanes(Work):
@@ -307,25 +320,23 @@ class DecodePlanes(Work):
         self.n, self.nbytes = segs[0].n_chunks, out.size
 
     def run(self, lo: int, hi: int) -> None:
-        payload, segs, k, c = self.payload, self.segs, self.k, self.chunk
+        payload, segs, k, c, out = self.payload, self.segs, self.k, self.chunk, self.out
         planes = self.planes
         crc = _crc32_impl() if self.verify else None
-        cols = [(s, s.chunk_offsets, s.table.comp_nbytes, s.table.flags) for s in segs]
+        base, out_base = address(payload), out.ctypes.data
+        cols = [(s, s.chunk_offsets[lo:hi].tolist(), s.table.comp_nbytes[lo:hi].tolist()) for s in segs]
         for i in range(lo, hi):
             m = min(c, self.words - i * c)
-            for (seg, offs, sizes, flags), dst in zip(cols, planes.rows(m)):
-                o, s = int(offs[i]), int(sizes[i])
-                src = payload[o : o + s]
+            for j, ((seg, offs, sizes), dst) in enumerate(zip(cols, planes.slots(m))):
+                o, s = offs[i - lo], sizes[i - lo]
                 if crc is not None:
-                    _check(seg, i, src, crc)
-                if flags[i]:
-                    dst[:] = src
-                else:
-                    _decode_chunk(seg, i, src, dst)
-            planes.merge_into(self.out[i * c * k : (i * c + m) * k])
+                    _check(seg, i, payload[o : o + s], crc)
+                _decode_chunk(seg, i, payload, o, s, base + o, dst, m, lambda j=j, m=m: planes.rows(m)[j])
+            a = i * c * k
+            planes.merge_into(out[a : a + m * k], out_base + a)
         if self.release is not None:
-            for _, offs, sizes, _ in cols:
-                self.release(int(offs[lo]), int(offs[hi - 1] + sizes[hi - 1]))
+            for _, offs, sizes in cols:
+                self.release(offs[0], offs[-1] + sizes[-1])
 
 
 def decode_segments(jobs, verify: bool = False) -> None:

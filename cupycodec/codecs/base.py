@@ -164,6 +164,11 @@ class Codec(abc.ABC):
         """Decompress one chunk on the CPU into ``dst``, which it must fill exactly (else raise FormatError)."""
         raise BackendUnavailableError(f"codec {self.codec_id!r} cannot decompress on the CPU; {GPU_ONLY_HINT}")
 
+    def decode_chunk_at(self, src: int, src_nbytes: int, dst: int, dst_nbytes: int) -> bool:
+        """Decompress one chunk between raw addresses, exactly filling ``dst``, without taking the GIL per byte.
+        True when it did; False (the default: no such decoder) sends the chunk to :meth:`decode_chunk_into`."""
+        return False
+
     # -- nvCOMP backend ----------------------------------------------------------------------------------------
     def nvcomp_params(self) -> dict[str, int | float]:
         """Numeric option values for the nvCOMP low-level opts structs (see backends/nvcomp.py)."""
