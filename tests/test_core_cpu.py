@@ -165,3 +165,30 @@ def test_max_output_nbytes_type_is_checked_first():
     c = cc.compress(np.arange(10))
     with pytest.raises(TypeError, match="max_output_nbytes"):
         cc.decompress(c, max_output_nbytes="big")
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_cpu_payload_is_the_chunks_at_their_offsets_and_zeros_between(monkeypatch, threads):
+    # the payload is filled by the pool (cpu.CopyChunks) into calloc'ed memory: every chunk lands at its table
+    # offset, and the padding after each chunk and each table stays zero, inline or in parallel
+    from cupycodec import layout
+
+    monkeypatch.setenv("CUPYCODEC_NUM_THREADS", threads)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.cumsum(rng.integers(0, 9, 600_000)).astype(np.int32), rng.integers(0, 2**31, 400_000,
+                                                                                                dtype=np.int32)])
+    for kw in ({}, {"codec": "zstd", "level": 1, "chunk_nbytes": 40_000}, {"codec": "lz4", "chunk_nbytes": 65_536}):
+        c = cc.compress(x, **kw)
+        payload = np.frombuffer(c.host_payload(), np.uint8)
+        covered = np.zeros(payload.size, bool)
+        for seg in c.segments:
+            table = seg.table.to_bytes()
+            assert payload[seg.offset : seg.offset + len(table)].tobytes() == table
+            covered[seg.offset : seg.offset + len(table)] = True
+            for o, s in zip(seg.chunk_offsets.tolist(), seg.table.comp_nbytes.tolist()):
+                assert o % 16 == 0 and o + s <= layout.align(o + s) <= payload.size
+                covered[o : o + s] = True
+        assert not payload[~covered].any()
+        flags = np.concatenate([seg.table.flags for seg in c.segments])
+        assert flags.any() and not flags.all()  # stored chunks and encoded ones
+        np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)), x)

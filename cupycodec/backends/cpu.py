@@ -21,7 +21,7 @@ from ..errors import BackendError, ChecksumError, FormatError
 from ..layout import table_nbytes
 from ._planes import planes_for
 
-__all__ = ["DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "address", "crc32",
+__all__ = ["CopyChunks", "DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "address", "crc32",
            "decode_segments", "encode_segment", "executor", "num_threads", "run"]
 
 _lock = threading.Lock()
@@ -225,7 +225,7 @@ class EncodePlanes(Work):
             for j, plane in enumerate(split(src)):
                 data = codec.encode_chunk(plane)
                 if data is None or len(data) >= len(plane):
-                    data = bytes(plane)  # the scratch is reused by the next block
+                    data = _owned_copy(plane)  # the scratch is reused by the next block
                     res[j][i] = (data, 1, crc(data))
                 else:
                     res[j][i] = (data, 0, crc(data))
@@ -237,6 +237,28 @@ class EncodePlanes(Work):
     def tables(self) -> list:
         """One :meth:`EncodeSegment.table` tuple per plane, plane 0 first."""
         return [_table(r) for r in self.results]
+
+
+def _owned_copy(view) -> np.ndarray:
+    """A copy of a bytes-like object, made without the GIL (``bytes(view)`` holds it for the whole copy, which kept
+    the other worker waiting on every stored 512 KiB plane chunk)."""
+    out = np.empty(len(view), np.uint8)
+    _memmove(out.ctypes.data, address(view), len(view))
+    return out
+
+
+class CopyChunks(Work):
+    """Copy chunks (bytes, or other contiguous bytes-like objects) to their offsets in a buffer at ``base``, one
+    chunk per step, without the GIL: the last stage of a compression, once the chunk sizes fix the layout."""
+
+    def __init__(self, base: int, items):
+        self.base, self.items = base, items  # [(offset, chunk)]
+        self.n, self.nbytes = len(items), sum(len(d) for _, d in items)
+
+    def run(self, lo: int, hi: int) -> None:
+        base = self.base
+        for off, data in self.items[lo:hi]:
+            _memmove(base + off, data if type(data) is bytes else address(data), len(data))
 
 
 def encode_segment(raw: memoryview, codec, chunk_nbytes: int):
