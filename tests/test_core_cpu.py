@@ -192,3 +192,51 @@ def test_cpu_payload_is_the_chunks_at_their_offsets_and_zeros_between(monkeypatc
         flags = np.concatenate([seg.table.flags for seg in c.segments])
         assert flags.any() and not flags.all()  # stored chunks and encoded ones
         np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)), x)
+
+
+class _Steps:
+    """A piece of CPU work whose steps record which thread ran them; step ``bad`` (if any) raises."""
+
+    def __init__(self, n: int, step_nbytes: int, bad=()):
+        self.n, self.nbytes, self.bad, self.ran = n, n * step_nbytes, set(bad), []
+
+    def run(self, lo, hi):
+        import threading
+        import time
+
+        for i in range(lo, hi):
+            if i in self.bad:
+                raise ValueError(f"step {i}")
+            time.sleep(0.0005)
+            self.ran.append((i, threading.get_ident()))
+
+
+def test_pool_groups_cover_every_step_once_and_shrink_to_single_steps():
+    from cupycodec.backends import cpu
+
+    works = [_Steps(300, 1 << 19), _Steps(3, 100), _Steps(40, 1 << 20)]
+    total = sum(w.nbytes for w in works)
+    groups = cpu._groups(works, total, 2)
+    flat = [(id(w), i) for g in groups for w, lo, hi in g for i in range(lo, hi)]
+    assert flat == [(id(w), i) for w in works for i in range(w.n)]
+    sizes = [sum((hi - lo) * (w.nbytes // w.n) for w, lo, hi in g) for g in groups]
+    assert sizes[0] >= total // 4 - (1 << 20) and sizes[-1] <= 1 << 20  # a quarter first, single steps last
+    assert len(groups) < 40
+
+
+def test_pool_runs_every_group_and_raises_the_first_error_in_order(monkeypatch):
+    from cupycodec.backends import cpu
+
+    monkeypatch.setenv("CUPYCODEC_NUM_THREADS", "2")
+    w = _Steps(64, 1 << 20, bad={50, 10})
+    with pytest.raises(ValueError, match="step 10"):
+        cpu.run([w])
+    ran = {i for i, _ in w.ran}
+    groups = cpu._groups([w], w.nbytes, 2)
+    for g in groups:  # every group ran up to its first bad step, and no further
+        (_, lo, hi), = g
+        stop = min([b for b in w.bad if lo <= b < hi], default=hi)
+        assert set(range(lo, stop)) <= ran and not ran & set(range(stop, hi))
+    ok = _Steps(64, 1 << 20)
+    cpu.run([ok])
+    assert sorted(i for i, _ in ok.ran) == list(range(64)) and len({t for _, t in ok.ran}) == 2

@@ -27,6 +27,7 @@ __all__ = ["CopyChunks", "DecodePlanes", "DecodeSegment", "EncodePlanes", "Encod
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 _INLINE_NBYTES = 1 << 20  # below this, threads cost more than they save
+_GROUP_MIN_NBYTES = 1 << 20  # the smallest group of steps :func:`run` hands a thread
 _memmove = ctypes.memmove  # a foreign call: copies without holding the GIL
 
 
@@ -110,10 +111,12 @@ def _segment_nbytes(results) -> int:
 
 
 def run(works) -> None:
-    """Run every step of ``works``: inline when there is little to do, else in a few balanced groups per thread.
+    """Run every step of ``works``: inline when there is little to do, else in shrinking groups (:func:`_groups`)
+    that one task per thread takes in turn from a shared list.
 
-    Every group is waited for before the first error (in submission order) is raised, so no worker still writes
-    into a caller's buffer after this returns.
+    Pulling keeps the threads busy until the last group (a fixed share per future left one thread idle while the
+    other finished a group of 1-2 MiB blocks); a group that raises stops there, the others still run, and the first
+    error in list order is raised once every thread is done, so no worker still writes into a caller's buffer.
     """
     works = [w for w in works if w.n]
     total = sum(w.nbytes for w in works)
@@ -122,30 +125,35 @@ def run(works) -> None:
         for w in works:
             w.run(0, w.n)
         return
-    groups = _groups(works, total, 4 * threads)
+    groups = _groups(works, total, threads)
     if len(groups) < 2:
         for w, lo, hi in groups[0]:
             w.run(lo, hi)
         return
-    futures = [executor().submit(_run_group, g) for g in groups]
-    error = None
+    todo, errors = iter(enumerate(groups)), []
+    futures = [executor().submit(_drain, todo, errors) for _ in range(min(threads, len(groups)))]
     for f in futures:
-        exc = f.exception()
-        if exc is not None and error is None:
-            error = exc
-    if error is not None:
-        raise error
+        f.result()
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
 
 
-def _run_group(group) -> None:
-    for w, lo, hi in group:
-        w.run(lo, hi)
+def _drain(todo, errors: list) -> None:
+    for i, group in todo:  # next() on a shared iterator is atomic under the GIL
+        try:
+            for w, lo, hi in group:
+                w.run(lo, hi)
+        except BaseException as exc:  # handed to the caller by run()
+            errors.append((i, exc))
 
 
-def _groups(works, total: int, parts: int) -> list[list]:
-    """Cut the steps of ``works`` (in order) into about ``parts`` groups of similar byte counts."""
-    target = max(1, total // parts)
-    groups, cur, acc = [], [], 0
+def _groups(works, total: int, threads: int) -> list[list]:
+    """Cut the steps of ``works`` (in order) into groups that shrink as the work left does: each about a
+    ``2 * threads``-th of what is left, never under :data:`_GROUP_MIN_NBYTES` (guided scheduling). The last groups
+    are single steps, so the threads finish together, and there are few groups in all (each costs a task's setup:
+    64 groups of 1 MiB slowed sorted int32 decoding by 10 %)."""
+    groups, cur, acc, left = [], [], 0, total
+    target = max(_GROUP_MIN_NBYTES, left // (2 * threads))
     for w in works:
         per = max(1, w.nbytes // w.n)
         lo = 0
@@ -156,7 +164,9 @@ def _groups(works, total: int, parts: int) -> list[list]:
             lo = hi
             if acc >= target:
                 groups.append(cur)
+                left -= acc
                 cur, acc = [], 0
+                target = max(_GROUP_MIN_NBYTES, left // (2 * threads))
     if cur:
         groups.append(cur)
     return groups
