@@ -240,3 +240,34 @@ def test_pool_runs_every_group_and_raises_the_first_error_in_order(monkeypatch):
     ok = _Steps(64, 1 << 20)
     cpu.run([ok])
     assert sorted(i for i, _ in ok.ran) == list(range(64)) and len({t for _, t in ok.ran}) == 2
+
+
+def test_auto_samples_decide_the_same_in_the_pool_as_inline(monkeypatch):
+    # large arrays' samples are compressed in the pool (one step per candidate and sample); the decision must not
+    # depend on it, and stays the measured one for smooth fields and sorted integers (byte planes, no rotation)
+    from cupycodec import _config, _cpu_auto
+    from cupycodec.backends import cpu
+    from cupycodec.codecs import Zstd
+    from cupycodec.dtypes import ArraySpec
+    from cupycodec.filters import Byteplane
+
+    rng = np.random.default_rng(2)
+    side = 2048
+    y, x = np.meshgrid(np.linspace(0, 1, side), np.linspace(0, 1, side), indexing="ij")
+    arrays = [np.sin(6.1 * x + 1.3).astype(np.float32) + 0.5 * np.sin(11.7 * y).astype(np.float32),
+              np.cumsum(rng.integers(0, 16, 1 << 22), dtype=np.int32),
+              rng.integers(-2**31, 2**31, 1 << 22, dtype=np.int32),
+              (rng.standard_normal(1 << 22) * 0.02).astype(ml_dtypes.bfloat16)]
+    picks = []
+    for a in arrays:
+        spec = ArraySpec.of(a)
+        codec = Zstd(level=1)
+        chunk = _config.cpu_chunk(codec, spec)
+        got = {}
+        for threads in ("1", "2"):
+            monkeypatch.setenv("CUPYCODEC_NUM_THREADS", threads)
+            monkeypatch.setattr(cpu, "_INLINE_NBYTES", 0)  # the pool even for these few MiB
+            got[threads] = _cpu_auto.choose(a, spec, codec, chunk)
+        assert got["1"] == got["2"]
+        picks.append(got["2"])
+    assert picks[0] == [Byteplane(rotate=False)] and picks[1] == [Byteplane(rotate=False)]
