@@ -28,6 +28,7 @@ _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 _INLINE_NBYTES = 1 << 20  # below this, threads cost more than they save
 _GROUP_MIN_NBYTES = 1 << 20  # the smallest group of steps :func:`run` hands a thread
+_GROUP_MAX_NBYTES = 16 << 20  # and the largest: a decode from a mapped file drops its pages group by group
 _memmove = ctypes.memmove  # a foreign call: copies without holding the GIL
 
 
@@ -149,11 +150,12 @@ def _drain(todo, errors: list) -> None:
 
 def _groups(works, total: int, threads: int) -> list[list]:
     """Cut the steps of ``works`` (in order) into groups that shrink as the work left does: each about a
-    ``2 * threads``-th of what is left, never under :data:`_GROUP_MIN_NBYTES` (guided scheduling). The last groups
-    are single steps, so the threads finish together, and there are few groups in all (each costs a task's setup:
-    64 groups of 1 MiB slowed sorted int32 decoding by 10 %)."""
+    ``2 * threads``-th of what is left, within :data:`_GROUP_MIN_NBYTES` and :data:`_GROUP_MAX_NBYTES` (guided
+    scheduling). The last groups are single steps, so the threads finish together, and there are few groups in all
+    (each costs a task's setup: 64 groups of 1 MiB slowed sorted int32 decoding by 10 %). The cap bounds what is
+    in flight: a group's mapped file pages are dropped when it is done (tests/test_memory.py)."""
     groups, cur, acc, left = [], [], 0, total
-    target = max(_GROUP_MIN_NBYTES, left // (2 * threads))
+    target = _group_target(left, threads)
     for w in works:
         per = max(1, w.nbytes // w.n)
         lo = 0
@@ -166,10 +168,14 @@ def _groups(works, total: int, threads: int) -> list[list]:
                 groups.append(cur)
                 left -= acc
                 cur, acc = [], 0
-                target = max(_GROUP_MIN_NBYTES, left // (2 * threads))
+                target = _group_target(left, threads)
     if cur:
         groups.append(cur)
     return groups
+
+
+def _group_target(left: int, threads: int) -> int:
+    return min(_GROUP_MAX_NBYTES, max(_GROUP_MIN_NBYTES, left // (2 * threads)))
 
 
 # -- encoding --------------------------------------------------------------------------------------------------------
