@@ -299,24 +299,31 @@ def address(buf) -> int:
     return np.frombuffer(buf, np.uint8).ctypes.data
 
 
-def _decode_chunk(seg, i: int, payload, o: int, s: int, src: int, dst: int, n: int, dst_view) -> None:
-    """Decode (or, when stored, copy) chunk ``i`` of ``seg`` (``s`` bytes at payload offset ``o``, address ``src``)
-    into the ``n`` bytes at ``dst``; ``dst_view()`` gives them as a memoryview for codecs without an address-level
-    decoder. Copies and address-level decoders are foreign calls, so they run without the GIL (a memoryview slice
-    assignment holds it for the whole copy: a stored 512 KiB plane chunk kept the other worker waiting)."""
-    if seg.table.flags[i]:
-        if s != n:  # the table check at parse time rules this out; a copy between addresses must not trust it
-            raise FormatError(f"segment {seg.name!r} chunk {i}: stored chunk holds {s} bytes, expected {n}")
-        _memmove(dst, src, n)
-        return
-    if seg.codec.decode_chunk_at(src, s, dst, n):
-        return
+def _stored_size(seg, i: int, s: int, n: int) -> None:
+    raise FormatError(f"segment {seg.name!r} chunk {i}: stored chunk holds {s} bytes, expected {n}")
+
+
+def _decode_view(seg, i: int, src: memoryview, dst: memoryview) -> None:
+    """Decode chunk ``i`` of ``seg`` with the codec's memoryview decoder (codecs without an address-level one, and
+    frames that one leaves to it)."""
     try:
-        seg.codec.decode_chunk_into(payload[o : o + s], dst_view())
+        seg.codec.decode_chunk_into(src, dst)
     except FormatError as exc:
         raise FormatError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
     except (MemoryError, OSError) as exc:  # pragma: no cover
         raise BackendError(f"segment {seg.name!r} chunk {i}: {exc}") from exc
+
+
+def _columns(seg, lo: int, hi: int):
+    """Chunks ``lo..hi`` of ``seg`` as Python lists (offsets, sizes, flags) and its address-level decoder."""
+    return (seg, seg.chunk_offsets[lo:hi].tolist(), seg.table.comp_nbytes[lo:hi].tolist(),
+            seg.table.flags[lo:hi].tolist(), seg.codec.decode_chunk_at)
+
+
+# Each chunk is decoded (or, when stored, copied) between addresses by a foreign call, so without the GIL: a
+# memoryview slice assignment holds it for the whole copy (a stored 512 KiB plane chunk kept the other worker
+# waiting). Stored chunk sizes are checked against the output's at parse time; a copy between addresses checks
+# again rather than trust it.
 
 
 class DecodeSegment(Work):
@@ -330,17 +337,22 @@ class DecodeSegment(Work):
         self.n, self.nbytes = seg.n_chunks, seg.raw_nbytes
 
     def run(self, lo: int, hi: int) -> None:
-        payload, seg, out = self.payload, self.seg, self.out
-        offs = seg.chunk_offsets[lo:hi].tolist()
-        sizes = seg.table.comp_nbytes[lo:hi].tolist()
+        payload, out = self.payload, self.out
+        seg, offs, sizes, flags, at = _columns(self.seg, lo, hi)
         c, total = seg.chunk_nbytes, self.nbytes
         base, out_base = address(payload), address(out)
         crc = _crc32_impl() if self.verify else None
-        for i, o, s in zip(range(lo, hi), offs, sizes):
+        for i, o, s, stored in zip(range(lo, hi), offs, sizes, flags):
             if crc is not None:
                 _check(seg, i, payload[o : o + s], crc)
-            a, b = i * c, min(total, (i + 1) * c)
-            _decode_chunk(seg, i, payload, o, s, base + o, out_base + a, b - a, lambda a=a, b=b: out[a:b])
+            a = i * c
+            n = min(total, a + c) - a
+            if stored:
+                if s != n:
+                    _stored_size(seg, i, s, n)
+                _memmove(out_base + a, base + o, n)
+            elif not at(base + o, s, out_base + a, n):
+                _decode_view(seg, i, payload[o : o + s], out[a : a + n])
         if self.release is not None:
             self.release(offs[0], offs[-1] + sizes[-1])
 
@@ -358,22 +370,27 @@ class DecodePlanes(Work):
         self.n, self.nbytes = segs[0].n_chunks, out.size
 
     def run(self, lo: int, hi: int) -> None:
-        payload, segs, k, c, out = self.payload, self.segs, self.k, self.chunk, self.out
+        payload, k, c, out = self.payload, self.k, self.chunk, self.out
         planes = self.planes
         crc = _crc32_impl() if self.verify else None
         base, out_base = address(payload), out.ctypes.data
-        cols = [(s, s.chunk_offsets[lo:hi].tolist(), s.table.comp_nbytes[lo:hi].tolist()) for s in segs]
+        cols = [_columns(s, lo, hi) for s in self.segs]
         for i in range(lo, hi):
             m = min(c, self.words - i * c)
-            for j, ((seg, offs, sizes), dst) in enumerate(zip(cols, planes.slots(m))):
+            for j, ((seg, offs, sizes, flags, at), dst) in enumerate(zip(cols, planes.slots(m))):
                 o, s = offs[i - lo], sizes[i - lo]
                 if crc is not None:
                     _check(seg, i, payload[o : o + s], crc)
-                _decode_chunk(seg, i, payload, o, s, base + o, dst, m, lambda j=j, m=m: planes.rows(m)[j])
+                if flags[i - lo]:
+                    if s != m:
+                        _stored_size(seg, i, s, m)
+                    _memmove(dst, base + o, m)
+                elif not at(base + o, s, dst, m):
+                    _decode_view(seg, i, payload[o : o + s], planes.rows(m)[j])
             a = i * c * k
             planes.merge_into(out[a : a + m * k], out_base + a)
         if self.release is not None:
-            for _, offs, sizes in cols:
+            for _, offs, sizes, _, _ in cols:
                 self.release(offs[0], offs[-1] + sizes[-1])
 
 
