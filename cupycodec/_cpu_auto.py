@@ -66,6 +66,7 @@ class _Trials(cpu.Work):
         self.sizes = [0] * self.n
 
     def run(self, lo: int, hi: int) -> None:
+        encode = self.codec.chunk_encoder()
         for t in range(lo, hi):
             pipeline, sample = self.options[t // len(self.samples)], self.samples[t % len(self.samples)]
             if pipeline:
@@ -74,6 +75,6 @@ class _Trials(cpu.Work):
                 parts = [memoryview(sample)]
             total = 0
             for part in parts:
-                data = self.codec.encode_chunk(part)
+                data = encode(part)
                 total += len(part) if data is None else min(len(part), len(data))
             self.sizes[t] = total

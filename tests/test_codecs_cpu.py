@@ -202,3 +202,12 @@ def test_cpu_zstd_chunks_decode_between_addresses(monkeypatch, filters):
     monkeypatch.setattr(Zstd, "decode_chunk_into", refuse)
     np.testing.assert_array_equal(cc.decompress(c), x)
     np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)), x)
+
+
+def test_chunk_encoder_is_encode_chunk():
+    # the CPU workers take a codec's chunk_encoder once per group of chunks: same frames as encode_chunk
+    from cupycodec.codecs import LZ4, Zstd
+
+    data = memoryview(np.random.default_rng(1).integers(0, 9, 200_000, dtype=np.uint8).tobytes())
+    for codec in (Zstd(level=1), Zstd(), LZ4()):
+        assert codec.chunk_encoder()(data) == codec.encode_chunk(data)

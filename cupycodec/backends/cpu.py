@@ -192,11 +192,11 @@ class EncodeSegment(Work):
 
     def run(self, lo: int, hi: int) -> None:
         raw, c, codec, res = self.raw, self.chunk, self.codec, self.results
-        store_all = codec.codec_id == "raw"
+        encode = None if codec.codec_id == "raw" else codec.chunk_encoder()
         crc = _crc32_impl()
         for i in range(lo, hi):
             src = raw[i * c : (i + 1) * c]
-            data = None if store_all else codec.encode_chunk(src)
+            data = None if encode is None else encode(src)
             if data is None or len(data) >= len(src):
                 res[i] = (src, 1, crc(src))
             else:
@@ -235,11 +235,11 @@ class EncodePlanes(Work):
     def run(self, lo: int, hi: int) -> None:
         raw, k, c, codec, res = self.raw, self.k, self.chunk, self.codec, self.results
         crc = _crc32_impl()
-        split = self.planes.split
+        split, encode = self.planes.split, codec.chunk_encoder()
         for i in range(lo, hi):
             src = raw[i * c * k : min((i + 1) * c, self.words) * k]
             for j, plane in enumerate(split(src)):
-                data = codec.encode_chunk(plane)
+                data = encode(plane)
                 if data is None or len(data) >= len(plane):
                     data = _owned_copy(plane)  # the scratch is reused by the next block
                     res[j][i] = (data, 1, crc(data))

@@ -160,6 +160,11 @@ class Codec(abc.ABC):
         """Compress one chunk on the CPU into a standalone stream of this format."""
         raise BackendUnavailableError(f"codec {self.codec_id!r} cannot compress on the CPU; {GPU_ONLY_HINT}")
 
+    def chunk_encoder(self) -> Callable[[memoryview], bytes | None]:
+        """:meth:`encode_chunk`, or an equivalent bound to this thread's compression context: the CPU workers
+        look it up once per group of chunks rather than once per chunk."""
+        return self.encode_chunk
+
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
         """Decompress one chunk on the CPU into ``dst``, which it must fill exactly (else raise FormatError)."""
         raise BackendUnavailableError(f"codec {self.codec_id!r} cannot decompress on the CPU; {GPU_ONLY_HINT}")

@@ -25,11 +25,14 @@ class Zstd(Codec):
     options = {"level": Option(None, int_range(-(1 << 17), 22), "CPU compression level")}
 
     def encode_chunk(self, src: memoryview) -> bytes:
+        return self.chunk_encoder()(src)
+
+    def chunk_encoder(self):
         import zstandard
 
         level = 3 if self.level is None else self.level
         comp = per_thread(("zstd-c", level), lambda: zstandard.ZstdCompressor(level=level, write_content_size=True))
-        return comp.compress(src)
+        return comp.compress
 
     def decode_chunk_at(self, src: int, src_nbytes: int, dst: int, dst_nbytes: int) -> bool:
         # libzstd straight into place where blosc2's library provides it: one foreign call per chunk, no bytes
