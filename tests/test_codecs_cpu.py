@@ -154,21 +154,60 @@ def test_third_party_codec_registration():
 def test_zstd_decodes_straight_into_the_chunk_with_libzstd():
     import zstandard
 
-    from cupycodec.codecs._cpu import _libzstd, zstd_decode_into
+    from cupycodec.backends.cpu import address
+    from cupycodec.codecs._cpu import _libzstd, zstd_decode_at
 
     if _libzstd() is None:
         pytest.skip("blosc2's shared library (which exports libzstd's API) is not installed")
+
+    def decode_into(src: bytes, dst) -> bool:
+        return zstd_decode_at(address(src), len(src), address(dst), len(dst))
+
     data = np.random.default_rng(0).integers(0, 8, 100_000, dtype=np.uint8).tobytes()
     frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(data)
     dst = bytearray(len(data))
-    assert zstd_decode_into(memoryview(frame), memoryview(dst)) and bytes(dst) == data
-    # a frame that does not hold exactly this chunk, or says nothing of its size: left to the exact path
-    assert not zstd_decode_into(memoryview(frame), memoryview(bytearray(len(data) - 1)))
+    assert decode_into(frame, dst) and bytes(dst) == data
+    # a frame that does not hold exactly this chunk, or says nothing of its size, or is followed by another frame:
+    # left to the exact path
+    assert not decode_into(frame, bytearray(len(data) - 1))
     unsized = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(data)
-    assert not zstd_decode_into(memoryview(unsized), memoryview(bytearray(len(data))))
+    assert not decode_into(unsized, bytearray(len(data)))
+    guard = bytearray(len(data) + 64)
+    assert not decode_into(frame + frame, memoryview(guard)[: len(data)]) and guard[len(data) :] == bytes(64)
     for at in (0, 5, len(frame) // 2, len(frame) - 1):  # corrupt frames: no crash, no write past the chunk
         bad = bytearray(frame)
         bad[at] ^= 0xFF
         guard = bytearray(len(data) + 64)
-        zstd_decode_into(memoryview(bytes(bad)), memoryview(guard)[: len(data)])
+        decode_into(bytes(bad), memoryview(guard)[: len(data)])
         assert guard[len(data) :] == bytes(64)
+
+
+@pytest.mark.parametrize("filters", [[], [{"id": "byteplane", "rotate": False}], [{"id": "byteplane", "rotate": True}]])
+def test_cpu_zstd_chunks_decode_between_addresses(monkeypatch, filters):
+    # every zstd chunk (plain segments and byte planes, stored chunks among them) goes through decode_chunk_at:
+    # the memoryview path, with its bytes object and copy per chunk, is only the fallback
+    from cupycodec.codecs._cpu import _libzstd
+    from cupycodec.codecs.zstd import Zstd
+
+    if _libzstd() is None:
+        pytest.skip("blosc2's shared library (which exports libzstd's API) is not installed")
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.sin(np.arange(300_000) / 50).astype(np.float32), rng.random(200_000, np.float32)])
+    c = cc.compress(x, codec="zstd", level=1, filters=filters, chunk_nbytes=65536)
+    assert any(seg.table.flags.any() for seg in c.segments) or not filters  # planes: some chunks are stored
+
+    def refuse(self, src, dst):
+        raise AssertionError("decode_chunk_into called for a chunk libzstd decodes")
+
+    monkeypatch.setattr(Zstd, "decode_chunk_into", refuse)
+    np.testing.assert_array_equal(cc.decompress(c), x)
+    np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)), x)
+
+
+def test_chunk_encoder_is_encode_chunk():
+    # the CPU workers take a codec's chunk_encoder once per group of chunks: same frames as encode_chunk
+    from cupycodec.codecs import LZ4, Zstd
+
+    data = memoryview(np.random.default_rng(1).integers(0, 9, 200_000, dtype=np.uint8).tobytes())
+    for codec in (Zstd(level=1), Zstd(), LZ4()):
+        assert codec.chunk_encoder()(data) == codec.encode_chunk(data)

@@ -165,3 +165,110 @@ def test_max_output_nbytes_type_is_checked_first():
     c = cc.compress(np.arange(10))
     with pytest.raises(TypeError, match="max_output_nbytes"):
         cc.decompress(c, max_output_nbytes="big")
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_cpu_payload_is_the_chunks_at_their_offsets_and_zeros_between(monkeypatch, threads):
+    # the payload is filled by the pool (cpu.CopyChunks) into calloc'ed memory: every chunk lands at its table
+    # offset, and the padding after each chunk and each table stays zero, inline or in parallel
+    from cupycodec import layout
+
+    monkeypatch.setenv("CUPYCODEC_NUM_THREADS", threads)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.cumsum(rng.integers(0, 9, 600_000)).astype(np.int32), rng.integers(0, 2**31, 400_000,
+                                                                                                dtype=np.int32)])
+    for kw in ({}, {"codec": "zstd", "level": 1, "chunk_nbytes": 40_000}, {"codec": "lz4", "chunk_nbytes": 65_536}):
+        c = cc.compress(x, **kw)
+        payload = np.frombuffer(c.host_payload(), np.uint8)
+        covered = np.zeros(payload.size, bool)
+        for seg in c.segments:
+            table = seg.table.to_bytes()
+            assert payload[seg.offset : seg.offset + len(table)].tobytes() == table
+            covered[seg.offset : seg.offset + len(table)] = True
+            for o, s in zip(seg.chunk_offsets.tolist(), seg.table.comp_nbytes.tolist()):
+                assert o % 16 == 0 and o + s <= layout.align(o + s) <= payload.size
+                covered[o : o + s] = True
+        assert not payload[~covered].any()
+        flags = np.concatenate([seg.table.flags for seg in c.segments])
+        assert flags.any() and not flags.all()  # stored chunks and encoded ones
+        np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(c.to_bytes(), verify=True)), x)
+
+
+class _Steps:
+    """A piece of CPU work whose steps record which thread ran them; step ``bad`` (if any) raises."""
+
+    def __init__(self, n: int, step_nbytes: int, bad=()):
+        self.n, self.nbytes, self.bad, self.ran = n, n * step_nbytes, set(bad), []
+
+    def run(self, lo, hi):
+        import threading
+        import time
+
+        for i in range(lo, hi):
+            if i in self.bad:
+                raise ValueError(f"step {i}")
+            time.sleep(0.0005)
+            self.ran.append((i, threading.get_ident()))
+
+
+def test_pool_groups_cover_every_step_once_and_shrink_to_single_steps():
+    from cupycodec.backends import cpu
+
+    works = [_Steps(300, 1 << 19), _Steps(3, 100), _Steps(40, 1 << 20)]
+    total = sum(w.nbytes for w in works)
+    groups = cpu._groups(works, total, 2)
+    flat = [(id(w), i) for g in groups for w, lo, hi in g for i in range(lo, hi)]
+    assert flat == [(id(w), i) for w in works for i in range(w.n)]
+    sizes = [sum((hi - lo) * (w.nbytes // w.n) for w, lo, hi in g) for g in groups]
+    assert sizes[0] >= min(total // 4, 16 << 20) - (1 << 20) and sizes[-1] <= 1 << 20  # big first, single steps last
+    assert max(sizes) <= (16 << 20) + (1 << 20)  # capped: what a group holds in flight
+    assert len(groups) < 40
+
+
+def test_pool_runs_every_group_and_raises_the_first_error_in_order(monkeypatch):
+    from cupycodec.backends import cpu
+
+    monkeypatch.setenv("CUPYCODEC_NUM_THREADS", "2")
+    w = _Steps(64, 1 << 20, bad={50, 10})
+    with pytest.raises(ValueError, match="step 10"):
+        cpu.run([w])
+    ran = {i for i, _ in w.ran}
+    groups = cpu._groups([w], w.nbytes, 2)
+    for g in groups:  # every group ran up to its first bad step, and no further
+        (_, lo, hi), = g
+        stop = min([b for b in w.bad if lo <= b < hi], default=hi)
+        assert set(range(lo, stop)) <= ran and not ran & set(range(stop, hi))
+    ok = _Steps(64, 1 << 20)
+    cpu.run([ok])
+    assert sorted(i for i, _ in ok.ran) == list(range(64)) and len({t for _, t in ok.ran}) == 2
+
+
+def test_auto_samples_decide_the_same_in_the_pool_as_inline(monkeypatch):
+    # large arrays' samples are compressed in the pool (one step per candidate and sample); the decision must not
+    # depend on it, and stays the measured one for smooth fields and sorted integers (byte planes, no rotation)
+    from cupycodec import _config, _cpu_auto
+    from cupycodec.backends import cpu
+    from cupycodec.codecs import Zstd
+    from cupycodec.dtypes import ArraySpec
+    from cupycodec.filters import Byteplane
+
+    rng = np.random.default_rng(2)
+    side = 2048
+    y, x = np.meshgrid(np.linspace(0, 1, side), np.linspace(0, 1, side), indexing="ij")
+    arrays = [np.sin(6.1 * x + 1.3).astype(np.float32) + 0.5 * np.sin(11.7 * y).astype(np.float32),
+              np.cumsum(rng.integers(0, 16, 1 << 22), dtype=np.int32),
+              rng.integers(-2**31, 2**31, 1 << 22, dtype=np.int32),
+              (rng.standard_normal(1 << 22) * 0.02).astype(ml_dtypes.bfloat16)]
+    picks = []
+    for a in arrays:
+        spec = ArraySpec.of(a)
+        codec = Zstd(level=1)
+        chunk = _config.cpu_chunk(codec, spec)
+        got = {}
+        for threads in ("1", "2"):
+            monkeypatch.setenv("CUPYCODEC_NUM_THREADS", threads)
+            monkeypatch.setattr(cpu, "_INLINE_NBYTES", 0)  # the pool even for these few MiB
+            got[threads] = _cpu_auto.choose(a, spec, codec, chunk)
+        assert got["1"] == got["2"]
+        picks.append(got["2"])
+    assert picks[0] == [Byteplane(rotate=False)] and picks[1] == [Byteplane(rotate=False)]

@@ -96,22 +96,28 @@ grown to the largest block it has seen).
         self._one, self._top = t(1), t(8 * k - 1)
 
     def _scratch(self, m: int):
-        """(plane rows of ``k*m`` bytes, ``m`` words for the rotated block, a small word temporary)."""
+        """(plane rows of ``k*m`` bytes, ``m`` words for the rotated block, a small word temporary, the rows'
+        address)."""
         n = self.k * m
         t = min(m, _PIECE) * self.k
-        s = _thread_buffer(2 * n + t)
-        return s[:n], s[n : 2 * n].view(self._word), s[2 * n : 2 * n + t].view(self._word)
+        s, addr = _thread_buffer(2 * n + t)
+        return s[:n], s[n : 2 * n].view(self._word), s[2 * n : 2 * n + t].view(self._word), addr
 
     def rows(self, m: int) -> list[memoryview]:
         """The slots plane chunks ``0..k-1`` of an ``m``-word block are decoded into (this thread's scratch)."""
         mv = memoryview(self._scratch(m)[0])
         return [mv[r * m : (r + 1) * m] for r in self._row]
 
+    def slots(self, m: int) -> list[int]:
+        """The addresses of :meth:`rows`, for decoders and copies that run without the GIL."""
+        addr = _thread_buffer(self.k * (2 * m + min(m, _PIECE)))[1]
+        return [addr + r * m for r in self._row]
+
     def split(self, src: np.ndarray) -> list[memoryview]:
         """Plane chunks of ``src`` (uint8, ``m*k`` bytes), plane 0 first."""
         k = self.k
         m = src.size // k
-        buf, w, tmp = self._scratch(m)
+        buf, w, tmp, addr = self._scratch(m)
         if self.lib is None:
             out = buf.reshape(k, m)
             out[...] = split_planes(src, k, self.rotate, self.big)
@@ -131,19 +137,20 @@ grown to the largest block it has seen).
                     np.left_shift(words[lo:hi], self._one, out=v)
                 np.bitwise_or(v, t, out=v)
             data = w
-        self.lib.blosc2_shuffle(k, k * m, data.ctypes.data, buf.ctypes.data)
+        self.lib.blosc2_shuffle(k, k * m, data.ctypes.data, addr)
         mv = memoryview(buf)
         return [mv[r * m : (r + 1) * m] for r in self._row]
 
-    def merge_into(self, out: np.ndarray) -> None:
-        """Merge this thread's ``rows(m)`` into ``out`` (uint8, ``m*k`` bytes)."""
+    def merge_into(self, out: np.ndarray, out_addr: int | None = None) -> None:
+        """Merge this thread's ``rows(m)`` into ``out`` (uint8, ``m*k`` bytes; ``out_addr``: its address, when the
+        caller knows it)."""
         k = self.k
         m = out.size // k
-        buf, _, tmp = self._scratch(m)
+        buf, _, tmp, addr = self._scratch(m)
         if self.lib is None:
             merge_planes(buf.reshape(k, m), k, self.rotate, self.big, out)
             return
-        self.lib.blosc2_unshuffle(k, k * m, buf.ctypes.data, out.ctypes.data)
+        self.lib.blosc2_unshuffle(k, k * m, addr, out.ctypes.data if out_addr is None else out_addr)
         if not self.rotate:
             return
         words = out.view(self._word)  # native order here; swapped back below when stored otherwise
@@ -159,12 +166,14 @@ grown to the largest block it has seen).
 _local = threading.local()
 
 
-def _thread_buffer(nbytes: int) -> np.ndarray:
-    """This thread's scratch, grown to ``nbytes`` when needed (one buffer per thread, whatever the geometry)."""
+def _thread_buffer(nbytes: int) -> tuple[np.ndarray, int]:
+    """This thread's scratch and its address, grown to ``nbytes`` when needed (one buffer per thread, whatever the
+    geometry)."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < nbytes:
         buf = _local.buf = np.empty(nbytes, np.uint8)
-    return buf
+        _local.addr = buf.ctypes.data
+    return buf, _local.addr
 
 
 def planes_for(k: int, rotate: bool, big: bool, engine: str = "auto") -> BlockPlanes:

@@ -35,41 +35,41 @@ def decode_exact(codec_id: str, fn: Callable[[memoryview, memoryview], int], src
         raise FormatError(f"{codec_id} stream decoded to {n} bytes, the chunk table says {len(dst)}")
 
 
-_CONTENTSIZE_UNKNOWN, _CONTENTSIZE_ERROR = (1 << 64) - 1, (1 << 64) - 2
-
-
 @functools.cache
 def _libzstd():
-    """libzstd's C API from blosc2's shared library (it exports ZSTD_*), typed for ctypes, or None without it."""
+    """libzstd's C API from blosc2's shared library (it exports ZSTD_*), typed for ctypes, or None without it.
+
+    ``ZSTD_decompressDCtx`` is a plain foreign call (it releases the GIL while it decodes); the header peek
+    ``ZSTD_getFrameContentSize`` comes through a ``PyDLL`` handle of the same library, which keeps the GIL: giving
+    it up and taking it back around a call of a few nanoseconds cost more than the call whenever another worker
+    was waiting for it."""
     from ..backends._planes import blosc2_library
 
     lib = blosc2_library()
     try:
-        fns = (lib.ZSTD_createDCtx, lib.ZSTD_decompressDCtx, lib.ZSTD_getFrameContentSize, lib.ZSTD_isError)
-    except AttributeError:  # no library (None), or one built without zstd's symbols
+        fns = (lib.ZSTD_createDCtx, lib.ZSTD_decompressDCtx)
+        content_size = ctypes.PyDLL(lib._name).ZSTD_getFrameContentSize
+    except (AttributeError, OSError):  # no library (None), or one built without zstd's symbols
         return None
-    create, decompress, content_size, is_error = fns
+    create, decompress = fns
     create.restype, create.argtypes = ctypes.c_void_p, []
     decompress.restype = ctypes.c_size_t
     decompress.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
     content_size.restype, content_size.argtypes = ctypes.c_ulonglong, [ctypes.c_void_p, ctypes.c_size_t]
-    is_error.restype, is_error.argtypes = ctypes.c_uint, [ctypes.c_size_t]
-    return lib
+    return create, decompress, content_size
 
 
-def zstd_decode_into(src: memoryview, dst: memoryview) -> bool:
-    """Decode the zstd frame ``src`` straight into ``dst`` with libzstd (a per-thread context; the call releases the
-    GIL), where python-zstandard returns a new bytes object to copy from. True when it did; False where libzstd's
-    API is not available or the frame does not say it holds exactly ``len(dst)`` bytes (the caller's exact path then
-    decides, and words the error)."""
-    lib = _libzstd()
-    if lib is None or not len(src):
+def zstd_decode_at(src: int, src_nbytes: int, dst: int, dst_nbytes: int) -> bool:
+    """Decode the zstd frame at address ``src`` straight into the ``dst_nbytes`` bytes at ``dst`` with libzstd (a
+    per-thread context; one foreign call, without the GIL). True when it did; False where libzstd's API is not
+    available, the frame does not say it holds exactly ``dst_nbytes`` bytes, or it does not decode to them (the
+    caller's exact path then decides, and words the error). Decoding is bounded by ``dst_nbytes`` whatever the
+    frame says; the caller guarantees both ranges are valid memory."""
+    fns = _libzstd()
+    if fns is None or not src_nbytes:
         return False
-    import numpy as np
-
-    s = np.frombuffer(src, np.uint8).ctypes.data
-    if lib.ZSTD_getFrameContentSize(s, len(src)) != len(dst):  # also UNKNOWN and ERROR
+    create, decompress, content_size = fns
+    if content_size(src, src_nbytes) != dst_nbytes:  # also UNKNOWN and ERROR
         return False
-    dctx = per_thread(("libzstd-dctx",), lib.ZSTD_createDCtx)
-    n = lib.ZSTD_decompressDCtx(dctx, np.frombuffer(dst, np.uint8).ctypes.data, len(dst), s, len(src))
-    return not lib.ZSTD_isError(n) and n == len(dst)
+    dctx = per_thread(("libzstd-dctx",), create)
+    return decompress(dctx, dst, dst_nbytes, src, src_nbytes) == dst_nbytes  # error codes are never a size here

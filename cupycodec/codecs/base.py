@@ -160,9 +160,19 @@ class Codec(abc.ABC):
         """Compress one chunk on the CPU into a standalone stream of this format."""
         raise BackendUnavailableError(f"codec {self.codec_id!r} cannot compress on the CPU; {GPU_ONLY_HINT}")
 
+    def chunk_encoder(self) -> Callable[[memoryview], bytes | None]:
+        """:meth:`encode_chunk`, or an equivalent bound to this thread's compression context: the CPU workers
+        look it up once per group of chunks rather than once per chunk."""
+        return self.encode_chunk
+
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
         """Decompress one chunk on the CPU into ``dst``, which it must fill exactly (else raise FormatError)."""
         raise BackendUnavailableError(f"codec {self.codec_id!r} cannot decompress on the CPU; {GPU_ONLY_HINT}")
+
+    def decode_chunk_at(self, src: int, src_nbytes: int, dst: int, dst_nbytes: int) -> bool:
+        """Decompress one chunk between raw addresses, exactly filling ``dst``, without taking the GIL per byte.
+        True when it did; False (the default: no such decoder) sends the chunk to :meth:`decode_chunk_into`."""
+        return False
 
     # -- nvCOMP backend ----------------------------------------------------------------------------------------
     def nvcomp_params(self) -> dict[str, int | float]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._cpu import decode_exact, per_thread, zstd_decode_into
+from ._cpu import decode_exact, per_thread, zstd_decode_at
 from .base import Codec, Option, int_range
 
 __all__ = ["Zstd"]
@@ -25,19 +25,25 @@ class Zstd(Codec):
     options = {"level": Option(None, int_range(-(1 << 17), 22), "CPU compression level")}
 
     def encode_chunk(self, src: memoryview) -> bytes:
+        return self.chunk_encoder()(src)
+
+    def chunk_encoder(self):
         import zstandard
 
         level = 3 if self.level is None else self.level
         comp = per_thread(("zstd-c", level), lambda: zstandard.ZstdCompressor(level=level, write_content_size=True))
-        return comp.compress(src)
+        return comp.compress
+
+    def decode_chunk_at(self, src: int, src_nbytes: int, dst: int, dst_nbytes: int) -> bool:
+        # libzstd straight into place where blosc2's library provides it: one foreign call per chunk, no bytes
+        # object, no copy (python-zstandard returns a new bytes object, copied once more: 7-10 % of a bf16 or fp32
+        # decode; benchmarks/RESULTS.md, issue 10). False sends the chunk to decode_chunk_into below.
+        return zstd_decode_at(src, src_nbytes, dst, dst_nbytes)
 
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
-        # libzstd straight into dst where blosc2's library provides it (no bytes object per chunk), else a
-        # per-thread zstandard context (cramjam's decompress_into builds one per call, ~17 us that dominated decoding
-        # 64 KiB chunks: benchmarks/RESULTS.md, issue 10). The frame must say it holds exactly this chunk (no
-        # allocation a header could inflate); anything unusual takes cramjam's exact path below, which words errors.
-        if zstd_decode_into(src, dst):
-            return
+        # A per-thread zstandard context (cramjam's decompress_into builds one per call, ~17 us that dominated
+        # decoding 64 KiB chunks: benchmarks/RESULTS.md, issue 10). The frame must say it holds exactly this chunk
+        # (no allocation a header could inflate); anything unusual takes cramjam's exact path, which words errors.
         import zstandard
 
         dctx = per_thread(("zstd-d",), zstandard.ZstdDecompressor)
