@@ -187,43 +187,53 @@ def _segment_codecs(job: Job) -> list[tuple[str, ArraySpec, Codec, int]]:
 
 
 def cpu_work(job: Job):
-    """``(works, finish)``: the job's CPU work (:class:`~cupycodec.backends.cpu.Work`), and a function that builds
-    its container once that work has run."""
+    """``(works, lay_out)``: the job's CPU work (:class:`~cupycodec.backends.cpu.Work`), and a function that lays its
+    container out once that work has run (``(header, chunks)``, which :func:`fill` copies into a payload)."""
     segs = _segment_codecs(job)
     if job.arrays is None:  # byte planes, split block by block
         _, _, codec, chunk = segs[0]
         k, rotate, big = job.pipeline[0].params(job.spec)
         work = cpu.EncodePlanes(cpu.as_bytes_array(job.source), k, rotate, big, codec, chunk)
-        return [work], lambda: _assemble(job, segs, work.tables())
+        return [work], lambda: _lay_out(job, segs, work.tables())
     works = [cpu.EncodeSegment(cpu.as_bytes(job.arrays[name]), codec, chunk) for name, _, codec, chunk in segs]
-    return works, lambda: _assemble(job, segs, [w.table() for w in works])
+    return works, lambda: _lay_out(job, segs, [w.table() for w in works])
 
 
 def compress_cpu(job: Job) -> CompressedArray:
-    works, finish = cpu_work(job)
+    works, lay_out = cpu_work(job)
     cpu.run(works)
-    return finish()
+    return fill([lay_out()])[0]
 
 
-def _assemble(job: Job, segs, tables) -> CompressedArray:
+def _lay_out(job: Job, segs, tables):
     pieces, blobs = [], []
     for (name, spec, codec, chunk), (comp, crc, flags, chunks) in zip(segs, tables):
         pieces.append((name, spec, codec, chunk, ChunkTable.build(comp, crc, flags)))
         blobs.append(chunks)
     segments = build_segments(pieces)
-    header = Header(job.spec, job.pipeline, segments, producer_info("cpu"), job.metadata)
+    return Header(job.spec, job.pipeline, segments, producer_info("cpu"), job.metadata), blobs
+
+
+def fill(laid_out, prefixes=None) -> list[CompressedArray]:
+    """Containers of ``(header, chunks)`` layouts (and their encoded headers, where known), every chunk of all of
+    them copied by the pool in one pass."""
     # Zeroed (the padding between chunks must be) by calloc: fresh pages, first written by the workers that copy
     # the chunks in, in parallel and without the GIL. A bytearray was zeroed and filled by this thread alone:
     # 15-37 % of a 2-thread compression (benchmarks/RESULTS.md, issue 10).
-    payload = np.zeros(header.payload_nbytes, np.uint8)
-    mv = memoryview(payload)
-    items = []
-    for seg, chunks in zip(segments, blobs):
-        table = seg.table.to_bytes()
-        mv[seg.offset : seg.offset + len(table)] = table
-        items += zip(seg.chunk_offsets.tolist(), chunks)
-    cpu.run([cpu.CopyChunks(payload.ctypes.data, items)])
-    return CompressedArray(header, mv)
+    payloads, works = [], []
+    for header, blobs in laid_out:
+        payload = np.zeros(header.payload_nbytes, np.uint8)
+        mv = memoryview(payload)
+        items = []
+        for seg, chunks in zip(header.segments, blobs):
+            table = seg.table.to_bytes()
+            mv[seg.offset : seg.offset + len(table)] = table
+            items += zip(seg.chunk_offsets.tolist(), chunks)
+        works.append(cpu.CopyChunks(payload.ctypes.data, items))
+        payloads.append(mv)
+    cpu.run(works)
+    prefixes = prefixes or [None] * len(payloads)
+    return [CompressedArray(h, mv, _prefix=p) for (h, _), mv, p in zip(laid_out, payloads, prefixes)]
 
 
 # -- the GPU -------------------------------------------------------------------------------------------------------
@@ -322,19 +332,12 @@ def compress_jobs(jobs: list[Job], stream: int | None) -> list[CompressedArray]:
     for device, idx in by_device.items():
         for i, c in zip(idx, compress_gpu([jobs[i] for i in idx], device, stream)):
             out[i] = c
-    cpu_jobs = []
-    for i, j in enumerate(jobs):
-        if j.backend != "cpu":
-            continue
-        if _small_auto(j):
-            out[i] = _smallest_small(j)
-        else:
-            cpu_jobs.append(i)
-    if cpu_jobs:  # every CPU job's chunks through the pool in one pass
-        plans = [cpu_work(jobs[i]) for i in cpu_jobs]
-        cpu.run([w for works, _ in plans for w in works])
-        for i, (_, finish) in zip(cpu_jobs, plans):
-            out[i] = finish()
+    cpu_jobs = [i for i, j in enumerate(jobs) if j.backend == "cpu"]
+    plans = {i: cpu_work(jobs[i]) for i in cpu_jobs if not _small_auto(jobs[i])}
+    cpu.run([w for works, _ in plans.values() for w in works])  # every CPU job's chunks through the pool in one pass
+    laid = [_smallest_small(jobs[i]) if i not in plans else (plans[i][1](), None) for i in cpu_jobs]
+    for i, c in zip(cpu_jobs, fill([lay for lay, _ in laid], [pfx for _, pfx in laid])):
+        out[i] = c
     for i, j in enumerate(jobs):
         if j.auto and not (j.backend == "cpu" and _small_auto(j)):
             out[i] = _smallest(j, out[i], stream)
@@ -345,28 +348,34 @@ def _small_auto(job: Job) -> bool:
     return job.auto and not job.user_filters and job.spec.nbytes <= _AUTO_TRY_NBYTES
 
 
-def _smallest_small(job: Job) -> CompressedArray:
-    """``auto`` on a small array on the CPU: every candidate pipeline is compressed (inline: a few KiB), the one
-    whose payload plus ~:data:`_SEGMENT_HEADER_NBYTES` per segment is smallest becomes a container, and the plain
-    ``raw`` container replaces it if that is smaller. Only two containers are built: their headers and tables
-    cost more than compressing a few KiB."""
+def _smallest_small(job: Job):
+    """``auto`` on a small array on the CPU: every candidate pipeline is compressed (inline: a few KiB), and the one
+    whose payload plus ~:data:`_SEGMENT_HEADER_NBYTES` per segment is smallest is laid out; the plain ``raw``
+    layout replaces it if that is smaller, headers included. ``(layout, encoded header or None)``: only the one
+    kept is copied into a payload (:func:`fill`); headers and payloads cost more than compressing a few KiB."""
     best, best_nbytes = None, None
     variants = [job] + [job.with_codec(job.codec, pipeline=p) for p in _cpu_auto.candidates(job.spec)
                         if tuple(p) != job.pipeline]
     for v in variants:
-        works, finish = cpu_work(v)
+        works, lay_out = cpu_work(v)
         for w in works:
             w.run(0, w.n)
         nbytes = sum(w.payload_nbytes() for w in works) + _SEGMENT_HEADER_NBYTES * len(v.specs)
         if best_nbytes is None or nbytes < best_nbytes:
-            best, best_nbytes = finish, nbytes
+            best, best_nbytes = lay_out, nbytes
     raw_payload = layout.table_nbytes(layout.n_chunks(job.spec.nbytes, Raw().default_chunk())) \
         + layout.align(job.spec.nbytes)
-    if best_nbytes + _AUTO_EXACT_MARGIN < raw_payload + _SEGMENT_HEADER_NBYTES:
-        return best()  # clearly smaller than raw whatever the exact headers
     chosen = best()
-    raw = compress_cpu(job.with_codec(Raw(), pipeline=[]))
-    return chosen if chosen.nbytes <= raw.nbytes else raw
+    if best_nbytes + _AUTO_EXACT_MARGIN < raw_payload + _SEGMENT_HEADER_NBYTES:
+        return chosen, None  # clearly smaller than raw whatever the exact headers
+    works, lay_out = cpu_work(job.with_codec(Raw(), pipeline=[]))
+    for w in works:
+        w.run(0, w.n)
+    raw = lay_out()
+    pfx, raw_pfx = chosen[0].encode(), raw[0].encode()
+    if len(pfx) + chosen[0].payload_nbytes <= len(raw_pfx) + raw[0].payload_nbytes:
+        return chosen, pfx  # ties keep the chosen codec
+    return raw, raw_pfx
 
 
 def _smallest(job: Job, chosen: CompressedArray, stream) -> CompressedArray:

@@ -56,6 +56,37 @@ def test_small_arrays_skip_byte_planes_when_their_headers_outweigh_them():
     assert auto.nbytes <= cc.compress(noise, codec="raw").nbytes
 
 
+def test_compress_many_copies_only_the_containers_it_returns_in_one_pass(monkeypatch):
+    # small arrays' candidates and raw are weighed by their layouts and headers; only the kept one gets a payload,
+    # and the payloads of the whole batch are filled by one pass of the pool
+    from cupycodec.backends import cpu
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, 1000, dtype=np.uint8),  # noise: raw wins
+              (1 + 0.01 * rng.standard_normal(384)).astype(ml_dtypes.bfloat16),  # a norm weight
+              np.arange(4096, dtype=np.int32),  # small and compressible
+              (0.02 * rng.standard_normal(1 << 17)).astype(np.float32)]  # sampled, then compressed in the pool
+    want = [cc.compress(a).to_bytes() for a in arrays]
+    assert cc.decompress(want[0]).dtype == np.uint8 and cc.compress(arrays[0]).codec == "raw"
+    assert cc.compress(arrays[2]).codec == "zstd"
+    passes = []
+    real_run = cpu.run
+
+    def run(works):
+        works = list(works)
+        copies = [w for w in works if isinstance(w, cpu.CopyChunks)]
+        if copies:
+            passes.append(len(copies))
+        return real_run(works)
+
+    monkeypatch.setattr(cpu, "run", run)
+    got = cc.compress_many(arrays)
+    assert passes == [len(arrays)]
+    assert [c.to_bytes() for c in got] == want
+    for a, c in zip(arrays, got):
+        assert np.array_equal(cc.decompress(c).view(np.uint8), a.view(np.uint8))
+
+
 def test_small_array_headers_stay_small():
     # measured in docs/DESIGN.md ("Small arrays"): about 400 bytes of prelude and JSON for a plain array
     for x in (np.ones(256, np.float32), np.arange(8)):
