@@ -133,3 +133,33 @@ def test_workers_drop_the_mapped_payload_as_they_go(planes):
         assert len(mine) >= 2
     step = max(b - a for a, b in calls)
     assert step <= cpu._RELEASE_NBYTES + 2 * 65536 + 4096
+
+
+def test_a_decoding_thread_holds_the_plane_rows_and_a_small_temporary_only():
+    """Per-thread scratch is what many threads multiply: decoding (merge) needs the k plane rows of a block and a
+    small word temporary, not the rotated block of words that only splitting with rotation uses."""
+    import threading
+
+    from cupycodec.backends import _planes
+
+    if blosc2_library() is None:
+        pytest.skip("the NumPy reference allocates its own temporaries")
+    k, m = 4, 1 << 18
+    sizes = {}
+
+    def decode_then_split(rotate):
+        p = planes_for(k, rotate, False)
+        src = np.arange(k * m, dtype=np.uint8)
+        assert len(p.rows(m)) == k and len(p.slots(m)) == k  # what a decoding worker fills
+        p.merge_into(np.empty(k * m, np.uint8))
+        sizes[("merge", rotate)] = _planes._local.buf.size
+        p.split(src)
+        sizes[("split", rotate)] = _planes._local.buf.size
+
+    for rotate in (False, True):
+        t = threading.Thread(target=decode_then_split, args=(rotate,))  # a fresh thread: a fresh buffer
+        t.start()
+        t.join()
+    small = k * m + min(m, _planes._PIECE) * k
+    assert sizes[("merge", False)] == sizes[("merge", True)] == sizes[("split", False)] == small
+    assert sizes[("split", True)] == small + k * m

@@ -95,13 +95,14 @@ grown to the largest block it has seen).
         self._stored = np.dtype(t).newbyteorder(">" if big else "<")
         self._one, self._top = t(1), t(8 * k - 1)
 
-    def _scratch(self, m: int):
-        """(plane rows of ``k*m`` bytes, ``m`` words for the rotated block, a small word temporary, the rows'
-        address)."""
+    def _scratch(self, m: int, words: bool = False):
+        """(plane rows of ``k*m`` bytes, a small word temporary, ``m`` words for the rotated block or None, the rows'
+        address). Only splitting with rotation needs the block of words; a decoding thread holds the rows and the
+        temporary alone (on 16 threads the words were 2 MiB each of float32 decodes' memory, for nothing)."""
         n = self.k * m
         t = min(m, _PIECE) * self.k
-        s, addr = _thread_buffer(2 * n + t)
-        return s[:n], s[n : 2 * n].view(self._word), s[2 * n : 2 * n + t].view(self._word), addr
+        s, addr = _thread_buffer(n + t + (n if words else 0))
+        return s[:n], s[n : n + t].view(self._word), s[n + t : 2 * n + t].view(self._word) if words else None, addr
 
     def rows(self, m: int) -> list[memoryview]:
         """The slots plane chunks ``0..k-1`` of an ``m``-word block are decoded into (this thread's scratch)."""
@@ -110,14 +111,14 @@ grown to the largest block it has seen).
 
     def slots(self, m: int) -> list[int]:
         """The addresses of :meth:`rows`, for decoders and copies that run without the GIL."""
-        addr = _thread_buffer(self.k * (2 * m + min(m, _PIECE)))[1]
+        addr = self._scratch(m)[3]
         return [addr + r * m for r in self._row]
 
     def split(self, src: np.ndarray) -> list[memoryview]:
         """Plane chunks of ``src`` (uint8, ``m*k`` bytes), plane 0 first."""
         k = self.k
         m = src.size // k
-        buf, w, tmp, addr = self._scratch(m)
+        buf, tmp, w, addr = self._scratch(m, words=self.rotate)
         if self.lib is None:
             out = buf.reshape(k, m)
             out[...] = split_planes(src, k, self.rotate, self.big)
@@ -146,7 +147,7 @@ grown to the largest block it has seen).
         caller knows it)."""
         k = self.k
         m = out.size // k
-        buf, _, tmp, addr = self._scratch(m)
+        buf, tmp, _, addr = self._scratch(m)
         if self.lib is None:
             merge_planes(buf.reshape(k, m), k, self.rotate, self.big, out)
             return
