@@ -11,6 +11,8 @@ needs it (the op's eager dispatch costs more host time than the kernel runs).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -178,8 +180,6 @@ class _ScratchOrder:
     __slots__ = ("event", "lock", "stream")
 
     def __init__(self):
-        import threading
-
         self.lock, self.stream, self.event = threading.Lock(), None, None
 
     def enter(self, device: int, sp: int) -> None:
