@@ -132,16 +132,21 @@ def run(works) -> None:
         for w, lo, hi in groups[0]:
             w.run(lo, hi)
         return
-    todo, errors = iter(enumerate(groups)), []
-    futures = [executor().submit(_drain, todo, errors) for _ in range(min(threads, len(groups)))]
+    todo, lock, errors = iter(enumerate(groups)), threading.Lock(), []
+    futures = [executor().submit(_drain, todo, lock, errors) for _ in range(min(threads, len(groups)))]
     for f in futures:
         f.result()
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
 
 
-def _drain(todo, errors: list) -> None:
-    for i, group in todo:  # next() on a shared iterator is atomic under the GIL
+def _drain(todo, lock, errors: list) -> None:
+    while True:
+        with lock:  # one group per taker: the GIL alone would not promise it on a free-threaded Python
+            item = next(todo, None)
+        if item is None:
+            return
+        i, group = item
         try:
             for w, lo, hi in group:
                 w.run(lo, hi)
@@ -153,8 +158,7 @@ def _groups(works, total: int, threads: int) -> list[list]:
     """Cut the steps of ``works`` (in order) into groups that shrink as the work left does: each about a
     ``2 * threads``-th of what is left, within :data:`_GROUP_MIN_NBYTES` and :data:`_GROUP_MAX_NBYTES` (guided
     scheduling). The last groups are single steps, so the threads finish together, and there are few groups in all
-    (each costs a task's setup: 64 groups of 1 MiB slowed sorted int32 decoding by 10 %). The cap bounds what is
-    in flight: a group's mapped file pages are dropped when it is done (tests/test_memory.py)."""
+    (each costs a task's setup: 64 groups of 1 MiB slowed sorted int32 decoding by 10 %)."""
     groups, cur, acc, left = [], [], 0, total
     target = _group_target(left, threads)
     for w in works:
