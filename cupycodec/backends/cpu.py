@@ -304,7 +304,7 @@ def address(buf) -> int:
     return np.frombuffer(buf, np.uint8).ctypes.data
 
 
-def _stored_size(seg, i: int, s: int, n: int) -> None:
+def _bad_stored_size(seg, i: int, s: int, n: int) -> None:
     raise FormatError(f"segment {seg.name!r} chunk {i}: stored chunk holds {s} bytes, expected {n}")
 
 
@@ -323,6 +323,13 @@ def _columns(seg, lo: int, hi: int):
     """Chunks ``lo..hi`` of ``seg`` as Python lists (offsets, sizes, flags) and its address-level decoder."""
     return (seg, seg.chunk_offsets[lo:hi].tolist(), seg.table.comp_nbytes[lo:hi].tolist(),
             seg.table.flags[lo:hi].tolist(), seg.codec.decode_chunk_at)
+
+
+def _drop(release, columns, first: int, last: int) -> None:
+    """Drop the mapped file pages of a worker's chunks ``first..last`` (indices into its group's lists), per segment
+    read (``columns``: (offsets, sizes)). Workers call it every :data:`_RELEASE_NBYTES` they read and at the end."""
+    for offs, sizes in columns:
+        release(offs[first], offs[last] + sizes[last])
 
 
 # Each chunk is decoded (or, when stored, copied) between addresses by a foreign call, so without the GIL: a
@@ -356,16 +363,16 @@ class DecodeSegment(Work):
             n = min(total, a + c) - a
             if stored:
                 if s != n:
-                    _stored_size(seg, i, s, n)
+                    _bad_stored_size(seg, i, s, n)
                 _memmove(out_base + a, base + o, n)
             elif not at(base + o, s, out_base + a, n):
                 _decode_view(seg, i, payload[o : o + s], out[a : a + n])
             pending += s
-            if release is not None and pending >= _RELEASE_NBYTES:  # drop what this worker has read so far
-                release(offs[start], o + s)
+            if release is not None and pending >= _RELEASE_NBYTES:
+                _drop(release, ((offs, sizes),), start, j)
                 start, pending = j + 1, 0
         if release is not None and start < len(offs):
-            release(offs[start], offs[-1] + sizes[-1])
+            _drop(release, ((offs, sizes),), start, len(offs) - 1)
 
 
 class DecodePlanes(Work):
@@ -396,20 +403,18 @@ class DecodePlanes(Work):
                     _check(seg, i, payload[o : o + s], crc)
                 if flags[j]:
                     if s != m:
-                        _stored_size(seg, i, s, m)
+                        _bad_stored_size(seg, i, s, m)
                     _memmove(dst, base + o, m)
                 elif not at(base + o, s, dst, m):
                     _decode_view(seg, i, payload[o : o + s], planes.rows(m)[p])
                 pending += s
             a = i * c * k
             planes.merge_into(out[a : a + m * k], out_base + a)
-            if release is not None and pending >= _RELEASE_NBYTES:  # drop what this worker has read so far
-                for _, offs, sizes, _, _ in cols:
-                    release(offs[start], offs[j] + sizes[j])
+            if release is not None and pending >= _RELEASE_NBYTES:
+                _drop(release, [col[1:3] for col in cols], start, j)
                 start, pending = j + 1, 0
         if release is not None and start < hi - lo:
-            for _, offs, sizes, _, _ in cols:
-                release(offs[start], offs[-1] + sizes[-1])
+            _drop(release, [col[1:3] for col in cols], start, hi - lo - 1)
 
 
 def decode_segments(jobs, verify: bool = False) -> None:
