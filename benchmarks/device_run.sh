@@ -6,7 +6,7 @@
 # serves the CPU byte planes, and five CPU tests fail on the GPU host without it.)
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu, 8 cases at once),
-# fuzzsan (fuzz_gpu under compute-sanitizer memcheck), offload
+# fuzzsan (fuzz_gpu under compute-sanitizer memcheck), ab[=DIR] (latency_ab against bench_old/ or DIR), offload
 # (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), ncu (Nsight Compute on
 # benchmarks/gemv_once.py), pytest=EXPR
 # (tests matching -k EXPR).
@@ -47,6 +47,11 @@ for arg in "$@"; do
     fuzzsan) timeout -k 5 "$secs" python3 benchmarks/fuzz_gpu.py --budget-s $((secs - 20)) --sanitizer --trials 6 \
                --jobs 8 ${FUZZSAN_ARGS:-} --json "$OUT/fuzz_sanitizer.json" >"$OUT/fuzz_sanitizer.log" 2>&1; rc=$?
              tail -30 "$OUT/fuzz_sanitizer.log" ;;
+    ab|ab=*) # small-array latency against an older checkout carried as a directory (default bench_old/; made with
+        # git archive REV cupycodec | tar -x -C DIR), pinned to one core as in the pre-engine runs (RESULTS.md, runs 13-14)
+        old=bench_old; [ "$stage" != ab ] && old=${stage#ab=}
+        timeout -k 5 "$secs" taskset -c 3 python3 benchmarks/latency_ab.py --old "$old" --rounds ${AB_ROUNDS:-3} \
+          --json "$OUT/latency_ab_$old.json" >"$OUT/latency_ab_$old.log" 2>&1; rc=$?; tail -22 "$OUT/latency_ab_$old.log" ;;
     prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
