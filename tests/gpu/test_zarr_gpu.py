@@ -83,18 +83,17 @@ def test_a_batch_of_trusted_chunks_is_one_decode_plan(tmp_path, cp, zarr, monkey
 
     _create(tmp_path, X, codec="zstd", trusted=True)[:] = X  # 12 chunks
     plans, batches = [], []
-    real_plan, real_many = engine_decode.DecodePlan, cc.decompress_many
+    real_init, real_many = engine_decode.DecodePlan.__init__, cc.decompress_many
 
-    class CountingPlan(real_plan):
-        def __init__(self, *a, **kw):
-            plans.append(1)
-            super().__init__(*a, **kw)
+    def counting_init(self, *a, **kw):  # on the class: every module that imported it builds through here
+        plans.append(1)
+        real_init(self, *a, **kw)
 
     def many(items, *a, **kw):
         batches.append(len(items))
         return real_many(items, *a, **kw)
 
-    monkeypatch.setattr(engine_decode, "DecodePlan", CountingPlan)
+    monkeypatch.setattr(engine_decode.DecodePlan, "__init__", counting_init)
     monkeypatch.setattr(cc, "decompress_many", many)
     with zarr.config.enable_gpu(), zarr.config.set({"codec_pipeline.batch_size": 64}), \
             trust.settings(trusted="metadata"):
