@@ -46,3 +46,35 @@ def test_launch_shape(max_nbytes, total, sms):
     assert part % k.STRIPE == 0
     assert parts * part >= max_nbytes and (parts - 1) * part < max(max_nbytes, 1)
     assert 32 << log2_r >= parts > (16 << log2_r) or log2_r == 0
+
+
+def test_the_kernel_and_its_constants_are_built_once_per_device_across_threads(monkeypatch):
+    # Concurrent first uses (Zarr encodes in worker threads) must share one module and constants table: a second
+    # one, dropped later, would be freed while launches still read its address.
+    import threading
+    import time
+
+    from cupycodec.kernels import crc32
+
+    built = []
+
+    def slow_build(device):
+        built.append(device)
+        time.sleep(0.05)  # a compile: long enough for every thread to arrive
+        return (object(), device)
+
+    monkeypatch.setattr(crc32, "_FUNCTIONS", {})
+    monkeypatch.setattr(crc32, "_build", slow_build)
+    start = threading.Barrier(8)
+    got = []
+
+    def first_use():
+        start.wait()
+        got.append(crc32._function(3))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [3] and len(got) == 8 and all(g is got[0] for g in got)

@@ -22,6 +22,7 @@ The math, in zlib's reflected representation (bit 31 is x^0; ``mulmod`` is zlib'
 from __future__ import annotations
 
 import functools
+import threading
 import zlib
 
 import numpy as np
@@ -340,14 +341,33 @@ def crc32_reference(data: bytes, *, piece: int = PIECE, threads: int = THREADS, 
 # -- launcher -------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
+_FUNCTIONS: dict[int, tuple] = {}
+_FUNCTIONS_LOCK = threading.Lock()
+
+
 def _function(device: int):
     """(kernel, the constants on this device and their address, SM count, the kernel with its arguments in device
-    memory), built once per device."""
+    memory), built exactly once per device.
+
+    Once, under a lock, not ``functools.cache``: on concurrent first calls (Zarr encodes in worker threads) that
+    runs the body in every thread and keeps the last result, so another thread's constants table could be freed
+    while a launch still uses its address. The table's upload is waited for, so a launch on any stream reads it
+    whole (its copy runs on the first caller's stream, which need not be ordered with the launch's)."""
+    f = _FUNCTIONS.get(device)
+    if f is None:
+        with _FUNCTIONS_LOCK:
+            f = _FUNCTIONS.get(device)
+            if f is None:
+                f = _FUNCTIONS[device] = _build(device)
+    return f
+
+
+def _build(device: int) -> tuple:
     import cupy  # lazy: importing this module must not import cupy
 
     mod = cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
     table = cupy.asarray(consts())
+    cupy.cuda.get_current_stream().synchronize()
     return (mod.get_function("cupycodec_crc32"), table, np.uint64(table.data.ptr),
             cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"],
             mod.get_function("cupycodec_crc32_packed"))
