@@ -66,7 +66,7 @@ class _Trials(cpu.Work):
         self.sizes = [0] * self.n
 
     def run(self, lo: int, hi: int) -> None:
-        encode = self.codec.chunk_encoder()
+        plain, top = self.codec.chunk_encoder(), self.codec.chunk_encoder(top_plane=True)
         for t in range(lo, hi):
             pipeline, sample = self.options[t // len(self.samples)], self.samples[t % len(self.samples)]
             if pipeline:
@@ -74,7 +74,7 @@ class _Trials(cpu.Work):
             else:
                 parts = [memoryview(sample)]
             total = 0
-            for part in parts:
-                data = encode(part)
+            for j, part in enumerate(parts):  # each plane as EncodePlanes compresses it
+                data = (top if pipeline and j == 0 else plain)(part)
                 total += len(part) if data is None else min(len(part), len(data))
             self.sizes[t] = total

@@ -163,3 +163,41 @@ def test_a_decoding_thread_holds_the_plane_rows_and_a_small_temporary_only():
     small = k * m + min(m, _planes._PIECE) * k
     assert sizes[("merge", False)] == sizes[("merge", True)] == sizes[("split", False)] == small
     assert sizes[("split", True)] == small + k * m
+
+
+def test_plane_zero_gets_the_codecs_top_plane_encoder_and_the_others_its_plain_one():
+    # The sign-and-exponent plane is compressed with the encoder tuned for it; every other plane with the plain one.
+    from cupycodec.codecs import Zstd
+
+    calls = []
+
+    class Spy(Zstd):
+        def chunk_encoder(self, *, top_plane=False):
+            inner = super().chunk_encoder(top_plane=top_plane)
+
+            def encode(src):
+                calls.append((top_plane, bytes(src[:1])))
+                return inner(src)
+
+            return encode
+
+    x = (np.random.default_rng(0).standard_normal((64, 1024)) * 0.02).astype(np.float32)
+    work = cpu.EncodePlanes(x.reshape(-1).view(np.uint8), 4, False, False, Spy(level=1), 16384)
+    cpu.run([work])
+    top = [c for c in calls if c[0]]
+    assert len(top) == work.n and len(calls) == 4 * work.n
+    raw = x.reshape(-1).view(np.uint8)  # plane 0 is the most significant byte (little-endian: the 4th)
+    assert sorted(b for _, b in top) == sorted(bytes([raw[i * 16384 * 4 + 3]]) for i in range(work.n))
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 5])
+def test_top_plane_frames_are_plain_zstd_with_their_size(level):
+    # Decoders need nothing new, and the fast in-place decoder needs each frame to state its content size.
+    import zstandard
+
+    from cupycodec.codecs import Zstd
+
+    plane = (np.random.default_rng(1).standard_normal(1 << 16) * 0.02).astype(np.float32).view(np.uint8)[3::4].copy()
+    frame = Zstd(level=level).chunk_encoder(top_plane=True)(memoryview(plane))
+    assert zstandard.frame_content_size(frame) == plane.size
+    assert zstandard.ZstdDecompressor().decompress(frame) == plane.tobytes()

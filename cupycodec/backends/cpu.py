@@ -240,11 +240,12 @@ class EncodePlanes(Work):
     def run(self, lo: int, hi: int) -> None:
         raw, k, c, codec, res = self.raw, self.k, self.chunk, self.codec, self.results
         crc = _crc32_impl()
-        split, encode = self.planes.split, codec.chunk_encoder()
+        split = self.planes.split
+        encoders = [codec.chunk_encoder(top_plane=True)] + [codec.chunk_encoder()] * (k - 1)
         for i in range(lo, hi):
             src = raw[i * c * k : min((i + 1) * c, self.words) * k]
             for j, plane in enumerate(split(src)):
-                data = encode(plane)
+                data = encoders[j](plane)
                 if data is None or len(data) >= len(plane):
                     data = _owned_copy(plane)  # the scratch is reused by the next block
                     res[j][i] = (data, 1, crc(data))

@@ -160,9 +160,11 @@ class Codec(abc.ABC):
         """Compress one chunk on the CPU into a standalone stream of this format."""
         raise BackendUnavailableError(f"codec {self.codec_id!r} cannot compress on the CPU; {GPU_ONLY_HINT}")
 
-    def chunk_encoder(self) -> Callable[[memoryview], bytes | None]:
+    def chunk_encoder(self, *, top_plane: bool = False) -> Callable[[memoryview], bytes | None]:
         """:meth:`encode_chunk`, or an equivalent bound to this thread's compression context: the CPU workers
-        look it up once per group of chunks rather than once per chunk."""
+        look it up once per group of chunks rather than once per chunk. ``top_plane``: the chunks are byte plane 0
+        of the byteplane filter (a number's most significant byte: a float's sign and exponent), which a codec may
+        encode with settings tuned for it; the stream format is the same."""
         return self.encode_chunk
 
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
