@@ -175,3 +175,40 @@ def test_packing_mode_matches_zlib_with_oversized_shape(lengths, seed, misalign)
     rng = np.random.default_rng(seed)
     offs = [int(rng.integers(0, 16)) if misalign else 0 for _ in lengths]
     _copy_run(lengths, offs, 0, seed, shape_max=4 * max(max(lengths), 1))
+
+
+@pytest.mark.nvcomp
+def test_concurrent_first_compressions_in_threads_all_verify():
+    # The first GPU compressions of a process may come from many threads at once (Zarr's encodes run in worker
+    # threads): each container's chunk CRCs must still match its bytes, with small allocations in between that
+    # would take over a constants table freed under a launch.
+    import threading
+
+    import cupy as cp
+
+    import cupycodec as cc
+
+    k._FUNCTIONS.clear()  # a fresh process's first use, as far as this module knows
+    for cached in (getattr(k, "packed_launcher", None),):
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    xs = [cp.asarray((np.sin(np.arange(1 << 14) / 301.0 + i) * 40).astype(np.float32)) for i in range(12)]
+    start, errors = threading.Barrier(len(xs)), []
+
+    def work(i):
+        start.wait()
+        for _ in range(5):
+            blob = cc.compress_many([xs[i]], codec="ans")[0].to_bytes()
+            junk = cp.full(2176, 0xA5A5A5A5, cp.uint32)  # 8704 bytes: the size of the constants table
+            try:
+                cc.CompressedArray.from_bytes(blob).verify()
+            except cc.ChecksumError as exc:
+                errors.append(exc)
+            del junk
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
