@@ -22,6 +22,7 @@ The math, in zlib's reflected representation (bit 31 is x^0; ``mulmod`` is zlib'
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import zlib
 
@@ -360,6 +361,17 @@ def _function(device: int):
             if f is None:
                 f = _FUNCTIONS[device] = _build(device)
     return f
+
+
+def _after_fork_in_child() -> None:
+    # CUDA objects of the parent are unusable in a forked child, and a parent thread may have held the lock
+    global _FUNCTIONS_LOCK
+    _FUNCTIONS.clear()
+    _FUNCTIONS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _build(device: int) -> tuple:
