@@ -16,9 +16,10 @@ from .backends._planes import planes_for
 from .dtypes import ArraySpec, is_float
 from .filters import Byteplane
 
-__all__ = ["ROTATE_MARGIN", "candidates", "choose"]
+__all__ = ["ROTATE_MARGIN", "TINY_NBYTES", "candidates", "choose"]
 
 ROTATE_MARGIN = 0.01
+TINY_NBYTES = 4096
 _PIECES = 4
 _MIN_PIECE_WORDS = 2048
 _SAMPLE_SHARE = 256  # each piece is 1/256 of the array (4 pieces, 3 candidates: ~5% of a compression's work)
@@ -26,7 +27,14 @@ _INTS = ("I16", "U16", "I32", "U32", "I64", "U64")
 
 
 def candidates(spec: ArraySpec) -> list[list]:
-    """The pipelines auto weighs for ``spec``, in order of preference on ties (empty: plain zstd)."""
+    """The pipelines auto weighs for ``spec``, in order of preference on ties (empty: plain zstd).
+
+    Arrays of at most :data:`TINY_NBYTES` get plain zstd only (then raw, if smaller): byte planes cost a segment
+    header (~190 bytes) per plane there, and trying them cost ~100 us per array for next to nothing. On the 65
+    norm and bias tensors of all-MiniLM-L6-v2 they won 7 times, by 432 bytes in all, and `compress_many` of those
+    tensors took 14.5 ms with them and 8.3 ms without (benchmarks/RESULTS.md, issue 10)."""
+    if spec.nbytes <= TINY_NBYTES:
+        return [[]]
     floats = (is_float(spec.dtype) or spec.dtype in ("C64", "C128")) and not spec.dtype.startswith(("FLD", "CLD"))
     if floats and spec.itemsize in (2, 4, 8, 16):
         return [[Byteplane(rotate=False)], [Byteplane(rotate=True)], []]
