@@ -10,7 +10,6 @@ the pre-engine code too (``--path``), for before/after comparisons of host cost.
 Usage: python benchmarks/host_cost.py [--reps 2000] [--path CHECKOUT] [--profile]
 """
 import argparse
-import ctypes
 import os
 import sys
 import time
@@ -27,6 +26,8 @@ sys.path[:0] = [os.path.join(_HERE, "fakecupy"), os.path.abspath(ARGS.path)]
 import cupy  # noqa: E402  (the stand-in)
 
 assert "fake" in cupy.__version__
+from fake_nvcomp import install  # noqa: E402  (beside the stand-in CuPy)
+
 import cupycodec as cc  # noqa: E402
 
 try:
@@ -34,53 +35,7 @@ try:
 except ImportError:  # the pre-engine code
     from cupycodec.backends import nvcomp as nv
 
-U64 = ctypes.c_uint64
-
-
-def _arr(p, n, t=U64):
-    return (t * n).from_address(p) if n else []
-
-
-class FakeLib:
-    def __getattr__(self, name):
-        if name.endswith("CompressGetTempSize"):
-            def f(n, mc, o, out, total, _):
-                out._obj.value = 1 << 16
-                return 0
-        elif name.endswith("GetMaxOutputChunkSize"):
-            def f(mc, o, out):
-                out._obj.value = mc + 64
-                return 0
-        elif name.endswith("DecompressGetTempSize"):
-            def f(n, mc, o, out, total, _):
-                out._obj.value = 1 << 16
-                return 0
-        elif name.endswith("DecompressAsync"):
-            def f(comp, csz, raw, actual, n, temp, tn, outs, o, st, s):
-                r, a, s_ = _arr(raw, n), _arr(actual, n), _arr(st, n, ctypes.c_int32)
-                for i in range(n):
-                    a[i] = r[i]
-                    s_[i] = 0
-                return 0
-        elif name.endswith("CompressAsync"):
-            def f(ins, isz, mc, n, temp, tn, outs, osz, o, st, s):
-                a, b, s_ = _arr(isz, n), _arr(osz, n), _arr(st, n, ctypes.c_int32)
-                for i in range(n):
-                    b[i] = a[i] * 7 // 8 // 16 * 16
-                    s_[i] = 0
-                return 0
-        else:
-            raise AttributeError(name)
-        return f
-
-
-_LIB = FakeLib()
-if hasattr(nv, "_loaded"):
-    nv._loaded = (_LIB, (6, 0, 0))
-else:
-    nv._library = lambda: _LIB
-    nv.version_string = lambda: "6.0.0"
-    nv.unavailable_reason = lambda: None
+install(nv)
 
 
 def med(fn, reps):
