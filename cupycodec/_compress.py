@@ -3,6 +3,7 @@ encode plan per device for the whole batch. ``auto`` never returns a container b
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -10,10 +11,12 @@ from typing import Any
 import numpy as np
 
 from . import _config, _cpu_auto, backends, interop, layout
+from .backends import _nvcomp_lib as nv
 from .backends import cpu
 from .codecs import Codec, Raw
 from .container import ChunkTable, CompressedArray, Header, Segment, build_segments, producer_info
 from .dtypes import ArraySpec, dtype_name, storage_dtype
+from .engine import engine, launching_on, stream_ptr
 from .filters import Byteplane
 
 __all__ = ["Job", "compress_jobs", "prepare"]
@@ -90,8 +93,8 @@ def _to_device(arr, spec: ArraySpec, pipeline, on_device: bool, device: int, str
     """The array as a C-contiguous, 256-byte aligned CuPy array on ``device`` (nvCOMP's alignment)."""
     import cupy
 
-    from .engine import launching_on, stream_ptr
-
+    if on_device and arr.flags.c_contiguous and not (arr.size and arr.data.ptr % 256):
+        return arr  # as it is (the usual case): no copy to launch
     with launching_on(device, stream_ptr(stream, device)):
         if not on_device:
             host = np.ascontiguousarray(arr)
@@ -113,8 +116,6 @@ def _apply_filters(job: Job, pipeline, stream: int | None = None) -> None:
     gpu = job.backend == "nvcomp"
     ctx = None
     if gpu and pipeline:
-        from .engine import launching_on, stream_ptr
-
         ctx = launching_on(job.device, stream_ptr(stream, job.device))
         ctx.__enter__()
     try:
@@ -241,9 +242,6 @@ def fill(laid_out, prefixes=None) -> list[CompressedArray]:
 
 def compress_gpu(jobs: list[Job], device: int, stream: int | None) -> list[CompressedArray]:
     """Every job on ``device`` through one encode plan (one nvCOMP call per codec config for the whole batch)."""
-    from .backends import _nvcomp_lib as nv
-    from .engine import engine, launching_on, stream_ptr
-
     eng = engine(device)
     sp = stream_ptr(stream, device)
     items, datas, names = [], [], []
@@ -286,7 +284,6 @@ def _gpu_trial(arr, spec: ArraySpec, device: int, stream: int | None) -> Codec:
     import cupy
 
     from .codecs import ANS, Bitcomp, Cascaded
-    from .engine import engine, launching_on, stream_ptr
 
     n = int(arr.nbytes)
     if n < _config.TRIAL_MIN_NBYTES:
@@ -303,7 +300,7 @@ def _gpu_trial(arr, spec: ArraySpec, device: int, stream: int | None) -> Codec:
         items = [((c, sample.nbytes, c.default_chunk()),) for c in codecs]
         plan = engine(device).encode_plan(items)
         keep: list = []
-        sizes, _ = plan.compress([sample] * len(codecs), sp, keep)
+        sizes, _, _ = plan.compress([sample] * len(codecs), sp, keep)
     totals = [int(sizes[plan.row_start[i] : plan.row_start[i + 1]].sum()) for i in range(len(codecs))]
     return choices[min(range(len(codecs)), key=lambda i: (totals[i], i))]
 
@@ -333,11 +330,12 @@ def compress_jobs(jobs: list[Job], stream: int | None) -> list[CompressedArray]:
         for i, c in zip(idx, compress_gpu([jobs[i] for i in idx], device, stream)):
             out[i] = c
     cpu_jobs = [i for i, j in enumerate(jobs) if j.backend == "cpu"]
-    plans = {i: cpu_work(jobs[i]) for i in cpu_jobs if not _small_auto(jobs[i])}
-    cpu.run([w for works, _ in plans.values() for w in works])  # every CPU job's chunks through the pool in one pass
-    laid = [_smallest_small(jobs[i]) if i not in plans else (plans[i][1](), None) for i in cpu_jobs]
-    for i, c in zip(cpu_jobs, fill([lay for lay, _ in laid], [pfx for _, pfx in laid])):
-        out[i] = c
+    if cpu_jobs:
+        plans = {i: cpu_work(jobs[i]) for i in cpu_jobs if not _small_auto(jobs[i])}
+        cpu.run([w for works, _ in plans.values() for w in works])  # every CPU job's chunks through the pool at once
+        laid = [_smallest_small(jobs[i]) if i not in plans else (plans[i][1](), None) for i in cpu_jobs]
+        for i, c in zip(cpu_jobs, fill([lay for lay, _ in laid], [pfx for _, pfx in laid])):
+            out[i] = c
     for i, j in enumerate(jobs):
         if j.auto and not (j.backend == "cpu" and _small_auto(j)):
             out[i] = _smallest(j, out[i], stream)
@@ -383,17 +381,20 @@ def _smallest(job: Job, chosen: CompressedArray, stream) -> CompressedArray:
     :func:`_smallest_small`)."""
     plain = not job.user_filters  # the raw candidate keeps a user's (lossy) pipeline, else stores the array as is
     specs = {"data": job.spec} if plain else job.specs
-    raw_payload = sum(layout.table_nbytes(layout.n_chunks(s.nbytes, _raw_chunk(job, s.nbytes))) + layout.align(s.nbytes)
-                      for s in specs.values())
+    gpu = job.backend == "nvcomp"
+    raw_payload = sum(_raw_payload_nbytes(s.nbytes, gpu) for s in specs.values())
     if chosen._header.payload_nbytes + _AUTO_EXACT_MARGIN < raw_payload:
         return chosen  # clearly smaller whatever the headers: the usual case costs no second compression
     candidates = [chosen, _one(job.with_codec(Raw(), pipeline=[] if plain else None), stream)]
     return min(candidates, key=lambda c: c.nbytes)  # ties keep the earlier (the chosen codec)
 
 
-def _raw_chunk(job: Job, nbytes: int) -> int:
+@functools.lru_cache(maxsize=256)
+def _raw_payload_nbytes(nbytes: int, gpu: bool) -> int:
+    """Payload bytes of ``nbytes`` stored by ``raw`` with its default chunk (the GPU's or the CPU's)."""
     raw = Raw()
-    return _config.gpu_default_chunk(raw, nbytes) if job.backend == "nvcomp" else raw.default_chunk()
+    chunk = _config.gpu_default_chunk(raw, nbytes) if gpu else raw.default_chunk()
+    return layout.table_nbytes(layout.n_chunks(nbytes, chunk)) + layout.align(nbytes)
 
 
 def _one(job: Job, stream) -> CompressedArray:

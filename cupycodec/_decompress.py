@@ -13,10 +13,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import interop
+from .backends import _nvcomp_lib as nv
 from .backends import cpu
 from .codecs.base import GPU_ONLY_HINT
 from .container import CompressedArray
 from .dtypes import ArraySpec, dtype_name, gpu_dtype, storage_dtype
+from .engine import engine, launching_on, stream_ptr
+from .engine.decode import DecodePlan, Target, kind_of
 from .errors import BackendUnavailableError, UntrustedError
 from .filters import Byteplane, Int8
 
@@ -148,8 +151,6 @@ def route(c: CompressedArray, target, choice: str) -> bool:
         if target[0] == "cuda":
             raise ValueError("backend='cpu' cannot write to a GPU; pass device='cpu' or a NumPy out")
         return False
-    from .backends import _nvcomp_lib as nv
-
     if choice == "nvcomp" or target[0] == "cuda":
         if encoded:
             nv.require()
@@ -299,8 +300,6 @@ def _deliver(job: DecodeJob, result, stream):
         return result.reshape(c.shape)
     import cupy
 
-    from .engine import launching_on, stream_ptr
-
     device = job.target[1]
     with launching_on(device, stream_ptr(stream, device)):
         if isinstance(result, Quantized):
@@ -324,9 +323,6 @@ def _deliver(job: DecodeJob, result, stream):
 
 
 def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
-    from .engine import engine, launching_on, stream_ptr
-    from .engine.decode import DecodePlan, Target, kind_of
-
     sp = stream_ptr(stream, device)
     with launching_on(device, sp):
         targets, posts = [], []
@@ -347,7 +343,7 @@ def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
             posts.append(bufs)
         plan = _cached_plan(jobs, targets, device, sp)
         if plan is None:
-            plan = DecodePlan(engine(device), targets, stream_ptr=sp, sync=False)
+            plan = DecodePlan(engine(device), targets, stream_ptr=sp, sync=False, checked=False)
             _remember_plan(jobs, targets, device, sp, plan)
         plan.run_and_wait(sp)
         for job, t, bufs in zip(jobs, targets, posts):

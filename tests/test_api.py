@@ -450,7 +450,8 @@ def test_decode_errors_name_the_item_segment_and_chunk():
     from cupycodec.engine.decode import DecodePlan
 
     plan = object.__new__(DecodePlan)
-    plan._rows = [(0, 0, "data", np.array([0, 1, 3], np.uint64)), (3, 2, "scale", np.array([0, 5], np.uint64))]
+    plan._rows = [(0, 0, "data", np.array([0, 1, 3], np.uint64) * 4096, 4096),
+                  (3, 2, "scale", np.array([0, 5], np.uint64) * 16, 16)]  # (row, item, segment, outputs, chunk)
     err = plan._error(1, 2, 0)
     assert isinstance(err, cc.BackendError)
     assert "1 chunk(s); first: item 0, segment 'data', chunk 3" in str(err) and "differs from the chunk table" in str(err)

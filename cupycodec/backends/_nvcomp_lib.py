@@ -270,7 +270,7 @@ def require() -> None:
 
 
 # bounded memos keyed by codec config and geometry, never by object ids
-_opts_cache, _compress_cache, _decompress_cache = LRU(256), LRU(1024), LRU(1024)
+_opts_cache, _compress_cache, _decompress_cache, _decoder_cache = LRU(256), LRU(1024), LRU(1024), LRU(256)
 
 
 def _cname(codec) -> str:
@@ -342,6 +342,12 @@ def compress_fn(codec) -> tuple[Callable, str]:
 def decompress_fn(codec) -> tuple[Callable, str]:
     name = f"nvcompBatched{_cname(codec)}DecompressAsync"
     return getattr(library(), name), name
+
+
+def decoder(codec) -> tuple[Callable, str, ctypes.Structure]:
+    """(``nvcompBatched<Algo>DecompressAsync``, its name, the decompress opts) of a resolved codec, looked up once
+    per config: a one-shot decode builds a plan per call."""
+    return _decoder_cache.get(codec.config_key(), lambda: (*decompress_fn(codec), codec_opts(codec)[1]))
 
 
 def nvcomp_crc32_async(ptrs, sizes, out, n: int, max_nbytes: int, stream_ptr: int) -> None:

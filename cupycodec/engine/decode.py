@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._cuda import current_device, launch
+from .._cuda import current_device, launch, stream_ptr
 from ..backends import _nvcomp_lib as nv
 from ..errors import BackendError
 from ..filters import Byteplane, Int8
 from ..filters.byteplane import word_size
+from ..interop import stream_handle
 from ..kernels import byteplane as bp_kernels
 from ..kernels import chunks
 from ..kernels import int8 as int8_kernels
@@ -73,7 +74,8 @@ class DecodePlan:
     streams at once (its scratch is shared by its launches). ``nbytes`` is the device memory it holds.
     """
 
-    def __init__(self, engine, targets: list[Target], *, stream_ptr: int, alloc=None, sync: bool = True):
+    def __init__(self, engine, targets: list[Target], *, stream_ptr: int, alloc=None, sync: bool = True,
+                 checked: bool = True):
         self.device = engine.device
         self._engine = engine
         self._keep = [t.item._payload for t in targets]
@@ -92,7 +94,8 @@ class DecodePlan:
                 if rows.n_encoded:
                     if seg.codec.nvcomp_algorithm is None:  # the reader rejects encoded chunks of "raw"
                         raise BackendError(f"segment {seg.name!r}: codec {seg.codec.codec_id!r} has no GPU decoder")
-                    enc.setdefault(seg.codec.config_key(), []).append((seg.codec, rows, pb, dst, (i, seg.name)))
+                    enc.setdefault(seg.codec.config_key(), []).append((seg.codec, rows, pb, dst,
+                                                                       (i, seg.name, seg.chunk_nbytes)))
         G = sum(r[1].n_encoded for parts in enc.values() for r in parts)
         S = sum(r[0].n_stored for r in stored)
         D = len(dequants)
@@ -116,20 +119,19 @@ class DecodePlan:
             return dst[1] if dst[0] == "abs" else base + o_scratch + dst[1]
 
         cols: list[list] = [[], [], [], []]
-        self._rows = []  # (first row, item index, segment name, chunk index per row) for error messages
+        self._rows = []  # (first row, item index, segment name, output offsets, chunk bytes) for error messages
         self._groups = []  # (nvCOMP function, opts, first row, rows, temp bytes, temp address, name)
         row = 0
         for (n, temp, temp_off), parts in zip(sizing, enc.values()):
-            fn, fname = nv.decompress_fn(parts[0][0])
-            self._groups.append((fn, nv.codec_opts(parts[0][0])[1], row, n, temp, base + o_temp + temp_off, fname))
-            for _codec, rows, pb, dst, (i, name) in parts:
+            fn, fname, dopts = nv.decoder(parts[0][0])
+            self._groups.append((fn, dopts, row, n, temp, base + o_temp + temp_off, fname))
+            for _codec, rows, pb, dst, (i, name, chunk) in parts:
                 d = where(dst)
                 cols[0].append(rows.enc_src + _U64(pb))
                 cols[1].append(rows.enc_comp)
                 cols[2].append(rows.enc_dst + _U64(d))
                 cols[3].append(rows.enc_raw)
-                chunk = _seg_chunk(targets[i].item, name)
-                self._rows.append((row, i, name, rows.enc_dst // _U64(chunk)))
+                self._rows.append((row, i, name, rows.enc_dst, chunk))
                 row += rows.n_encoded
         copy = [[r.st_src + _U64(pb) for r, pb, _ in stored], [r.st_dst + _U64(where(d)) for r, _, d in stored],
                 [r.st_size for r, _, _ in stored]]
@@ -175,8 +177,8 @@ class DecodePlan:
                 name, grid, block, args = int8_kernels.dequantize_many_args(dtype, desc, items, blocks)
                 after.append((int8_kernels.handle(self.device, name), grid, block, args))
         self._after = after
-        self._check = None
-        if G:
+        self._check = None  # checked=False: only run_and_wait runs it, which checks on the host
+        if G and checked:
             name, grid, block, args = chunks.check_args(status, actual, raw_sizes, self._err, n=G)
             self._check = (chunks.handle(self.device, name), grid, block, args)
         self.n_chunks = G + S
@@ -212,8 +214,11 @@ class DecodePlan:
         import cupy
 
         if alloc is None:
-            with cupy.cuda.Device(self.device):
+            if current_device() == self.device:
                 buf = cupy.empty(self.nbytes, dtype=np.uint8)
+            else:
+                with cupy.cuda.Device(self.device):
+                    buf = cupy.empty(self.nbytes, dtype=np.uint8)
             return buf, buf.data.ptr
         from ..interop import as_output
 
@@ -228,9 +233,6 @@ class DecodePlan:
 
     # -- running --------------------------------------------------------------------------------------------------
     def _stream(self, stream) -> int:
-        from ..interop import stream_handle
-        from . import stream_ptr
-
         return stream_ptr(stream_handle(stream), self.device)
 
     def run(self, stream=None, *, _check: bool = True) -> None:
@@ -261,10 +263,11 @@ class DecodePlan:
         """:meth:`run`, then wait and raise :class:`~cupycodec.BackendError` if any chunk failed. Statuses and decoded
         sizes come back in one download, checked on the host (no check kernel); a plan without nvCOMP chunks (all
         stored) does not wait at all."""
-        self.run(stream, _check=False)
+        sp = self._stream(stream)
+        self.run(sp, _check=False)
         G = self._n_enc
         if G:
-            res = self._engine.download(self._ptrs[4], 12 * G, self._stream(stream))
+            res = self._engine.download(self._ptrs[4], 12 * G, sp)
             actual, status = res[: 8 * G].view(_U64), res[8 * G :].view(np.int32)
             if status.any() or actual.tobytes() != self._expected.tobytes():
                 bad = np.flatnonzero((status != 0) | (actual != self._expected))
@@ -287,18 +290,12 @@ class DecodePlan:
         """The error for ``count`` bad chunks, the first at plan row ``row`` (nvCOMP status 0: wrong size)."""
         what = nv.status_name(status) if status else "decoded size differs from the chunk table"
         where = f"plan row {row}"
-        for first, i, name, chunk_of in reversed(self._rows):
+        for first, i, name, dst, chunk in reversed(self._rows):
             if first <= row:
-                where = f"item {i}, segment {name!r}, chunk {int(chunk_of[row - first])}"
+                where = f"item {i}, segment {name!r}, chunk {int(dst[row - first]) // chunk}"
                 break
         return BackendError(f"nvCOMP failed to decode {count} chunk(s); first: {where}", what)
 
     def __repr__(self):
         return f"<DecodePlan device=cuda:{self.device} chunks={self.n_chunks} nbytes={self.nbytes}>"
 
-
-def _seg_chunk(item, name: str) -> int:
-    for seg in item.segments:
-        if seg.name == name:
-            return seg.chunk_nbytes
-    raise KeyError(name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layout
-from .._cuda import external_stream
+from .._cuda import external_stream, launch
 from ..backends import _nvcomp_lib as nv
 from ..errors import BackendError
 from ..kernels import chunks, crc32
@@ -132,6 +132,37 @@ class EncodePlan:
         self.crc_shape = crc32.shape_for(int(self.raw.max()), int(self.raw.sum())) if self.m else (1, 0, 0)
         self.work_words = crc32.work_words(self.m, self.crc_shape[0])
         self.n_blocks = self.m * self.crc_shape[0]
+        self._pack_layout()
+
+    def _pack_layout(self) -> None:
+        """What every run's packing launch needs that depends on the geometry alone: per row its segment, item and
+        CRC slot (relative to its segment), per segment its item, and the launch's argument block (u64 words:
+        the kernel's arguments, four rows per chunk, the CRC scratch, table descriptors, then the table images),
+        with the argument template relative to the block's address."""
+        S, m, A = len(self.n), self.m, crc32.PACKED_ARGS
+        self.item_of_seg = np.repeat(np.arange(len(self.item_sizes)), self.item_sizes)
+        self.first_seg = np.concatenate([[0], np.cumsum(self.item_sizes)]).astype(np.int64)
+        self.item_of_row = self.item_of_seg[self.seg_of_row] if m else np.zeros(0, np.int64)
+        self.tables_u64 = np.asarray(self.tables, dtype=_U64).reshape(S)
+        self.crc_rel = np.concatenate([layout.crc_slots(n) for n in self.n]) if m else np.zeros(0, _U64)
+        self.tab_segs = [k for k in range(S) if self.n[k]]  # segments whose table the kernel copies
+        work = -(-self.work_words // 2)
+        self.o_rows, o_work = A, A + 4 * m
+        self.o_tabs = o_work + work
+        self.o_img = self.o_tabs + 4 * len(self.tab_segs)
+        self.img_pos = np.concatenate([[0], np.cumsum([self.tables[k] for k in self.tab_segs])]).astype(np.int64)
+        self.pack_words = self.o_img + int(self.img_pos[-1]) // 8
+        o = self.o_rows
+        self.arg_tpl = np.asarray(crc32.packed_args(m, self.crc_shape, ptrs=8 * o, sizes=8 * (o + m),
+                                                    out_addrs=8 * (o + 2 * m), work=8 * o_work if work else 0,
+                                                    src=8 * (o + 3 * m), tabs=8 * self.o_tabs,
+                                                    n_tabs=len(self.tab_segs)), dtype=_U64)
+        self.arg_rel = np.zeros(A, _U64)
+        self.arg_rel[[0, 1, 2, 8, 9] + ([7] if work else [])] = 1
+        tabs = np.zeros((len(self.tab_segs), 4), _U64)  # image address (relative), table address (per run), words, n
+        for t, k in enumerate(self.tab_segs):
+            tabs[t] = (8 * self.o_img + self.img_pos[t], 0, self.tables[k] // 4, self.n[k])
+        self.tab_tpl = tabs
 
     def _rounds(self, batches: list[_Batch]) -> list[dict]:
         """Group batches into rounds of at most ROUND_NBYTES of scratch and lay each round's buffer out:
@@ -156,31 +187,39 @@ class EncodePlan:
             outs = np.concatenate([_U64(b.out_offset) + np.arange(b.hi - b.lo, dtype=_U64) * _U64(b.stride)
                                    for b in bs])
             out.append({"batches": bs, "lo": lo, "hi": hi, "rows": rows, "tab": o, "nbytes": o + 36 * (hi - lo),
-                        "out_offsets": outs})
+                        "out_offsets": outs, "all": len(rows) == self.m and bool((rows == np.arange(self.m)).all())})
         return out
 
     # ------------------------------------------------------------------------------------------------------------
-    def compress(self, datas, sp: int, keep: list) -> tuple[np.ndarray, np.ndarray]:
+    def compress(self, datas, sp: int, keep: list, tail: int = 0):
         """nvCOMP over every chunk: returns (final size, source address) per plan row, each chunk stored raw unless
-        coding shrank it. ``datas``: one C-contiguous, 256-byte aligned device array per segment. Buffers that the
+        coding shrank it, and the address of ``tail`` extra bytes in this call's scratch (0 when not given there:
+        several rounds). ``datas``: one C-contiguous, 256-byte aligned device array per segment. Buffers that the
         returned addresses point into are appended to ``keep``."""
         import cupy
 
         eng = self.engine
-        in_ptrs = np.asarray([d.data.ptr if d.nbytes else 0 for d in datas], dtype=_U64)[self.seg_of_row] \
-            + self.in_offsets
+        bases = np.asarray([d.data.ptr if d.nbytes else 0 for d in datas], dtype=_U64)
+        in_ptrs = bases[self.seg_of_row] + self.in_offsets
         sizes, src = self.raw.copy(), in_ptrs.copy()
         many = len(self.rounds) > 1
+        tail_ptr = 0
         for rd in self.rounds:
             rows, n = rd["rows"], rd["hi"] - rd["lo"]
-            buf = cupy.empty(rd["nbytes"], dtype=np.uint8)
+            extra = 0 if many or not tail else _a256(rd["nbytes"]) - rd["nbytes"] + tail
+            buf = cupy.empty(rd["nbytes"] + extra, dtype=np.uint8)
             base = buf.data.ptr
+            if extra:
+                tail_ptr = base + _a256(rd["nbytes"])
             t = base + rd["tab"]
             out_ptrs = rd["out_offsets"] + _U64(base)
             for b in rd["batches"]:
                 if b.zero:
                     cupy.cuda.runtime.memsetAsync(base + b.out_offset, 0, (b.hi - b.lo) * b.stride, sp)
-            eng.upload(t, np.concatenate([in_ptrs[rows], self.raw[rows], out_ptrs]), sp)
+            every = rd["all"]  # this round is every plan row, in plan order (the usual case): no gathers
+            raw = self.raw if every else self.raw[rows]
+            ins = in_ptrs if every else in_ptrs[rows]
+            eng.upload(t, np.concatenate([ins, raw, out_ptrs]), sp)
             for b in rd["batches"]:
                 r = b.lo - rd["lo"]
                 st = b.fn(t + 8 * r, t + 8 * (n + r), b.max_chunk, b.hi - b.lo,
@@ -195,14 +234,17 @@ class EncodePlan:
                 raise BackendError(f"nvCOMP compression failed for {bad.size} chunk(s)",
                                    nv.status_name(int(status[bad[0]])))
             comp = res[: 8 * n].view(_U64)
-            shrank = comp < self.raw[rows]
-            sizes[rows] = np.where(shrank, comp, self.raw[rows])
-            src[rows] = np.where(shrank, out_ptrs, in_ptrs[rows])
+            shrank = comp < raw
+            if every:
+                sizes, src = np.where(shrank, comp, raw), np.where(shrank, out_ptrs, ins)
+            else:
+                sizes[rows] = np.where(shrank, comp, raw)
+                src[rows] = np.where(shrank, out_ptrs, ins)
             if many:  # free this round's scratch for the next: move the chunks that shrank into a tight buffer
                 keep.append(self._compact(rows[shrank], comp[shrank], out_ptrs[shrank], src, sp))
             else:
                 keep.append(buf)
-        return sizes, src
+        return sizes, src, tail_ptr
 
     @staticmethod
     def _compact(rows, comp, ptrs, src, sp: int):
@@ -228,52 +270,42 @@ class EncodePlan:
 
         sp = stream_ptr
         keep: list = list(datas)
+        pack_nbytes = 8 * self.pack_words if self.m else 0
         if self.rounds:
-            sizes, src = self.compress(datas, sp, keep)
+            sizes, src, p = self.compress(datas, sp, keep, pack_nbytes)
         else:  # no nvCOMP codec (raw): every chunk is stored as it is, and nothing waits
-            sizes = self.raw.copy()
+            sizes, p = self.raw, 0
             src = np.asarray([d.data.ptr if d.nbytes else 0 for d in datas], dtype=_U64)[self.seg_of_row] \
                 + self.in_offsets
-        flags = (sizes == self.raw).view(np.uint8) if self.m else np.zeros(0, np.uint8)
-        # per segment: its offset in its item's payload, its size, and where its chunks go
+        m = self.m
+        flags = (sizes == self.raw).view(np.uint8)
+        # every row's offset in its payload, every segment's size and offset, every item's size, in a few vector ops
+        padded = (sizes + _U64(layout.CHUNK_ALIGN - 1)) & ~_U64(layout.CHUNK_ALIGN - 1)
+        ends = np.zeros(m + 1, _U64)
+        np.cumsum(padded, out=ends[1:])
+        seg_nbytes = self.tables_u64 + (ends[self.row_start[1:]] - ends[self.row_start[:-1]])
+        seg_ends = np.zeros(len(seg_nbytes) + 1, _U64)
+        np.cumsum(seg_nbytes, out=seg_ends[1:])
+        item_start = seg_ends[self.first_seg]
+        seg_off = seg_ends[:-1] - item_start[self.item_of_seg]
+        rel = ends[:-1] - ends[self.row_start[self.seg_of_row]] + (self.tables_u64 + seg_off)[self.seg_of_row]
+        payloads = [cupy.empty(int(n), dtype=np.uint8) for n in np.diff(item_start)]
+        pbs = np.asarray([pl.data.ptr for pl in payloads], dtype=_U64)
+        comp32 = sizes.astype(np.uint32)
         items: list[PackedItem] = []
-        dst = np.empty(self.m, dtype=_U64)
-        slots = np.empty(self.m, dtype=_U64)
-        tabs, images = [], []
-        s = 0
-        for n_segs in self.item_sizes:
-            offsets, metas = [], []
-            off = 0
-            for k in range(s, s + n_segs):
-                lo, hi = self.row_start[k], self.row_start[k + 1]
-                comp = sizes[lo:hi]
-                rel = layout.chunk_offsets(comp) + _U64(off + self.tables[k])
-                nbytes = int(self.tables[k] + layout.data_nbytes(comp))
-                metas.append((k, lo, hi, comp, rel, off, nbytes))
-                offsets.append(off)
-                off += nbytes
-            payload = cupy.empty(off, dtype=np.uint8)
-            pb = _U64(payload.data.ptr)
+        for i, payload in enumerate(payloads):
             segs = []
-            for k, lo, hi, comp, rel, seg_off, nbytes in metas:
-                n = int(hi - lo)
-                dst[lo:hi] = rel + pb
-                slots[lo:hi] = layout.crc_slots(n) + _U64(seg_off) + pb
-                comp32 = comp.astype(np.uint32)
-                fl = flags[lo:hi]
-                if n:
-                    image = np.zeros(self.tables[k], np.uint8)
-                    image[: 4 * n] = comp32.view(np.uint8)
-                    image[8 * n : 9 * n] = fl
-                    images.append(image)
-                    tabs.append((int(pb) + seg_off, int(self.tables[k]) // 4, n))
-                rows = layout.decode_rows(rel, comp, fl, self.nbytes[k], self.chunks[k])
-                segs.append(PackedSegment(comp32, fl, seg_off, nbytes, PendingCRC(payload, seg_off + 4 * n, n, None),
-                                          rows))
+            for k in range(self.first_seg[i], self.first_seg[i + 1]):
+                lo, hi = self.row_start[k], self.row_start[k + 1]
+                off, n = int(seg_off[k]), int(hi - lo)
+                rows = layout.decode_rows(rel[lo:hi], sizes[lo:hi], flags[lo:hi], self.nbytes[k], self.chunks[k])
+                segs.append(PackedSegment(comp32[lo:hi], flags[lo:hi], off, int(seg_nbytes[k]),
+                                          PendingCRC(payload, off + 4 * n, n, None), rows))
             items.append(PackedItem(payload, segs))
-            s += n_segs
-        if self.m:
-            event = self._pack(src, dst, sizes, slots, tabs, images, sp, keep)
+        if m:
+            seg_abs = seg_off + pbs[self.item_of_seg]
+            event = self._pack(p, src, rel + pbs[self.item_of_row], sizes, self.crc_rel + seg_abs[self.seg_of_row],
+                               seg_abs, comp32, flags, sp, keep)
             for item in items:
                 for seg in item.segments:
                     seg.crc.event = event
@@ -281,39 +313,35 @@ class EncodePlan:
         # the packing launch.
         return items
 
-    def _pack(self, src, dst, sizes, slots, tabs, images, sp: int, keep: list):
-        """One upload (kernel arguments, chunk rows, table descriptors and images) and one packing launch; returns
-        the event the CRCs are read after."""
+    def _pack(self, p: int, src, dst, sizes, slots, seg_abs, comp32, flags, sp: int, keep: list):
+        """One upload (kernel arguments, chunk rows, table descriptors and images) to the argument block at ``p``
+        (allocated here when 0) and one packing launch; returns the event the CRCs are read after."""
         import cupy
 
-        m, A = self.m, crc32.PACKED_ARGS
-        work = -(-self.work_words // 2)
-        o_rows = A
-        o_work = o_rows + 4 * m
-        o_tabs = o_work + work
-        o_img = o_tabs + 4 * len(tabs)
-        img_words = sum(im.nbytes for im in images) // 8
-        host = np.zeros(o_img + img_words, dtype=_U64)
-        dev = cupy.empty(host.nbytes, dtype=np.uint8)
-        keep.append(dev)
-        p = dev.data.ptr
-        host[o_rows : o_rows + m] = dst
-        host[o_rows + m : o_rows + 2 * m] = sizes
-        host[o_rows + 2 * m : o_rows + 3 * m] = slots
-        host[o_rows + 3 * m : o_rows + 4 * m] = src
-        img = host[o_img:].view(np.uint8)
-        pos = 0
-        for t, (dst_addr, words, n) in enumerate(tabs):
-            nb = images[t].nbytes
-            img[pos : pos + nb] = images[t]
-            host[o_tabs + 4 * t : o_tabs + 4 * t + 4] = (p + 8 * o_img + pos, dst_addr, words, n)
-            pos += nb
-        host[:A] = crc32.packed_args(m, self.crc_shape, ptrs=p + 8 * o_rows, sizes=p + 8 * (o_rows + m),
-                                     out_addrs=p + 8 * (o_rows + 2 * m), work=p + 8 * o_work if work else 0,
-                                     src=p + 8 * (o_rows + 3 * m), tabs=p + 8 * o_tabs, n_tabs=len(tabs))
+        m, A, o = self.m, crc32.PACKED_ARGS, self.o_rows
+        if not p:
+            dev = cupy.empty(8 * self.pack_words, dtype=np.uint8)
+            keep.append(dev)
+            p = dev.data.ptr
+        host = np.zeros(self.pack_words, dtype=_U64)
+        np.add(self.arg_tpl, self.arg_rel * _U64(p), out=host[:A])
+        host[o : o + m] = dst
+        host[o + m : o + 2 * m] = sizes
+        host[o + 2 * m : o + 3 * m] = slots
+        host[o + 3 * m : o + 4 * m] = src
+        tabs = self.tab_tpl.copy()
+        tabs[:, 0] += _U64(p)
+        tabs[:, 1] = seg_abs[self.tab_segs]
+        host[self.o_tabs : self.o_img] = tabs.reshape(-1)
+        img = host[self.o_img :].view(np.uint8)
+        for t, k in enumerate(self.tab_segs):  # per segment: comp sizes, (CRC slots, skipped), flags
+            lo, hi, at = self.row_start[k], self.row_start[k + 1], self.img_pos[t]
+            n = hi - lo
+            img[at : at + 4 * n] = comp32[lo:hi].view(np.uint8)
+            img[at + 8 * n : at + 9 * n] = flags[lo:hi]
         self.engine.upload(p, host, sp)
-        with external_stream(sp):
-            crc32.crc32_batch_packed(p, self.n_blocks)
-            event = cupy.cuda.Event(block=False, disable_timing=True)
-            event.record()
+        handle, consts, threads = crc32.packed_launcher(self.engine.device)
+        launch(handle, self.n_blocks, threads, (p, consts), self.engine.device, sp)
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        cupy.cuda.runtime.eventRecord(event.ptr, sp)
         return event

@@ -90,6 +90,7 @@ def check_args(status, actual, expected, err, *, n: int, index_base: int = 0) ->
         np.int64(index_base), _ptr(err))
 
 
+@functools.cache
 def handle(device: int, name: str) -> tuple:
     """The :func:`cupycodec._cuda.launch` handle of kernel ``name`` on ``device`` (for plans that launch per run)."""
     return kernel_handle(_function(device, name), device)

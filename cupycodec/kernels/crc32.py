@@ -437,6 +437,16 @@ def packed_args(n: int, shape: tuple[int, int, int], *, ptrs: int, sizes: int, o
     return [ptrs, sizes, out_addrs, n, parts, log2_part, log2_r, work, src, tabs, n_tabs, 0]
 
 
+@functools.cache
+def packed_launcher(device: int) -> tuple:
+    """(:func:`cupycodec._cuda.launch` handle of the packing kernel on ``device``, its constants' address, threads
+    per block): what :func:`crc32_batch_packed` launches, for callers that launch per call on a raw stream."""
+    from .._cuda import kernel_handle
+
+    f = _function(device)
+    return kernel_handle(f[4], device), int(f[2]), THREADS
+
+
 def crc32_batch_packed(args_ptr: int, n_blocks: int, stream=None) -> None:
     """:func:`crc32_batch` in packing mode with its arguments already in device memory at ``args_ptr`` (the u64s of
     :func:`packed_args`, uploaded with the rows they point to); ``n_blocks`` = n * parts. Two launch arguments

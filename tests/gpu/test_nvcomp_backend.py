@@ -343,8 +343,6 @@ def test_one_array_and_a_batch_write_the_same_bytes(cp, codec, case):
 def test_one_shot_decodes_report_bad_chunks(cp, codec):
     # Lie about one chunk's decoded size in the rows the decoders trust: the fresh-output decode and the plan kept
     # for decompress(out=) must raise, naming the chunk, never return the short output.
-    import dataclasses
-
     x = cp.asarray(np.arange(1 << 17, dtype=np.int32) % 977)  # 512 KiB that both codecs shrink
     c = cc.compress(x, codec=codec, chunk_nbytes=65536)
     seg = c.segments[0]
@@ -352,7 +350,7 @@ def test_one_shot_decodes_report_bad_chunks(cp, codec):
     assert rows.n_stored == 0 and rows.n_encoded == 8
     raw = rows.enc_raw.copy()
     raw[1] -= 16
-    object.__setattr__(seg, "_rows", dataclasses.replace(rows, enc_raw=raw))
+    object.__setattr__(seg, "_rows", rows._replace(enc_raw=raw))
     with pytest.raises(cc.BackendError, match="failed to decode 1 chunk.*item 0, segment 'data', chunk 1"):
         cc.decompress(c)
     out = cp.empty_like(x)
