@@ -340,7 +340,7 @@ class EncodePlan:
             img[at : at + 4 * n] = comp32[lo:hi].view(np.uint8)
             img[at + 8 * n : at + 9 * n] = flags[lo:hi]
         self.engine.upload(p, host, sp)
-        handle, consts, threads = crc32.packed_launcher(self.engine.device)
+        handle, consts, threads, _table = crc32.packed_launcher(self.engine.device)
         launch(handle, self.n_blocks, threads, (p, consts), self.engine.device, sp)
         event = cupy.cuda.Event(block=False, disable_timing=True)
         cupy.cuda.runtime.eventRecord(event.ptr, sp)

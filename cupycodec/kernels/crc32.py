@@ -440,11 +440,12 @@ def packed_args(n: int, shape: tuple[int, int, int], *, ptrs: int, sizes: int, o
 @functools.cache
 def packed_launcher(device: int) -> tuple:
     """(:func:`cupycodec._cuda.launch` handle of the packing kernel on ``device``, its constants' address, threads
-    per block): what :func:`crc32_batch_packed` launches, for callers that launch per call on a raw stream."""
+    per block, the constants table itself): what :func:`crc32_batch_packed` launches, for callers that launch per
+    call on a raw stream. The tuple holds the table, so the cached address can never outlive it."""
     from .._cuda import kernel_handle
 
     f = _function(device)
-    return kernel_handle(f[4], device), int(f[2]), THREADS
+    return kernel_handle(f[4], device), int(f[2]), THREADS, f[1]
 
 
 def crc32_batch_packed(args_ptr: int, n_blocks: int, stream=None) -> None:
