@@ -6,7 +6,7 @@
 # serves the CPU byte planes, and five CPU tests fail on the GPU host without it.)
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu, 8 cases at once),
-# fuzzsan (fuzz_gpu under compute-sanitizer memcheck), ab[=DIR] (latency_ab against bench_old/ or DIR), offload
+# fuzzsan (fuzz_gpu under compute-sanitizer memcheck), ab[=DIR] (latency_ab against bench_old/ or DIR), spread (latency_spread), offload
 # (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), ncu (Nsight Compute on
 # benchmarks/gemv_once.py), pytest=EXPR
 # (tests matching -k EXPR).
@@ -52,6 +52,8 @@ for arg in "$@"; do
         old=bench_old; [ "$stage" != ab ] && old=${stage#ab=}
         timeout -k 5 "$secs" taskset -c 3 python3 benchmarks/latency_ab.py --old "$old" --rounds ${AB_ROUNDS:-3} \
           --json "$OUT/latency_ab_$old.json" >"$OUT/latency_ab_$old.log" 2>&1; rc=$?; tail -22 "$OUT/latency_ab_$old.log" ;;
+    spread) timeout -k 5 "$secs" python3 benchmarks/latency_spread.py --json "$OUT/latency_spread.json" >"$OUT/latency_spread.log" 2>&1
+            rc=$?; cat "$OUT/latency_spread.log" ;;
     prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
