@@ -9,9 +9,12 @@ offloaded blocks times tokens/s) against the measured pinned host-to-device band
 
 Rows: accelerate's ``cpu_offload`` of the bf16 model (its hooks copy each weight to the GPU before the layer runs);
 ours, ``compress_model`` then ``offload_model`` in lossless, int8 and int8+entropy modes, every block offloaded,
-or with ``MODE@half`` the second half only (the mixed placement), or with ``MODE@resident`` none (the all-GPU
-reference whose tokens the others must equal). Weights GB/s counts the offloaded blocks' bf16 bytes per step.
-DFloat11's ``cpu_offload`` is not run: its wheel is not carried to the GPU machine.
+or with ``MODE@half`` the second half only (the mixed placement, through the VRAM budget), or with ``MODE@map``
+the second half through a device_map given to ``dispatch_model`` (accelerate places the modules, the first half of
+the blocks on cuda:0), or with ``MODE@resident`` none (the all-GPU reference whose tokens the others must equal).
+Weights GB/s counts the offloaded blocks' bf16 bytes per step.
+DFloat11's ``cpu_offload`` is not run: it needs a DFloat11-format checkpoint, which its Python-loop compressor
+cannot make for the 7B shape in reasonable time and which cannot be downloaded there (RESULTS.md, fifth session).
 
 Usage: python benchmarks/bench_offload.py [--config llama7b] [--cap-gib 8] [--tokens 32] [--json PATH]
 """
@@ -111,14 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--cap-gib", type=float, default=8.0)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--modes", default="lossless,int8,int8+entropy",
-                   help="comma-separated MODE (every block offloaded), MODE@half (the second half), MODE@resident "
+                   help="comma-separated MODE (every block offloaded), MODE@half (the second half, by budget), "
+                        "MODE@map (the second half, by a device_map through dispatch_model), MODE@resident "
                         "(none; the reference for tokens); accelerate-bf16 runs last unless listed")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import accelerate
     import transformers
 
-    from cupycodec.integrations.torch import compress_model, offload_model
+    from cupycodec.integrations.torch import compress_model, dispatch_model, offload_model
 
     total = torch.cuda.get_device_properties(0).total_memory
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -145,12 +149,17 @@ def main(argv=None) -> int:
             if mode == "accelerate-bf16":
                 accelerate.cpu_offload(model, execution_device=torch.device("cuda:0"))
                 ratio = 1.0
-            else:  # MODE (every block offloaded), MODE@resident (none), MODE@half (the second half of the blocks)
+            else:  # MODE (every block offloaded), MODE@resident (none), MODE@half / MODE@map (the second half)
                 base_mode, _, place = mode.partition("@")
                 report = compress_model(model, base_mode, device="cuda", progress=False)
                 ratio = report.ratio
-                off = offload_model(model, None if place == "resident" else "cpu", device="cuda",
-                                    max_gpu_memory=_half_budget(model) if place == "half" else None)
+                if place == "map":
+                    dm = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0,
+                          **{f"model.layers.{i}": 0 if i < n_blocks // 2 else "cpu" for i in range(n_blocks)}}
+                    off = dispatch_model(model, dm)
+                else:
+                    off = offload_model(model, None if place == "resident" else "cpu", device="cuda",
+                                        max_gpu_memory=_half_budget(model) if place == "half" else None)
                 row.update(offloaded=len(off.offloaded), pinned=off.pinned,
                            device_gib_estimate=off.device_nbytes / 2**30)
             row["ratio"] = ratio

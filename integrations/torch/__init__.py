@@ -24,7 +24,7 @@ from .checkpoint import load_compressed, save_compressed
 from .dlpack import from_compressed, to_compressed, torch_dtype
 from .linear import MODES, CompressedLinear
 from .model import CompressionReport, LayerReport, compress_model, find_blocks
-from .offload import OffloadReport, offload_model
+from .offload import OffloadReport, dispatch_model, offload_model
 
 
 def __getattr__(name):  # these need transformers: imported when asked for, not with this package
@@ -43,6 +43,7 @@ __all__ = [
     "OffloadReport",
     "compress_checkpoint",
     "compress_model",
+    "dispatch_model",
     "find_blocks",
     "from_compressed",
     "load_compressed",

@@ -25,7 +25,8 @@ import cupycodec as cc
 from .linear import CompressedLinear
 from .model import find_blocks, install
 
-__all__ = ["OffloadReport", "check_options", "map_blocks", "map_gpu", "offload_model", "parse_nbytes", "place_mapped"]
+__all__ = ["OffloadReport", "check_options", "dispatch_model", "map_blocks", "map_gpu", "offload_model", "parse_nbytes",
+           "place_mapped"]
 
 _ALIGN = 256
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -332,6 +333,45 @@ def place_mapped(model: torch.nn.Module, device_map: dict) -> OffloadReport | No
     skip = getattr(model, "_skip_keys_device_placement", None)
     for i in off:  # inputs to the GPU first, before the block's decode hook reads their device
         blocks[i].module.register_forward_pre_hook(_inputs_to(gpu, skip), with_kwargs=True, prepend=True)
+    return report
+
+
+def dispatch_model(model: torch.nn.Module, device_map: dict, **kwargs) -> OffloadReport | None:
+    """accelerate's ``dispatch_model`` for a compressed model: accelerate places every module where ``device_map``
+    says (its hooks move inputs and outputs between devices), then the compressed blocks the map puts on "cpu" are
+    offloaded by cupycodec, as with ``from_pretrained(device_map=...)``: their compressed tensors in pinned host
+    memory, streamed to the map's first GPU a block ahead, rather than copied by accelerate before each layer.
+
+    ``kwargs`` go to ``accelerate.dispatch_model``; ``offload_buffers`` defaults to True when blocks go to the host,
+    so that their compressed tensors (buffers, which accelerate would otherwise move to the GPU) never visit it.
+    Returns the :class:`OffloadReport` (also ``model.cupycodec_offload``), or None when no compressed block is on
+    the host. ``accelerate.dispatch_model`` itself also runs a compressed model correctly, but keeps the compressed
+    tensors of blocks mapped to "cpu" on the GPU.
+
+    Raises, before anything moves: ValueError for a model that is not compressed and for a map that splits a block or
+    puts one on "disk"; :class:`~cupycodec.BackendUnavailableError` for blocks on "cpu" beside a GPU torch cannot
+    use. A map without a GPU is accelerate's alone (the model runs on the CPU).
+
+    >>> report = dispatch_model(model, {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+    ...                                 "model.norm": 0, "lm_head": 0})  # doctest: +SKIP
+    """
+    if getattr(model, "_cupycodec_runtime", None) is None:
+        raise ValueError(f"{type(model).__name__} is not compressed: compress_model(model, mode) or load_compressed "
+                         "first, or use accelerate.dispatch_model for an uncompressed model")
+    if not isinstance(device_map, dict):
+        raise TypeError(f"device_map must be a dict of module names to devices, got {type(device_map).__name__}; "
+                        "accelerate.infer_auto_device_map(model, max_memory=...) makes one")
+    _, off, gpu = map_blocks(model, device_map)
+    if gpu is None:
+        off = set()  # no GPU in the map: blocks on "cpu" simply run there
+    if off:
+        _compute_device(gpu)  # a CUDA device torch can use, before accelerate moves anything
+    from accelerate import dispatch_model as accelerate_dispatch
+
+    kwargs.setdefault("offload_buffers", bool(off))
+    accelerate_dispatch(model, device_map, **kwargs)
+    report = place_mapped(model, device_map) if off else None
+    model.cupycodec_offload = report
     return report
 
 

@@ -129,3 +129,51 @@ def test_a_device_map_that_puts_blocks_on_the_cpu(tmp_path, mode):
     got, tokens = _run(mixed, ids)
     assert torch.equal(got, want) and torch.equal(tokens, want_tokens)  # the same codes, decoded on the same GPU
     assert torch.cuda.memory_allocated() - empty < full_nbytes  # the mixed model holds less of the GPU
+
+
+def _stored_devices(model):
+    """Per block, the device types of its compressed layers' stored tensors."""
+    return [{t.device.type for m in layer.modules() if isinstance(m, CompressedLinear) for t in m._stored()}
+            for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_accelerate_dispatch_of_a_compressed_model(mode):
+    import accelerate
+
+    from cupycodec.integrations.torch import dispatch_model
+
+    def compressed():  # the same weights and codes each time; the model stays on the host, as a user's might
+        model = _tiny_llama(layers=12, device="cpu")
+        compress_model(model, mode, device="cuda", progress=False)
+        return model
+
+    ids = torch.randint(0, 512, (1, 12), device="cuda")
+    gc.collect()
+    torch.cuda.synchronize()
+    empty = torch.cuda.memory_allocated()
+    full = compressed().to("cuda")
+    want, want_tokens = _run(full, ids)
+    full_nbytes = torch.cuda.memory_allocated() - empty
+    del full
+    gc.collect()
+    dm = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0,
+          **{f"model.layers.{i}": 0 if i < 2 else "cpu" for i in range(12)}}
+
+    model = compressed()
+    report = dispatch_model(model, dm)
+    assert report is model.cupycodec_offload and report.offloaded == [f"model.layers.{i}" for i in range(2, 12)]
+    assert _stored_devices(model) == [{"cuda"}] * 2 + [{"cpu"}] * 10
+    assert all(t.is_pinned() for layer in model.model.layers[2:] for m in layer.modules()
+               if isinstance(m, CompressedLinear) for t in m._stored())
+    got, tokens = _run(model, ids)
+    assert torch.equal(got, want) and torch.equal(tokens, want_tokens)
+    assert torch.cuda.memory_allocated() - empty < full_nbytes  # the offloaded blocks left the GPU
+    del model
+    gc.collect()
+
+    plain = compressed()  # accelerate on its own: correct, but the "cpu" blocks' compressed buffers go to the GPU
+    accelerate.dispatch_model(plain, dm)
+    assert _stored_devices(plain) == [{"cuda"}] * 12
+    got, tokens = _run(plain, ids)
+    assert torch.equal(got, want) and torch.equal(tokens, want_tokens)

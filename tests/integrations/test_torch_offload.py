@@ -191,3 +191,28 @@ def test_which_staging_buffer_a_copy_takes():
     # neither decoded yet (copied ahead, then the order changed): overwrite the one not needed next
     assert pick_staging([[4, ev, None], [5, ev, None]], 5) == 0
     assert pick_staging([[4, ev, None], [5, ev, done]], 4) == 1
+
+
+def test_dispatch_refuses_before_anything_moves():
+    from cupycodec.integrations.torch import dispatch_model
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="is not compressed"):
+        dispatch_model(model, {"": "cpu"})
+    compress_model(model, "int8+entropy", progress=False)
+    want = _logits(model)
+    tensors = dict(model.state_dict(keep_vars=True))
+    with pytest.raises(TypeError, match="device_map must be a dict.*infer_auto_device_map"):
+        dispatch_model(model, "auto")
+    with pytest.raises(ValueError, match=r"device_map splits block 'model.layers.1'"):
+        dispatch_model(model, {"": 0, "model.layers.1.mlp": "cpu"})
+    with pytest.raises(ValueError, match=r"puts block 'model.layers.0' on 'disk'"):
+        dispatch_model(model, {"": 0, "model.layers.0": "disk"})
+    if not torch.cuda.is_available():
+        with pytest.raises(cc.BackendUnavailableError, match="torch sees no CUDA device"):
+            dispatch_model(model, {"": 0, "model.layers.3": "cpu"})
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate never ran
+    assert torch.equal(_logits(model), want)
+    assert dispatch_model(model, {"": "cpu"}) is None and model.cupycodec_offload is None  # no GPU: accelerate's
+    assert torch.equal(_logits(model), want)
