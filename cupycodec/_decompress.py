@@ -20,6 +20,7 @@ from .container import CompressedArray
 from .dtypes import ArraySpec, dtype_name, gpu_dtype, storage_dtype
 from .engine import engine, launching_on, stream_ptr
 from .engine.decode import DecodePlan, Target, kind_of
+from .engine.verify import verify_on_device
 from .errors import BackendUnavailableError, UntrustedError
 from .filters import Byteplane, Int8
 
@@ -326,8 +327,13 @@ def _decode_gpu(jobs: list[DecodeJob], device: int, stream) -> None:
     sp = stream_ptr(stream, device)
     with launching_on(device, sp):
         targets, posts = [], []
-        for job in jobs:
-            c = job.item.verify() if job.item.device_id == device else job.item.to_device(device)
+        items = [job.item._copy_to(device) for job in jobs]
+        pending = [c for c in items if not c.verified]
+        if pending:  # every pending CRC of the batch in one launch on the device
+            verify_on_device(pending, device, sp)
+            for job in jobs:
+                job.item._cache.pop("unverified", None)
+        for job, c in zip(jobs, items):
             kind = kind_of(c.pipeline, job.dequantize)
             views = job.views if job.views is not None and job.target[0] == "cuda" else (None, None)
             if kind == "codes":

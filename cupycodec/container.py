@@ -824,8 +824,9 @@ class CompressedArray:
 
         The CPU decoder checks each chunk right before decoding it (and marks the container verified once every
         chunk has passed); everything else that hands chunks on (:meth:`to_bytes`, :meth:`write_to`,
-        :meth:`host_payload`, :meth:`to_device`, GPU decoding) calls :meth:`verify` first. Containers made in this
-        process, and those read with ``verify=False`` (the caller vouches for the bytes), count as verified.
+        :meth:`host_payload`, :meth:`to_device`, GPU decoding) calls :meth:`verify` first, which checks bytes on a
+        GPU there. Containers made in this process, and those read with ``verify=False`` (the caller vouches for the
+        bytes), count as verified.
         """
         return not self._cache.get("unverified", False)
 
@@ -838,13 +839,15 @@ class CompressedArray:
             A chunk's bytes do not match their CRC32; the message names the segment and the chunk.
         """
         if self._cache.get("unverified"):
-            from .backends import cpu
+            if isinstance(self._payload, memoryview):
+                from .backends import cpu
 
-            payload = self._payload
-            if not isinstance(payload, memoryview):  # on a GPU (with_payload over device bytes): check a host copy
-                payload = memoryview(payload.get()).cast("B")
-            verify_chunks(self._header, payload, cpu.executor())
-            self._cache.pop("unverified", None)
+                verify_chunks(self._header, self._payload, cpu.executor())
+                self._cache.pop("unverified", None)
+            else:  # on a GPU: checked there, by one CRC launch over every chunk
+                from .engine.verify import verify_on_device
+
+                verify_on_device([self], self.device_id)
         return self
 
     def _release_pages(self):
@@ -929,21 +932,29 @@ class CompressedArray:
 
     def to_device(self, device=None) -> CompressedArray:
         """This container with its payload in GPU memory (``device``: CUDA ordinal or ``"cuda:N"``; default the
-        current device)."""
+        current device). Chunk CRCs still pending (:attr:`verified`) are checked there, after the copy."""
         from .interop import parse_device
 
         ordinal = parse_device("cuda" if device is None else device)[1]  # BackendUnavailableError without a GPU
+        c = self._copy_to(ordinal)
+        if not c.verified:  # pending CRCs are checked on the device, where they are fast
+            c.verify()
+            self._cache.pop("unverified", None)  # the same bytes
+        return c
+
+    def _copy_to(self, ordinal: int) -> CompressedArray:
+        """This container over a copy of its payload on device ``ordinal`` (``self`` if it is there), CRCs
+        unchecked: callers verify the copy (:meth:`to_device`; GPU decoding checks a batch in one launch)."""
         import cupy
 
-        dev = cupy.cuda.Device(ordinal)
-        if self.on_device and self._payload.device.id == dev.id:
+        if self.on_device and self._payload.device.id == ordinal:
             return self
-        with dev:
+        with cupy.cuda.Device(ordinal):
             if self.on_device:
                 payload = cupy.empty_like(self._payload)
                 payload.data.copy_from_device_async(self._payload.data, self._payload.nbytes)
             else:
-                payload = cupy.asarray(np.frombuffer(self.host_payload(), dtype=np.uint8))
+                payload = cupy.asarray(np.frombuffer(self._host_payload(), dtype=np.uint8))
         return self._like(payload)
 
     def with_payload(self, payload) -> CompressedArray:
