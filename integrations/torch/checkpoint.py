@@ -571,7 +571,10 @@ def _shard_nbytes(size) -> int:
     return int(float(m.group(1)) * base ** "KMGT".index(unit[0]) * base)
 
 
-def save_compressed(model: torch.nn.Module, directory, *, max_shard_size="5GB", key=None) -> list[str]:
+DEFAULT_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default: a model of that size or less is one file
+
+
+def save_compressed(model: torch.nn.Module, directory, *, max_shard_size=DEFAULT_SHARD_SIZE, key=None) -> list[str]:
     """Write ``model`` (compressed by :func:`compress_model`) to ``directory`` as a compressed checkpoint.
 
     Parameters
@@ -583,7 +586,9 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size="5GB", 
     directory : str or PathLike
         Created if needed. Files of an earlier checkpoint there are replaced; other files are left alone.
     max_shard_size : int or str
-        Largest shard, in bytes or as ``"5GB"`` / ``"500MiB"``; a larger tensor gets a shard of its own.
+        Largest shard, in bytes or as ``"5GB"`` / ``"500MiB"``; a larger tensor gets a shard of its own. The
+        default is transformers' (``save_pretrained``): loading maps every shard and keeps each mapped until the
+        model is built, so several shards hold their sum in the resident set where one holds its own size.
     key : bytes, False or None
         The secret to sign the containers with: by default this user's key (created on first use, see
         :mod:`cupycodec.integrations.torch._signing`), so the checkpoint loads here as trusted; ``False`` for none.

@@ -27,6 +27,7 @@ from cupycodec.errors import UnsupportedVersionError
 
 from . import _signing
 from .checkpoint import (
+    DEFAULT_SHARD_SIZE,
     FORMAT_VERSION,
     SENTINEL,
     Checkpoint,
@@ -450,7 +451,7 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
 
 def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = "channel", group_size: int = 128,
                         codec: str | None = None, modules_to_convert: list[str] | None = None,
-                        modules_to_not_convert: list[str] | None = None, device=None, max_shard_size="5GB",
+                        modules_to_not_convert: list[str] | None = None, device=None, max_shard_size=DEFAULT_SHARD_SIZE,
                         key=None, progress: bool = True) -> CompressionReport:
     """Compress a transformers model directory into a compressed checkpoint (``cupycodec compress-model``).
 
