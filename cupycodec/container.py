@@ -59,10 +59,11 @@ import numpy as np
 
 from . import layout, registry
 from ._files import release_pages
+from ._lru import LRU
 from ._version import __version__
 from .dtypes import ArraySpec, itemsize, numpy_dtype
 from .errors import AuthenticationError, ChecksumError, CupycodecError, FormatError, UnsupportedVersionError
-from .layout import CHUNK_ALIGN, FLAG_STORED, MAX_CHUNK_NBYTES, raw_chunk_sizes, table_nbytes
+from .layout import CHUNK_ALIGN, FLAG_STORED, MAX_CHUNK_NBYTES, geometry, raw_chunk_sizes, table_nbytes
 
 __all__ = [
     "CHUNK_ALIGN",
@@ -451,9 +452,9 @@ def _header_json(buf: memoryview) -> tuple[dict, int]:
     computed = zlib.crc32(text)
     if computed != header_crc:
         raise ChecksumError("header", header_crc, computed)
+    raw = bytes(text)
     try:
-        obj = json.loads(bytes(text).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
         raise FormatError(f"header is not valid UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -462,7 +463,8 @@ def _header_json(buf: memoryview) -> tuple[dict, int]:
         raise FormatError("header JSON is nested too deeply") from exc
     if not isinstance(obj, dict):
         raise FormatError(f"header must be a JSON object, got {type(obj).__name__}")
-    _check_depth(obj)
+    if raw.count(b"{") + raw.count(b"[") >= _MAX_JSON_DEPTH:  # fewer brackets cannot nest that deep: no walk
+        _check_depth(obj)
     return obj, PRELUDE_NBYTES + n
 
 
@@ -496,7 +498,7 @@ def _parse_header(obj: dict, payload: memoryview) -> Header:
         if _field(sj, "raw_nbytes", int, where) != spec.nbytes:
             raise FormatError(f"{where}: raw_nbytes {sj['raw_nbytes']} != {spec.nbytes} implied by dtype and shape")
         codec_cfg = _field(sj, "codec", dict, where)
-        codec = _resolved(registry.get_codec, codec_cfg, where)
+        codec = _codec(codec_cfg, where)
         chunk = _field(sj, "chunk_nbytes", int, where)
         if not (CHUNK_ALIGN <= chunk <= min(MAX_CHUNK_NBYTES, codec.max_chunk_nbytes)) or chunk % CHUNK_ALIGN:
             raise FormatError(f"{where}: chunk_nbytes {chunk} must be a multiple of 16 in [16, 16 MiB]")
@@ -566,17 +568,33 @@ def _resolved(get, cfg, where):
         raise FormatError(f"{where}: invalid config {cfg!r}: {exc}") from exc
 
 
+_CODECS = LRU(256)  # codec configs as read -> codec (immutable); a store's chunks repeat a few configs
+
+
+def _codec(cfg: dict, where: str):
+    """``registry.get_codec(cfg)``, remembered per config: the key keeps each value's type, so ``1`` and ``True`` (or
+    ``1.0``) are different configs, and a config with unhashable values is simply not remembered."""
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in cfg.items()))
+        hash(key)
+    except TypeError:
+        return _resolved(registry.get_codec, cfg, where)
+    return _CODECS.get(key, lambda: _resolved(registry.get_codec, cfg, where))
+
+
 def _check_table(table: ChunkTable, raw_nbytes: int, chunk: int, data_nbytes: int, codec, where: str) -> None:
-    raw = raw_chunk_sizes(raw_nbytes, chunk)
-    comp = table.comp_nbytes.astype(np.int64)
+    raw = geometry(raw_nbytes, chunk)[0]  # uint64, cached
+    comp = table.comp_nbytes  # uint32: compared with raw as uint64, exactly
     flags = table.flags
     if flags.size and int(flags.max()) > FLAG_STORED:
         raise FormatError(f"{where}: unknown chunk flag {int(flags.max())}")
     stored = flags == FLAG_STORED
-    if not np.array_equal(comp[stored], raw[stored]):
-        raise FormatError(f"{where}: a stored chunk's size differs from its raw size")
-    enc = ~stored
-    if enc.any() and (codec.codec_id == "raw" or (comp[enc] <= 0).any() or (comp[enc] >= raw[enc]).any()):
+    # stored chunks hold exactly their raw size; encoded ones are non-empty and smaller (one pass, then the message)
+    if np.where(stored, comp != raw, (comp == 0) | (comp >= raw)).any():
+        if not np.array_equal(comp[stored], raw[stored]):
+            raise FormatError(f"{where}: a stored chunk's size differs from its raw size")
+        raise FormatError(f"{where}: an encoded chunk is empty or not smaller than its raw size")
+    if codec.codec_id == "raw" and not stored.all():
         raise FormatError(f"{where}: an encoded chunk is empty or not smaller than its raw size")
     if table.data_nbytes != data_nbytes:
         raise FormatError(f"{where}: chunks need {table.data_nbytes} bytes but the segment has {data_nbytes}")

@@ -176,7 +176,43 @@ def test_deeply_nested_metadata_is_a_format_error():
         cc.CompressedArray.from_bytes(_edit_header(_blob("raw"), nest))
 
 
+@pytest.mark.parametrize("extra_brackets", [0, 200])
+def test_nesting_depth_limit_is_exact_whatever_the_bracket_count(extra_brackets):
+    # the walk is skipped when the header has too few brackets to nest past the limit; brackets inside strings
+    # only make it walk, and the limit itself does not move
+    from cupycodec.container import _MAX_JSON_DEPTH
+
+    def nested(levels):  # metadata at depth 2 (the header is 1): a chain of `levels` objects ending in a scalar
+        def edit(header):
+            node = header["metadata"] = {"pad": "{[" * extra_brackets}
+            for _ in range(levels - 1):
+                node["a"] = {}
+                node = node["a"]
+            node["leaf"] = 1
+        return edit
+
+    deepest_ok = _MAX_JSON_DEPTH - 2  # the header, then the metadata chain, then the leaf scalar
+    c = cc.CompressedArray.from_bytes(_edit_header(_blob("raw"), nested(deepest_ok)))
+    assert c.metadata["pad"] == "{[" * extra_brackets
+    with pytest.raises(cc.FormatError, match="nested deeper"):
+        cc.CompressedArray.from_bytes(_edit_header(_blob("raw"), nested(deepest_ok + 1)))
+
+
 def test_load_has_a_key_argument(tmp_path):
     path = os.path.join(tmp_path, "x.cc")
     cc.save(path, cc.compress(X, codec="lz4"), key=KEY)
     assert cc.load(path, key=KEY, mmap=False).trusted
+
+
+def test_remembered_codec_configs_keep_their_value_types():
+    # parsed codecs are remembered per config; a value of another type (True for 1) is another config, and its own
+    # error still comes
+    blob = _blob("zstd", level=1)
+    assert cc.CompressedArray.from_bytes(blob).segments[0].codec.level == 1
+
+    def boolean(header):
+        header["segments"][0]["codec"]["level"] = True
+
+    with pytest.raises(cc.FormatError, match="invalid config"):
+        cc.CompressedArray.from_bytes(_edit_header(blob, boolean))
+    assert cc.CompressedArray.from_bytes(blob).segments[0].codec.level == 1
