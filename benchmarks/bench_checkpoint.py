@@ -44,8 +44,8 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
-def child(directory: str, device: str) -> dict:
-    """One load in this (fresh) process."""
+def child(directory: str, device: str, profile: str | None = None) -> dict:
+    """One load in this (fresh) process (``profile``: write a cProfile of from_pretrained there)."""
     import torch
     import transformers
 
@@ -64,9 +64,26 @@ def child(directory: str, device: str) -> dict:
     except OSError:
         hwm_reset = False
     rss0 = _rss_mib("VmRSS")
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, device_map={"": device}).eval()
     t_load = time.perf_counter() - t0
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(30)
+        with open(profile, "w") as f:
+            f.write(f"from_pretrained({directory!r}) on {device}: {t_load:.3f} s (profiled)\n{text.getvalue()}")
     with torch.no_grad():
         logits = model(ids.to(device)).logits
         token = int(logits[0, -1].argmax())
@@ -103,7 +120,7 @@ def make_bf16(name: str, directory: str, device: str) -> None:
     model.save_pretrained(directory)
 
 
-def run(models, device, work, repeat):
+def run(models, device, work, repeat, modes=MODES, profile=None):
     env = dict(os.environ)
     env.setdefault("CUPYCODEC_KEY_FILE", os.path.join(work, "signing.key"))  # checkpoints made here: trusted here
     here = os.path.abspath(__file__)
@@ -113,7 +130,7 @@ def run(models, device, work, repeat):
         if not os.path.exists(dirs["bf16"]):
             subprocess.run([sys.executable, here, "--make-bf16", name, dirs["bf16"], "--device", device], check=True,
                            env=env)
-        for mode in MODES:
+        for mode in modes:
             dirs[mode] = os.path.join(work, name, mode.replace("+", "-"))
             if not os.path.exists(dirs[mode]):
                 t0 = time.perf_counter()
@@ -129,6 +146,10 @@ def run(models, device, work, repeat):
             largest = max(os.path.getsize(os.path.join(d, f)) for f in files)
             base_bytes = base_bytes or nbytes
             runs = []
+            if profile:  # one more load, profiled and not counted
+                subprocess.run([sys.executable, here, "--child", d, "--device", device, "--child-profile",
+                                os.path.join(profile, f"{name}-{kind}.txt")], check=True, env=env,
+                               stdout=subprocess.DEVNULL)
             for _ in range(repeat):
                 p = subprocess.run([sys.executable, here, "--child", d, "--device", device], check=True, env=env,
                                    capture_output=True, text=True)
@@ -161,11 +182,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="loads per checkpoint (default: %(default)s)")
     ap.add_argument("--work", help="where the checkpoints go (default: a temporary directory, removed)")
     ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--modes", default=",".join(MODES), help="compressed modes (default: %(default)s)")
+    ap.add_argument("--profile", help="directory for a cProfile of one extra load per checkpoint (not counted)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-profile", help=argparse.SUPPRESS)
     ap.add_argument("--make-bf16", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.device)))
+        print(json.dumps(child(args.child, args.device, args.child_profile)))
         return 0
     if args.make_bf16:
         make_bf16(args.make_bf16[0], args.make_bf16[1], args.device)
@@ -179,11 +203,17 @@ def main(argv=None) -> int:
             or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(json.dumps(meta), flush=True)
     models = args.models.split(",")
+    modes = [m for m in args.modes.split(",") if m]
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        raise SystemExit(f"unknown modes {bad}; choose from {MODES}")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     if args.work:
-        rows = run(models, args.device, args.work, args.repeat)
+        rows = run(models, args.device, args.work, args.repeat, modes, args.profile)
     else:
         with tempfile.TemporaryDirectory() as work:
-            rows = run(models, args.device, work, args.repeat)
+            rows = run(models, args.device, work, args.repeat, modes, args.profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
