@@ -32,6 +32,7 @@ from .checkpoint import (
     SENTINEL,
     Checkpoint,
     Checks,
+    PlacedChecks,
     _materialize_host,
     _plan,
     _trust,
@@ -206,7 +207,7 @@ class _Load(_Op):
         ckpt = q._ckpt
         where = f"{os.path.join(ckpt.directory, ckpt.where.get(full_layer_name, '?'))}: tensor {full_layer_name!r}"
         out = _materialize_host(full_layer_name, ckpt.table.tensors[full_layer_name], value, q._trusted, q._mac_key,
-                                q._plan, where, defer=lambda fn: q._checks.submit(where, fn))
+                                q._plan, where, defer=lambda fn: q._checks.submit(where, fn), placed=q._placed)
         template = next((v for k, v in out.items() if isinstance(k, tuple)), None)
         if template is not None:
             model.get_submodule(full_layer_name.rpartition(".")[0])._set_template(template)
@@ -225,6 +226,7 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._trusted = False
         self._mac_key = None
         self._checks: Checks | None = None
+        self._placed: PlacedChecks | None = None
         self._reports: list[LayerReport] = []
         self._skipped: dict[str, str] = {}
         self._t0 = time.perf_counter()
@@ -311,6 +313,8 @@ class CupycodecHfQuantizer(HfQuantizer):
             torch.device("cpu")
         self._plan = _plan(ckpt, model, device, self._trusted, strict=False)
         self._checks = Checks()  # CRCs and MACs of the tensors transformers hands over, on worker threads
+        # tensors bound for a GPU: their CRCs checked there, once transformers has placed them all
+        self._placed = PlacedChecks() if device.type == "cuda" else None
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         """A compressed layer's placeholder weight (compressed while loading) and its container buffer, whose size
@@ -336,6 +340,13 @@ class CupycodecHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self._checks is not None:  # every CRC and MAC of the checkpoint, before the model is handed out
             checks, self._checks = self._checks, None
+            placed, self._placed = self._placed, None
+            if placed is not None:  # CRCs first: an accident reads as a checksum error, a forgery as a bad MAC
+                try:
+                    placed.run(lambda name: _tensor_of(model, name))
+                except BaseException:
+                    checks.abandon()
+                    raise
             checks.wait()
         blocks = install(model, {})
         if not self.pre_quantized:  # what compress-while-loading did, as compress_model reports it
@@ -377,6 +388,12 @@ class CupycodecHfQuantizer(HfQuantizer):
         key = _signing.local_key(create=True)
         tensors, metadata = checkpoint_state(model, key=key)
         return tensors, metadata
+
+
+def _tensor_of(model, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` of ``model`` as it is now."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
 def _module_of(model, name: str):

@@ -131,3 +131,38 @@ def test_a_crafted_checkpoint_never_reaches_nvcomp(bf16_dir, tmp_path, monkeypat
     # the CUDA context is intact
     x = torch.randn(64, 64, device="cuda")
     assert torch.allclose(x @ torch.eye(64, device="cuda"), x)
+
+
+@pytest.mark.parametrize("mode,attr", [("lossless", "packed"), ("int8", "qweight"), ("int8+entropy", "packed")])
+def test_a_corrupt_tensor_is_caught_on_the_gpu(bf16_dir, tmp_path, monkeypatch, mode, attr):
+    """The CRCs of codes, scales and packed layers bound for the GPU are checked there, once every tensor is placed
+    (one launch per device, no host CRC pass): a clean load goes through it, and a flipped byte raises
+    ChecksumError naming the file and the tensor, before the model changes and before from_pretrained returns."""
+    import cupycodec.engine.verify as verify
+
+    model = _load(bf16_dir)
+    compress_model(model, mode, progress=False)
+    save_compressed(model, tmp_path / "c")
+    calls = []
+    real = verify.device_crc32
+    monkeypatch.setattr(verify, "device_crc32", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    assert torch.equal(_logits(load_compressed(tmp_path / "c", progress=False)), _logits(model))
+    n_layers = sum(isinstance(m, CompressedLinear) for m in model.modules())
+    assert len(calls) == 1 and calls[0] >= n_layers, calls  # every layer's chunks (or codes and scales) at once
+    shard = tmp_path / "c" / "model.safetensors"
+    name = f"model.layers.2.mlp.up_proj.{attr}"
+    with ShardFile(shard) as f:
+        pos = (f.tensors[name].start + f.tensors[name].end) // 2
+    with open(shard, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    with torch.device("meta"):
+        target = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+    kinds_before = {n: type(m) for n, m in target.named_modules()}
+    with pytest.raises(cc.ChecksumError, match=rf"model.safetensors: tensor '{name}': checksum mismatch"):
+        load_compressed(tmp_path / "c", target, device="cuda:0", progress=False)
+    assert {n: type(m) for n, m in target.named_modules()} == kinds_before  # nothing installed
+    with pytest.raises(cc.ChecksumError, match=rf"model.safetensors: tensor '{name}': checksum mismatch"):
+        _load(tmp_path / "c")

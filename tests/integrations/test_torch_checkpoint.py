@@ -474,3 +474,44 @@ def test_smollm2_lossless_checkpoint_reloads_identical(smollm2, tmp_path):
     print(f"SmolLM2 lossless checkpoint: {disk} bytes on disk vs {bf16} bytes of bf16 parameters "
           f"({bf16 / disk:.3f}x)")
     assert disk < bf16 / 1.3
+
+
+# -- CRCs checked where the tensors were placed -----------------------------------------------------------------
+
+
+def _placed_container():
+    x = (np.random.default_rng(3).standard_normal(40_000) * 0.02).astype(np.float32)
+    c = cc.compress(x, codec="zstd", chunk_nbytes=16_384)
+    prefix, payload = c.header_bytes(), bytes(c.host_payload())
+    template = cc.CompressedArray.from_parts(prefix, payload, verify=False, trusted=True).without_payload()
+    return template, torch.frombuffer(bytearray(prefix + payload), dtype=torch.uint8), len(prefix)
+
+
+def test_placed_checks_on_the_host_name_file_tensor_and_chunk():
+    """A tensor registered for a GPU check that stayed on the host (a device map with "cpu" blocks) is checked there:
+    whole-tensor CRCs (codes, scales) and every chunk of a container, each error naming its file and tensor."""
+    from cupycodec.integrations.torch.checkpoint import PlacedChecks
+
+    template, blob, head = _placed_container()
+    codes = torch.arange(-100, 100, dtype=torch.int8).repeat(7)
+    tensors = {"l.packed": blob.clone(), "l.qweight": codes.clone(), "l.empty": torch.zeros(0, dtype=torch.int8)}
+
+    def checks():
+        p = PlacedChecks()
+        p.add("f.safetensors: tensor 'l.packed'", "l.packed", container=template)
+        p.add("f.safetensors: tensor 'l.qweight'", "l.qweight", crc=cc.backends.cpu.crc32(codes.numpy()))
+        p.add("f.safetensors: tensor 'l.empty'", "l.empty", crc=0)
+        return p
+
+    checks().run(tensors.__getitem__)
+    tensors["l.packed"][head + 3 * 16_384 // 2] ^= 1  # a byte of a later chunk
+    with pytest.raises(cc.ChecksumError, match=r"f.safetensors: tensor 'l.packed': checksum mismatch.*chunk"):
+        checks().run(tensors.__getitem__)
+    tensors["l.packed"] = blob.clone()
+    tensors["l.qweight"][5] += 1
+    with pytest.raises(cc.ChecksumError, match=r"f.safetensors: tensor 'l.qweight': checksum mismatch"):
+        checks().run(tensors.__getitem__)
+    tensors["l.qweight"] = codes.clone()
+    tensors["l.packed"] = blob[:-16].clone()
+    with pytest.raises(cc.FormatError, match=r"tensor 'l.packed': \d+ bytes were placed, its container has \d+"):
+        checks().run(tensors.__getitem__)
