@@ -19,6 +19,7 @@ Usage: python benchmarks/bench_checkpoint.py --models smollm2 --device cpu [--js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -44,8 +45,40 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
+class _Profile:
+    """cProfile of named stages, each appended to ``path`` as text; nothing at all without a path."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            open(path, "w").close()
+
+    @contextlib.contextmanager
+    def stage(self, what: str):
+        if not self.path:
+            yield
+            return
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        try:
+            yield
+        finally:
+            prof.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("cumulative").print_stats(45)
+            stats.sort_stats("tottime").print_stats(30)
+            with open(self.path, "a") as f:
+                f.write(f"===== {what}: {time.perf_counter() - t0:.3f} s (profiled)\n{text.getvalue()}\n")
+
+
 def child(directory: str, device: str, profile: str | None = None) -> dict:
-    """One load in this (fresh) process (``profile``: write a cProfile of from_pretrained there)."""
+    """One load in this (fresh) process (``profile``: a file for cProfiles of from_pretrained and the first forward)."""
     import torch
     import transformers
 
@@ -64,31 +97,16 @@ def child(directory: str, device: str, profile: str | None = None) -> dict:
     except OSError:
         hwm_reset = False
     rss0 = _rss_mib("VmRSS")
-    prof = None
-    if profile:
-        import cProfile
-
-        prof = cProfile.Profile()
-        prof.enable()
+    prof = _Profile(profile)
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, device_map={"": device}).eval()
+    with prof.stage(f"from_pretrained({directory!r}) on {device}"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, device_map={"": device}).eval()
     t_load = time.perf_counter() - t0
-    if prof is not None:
-        import io
-        import pstats
-
-        prof.disable()
-        text = io.StringIO()
-        stats = pstats.Stats(prof, stream=text)
-        stats.sort_stats("cumulative").print_stats(45)
-        stats.sort_stats("tottime").print_stats(30)
-        with open(profile, "w") as f:
-            f.write(f"from_pretrained({directory!r}) on {device}: {t_load:.3f} s (profiled)\n{text.getvalue()}")
-    with torch.no_grad():
+    with prof.stage("the first forward (16 tokens)"), torch.no_grad():
         logits = model(ids.to(device)).logits
         token = int(logits[0, -1].argmax())
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     t_first = time.perf_counter() - t0
     out = {"load_s": t_load, "first_token_s": t_first, "token": token,
            "peak_rss_mib": _rss_mib("VmHWM") - rss0 if hwm_reset else None, "rss_after_mib": _rss_mib("VmRSS") - rss0}
