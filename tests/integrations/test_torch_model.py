@@ -122,6 +122,34 @@ def test_every_mode_runs_under_torch_compile(mode):
         assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0) and torch.equal(_logits(model), want)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_hf_static_cache_with_a_compiled_forward(mode):
+    # Hugging Face's recipe for compiled decoding: generate() with a StaticCache and model.forward under
+    # torch.compile. Every step's logits equal the uncompiled static-cache run's with Dynamo's eager backend;
+    # inductor (one mode: it compiles for ~10 s on a CPU) reorders the model's own float math, so within bf16's
+    # tolerance there.
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    model.generation_config.eos_token_id = None  # all new tokens, whatever this random model emits
+    gen = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+               output_logits=True)
+    want = model.generate(IDS, **gen)
+    assert type(want.past_key_values).__name__ == "StaticCache" and len(want.logits) == 5
+    forward = model.forward
+    torch._dynamo.reset()
+    model.forward = torch.compile(forward, backend="eager")
+    got = model.generate(IDS, **gen)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    if mode == "int8":
+        torch._dynamo.reset()
+        model.forward = torch.compile(forward)
+        got = model.generate(IDS, **gen)
+        assert all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=0) for a, b in zip(got.logits, want.logits))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_threads_running_one_model_at_once_get_exact_results(mode):
     # which block a slot holds is per forward pass: two threads must not decode into each other's slots
