@@ -1,9 +1,11 @@
 """Sweep the tensor-core GEMV's launch parameters (GPU): warps per 16-row tile (W) and 64-code steps in flight per
 warp (U), per Llama shape, at M = 1, 8 and 16, against bf16 ``F.linear``, the default choice and the FMA kernel,
 timed as bench_torch times a layer (CUDA-graph replays over enough copies of the layer to defeat L2). Row keys:
-``u{U}_w{W}_us``. Two variants were tried and dropped (RESULTS.md, 2026-12-02): a cp.async-pipelined one (a ring
-of 2-4 steps per warp in shared memory), 1.3-1.6x slower in call 2, and one that loaded activations when a step
-is used instead of holding them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows in call 3.
+``u{U}_w{W}_us``, and ``u{U}_w8s_us`` for the ``mma_stream`` kernel (codes loaded with no L1 allocation and a
+256-byte L2 prefetch; not yet measured when it was added). Two variants were tried and dropped (RESULTS.md,
+2026-12-02): a cp.async-pipelined one (a ring of 2-4 steps per warp in shared memory), 1.3-1.6x slower in call 2,
+and one that loaded activations when a step is used instead of holding them in flight (fewer registers),
+1.03-1.25x slower on 16 of 18 rows in call 3.
 
 Usage: python benchmarks/sweep_gemv.py [--json PATH]
 """
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
                     for w in (2, 4, 8):
                         row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
                             *t, kernel="mma", warps=w, unroll=u) for t in a])
+                    # the same loads without an L1 place and with a 256-byte L2 prefetch (kernel "mma_stream")
+                    row[f"u{u}_w8s_us"] = graph_us([lambda t=t, u=u: ops.gemv_linear(
+                        *t, kernel="mma_stream", warps=8, unroll=u) for t in a])
             best = min((v, key) for key, v in row.items() if key[0] == "u" and key[1].isdigit())
             row["best"] = best[1]
             row["best_of_copy"] = read / best[0] / 1e3 / bw

@@ -10,7 +10,10 @@ sum in float32 and write bf16, fp16 or fp32. Two kernels, because the faster one
 * ``mma`` (bf16/fp16 activations, sm_80+, channel scales or groups of a multiple of 64): codes become bf16/fp16
   exactly by byte permutes and one packed fused multiply-add per two codes, and tensor cores (mma.sync m16n8k16)
   multiply them with the activations, which go to the tensor cores as loaded. A warp takes 16 rows; M <= 8 costs
-  what M = 1 does, M <= 16 little more. W warps per 16-row tile split K.
+  what M = 1 does, M <= 16 little more. W warps per 16-row tile split K. ``mma_stream`` is the same kernel with
+  the codes loaded by ``ld.global.nc.L1::no_allocate.L2::256B`` (no L1 place for bytes read once, a 256-byte L2
+  prefetch for the row the tile's warps read side by side): a variant for ``benchmarks/sweep_gemv.py`` to weigh
+  against ``mma``, added without a GPU measurement and not a default.
 * ``fma`` (everything else: fp32 activations, groups of 16-48): W warps per output row n (W = 1, 2, 4 or 8, split
   K; partial sums meet in shared memory), a block of 8 warps per 8 / W rows; a lane takes 16 codes with one
   16-byte load and issues 4 such loads before using any (8 measured slower on an H200); activations come through
@@ -295,9 +298,20 @@ __device__ __forceinline__ void cc_tc_finish(float (*acc)[4], float (*part)[32][
     }
 }
 
+/* 16 codes through the read-only path; STREAM: without a place in L1 (each code is read once) and with a 256-byte
+   L2 prefetch (the W warps of a tile read a row's 64-byte steps side by side, so the rest of the line is theirs) */
+template <bool STREAM>
+__device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
+    if (!STREAM) return __ldg(reinterpret_cast<const uint4*>(p));
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
 /* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of 8 warps takes
    8 / W tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one group. */
-template <class X, class C, int MT, int W, bool GROUP, int U>
+template <class X, class C, int MT, int W, bool GROUP, int U, bool STREAM>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
@@ -328,8 +342,8 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
                 const i64 k = (i0 + (i64)u * W) * 64 + 16 * t;
                 const bool in = i0 + (i64)u * W < steps && k < K;
                 const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-                c0[u] = in && ok0 ? __ldg(reinterpret_cast<const uint4*>(q0 + k)) : z;
-                c1[u] = in && ok1 ? __ldg(reinterpret_cast<const uint4*>(q1 + k)) : z;
+                c0[u] = in && ok0 ? cc_ld_codes<STREAM>(q0 + k) : z;
+                c1[u] = in && ok1 ? cc_ld_codes<STREAM>(q1 + k) : z;
                 xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
                 xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
                 if (MT == 2) {
@@ -349,11 +363,11 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U)                                                                \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U(           \
+#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U, STREAM, S)                                                     \
+extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U##S(        \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                         \
+    cc_gemv_tc<X, C, MT, W, GROUP, U, STREAM>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                 \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -368,24 +382,32 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 _SUFFIX = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
 _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
-KERNELS = ("fma", "mma")
+KERNELS = ("fma", "mma", "mma_stream")
 
 
 @functools.cache
 def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4):
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
-    second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column tiles), with ``w``
-    warps per row (tile), per-group scales or not."""
-    import cupy  # lazy: importing this module must not import cupy
+    second): ``fma`` for an M bound ``mm``, or ``mma``/``mma_stream`` for ``mm`` 8 or 16 (one or two 8-column
+    tiles), with ``w`` warps per row (tile), per-group scales or not."""
+    return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll))
 
+
+def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4) -> tuple[str, str]:
+    """(the instantiation line, the kernel's name) of one kernel instance."""
     suffix = _SUFFIX[dtype_name]
     if kernel == "fma":
-        code, name = f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
-    else:
-        mt, g, u = mm // 8, "g" if grouped else "c", unroll
-        code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, "
-                f"{u})")
-        name = f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}"
+        return f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
+    mt, g, u = mm // 8, "g" if grouped else "c", unroll
+    stream, s = ("true", "_s") if kernel == "mma_stream" else ("false", "")
+    code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, "
+            f"{u}, {stream}, {s})")
+    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}{s}"
+
+
+def _compile(device: int, code: str, name: str):
+    import cupy  # lazy: importing this module must not import cupy
+
     with cupy.cuda.Device(device):
         mod = cupy.RawModule(code=f"{_SOURCE}\n{code}\n", options=("--std=c++14",))
         return mod.get_function(name)
@@ -455,9 +477,9 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     (row-major); ``scales``: float32, N (channel) or N x ceil(K / group_size) (group); ``bias``: N values of
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
     ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_shape`) and
-    ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and ``unroll`` (the mma
-    kernel's 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`), parameters for tests and
-    benchmarks.
+    ``kernel`` (``"fma"``, ``"mma"`` or ``"mma_stream"``; default ``"mma"`` where :func:`mma_supported`) and
+    ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
+    parameters for tests and benchmarks.
     """
     handle, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel, unroll)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
@@ -479,7 +501,7 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         kernel = "mma" if mma else "fma"
     elif kernel not in KERNELS or (kernel != "fma" and not mma):
         raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
-    if unroll is not None and (kernel != "mma" or unroll not in (2, 4, 8)):
+    if unroll is not None and (kernel == "fma" or unroll not in (2, 4, 8)):
         raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
     ngroups = -(-k // group) if group else 0

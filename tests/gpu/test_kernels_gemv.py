@@ -63,7 +63,7 @@ def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granul
     assert y.shape == (m, n) and err < TOL[dtype_name]
 
 
-@pytest.mark.parametrize("kernel,unroll", [("mma", 2), ("mma", 4), ("mma", 8)])
+@pytest.mark.parametrize("kernel,unroll", [("mma", 2), ("mma", 4), ("mma", 8), ("mma_stream", 2), ("mma_stream", 4)])
 @pytest.mark.parametrize("warps", [1, 2, 8])
 @pytest.mark.parametrize("n,k,m", [(1000, 1088, 1), (37, 4096 + 192, 12), (300, 64 * 9, 8)])
 @pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 128)])
