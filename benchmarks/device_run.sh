@@ -8,7 +8,7 @@
 # torch (bench_torch), ckpt (bench_checkpoint), zarr (bench_zarr --device cuda), fuzz (fuzz_gpu, 8 cases at once),
 # fuzzsan (fuzz_gpu under compute-sanitizer memcheck), ab[=DIR] (latency_ab against bench_old/ or DIR), spread (latency_spread), offload
 # (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), ncu (Nsight Compute on
-# benchmarks/gemv_once.py), pytest=EXPR
+# benchmarks/gemv_once.py), multi (the two-GPU tests) and multibench (bench_multigpu; MULTI_ARGS), pytest=EXPR
 # (tests matching -k EXPR).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -58,6 +58,14 @@ for arg in "$@"; do
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
          rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log" ;;
+    multi) # two GPUs (issue 14): the two-GPU tests, with multicast off as the device notes ask
+           NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUPYCODEC_GPUS=2 \
+             timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -v --timeout 240 -rfEs \
+             tests/gpu/test_multi_gpu.py "tests/gpu/test_engine.py::test_second_device_whatever_is_current" \
+             >"$OUT/multi_tests.log" 2>&1; rc=$?; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/multi_tests.log" | tail -15 ;;
+    multibench) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout -k 5 "$secs" \
+             python3 benchmarks/bench_multigpu.py ${MULTI_ARGS:-} --json "$OUT/bench_multigpu.json" \
+             >"$OUT/bench_multigpu.log" 2>&1; rc=$?; tail -20 "$OUT/bench_multigpu.log" ;;
     sweep) timeout -k 5 "$secs" python3 benchmarks/sweep_gemv.py --json "$OUT/sweep_gemv.json" >"$OUT/sweep_gemv.log" 2>&1
            rc=$?; grep -o '"shape[^}]*"best[^}]*' "$OUT/sweep_gemv.log" | cut -c1-200 ;;
     ncu) timeout -k 5 "$secs" ncu --clock-control none --target-processes all --kernel-name regex:"gemv|gemm|cutlass|sm90" \
