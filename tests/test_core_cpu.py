@@ -10,6 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from helpers import minilm_path
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cupycodec as cc
 
@@ -43,6 +45,21 @@ def test_auto_is_never_bigger_than_raw_or_plain_zstd_on_every_tensor_of_a_real_m
             assert auto.nbytes <= raw.nbytes, (name, x.dtype)
             assert np.array_equal(cc.decompress(auto).view(np.uint8), x.view(np.uint8))
     assert not grew, grew[:5]
+
+
+@given(n=st.integers(1, 70_000), dtype=st.sampled_from(["float32", "bfloat16", "int16", "uint8", "float64"]),
+       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**32 - 1), meta=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_a_plain_zstd_header_is_at_most_32_bytes_longer_than_raws(n, dtype, scale, seed, meta):
+    # the bound behind _compress._PLAIN_EXACT_MARGIN (64): a small array whose plain zstd payload is that much
+    # smaller than raw's keeps zstd without encoding both headers
+    from cupycodec._compress import _PLAIN_EXACT_MARGIN
+
+    x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(getattr(ml_dtypes, dtype, dtype))
+    metadata = {"name": "model.layers.0.input_layernorm.weight"} if meta else None
+    z = cc.compress(x, codec="zstd", level=1, metadata=metadata)
+    r = cc.compress(x, codec="raw", metadata=metadata)
+    assert len(z.header_bytes()) - len(r.header_bytes()) <= 32 <= _PLAIN_EXACT_MARGIN // 2
 
 
 def test_small_arrays_skip_byte_planes_when_their_headers_outweigh_them():
