@@ -54,10 +54,12 @@ def choose(arr: np.ndarray, spec: ArraySpec, codec, chunk_nbytes: int) -> list:
     words = raw.size // k
     piece = max(_MIN_PIECE_WORDS, min(chunk_nbytes, words // _SAMPLE_SHARE))
     starts = sorted({(i * max(0, words - piece) // (_PIECES - 1)) for i in range(_PIECES)})
-    samples = [raw[s * k : (s + piece) * k] for s in starts]
-    trials = _Trials(options, samples, k, big, codec)
+    # the pieces side by side: a candidate splits them into planes once (plane j of the joined pieces is the pieces'
+    # planes j one after another), and each piece's part of each plane is compressed on its own, as before
+    sample = np.concatenate([raw[s * k : (s + piece) * k] for s in starts])
+    trials = _Trials(options, sample, len(starts), k, big, codec)
     cpu.run([trials])  # in the pool when the samples are large: 5-16 % of a compression, left to one thread before
-    sizes = [sum(trials.sizes[i * len(samples) : (i + 1) * len(samples)]) for i in range(len(options))]
+    sizes = list(trials.sizes)
     for i, pipeline in enumerate(options):
         if pipeline and pipeline[0].rotate:
             sizes[i] = int(sizes[i] / (1 - ROTATE_MARGIN))  # rotation must pay for its decode cost
@@ -65,24 +67,29 @@ def choose(arr: np.ndarray, spec: ArraySpec, codec, chunk_nbytes: int) -> list:
 
 
 class _Trials(cpu.Work):
-    """Compress every sample as every candidate pipeline, one (candidate, sample) pair per step."""
+    """Compress the ``pieces`` equal pieces of ``sample`` as every candidate pipeline, each piece (and each of its
+    planes) on its own: one candidate per step."""
 
-    def __init__(self, options, samples, k: int, big: bool, codec):
-        self.options, self.samples, self.k, self.big, self.codec = options, samples, k, big, codec
-        self.n = len(options) * len(samples)
-        self.nbytes = len(options) * sum(s.size for s in samples)
+    def __init__(self, options, sample, pieces: int, k: int, big: bool, codec):
+        self.options, self.sample, self.pieces, self.k, self.big, self.codec = options, sample, pieces, k, big, codec
+        self.n = len(options)
+        self.nbytes = len(options) * sample.size
         self.sizes = [0] * self.n
 
     def run(self, lo: int, hi: int) -> None:
         plain, top = self.codec.chunk_encoder(), self.codec.chunk_encoder(top_plane=True)
         for t in range(lo, hi):
-            pipeline, sample = self.options[t // len(self.samples)], self.samples[t % len(self.samples)]
+            pipeline = self.options[t]
             if pipeline:
-                parts = planes_for(self.k, pipeline[0].rotate, self.big).split(sample)
+                planes = planes_for(self.k, pipeline[0].rotate, self.big).split(self.sample)
             else:
-                parts = [memoryview(sample)]
+                planes = [memoryview(self.sample)]
             total = 0
-            for j, part in enumerate(parts):  # each plane as EncodePlanes compresses it
-                data = (top if pipeline and j == 0 else plain)(part)
-                total += len(part) if data is None else min(len(part), len(data))
+            for j, plane in enumerate(planes):  # each plane as EncodePlanes compresses it
+                encode = top if pipeline and j == 0 else plain
+                step = len(plane) // self.pieces
+                for p in range(self.pieces):
+                    part = plane[p * step : (p + 1) * step]
+                    data = encode(part)
+                    total += len(part) if data is None else min(len(part), len(data))
             self.sizes[t] = total
