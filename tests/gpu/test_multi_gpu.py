@@ -35,12 +35,14 @@ def _two_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "keys" / "signing.key"))
 
 
-def _pool_bytes(device: int) -> tuple[int, int]:
-    """(bytes CuPy's default pool holds on ``device``, bytes torch has allocated there)."""
+def _pool_bytes(device: int) -> tuple[int, int, int]:
+    """(bytes CuPy's default pool has in use on ``device``, bytes it holds there, in use or free, bytes torch has
+    allocated there): an allocation on the device grows one of them, even if it was freed since."""
     import cupy
 
     with cupy.cuda.Device(device):
-        return cupy.get_default_memory_pool().used_bytes(), torch.cuda.memory_allocated(device)
+        pool = cupy.get_default_memory_pool()
+        return pool.used_bytes(), pool.total_bytes(), torch.cuda.memory_allocated(device)
 
 
 @pytest.mark.parametrize("current,target", [(0, 1), (1, 0)])
