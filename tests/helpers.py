@@ -76,3 +76,12 @@ def assert_graph_replays_match_eager(model, *, reset=None, seeds: int = 3) -> No
         with torch.no_grad():
             eager = model(static, use_cache=False).logits
         assert torch.equal(out, eager)
+
+
+def flip_bits(path, pos: int, mask: int) -> None:
+    """XOR the byte at ``pos`` of the file ``path`` with ``mask`` in place (a disk or transfer error)."""
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ mask]))

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("safetensors.torch")
 
 from fuzzing import mutate  # noqa: E402
+from helpers import flip_bits  # noqa: E402
 
 import cupycodec as cc  # noqa: E402
 import cupycodec.integrations  # noqa: E402  (registers the quantizer with transformers)
@@ -153,11 +154,7 @@ def test_a_corrupt_tensor_is_caught_on_the_gpu(bf16_dir, tmp_path, monkeypatch, 
     name = f"model.layers.2.mlp.up_proj.{attr}"
     with ShardFile(shard) as f:
         pos = (f.tensors[name].start + f.tensors[name].end) // 2
-    with open(shard, "r+b") as fh:
-        fh.seek(pos)
-        byte = fh.read(1)
-        fh.seek(pos)
-        fh.write(bytes([byte[0] ^ 0x10]))
+    flip_bits(shard, pos, 0x10)
     with torch.device("meta"):
         target = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
     kinds_before = {n: type(m) for n, m in target.named_modules()}

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("safetensors.torch")
 
 from fuzzing import mutate, recompute_crcs  # noqa: E402
+from helpers import flip_bits  # noqa: E402
 
 import cupycodec as cc  # noqa: E402
 import cupycodec.integrations  # noqa: E402  (registers the quantizer with transformers)
@@ -318,11 +319,7 @@ def test_a_corrupt_payload_names_file_and_tensor_and_changes_nothing(saved):
     with ShardFile(shard) as f:
         name = next(n for n in f.tensors if n.endswith("mlp.up_proj.packed"))
         pos = (f.tensors[name].start + f.tensors[name].end) // 2
-    with open(shard, "r+b") as fh:
-        fh.seek(pos)
-        byte = fh.read(1)
-        fh.seek(pos)
-        fh.write(bytes([byte[0] ^ 0x40]))
+    flip_bits(shard, pos, 0x40)
     model = _fresh()
     before = _state(model)
     with pytest.raises(cc.ChecksumError, match=rf"{shard.name}: tensor '{name}': checksum mismatch"):
