@@ -221,23 +221,40 @@ def _lay_out(job: Job, segs, tables):
 def fill(laid_out, prefixes=None) -> list[CompressedArray]:
     """Containers of ``(header, chunks)`` layouts (and their encoded headers, where known), every chunk of all of
     them copied by the pool in one pass."""
-    # Zeroed (the padding between chunks must be) by calloc: fresh pages, first written by the workers that copy
-    # the chunks in, in parallel and without the GIL. A bytearray was zeroed and filled by this thread alone:
-    # 15-37 % of a 2-thread compression (benchmarks/RESULTS.md, issue 10).
+    # Every byte is written once: the tables and the padding between chunks here, the chunks by the workers, in
+    # parallel and without the GIL. (np.zeros zeroed payloads below glibc's mmap threshold on this thread, 3 ms of a
+    # 44 ms `compress_many` of MiniLM's state dict; a bytearray, zeroed and filled by this thread alone, took 15-37 %
+    # of a 2-thread compression: benchmarks/RESULTS.md, issue 10.)
     payloads, works = [], []
     for header, blobs in laid_out:
-        payload = np.zeros(header.payload_nbytes, np.uint8)
+        payload = np.empty(header.payload_nbytes, np.uint8)
         mv = memoryview(payload)
-        items = []
+        items, starts, ends = [], [], []
         for seg, chunks in zip(header.segments, blobs):
             table = seg.table.to_bytes()
             mv[seg.offset : seg.offset + len(table)] = table
-            items += zip(seg.chunk_offsets.tolist(), chunks)
+            offsets = seg.chunk_offsets.tolist()
+            items += zip(offsets, chunks)
+            starts += [seg.offset, *offsets]
+            ends += [seg.offset + len(table), *(o + len(c) for o, c in zip(offsets, chunks))]
+        _zero_gaps(payload, starts, ends)
         works.append(cpu.CopyChunks(payload.ctypes.data, items))
         payloads.append(mv)
     cpu.run(works)
     prefixes = prefixes or [None] * len(payloads)
     return [CompressedArray(h, mv, _prefix=p) for (h, _), mv, p in zip(laid_out, payloads, prefixes)]
+
+
+def _zero_gaps(payload: np.ndarray, starts: list, ends: list) -> None:
+    """Zero the bytes of ``payload`` that no ``[start, end)`` range covers (the padding after each chunk)."""
+    order = np.argsort(starts, kind="stable")
+    lo, hi = np.asarray(starts, np.int64)[order], np.asarray(ends, np.int64)[order]
+    covered = np.maximum.accumulate(hi) if len(hi) else hi
+    gap_lo = np.concatenate([[0], covered])
+    gap_hi = np.concatenate([lo, [payload.size]])
+    for a, b in zip(gap_lo.tolist(), gap_hi.tolist()):
+        if b > a:
+            payload[a:b] = 0
 
 
 # -- the GPU -------------------------------------------------------------------------------------------------------

@@ -320,3 +320,33 @@ def test_auto_samples_decide_the_same_in_the_pool_as_inline(monkeypatch):
         assert got["1"] == got["2"]
         picks.append(got["2"])
     assert picks[0] == [Byteplane(rotate=False)] and picks[1] == [Byteplane(rotate=False)]
+
+
+def test_every_payload_byte_is_written(monkeypatch):
+    # CPU payloads are allocated uninitialized: the tables, chunks and the padding between chunks must cover every
+    # byte. Payloads that start as 0xA5 everywhere must come out as the same containers.
+    from cupycodec import _compress
+
+    rng = np.random.default_rng(11)
+    arrays = [(0.02 * rng.standard_normal(n)).astype(d) for n, d in
+              [(1, np.float32), (383, ml_dtypes.bfloat16), (5000, np.float16), (70_001, np.float32), (300_000, np.int32)]]
+    arrays.append(rng.integers(0, 256, 100_003, dtype=np.uint8))
+    configs = [{}, {"codec": "zstd", "chunk_nbytes": 16_384}, {"codec": "lz4"}, {"codec": "raw"},
+               {"codec": "zstd", "filters": ["byteplane"], "chunk_nbytes": 4096}]
+
+    def containers():
+        return [c.to_bytes() for kw in configs
+                for c in cc.compress_many([a for a in arrays if a.itemsize > 1 or "filters" not in kw], **kw)]
+
+    want = containers()
+
+    class Dirty:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype=float, **kw):
+            return np.full(shape, 0xA5, dtype=dtype)
+
+    monkeypatch.setattr(_compress, "np", Dirty())
+    assert containers() == want
