@@ -9,8 +9,10 @@ Sections:
         and a decode step captured in a CUDA graph (static KV cache) replayed 128 times; tok/s, and the model's
         resident and peak memory as torch counts it (the bf16 reference model, held beside every mode, subtracted),
         per mode (bf16, lossless, int8, int8+entropy, torchao int8wo).
+  compiled  the graph decode with the step under torch.compile (inductor) before the capture, for bf16, the
+        --compiled-modes and torchao, on --compiled-configs (default llama7b, int8): issue 9's compiled target.
 
-Usage: python benchmarks/bench_torch.py [--sections gemv,e2e] [--configs tinyllama,llama7b] [--json PATH]
+Usage: python benchmarks/bench_torch.py [--sections gemv,e2e,compiled] [--configs tinyllama,llama7b] [--json PATH]
 """
 
 from __future__ import annotations
@@ -146,10 +148,12 @@ def _build(config):
     return model.to(torch.bfloat16).eval()
 
 
-def _graph_tok_s(model, prompt, n_new):
-    """Tokens/s of greedy decoding with one decode step captured in a CUDA graph (static KV cache)."""
+def _graph_tok_s(model, prompt, n_new, step=None):
+    """Tokens/s of greedy decoding with one decode step captured in a CUDA graph (static KV cache). ``step``: what
+    runs the decode step (default the model itself; a ``torch.compile``d forward for the compiled rows)."""
     from transformers import StaticCache
 
+    step = step or model
     runtime = getattr(model, "_cupycodec_runtime", None)
     length = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=length + n_new + 8)
@@ -162,13 +166,13 @@ def _graph_tok_s(model, prompt, n_new):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
+                step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
         torch.cuda.current_stream().wait_stream(side)
         if runtime is not None:
             runtime[0].reset()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            logits = model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
+            logits = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
         torch.cuda.synchronize()
         # transformers >= 5 writes a static cache at its own counter (cumulative_length), which the warm-up steps
         # advanced: rewind it to the prompt, so the replays write where cache_position says
@@ -282,23 +286,82 @@ def bench_e2e(rows, configs, modes, n_new=128, rounds=4, eager_tokens=32):
         torch.cuda.empty_cache()
 
 
+def bench_compiled(rows, configs, modes, n_new=128):
+    """Graph decode with the decode step compiled: ``torch.compile(model.forward)`` (inductor, no CUDA graphs of
+    its own, so that the same manual capture as the graph rows takes the compiled step), bf16 and torchao set up
+    the same way, in the same run. What issue 9's "decode step compiled and captured in a CUDA graph" row asks.
+    One model at a time (each compiles on its first steps; the time is reported as compile_s)."""
+    from cupycodec.integrations.torch import compress_model
+
+    for config in configs:
+        prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+        by_mode = {}
+        for mode in ["bf16", *modes, "torchao"]:
+            row = by_mode[mode] = {"config": config, "mode": mode, "timing": "compiled decode step, CUDA graph"}
+            try:
+                gc.collect()
+                torch.cuda.empty_cache()
+                model = _build(config)  # seeded: the same weights for every mode
+                if mode == "torchao":
+                    if torchao_int8wo(model) is None:
+                        del by_mode[mode]
+                        continue
+                elif mode != "bf16":
+                    compress_model(model, mode, progress=False)
+                torch._dynamo.reset()
+                step = torch.compile(model.forward, dynamic=False)
+                t = time.perf_counter()
+                with torch.no_grad():  # the first steps compile (prefill runs uncompiled, in _graph_tok_s)
+                    from transformers import StaticCache
+
+                    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + n_new + 8)
+                    model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                          cache_position=torch.arange(prompt.shape[1], device="cuda"))
+                    step(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True,
+                         cache_position=torch.tensor([prompt.shape[1]], device="cuda"))
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - t
+                del cache
+                row["graph_tok_s"], tokens = _graph_tok_s(model, prompt, n_new, step=step)
+                row["tokens"] = tokens[0, :16].tolist()
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            finally:
+                model = step = None
+                torch._dynamo.reset()
+            print(json.dumps(row), flush=True)  # as it comes: a run cut by its time limit keeps its rows
+        b = by_mode.get("bf16", {})
+        for r in by_mode.values():
+            if "graph_tok_s" in r and "graph_tok_s" in b:
+                r["graph_vs_bf16"] = r["graph_tok_s"] / b["graph_tok_s"]
+            if "tokens" in r and "tokens" in b:
+                r["tokens_equal_bf16"] = r["tokens"] == b["tokens"]
+            rows.append(r)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="gemv,e2e")
     p.add_argument("--configs", default="tinyllama,llama7b")
     p.add_argument("--modes", default="lossless,int8,int8+entropy")
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--compiled-configs", default="llama7b", help="configs of the 'compiled' section")
+    p.add_argument("--compiled-modes", default="int8", help="modes of the 'compiled' section (bf16, torchao added)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     env["copy_gbps_read_plus_write"] = copy_gbps()
     print(json.dumps(env), flush=True)
-    results = {"env": env, "gemv": [], "e2e": []}
+    results = {"env": env, "gemv": [], "e2e": [], "compiled": []}
     sections = set(args.sections.split(","))
     if "gemv" in sections:
         bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
     if "e2e" in sections:
         bench_e2e(results["e2e"], args.configs.split(","), args.modes.split(","), args.tokens)
+    if "compiled" in sections:
+        bench_compiled(results["compiled"], args.compiled_configs.split(","), args.compiled_modes.split(","),
+                       args.tokens)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -322,6 +385,15 @@ def main(argv=None) -> int:
               f"{r['eager_tok_s']:.1f} | {r.get('eager_vs_bf16', 1.0):.2f}x | {r['graph_tok_s']:.1f} | "
               f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r['resident_gib']:.2f} | {r['peak_gib']:.2f} | "
               f"{r.get('tokens_equal_bf16', '-')} |")
+    if results["compiled"]:
+        print("\n| config | mode (compiled step, CUDA graph) | compile s | graph tok/s | vs bf16 | tokens = bf16 |")
+        print("| --- | --- | ---: | ---: | ---: | --- |")
+        for r in results["compiled"]:
+            if "error" in r:
+                print(f"| {r['config']} | {r['mode']} | error: {r['error'][:60]} |")
+                continue
+            print(f"| {r['config']} | {r['mode']} | {r['compile_s']:.1f} | {r['graph_tok_s']:.1f} | "
+                  f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r.get('tokens_equal_bf16', '-')} |")
     return 0
 
 

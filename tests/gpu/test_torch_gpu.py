@@ -150,6 +150,44 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
     model._cupycodec_runtime[0].check()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_hf_static_cache_under_reduce_overhead(mode):
+    """Hugging Face's compiled decoding on the GPU: generate() with a static cache and ``model.forward`` under
+    ``torch.compile(mode="reduce-overhead")``: inductor's code, replayed from CUDA graphs of the compiled regions (the
+    block decodes of lossless and int8+entropy run between them, untraced). The second generate replays what the
+    first recorded; every step's logits stay within bf16's tolerance of the uncompiled static-cache run (inductor
+    reorders the model's own float math), and inductor skipped no CUDA graph."""
+    from torch._dynamo.utils import counters
+
+    from cupycodec.integrations.torch import compress_model
+
+    model = _tiny_llama(layers=3)
+    compress_model(model, mode, progress=False)
+    model.generation_config.eos_token_id = None  # all new tokens, whatever this random model emits
+    ids = torch.randint(0, 512, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    gen = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+               output_logits=True)
+    with torch.no_grad():
+        want = model.generate(ids, **gen)
+    forward = model.forward
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(forward, mode="reduce-overhead")
+    try:
+        for _ in range(2):
+            with torch.no_grad():
+                got = model.generate(ids, **gen)
+            assert len(got.logits) == len(want.logits) == 6
+            for a, b in zip(got.logits, want.logits):
+                assert torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    model._cupycodec_runtime[0].check()
+
+
 class _Block(torch.nn.Module):
     def __init__(self, d):
         super().__init__()
