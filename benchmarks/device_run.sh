@@ -31,7 +31,7 @@ for arg in "$@"; do
            timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -v -n ${TEST_WORKERS:-8} \
              --timeout 240 -rfEs --durations=20 ${TEST_ARGS:-} tests >"$OUT/tests.log" 2>&1
            rc=$?; grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -20; grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 ;;
-    pytest=*) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n 4 --timeout 240 -rfEs \
+    pytest=*) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n ${PYTEST_WORKERS:-4} --timeout 240 -rfEs \
              -k "${stage#pytest=}" tests >"$OUT/pytest.log" 2>&1; rc=$?; tail -5 "$OUT/pytest.log" ;;
     gpu) timeout -k 5 "$secs" python3 benchmarks/bench_gpu.py --quick ${GPU_ARGS:-} --json "$OUT/bench_gpu.json" \
            >"$OUT/bench_gpu.log" 2>&1; rc=$?; tail -40 "$OUT/bench_gpu.log" ;;
