@@ -148,15 +148,25 @@ def _build(config):
     return model.to(torch.bfloat16).eval()
 
 
-def _graph_tok_s(model, prompt, n_new, step=None):
+def _rewind(cache, length):
+    """transformers >= 5 writes a static cache at its own counter (cumulative_length): set it to ``length``."""
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.fill_(length)
+
+
+def _graph_tok_s(model, prompt, n_new, step=None, cache=None):
     """Tokens/s of greedy decoding with one decode step captured in a CUDA graph (static KV cache). ``step``: what
-    runs the decode step (default the model itself; a ``torch.compile``d forward for the compiled rows)."""
+    runs the decode step (default the model itself; a ``torch.compile``d forward for the compiled rows), ``cache``:
+    the static cache to use (the one a compiled step was warmed up with: no recompilation for a new object)."""
     from transformers import StaticCache
 
     step = step or model
     runtime = getattr(model, "_cupycodec_runtime", None)
     length = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=length + n_new + 8)
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=length + n_new + 8)
+    _rewind(cache, 0)
     with torch.no_grad():
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(length, device="cuda"))
@@ -174,11 +184,7 @@ def _graph_tok_s(model, prompt, n_new, step=None):
         with torch.cuda.graph(g):
             logits = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
         torch.cuda.synchronize()
-        # transformers >= 5 writes a static cache at its own counter (cumulative_length), which the warm-up steps
-        # advanced: rewind it to the prompt, so the replays write where cache_position says
-        for layer in getattr(cache, "layers", ()):
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                layer.cumulative_length.fill_(length)
+        _rewind(cache, length)  # the warm-up steps advanced it: the replays write where cache_position says
         t = time.perf_counter()
         tokens = [tok.clone()]  # the prefill's token, as generate's output starts
         for _ in range(n_new):
@@ -321,14 +327,13 @@ def bench_compiled(rows, configs, modes, n_new=128):
                          cache_position=torch.tensor([prompt.shape[1]], device="cuda"))
                 torch.cuda.synchronize()
                 row["compile_s"] = time.perf_counter() - t
-                del cache
-                row["graph_tok_s"], tokens = _graph_tok_s(model, prompt, n_new, step=step)
+                row["graph_tok_s"], tokens = _graph_tok_s(model, prompt, n_new, step=step, cache=cache)
                 row["tokens"] = tokens[0, :16].tolist()
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
             finally:
-                model = step = None
+                model = step = cache = None
                 torch._dynamo.reset()
             print(json.dumps(row), flush=True)  # as it comes: a run cut by its time limit keeps its rows
         b = by_mode.get("bf16", {})

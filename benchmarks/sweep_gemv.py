@@ -1,12 +1,11 @@
 """Sweep the tensor-core GEMV's launch parameters (GPU): warps per 16-row tile (W) and 64-code steps in flight per
 warp (U), per Llama shape, at M = 1, 8 and 16, against bf16 ``F.linear``, the default choice and the FMA kernel,
 timed as bench_torch times a layer (CUDA-graph replays over enough copies of the layer to defeat L2). Row keys:
-``u{U}_w{W}_us``, ``u{U}_w8s_us`` for the ``mma_stream`` kernel (codes loaded with no L1 allocation and a
-256-byte L2 prefetch), ``u{U}_w{W}a_us`` for ``mma_ahead`` (a stage of loads in flight while the previous one is
-multiplied, a grid of one wave) and ``u{U}_w8as_us`` for both; the three were not yet measured when added. Two
-variants were tried and dropped (RESULTS.md, 2026-12-02): a cp.async-pipelined one (a ring of 2-4 steps per warp in
-shared memory), 1.3-1.6x slower in call 2, and one that loaded activations when a step is used instead of holding
-them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows in call 3.
+``u{U}_w{W}_us``. Variants tried here and dropped (RESULTS.md, 2026-12-02): a cp.async-pipelined one (a ring of 2-4
+steps per warp in shared memory), 1.3-1.6x slower; one that loaded activations when a step is used instead of
+holding them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows; and one with a stage of loads in
+flight while the previous stage is multiplied, on a grid of one wave (``mma_ahead``), 1.1-1.3x slower on the tall
+shapes. The codes' streaming loads (no L1 place, a 256-byte L2 prefetch) won, 5-10 %, and are the kernel's now.
 
 Usage: python benchmarks/sweep_gemv.py [--json PATH]
 """
@@ -48,19 +47,9 @@ def main(argv=None) -> int:
                        "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a]),
                        "fma_us": graph_us([lambda t=t: ops.gemv_linear(*t, kernel="fma") for t in a])}
                 for u in (2, 4):
-                    for w in (4, 8):
+                    for w in (2, 4, 8):
                         row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
                             *t, kernel="mma", warps=w, unroll=u) for t in a])
-                    # the variants, at 8 warps: "s" the loads without an L1 place and with a 256-byte L2 prefetch
-                    # (mma_stream), "a" a stage of loads in flight ahead of the one being multiplied, on a grid of
-                    # one wave (mma_ahead), "as" both
-                    for tag, kern in (("s", "mma_stream"), ("a", "mma_ahead"), ("as", "mma_ahead_stream")):
-                        row[f"u{u}_w8{tag}_us"] = graph_us([lambda t=t, u=u, kern=kern: ops.gemv_linear(
-                            *t, kernel=kern, warps=8, unroll=u) for t in a])
-                    row[f"u{u}_w4a_us"] = graph_us([lambda t=t, u=u: ops.gemv_linear(
-                        *t, kernel="mma_ahead", warps=4, unroll=u) for t in a])
-                row["u1_w8a_us"] = graph_us([lambda t=t: ops.gemv_linear(*t, kernel="mma_ahead", warps=8, unroll=1)
-                                             for t in a])
             best = min((v, key) for key, v in row.items() if key[0] == "u" and key[1].isdigit())
             row["best"] = best[1]
             row["best_of_copy"] = read / best[0] / 1e3 / bw

@@ -10,13 +10,9 @@ sum in float32 and write bf16, fp16 or fp32. Two kernels, because the faster one
 * ``mma`` (bf16/fp16 activations, sm_80+, channel scales or groups of a multiple of 64): codes become bf16/fp16
   exactly by byte permutes and one packed fused multiply-add per two codes, and tensor cores (mma.sync m16n8k16)
   multiply them with the activations, which go to the tensor cores as loaded. A warp takes 16 rows; M <= 8 costs
-  what M = 1 does, M <= 16 little more. W warps per 16-row tile split K. ``mma_stream`` is the same kernel with
-  the codes loaded by ``ld.global.nc.L1::no_allocate.L2::256B`` (no L1 place for bytes read once, a 256-byte L2
-  prefetch for the row the tile's warps read side by side): a variant for ``benchmarks/sweep_gemv.py`` to weigh
-  against ``mma``, added without a GPU measurement and not a default. ``mma_ahead`` (and ``mma_ahead_stream``)
-  sums the same products in the same order, with a stage of loads in flight while the previous stage is
-  multiplied, on a grid of one wave whose blocks walk several tiles (the next tile's loads overlap this one's
-  reduction): also a sweep variant, bit-for-bit equal to ``mma`` (GPU test).
+  what M = 1 does, M <= 16 little more. W warps per 16-row tile split K. The codes are loaded by
+  ``ld.global.nc.L1::no_allocate.L2::256B``: no L1 place for bytes read once, and a 256-byte L2 prefetch for the
+  row that the tile's warps read side by side (5-10 % faster than ``__ldg`` on an H200, RESULTS.md).
 * ``fma`` (everything else: fp32 activations, groups of 16-48): W warps per output row n (W = 1, 2, 4 or 8, split
   K; partial sums meet in shared memory), a block of 8 warps per 8 / W rows; a lane takes 16 codes with one
   16-byte load and issues 4 such loads before using any (8 measured slower on an H200); activations come through
@@ -301,11 +297,9 @@ __device__ __forceinline__ void cc_tc_finish(float (*acc)[4], float (*part)[32][
     }
 }
 
-/* 16 codes through the read-only path; STREAM: without a place in L1 (each code is read once) and with a 256-byte
-   L2 prefetch (the W warps of a tile read a row's 64-byte steps side by side, so the rest of the line is theirs) */
-template <bool STREAM>
+/* 16 codes through the read-only path, without a place in L1 (each code is read once) and with a 256-byte L2
+   prefetch (the W warps of a tile read a row's 64-byte steps side by side, so the rest of the line is theirs) */
 __device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
-    if (!STREAM) return __ldg(reinterpret_cast<const uint4*>(p));
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -314,7 +308,7 @@ __device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
 
 /* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of 8 warps takes
    8 / W tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one group. */
-template <class X, class C, int MT, int W, bool GROUP, int U, bool STREAM>
+template <class X, class C, int MT, int W, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
@@ -345,8 +339,8 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
                 const i64 k = (i0 + (i64)u * W) * 64 + 16 * t;
                 const bool in = i0 + (i64)u * W < steps && k < K;
                 const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-                c0[u] = in && ok0 ? cc_ld_codes<STREAM>(q0 + k) : z;
-                c1[u] = in && ok1 ? cc_ld_codes<STREAM>(q1 + k) : z;
+                c0[u] = in && ok0 ? cc_ld_codes(q0 + k) : z;
+                c1[u] = in && ok1 ? cc_ld_codes(q1 + k) : z;
                 xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
                 xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
                 if (MT == 2) {
@@ -366,115 +360,11 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-/* One stage of the pipelined kernel: U 64-k steps of one tile for one warp, codes and activations in registers. */
-template <int MT, int U>
-struct cc_tc_stage {
-    uint4 c0[U], c1[U], xa[U][2], xb[U][2];
-};
-
-/* Where a warp is in its sequence of stages: tile group bg (the block's tiles bg * TPB ..), stage it of the tile's
-   iters; the rows, their flags and their code pointers follow the tile. */
-template <int TPB>
-struct cc_tc_cursor {
-    i64 bg, it, r0, r1;
-    bool ok0, ok1;
-    const signed char* q0;
-    const signed char* q1;
-    __device__ __forceinline__ void at(i64 group_, const signed char* q, i64 K, i64 N, i64 tiles, int tl, int g) {
-        bg = group_; it = 0;
-        const i64 tile = bg * TPB + tl;
-        r0 = tile * 16 + g; r1 = r0 + 8;
-        ok0 = tile < tiles && r0 < N; ok1 = tile < tiles && r1 < N;
-        q0 = q + (ok0 ? r0 : 0) * K; q1 = q + (ok1 ? r1 : 0) * K;
-    }
-};
-
-/* The tensor-core kernel with its loads issued a stage ahead: while a warp converts and multiplies one stage (U
-   steps), the next stage's codes and activations are in flight, across tile boundaries too: each block walks its
-   tile groups (bg = blockIdx.x, + gridDim.x, ..) as one sequence of stages, every warp of the block the same number
-   (iters per tile), so that the W warps of a tile meet in cc_tc_finish at the same stage. With a grid of as many
-   blocks as fit on the GPU at once, the next tile's first loads overlap this tile's last multiplies and its
-   reduction. Same sums, in the same order, as cc_gemv_tc. */
-template <class X, class C, int MT, int W, bool GROUP, int U, bool STREAM>
-__device__ void cc_gemv_tc_ahead(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
-                                 const float* __restrict__ scale, const typename X::T* __restrict__ bias,
-                                 typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
-    constexpr int TPB = 8 / W;
-    __shared__ float part[8][32][4 * MT];
-    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int tl = wib / W, slice = wib % W;
-    const i64 tiles = (N + 15) / 16, steps = (K + 63) / 64;
-    const i64 block_groups = (tiles + TPB - 1) / TPB;
-    const i64 iters = (steps + (i64)W * U - 1) / ((i64)W * U);
-    if ((i64)blockIdx.x >= block_groups) return;  /* uniform per block */
-    const i64 total = ((block_groups - 1 - blockIdx.x) / gridDim.x + 1) * iters;
-    const bool hx0 = g < M, hx1 = MT == 2 && g + 8 < M;
-    const typename X::T* x0 = x + (i64)g * ldx;
-    const typename X::T* x1 = x + (i64)(g + 8) * ldx;
-    cc_tc_cursor<TPB> lc, cc;  /* the load cursor runs one stage ahead of the compute cursor */
-    lc.at(blockIdx.x, q, K, N, tiles, tl, g);
-    cc = lc;
-    auto load = [&](cc_tc_stage<MT, U>& st, bool live) {
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 i = slice + (lc.it * U + u) * W;
-            const i64 k = i * 64 + 16 * t;
-            const bool in = live && i < steps && k < K;
-            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-            st.c0[u] = in && lc.ok0 ? cc_ld_codes<STREAM>(lc.q0 + k) : z;
-            st.c1[u] = in && lc.ok1 ? cc_ld_codes<STREAM>(lc.q1 + k) : z;
-            st.xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
-            st.xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
-            if (MT == 2) {
-                st.xb[u][0] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k)) : z;
-                st.xb[u][1] = in && hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1) : z;
-            }
-        }
-        if (++lc.it == iters) lc.at(lc.bg + gridDim.x, q, K, N, tiles, tl, g);
-    };
-    float acc[MT][4];
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f; }
-    auto compute = [&](const cc_tc_stage<MT, U>& st) {
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 i = slice + (cc.it * U + u) * W;
-            if (i < steps)  /* uniform across the warp: every lane takes part in the mma */
-                cc_tc_step<C, MT, GROUP>(acc, st.c0[u], st.c1[u], st.xa[u], st.xb[u], scale, cc.ok0, cc.ok1, cc.r0,
-                                         cc.r1, ngroups, GROUP ? i * 64 / group : 0);
-        }
-        if (++cc.it == iters) {  /* the tile's last stage: the same stage for every warp of the block */
-            cc_tc_finish<X, MT, W, GROUP>(acc, part, wib, lane, slice, t, cc.ok0, cc.ok1, cc.r0, cc.r1, scale, bias,
-                                          y, M, N);
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f; }
-            cc.at(cc.bg + gridDim.x, q, K, N, tiles, tl, g);
-        }
-    };
-    cc_tc_stage<MT, U> a, b;
-    load(a, true);
-    for (i64 s = 0; s < total; s += 2) {  /* two stages a turn, so that a and b stay in registers */
-        load(b, s + 1 < total);
-        compute(a);
-        if (s + 1 >= total) break;
-        load(a, s + 2 < total);
-        compute(b);
-    }
-}
-
-#define CC_GEMV_TCA(NAME, X, C, MT, W, GROUP, G, U, STREAM, S)                                                    \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tca_##NAME##_t##MT##_w##W##_##G##_u##U##S(       \
+#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U)                                                                \
+extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U(            \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc_ahead<X, C, MT, W, GROUP, U, STREAM>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);           \
-}
-
-#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U, STREAM, S)                                                     \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U##S(        \
-    const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
-    i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, GROUP, U, STREAM>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                 \
+    cc_gemv_tc<X, C, MT, W, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                         \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -489,13 +379,13 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 _SUFFIX = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
 _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
-KERNELS = ("fma", "mma", "mma_stream", "mma_ahead", "mma_ahead_stream")
+KERNELS = ("fma", "mma")
 
 
 @functools.cache
 def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4):
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
-    second): ``fma`` for an M bound ``mm``, or a tensor-core kernel for ``mm`` 8 or 16 (one or two 8-column
+    second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column
     tiles), with ``w`` warps per row (tile), per-group scales or not."""
     return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll))
 
@@ -506,11 +396,8 @@ def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll
     if kernel == "fma":
         return f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
     mt, g, u = mm // 8, "g" if grouped else "c", unroll
-    stream, s = ("true", "_s") if kernel.endswith("_stream") else ("false", "")
-    a = "a" if kernel.startswith("mma_ahead") else ""
-    code = (f"CC_GEMV_TC{a.upper()}({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, "
-            f"{str(grouped).lower()}, {g}, {u}, {stream}, {s})")
-    return code, f"cupycodec_gemv_tc{a}_{suffix}_t{mt}_w{w}_{g}_u{u}{s}"
+    code = f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, {u})"
+    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}"
 
 
 def _compile(device: int, code: str, name: str):
@@ -536,18 +423,18 @@ def mma_supported(dtype_name: str, granularity: str, group_size: int | None, dev
     return granularity == "channel" or (group_size is not None and group_size % 64 == 0)
 
 
-def mma_shape(n: int, k: int, sm_count: int) -> tuple[int, int]:
-    """(W, U) for the tensor-core kernel on an N x K matrix: W warps per 16-row tile (split K) and U 64-code steps in
-    flight per warp. Swept on an H200 (benchmarks/sweep_gemv.py, six Llama shapes, W in 1-8 by U in 2, 4, 8): the
-    most warps won everywhere, so W = 8 wherever K gives each warp two steps; U = 4 (97 registers, two blocks of 8
-    warps per SM) while every warp fits on the GPU at once, else U = 2 (77 registers, three blocks per SM), which
-    keeps more warps resident: within 6 % of the best pair on each shape and M, 8-14 % faster than the first rule
-    (W by occupancy, U = 4) on the three tall ones."""
+def mma_shape(n: int, k: int, sm_count: int, m: int = 1) -> tuple[int, int]:
+    """(W, U) for the tensor-core kernel on an N x K matrix at M activation rows: W warps per 16-row tile (split K)
+    and U 64-code steps in flight per warp. Swept on an H200 (benchmarks/sweep_gemv.py, six Llama shapes, W in 1-8 by
+    U in 2, 4, 8): the most warps won everywhere, so W = 8 wherever K gives each warp two steps. At M <= 8, U = 4
+    (97 registers, two blocks of 8 warps per SM) while every warp fits on the GPU at once, else U = 2 (64-77
+    registers, three or four blocks per SM), which keeps more warps resident. At M > 8 (two accumulator tiles, 140
+    registers at U = 4) always U = 2: 1.3-1.7x faster than U = 4 on five of the six shapes (2026-12-02, call 1)."""
     w = 8
     while w > 1 and 64 * 2 * w > k:
         w //= 2
     tiles = -(-n // 16)
-    return w, 4 if tiles * w <= 16 * sm_count else 2
+    return w, 4 if m <= 8 and tiles * w <= 16 * sm_count else 2
 
 
 def warps_per_row(n: int, k: int, sm_count: int) -> int:
@@ -557,21 +444,6 @@ def warps_per_row(n: int, k: int, sm_count: int) -> int:
     while w < 8 and n * w < 32 * sm_count and 512 * 2 * w <= k:
         w *= 2
     return w
-
-
-@functools.cache
-def _resident_blocks(device: int, fn) -> int:
-    """Blocks of ``_THREADS`` threads of the compiled kernel ``fn`` that fit on one SM at once, by its registers
-    (allocated per warp in units of 256) and static shared memory: what a grid of one wave is made of."""
-    import cupy
-
-    rt = cupy.cuda.runtime
-    regs = rt.deviceGetAttribute(rt.cudaDevAttrMaxRegistersPerMultiprocessor, device)
-    smem = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
-    threads = rt.deviceGetAttribute(rt.cudaDevAttrMaxThreadsPerMultiProcessor, device)
-    per_warp = -(-max(fn.num_regs, 1) * 32 // 256) * 256
-    by_smem = smem // (fn.shared_size_bytes + 1024)  # the driver reserves 1 KiB of shared memory per block
-    return max(1, min(regs // (per_warp * (_THREADS // 32)), by_smem, threads // _THREADS))
 
 
 @functools.cache
@@ -600,7 +472,7 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     (row-major); ``scales``: float32, N (channel) or N x ceil(K / group_size) (group); ``bias``: N values of
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
     ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_shape`) and
-    ``kernel`` (one of :data:`KERNELS`; default ``"mma"`` where :func:`mma_supported`, else ``"fma"``) and
+    ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and
     ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
     parameters for tests and benchmarks.
     """
@@ -624,16 +496,14 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         kernel = "mma" if mma else "fma"
     elif kernel not in KERNELS or (kernel != "fma" and not mma):
         raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
-    depths = (1, 2, 4) if kernel.startswith("mma_ahead") else (2, 4, 8)  # ahead holds two stages: 8 spills
-    if unroll is not None and (kernel == "fma" or unroll not in depths):
-        raise ValueError(f"unroll is a tensor-core kernel's steps per stage: one of {depths} for {kernel!r}, "
-                         f"got {unroll!r}")
+    if unroll is not None and (kernel == "fma" or unroll not in (2, 4, 8)):
+        raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
     ngroups = -(-k // group) if group else 0
     sms = _sm_count(device)
     if kernel != "fma":
         mm = 8 if m <= 8 else 16
-        w, u = mma_shape(n, k, sms)
+        w, u = mma_shape(n, k, sms, m)
         w = w if warps is None else warps
         unroll = unroll or u
         tiles = -(-n // 16)
@@ -644,6 +514,4 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         grid = max(1, -(-n // (_THREADS // 32 // w)))  # a block per row group: the hardware balances them
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
     fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel != "fma" else []))
-    if kernel.startswith("mma_ahead"):  # one wave: each block walks its share of the tile groups
-        grid = min(grid, sms * _resident_blocks(device, fn))
     return kernel_handle(fn, device), grid, tail
