@@ -9,6 +9,7 @@ Sections:
         and a decode step captured in a CUDA graph (static KV cache) replayed 128 times; tok/s, and the model's
         resident and peak memory as torch counts it (the bf16 reference model, held beside every mode, subtracted),
         per mode (bf16, lossless, int8, int8+entropy, torchao int8wo).
+  overlap  graph decode of the block-decoded modes with and without the side-stream prefetch, bf16 beside them.
   compiled  the graph decode with the step under torch.compile (inductor) before the capture, for bf16, the
         --compiled-modes and torchao, on --compiled-configs (default llama7b, int8): issue 9's compiled target.
 
@@ -345,6 +346,37 @@ def bench_compiled(rows, configs, modes, n_new=128):
             rows.append(r)
 
 
+def bench_overlap(rows, configs, modes, n_new=128):
+    """Does the next block's decode overlap this block's compute in a CUDA graph? Graph decode tok/s of each
+    block-decoded mode with the side-stream prefetch (the default) and without it (one slot, every block decoded
+    on the compute stream when it starts), bf16 in the same run. Equal figures mean no overlap happens."""
+    from cupycodec.integrations.torch import compress_model
+
+    for config in configs:
+        prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+        base = _build(config)
+        bf16, _ = _graph_tok_s(base, prompt, n_new)
+        for mode in modes:
+            model = copy.deepcopy(base)
+            compress_model(model, mode, progress=False)
+            rt = model._cupycodec_runtime[0]
+            row = {"config": config, "mode": mode, "bf16_graph_tok_s": bf16}
+            for prefetch in (True, False, True):
+                rt.prefetch = prefetch
+                rt._devices.clear()  # slots are made again: two with prefetch, one without
+                tok_s, tokens = _graph_tok_s(model, prompt, n_new)
+                row.setdefault("prefetch_tok_s" if prefetch else "no_prefetch_tok_s", []).append(tok_s)
+                row.setdefault("tokens", tokens[0, :16].tolist())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model, rt
+            gc.collect()
+            torch.cuda.empty_cache()
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="gemv,e2e")
@@ -358,12 +390,15 @@ def main(argv=None) -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     env["copy_gbps_read_plus_write"] = copy_gbps()
     print(json.dumps(env), flush=True)
-    results = {"env": env, "gemv": [], "e2e": [], "compiled": []}
+    results = {"env": env, "gemv": [], "e2e": [], "compiled": [], "overlap": []}
     sections = set(args.sections.split(","))
     if "gemv" in sections:
         bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
     if "e2e" in sections:
         bench_e2e(results["e2e"], args.configs.split(","), args.modes.split(","), args.tokens)
+    if "overlap" in sections:
+        bench_overlap(results["overlap"], args.configs.split(","), [m for m in args.modes.split(",") if m != "int8"],
+                      args.tokens)
     if "compiled" in sections:
         bench_compiled(results["compiled"], args.compiled_configs.split(","), args.compiled_modes.split(","),
                        args.tokens)
