@@ -150,7 +150,11 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
     model._cupycodec_runtime[0].check()
 
 
+# torch's own warnings on this path, errors under the suite's -W error (seen on an H200, 2026-12-02): cudagraph
+# trees capture an empty graph on purpose when their manager starts, and inductor advises TF32 for float32 matmuls
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
 def test_hf_static_cache_under_reduce_overhead(mode):
     """Hugging Face's compiled decoding on the GPU: generate() with a static cache and ``model.forward`` under
