@@ -5,7 +5,7 @@ timed as bench_torch times a layer (CUDA-graph replays over enough copies of the
 steps per warp in shared memory), 1.3-1.6x slower; one that loaded activations when a step is used instead of
 holding them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows; and one with a stage of loads in
 flight while the previous stage is multiplied, on a grid of one wave (``mma_ahead``), 1.1-1.3x slower on the tall
-shapes. The codes' streaming loads (no L1 place, a 256-byte L2 prefetch) won, 5-10 %, and are the kernel's now.
+shapes. The codes' streaming loads (no L1 place, a 256-byte L2 prefetch) won, 4-9 %, and are the kernel's now.
 
 Usage: python benchmarks/sweep_gemv.py [--json PATH]
 """

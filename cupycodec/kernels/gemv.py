@@ -12,7 +12,7 @@ sum in float32 and write bf16, fp16 or fp32. Two kernels, because the faster one
   multiply them with the activations, which go to the tensor cores as loaded. A warp takes 16 rows; M <= 8 costs
   what M = 1 does, M <= 16 little more. W warps per 16-row tile split K. The codes are loaded by
   ``ld.global.nc.L1::no_allocate.L2::256B``: no L1 place for bytes read once, and a 256-byte L2 prefetch for the
-  row that the tile's warps read side by side (5-10 % faster than ``__ldg`` on an H200, RESULTS.md).
+  row that the tile's warps read side by side (4-9 % faster than ``__ldg`` on an H200, RESULTS.md).
 * ``fma`` (everything else: fp32 activations, groups of 16-48): W warps per output row n (W = 1, 2, 4 or 8, split
   K; partial sums meet in shared memory), a block of 8 warps per 8 / W rows; a lane takes 16 codes with one
   16-byte load and issues 4 such loads before using any (8 measured slower on an H200); activations come through
@@ -429,7 +429,7 @@ def mma_shape(n: int, k: int, sm_count: int, m: int = 1) -> tuple[int, int]:
     U in 2, 4, 8): the most warps won everywhere, so W = 8 wherever K gives each warp two steps. At M <= 8, U = 4
     (97 registers, two blocks of 8 warps per SM) while every warp fits on the GPU at once, else U = 2 (64-77
     registers, three or four blocks per SM), which keeps more warps resident. At M > 8 (two accumulator tiles, 140
-    registers at U = 4) always U = 2: 1.3-1.7x faster than U = 4 on five of the six shapes (2026-12-02, call 1)."""
+    registers at U = 4) always U = 2: 1.25-1.7x faster than U = 4 on five of the six shapes (2026-12-02, call 1)."""
     w = 8
     while w > 1 and 64 * 2 * w > k:
         w //= 2
