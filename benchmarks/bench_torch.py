@@ -377,6 +377,17 @@ def bench_overlap(rows, configs, modes, n_new=128):
         torch.cuda.empty_cache()
 
 
+def _table(rows, columns, cells) -> None:
+    """A Markdown table of ``rows`` (config and mode first, then ``cells(row)``; a row with an error says so)."""
+    if not rows:
+        return
+    print("\n| " + " | ".join(columns) + " |")
+    print("| --- | --- |" + " ---: |" * (len(columns) - 3) + " --- |")
+    for r in rows:
+        rest = f"error: {r['error'][:60]}" if "error" in r else cells(r)
+        print(f"| {r['config']} | {r['mode']} | {rest} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="gemv,e2e")
@@ -413,27 +424,21 @@ def main(argv=None) -> int:
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | {r['int8_linear_us']:.1f} | "
               f"{r['linear_vs_bf16']:.2f}x | {r['linear_of_copy']:.0%} | {r['gemv_fma_us']:.1f} | "
               f"{r['gemv_mma_us']:.1f} | {r['mma_of_copy']:.0%} | {r['dequant_linear_us']:.1f} | {ao} |")
-    print("\n| config | mode | ratio | prefill-512 ms | vs bf16 | eager tok/s | vs bf16 | graph tok/s | vs bf16 | "
-          "model GiB | peak GiB | tokens = bf16 |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for r in results["e2e"]:
-        if "error" in r:
-            print(f"| {r['config']} | {r['mode']} | error: {r['error'][:60]} |")
-            continue
-        print(f"| {r['config']} | {r['mode']} | {r.get('ratio', 1.0):.3f} | {r['prefill512_ms']:.1f} | "
-              f"{r.get('prefill_vs_bf16', 1.0):.2f}x | "
-              f"{r['eager_tok_s']:.1f} | {r.get('eager_vs_bf16', 1.0):.2f}x | {r['graph_tok_s']:.1f} | "
-              f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r['resident_gib']:.2f} | {r['peak_gib']:.2f} | "
-              f"{r.get('tokens_equal_bf16', '-')} |")
-    if results["compiled"]:
-        print("\n| config | mode (compiled step, CUDA graph) | compile s | graph tok/s | vs bf16 | tokens = bf16 |")
-        print("| --- | --- | ---: | ---: | ---: | --- |")
-        for r in results["compiled"]:
-            if "error" in r:
-                print(f"| {r['config']} | {r['mode']} | error: {r['error'][:60]} |")
-                continue
-            print(f"| {r['config']} | {r['mode']} | {r['compile_s']:.1f} | {r['graph_tok_s']:.1f} | "
-                  f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r.get('tokens_equal_bf16', '-')} |")
+    _table(results["e2e"], ["config", "mode", "ratio", "prefill-512 ms", "vs bf16", "eager tok/s", "vs bf16",
+                            "graph tok/s", "vs bf16", "model GiB", "peak GiB", "tokens = bf16"],
+           lambda r: f"{r.get('ratio', 1.0):.3f} | {r['prefill512_ms']:.1f} | {r.get('prefill_vs_bf16', 1.0):.2f}x | "
+                     f"{r['eager_tok_s']:.1f} | {r.get('eager_vs_bf16', 1.0):.2f}x | {r['graph_tok_s']:.1f} | "
+                     f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r['resident_gib']:.2f} | {r['peak_gib']:.2f} | "
+                     f"{r.get('tokens_equal_bf16', '-')}")
+    _table(results["overlap"], ["config", "mode", "bf16 graph tok/s", "prefetch tok/s", "no prefetch tok/s",
+                                "prefetch vs bf16", "tokens"],
+           lambda r: f"{r['bf16_graph_tok_s']:.1f} | {' / '.join(f'{v:.1f}' for v in r['prefetch_tok_s'])} | "
+                     f"{r['no_prefetch_tok_s'][0]:.1f} | {max(r['prefetch_tok_s']) / r['bf16_graph_tok_s']:.3f}x | "
+                     f"{r['tokens'][:4]}")
+    _table(results["compiled"], ["config", "mode (compiled step, CUDA graph)", "compile s", "graph tok/s", "vs bf16",
+                                 "tokens = bf16"],
+           lambda r: f"{r['compile_s']:.1f} | {r['graph_tok_s']:.1f} | {r.get('graph_vs_bf16', 1.0):.2f}x | "
+                     f"{r.get('tokens_equal_bf16', '-')}")
     return 0
 
 
