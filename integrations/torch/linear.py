@@ -18,6 +18,7 @@ in the module's extra state. Build one with :meth:`CompressedLinear.from_linear`
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 
@@ -96,6 +97,7 @@ class CompressedLinear(torch.nn.Module):
         self._standalone: Runtime | None = None
         self._slot_index = (0, 0)
         self._offloaded = False  # its stored tensors are kept on the host and staged to the GPU per use (.offload)
+        self._register()
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -289,9 +291,11 @@ class CompressedLinear(torch.nn.Module):
     # -- runtime ----------------------------------------------------------------------------------------------
     def __getstate__(self):
         """Without the caches tied to this instance's tensors and runtime (``copy.deepcopy`` and pickling): views
-        over ``packed`` where it was, and the runtime, which a copied model's runtime attaches again."""
+        over ``packed`` where it was, and the runtime, which a copied model's runtime attaches again; a copy gets a
+        key of its own for :func:`decoded_linear`."""
         state = self.__dict__.copy()
         state.update(_views={}, _runtime=None, _standalone=None)
+        state.pop("_op_key", None)
         return state
 
     # A model's runtime is owned by the model and held here weakly: runtime -> groups -> layers -> runtime would be a
@@ -311,25 +315,47 @@ class CompressedLinear(torch.nn.Module):
         self._standalone = rt  # a group of one, in a runtime of its own
         return rt
 
-    def _decoded(self, device: torch.device) -> list[torch.Tensor]:
-        """This layer's decoded tensors in its runtime's slot (decoding its group first if no slot holds it)."""
-        return self._own_runtime().views(*self._slot_index, device)
+    def _decoded(self, device: torch.device, enter: bool = False) -> list[torch.Tensor]:
+        """This layer's decoded tensors in its runtime's slot (decoding its group first if no slot holds it).
+        ``enter``: start the group as its block's hook does (and so prefetch the next block), for forwards that
+        run without the hook: traced ones (the hook is a no-op there) and the backward pass."""
+        rt = self._own_runtime()
+        if enter:
+            rt.enter(self._slot_index[0], device)
+        return rt.views(*self._slot_index, device)
 
-    # what torch.compile calls instead: the runtime's bookkeeping runs as Python between compiled graphs (Dynamo
-    # cannot trace it); eager forwards skip the wrapper, which costs host time on every call
-    _decoded_untraced = torch.compiler.disable(_decoded)
+    def _register(self) -> None:
+        """Give this layer its key in :data:`_LAYERS`, for the :func:`decoded_linear` op: when it is made or
+        copied, not when a forward needs it (Dynamo traces the forward, and cannot trace a registration)."""
+        self._op_key = next(_KEYS)
+        _LAYERS[self._op_key] = self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int8" and not self._offloaded:
-            return ops.linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
-        views = self._decoded_untraced(x.device) if torch.compiler.is_compiling() else self._decoded(x.device)
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._register()
+
+    def _decoded_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._linear(x, self._decoded(x.device, enter=True), bias)
+
+    def _linear(self, x: torch.Tensor, views: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "lossless":
             w = views[0]
             if w.dtype != x.dtype:  # the module was cast (.half(), .float()): the decoded weight follows, per call
                 w = w.to(x.dtype)
-            return F.linear(x, w, self.bias)
+            return F.linear(x, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
         codes, scales = views  # int8+entropy, or offloaded int8: where the block's staging put them
-        return ops.linear(x, codes, scales, self.bias, self.granularity, self.group_size)
+        return ops.linear(x, codes, scales, bias, self.granularity, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8" and not self._offloaded:
+            return ops.linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
+        bias = self.bias
+        if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+            # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
+            # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
+            return decoded_linear(x, bias, self._op_key, self.out_features)
+        return self._linear(x, self._decoded(x.device), bias)
 
     # -- state dict ---------------------------------------------------------------------------------------------
     # The state dict holds plain tensors only (``packed``, or ``qweight`` and ``scale``, and ``bias``), so it saves
@@ -368,3 +394,52 @@ class CompressedLinear(torch.nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode!r}{extra}, dtype={self.weight_dtype}")
 
+
+
+# -- the decoded layers as one torch op ---------------------------------------------------------------------------
+# Layers whose weight decodes into a runtime slot (lossless, int8+entropy, offloaded int8) reach the op through a
+# key: an op takes tensors and numbers, not modules. Keys are never reused; an entry goes with its layer.
+_KEYS = itertools.count(1)
+_LAYERS: weakref.WeakValueDictionary[int, CompressedLinear] = weakref.WeakValueDictionary()
+
+
+def _layer(key: int) -> CompressedLinear:
+    layer = _LAYERS.get(key)
+    if layer is None:
+        raise RuntimeError(f"cupycodec::decoded_linear: compressed layer {key} no longer exists (a compiled graph "
+                           "or a saved backward outlived its model)")
+    return layer
+
+
+@torch.library.custom_op("cupycodec::decoded_linear", mutates_args=())
+def decoded_linear(x: torch.Tensor, bias: torch.Tensor | None, layer: int, out_features: int) -> torch.Tensor:
+    """``x W^T + bias`` for compressed layer ``layer`` (:meth:`CompressedLinear._key`), ``W`` decoded into its
+    runtime's slot when not resident there: what a traced or autograd-recorded forward runs. The block's decode and
+    the next block's prefetch happen inside the op, on torch's current stream, as the block hook does in eager
+    forwards; the op reads the slot and writes only its fresh output."""
+    return _layer(layer)._decoded_linear(x, bias)
+
+
+@decoded_linear.register_fake
+def _(x, bias, layer, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.layer, ctx.has_bias = inputs[2], inputs[1] is not None
+
+
+def _backward(ctx, grad):
+    """Gradients for the activations and the bias (adapters trained over frozen compressed weights), with the
+    weight decoded again: the slot that held it in the forward holds another block's by now."""
+    layer = _layer(ctx.layer)
+    views = layer._decoded(grad.device, enter=True)
+    if layer.mode == "lossless":
+        w = views[0].to(grad.dtype)
+    else:
+        w = ops.dequantize(views[0], views[1], layer.granularity, layer.group_size, grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w, grad_bias, None, None
+
+
+decoded_linear.register_autograd(_backward, setup_context=_setup_context)

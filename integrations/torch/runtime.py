@@ -361,8 +361,11 @@ def block_hook(block: torch.nn.Module, layer) -> torch.utils.hooks.RemovableHand
     return block.register_forward_pre_hook(_enter_block, with_kwargs=True)
 
 
-@torch.compiler.disable  # runs as Python between compiled graphs: Dynamo does not trace the runtime
 def _enter_block(module, args, kwargs):
+    if torch.compiler.is_compiling():
+        # traced: the layers' op (linear.decoded_linear) starts the block when its first layer runs, inside the
+        # graph, so the hook adds no graph break
+        return
     layer = module.__dict__.get("_cupycodec_layer")
     rt = layer._runtime() if layer is not None and layer._runtime is not None else None
     if rt is None:

@@ -155,19 +155,21 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
-@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("mode", ["bf16", "lossless", "int8", "int8+entropy"])
 def test_hf_static_cache_under_reduce_overhead(mode):
     """Hugging Face's compiled decoding on the GPU: generate() with a static cache and ``model.forward`` under
-    ``torch.compile(mode="reduce-overhead")``: inductor's code, replayed from CUDA graphs of the compiled regions (the
-    block decodes of lossless and int8+entropy run between them, untraced). The second generate replays what the
-    first recorded; every step's logits stay within bf16's tolerance of the uncompiled static-cache run (inductor
-    reorders the model's own float math), and inductor skipped no CUDA graph."""
+    ``torch.compile(mode="reduce-overhead")``: inductor's code, replayed from CUDA graphs (the decoded layers are
+    one op each, so a forward is one graph: the block decodes of lossless and int8+entropy are in it). The second
+    generate replays what the first recorded; every step's logits stay within bf16's tolerance of the uncompiled
+    static-cache run (inductor reorders the model's own float math), and inductor skipped no CUDA graph. ``bf16``,
+    the model uncompressed, is the control: what torch and transformers do on their own."""
     from torch._dynamo.utils import counters
 
     from cupycodec.integrations.torch import compress_model
 
     model = _tiny_llama(layers=3)
-    compress_model(model, mode, progress=False)
+    if mode != "bf16":
+        compress_model(model, mode, progress=False)
     model.generation_config.eos_token_id = None  # all new tokens, whatever this random model emits
     ids = torch.randint(0, 512, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     gen = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
@@ -189,7 +191,8 @@ def test_hf_static_cache_under_reduce_overhead(mode):
         model.forward = forward
         torch._dynamo.reset()
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    model._cupycodec_runtime[0].check()
+    if mode != "bf16":
+        model._cupycodec_runtime[0].check()
 
 
 class _Block(torch.nn.Module):
