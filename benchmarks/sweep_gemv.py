@@ -7,7 +7,10 @@ holding them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows; an
 flight while the previous stage is multiplied, on a grid of one wave (``mma_ahead``), 1.1-1.3x slower on the tall
 shapes. The codes' streaming loads (no L1 place, a 256-byte L2 prefetch) won, 4-9 %, and are the kernel's now.
 
-Usage: python benchmarks/sweep_gemv.py [--json PATH]
+Warps per tile need not divide 8: a block is then one tile's W warps (``gemv.tiles_per_block``), so W can be chosen
+for the number of blocks the GPU holds at once (its occupancy, printed per kernel) rather than from 1, 2, 4 or 8.
+
+Usage: python benchmarks/sweep_gemv.py [--json PATH] [--warps 2,4,8] [--unrolls 2,4] [--shapes 4096x4096,...]
 """
 
 from __future__ import annotations
@@ -22,21 +25,51 @@ from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (5632, 2048), (2048, 5632)]
 
 
+def occupancy(warps, unrolls) -> dict:
+    """Per tensor-core kernel instance (bf16, channel scales, M <= 8 and <= 16): registers per thread and blocks
+    per SM, from the CUDA occupancy calculator."""
+    import cupy
+
+    from cupycodec.kernels import gemv
+
+    out = {}
+    for mm in (8, 16):
+        for u in unrolls:
+            for w in warps:
+                fn = gemv._function(0, "mma", "BF16", mm, w, False, u)  # a CuPy RawKernel
+                threads = 32 * w * gemv.tiles_per_block(w)
+                row = out[f"m{mm}_u{u}_w{w}"] = {"regs": getattr(fn, "num_regs", None), "threads": threads}
+                try:  # a figure to read beside the times, not one the sweep depends on
+                    blocks = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+                    row.update(blocks_per_sm=blocks, warps_per_sm=blocks * threads // 32)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def main(argv=None) -> int:
     from cupycodec.integrations.torch import CompressedLinear, ops
 
     p = argparse.ArgumentParser()
     p.add_argument("--json")
+    p.add_argument("--warps", default="2,4,8", help="warps per tile to sweep (1-16)")
+    p.add_argument("--unrolls", default="2,4", help="64-code steps in flight to sweep (2, 4, 8)")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    p.add_argument("--ms", default="1,8,16")
     args = p.parse_args(argv)
+    warps = [int(v) for v in args.warps.split(",")]
+    unrolls = [int(v) for v in args.unrolls.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bw = copy_gbps()
     env = {"gpu": torch.cuda.get_device_name(), "copy_gbps_read_plus_write": bw}
+    env["occupancy"] = occupancy(warps, unrolls)
     print(json.dumps(env), flush=True)
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         copies = max(2, -(-L2_DEFEAT_BYTES // (2 * n * k)))
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         cls = [CompressedLinear.from_linear(lin, "int8") for lin in lins]
-        for m in (1, 8, 16):
+        for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a = [(x, cl.qweight, cl.scale, None, "channel", 128) for cl in cls]
             read = n * k + n * 4 + m * k * 2
@@ -46,8 +79,8 @@ def main(argv=None) -> int:
                                             for lin in lins]),
                        "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a]),
                        "fma_us": graph_us([lambda t=t: ops.gemv_linear(*t, kernel="fma") for t in a])}
-                for u in (2, 4):
-                    for w in (2, 4, 8):
+                for u in unrolls:
+                    for w in warps:
                         row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
                             *t, kernel="mma", warps=w, unroll=u) for t in a])
             best = min((v, key) for key, v in row.items() if key[0] == "u" and key[1].isdigit())

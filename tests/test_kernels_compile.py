@@ -65,12 +65,14 @@ def _gemv_instances() -> str:
     """The instances the launcher asks for: the tensor-core and FMA kernels, every activation dtype, M bound,
     granularity and warps per tile, and every depth at 8 warps."""
     lines = []
-    for w in (1, 2, 4, 8):
+    for w in (1, 2, 3, 4, 5, 8, 12, 16):
         for grouped in (False, True):
             for dt in ("BF16", "F16"):
                 for mm in (8, 16):
                     for u in (2, 4, 8) if w == 8 else (2,):  # every depth at the default warps
                         lines.append(gemv._source("mma", dt, mm, w, grouped, u)[0])
+            if w not in (1, 2, 4, 8):
+                continue
             for dt in ("BF16", "F16", "F32"):
                 for mm in (1, 2, 4, 8, 16):
                     lines.append(gemv._source("fma", dt, mm, w, grouped)[0])

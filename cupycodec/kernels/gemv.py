@@ -36,6 +36,7 @@ from .._cuda import kernel_handle, launch
 __all__ = ["KERNELS", "MAX_M", "gemv_int8", "mma_supported", "supported"]
 
 MAX_M = 16
+MAX_WARPS = 16  # warps per tile of the tensor-core kernel (the FMA kernel's: 1, 2, 4 or 8)
 _THREADS = 256
 
 _SOURCE = r"""
@@ -306,15 +307,15 @@ __device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
     return v;
 }
 
-/* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of 8 warps takes
-   8 / W tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one group. */
-template <class X, class C, int MT, int W, bool GROUP, int U>
+/* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of W * TPB warps
+   takes TPB tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one
+   group. */
+template <class X, class C, int MT, int W, int TPB, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
     /* U: 64-k steps whose loads a warp issues before using any */
-    constexpr int TPB = 8 / W;
-    __shared__ float part[8][32][4 * MT];
+    __shared__ float part[W * TPB][32][4 * MT];
     const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tl = wib / W, slice = wib % W;
@@ -360,11 +361,12 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-#define CC_GEMV_TC(NAME, X, C, MT, W, GROUP, G, U)                                                                \
-extern "C" __global__ void __launch_bounds__(256) cupycodec_gemv_tc_##NAME##_t##MT##_w##W##_##G##_u##U(            \
+#define CC_GEMV_TC(NAME, X, C, MT, W, TPB, GROUP, G, U)                                                           \
+extern "C" __global__ void __launch_bounds__(32 * W * TPB)                                                         \
+cupycodec_gemv_tc_##NAME##_t##MT##_w##W##x##TPB##_##G##_u##U(                                                      \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                         \
+    cc_gemv_tc<X, C, MT, W, TPB, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                    \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -395,9 +397,10 @@ def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll
     suffix = _SUFFIX[dtype_name]
     if kernel == "fma":
         return f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
-    mt, g, u = mm // 8, "g" if grouped else "c", unroll
-    code = f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {str(grouped).lower()}, {g}, {u})"
-    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}_{g}_u{u}"
+    mt, g, u, t = mm // 8, "g" if grouped else "c", unroll, tiles_per_block(w)
+    code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {t}, {str(grouped).lower()}, "
+            f"{g}, {u})")
+    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}x{t}_{g}_u{u}"
 
 
 def _compile(device: int, code: str, name: str):
@@ -423,17 +426,32 @@ def mma_supported(dtype_name: str, granularity: str, group_size: int | None, dev
     return granularity == "channel" or (group_size is not None and group_size % 64 == 0)
 
 
+def tiles_per_block(w: int) -> int:
+    """16-row tiles a block of the tensor-core kernel takes at once with ``w`` warps per tile: blocks of 8 warps
+    while ``w`` divides 8, else a block is one tile's ``w`` warps (up to :data:`MAX_WARPS`)."""
+    return max(1, 8 // w)
+
+
 def mma_shape(n: int, k: int, sm_count: int, m: int = 1) -> tuple[int, int]:
     """(W, U) for the tensor-core kernel on an N x K matrix at M activation rows: W warps per 16-row tile (split K)
     and U 64-code steps in flight per warp. Swept on an H200 (benchmarks/sweep_gemv.py, six Llama shapes, W in 1-8 by
     U in 2, 4, 8): the most warps won everywhere, so W = 8 wherever K gives each warp two steps. At M <= 8, U = 4
     (97 registers, two blocks of 8 warps per SM) while every warp fits on the GPU at once, else U = 2 (64-77
     registers, three or four blocks per SM), which keeps more warps resident. At M > 8 (two accumulator tiles, 140
-    registers at U = 4) always U = 2: 1.25-1.7x faster than U = 4 on five of the six shapes (2026-12-02, call 1)."""
+    registers at U = 4) always U = 2: 1.25-1.7x faster than U = 4 on five of the six shapes (2026-12-02, call 1).
+
+    Few tiles (at most two per SM, M <= 8, K of 2048 or more): 16 warps per tile at U = 2, 64 registers, two blocks
+    of 16 warps per SM, so every SM holds all its tiles' warps at once and each warp half the steps. In a sweep of
+    W = 4-16 (2026-12-02, ninth session) this was 4-8.5 % faster than (8, 4) on the three such Llama shapes
+    (4096x4096, 4096x11008, 2048x5632) and within 2 % of the best pair on each; wherever more tiles than that,
+    W = 4-16 gained at most 4 % over the rule above. The launcher checks that the GPU holds every tile at once
+    (a compiler that gives the kernel more registers halves that) and takes (8, 4) where it does not."""
     w = 8
     while w > 1 and 64 * 2 * w > k:
         w //= 2
     tiles = -(-n // 16)
+    if m <= 8 and w == 8 and k >= 64 * 2 * 16 and tiles <= 2 * sm_count:
+        return 16, 2
     return w, 4 if m <= 8 and tiles * w <= 16 * sm_count else 2
 
 
@@ -444,6 +462,13 @@ def warps_per_row(n: int, k: int, sm_count: int) -> int:
     while w < 8 and n * w < 32 * sm_count and 512 * 2 * w <= k:
         w *= 2
     return w
+
+
+def _resident_blocks(fn, threads: int) -> int:
+    """Blocks of ``fn`` (a CuPy RawKernel) that one SM holds at once, from the CUDA occupancy calculator."""
+    import cupy
+
+    return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0))
 
 
 @functools.cache
@@ -476,26 +501,29 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
     parameters for tests and benchmarks.
     """
-    handle, grid, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel, unroll)
+    handle, grid, threads, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
+                                          unroll)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
-    launch(handle, grid, _THREADS, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
+    launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
 
 
 @functools.lru_cache(maxsize=1024)
 def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
             warps: int | None, kernel: str | None, unroll: int | None = None) -> tuple:
-    """(kernel, grid, the arguments after the six pointers) of one call signature: worked out once, so that a
-    layer's forward costs one cache lookup and one launch on the host."""
+    """(kernel, grid, threads per block, the arguments after the six pointers) of one call signature: worked out
+    once, so that a layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
         raise ValueError(f"gemv_int8 does not take M={m}, K={k}, {dtype_name}, {granularity} (see supported())")
-    if warps not in (None, 1, 2, 4, 8):
-        raise ValueError(f"warps per row must be 1, 2, 4 or 8, got {warps!r}")
     mma = mma_supported(dtype_name, granularity, group_size, device)
     if kernel is None:
         kernel = "mma" if mma else "fma"
     elif kernel not in KERNELS or (kernel != "fma" and not mma):
         raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
+    if kernel == "fma" and warps not in (None, 1, 2, 4, 8):
+        raise ValueError(f"warps per row of the fma kernel must be 1, 2, 4 or 8, got {warps!r}")
+    if kernel == "mma" and warps is not None and (type(warps) is not int or not 1 <= warps <= MAX_WARPS):
+        raise ValueError(f"warps per tile of the mma kernel must be an int from 1 to {MAX_WARPS}, got {warps!r}")
     if unroll is not None and (kernel == "fma" or unroll not in (2, 4, 8)):
         raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
@@ -504,14 +532,18 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
     if kernel != "fma":
         mm = 8 if m <= 8 else 16
         w, u = mma_shape(n, k, sms, m)
+        tiles = -(-n // 16)
+        if warps is None and unroll is None and w == 16 and _resident_blocks(
+                _function(device, kernel, dtype_name, mm, w, bool(group), u), 32 * w) * sms < tiles:
+            w, u = 8, 4  # the rule's premise (every tile resident at once) does not hold for this build
         w = w if warps is None else warps
         unroll = unroll or u
-        tiles = -(-n // 16)
-        grid = max(1, -(-tiles // (_THREADS // 32 // w)))  # a block per group of 16-row tiles
+        tpb = tiles_per_block(w)
+        grid, threads = max(1, -(-tiles // tpb)), 32 * w * tpb  # a block per group of 16-row tiles
     else:
         mm = next(v for v in (1, 2, 4, 8, 16) if v >= m)
         w = warps_per_row(n, k, sms) if warps is None else warps
-        grid = max(1, -(-n // (_THREADS // 32 // w)))  # a block per row group: the hardware balances them
+        grid, threads = max(1, -(-n // (_THREADS // 32 // w))), _THREADS  # a block per row group
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
     fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel != "fma" else []))
-    return kernel_handle(fn, device), grid, tail
+    return kernel_handle(fn, device), grid, threads, tail

@@ -64,12 +64,13 @@ def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granul
 
 
 @pytest.mark.parametrize("unroll", [2, 4, 8])
-@pytest.mark.parametrize("warps", [1, 2, 8])
+@pytest.mark.parametrize("warps", [1, 2, 3, 5, 8, 12, 16])
 @pytest.mark.parametrize("n,k,m", [(1000, 1088, 1), (37, 4096 + 192, 12), (300, 64 * 9, 8)])
 @pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 128)])
 def test_every_depth_of_the_tensor_core_kernel_matches_the_reference(unroll, warps, n, k, m, granularity, group):
     """Steps in flight change which steps a warp holds at once and which of them lie past the end: every depth
-    against the float64 reference."""
+    against the float64 reference, with blocks of 8 warps (1, 2 and 8 warps per tile), of two tiles of 3 warps, and
+    of one tile of 5, 12 or 16 warps (warps that split K unevenly, and blocks past 256 threads)."""
     import cupy
 
     if not gemv.mma_supported("BF16", granularity, group, cupy.cuda.runtime.getDevice()):
@@ -91,6 +92,24 @@ def test_unroll_is_checked_per_kernel():
         with pytest.raises(ValueError, match="unroll"):
             gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
                            group_size=None, device=0, stream_ptr=0, kernel=kernel, unroll=bad)
+
+
+def test_the_default_launch_holds_every_tile_at_once_where_its_rule_assumes_it():
+    """The few-tiles rule (16 warps per tile) assumes two such blocks per SM; the launcher checks it with the
+    occupancy calculator on the kernel as compiled here, and falls back to 8 warps where it does not hold."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    if not gemv.mma_supported("BF16", "channel", None, dev):
+        pytest.skip("needs sm_80 for the tensor-core kernel")
+    sms = gemv._sm_count(dev)
+    n, k = 16 * 2 * sms, 4096
+    _, grid, threads, _ = gemv._config(dev, "BF16", 1, k, n, "channel", None, None, None)
+    fn = gemv._function(dev, "mma", "BF16", 8, 16, False, 2)
+    if gemv._resident_blocks(fn, 512) >= 2:
+        assert (grid, threads) == (n // 16, 512)
+    else:
+        assert threads == 256
 
 
 def test_mma_takes_every_code_exactly():
@@ -122,15 +141,24 @@ def test_default_variant_choice():
     assert gemv.warps_per_row(256, 2048, 132) == 4
     assert gemv.warps_per_row(256, 8192, 132) == 8
     # the tensor-core kernel: 8 warps per 16-row tile where K gives each two 64-code steps; 4 steps in flight
-    # while all warps fit on the GPU at once (256 tiles of a 4096-row matrix), else 2 (a 11008-row MLP matrix)
-    assert gemv.mma_shape(4096, 4096, 132) == (8, 4)
+    # while all warps fit on the GPU at once, else 2 (a 11008-row MLP matrix); at most two tiles per SM and K of
+    # 2048 or more (a 4096-row matrix), 16 warps per tile at 2 steps
+    assert gemv.mma_shape(4096, 4096, 132) == (16, 2)
     assert gemv.mma_shape(11008, 4096, 132) == (8, 2)
-    assert gemv.mma_shape(4096, 11008, 132) == (8, 4)
+    assert gemv.mma_shape(4096, 11008, 132) == (16, 2)
+    assert gemv.mma_shape(2048, 5632, 132) == (16, 2)
     assert gemv.mma_shape(5632, 2048, 132) == (8, 2)
+    assert gemv.mma_shape(4096, 1024, 132) == (8, 4)
+    assert gemv.mma_shape(4096, 4096, 100) == (8, 4)
     assert gemv.mma_shape(256, 512, 132) == (4, 4)
     assert gemv.mma_shape(64, 64, 132) == (1, 4)
     # two accumulator tiles (M > 8) hold more registers: two steps in flight whatever the shape
-    assert gemv.mma_shape(4096, 4096, 132, m=16) == (8, 2) and gemv.mma_shape(4096, 4096, 132, m=8) == (8, 4)
+    assert gemv.mma_shape(4096, 4096, 132, m=16) == (8, 2) and gemv.mma_shape(4096, 4096, 132, m=8) == (16, 2)
     with pytest.raises(ValueError, match="1, 2, 4 or 8"):
         gemv.gemv_int8(0, 16, 0, 0, 0, 0, m=1, k=16, n=1, dtype_name="F32", granularity="channel", group_size=None,
                        device=0, stream_ptr=0, warps=3)
+    for bad in (0, 17, 2.0):
+        with pytest.raises(ValueError, match="from 1 to 16"):
+            gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
+                           group_size=None, device=0, stream_ptr=0, kernel="mma", warps=bad)
+    assert [gemv.tiles_per_block(w) for w in (1, 2, 3, 4, 5, 8, 12, 16)] == [8, 4, 2, 2, 1, 1, 1, 1]
