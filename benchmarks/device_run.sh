@@ -33,7 +33,8 @@ for arg in "$@"; do
              --timeout 240 -rfEs --durations=20 ${TEST_ARGS:-} tests >"$OUT/tests.log" 2>&1
            rc=$?; grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -20; grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 ;;
     pytest=*) timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -n ${PYTEST_WORKERS:-4} --timeout 240 -rfEs \
-             -k "${stage#pytest=}" tests >"$OUT/pytest.log" 2>&1; rc=$?; tail -5 "$OUT/pytest.log" ;;
+             -k "${stage#pytest=}" tests >"$OUT/pytest${PYTEST_TAG:-}.log" 2>&1; rc=$?
+             grep -E "^(FAILED|ERROR) |passed|failed|node down|Fatal Python" "$OUT/pytest${PYTEST_TAG:-}.log" | tail -12 ;;
     gpu) timeout -k 5 "$secs" python3 benchmarks/bench_gpu.py --quick ${GPU_ARGS:-} --json "$OUT/bench_gpu.json" \
            >"$OUT/bench_gpu.log" 2>&1; rc=$?; tail -40 "$OUT/bench_gpu.log" ;;
     torch) timeout -k 5 "$secs" python3 benchmarks/bench_torch.py ${TORCH_ARGS:-} --json "$OUT/bench_torch.json" \
@@ -58,7 +59,7 @@ for arg in "$@"; do
     prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
-         rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log" ;;
+         rc=$?; grep -E "us/call|wall" "$OUT/profile_forward.log"; grep -A6 "ms per token" "$OUT/profile_forward.log" ;;
     multi) # two GPUs (issue 14): the two-GPU tests, with multicast off as the device notes ask
            NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUPYCODEC_GPUS=2 \
              timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -v --timeout 240 -rfEs \

@@ -11,8 +11,13 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
 3. Per mode, on a random-weight TinyLlama shape: ``torch.profiler`` over one prefill of 512 tokens (top entries by
    self CPU time, and the wall time without the profiler), and ``cProfile`` over ten one-token forwards (the Python
    functions with the most own time).
+4. Per mode, the same shape: eager ``generate`` of 32 tokens (what bench_torch's eager rows time), milliseconds per
+   token over rounds that take the modes in turn, then ``cProfile`` of one generate per mode. generate waits for
+   the GPU once a token (its stopping check), so GPU work that the host's pace does not hide shows here, as time
+   in that wait, and not in the forward-only figures of 3.
 
 Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
+       [--sections layer,launch,prefill,generate]
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def launches(calls: int) -> None:
     q = torch.zeros(64, 256, device="cuda", dtype=torch.int8)
     s = torch.ones(64, device="cuda")
     y = torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
-    handle, grid, tail = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
+    handle, grid, threads, tail = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
     args = (x.data_ptr(), 256, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), *tail)
     w, u = gemv.mma_shape(64, 256, gemv._sm_count(dev))
     raw = gemv._function(dev, "mma", "BF16", 8, w, False, u)
@@ -77,8 +82,8 @@ def launches(calls: int) -> None:
             pass
 
     rows = {
-        "CuPy RawKernel call, stream=": lambda: raw((grid,), (256,), args, stream=_Handle(sp)),
-        "cupycodec._cuda.launch": lambda: launch(handle, grid, 256, args, dev, sp),
+        "CuPy RawKernel call, stream=": lambda: raw((grid,), (threads,), args, stream=_Handle(sp)),
+        "cupycodec._cuda.launch": lambda: launch(handle, grid, threads, args, dev, sp),
         "with launching_on(device, stream): pass": contexts,
     }
     for name, f in rows.items():
@@ -142,16 +147,71 @@ def prefill_profile(modes, top: int) -> None:
             del model
 
 
+def generate_profile(modes, top: int, rounds: int = 4, tokens: int = 32) -> None:
+    import cProfile
+    import io
+    import pstats
+    import statistics
+
+    import transformers
+
+    from cupycodec.integrations.torch import compress_model
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                   num_attention_heads=32, num_key_value_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    base.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+    models = {}
+    for mode in modes:
+        models[mode] = base if mode == "bf16" else copy.deepcopy(base)
+        if mode != "bf16":
+            compress_model(models[mode], mode, progress=False)
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    times = {m: [] for m in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for mode, model in models.items():
+                model.generate(prompt, max_new_tokens=2, do_sample=False)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                model.generate(prompt, **gen)
+                torch.cuda.synchronize()
+                times[mode].append((time.perf_counter() - t) * 1e3 / tokens)
+        print("\n=== eager generate, TinyLlama shape, ms per token (rounds; median of all but the first):", flush=True)
+        for mode, ts in times.items():
+            print(f"{mode:14s} {statistics.median(ts[1:]):7.2f}   {' '.join(f'{v:.2f}' for v in ts)}", flush=True)
+        for mode, model in models.items():
+            pr = cProfile.Profile()
+            pr.enable()
+            model.generate(prompt, **gen)
+            torch.cuda.synchronize()
+            pr.disable()
+            out = io.StringIO()
+            pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+            print(f"\n=== eager generate of {tokens} tokens, TinyLlama shape, {mode}: cProfile", flush=True)
+            print(out.getvalue()[-5000:], flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--modes", default="bf16,int8,lossless")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--sections", default="layer,launch,prefill")
     args = p.parse_args(argv)
+    sections = args.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    per_layer(args.calls)
-    launches(args.calls)
-    prefill_profile(args.modes.split(","), args.top)
+    if "layer" in sections:
+        per_layer(args.calls)
+    if "launch" in sections:
+        launches(args.calls)
+    if "prefill" in sections:
+        prefill_profile(args.modes.split(","), args.top)
+    if "generate" in sections:
+        generate_profile(args.modes.split(","), args.top)
     return 0
 
 
