@@ -384,6 +384,13 @@ class CupycodecHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """Whether ``generate`` may compile the decode step (transformers does so for a static cache on a GPU, with
+        ``mode="reduce-overhead"``, and asks the quantizer first; its default is no). Every mode compiles as one
+        graph: decoded layers are one op each, INT8 layers the INT8 op."""
+        return True
+
     def get_state_dict_and_metadata(self, model):
         key = _signing.local_key(create=True)
         tensors, metadata = checkpoint_state(model, key=key)
