@@ -426,20 +426,32 @@ def _(x, bias, layer, out_features):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.layer, ctx.has_bias = inputs[2], inputs[1] is not None
+    ctx.layer, ctx.has_bias, ctx.in_features = inputs[2], inputs[1] is not None, inputs[0].shape[-1]
 
 
-def _backward(ctx, grad):
-    """Gradients for the activations and the bias (adapters trained over frozen compressed weights), with the
-    weight decoded again: the slot that held it in the forward holds another block's by now."""
-    layer = _layer(ctx.layer)
+@torch.library.custom_op("cupycodec::decoded_linear_grad", mutates_args=())
+def decoded_linear_grad(grad: torch.Tensor, layer: int, in_features: int) -> torch.Tensor:
+    """``grad @ W`` for compressed layer ``layer``, the weight decoded again (the slot that held it in the forward
+    holds another block's by now): :func:`decoded_linear`'s backward, an op of its own so that AOT autograd traces
+    the backward without reading the runtime's tensors."""
+    layer = _layer(layer)
     views = layer._decoded(grad.device, enter=True)
     if layer.mode == "lossless":
         w = views[0].to(grad.dtype)
     else:
         w = ops.dequantize(views[0], views[1], layer.granularity, layer.group_size, grad.dtype)
+    return grad @ w
+
+
+@decoded_linear_grad.register_fake
+def _(grad, layer, in_features):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+def _backward(ctx, grad):
+    """Gradients for the activations and the bias (adapters trained over frozen compressed weights)."""
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad @ w, grad_bias, None, None
+    return decoded_linear_grad(grad, ctx.layer, ctx.in_features), grad_bias, None, None
 
 
 decoded_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -176,6 +176,41 @@ def test_gradients_through_decoded_layers_use_each_layers_own_weight(mode):
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_the_decoded_op_through_aot_autograd_and_copies():
+    # a compiled forward and backward (AOT autograd takes the op's backward formula) give the eager gradients;
+    # a deep copy's layers get keys of their own, so its op calls reach the copy's weights, not the original's;
+    # a key whose layer is gone names the problem
+    import gc
+
+    from cupycodec.integrations.torch.linear import _LAYERS, decoded_linear
+
+    model = tiny_llama()
+    compress_model(model, "lossless", progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def grad_of(m):
+        emb = m.get_input_embeddings()(IDS).detach().requires_grad_()
+        m(inputs_embeds=emb).logits.float().square().mean().backward()
+        return emb.grad
+
+    want = grad_of(model)
+    torch._dynamo.reset()
+    assert torch.equal(grad_of(torch.compile(model, backend="aot_eager", fullgraph=True)), want)
+    torch._dynamo.reset()
+    twin = copy.deepcopy(model)
+    pairs = [(a, b) for a, b in zip(model.modules(), twin.modules()) if isinstance(a, CompressedLinear)]
+    assert all(a._op_key != b._op_key and _LAYERS[b._op_key] is b for a, b in pairs)
+    assert torch.equal(_logits(torch.compile(twin, backend="eager", fullgraph=True)), _logits(model))
+    torch._dynamo.reset()
+    key = pairs[0][1]._op_key
+    del twin, pairs
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        decoded_linear(torch.zeros(1, 64, dtype=torch.bfloat16), None, key, 64)
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_threads_running_one_model_at_once_get_exact_results(mode):
     # which block a slot holds is per forward pass: two threads must not decode into each other's slots
