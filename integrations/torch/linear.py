@@ -395,7 +395,6 @@ class CompressedLinear(torch.nn.Module):
                 f"mode={self.mode!r}{extra}, dtype={self.weight_dtype}")
 
 
-
 # -- the decoded layers as one torch op ---------------------------------------------------------------------------
 # Layers whose weight decodes into a runtime slot (lossless, int8+entropy, offloaded int8) reach the op through a
 # key: an op takes tensors and numbers, not modules. Keys are never reused; an entry goes with its layer.
@@ -413,7 +412,7 @@ def _layer(key: int) -> CompressedLinear:
 
 @torch.library.custom_op("cupycodec::decoded_linear", mutates_args=())
 def decoded_linear(x: torch.Tensor, bias: torch.Tensor | None, layer: int, out_features: int) -> torch.Tensor:
-    """``x W^T + bias`` for compressed layer ``layer`` (:meth:`CompressedLinear._key`), ``W`` decoded into its
+    """``x W^T + bias`` for compressed layer ``layer`` (its ``_op_key``), ``W`` decoded into its
     runtime's slot when not resident there: what a traced or autograd-recorded forward runs. The block's decode and
     the next block's prefetch happen inside the op, on torch's current stream, as the block hook does in eager
     forwards; the op reads the slot and writes only its fresh output."""
