@@ -20,7 +20,6 @@ import os
 import re
 import time
 import warnings
-import weakref
 
 import torch
 
@@ -229,7 +228,7 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._checks: Checks | None = None
         self._placed: PlacedChecks | None = None
         self._reports: list[LayerReport] = []
-        self._model = None  # weak reference to the model this quantizer serves (set when it is attached)
+        self.offloaded = False  # some of the model's blocks live in host memory (set by .offload)
         self._skipped: dict[str, str] = {}
         self._t0 = time.perf_counter()
 
@@ -257,7 +256,6 @@ class CupycodecHfQuantizer(HfQuantizer):
         return super().param_element_size(model, param_name, param)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
-        self._model = weakref.ref(model)
         unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = unexpected | {re.escape(SENTINEL)}
         if self.pre_quantized:
@@ -392,9 +390,9 @@ class CupycodecHfQuantizer(HfQuantizer):
         """Whether ``generate`` may compile the decode step (transformers does so for a static cache on a GPU, with
         ``mode="reduce-overhead"``, and asks the quantizer first; its default is no). Every mode compiles as one
         graph (decoded layers are one op each, INT8 layers the INT8 op), and HF's compiled decoding was tested on
-        a GPU for each; a model with blocks offloaded to the host was not, so it decodes uncompiled."""
-        model = self._model() if self._model is not None else None
-        return model is None or not any(getattr(m, "_offloaded", False) for m in model.modules())
+        a GPU for each; a model with blocks offloaded to the host was not, so it decodes uncompiled (the offload
+        code sets ``offloaded`` on the model's quantizer)."""
+        return not self.offloaded
 
     def get_state_dict_and_metadata(self, model):
         key = _signing.local_key(create=True)
@@ -450,7 +448,6 @@ def attach(model, mode: str, granularity: str, group_size: int, codec: str | Non
     cfg = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec)
     model.config.quantization_config = cfg
     model.hf_quantizer = CupycodecHfQuantizer(cfg, pre_quantized=True)
-    model.hf_quantizer._model = weakref.ref(model)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
 

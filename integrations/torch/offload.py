@@ -265,6 +265,9 @@ def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], offl
         if isinstance(m, CompressedLinear):
             m._offloaded = id(m) in layers
             m._views = {}
+    quantizer = getattr(model, "hf_quantizer", None)
+    if hasattr(quantizer, "offloaded"):  # cupycodec's: generate must not compile an offloaded model's decode step
+        quantizer.offloaded = bool(layers)
     install(model, {})  # regroup: offloaded INT8 layers join their block's group; new runtime, slots and hooks
     return OffloadReport(str(dev), [b.name for i, b in enumerate(blocks) if i not in off],
                          [b.name for i, b in enumerate(blocks) if i in off], device_nbytes, host_nbytes, pinned)

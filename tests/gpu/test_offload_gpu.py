@@ -49,6 +49,7 @@ def test_an_offloaded_model_computes_what_the_resident_one_does(mode):
     before = torch.cuda.memory_allocated()
     report = offload_model(model)
     assert report.offloaded == [f"model.layers.{i}" for i in range(6)] and report.pinned and not report.resident
+    assert not model.hf_quantizer.is_compileable  # generate decodes it uncompiled (never run compiled on a GPU)
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             assert all(t.device.type == "cpu" and t.is_pinned() for t in m._stored())

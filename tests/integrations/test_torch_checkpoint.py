@@ -159,7 +159,7 @@ def test_save_pretrained_and_from_pretrained(bf16_dir, tmp_path, mode):
     assert cfg["quant_method"] == "cupycodec" and cfg["mode"] == mode
     again = _load(tmp_path / "hf")  # no extra argument
     assert isinstance(again.model.layers[0].self_attn.q_proj, CompressedLinear)
-    assert again.hf_quantizer._model() is again and again.hf_quantizer.is_compileable  # generate may compile it
+    assert again.hf_quantizer.is_compileable  # generate may compile its decode step
     assert torch.equal(_logits(again), want)
     again.save_pretrained(tmp_path / "hf2")  # and once more, from the reloaded model
     assert torch.equal(_logits(_load(tmp_path / "hf2")), want)
