@@ -342,7 +342,7 @@ class CompressedLinear(torch.nn.Module):
             w = views[0]
             if w.dtype != x.dtype:  # the module was cast (.half(), .float()): the decoded weight follows, per call
                 w = w.to(x.dtype)
-            return F.linear(x, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
+            return F.linear(x, w, ops._bias(bias, x))
         codes, scales = views  # int8+entropy, or offloaded int8: where the block's staging put them
         return ops.linear(x, codes, scales, bias, self.granularity, self.group_size)
 
