@@ -4,7 +4,7 @@ Sections:
   gemv  one layer at batch 1 (and M = 4, 16): bf16 F.linear, our fused INT8 GEMV, dequantize + F.linear, torchao
         int8wo (if importable), for 4096x4096, 11008x4096, 4096x11008, 14336x4096; GPU time per call from CUDA-graph
         replays over enough copies of the layer to exceed L2 (see graph_us), bytes read, and their rate against the
-        device copy bandwidth measured here.
+        device copy bandwidth measured here, and against a plain kernel that only reads the same bytes (the floor).
   e2e   random-weight TinyLlama-1.1B and Llama-2-7B shapes: prefill-512, HF generate (batch 1, 128 tokens, eager),
         and a decode step captured in a CUDA graph (static KV cache) replayed 128 times; tok/s, and the model's
         resident and peak memory as torch counts it (the bf16 reference model, held beside every mode, subtracted),
@@ -70,6 +70,52 @@ def torchao_int8wo(model):
     return model
 
 
+_READ_SRC = r"""
+extern "C" __global__ void __launch_bounds__(256) read_floor(const uint4* __restrict__ p, long long n16,
+                                                             unsigned* __restrict__ out) {
+    /* reads n16 16-byte words once, four loads in flight per thread, no L1 allocation: the time any kernel needs
+       to read these bytes (the XOR only keeps the loads alive) */
+    unsigned acc = 0u;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += 4 * stride) {
+        uint4 v[4];
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long j = i + u * stride;
+            if (j < n16) asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                                      : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(p + j));
+            else v[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}
+"""
+
+
+def read_floor(buffers: list[torch.Tensor]) -> list:
+    """Callables that read each of ``buffers`` once with a plain streaming kernel (no arithmetic): the floor under
+    any kernel that must read those bytes, measured the same way as the GEMVs (graph_us)."""
+    import cupy
+
+    from cupycodec._cuda import kernel_handle, launch
+
+    dev = torch.cuda.current_device()
+    with cupy.cuda.Device(dev):
+        fn = cupy.RawKernel(_READ_SRC, "read_floor")
+        sms = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, dev)
+    handle = kernel_handle(fn, dev)
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    calls = []
+    for b in buffers:
+        n16 = b.numel() * b.element_size() // 16
+        grid = min(sms * 8, max(1, -(-n16 // 1024)))
+        calls.append(lambda b=b, n16=n16, grid=grid: launch(handle, grid, 256, (b.data_ptr(), n16, sink.data_ptr()),
+                                                            dev, torch.cuda.current_stream().cuda_stream))
+    return calls
+
+
 def bench_gemv(rows, bw):
     for n, k in SHAPES:
         rows.extend(_gemv_rows(n, k, bw))
@@ -108,6 +154,8 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
     cls = [CompressedLinear.from_linear(lin, "int8") for lin in lins]
     w = cls[0].decompress_weight()
     aos = [torchao_int8wo(copy.deepcopy(torch.nn.Sequential(lin))) for lin in lins]
+    t_floor_int8 = graph_us(read_floor([cl.qweight for cl in cls]))
+    t_floor_bf16 = graph_us(read_floor([lin.weight for lin in lins]))
     rows = []
     for m in (1, 4, 8, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -134,6 +182,8 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
                "linear_of_copy": read / t_ours / 1e3 / bw,
                "mma_of_copy": read / t_kernel["mma"] / 1e3 / bw,
                "bf16_read_gbps": (2 * n * k + m * k * 2) / t_bf16 / 1e3,
+               "read_floor_int8_us": t_floor_int8, "read_floor_bf16_us": t_floor_bf16,
+               "linear_of_floor": t_floor_int8 / t_ours, "bf16_of_floor": t_floor_bf16 / t_bf16,
                "rel_err_vs_fp64": errs}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -417,13 +467,15 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     print("\n| shape | M | bf16 us | int8_linear us | vs bf16 | of copy | GEMV fma us | GEMV mma us | mma of copy | "
-          "dequant+linear us | torchao us |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "dequant+linear us | torchao us | read floor int8 / bf16 us | int8 / bf16 of floor |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results["gemv"]:
         ao = f"{r['torchao_int8wo_us']:.1f}" if r["torchao_int8wo_us"] else "-"
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | {r['int8_linear_us']:.1f} | "
               f"{r['linear_vs_bf16']:.2f}x | {r['linear_of_copy']:.0%} | {r['gemv_fma_us']:.1f} | "
-              f"{r['gemv_mma_us']:.1f} | {r['mma_of_copy']:.0%} | {r['dequant_linear_us']:.1f} | {ao} |")
+              f"{r['gemv_mma_us']:.1f} | {r['mma_of_copy']:.0%} | {r['dequant_linear_us']:.1f} | {ao} | "
+              f"{r['read_floor_int8_us']:.1f} / {r['read_floor_bf16_us']:.1f} | {r['linear_of_floor']:.0%} / "
+              f"{r['bf16_of_floor']:.0%} |")
     _table(results["e2e"], ["config", "mode", "ratio", "prefill-512 ms", "vs bf16", "eager tok/s", "vs bf16",
                             "graph tok/s", "vs bf16", "model GiB", "peak GiB", "tokens = bf16"],
            lambda r: f"{r.get('ratio', 1.0):.3f} | {r['prefill512_ms']:.1f} | {r.get('prefill_vs_bf16', 1.0):.2f}x | "

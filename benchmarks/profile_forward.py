@@ -15,9 +15,15 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
    token over rounds that take the modes in turn, then ``cProfile`` of one generate per mode. generate waits for
    the GPU once a token (its stopping check), so GPU work that the host's pace does not hide shows here, as time
    in that wait, and not in the forward-only figures of 3.
+5. Per mode, the same shape: one-token steps with a DynamicCache, as generate runs them, in rounds that take the
+   modes in turn. "paced": each step waits for the GPU (as generate's stopping check makes it), host = the time until
+   the forward returns, wall = until the GPU is done. "free": 16 steps back to back (the next token chosen on the
+   GPU) and one wait: host = enqueueing the 16, wall = all done. Where host ~ wall the mode is bound by the host;
+   where wall > host, by the GPU (or by a wait inside the forward, which would show as host ~ wall in "paced" with
+   a large host figure).
 
 Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
-       [--sections layer,launch,prefill,generate]
+       [--sections layer,launch,prefill,generate,step]
 """
 
 from __future__ import annotations
@@ -195,6 +201,68 @@ def generate_profile(modes, top: int, rounds: int = 4, tokens: int = 32) -> None
             print(out.getvalue()[-5000:], flush=True)
 
 
+def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
+    import statistics
+
+    import transformers
+
+    from cupycodec.integrations.torch import compress_model
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                   num_attention_heads=32, num_key_value_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+    models = {}
+    for mode in modes:
+        models[mode] = base if mode == "bf16" else copy.deepcopy(base)
+        if mode != "bf16":
+            compress_model(models[mode], mode, progress=False)
+    rows = {m: {"paced host": [], "paced wall": [], "free host": [], "free wall": []} for m in models}
+
+    def fresh(model):
+        cache = transformers.DynamicCache(config=model.config)
+        logits = model(prompt, past_key_values=cache, use_cache=True).logits
+        torch.cuda.synchronize()
+        return cache, logits[:, -1:].argmax(-1)
+
+    with torch.no_grad():
+        for model in models.values():  # warm-up: plans, slots, kernels
+            cache, tok = fresh(model)
+            for _ in range(4):
+                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        for _ in range(rounds):
+            for mode, model in models.items():
+                r = rows[mode]
+                cache, tok = fresh(model)
+                host, wall = [], []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    host.append(t1 - t0)
+                    wall.append(time.perf_counter() - t0)
+                r["paced host"].append(statistics.median(host) * 1e3)
+                r["paced wall"].append(statistics.median(wall) * 1e3)
+                cache, tok = fresh(model)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                r["free host"].append((t1 - t0) / steps * 1e3)
+                r["free wall"].append((time.perf_counter() - t0) / steps * 1e3)
+    print(f"\n=== one-token steps, TinyLlama shape, ms per step (median over {rounds} rounds of {steps} steps; "
+          "min in brackets)", flush=True)
+    print(f"{'mode':14s} " + " ".join(f"{k:>17s}" for k in next(iter(rows.values()))), flush=True)
+    for mode, r in rows.items():
+        print(f"{mode:14s} " + " ".join(f"{statistics.median(v):8.2f} [{min(v):6.2f}]" for v in r.values()),
+              flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--modes", default="bf16,int8,lossless")
@@ -212,6 +280,8 @@ def main(argv=None) -> int:
         prefill_profile(args.modes.split(","), args.top)
     if "generate" in sections:
         generate_profile(args.modes.split(","), args.top)
+    if "step" in sections:
+        step_profile(args.modes.split(","))
     return 0
 
 
