@@ -21,9 +21,12 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
    GPU) and one wait: host = enqueueing the 16, wall = all done. Where host ~ wall the mode is bound by the host;
    where wall > host, by the GPU (or by a wait inside the forward, which would show as host ~ wall in "paced" with
    a large host figure).
+6. "enter": host microseconds of a block's start alone on the same shape (Runtime.enter over every block in turn:
+   its decode, the next block's prefetch, events), with each plan's run replayed from a CUDA graph
+   (runtime.GRAPH_DECODES, the default) and run directly; and of one plan's run against its replay.
 
 Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
-       [--sections layer,launch,prefill,generate,step]
+       [--sections layer,launch,prefill,generate,step,enter]
 """
 
 from __future__ import annotations
@@ -214,11 +217,13 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     with torch.device("cuda"):
         base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+    from cupycodec.integrations.torch import runtime
+
     models = {}
-    for mode in modes:
+    for mode in modes:  # "MODE-run": MODE with its block decodes run directly, not replayed from CUDA graphs
         models[mode] = base if mode == "bf16" else copy.deepcopy(base)
         if mode != "bf16":
-            compress_model(models[mode], mode, progress=False)
+            compress_model(models[mode], mode.removesuffix("-run"), progress=False)
     rows = {m: {"paced host": [], "paced wall": [], "free host": [], "free wall": []} for m in models}
 
     def fresh(model):
@@ -235,6 +240,7 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
             torch.cuda.synchronize()
         for _ in range(rounds):
             for mode, model in models.items():
+                runtime.GRAPH_DECODES = not mode.endswith("-run")
                 r = rows[mode]
                 cache, tok = fresh(model)
                 host, wall = [], []
@@ -255,12 +261,68 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
                 torch.cuda.synchronize()
                 r["free host"].append((t1 - t0) / steps * 1e3)
                 r["free wall"].append((time.perf_counter() - t0) / steps * 1e3)
+        runtime.GRAPH_DECODES = True
     print(f"\n=== one-token steps, TinyLlama shape, ms per step (median over {rounds} rounds of {steps} steps; "
           "min in brackets)", flush=True)
     print(f"{'mode':14s} " + " ".join(f"{k:>17s}" for k in next(iter(rows.values()))), flush=True)
     for mode, r in rows.items():
         print(f"{mode:14s} " + " ".join(f"{statistics.median(v):8.2f} [{min(v):6.2f}]" for v in r.values()),
               flush=True)
+
+
+def host_only_us(fn, calls: int, reps: int = 9) -> float:
+    """Host microseconds per call of ``fn`` up to its return (the GPU's work not waited for: a few calls at a time,
+    fewer than fill CUDA's launch queue), median of ``reps`` batches."""
+    import statistics
+
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def enter_profile(modes, cycles: int = 4) -> None:
+    import transformers
+
+    from cupycodec.integrations.torch import compress_model, runtime
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                   num_attention_heads=32, num_key_value_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sp = torch.cuda.current_stream().cuda_stream
+    print("\n=== block starts, TinyLlama shape: host us per Runtime.enter (all 22 blocks in turn), per plan call",
+          flush=True)
+    for mode in [m for m in modes if m in ("lossless", "int8+entropy")]:
+        model = copy.deepcopy(base)
+        compress_model(model, mode, progress=False)
+        rt = model._cupycodec_runtime[0]
+        with torch.no_grad():
+            model(torch.randint(0, 32000, (1, 4), device="cuda"))
+        torch.cuda.synchronize()
+        for graphs in (True, False, True, False):
+            runtime.GRAPH_DECODES = graphs
+
+            def cycle(rt=rt):
+                for gi in range(len(rt.groups)):
+                    rt.enter(gi, dev)
+
+            us = host_only_us(cycle, cycles) / len(rt.groups)
+            print(f"{mode:14s} enter, graph decodes {graphs!s:5s} {us:8.1f} us", flush=True)
+        runtime.GRAPH_DECODES = True
+        plan = next(iter(rt.groups[3]._plans.values()))
+        print(f"{mode:14s} plan.run    {host_only_us(lambda p=plan: p.run(sp), 50):8.1f} us", flush=True)
+        print(f"{mode:14s} plan.replay {host_only_us(lambda p=plan: p.replay(sp), 50):8.1f} us", flush=True)
+        rt.check()
+        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
@@ -282,6 +344,8 @@ def main(argv=None) -> int:
         generate_profile(args.modes.split(","), args.top)
     if "step" in sections:
         step_profile(args.modes.split(","))
+    if "enter" in sections:
+        enter_profile(args.modes.split(","))
     return 0
 
 

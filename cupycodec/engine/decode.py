@@ -182,6 +182,7 @@ class DecodePlan:
             name, grid, block, args = chunks.check_args(status, actual, raw_sizes, self._err, n=G)
             self._check = (chunks.handle(self.device, name), grid, block, args)
         self.n_chunks = G + S
+        self._graph = None  # the run captured as a CUDA graph (replay()); False where capturing it failed
 
     # -- building -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -251,6 +252,21 @@ class DecodePlan:
         for h, grid, block, args in self._after:
             launch(h, grid, block, args, self.device, sp)
 
+    def replay(self, stream=None) -> None:
+        """:meth:`run` as one CUDA-graph launch: the run is captured once, on a stream of the plan's own, and each
+        call launches that graph on ``stream``, so the host's cost is one launch however many nvCOMP calls and filter
+        stages the plan holds (a few microseconds against tens for :meth:`run`). Where ``stream`` is itself being
+        captured (a caller's CUDA graph), or the capture failed, this is :meth:`run`. Never waits; bad chunks are
+        reported by :meth:`check`, as after :meth:`run`."""
+        sp = self._stream(stream)
+        graph = self._graph
+        if graph is None and not _capturing(sp):
+            graph = self._graph = _PlanGraph.capture(self)
+        if graph and not _capturing(sp):
+            graph.launch(sp)
+        else:
+            self.run(sp)
+
     def _run_nvcomp(self, sp: int) -> None:
         comp_ptrs, comp_sizes, out_ptrs, raw_sizes, actual, status = self._ptrs
         for fn, dopts, row, n, temp_n, temp_ptr, name in self._groups:
@@ -299,3 +315,61 @@ class DecodePlan:
     def __repr__(self):
         return f"<DecodePlan device=cuda:{self.device} chunks={self.n_chunks} nbytes={self.nbytes}>"
 
+
+
+def _capturing(sp: int) -> bool:
+    """Whether raw stream ``sp`` is being captured into a CUDA graph."""
+    import cupy
+
+    return bool(cupy.cuda.runtime.streamIsCapturing(sp))
+
+
+class _PlanGraph:
+    """A plan's :meth:`~DecodePlan.run` captured as a CUDA graph (its instantiated executable), destroyed with it."""
+
+    __slots__ = ("_exec", "_graph")
+
+    def __init__(self, graph: int, exec_: int):
+        self._graph, self._exec = graph, exec_
+
+    @staticmethod
+    def capture(plan: DecodePlan) -> _PlanGraph | bool:
+        """Capture ``plan.run`` on a fresh stream of the plan's device (thread-local capture mode: other threads'
+        CUDA calls are not affected); False where CUDA refuses (the caller then keeps calling ``run``)."""
+        import cupy
+
+        rt = cupy.cuda.runtime
+        with cupy.cuda.Device(plan.device):
+            stream = cupy.cuda.Stream(non_blocking=True)
+            try:
+                rt.streamBeginCapture(stream.ptr, rt.streamCaptureModeThreadLocal)
+            except cupy.cuda.runtime.CUDARuntimeError:
+                return False
+            try:
+                plan.run(stream.ptr)
+            finally:
+                try:
+                    graph = rt.streamEndCapture(stream.ptr)
+                except cupy.cuda.runtime.CUDARuntimeError:
+                    graph = 0
+            if not graph:
+                return False
+            try:
+                return _PlanGraph(graph, rt.graphInstantiate(graph))
+            except cupy.cuda.runtime.CUDARuntimeError:
+                rt.graphDestroy(graph)
+                return False
+
+    def launch(self, sp: int) -> None:
+        import cupy
+
+        cupy.cuda.runtime.graphLaunch(self._exec, sp)
+
+    def __del__(self):
+        try:
+            import cupy
+
+            cupy.cuda.runtime.graphExecDestroy(self._exec)
+            cupy.cuda.runtime.graphDestroy(self._graph)
+        except Exception:  # interpreter shutdown, or a context already gone: nothing left to free
+            pass

@@ -29,6 +29,9 @@ from .dlpack import current_stream, host_bits
 __all__ = ["DecodeGroup", "Runtime", "pick_staging"]
 
 _ALIGN = 256
+# Eager block decodes replay each plan's run as a CUDA graph (DecodePlan.replay): one launch of host work per block
+# instead of nvCOMP's calls and the filter launches. False: plan.run, as before (benchmarks compare the two).
+GRAPH_DECODES = True
 
 
 def _a(n: int) -> int:
@@ -151,7 +154,10 @@ class DecodeGroup:
             plan = cc.decode_plan(containers(), outs, dequantize=not any(entropy), stream=sp,
                                   alloc=lambda n, d=slot.device: torch.empty(n, dtype=torch.uint8, device=d))
             plans[key] = plan
-        plan.run(sp)
+        if GRAPH_DECODES:
+            plan.replay(sp)  # one graph launch on the host, whatever the group holds
+        else:
+            plan.run(sp)
 
     def plans(self) -> list:
         return [*self._plans.values(), *self._staged_plans.values()]
@@ -163,7 +169,7 @@ class DecodeGroup:
 
 
 class _DeviceState:
-    __slots__ = ("active", "copy", "resident", "side", "slots", "staged", "staging")
+    __slots__ = ("active", "copy", "done", "ready", "resident", "side", "slots", "staged", "staging")
 
     def __init__(self):
         self.slots: list[torch.Tensor] = []
@@ -171,6 +177,11 @@ class _DeviceState:
         self.resident: list = [None, None]
         self.active = 0  # the slot of the group in use: never the one a new decode goes to
         self.side = None
+        # events reused by every prefetch (made once: an event's creation and destruction are host calls too):
+        # `ready` orders a prefetch after the caller's stream, done[s] marks slot s's decode; done[s] is recorded
+        # again only after the caller's stream was made to wait for its last recording (_settle)
+        self.ready = None
+        self.done: list = []
         # offloaded groups: two staging buffers, each [group, copied event, event of the decode that read it (None
         # until one was enqueued)], and the stream their host-to-device copies run on
         self.staging: list[torch.Tensor] = []
@@ -303,12 +314,11 @@ class Runtime:
     def _prefetch(self, st: _DeviceState, gi: int, s: int, device: torch.device) -> None:
         if st.side is None:
             st.side = torch.cuda.Stream(device)
-        main = torch.cuda.current_stream(device)
-        ready = torch.cuda.Event()
-        ready.record(main)  # everything that read slot s before (the previous block) is enqueued before this
-        st.side.wait_event(ready)
+            st.ready, st.done = torch.cuda.Event(), [torch.cuda.Event() for _ in st.slots]
+        st.ready.record(torch.cuda.current_stream(device))  # everything that read slot s before is enqueued before
+        st.side.wait_event(st.ready)
         self._decode(st, gi, s, device, st.side)
-        done = torch.cuda.Event()
+        done = st.done[s]  # slot s was settled before this prefetch: no wait on done's last recording is pending
         done.record(st.side)
         st.resident[s] = (gi, done)
 

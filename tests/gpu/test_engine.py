@@ -167,6 +167,43 @@ def test_plan_run_captures_in_a_cupy_graph(cp, codec):
             assert _bits(o) == _bits(_dequantized(w, ml_dtypes.bfloat16)[0])
 
 
+def test_replay_is_run_from_a_graph_and_reports_bad_chunks(cp):
+    # replay() launches the plan's run captured once: the same bits as run() on any stream, every time; a bad chunk
+    # is reported by check() as after run(); inside a caller's capture it records the run itself
+    host = [_weights(s, 40 + i) for i, s in enumerate(BLOCK)]
+    stored = cp.random.RandomState(1).randint(0, 256, 200_000, dtype=cp.uint8)  # stored chunks: the copy stage
+    cs = [*cc.compress_many([cp.asarray(w.view(np.uint16)) for w in host], dtype="bfloat16", quantize="int8",
+                            codec="ans"), cc.compress(stored, codec="lz4", chunk_nbytes=65536)]
+    outs = [cp.empty(w.shape, cp.float32) for w in host] + [cp.empty_like(stored)]
+    plan = cc.decode_plan(cs, outs)
+    want = [_bits(_dequantized(w, np.float32)[0]) for w in host] + [_bits(stored)]
+    streams = [cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)]
+    for k in range(4):
+        _poison(cp, outs)
+        cp.cuda.Device().synchronize()  # the poison runs on CuPy's default stream, which these streams do not follow
+        plan.replay(streams[k % 2])
+        plan.check(streams[k % 2])
+        assert [_bits(o) for o in outs] == want
+    assert plan._graph, "the run was not captured"
+    s = streams[0]
+    s.begin_capture()
+    plan.replay(s)  # the stream is capturing: replay records run's launches into the caller's graph
+    graph = s.end_capture()
+    _poison(cp, outs)
+    cp.cuda.Device().synchronize()
+    graph.launch(s)
+    plan.check(s)
+    assert [_bits(o) for o in outs] == want
+    raw_sizes = plan._ptrs[3]  # lie about a chunk's size in the plan's tables: the replayed decode must report it
+    row = cp.ndarray((plan._n_enc,), cp.uint64, cp.cuda.MemoryPointer(
+        cp.cuda.UnownedMemory(raw_sizes, 8 * plan._n_enc, plan), 0))
+    row[1] -= 16
+    cp.cuda.Device().synchronize()
+    plan.replay(s)
+    with pytest.raises(cc.BackendError):
+        plan.check(s)
+
+
 @pytest.mark.torch
 def test_plan_run_captures_in_a_torch_graph_with_torch_buffers(cp):
     import torch

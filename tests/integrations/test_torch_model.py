@@ -198,7 +198,10 @@ def test_the_decoded_op_through_aot_autograd_and_copies():
 
     want = grad_of(model)
     torch._dynamo.reset()
-    assert torch.equal(grad_of(torch.compile(model, backend="aot_eager", fullgraph=True)), want)
+    got = grad_of(torch.compile(model, backend="aot_eager", fullgraph=True))
+    # AOT autograd decomposes the model's own ops (RMSNorm, softmax), which may round bf16 differently on another
+    # CPU (an H200 host's differed in last bits); another block's weight would change the gradient entirely
+    assert (torch.linalg.vector_norm((got - want).float()) / torch.linalg.vector_norm(want.float())).item() < 2e-2
     torch._dynamo.reset()
     twin = copy.deepcopy(model)
     pairs = [(a, b) for a, b in zip(model.modules(), twin.modules()) if isinstance(a, CompressedLinear)]
