@@ -334,6 +334,9 @@ def bench_e2e(rows, configs, modes, n_new=128, rounds=4, eager_tokens=32):
                     r[k.replace("tok_s", "vs_bf16")] = r[k] / b[k]
             if "prefill512_ms" in r and "prefill512_ms" in b:
                 r["prefill_vs_bf16"] = r["prefill512_ms"] / b["prefill512_ms"]
+                # the best round of each (noise on a shared host only adds time): the ratio of the modes' own costs
+                r["prefill_vs_bf16_best"] = min(r["prefill512_ms_rounds"][1:]) / min(b["prefill512_ms_rounds"][1:])
+                r["eager_vs_bf16_best"] = max(r["eager_tok_s_rounds"][1:]) / max(b["eager_tok_s_rounds"][1:])
             if "tokens" in r and "tokens" in b:
                 r["tokens_equal_bf16"] = r["tokens"] == b["tokens"]
             rows.append(r)
@@ -444,6 +447,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="tinyllama,llama7b")
     p.add_argument("--modes", default="lossless,int8,int8+entropy")
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the e2e section's eager figures")
     p.add_argument("--compiled-configs", default="llama7b", help="configs of the 'compiled' section")
     p.add_argument("--compiled-modes", default="int8", help="modes of the 'compiled' section (bf16, torchao added)")
     p.add_argument("--json")
@@ -456,7 +460,7 @@ def main(argv=None) -> int:
     if "gemv" in sections:
         bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
     if "e2e" in sections:
-        bench_e2e(results["e2e"], args.configs.split(","), args.modes.split(","), args.tokens)
+        bench_e2e(results["e2e"], args.configs.split(","), args.modes.split(","), args.tokens, rounds=args.rounds)
     if "overlap" in sections:
         bench_overlap(results["overlap"], args.configs.split(","), [m for m in args.modes.split(",") if m != "int8"],
                       args.tokens)
@@ -476,10 +480,13 @@ def main(argv=None) -> int:
               f"{r['gemv_mma_us']:.1f} | {r['mma_of_copy']:.0%} | {r['dequant_linear_us']:.1f} | {ao} | "
               f"{r['read_floor_int8_us']:.1f} / {r['read_floor_bf16_us']:.1f} | {r['linear_of_floor']:.0%} / "
               f"{r['bf16_of_floor']:.0%} |")
-    _table(results["e2e"], ["config", "mode", "ratio", "prefill-512 ms", "vs bf16", "eager tok/s", "vs bf16",
-                            "graph tok/s", "vs bf16", "model GiB", "peak GiB", "tokens = bf16"],
-           lambda r: f"{r.get('ratio', 1.0):.3f} | {r['prefill512_ms']:.1f} | {r.get('prefill_vs_bf16', 1.0):.2f}x | "
-                     f"{r['eager_tok_s']:.1f} | {r.get('eager_vs_bf16', 1.0):.2f}x | {r['graph_tok_s']:.1f} | "
+    _table(results["e2e"], ["config", "mode", "ratio", "prefill-512 ms", "vs bf16 (median / best)", "eager tok/s",
+                            "vs bf16 (median / best)", "graph tok/s", "vs bf16", "model GiB", "peak GiB",
+                            "tokens = bf16"],
+           lambda r: f"{r.get('ratio', 1.0):.3f} | {r['prefill512_ms']:.1f} | {r.get('prefill_vs_bf16', 1.0):.2f}x / "
+                     f"{r.get('prefill_vs_bf16_best', 1.0):.2f}x | {r['eager_tok_s']:.1f} | "
+                     f"{r.get('eager_vs_bf16', 1.0):.2f}x / {r.get('eager_vs_bf16_best', 1.0):.2f}x | "
+                     f"{r['graph_tok_s']:.1f} | "
                      f"{r.get('graph_vs_bf16', 1.0):.2f}x | {r['resident_gib']:.2f} | {r['peak_gib']:.2f} | "
                      f"{r.get('tokens_equal_bf16', '-')}")
     _table(results["overlap"], ["config", "mode", "bf16 graph tok/s", "prefetch tok/s", "no prefetch tok/s",
