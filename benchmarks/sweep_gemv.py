@@ -30,7 +30,7 @@ from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us, read_floor
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (5632, 2048), (2048, 5632)]
 
 
-def occupancy(kernel, warps, unrolls) -> dict:
+def occupancy(kernel, warps, unrolls, mms=(8, 16)) -> dict:
     """Per kernel instance (bf16, channel scales, M <= 8 and <= 16): registers per thread and blocks per SM, from
     the CUDA occupancy calculator."""
     import cupy
@@ -38,7 +38,7 @@ def occupancy(kernel, warps, unrolls) -> dict:
     from cupycodec.kernels import gemv
 
     out = {}
-    for mm in (8, 16):
+    for mm in mms:
         for u in unrolls:
             for w in warps:
                 if kernel == "bulk" and gemv.bulk_shared(w, u) > gemv._max_shared(0):
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bw = copy_gbps()
     env = {"gpu": torch.cuda.get_device_name(), "copy_gbps_read_plus_write": bw}
-    env["occupancy"] = occupancy(args.kernel, warps, unrolls)
+    ms = [int(v) for v in args.ms.split(",")]
+    env["occupancy"] = occupancy(args.kernel, warps, unrolls, sorted({8 if m <= 8 else 16 for m in ms}))
     print(json.dumps(env), flush=True)
     rows = []
     for n, k in shapes:
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         cls = [CompressedLinear.from_linear(lin, "int8") for lin in lins]
         floor = graph_us(read_floor([cl.qweight for cl in cls]))
-        for m in (int(v) for v in args.ms.split(",")):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a = [(x, cl.qweight, cl.scale, None, "channel", 128) for cl in cls]
             read = n * k + n * 4 + m * k * 2
