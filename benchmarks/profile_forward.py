@@ -81,7 +81,7 @@ def launches(calls: int) -> None:
     q = torch.zeros(64, 256, device="cuda", dtype=torch.int8)
     s = torch.ones(64, device="cuda")
     y = torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
-    handle, grid, threads, tail, _ = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
+    handle, grid, threads, tail = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
     args = (x.data_ptr(), 256, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), *tail)
     w, u = gemv.mma_shape(64, 256, gemv._sm_count(dev))
     raw = gemv._function(dev, "mma", "BF16", 8, w, False, u)

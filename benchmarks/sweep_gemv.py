@@ -6,16 +6,14 @@ steps per warp in shared memory), 1.3-1.6x slower; one that loaded activations w
 holding them in flight (fewer registers), 1.03-1.25x slower on 16 of 18 rows; and one with a stage of loads in
 flight while the previous stage is multiplied, on a grid of one wave (``mma_ahead``), 1.1-1.3x slower on the tall
 shapes. The codes' streaming loads (no L1 place, a 256-byte L2 prefetch) won, 4-9 %, and are the kernel's now.
+A bulk-copy variant for sm_90 (``cp.async.bulk`` of 256-byte row segments into a ring of 2-8 shared-memory stages per
+warp, a warp per contiguous 1/W of K; tenth session) was exact but 1.2-1.5x slower at its best (2 stages, 8 warps)
+and slower still with more stages (results/2026-12-02j-h200-call4-sweep-gemv-bulk.json).
 
 Warps per tile need not divide 8: a block is then one tile's W warps (``gemv.tiles_per_block``), so W can be chosen
 for the number of blocks the GPU holds at once (its occupancy, printed per kernel) rather than from 1, 2, 4 or 8.
 
-``--kernel bulk`` sweeps the bulk-copy kernel instead (sm_90: ``cp.async.bulk`` into a ring of shared-memory stages per
-warp; U is then the ring's stages). Every row has the read floor beside it (bench_torch.read_floor: a kernel that
-only reads the same INT8 bytes).
-
-Usage: python benchmarks/sweep_gemv.py [--json PATH] [--kernel mma|bulk] [--warps 2,4,8] [--unrolls 2,4]
-       [--shapes 4096x4096,...]
+Usage: python benchmarks/sweep_gemv.py [--json PATH] [--warps 2,4,8] [--unrolls 2,4] [--shapes 4096x4096,...]
 """
 
 from __future__ import annotations
@@ -25,30 +23,27 @@ import json
 import sys
 
 import torch
-from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us, read_floor
+from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (5632, 2048), (2048, 5632)]
 
 
-def occupancy(kernel, warps, unrolls, mms=(8, 16)) -> dict:
-    """Per kernel instance (bf16, channel scales, M <= 8 and <= 16): registers per thread and blocks per SM, from
-    the CUDA occupancy calculator."""
+def occupancy(warps, unrolls) -> dict:
+    """Per tensor-core kernel instance (bf16, channel scales, M <= 8 and <= 16): registers per thread and blocks
+    per SM, from the CUDA occupancy calculator."""
     import cupy
 
     from cupycodec.kernels import gemv
 
     out = {}
-    for mm in mms:
+    for mm in (8, 16):
         for u in unrolls:
             for w in warps:
-                if kernel == "bulk" and gemv.bulk_shared(w, u) > gemv._max_shared(0):
-                    continue
-                fn = gemv._function(0, kernel, "BF16", mm, w, False, u)  # a CuPy RawKernel
-                threads = 32 * w * (gemv.tiles_per_block(w) if kernel == "mma" else 1)
-                shared = gemv.bulk_shared(w, u) if kernel == "bulk" else 0
+                fn = gemv._function(0, "mma", "BF16", mm, w, False, u)  # a CuPy RawKernel
+                threads = 32 * w * gemv.tiles_per_block(w)
                 row = out[f"m{mm}_u{u}_w{w}"] = {"regs": getattr(fn, "num_regs", None), "threads": threads}
                 try:  # a figure to read beside the times, not one the sweep depends on
-                    blocks = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, shared)
+                    blocks = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
                     row.update(blocks_per_sm=blocks, warps_per_sm=blocks * threads // 32)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
@@ -57,11 +52,9 @@ def occupancy(kernel, warps, unrolls, mms=(8, 16)) -> dict:
 
 def main(argv=None) -> int:
     from cupycodec.integrations.torch import CompressedLinear, ops
-    from cupycodec.kernels import gemv
 
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--kernel", default="mma", choices=("mma", "bulk"))
     p.add_argument("--warps", default="2,4,8", help="warps per tile to sweep (1-16)")
     p.add_argument("--unrolls", default="2,4", help="64-code steps in flight to sweep (2, 4, 8)")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -72,37 +65,31 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bw = copy_gbps()
     env = {"gpu": torch.cuda.get_device_name(), "copy_gbps_read_plus_write": bw}
-    ms = [int(v) for v in args.ms.split(",")]
-    env["occupancy"] = occupancy(args.kernel, warps, unrolls, sorted({8 if m <= 8 else 16 for m in ms}))
+    env["occupancy"] = occupancy(warps, unrolls)
     print(json.dumps(env), flush=True)
     rows = []
     for n, k in shapes:
         copies = max(2, -(-L2_DEFEAT_BYTES // (2 * n * k)))
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         cls = [CompressedLinear.from_linear(lin, "int8") for lin in lins]
-        floor = graph_us(read_floor([cl.qweight for cl in cls]))
-        for m in ms:
+        for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a = [(x, cl.qweight, cl.scale, None, "channel", 128) for cl in cls]
             read = n * k + n * 4 + m * k * 2
             with torch.no_grad():
-                row = {"shape": f"{n}x{k}", "m": m, "kernel": args.kernel, "read_floor_us": floor,
+                row = {"shape": f"{n}x{k}", "m": m,
                        "bf16_us": graph_us([lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight)
                                             for lin in lins]),
                        "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a]),
                        "fma_us": graph_us([lambda t=t: ops.gemv_linear(*t, kernel="fma") for t in a])}
                 for u in unrolls:
                     for w in warps:
-                        if args.kernel == "bulk" and gemv.bulk_shared(w, u) > gemv._max_shared(0):
-                            continue
                         row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
-                            *t, kernel=args.kernel, warps=w, unroll=u) for t in a])
+                            *t, kernel="mma", warps=w, unroll=u) for t in a])
             best = min((v, key) for key, v in row.items() if key[0] == "u" and key[1].isdigit())
             row["best"] = best[1]
             row["best_of_copy"] = read / best[0] / 1e3 / bw
             row["default_of_copy"] = read / row["default_us"] / 1e3 / bw
-            row["best_of_floor"] = floor / best[0]
-            row["default_of_floor"] = floor / row["default_us"]
             rows.append(row)
             print(json.dumps(row), flush=True)
         del lins, cls

@@ -80,13 +80,12 @@ _TLS = threading.local()
 _MAX_ARGS = 16
 
 
-def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: int, shared: int = 0) -> None:
+def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: int) -> None:
     """Launch the kernel ``handle`` (:func:`kernel_handle`) with a 1-D ``grid`` of ``block`` threads on ``device``
     and the raw stream ``sp``, straight through ``cuLaunchKernel``: for code that launches per call (a layer's
     forward), where CuPy's launch converts every argument to an object and :func:`launching_on` enters contexts,
     tens of host microseconds on a slow host. ``args`` are integers and device pointers only (numpy integer scalars
-    included), each passed from an 8-byte little-endian slot from which the driver copies the parameter's width.
-    ``shared``: bytes of dynamic shared memory per block."""
+    included), each passed from an 8-byte little-endian slot from which the driver copies the parameter's width."""
     import cupy
 
     st = _TLS.__dict__
@@ -103,7 +102,7 @@ def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: i
     if device not in ready or cupy.cuda.runtime.getDevice() != device:
         with cupy.cuda.Device(device):
             cupy.cuda.runtime.setDevice(device)  # CUDA >= 12: makes the primary context current on this thread
-            cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, shared, sp, pointers_at, 0)
+            cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)
         ready.add(device)
         return
-    cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, shared, sp, pointers_at, 0)
+    cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)

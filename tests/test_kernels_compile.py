@@ -76,10 +76,7 @@ def _gemv_instances() -> str:
             for dt in ("BF16", "F16", "F32"):
                 for mm in (1, 2, 4, 8, 16):
                     lines.append(gemv._source("fma", dt, mm, w, grouped)[0])
-    # the bulk-copy kernel (sm_90 and newer: the source compiles it only there), every stage count at 4 warps
-    bulk = [gemv._source("bulk", dt, mm, w, grouped, st)[0] for w in (2, 4, 8) for st in (2, 3, 4, 6, 8)
-            if w == 4 or st == 4 for grouped in (False, True) for dt in ("BF16", "F16") for mm in (8, 16)]
-    return "\n".join([*dict.fromkeys(lines), "#if __CUDA_ARCH__ >= 900", *bulk, "#endif"])
+    return "\n".join(dict.fromkeys(lines))
 
 
 SOURCES = {
@@ -121,6 +118,5 @@ def test_every_kernel_compiles_without_new_spills(nvrtc, compiled, module, arch)
     assert set(spills) >= set(entries)
     new = {name: n for name, n in spills.items() if n and not KNOWN_SPILLS.fullmatch(name)}
     assert not new or _version(nvrtc)[0] != 12, f"{arch}: registers spill in {new}"
-    if module == "gemv":  # every requested instance (the bulk kernel's on sm_90)
-        macros = ("CC_GEMV_TC", "CC_GEMV", *(("CC_GEMV_BULK",) if arch >= "sm_90" else ()))
-        assert len(set(entries)) == sum(source.count(f"{m}(") - 1 for m in macros)
+    if module == "gemv":  # every requested instance
+        assert len(set(entries)) == sum(source.count(f"{m}(") - 1 for m in ("CC_GEMV_TC", "CC_GEMV"))

@@ -361,117 +361,6 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-#if __CUDA_ARCH__ >= 900
-/* ---- Bulk-copy variant (sm_90): the codes reach shared memory by cp.async.bulk (the copy engine, one instruction
-   per row segment, no registers held while in flight), and the tensor-core step above reads them from there. A block
-   is W warps on one 16-row tile at a time; warp w takes a contiguous 1/W of K and streams it through a ring of S
-   stages of SPS 64-code steps per row (16 row segments per stage, one mbarrier per stage counting their bytes). A
-   stage's row is padded by 64 bytes, so rows g and g + 1 of a step fall on different banks. K % 64 == 0. */
-__device__ __forceinline__ unsigned cc_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void cc_bar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-
-/* lane 0: stage `st` of this warp's steps into ring slot `b` (rows < `rows` of the tile), armed on its mbarrier */
-template <int SPS, int ROW>
-__device__ __forceinline__ void cc_bulk_issue(const signed char* base, i64 K, int rows, i64 lo, i64 hi, i64 st,
-                                              unsigned dst, unsigned bar) {
-    const i64 s0 = lo + st * SPS;
-    const int n = (int)((hi - s0 < SPS ? hi - s0 : SPS) * 64);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(n * rows) : "memory");
-    for (int r = 0; r < rows; ++r)
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(dst + r * ROW), "l"(base + r * K + s0 * 64), "r"(n), "r"(bar) : "memory");
-}
-
-template <class X, class C, int MT, int W, int S, bool GROUP>
-__device__ void cc_gemv_bulk(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
-                             const float* __restrict__ scale, const typename X::T* __restrict__ bias,
-                             typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
-    constexpr int SPS = 4, ROW = SPS * 64 + 64, STAGE = 16 * ROW;
-    extern __shared__ __align__(128) unsigned char cc_ring[];
-    __shared__ float part[W][32][4 * MT];
-    __shared__ __align__(8) unsigned long long bars[W][S];
-    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const unsigned ring = cc_smem_addr(cc_ring) + (unsigned)(wib * S * STAGE);
-    const unsigned char* ring_p = cc_ring + wib * S * STAGE;
-    const i64 tiles = (N + 15) / 16, steps = K / 64;
-    const i64 lo = steps * wib / W, hi = steps * (wib + 1) / W;
-    const i64 nst = (hi - lo + SPS - 1) / SPS;
-    const unsigned gsteps = GROUP ? (unsigned)(group / 64) : 1u;  /* 64-code steps per scale group (32-bit divides) */
-    if (lane == 0) {
-        for (int b = 0; b < S; ++b) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(cc_smem_addr(&bars[wib][b])));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncwarp();
-    const bool hx0 = g < M, hx1 = MT == 2 && g + 8 < M;
-    const typename X::T* x0 = x + (i64)g * ldx;
-    const typename X::T* x1 = x + (i64)(g + 8) * ldx;
-    i64 used = 0;  /* stages this warp has consumed, over every tile: slot and mbarrier parity follow from it */
-    for (i64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  /* uniform per block: __syncthreads in finish */
-        const i64 r0 = tile * 16 + g, r1 = r0 + 8;
-        const bool ok0 = r0 < N, ok1 = r1 < N;
-        const int rows = (int)(N - tile * 16 < 16 ? N - tile * 16 : 16);
-        const signed char* base = q + tile * 16 * K;
-        if (lane == 0) {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* the last tile's reads before these writes */
-            for (i64 st = 0; st < S && st < nst; ++st) {
-                const int b = (int)((used + st) % S);
-                cc_bulk_issue<SPS, ROW>(base, K, rows, lo, hi, st, ring + b * STAGE, cc_smem_addr(&bars[wib][b]));
-            }
-        }
-        float acc[MT][4];
-        #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) { acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f; }
-        for (i64 i = 0; i < nst; ++i) {
-            const int b = (int)((used + i) % S);
-            cc_bar_wait(cc_smem_addr(&bars[wib][b]), (unsigned)(((used + i) / S) & 1));
-            const unsigned char* stage = ring_p + b * STAGE;
-            const i64 s0 = lo + i * SPS;
-            #pragma unroll
-            for (int j = 0; j < SPS; ++j) {
-                if (s0 + j < hi) {  /* uniform across the warp */
-                    const i64 k = (s0 + j) * 64 + 16 * t;
-                    const uint4 c0 = *reinterpret_cast<const uint4*>(stage + g * ROW + j * 64 + 16 * t);
-                    const uint4 c1 = *reinterpret_cast<const uint4*>(stage + (g + 8) * ROW + j * 64 + 16 * t);
-                    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-                    uint4 xa[2], xb[2];
-                    xa[0] = hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
-                    xa[1] = hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
-                    if (MT == 2) {
-                        xb[0] = hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k)) : z;
-                        xb[1] = hx1 ? __ldg(reinterpret_cast<const uint4*>(x1 + k) + 1) : z;
-                    }
-                    cc_tc_step<C, MT, GROUP>(acc, c0, c1, xa, xb, scale, ok0, ok1, r0, r1, ngroups,
-                                             GROUP ? (unsigned)(s0 + j) / gsteps : 0);
-                }
-            }
-            __syncwarp();  /* every lane has read the slot before the copy engine refills it */
-            if (lane == 0 && i + S < nst) {
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                cc_bulk_issue<SPS, ROW>(base, K, rows, lo, hi, i + S, ring + b * STAGE, cc_smem_addr(&bars[wib][b]));
-            }
-        }
-        used += nst;
-        cc_tc_finish<X, MT, W, GROUP>(acc, part, wib, lane, wib, t, ok0, ok1, r0, r1, scale, bias, y, M, N);
-    }
-}
-
-#define CC_GEMV_BULK(NAME, X, C, MT, W, S, GROUP, G)                                                              \
-extern "C" __global__ void __launch_bounds__(32 * W, 1)                                                            \
-cupycodec_gemv_bulk_##NAME##_t##MT##_w##W##_s##S##_##G(                                                            \
-    const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
-    i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_bulk<X, C, MT, W, S, GROUP>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                      \
-}
-#endif
-
 #define CC_GEMV_TC(NAME, X, C, MT, W, TPB, GROUP, G, U)                                                           \
 extern "C" __global__ void __launch_bounds__(32 * W * TPB)                                                         \
 cupycodec_gemv_tc_##NAME##_t##MT##_w##W##x##TPB##_##G##_u##U(                                                      \
@@ -492,8 +381,7 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 _SUFFIX = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _X = {"BF16": "cc_bf16", "F16": "cc_f16", "F32": "cc_f32"}
 _MMA = {"BF16": "cc_mma_bf16", "F16": "cc_mma_f16"}
-KERNELS = ("fma", "mma", "bulk")
-BULK_ROW = 4 * 64 + 64  # bytes of one row of a bulk stage (4 steps of 64 codes, 64 of padding)
+KERNELS = ("fma", "mma")
 
 
 @functools.cache
@@ -501,18 +389,7 @@ def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, groupe
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
     second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column
     tiles), with ``w`` warps per row (tile), per-group scales or not."""
-    fn = _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll))
-    if kernel == "bulk":  # its rings are dynamic shared memory, past the 48 KiB a kernel gets unasked
-        import cupy
-
-        with cupy.cuda.Device(device):
-            fn.max_dynamic_shared_size_bytes = bulk_shared(w, unroll)
-    return fn
-
-
-def bulk_shared(w: int, stages: int) -> int:
-    """Dynamic shared memory of the bulk kernel: ``w`` warps, each a ring of ``stages`` stages of 16 rows."""
-    return w * stages * 16 * BULK_ROW
+    return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll))
 
 
 def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4) -> tuple[str, str]:
@@ -520,11 +397,6 @@ def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll
     suffix = _SUFFIX[dtype_name]
     if kernel == "fma":
         return f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
-    if kernel == "bulk":  # unroll: the stages of each warp's ring
-        mt, g = mm // 8, "g" if grouped else "c"
-        code = (f"CC_GEMV_BULK({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {unroll}, "
-                f"{str(grouped).lower()}, {g})")
-        return code, f"cupycodec_gemv_bulk_{suffix}_t{mt}_w{w}_s{unroll}_{g}"
     mt, g, u, t = mm // 8, "g" if grouped else "c", unroll, tiles_per_block(w)
     code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {t}, {str(grouped).lower()}, "
             f"{g}, {u})")
@@ -552,13 +424,6 @@ def mma_supported(dtype_name: str, granularity: str, group_size: int | None, dev
     if dtype_name not in _MMA or _compute_capability(device) < 80:
         return False
     return granularity == "channel" or (group_size is not None and group_size % 64 == 0)
-
-
-def bulk_supported(dtype_name: str, granularity: str, group_size: int | None, k: int, device: int) -> bool:
-    """Whether the bulk-copy kernel takes this case: what :func:`mma_supported` takes, on sm_90 or newer (the copy
-    engine's ``cp.async.bulk``), with K a multiple of 64."""
-    return (mma_supported(dtype_name, granularity, group_size, device) and _compute_capability(device) >= 90
-            and k % 64 == 0)
 
 
 def tiles_per_block(w: int) -> int:
@@ -607,16 +472,6 @@ def _resident_blocks(fn, threads: int) -> int:
 
 
 @functools.cache
-def _max_shared(device: int) -> int:
-    """Dynamic shared memory one block may opt in to on ``device``, less the bulk kernel's static share (at most
-    16 warps x 32 lanes x 8 partial sums, and the mbarriers)."""
-    import cupy
-
-    optin = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-    return int(cupy.cuda.runtime.deviceGetAttribute(optin, device)) - 17 * 1024
-
-
-@functools.cache
 def _sm_count(device: int) -> int:
     import cupy
 
@@ -646,47 +501,35 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
     parameters for tests and benchmarks.
     """
-    handle, grid, threads, tail, shared = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
-                                                  unroll)
+    handle, grid, threads, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
+                                          unroll)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
-    launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr,
-           shared)
+    launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
 
 
 @functools.lru_cache(maxsize=1024)
 def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
             warps: int | None, kernel: str | None, unroll: int | None = None) -> tuple:
-    """(kernel, grid, threads per block, the arguments after the six pointers, dynamic shared bytes) of one call
-    signature: worked out once, so that a layer's forward costs one cache lookup and one launch on the host."""
+    """(kernel, grid, threads per block, the arguments after the six pointers) of one call signature: worked out
+    once, so that a layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
         raise ValueError(f"gemv_int8 does not take M={m}, K={k}, {dtype_name}, {granularity} (see supported())")
     mma = mma_supported(dtype_name, granularity, group_size, device)
     if kernel is None:
         kernel = "mma" if mma else "fma"
-    elif kernel not in KERNELS or (kernel != "fma" and not mma) or (
-            kernel == "bulk" and not bulk_supported(dtype_name, granularity, group_size, k, device)):
-        raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported(), 'bulk' where "
-                         f"bulk_supported()), got {kernel!r}")
+    elif kernel not in KERNELS or (kernel != "fma" and not mma):
+        raise ValueError(f"kernel must be one of {KERNELS} ('mma' where mma_supported()), got {kernel!r}")
     if kernel == "fma" and warps not in (None, 1, 2, 4, 8):
         raise ValueError(f"warps per row of the fma kernel must be 1, 2, 4 or 8, got {warps!r}")
-    if kernel != "fma" and warps is not None and (type(warps) is not int or not 1 <= warps <= MAX_WARPS):
-        raise ValueError(f"warps per tile of the {kernel} kernel must be an int from 1 to {MAX_WARPS}, got {warps!r}")
-    if unroll is not None and (kernel == "fma" or unroll not in ((2, 4, 8) if kernel == "mma" else (2, 3, 4, 6, 8))):
-        raise ValueError(f"unroll is the mma kernel's steps in flight (2, 4 or 8) or the bulk kernel's stages (2, 3, "
-                         f"4, 6 or 8), got {unroll!r} for {kernel!r}")
+    if kernel == "mma" and warps is not None and (type(warps) is not int or not 1 <= warps <= MAX_WARPS):
+        raise ValueError(f"warps per tile of the mma kernel must be an int from 1 to {MAX_WARPS}, got {warps!r}")
+    if unroll is not None and (kernel == "fma" or unroll not in (2, 4, 8)):
+        raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
     ngroups = -(-k // group) if group else 0
     sms = _sm_count(device)
-    shared = 0
-    if kernel == "bulk":
-        mm = 8 if m <= 8 else 16
-        w, unroll = warps or 4, unroll or 4
-        grid, threads, shared = max(1, -(-n // 16)), 32 * w, bulk_shared(w, unroll)
-        if shared > _max_shared(device):
-            raise ValueError(f"the bulk kernel with {w} warps of {unroll} stages needs {shared} bytes of shared memory "
-                             f"per block; this GPU gives at most {_max_shared(device)}: fewer warps or stages")
-    elif kernel != "fma":
+    if kernel != "fma":
         mm = 8 if m <= 8 else 16
         w, u = mma_shape(n, k, sms, m)
         tiles = -(-n // 16)
@@ -703,4 +546,4 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         grid, threads = max(1, -(-n // (_THREADS // 32 // w))), _THREADS  # a block per row group
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
     fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel != "fma" else []))
-    return kernel_handle(fn, device), grid, threads, tail, shared
+    return kernel_handle(fn, device), grid, threads, tail

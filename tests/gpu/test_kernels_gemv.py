@@ -46,11 +46,8 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, u
 def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granularity, group, dtype_name, m):
     import cupy
 
-    dev = cupy.cuda.runtime.getDevice()
-    ok = {"fma": True, "mma": gemv.mma_supported(dtype_name, granularity, group, dev),
-          "bulk": gemv.bulk_supported(dtype_name, granularity, group, k, dev)}[kernel]
-    if not ok:
-        with pytest.raises(ValueError, match=f"{kernel}_supported"):
+    if kernel != "fma" and not gemv.mma_supported(dtype_name, granularity, group, cupy.cuda.runtime.getDevice()):
+        with pytest.raises(ValueError, match="mma_supported"):
             gemv.gemv_int8(0, k, 0, 0, 0, 0, m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity,
                            group_size=group, device=0, stream_ptr=0, kernel=kernel)
         return
@@ -66,36 +63,24 @@ def test_every_variant_matches_the_float64_reference(kernel, warps, n, k, granul
     assert y.shape == (m, n) and err < TOL[dtype_name]
 
 
-@pytest.mark.parametrize("kernel", ["mma", "bulk"])
 @pytest.mark.parametrize("unroll", [2, 4, 8])
 @pytest.mark.parametrize("warps", [1, 2, 3, 5, 8, 12, 16])
-@pytest.mark.parametrize("n,k,m", [(1000, 1088, 1), (37, 4096 + 192, 12), (300, 64 * 9, 8), (4100, 4096, 1)])
+@pytest.mark.parametrize("n,k,m", [(1000, 1088, 1), (37, 4096 + 192, 12), (300, 64 * 9, 8)])
 @pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 128)])
-def test_every_depth_of_the_tensor_core_kernel_matches_the_reference(kernel, unroll, warps, n, k, m, granularity,
-                                                                    group):
-    """Steps in flight (mma) or ring stages (bulk) change which steps a warp holds at once and which of them lie past
-    the end: every depth against the float64 reference, with blocks of 8 warps (1, 2 and 8 warps per tile), of two
-    tiles of 3 warps, and of one tile of 5, 12 or 16 warps (warps that split K unevenly, warps with no steps at all
-    (9 steps, 12 or 16 warps), and blocks past 256 threads); 4100 rows: a last tile of 4 rows, and more tiles than
-    the GPU holds at once. A bulk configuration past the GPU's shared memory is refused by name."""
+def test_every_depth_of_the_tensor_core_kernel_matches_the_reference(unroll, warps, n, k, m, granularity, group):
+    """Steps in flight change which steps a warp holds at once and which of them lie past the end: every depth
+    against the float64 reference, with blocks of 8 warps (1, 2 and 8 warps per tile), of two tiles of 3 warps, and
+    of one tile of 5, 12 or 16 warps (warps that split K unevenly, and blocks past 256 threads)."""
     import cupy
 
-    dev = cupy.cuda.runtime.getDevice()
-    if kernel == "mma" and not gemv.mma_supported("BF16", granularity, group, dev):
+    if not gemv.mma_supported("BF16", granularity, group, cupy.cuda.runtime.getDevice()):
         pytest.skip("needs sm_80 for the tensor-core kernels")
-    if kernel == "bulk" and not gemv.bulk_supported("BF16", granularity, group, k, dev):
-        pytest.skip("needs sm_90 for the bulk-copy kernel")
-    if kernel == "bulk" and gemv.bulk_shared(warps, unroll) > gemv._max_shared(dev):
-        with pytest.raises(ValueError, match="shared memory"):
-            gemv.gemv_int8(0, k, 0, 0, 0, 0, m=m, k=k, n=n, dtype_name="BF16", granularity=granularity,
-                           group_size=group, device=dev, stream_ptr=0, kernel=kernel, warps=warps, unroll=unroll)
-        return
     rng = np.random.default_rng(n + k + m + unroll)
     w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
     q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group or 128)
     x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
     bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16)
-    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name="BF16", kernel=kernel,
+    y = _run(x, q, s, bias, granularity=granularity, group=group, warps=warps, dtype_name="BF16", kernel="mma",
              unroll=unroll)
     wd = reference.dequantize_int8(q, s, granularity=granularity, axis=0, group_size=group or 128, dtype=np.float64)
     ref = x.astype(np.float64) @ wd.T + bias.astype(np.float64)
@@ -103,10 +88,7 @@ def test_every_depth_of_the_tensor_core_kernel_matches_the_reference(kernel, unr
 
 
 def test_unroll_is_checked_per_kernel():
-    import cupy
-
-    bulk = gemv.bulk_supported("BF16", "channel", None, 64, cupy.cuda.runtime.getDevice())
-    for kernel, bad in (("mma", 3), ("fma", 2), *((("bulk", 5),) if bulk else ())):
+    for kernel, bad in (("mma", 3), ("fma", 2)):
         with pytest.raises(ValueError, match="unroll"):
             gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
                            group_size=None, device=0, stream_ptr=0, kernel=kernel, unroll=bad)
@@ -122,7 +104,7 @@ def test_the_default_launch_holds_every_tile_at_once_where_its_rule_assumes_it()
         pytest.skip("needs sm_80 for the tensor-core kernel")
     sms = gemv._sm_count(dev)
     n, k = 16 * 2 * sms, 4096
-    _, grid, threads, _, _ = gemv._config(dev, "BF16", 1, k, n, "channel", None, None, None)
+    _, grid, threads, _ = gemv._config(dev, "BF16", 1, k, n, "channel", None, None, None)
     fn = gemv._function(dev, "mma", "BF16", 8, 16, False, 2)
     if gemv._resident_blocks(fn, 512) >= 2:
         assert (grid, threads) == (n // 16, 512)
@@ -140,8 +122,7 @@ def test_mma_takes_every_code_exactly():
     k, n = 256, 256
     q = ((np.arange(n)[:, None] + np.arange(k)[None, :]) % 256 - 128).astype(np.int8)
     s = np.ones(n, np.float32)
-    kernels = ["mma", *(["bulk"] if gemv.bulk_supported("BF16", "channel", None, k, 0) else [])]
-    for kernel in kernels:
+    for kernel in ("mma",):
         for dtype_name in ("BF16", "F16"):
             for col in (0, 1, 2, 3, 17, 63, 64, 255):
                 x = np.zeros((1, k), ACTS[dtype_name])
