@@ -316,7 +316,6 @@ class DecodePlan:
         return f"<DecodePlan device=cuda:{self.device} chunks={self.n_chunks} nbytes={self.nbytes}>"
 
 
-
 def _capturing(sp: int) -> bool:
     """Whether raw stream ``sp`` is being captured into a CUDA graph."""
     import cupy
