@@ -39,6 +39,17 @@ import time
 import torch
 
 
+def tinyllama():
+    """A random-weight TinyLlama-1.1B-shaped model in bf16 on the GPU (seed 0), as every section here profiles."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                   num_attention_heads=32, num_key_value_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
 def host_us(fn, calls: int) -> float:
     for _ in range(20):
         fn()
@@ -104,15 +115,9 @@ def prefill_profile(modes, top: int) -> None:
     import io
     import pstats
 
-    import transformers
-
     from cupycodec.integrations.torch import compress_model
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    base = tinyllama()
     ids = torch.randint(0, 32000, (1, 512), device="cuda")
     for mode in modes:
         model = base if mode == "bf16" else copy.deepcopy(base)
@@ -162,15 +167,9 @@ def generate_profile(modes, top: int, rounds: int = 4, tokens: int = 32) -> None
     import pstats
     import statistics
 
-    import transformers
-
     from cupycodec.integrations.torch import compress_model
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    base = tinyllama()
     base.generation_config.eos_token_id = None
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
     models = {}
@@ -211,11 +210,7 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
 
     from cupycodec.integrations.torch import compress_model
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    base = tinyllama()
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
     from cupycodec.integrations.torch import runtime
 
@@ -288,15 +283,9 @@ def host_only_us(fn, calls: int, reps: int = 9) -> float:
 
 
 def enter_profile(modes, cycles: int = 4) -> None:
-    import transformers
-
     from cupycodec.integrations.torch import compress_model, runtime
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    base = tinyllama()
     dev = torch.device("cuda", torch.cuda.current_device())
     sp = torch.cuda.current_stream().cuda_stream
     print("\n=== block starts, TinyLlama shape: host us per Runtime.enter (all 22 blocks in turn), per plan call",
