@@ -436,10 +436,8 @@ def decoded_linear_grad(grad: torch.Tensor, layer: int, in_features: int) -> tor
     layer = _layer(layer)
     views = layer._decoded(grad.device, enter=True)
     if layer.mode == "lossless":
-        w = views[0].to(grad.dtype)
-    else:
-        w = ops.dequantize(views[0], views[1], layer.granularity, layer.group_size, grad.dtype)
-    return grad @ w
+        return grad @ views[0].to(grad.dtype)
+    return ops.grad_input(grad, views[0], views[1], layer.granularity, layer.group_size)
 
 
 @decoded_linear_grad.register_fake

@@ -21,7 +21,7 @@ from cupycodec.kernels.int8 import dequantize_raw
 
 from .dlpack import dtype_name, raw_stream
 
-__all__ = ["GEMV_MAX_M", "dequantize", "int8_linear", "linear", "reserve_scratch", "scratch"]
+__all__ = ["GEMV_MAX_M", "dequantize", "grad_input", "int8_linear", "linear", "reserve_scratch", "scratch"]
 
 # Up to this many rows of activations the fused GEMV beats dequantize + cuBLAS; measured on an H200 (bench_torch.py,
 # benchmarks/RESULTS.md, third session of 2026-12-02, eight Llama shapes): the tensor-core kernel takes the same time
@@ -118,14 +118,18 @@ def _setup_context(ctx, inputs, output):
     ctx.granularity, ctx.group_size, ctx.has_bias = granularity, group_size, bias is not None
 
 
+def grad_input(grad: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, granularity: str,
+               group_size: int) -> torch.Tensor:
+    """``grad @ W`` for an INT8 linear: the activations' gradient (the weight dequantized in ``grad``'s dtype)."""
+    return grad @ dequantize(qweight, scale, granularity, group_size, grad.dtype)
+
+
 def _backward(ctx, grad):
     """Gradients for the activations and the bias (adapters trained on top of frozen compressed weights); the codes
     and scales are not trained."""
     qweight, scale = ctx.saved_tensors
-    w = dequantize(qweight, scale, ctx.granularity, ctx.group_size, grad.dtype)
-    grad_x = grad @ w
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, grad_bias, None, None
+    return grad_input(grad, qweight, scale, ctx.granularity, ctx.group_size), None, None, grad_bias, None, None
 
 
 int8_linear.register_autograd(_backward, setup_context=_setup_context)
