@@ -6,7 +6,8 @@ import contextlib
 import ctypes
 import threading
 
-__all__ = ["current_device", "external_stream", "kernel_handle", "launch", "launching_on", "stream_ptr"]
+__all__ = ["current_device", "event_record", "events", "external_stream", "kernel_handle", "launch", "launching_on",
+           "stream_ptr", "stream_wait"]
 
 
 def current_device() -> int:
@@ -26,6 +27,37 @@ def stream_ptr(stream: int | None, device: int) -> int:
         return cupy.cuda.get_current_stream().ptr
     with cupy.cuda.Device(device):
         return cupy.cuda.get_current_stream().ptr
+
+
+def events(device: int, n: int) -> list:
+    """``n`` CUDA events on ``device`` without timing, for ordering streams by their raw handles (CuPy's events,
+    destroyed with their objects)."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(n)]
+
+
+def event_record(event, sp: int) -> None:
+    """Record ``event`` (from :func:`events`) on the raw stream ``sp``: one runtime call, no wrapper objects."""
+    _runtime().eventRecord(event.ptr, sp)
+
+
+def stream_wait(sp: int, event) -> None:
+    """Make the raw stream ``sp`` wait for ``event``'s last recording (captured as a dependency in a CUDA graph)."""
+    _runtime().streamWaitEvent(sp, event.ptr, 0)
+
+
+_RUNTIME = None
+
+
+def _runtime():
+    global _RUNTIME
+    if _RUNTIME is None:
+        import cupy.cuda.runtime
+
+        _RUNTIME = cupy.cuda.runtime
+    return _RUNTIME
 
 
 class _Handle:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
+from threading import get_ident
 
 import numpy as np
 import torch
@@ -96,6 +97,9 @@ class CompressedLinear(torch.nn.Module):
         self._runtime: weakref.ref | None = None  # to the Runtime that decodes this layer (see _attach)
         self._standalone: Runtime | None = None
         self._slot_index = (0, 0)
+        # (thread, device, views): the views of the slot this layer's group is active in, handed over by the runtime
+        # and taken back when that slot's content changes (Runtime._occupy); a forward uses them without a lookup
+        self._hot: tuple | None = None
         self._offloaded = False  # its stored tensors are kept on the host and staged to the GPU per use (.offload)
         self._register()
 
@@ -200,7 +204,7 @@ class CompressedLinear(torch.nn.Module):
         return [torch.int8, torch.float32], [(n, k), self._scale_shape()]
 
     def _payload_ptr(self) -> int:
-        return self.packed.data_ptr()
+        return self._buffers["packed"].data_ptr()  # per block start: not through Module.__getattr__
 
     def _stored(self) -> list[torch.Tensor]:
         """The tensors the weight is stored in: the container bytes, or the INT8 codes and scales."""
@@ -294,7 +298,7 @@ class CompressedLinear(torch.nn.Module):
         over ``packed`` where it was, and the runtime, which a copied model's runtime attaches again; a copy gets a
         key of its own for :func:`decoded_linear`."""
         state = self.__dict__.copy()
-        state.update(_views={}, _runtime=None, _standalone=None)
+        state.update(_views={}, _runtime=None, _standalone=None, _hot=None)
         state.pop("_op_key", None)
         return state
 
@@ -304,6 +308,14 @@ class CompressedLinear(torch.nn.Module):
     # holds the layer through a weak proxy, so there is no cycle that way either.
     def _attach(self, runtime: Runtime, group: int, index: int) -> None:
         self._runtime, self._slot_index = weakref.ref(runtime), (group, index)
+        self.__dict__["_hot"] = None
+
+    def _forget_decoded(self) -> None:
+        """The stored weight changed: whatever a runtime decoded from the old one is not to be used again."""
+        self.__dict__["_hot"] = None
+        rt = self._runtime() if self._runtime is not None else None
+        if rt is not None:
+            rt.forget(self._slot_index[0])
 
     def _own_runtime(self) -> Runtime:
         rt = self._runtime() if self._runtime is not None else None
@@ -319,6 +331,9 @@ class CompressedLinear(torch.nn.Module):
         """This layer's decoded tensors in its runtime's slot (decoding its group first if no slot holds it).
         ``enter``: start the group as its block's hook does (and so prefetch the next block), for forwards that
         run without the hook: traced ones (the hook is a no-op there) and the backward pass."""
+        hot = self._hot
+        if hot is not None and hot[0] == get_ident() and hot[1] == device:
+            return hot[2]  # the group is active in this thread's slot on this device (Runtime._activate)
         rt = self._own_runtime()
         if enter:
             rt.enter(self._slot_index[0], device)
@@ -376,6 +391,8 @@ class CompressedLinear(torch.nn.Module):
                                       error_msgs)
         if parsed is not None:
             self._set_template(parsed)
+        if self.mode != "int8" or self._offloaded:  # decoded per use: slots and plans hold the old weight
+            self._forget_decoded()
 
     def _apply(self, fn, recurse=True):
         scale = self._buffers.get("scale")
@@ -385,6 +402,7 @@ class CompressedLinear(torch.nn.Module):
             # a dtype cast (.half(), .to(dtype)): INT8 scales stay float32 and exact, only their device follows
             self._buffers["scale"] = scale.to(moved.device)
         self._views = {}  # buffers may have moved; the template keeps the header
+        self.__dict__["_hot"] = None  # views on the old device
         return out
 
     def extra_repr(self) -> str:

@@ -18,11 +18,13 @@ Scratch, plans and payloads are torch tensors (the plans' tables come from ``all
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 
 import cupycodec as cc
+from cupycodec import _cuda
 
 from .dlpack import current_stream, host_bits
 
@@ -32,6 +34,10 @@ _ALIGN = 256
 # Eager block decodes replay each plan's run as a CUDA graph (DecodePlan.replay): one launch of host work per block
 # instead of nvCOMP's calls and the filter launches. False: plan.run, as before (benchmarks compare the two).
 GRAPH_DECODES = True
+# A group that becomes active hands each of its layers its views of the slot (``layer._hot``), which the layer's
+# forward uses without asking the runtime while they are valid (see Runtime._occupy). False: layers always ask
+# (benchmarks compare the two; the forward is the same code either way).
+HOT_VIEWS = True
 
 
 def _a(n: int) -> int:
@@ -60,6 +66,7 @@ class DecodeGroup:
         self.stored_nbytes = total
         self._copied = [i for i, layer in enumerate(self.layers) if layer.mode == "int8"]  # offloaded codes
         self._coded = [i for i, layer in enumerate(self.layers) if layer.mode != "int8"]  # containers
+        self._entropy = [self.layers[i].mode == "int8+entropy" for i in self._coded]
         self._plans: dict = {}
         self._views: dict = {}  # (device, slot address, layer) -> the layer's views of that slot
         self._staged_plans: dict = {}  # (slot address, staging address) -> plan over the staged payloads
@@ -106,7 +113,7 @@ class DecodeGroup:
             for dst, src in zip(self.views(slot, i), self.layers[i]._stored()):
                 dst.copy_(src, non_blocking=True)
         if self._coded:
-            key = (slot.data_ptr(), *(self.layers[i]._payload_ptr() for i in self._coded))
+            key = (slot.data_ptr(), *[self.layers[i]._payload_ptr() for i in self._coded])
             self._run(lambda: [self.layers[i]._container(slot.device) for i in self._coded], slot, key, self._plans,
                       forget=True, sp=sp)
 
@@ -131,8 +138,8 @@ class DecodeGroup:
     def _run(self, containers, slot: torch.Tensor, key: tuple, plans: dict, forget: bool, sp: int | None) -> None:
         """Decode the container layers into ``slot``: a cached plan's run on a GPU (``containers()`` and the slot
         views are built only with the plan), the CPU pool on the host."""
-        entropy = [self.layers[i].mode == "int8+entropy" for i in self._coded]
-        if slot.device.type != "cuda":
+        entropy = self._entropy
+        if not slot.is_cuda:
             # one call for the group: every chunk of every layer through the CPU thread pool, into NumPy views
             items = containers()
             outs = [tuple(host_bits(t) for t in v) if len(v) == 2 else host_bits(v[0])
@@ -162,6 +169,12 @@ class DecodeGroup:
     def plans(self) -> list:
         return [*self._plans.values(), *self._staged_plans.values()]
 
+    def forget(self) -> None:
+        """Drop the plans and staged containers, built over the layers' containers as they were (a layer loaded new
+        ones, which may lay their chunks out differently in the same bytes); slot views stay, layouts do not
+        change."""
+        self._plans, self._staged_plans, self._staged_containers = {}, {}, {}
+
     def check(self) -> None:
         """Wait for and raise any bad chunk reported by this group's GPU decodes since the last check."""
         for plan in self.plans():
@@ -169,17 +182,21 @@ class DecodeGroup:
 
 
 class _DeviceState:
-    __slots__ = ("active", "copy", "done", "ready", "resident", "side", "slots", "staged", "staging")
+    __slots__ = ("active", "copy", "done", "hot", "ready", "resident", "side", "side_sp", "slots", "staged",
+                 "staging")
 
     def __init__(self):
         self.slots: list[torch.Tensor] = []
         # per slot: (group, event of its side-stream decode or None); a slot's entry changes whenever it is written
         self.resident: list = [None, None]
         self.active = 0  # the slot of the group in use: never the one a new decode goes to
-        self.side = None
-        # events reused by every prefetch (made once: an event's creation and destruction are host calls too):
-        # `ready` orders a prefetch after the caller's stream, done[s] marks slot s's decode; done[s] is recorded
-        # again only after the caller's stream was made to wait for its last recording (_settle)
+        self.hot: dict = {}  # (slot, group) -> [(layer, its hot views in that slot)], made once (Runtime._activate)
+        self.side = None  # the prefetch stream (torch's), and its raw handle
+        self.side_sp = 0
+        # CuPy events reused by every prefetch, recorded and waited on by raw handle (made once: creating one is a
+        # host call too, and torch's Event and Stream wrappers cost microseconds per call on a slow host): `ready`
+        # orders a prefetch after the caller's stream, done[s] marks slot s's decode; done[s] is recorded again only
+        # after the caller's stream was made to wait for its last recording (_settle)
         self.ready = None
         self.done: list = []
         # offloaded groups: two staging buffers, each [group, copied event, event of the decode that read it (None
@@ -203,6 +220,13 @@ class Runtime:
         for gi, g in enumerate(groups):
             for li, layer in enumerate(g.layers):
                 layer._attach(self, gi, li)
+
+    def __del__(self):
+        # hot views hold this runtime's slots: a layer that outlives its model must not keep them alive
+        for g in self.groups:
+            for layer in g.layers:
+                with contextlib.suppress(ReferenceError):  # a standalone runtime's layer, already gone
+                    layer.__dict__["_hot"] = None
 
     def __repr__(self):
         devices = list(dict.fromkeys(d for _, d in self._devices))
@@ -233,44 +257,89 @@ class Runtime:
     def enter(self, gi: int, device: torch.device) -> None:
         """A block starts: make its weights resident, and start decoding the next block's on a side stream."""
         st = self._state(device)
-        slot = self._acquire(st, gi, device)
+        sp = current_stream(device)
+        slot = self._acquire(st, gi, device, sp)
         nxt = gi + 1
-        if device.type == "cuda" and len(st.slots) == 2 and nxt < len(self.groups):
+        if sp is not None and len(st.slots) == 2 and nxt < len(self.groups):
             held = st.resident[1 - slot]
             if held is None or held[0] != nxt:
-                self._settle(st, 1 - slot, device)
-                self._prefetch(st, nxt, 1 - slot, device)
+                self._settle(st, 1 - slot, sp)
+                self._prefetch(st, nxt, 1 - slot, device, sp)
             if st.staging and nxt + 1 < len(self.groups) and self.groups[nxt + 1].offloaded:
                 self._stage(st, nxt + 1, device, keep=nxt)  # the copy engine works ahead of the decodes
 
     def views(self, gi: int, li: int, device: torch.device) -> list[torch.Tensor]:
         """A layer's decoded tensors, decoding its group first if no slot holds it (a layer called on its own)."""
         st = self._state(device)
-        return self.groups[gi].views(st.slots[self._acquire(st, gi, device)], li)
+        return self.groups[gi].views(st.slots[self._acquire(st, gi, device, current_stream(device))], li)
 
-    def _acquire(self, st: _DeviceState, gi: int, device: torch.device) -> int:
+    def _acquire(self, st: _DeviceState, gi: int, device: torch.device, sp: int | None) -> int:
+        """The slot holding group ``gi`` for work on the raw stream ``sp`` (torch's current; None on the CPU),
+        decoding it there first if no slot holds it."""
         for s, held in enumerate(st.resident):
             if held is not None and held[0] == gi:
-                self._settle(st, s, device)
-                st.active = s
+                self._settle(st, s, sp)
+                self._activate(st, gi, s, device)
                 return s
         s = 0 if len(st.slots) == 1 else 1 - st.active  # never the slot the group in use reads from
-        self._settle(st, s, device)  # a prefetch still writing there finishes before this decode overwrites it
-        self._decode(st, gi, s, device, torch.cuda.current_stream(device) if device.type == "cuda" else None)
+        self._settle(st, s, sp)  # a prefetch still writing there finishes before this decode overwrites it
+        self._occupy(st, s, -1, None)  # what the slot held is gone from here on, whatever this decode does
+        self._decode(st, gi, s, device, sp)
         st.resident[s] = (gi, None)
-        st.active = s
+        self._activate(st, gi, s, device)
         return s
 
-    def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device, stream) -> None:
-        """Decode group ``gi`` into slot ``s`` on ``stream`` (a torch stream; None on the CPU), through staging if it
-        is offloaded. A group of containers only runs its plan on the stream's handle, entering no stream context."""
+    def _occupy(self, st: _DeviceState, s: int, gi: int, event) -> None:
+        """Slot ``s`` now holds group ``gi`` (-1: nothing usable), decoded by the side-stream work ``event`` marks
+        (None: ordered already). The group it held before loses its layers' hot views: every change of what a slot
+        holds comes through here, so a hot view never outlives the slot content it reads."""
+        held = st.resident[s]
+        if held is not None and held[0] >= 0 and held[0] != gi:
+            for layer in self.groups[held[0]].layers:
+                layer.__dict__["_hot"] = None
+        st.resident[s] = (gi, event)
+
+    def _activate(self, st: _DeviceState, gi: int, s: int, device: torch.device) -> None:
+        """Group ``gi``, resident and settled in slot ``s``, is the one in use: hand its layers their views (keyed by
+        thread and device: another thread's forward has slots of its own)."""
+        st.active = s
+        if HOT_VIEWS:
+            hot = st.hot.get((s, gi))
+            if hot is None:
+                group, slot, me = self.groups[gi], st.slots[s], threading.get_ident()
+                hot = st.hot[s, gi] = [(layer, (me, device, group.views(slot, i)))
+                                       for i, layer in enumerate(group.layers)]
+            for layer, views in hot:
+                layer.__dict__["_hot"] = views
+
+    def forget(self, gi: int) -> None:
+        """Group ``gi``'s stored weights changed (a state dict was loaded into a layer): no slot or staging buffer
+        holds its weights any more, and its plans, built over the old containers, go. Pending events are kept, so
+        that later writes to those buffers stay ordered after work already enqueued."""
+        for st in self._devices.values():
+            for s, held in enumerate(st.resident):
+                if held is not None and held[0] == gi:
+                    self._occupy(st, s, -1, held[1])
+            for held in st.staged:
+                if held is not None and held[0] == gi:
+                    held[0] = -1
         group = self.groups[gi]
-        if stream is None:
+        for layer in group.layers:
+            layer.__dict__["_hot"] = None
+        group.forget()
+
+    def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int | None, stream=None) -> None:
+        """Decode group ``gi`` into slot ``s`` on the raw stream ``sp`` (None on the CPU), through staging if it is
+        offloaded; ``stream``: the torch stream of that handle, when not torch's current one. A group of containers
+        only runs its plan on the handle, entering no stream context."""
+        group = self.groups[gi]
+        if sp is None:
             group.decode(st.slots[s])
             return
         if not (group.offloaded and st.staging) and not group._copied:
-            group.decode(st.slots[s], sp=stream.cuda_stream)
+            group.decode(st.slots[s], sp=sp)
             return
+        stream = stream if stream is not None else torch.cuda.current_stream(device)
         with torch.cuda.stream(stream):
             if not (group.offloaded and st.staging):
                 group.decode(st.slots[s])
@@ -304,22 +373,26 @@ class Runtime:
         return k
 
     @staticmethod
-    def _settle(st: _DeviceState, s: int, device: torch.device) -> None:
-        """Order torch's current stream after slot ``s``'s side-stream decode, if one is pending."""
+    def _settle(st: _DeviceState, s: int, sp: int | None) -> None:
+        """Order the raw stream ``sp`` (torch's current) after slot ``s``'s side-stream decode, if one is pending."""
         held = st.resident[s]
         if held is not None and held[1] is not None:
-            torch.cuda.current_stream(device).wait_event(held[1])
+            _cuda.stream_wait(sp, held[1])
             st.resident[s] = (held[0], None)
 
-    def _prefetch(self, st: _DeviceState, gi: int, s: int, device: torch.device) -> None:
+    def _prefetch(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int) -> None:
+        """Decode group ``gi`` into slot ``s`` on the side stream, after the work enqueued so far on ``sp``."""
         if st.side is None:
             st.side = torch.cuda.Stream(device)
-            st.ready, st.done = torch.cuda.Event(), [torch.cuda.Event() for _ in st.slots]
-        st.ready.record(torch.cuda.current_stream(device))  # everything that read slot s before is enqueued before
-        st.side.wait_event(st.ready)
-        self._decode(st, gi, s, device, st.side)
+            st.side_sp = st.side.cuda_stream
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            st.ready, *st.done = _cuda.events(index, 1 + len(st.slots))
+        _cuda.event_record(st.ready, sp)  # everything that read slot s before is enqueued before the decode
+        _cuda.stream_wait(st.side_sp, st.ready)
+        self._occupy(st, s, -1, None)
+        self._decode(st, gi, s, device, st.side_sp, st.side)
         done = st.done[s]  # slot s was settled before this prefetch: no wait on done's last recording is pending
-        done.record(st.side)
+        _cuda.event_record(done, st.side_sp)
         st.resident[s] = (gi, done)
 
     def nbytes(self) -> int:
@@ -333,6 +406,8 @@ class Runtime:
         for (_, device), st in self._devices.items():
             if st.staging:
                 torch.cuda.synchronize(device)
+            for s in range(len(st.slots)):
+                self._occupy(st, s, -1, None)
             st.resident = [None] * len(st.slots)
             st.staged = [None] * len(st.staging)
 

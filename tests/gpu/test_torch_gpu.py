@@ -281,6 +281,30 @@ def test_block_decodes_and_prefetch_capture_and_replay(mode):
                 assert torch.equal(eager, run(base, static))
 
 
+@pytest.mark.parametrize("layers", [1, 2])  # after a forward, the first block is still in its slot
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy", "int8 offloaded"])
+def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, layers):
+    from cupycodec.integrations.torch import compress_model
+
+    def compressed(sign):
+        model = _tiny_llama(layers=layers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(sign)
+        compress_model(model, mode.split()[0], progress=False, **({"offload": "cpu"} if "offloaded" in mode else {}))
+        return model
+
+    a, b = compressed(1), compressed(-1)
+    ids = torch.randint(0, 512, (1, 9), device="cuda")
+    with torch.no_grad():
+        want = b(ids).logits
+        assert not torch.equal(a(ids).logits, want)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(ids).logits, want)
+        assert torch.equal(a(ids).logits, want)
+    a._cupycodec_runtime[0].check()
+
+
 def test_block_prefetch_keeps_results_exact_whatever_the_order():
     # layers called on their own, out of block order, between block forwards: slots must never be overwritten in use
     from cupycodec.integrations.torch import compress_model

@@ -88,6 +88,19 @@ def test_state_dict_round_trip_and_config_checks(mode):
         assert torch.equal(wrong.packed, before)
 
 
+@pytest.mark.parametrize("codec", ["raw", None])
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_loaded_state_dict_replaces_what_was_decoded(mode, codec):
+    # a layer that decoded its weight, then loads another (in place when the sizes match: "raw"), computes with
+    # the new one: its slot, hot views and plans held the old weight
+    a, b = (CompressedLinear.from_linear(_linear(seed=seed), mode, codec=codec) for seed in (0, 1))
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, _ = b(x), a(x)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), want)
+
+
 def test_a_corrupt_packed_weight_is_refused_by_load_state_dict():
     cl = CompressedLinear.from_linear(_linear(), "lossless")
     sd = cl.state_dict()

@@ -115,6 +115,27 @@ def test_placement_regroups_and_computes_the_same(mode, monkeypatch):
         assert torch.equal(_logits(model), want)  # and again, from the same slots
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, monkeypatch):
+    # one block, so its slot still holds it when the next forward starts; INT8 layers offloaded (decoded per use)
+    def one_block(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        compress_model(model, mode, progress=False, codec="raw" if mode != "int8" else None)
+        blocks, _, _ = off.plan(model)
+        monkeypatch.setattr(off, "_warned_pageable", True)
+        off._place(model, torch.device("cpu"), blocks, 0, off._device_nbytes(model, blocks, 0))
+        return model
+
+    a, b = one_block(0), one_block(1)
+    want = _logits(b)
+    assert not torch.equal(_logits(a), want)
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(_logits(a), want)
+
+
 def test_a_failed_copy_leaves_the_model_as_it_was(monkeypatch):
     model = tiny_llama()
     compress_model(model, "int8+entropy", progress=False)
