@@ -215,10 +215,12 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     from cupycodec.integrations.torch import runtime
 
     models = {}
-    for mode in modes:  # "MODE-run": MODE with its block decodes run directly, not replayed from CUDA graphs
+    # "MODE-run": MODE with its block decodes run directly, not replayed from CUDA graphs (runtime.GRAPH_DECODES);
+    # "MODE-cold": its layers ask the runtime for their views on every call (runtime.HOT_VIEWS)
+    for mode in modes:
         models[mode] = base if mode == "bf16" else copy.deepcopy(base)
         if mode != "bf16":
-            compress_model(models[mode], mode.removesuffix("-run"), progress=False)
+            compress_model(models[mode], mode.removesuffix("-run").removesuffix("-cold"), progress=False)
     rows = {m: {"paced host": [], "paced wall": [], "free host": [], "free wall": []} for m in models}
 
     def fresh(model):
@@ -236,6 +238,7 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
         for _ in range(rounds):
             for mode, model in models.items():
                 runtime.GRAPH_DECODES = not mode.endswith("-run")
+                runtime.HOT_VIEWS = not mode.endswith("-cold")
                 r = rows[mode]
                 cache, tok = fresh(model)
                 host, wall = [], []
@@ -256,7 +259,7 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
                 torch.cuda.synchronize()
                 r["free host"].append((t1 - t0) / steps * 1e3)
                 r["free wall"].append((time.perf_counter() - t0) / steps * 1e3)
-        runtime.GRAPH_DECODES = True
+        runtime.GRAPH_DECODES = runtime.HOT_VIEWS = True
     print(f"\n=== one-token steps, TinyLlama shape, ms per step (median over {rounds} rounds of {steps} steps; "
           "min in brackets)", flush=True)
     print(f"{'mode':14s} " + " ".join(f"{k:>17s}" for k in next(iter(rows.values()))), flush=True)
@@ -283,6 +286,10 @@ def host_only_us(fn, calls: int, reps: int = 9) -> float:
 
 
 def enter_profile(modes, cycles: int = 4) -> None:
+    import cProfile
+    import io
+    import pstats
+
     from cupycodec.integrations.torch import compress_model, runtime
 
     base = tinyllama()
@@ -307,6 +314,16 @@ def enter_profile(modes, cycles: int = 4) -> None:
             us = host_only_us(cycle, cycles) / len(rt.groups)
             print(f"{mode:14s} enter, graph decodes {graphs!s:5s} {us:8.1f} us", flush=True)
         runtime.GRAPH_DECODES = True
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(8):  # (a few hundred launches: within CUDA's queue, so no launch waits)
+            cycle()
+        pr.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(14)
+        print(f"{mode}: cProfile of 8 x {len(rt.groups)} enters (graph decodes)\n{out.getvalue()[-3500:]}",
+              flush=True)
         plan = next(iter(rt.groups[3]._plans.values()))
         print(f"{mode:14s} plan.run    {host_only_us(lambda p=plan: p.run(sp), 50):8.1f} us", flush=True)
         print(f"{mode:14s} plan.replay {host_only_us(lambda p=plan: p.replay(sp), 50):8.1f} us", flush=True)
