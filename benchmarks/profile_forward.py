@@ -20,7 +20,8 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
    the forward returns, wall = until the GPU is done. "free": 16 steps back to back (the next token chosen on the
    GPU) and one wait: host = enqueueing the 16, wall = all done. Where host ~ wall the mode is bound by the host;
    where wall > host, by the GPU (or by a wait inside the forward, which would show as host ~ wall in "paced" with
-   a large host figure).
+   a large host figure). Modes take flags: "lossless-run" (decodes not replayed from graphs), "-cold" (no hot
+   views), "-inline" (one slot, no prefetch), "-nogc" (the garbage collector off during its rounds).
 6. "enter": host microseconds of a block's start alone on the same shape (Runtime.enter over every block in turn:
    its decode, the next block's prefetch, events), with each plan's run replayed from a CUDA graph
    (runtime.GRAPH_DECODES, the default) and run directly; and of one plan's run against its replay.
@@ -204,6 +205,7 @@ def generate_profile(modes, top: int, rounds: int = 4, tokens: int = 32) -> None
 
 
 def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
+    import gc
     import statistics
 
     import transformers
@@ -215,12 +217,16 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     from cupycodec.integrations.torch import runtime
 
     models = {}
-    # "MODE-run": MODE with its block decodes run directly, not replayed from CUDA graphs (runtime.GRAPH_DECODES);
-    # "MODE-cold": its layers ask the runtime for their views on every call (runtime.HOT_VIEWS)
+    # MODE with flags: "-run", its block decodes run directly, not replayed from CUDA graphs (runtime.GRAPH_DECODES);
+    # "-cold", its layers ask the runtime for their views on every call (runtime.HOT_VIEWS); "-inline", one slot
+    # and no prefetch (every block decodes on torch's stream when it starts); "-nogc", Python's garbage collector
+    # off during its rounds
     for mode in modes:
-        models[mode] = base if mode == "bf16" else copy.deepcopy(base)
-        if mode != "bf16":
-            compress_model(models[mode], mode.removesuffix("-run").removesuffix("-cold"), progress=False)
+        kind = mode.split("-")[0]
+        models[mode] = base if kind == "bf16" else copy.deepcopy(base)
+        if kind != "bf16":
+            compress_model(models[mode], kind, progress=False)
+            models[mode]._cupycodec_runtime[0].prefetch = "-inline" not in mode
     rows = {m: {"paced host": [], "paced wall": [], "free host": [], "free wall": []} for m in models}
 
     def fresh(model):
@@ -237,8 +243,11 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
             torch.cuda.synchronize()
         for _ in range(rounds):
             for mode, model in models.items():
-                runtime.GRAPH_DECODES = not mode.endswith("-run")
-                runtime.HOT_VIEWS = not mode.endswith("-cold")
+                runtime.GRAPH_DECODES = "-run" not in mode
+                runtime.HOT_VIEWS = "-cold" not in mode
+                if "-nogc" in mode:
+                    gc.collect()
+                    gc.disable()
                 r = rows[mode]
                 cache, tok = fresh(model)
                 host, wall = [], []
@@ -259,6 +268,7 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
                 torch.cuda.synchronize()
                 r["free host"].append((t1 - t0) / steps * 1e3)
                 r["free wall"].append((time.perf_counter() - t0) / steps * 1e3)
+                gc.enable()
         runtime.GRAPH_DECODES = runtime.HOT_VIEWS = True
     print(f"\n=== one-token steps, TinyLlama shape, ms per step (median over {rounds} rounds of {steps} steps; "
           "min in brackets)", flush=True)
