@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -237,6 +240,36 @@ def test_threads_running_one_model_at_once_get_exact_results(mode):
     for t in threads:
         t.join()
     assert wrong == [0, 0]
+
+
+_CALLS = st.lists(st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 6)), st.none()), min_size=1, max_size=10)
+
+
+@functools.cache
+def _lossless_pair():
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    compress_model(model, "lossless", progress=False)
+    return base, model
+
+
+@settings(max_examples=25, deadline=None)
+@given(calls=_CALLS)
+def test_layers_called_in_any_order_compute_with_their_own_weights(calls):
+    # single layers of any block, between whole forwards (None), in any order: each layer's hot views (its slot,
+    # handed over when its block was decoded) must be taken back whenever the slot is decoded into again
+    base, model = _lossless_pair()
+    names = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]
+    with torch.no_grad():
+        for call in calls:
+            if call is None:
+                assert torch.equal(_logits(model), _logits(base))
+                continue
+            block, i = call
+            got, want = (getattr(getattr(m.model.layers[block], names[i][0]), names[i][1]) for m in (model, base))
+            x = torch.randn(1, 3, want.in_features, dtype=torch.bfloat16)
+            assert torch.equal(got(x), want(x))
 
 
 def test_blocks_come_from_the_module_tree():
