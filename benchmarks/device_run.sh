@@ -59,7 +59,8 @@ for arg in "$@"; do
     prof) timeout -k 5 "$secs" python3 benchmarks/profile_latency.py ${PROF_ARGS:-} >"$OUT/profile_latency.log" 2>&1
           rc=$?; tail -60 "$OUT/profile_latency.log" ;;
     fwd) timeout -k 5 "$secs" python3 benchmarks/profile_forward.py ${FWD_ARGS:-} >"$OUT/profile_forward.log" 2>&1
-         rc=$?; grep -E "us/call|wall| us$" "$OUT/profile_forward.log"; grep -A6 "ms per token\|ms per step" "$OUT/profile_forward.log" ;;
+         rc=$?; grep -E "us/call|wall| us$" "$OUT/profile_forward.log"; grep -A6 "ms per token\|ms per step" "$OUT/profile_forward.log"
+         grep -A12 "CUDA API calls" "$OUT/profile_forward.log" ;;
     multi) # two GPUs (issue 14): the two-GPU tests, with multicast off as the device notes ask
            NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUPYCODEC_GPUS=2 \
              timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -v --timeout 240 -rfEs \

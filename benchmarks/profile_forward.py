@@ -26,8 +26,12 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
    its decode, the next block's prefetch, events), with each plan's run replayed from a CUDA graph
    (runtime.GRAPH_DECODES, the default) and run directly; and of one plan's run against its replay.
 
+7. "api": per mode, host microseconds per CUDA API call (cudaLaunchKernel, cudaGraphLaunch, ...) and per torch op
+   in one-token steps under torch.profiler, the modes' rounds alternating: where a compressed model's eager step
+   spends the host time bf16's does not.
+
 Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
-       [--sections layer,launch,prefill,generate,step,enter]
+       [--sections layer,launch,prefill,generate,step,enter,api]
 """
 
 from __future__ import annotations
@@ -278,6 +282,63 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
               flush=True)
 
 
+API_KEYS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch", "cudaEventRecord", "cudaStreamWaitEvent",
+            "aten::linear", "aten::mm", "aten::mul", "aten::to", "aten::empty")
+
+
+def api_profile(modes, rounds: int = 7, steps: int = 4) -> None:
+    """Host time per CUDA API call and per torch op in one-token steps, the modes' rounds alternating (so that the
+    host's drift falls on every mode alike): torch.profiler (CPU and CUDA activities) over ``steps`` steps a round;
+    per mode and key, the calls per step and the median over rounds of the mean host microseconds per call."""
+    import statistics
+
+    import transformers
+
+    from cupycodec.integrations.torch import compress_model
+
+    base = tinyllama()
+    prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+    models = {}
+    for mode in modes:
+        models[mode] = base if mode == "bf16" else copy.deepcopy(base)
+        if mode != "bf16":
+            compress_model(models[mode], mode, progress=False)
+    per = {m: {k: [] for k in API_KEYS} for m in models}
+    counts = {m: {} for m in models}
+    step_ms = {m: [] for m in models}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms up (plans, slots, the profiler itself)
+            for mode, model in models.items():
+                cache = transformers.DynamicCache(config=model.config)
+                tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                with torch.profiler.profile(activities=activities) as prof:
+                    t = time.perf_counter()
+                    for _ in range(steps):
+                        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    took = (time.perf_counter() - t) * 1e3 / steps
+                if r == 0:
+                    continue
+                step_ms[mode].append(took)
+                for e in prof.key_averages():
+                    if e.key in API_KEYS and e.count:
+                        per[mode][e.key].append(e.cpu_time_total / e.count)
+                        counts[mode][e.key] = e.count / steps
+    print(f"\n=== CUDA API calls and torch ops in one-token steps, TinyLlama shape: host us per call (median over "
+          f"{rounds} alternating rounds of {steps} profiled steps), calls per step", flush=True)
+    print(f"{'key':22s} " + " ".join(f"{m:>22s}" for m in models), flush=True)
+    for key in API_KEYS:
+        cells = []
+        for mode in models:
+            v = per[mode][key]
+            cells.append(f"{statistics.median(v):9.2f} x {counts[mode].get(key, 0):7.1f}" if v else f"{'-':>22s}")
+        print(f"{key:22s} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
+    print(f"{'step ms (profiled)':22s} " + " ".join(f"{statistics.median(step_ms[m]):22.2f}" for m in models),
+          flush=True)
+
+
 def host_only_us(fn, calls: int, reps: int = 9) -> float:
     """Host microseconds per call of ``fn`` up to its return (the GPU's work not waited for: a few calls at a time,
     fewer than fill CUDA's launch queue), median of ``reps`` batches."""
@@ -362,6 +423,8 @@ def main(argv=None) -> int:
         step_profile(args.modes.split(","))
     if "enter" in sections:
         enter_profile(args.modes.split(","))
+    if "api" in sections:
+        api_profile(args.modes.split(","))
     return 0
 
 
