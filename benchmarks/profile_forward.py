@@ -172,16 +172,10 @@ def generate_profile(modes, top: int, rounds: int = 4, tokens: int = 32) -> None
     import pstats
     import statistics
 
-    from cupycodec.integrations.torch import compress_model
-
     base = tinyllama()
     base.generation_config.eos_token_id = None
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
-    models = {}
-    for mode in modes:
-        models[mode] = base if mode == "bf16" else copy.deepcopy(base)
-        if mode != "bf16":
-            compress_model(models[mode], mode, progress=False)
+    models = compressed_copies(base, modes)
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     times = {m: [] for m in models}
     with torch.no_grad():
@@ -214,23 +208,14 @@ def step_profile(modes, rounds: int = 9, steps: int = 16) -> None:
 
     import transformers
 
-    from cupycodec.integrations.torch import compress_model
-
     base = tinyllama()
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
     from cupycodec.integrations.torch import runtime
 
-    models = {}
     # MODE with flags: "-run", its block decodes run directly, not replayed from CUDA graphs (runtime.GRAPH_DECODES);
     # "-cold", its layers ask the runtime for their views on every call (runtime.HOT_VIEWS); "-inline", one slot
-    # and no prefetch (every block decodes on torch's stream when it starts); "-nogc", Python's garbage collector
-    # off during its rounds
-    for mode in modes:
-        kind = mode.split("-")[0]
-        models[mode] = base if kind == "bf16" else copy.deepcopy(base)
-        if kind != "bf16":
-            compress_model(models[mode], kind, progress=False)
-            models[mode]._cupycodec_runtime[0].prefetch = "-inline" not in mode
+    # and no prefetch (see compressed_copies); "-nogc", Python's garbage collector off during its rounds
+    models = compressed_copies(base, modes)
     rows = {m: {"paced host": [], "paced wall": [], "free host": [], "free wall": []} for m in models}
 
     def fresh(model):
@@ -294,15 +279,9 @@ def api_profile(modes, rounds: int = 7, steps: int = 4) -> None:
 
     import transformers
 
-    from cupycodec.integrations.torch import compress_model
-
     base = tinyllama()
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
-    models = {}
-    for mode in modes:
-        models[mode] = base if mode == "bf16" else copy.deepcopy(base)
-        if mode != "bf16":
-            compress_model(models[mode], mode, progress=False)
+    models = compressed_copies(base, modes)
     per = {m: {k: [] for k in API_KEYS} for m in models}
     counts = {m: {} for m in models}
     step_ms = {m: [] for m in models}
@@ -337,6 +316,22 @@ def api_profile(modes, rounds: int = 7, steps: int = 4) -> None:
         print(f"{key:22s} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
     print(f"{'step ms (profiled)':22s} " + " ".join(f"{statistics.median(step_ms[m]):22.2f}" for m in models),
           flush=True)
+
+
+def compressed_copies(base, modes) -> dict:
+    """``mode -> model``: ``base`` itself for bf16, else a copy compressed in the mode before any flag ("lossless"
+    for "lossless-run"); flag "-inline" gives it one slot and no prefetch (every block decodes on torch's stream when
+    it starts)."""
+    from cupycodec.integrations.torch import compress_model
+
+    models = {}
+    for mode in modes:
+        kind = mode.split("-")[0]
+        models[mode] = base if kind == "bf16" else copy.deepcopy(base)
+        if kind != "bf16":
+            compress_model(models[mode], kind, progress=False)
+            models[mode]._cupycodec_runtime[0].prefetch = "-inline" not in mode
+    return models
 
 
 def host_only_us(fn, calls: int, reps: int = 9) -> float:
