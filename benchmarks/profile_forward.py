@@ -26,12 +26,17 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
    its decode, the next block's prefetch, events), with each plan's run replayed from a CUDA graph
    (runtime.GRAPH_DECODES, the default) and run directly; and of one plan's run against its replay.
 
+8. "split": per mode, where a one-token step's host time goes, measured inside the step (not in a loop of its
+   own): the time in block starts (``Runtime.enter``), in the Linear layers' forwards (``nn.Linear`` or
+   ``CompressedLinear``), and the rest (transformers' own code), by timers wrapped around those methods, with the
+   modes' rounds alternating. Whether the compressed modes' extra time is in our code or in the rest.
+
 7. "api": per mode, host microseconds per CUDA API call (cudaLaunchKernel, cudaGraphLaunch, ...) and per torch op
    in one-token steps under torch.profiler, the modes' rounds alternating: where a compressed model's eager step
    spends the host time bf16's does not.
 
 Usage: python benchmarks/profile_forward.py [--modes bf16,int8,lossless] [--calls 2000] [--top 15]
-       [--sections layer,launch,prefill,generate,step,enter,api]
+       [--sections layer,launch,prefill,generate,step,enter,api,split]
 """
 
 from __future__ import annotations
@@ -318,6 +323,76 @@ def api_profile(modes, rounds: int = 7, steps: int = 4) -> None:
           flush=True)
 
 
+def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
+    """Host ms per one-token step spent in block starts, in Linear forwards and elsewhere (see the module doc, 8):
+    class-level timers around ``Runtime.enter``, ``nn.Linear.forward`` and ``CompressedLinear.forward``, the same
+    wrapper for each (its own cost, about a microsecond a call, falls on every mode per call it wraps)."""
+    import statistics
+
+    import transformers
+
+    from cupycodec.integrations.torch import CompressedLinear, runtime
+
+    base = tinyllama()
+    prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+    models = compressed_copies(base, modes)
+    acc = {"enter": [0.0, 0], "linear": [0.0, 0]}
+    patched = [(runtime.Runtime, "enter", "enter"), (torch.nn.Linear, "forward", "linear"),
+               (CompressedLinear, "forward", "linear")]
+    originals = [getattr(cls, name) for cls, name, _ in patched]
+
+    def timed(fn, cell):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                cell[0] += time.perf_counter() - t
+                cell[1] += 1
+        return wrapper
+
+    for (cls, name, what), fn in zip(patched, originals):
+        setattr(cls, name, timed(fn, acc[what]))
+    rows = {m: {"step": [], "enter": [], "linear": [], "rest": [], "n_enter": 0, "n_linear": 0} for m in models}
+    try:
+        with torch.no_grad():
+            for r in range(rounds + 1):  # round 0 warms up
+                for mode, model in models.items():
+                    cache = transformers.DynamicCache(config=model.config)
+                    tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    step, got = [], {k: [] for k in acc}
+                    for _ in range(steps):
+                        for cell in acc.values():
+                            cell[:] = [0.0, 0]
+                        t = time.perf_counter()
+                        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                        step.append(time.perf_counter() - t)
+                        torch.cuda.synchronize()  # paced, as generate's stopping check paces it
+                        for k, cell in acc.items():
+                            got[k].append(cell[0])
+                    if r == 0:
+                        continue
+                    row = rows[mode]
+                    i = sorted(range(steps), key=step.__getitem__)[steps // 2]  # the median step, and its parts
+                    row["step"].append(step[i] * 1e3)
+                    row["enter"].append(got["enter"][i] * 1e3)
+                    row["linear"].append(got["linear"][i] * 1e3)
+                    row["rest"].append((step[i] - got["enter"][i] - got["linear"][i]) * 1e3)
+                    row["n_enter"], row["n_linear"] = acc["enter"][1], acc["linear"][1]
+    finally:
+        for (cls, name, _), fn in zip(patched, originals):
+            setattr(cls, name, fn)
+    print(f"\n=== one-token steps, TinyLlama shape, where the host time goes: ms per step (median over {rounds} "
+          f"alternating rounds of each round's median step; min in brackets), calls per step", flush=True)
+    print(f"{'mode':14s} " + " ".join(f"{k:>17s}" for k in ("step", "enter", "linear", "rest")) + "   calls",
+          flush=True)
+    for mode, r in rows.items():
+        print(f"{mode:14s} " + " ".join(f"{statistics.median(r[k]):8.3f} [{min(r[k]):6.3f}]"
+                                        for k in ("step", "enter", "linear", "rest"))
+              + f"   {r['n_enter']} enters, {r['n_linear']} linears", flush=True)
+
+
 def compressed_copies(base, modes) -> dict:
     """``mode -> model``: ``base`` itself for bf16, else a copy compressed in the mode before any flag ("lossless"
     for "lossless-run"); flag "-inline" gives it one slot and no prefetch (every block decodes on torch's stream when
@@ -420,6 +495,8 @@ def main(argv=None) -> int:
         enter_profile(args.modes.split(","))
     if "api" in sections:
         api_profile(args.modes.split(","))
+    if "split" in sections:
+        split_profile(args.modes.split(","))
     return 0
 
 
