@@ -29,7 +29,11 @@ Eager forwards on a slow host are bound by Python and launch cost, not by the GP
 8. "split": per mode, where a one-token step's host time goes, measured inside the step (not in a loop of its
    own): the time in block starts (``Runtime.enter``), in the Linear layers' forwards (``nn.Linear`` or
    ``CompressedLinear``), and the rest (transformers' own code), by timers wrapped around those methods, with the
-   modes' rounds alternating. Whether the compressed modes' extra time is in our code or in the rest.
+   modes' rounds alternating. Whether the compressed modes' extra time is in our code or in the rest. Ablation
+   flags (timing only: the weights are then not decoded, the tokens are wrong): "-nodecode", a block's decode
+   launches nothing (``DecodePlan.replay`` a no-op); "-emptygraph", it launches a graph of one 4-byte memset
+   instead. Before the rounds, one step per mode runs under ``torch.cuda.set_sync_debug_mode("warn")``, and the
+   number of synchronizing calls it warns of is printed.
 
 7. "api": per mode, host microseconds per CUDA API call (cudaLaunchKernel, cudaGraphLaunch, ...) and per torch op
    in one-token steps under torch.profiler, the modes' rounds alternating: where a compressed model's eager step
@@ -328,14 +332,44 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     class-level timers around ``Runtime.enter``, ``nn.Linear.forward`` and ``CompressedLinear.forward``, the same
     wrapper for each (its own cost, about a microsecond a call, falls on every mode per call it wraps)."""
     import statistics
+    import warnings
 
+    import cupy
     import transformers
 
+    from cupycodec.engine import decode
     from cupycodec.integrations.torch import CompressedLinear, runtime
 
     base = tinyllama()
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
     models = compressed_copies(base, modes)
+    replay = decode.DecodePlan.replay
+    scratch = torch.zeros(1, dtype=torch.int32, device="cuda")
+    rt, s = cupy.cuda.runtime, cupy.cuda.Stream(non_blocking=True)
+    rt.streamBeginCapture(s.ptr, rt.streamCaptureModeThreadLocal)
+    rt.memsetAsync(scratch.data_ptr(), 0, 4, s.ptr)
+    tiny = rt.graphInstantiate(rt.streamEndCapture(s.ptr))  # launched as DecodePlan.replay launches its graph
+    variants = {"-nodecode": lambda plan, stream=None: None,
+                "-emptygraph": lambda plan, stream=None: rt.graphLaunch(tiny, stream)}
+
+    def variant(mode):
+        decode.DecodePlan.replay = next((f for flag, f in variants.items() if flag in mode), replay)
+
+    with torch.no_grad():
+        for mode, model in models.items():
+            variant(mode)
+            cache = transformers.DynamicCache(config=model.config)
+            tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    model(tok, past_key_values=cache, use_cache=True)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message).splitlines()[0][:100] for w in seen if "synchroniz" in str(w.message)]
+            print(f"{mode}: {len(syncs)} synchronizing call(s) in one step {sorted(set(syncs))[:3]}", flush=True)
     acc = {"enter": [0.0, 0], "linear": [0.0, 0]}
     patched = [(runtime.Runtime, "enter", "enter"), (torch.nn.Linear, "forward", "linear"),
                (CompressedLinear, "forward", "linear")]
@@ -358,6 +392,7 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
         with torch.no_grad():
             for r in range(rounds + 1):  # round 0 warms up
                 for mode, model in models.items():
+                    variant(mode)
                     cache = transformers.DynamicCache(config=model.config)
                     tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
@@ -383,6 +418,7 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     finally:
         for (cls, name, _), fn in zip(patched, originals):
             setattr(cls, name, fn)
+        decode.DecodePlan.replay = replay
     print(f"\n=== one-token steps, TinyLlama shape, where the host time goes: ms per step (median over {rounds} "
           f"alternating rounds of each round's median step; min in brackets), calls per step", flush=True)
     print(f"{'mode':14s} " + " ".join(f"{k:>17s}" for k in ("step", "enter", "linear", "rest")) + "   calls",

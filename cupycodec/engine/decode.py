@@ -346,11 +346,18 @@ class _PlanGraph:
                 return False
             try:
                 plan.run(stream.ptr)
-            finally:
+            except BaseException:  # the capture ends, and the graph it made so far goes, with the error
                 try:
-                    graph = rt.streamEndCapture(stream.ptr)
+                    partial = rt.streamEndCapture(stream.ptr)
+                    if partial:
+                        rt.graphDestroy(partial)
                 except cupy.cuda.runtime.CUDARuntimeError:
-                    graph = 0
+                    pass
+                raise
+            try:
+                graph = rt.streamEndCapture(stream.ptr)
+            except cupy.cuda.runtime.CUDARuntimeError:
+                graph = 0
             if not graph:
                 return False
             try:

@@ -396,7 +396,14 @@ class CompressedLinear(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         scale = self._buffers.get("scale")
+        before = {t.device for t in self._stored()}
         out = super()._apply(fn, recurse)
+        for device in before - {t.device for t in self._stored()}:
+            # moved off a device (.cpu(), .to()): the runtime gives back its slots, plans and views there (the first
+            # layer to move releases them; a forward on that device later makes them again)
+            for rt in {id(r): r for r in (self._runtime() if self._runtime is not None else None, self._standalone)
+                       if r is not None}.values():
+                rt.release(device)
         moved = self._buffers.get("scale")
         if scale is not None and moved is not None and moved.dtype != torch.float32:
             # a dtype cast (.half(), .to(dtype)): INT8 scales stay float32 and exact, only their device follows

@@ -71,6 +71,7 @@ class DecodeGroup:
         self._views: dict = {}  # (device, slot address, layer) -> the layer's views of that slot
         self._staged_plans: dict = {}  # (slot address, staging address) -> plan over the staged payloads
         self._staged_containers: dict = {}  # staging address -> containers over it
+        self._late = None  # a bad chunk that a plan which has gone reported (see _retire), raised by check()
 
     def views(self, slot: torch.Tensor, i: int) -> list[torch.Tensor]:
         """Layer ``i``'s decoded tensors inside ``slot``: its weight, or its INT8 codes and scales (built once per
@@ -152,8 +153,7 @@ class DecodeGroup:
         plan = plans.get(key)
         if plan is None:  # once per slot and payload placement: built before any graph capture, on a warm-up pass
             if forget:  # payloads that moved: their plans go
-                for k in [k for k in list(plans) if k[0] == key[0]]:  # list(): another thread may add one
-                    del plans[k]
+                self._retire([plans.pop(k) for k in [k for k in list(plans) if k[0] == key[0]]])  # list(): threads
             if any(entropy) and not all(entropy):
                 raise ValueError(f"group {self.name}: mixes lossless and int8+entropy layers; compress a model with "
                                  "one mode")
@@ -173,10 +173,36 @@ class DecodeGroup:
         """Drop the plans and staged containers, built over the layers' containers as they were (a layer loaded new
         ones, which may lay their chunks out differently in the same bytes); slot views stay, layouts do not
         change."""
+        self._retire(self.plans())
         self._plans, self._staged_plans, self._staged_containers = {}, {}, {}
 
+    def release(self, device: torch.device) -> None:
+        """Drop the views, plans and staged containers over ``device``'s slots and staging buffers, which their
+        runtime gives back (:meth:`Runtime.release`)."""
+        self._views = {k: v for k, v in self._views.items() if k[0] != device}
+        if device.type == "cuda":
+            for plans in (self._plans, self._staged_plans):
+                self._retire([plans.pop(k) for k, p in list(plans.items()) if p.device == device.index])
+            self._staged_containers = {}  # (any device's: made again over the staging buffers on first use)
+
+    def _retire(self, plans: list) -> None:
+        """Plans about to go: a bad chunk one of them reported since the last check is kept, so that :meth:`check`
+        still raises it. Waits for their devices, which only a changed model does (a load, a move, new payloads
+        decoded the first time), never a forward over the same weights."""
+        for index in sorted({p.device for p in plans}):
+            torch.cuda.synchronize(index)  # decodes on any stream (the prefetch's too) have written their statuses
+        for plan in plans:
+            try:
+                plan.check()
+            except cc.BackendError as exc:
+                self._late = self._late or exc
+
     def check(self) -> None:
-        """Wait for and raise any bad chunk reported by this group's GPU decodes since the last check."""
+        """Wait for and raise any bad chunk reported by this group's GPU decodes since the last check (including
+        plans that have gone since)."""
+        late, self._late = self._late, None
+        if late is not None:
+            raise late
         for plan in self.plans():
             plan.check()
 
@@ -399,6 +425,23 @@ class Runtime:
         """Device (or host) memory this runtime holds: scratch slots and the decode plans' tables and temp."""
         slots = sum(t.numel() for st in self._devices.values() for t in (*st.slots, *st.staging))
         return slots + sum(p.nbytes for g in self.groups for p in g.plans())
+
+    def release(self, device: torch.device) -> None:
+        """Give back what this runtime holds on ``device``: its slots, staging buffers and events, and the plans and
+        views over them, once the device has done the work enqueued there (a prefetch may still be writing a slot).
+        For a model that moved off the device (``.cpu()``, ``.to()``; see ``CompressedLinear._apply``); a forward
+        there later allocates them again."""
+        keys = [k for k in self._devices if k[1] == device]
+        if not keys:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for key in keys:
+            st = self._devices.pop(key)
+            for s in range(len(st.resident)):
+                self._occupy(st, s, -1, None)  # the groups in its slots lose their hot views
+        for g in self.groups:
+            g.release(device)
 
     def reset(self) -> None:
         """Forget which slots hold which block (before capturing a CUDA graph, so the graph decodes every block).

@@ -204,6 +204,46 @@ def test_replay_is_run_from_a_graph_and_reports_bad_chunks(cp):
         plan.check(s)
 
 
+def test_a_run_that_fails_while_captured_leaves_no_graph_and_no_capture(cp, monkeypatch):
+    # replay() captures run() once: if run raises inside that capture, the error reaches the caller, the partial
+    # graph is destroyed (not leaked), no stream is left capturing, and a later replay captures and decodes
+    from cupycodec.engine import decode
+
+    host = [_weights(s, 50 + i) for i, s in enumerate(BLOCK)]
+    cs = cc.compress_many([cp.asarray(w.view(np.uint16)) for w in host], dtype="bfloat16", codec="ans")
+    outs = [cp.empty(w.shape, cp.uint16) for w in host]
+    plan = cc.decode_plan(cs, outs)
+    s = cp.cuda.Stream(non_blocking=True)
+    plan.run(s)  # kernels loaded before any capture
+    s.synchronize()
+    destroyed, ended = [], []
+    real_destroy, real_end = cp.cuda.runtime.graphDestroy, cp.cuda.runtime.streamEndCapture
+
+    def end(sp):
+        ended.append(graph := real_end(sp))
+        return graph
+
+    def fail(*args, **kwargs):
+        cp.cuda.runtime.memsetAsync(outs[0].data.ptr, 0, 16, args[0])  # captured work: the partial graph is not empty
+        raise RuntimeError("a run that fails mid-capture")
+
+    monkeypatch.setattr(cp.cuda.runtime, "graphDestroy", lambda g: (destroyed.append(g), real_destroy(g)))
+    monkeypatch.setattr(cp.cuda.runtime, "streamEndCapture", end)
+    monkeypatch.setattr(plan, "run", fail)
+    with pytest.raises(RuntimeError, match="fails mid-capture"):
+        plan.replay(s)
+    assert len(ended) == 1 and ended[0] and destroyed == ended, "the partial graph was not destroyed"
+    assert plan._graph is None
+    monkeypatch.undo()
+    assert not decode._capturing(s.ptr)
+    _poison(cp, outs)
+    cp.cuda.Device().synchronize()
+    plan.replay(s)  # captured now, and replayed
+    plan.check(s)
+    assert plan._graph
+    assert [_bits(o) for o in outs] == [_bits(w.view(np.uint16)) for w in host]
+
+
 @pytest.mark.torch
 def test_plan_run_captures_in_a_torch_graph_with_torch_buffers(cp):
     import torch

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from helpers import assert_graph_replays_match_eager  # noqa: E402
 
+import cupycodec as cc  # noqa: E402
 from cupycodec.quant import reference  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.nvcomp, pytest.mark.torch]
@@ -303,6 +304,73 @@ def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, la
         assert torch.equal(a(ids).logits, want)
         assert torch.equal(a(ids).logits, want)
     a._cupycodec_runtime[0].check()
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_model_moved_off_the_gpu_gives_back_its_memory_there(mode):
+    # .cpu() frees the model's GPU memory, the runtime's slots and plans included (after the GPU is done with them);
+    # the model computes on the CPU, and back on the GPU computes what it did before
+    from cupycodec.integrations.torch import compress_model
+
+    base = _tiny_llama(layers=3)
+    model = copy.deepcopy(base)
+    compress_model(model, mode, progress=False)
+    ids = torch.randint(0, 512, (1, 9), device="cuda")
+    with torch.no_grad():
+        want = model(ids).logits
+    rt = model._cupycodec_runtime[0]
+    rt.check()
+    held = rt.nbytes()
+    own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert held > 0
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model.cpu()
+    gc.collect()
+    assert rt.nbytes() == 0 and not rt._devices
+    assert before - torch.cuda.memory_allocated() >= own + held
+    ref = copy.deepcopy(base).cpu()
+    with torch.no_grad():
+        got = model(ids.cpu()).logits
+        if mode == "lossless":
+            assert torch.equal(got, ref(ids.cpu()).logits)
+        model.cuda()
+        assert torch.equal(model(ids).logits, want)
+    rt.check()
+
+
+def test_a_bad_chunk_seen_by_plans_that_went_is_still_reported():
+    # a decode's bad chunk is reported by the next check(), even when the plan that saw it was dropped first (a
+    # state dict loaded: the plans over the old containers go)
+    import cupy
+
+    from cupycodec.integrations.torch import compress_model
+
+    model = _tiny_llama(layers=2)
+    compress_model(model, "lossless", progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 512, (1, 5), device="cuda")
+    rt = model._cupycodec_runtime[0]
+    with torch.no_grad():
+        model(ids)
+        rt.check()
+        plan = next(iter(rt.groups[0]._plans.values()))
+        assert plan._n_enc > 0
+        raw_sizes = plan._ptrs[3]  # lie about a chunk's size in the plan's table: its next decode reports it
+        row = cupy.ndarray((plan._n_enc,), cupy.uint64, cupy.cuda.MemoryPointer(
+            cupy.cuda.UnownedMemory(raw_sizes, 8 * plan._n_enc, plan), 0))
+        row[0] -= 16
+        torch.cuda.synchronize()
+        rt.reset()  # block 0 decodes again in the next forward
+        model(ids)
+        model.load_state_dict(state)  # block 0's plans go, with what they saw
+        assert not rt.groups[0]._plans
+        with pytest.raises(cc.BackendError, match="chunk"):
+            rt.check()
+        rt.check()  # reported once
+        model(ids)
+        rt.check()
 
 
 def test_block_prefetch_keeps_results_exact_whatever_the_order():

@@ -272,6 +272,24 @@ def test_layers_called_in_any_order_compute_with_their_own_weights(calls):
             assert torch.equal(got(x), want(x))
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_model_moved_off_a_device_gives_back_what_its_runtime_held_there(mode):
+    # slots and views are per device: a model that moves away (here to "meta", the one other device a CPU machine
+    # has; on a GPU, .cpu()) must not keep them, and a runtime released in place computes the same afterwards
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    want = _logits(model)
+    rt = model._cupycodec_runtime[0]
+    assert rt.nbytes() > 0 and any(g._views for g in rt.groups)
+    rt.release(torch.device("cpu"))
+    assert rt.nbytes() == 0 and not rt._devices and not any(g._views for g in rt.groups)
+    assert all(m._hot is None for m in model.modules() if isinstance(m, CompressedLinear))
+    assert torch.equal(_logits(model), want)
+    assert rt.nbytes() > 0
+    model.to("meta")
+    assert rt.nbytes() == 0 and not rt._devices and not any(g._views for g in rt.groups)
+
+
 def test_blocks_come_from_the_module_tree():
     model = tiny_llama()
     assert [f for f, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
