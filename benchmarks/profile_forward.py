@@ -370,24 +370,38 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
                     torch.cuda.set_sync_debug_mode("default")
             syncs = [str(w.message).splitlines()[0][:100] for w in seen if "synchroniz" in str(w.message)]
             print(f"{mode}: {len(syncs)} synchronizing call(s) in one step {sorted(set(syncs))[:3]}", flush=True)
-    acc = {"enter": [0.0, 0], "linear": [0.0, 0]}
-    patched = [(runtime.Runtime, "enter", "enter"), (torch.nn.Linear, "forward", "linear"),
-               (CompressedLinear, "forward", "linear")]
-    originals = [getattr(cls, name) for cls, name, _ in patched]
+    # self time (own time, children's excluded) per bucket, over a stack of the wrapped calls in flight
+    block0 = base.model.layers[0]
+    buckets = [(runtime.Runtime, "enter", "enter"), (torch.nn.Linear, "forward", "linear"),
+               (CompressedLinear, "forward", "linear"), (type(block0.self_attn), "forward", "attention"),
+               (type(block0.mlp), "forward", "mlp"), (type(block0.input_layernorm), "forward", "norm"),
+               (type(block0), "forward", "block"), (type(block0), "__call__", "block call+hooks"),
+               (type(base.model), "forward", "model")]
+    keys = list(dict.fromkeys(k for _, _, k in buckets))
+    own = dict.fromkeys(keys, 0.0)
+    calls = dict.fromkeys(keys, 0)
+    stack = []
+    originals = [cls.__dict__.get(name) for cls, name, _ in buckets]
 
-    def timed(fn, cell):
+    def timed(fn, key):
         def wrapper(*a, **k):
+            stack.append(0.0)
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                cell[0] += time.perf_counter() - t
-                cell[1] += 1
+                took = time.perf_counter() - t
+                own[key] += took - stack.pop()
+                calls[key] += 1
+                if stack:
+                    stack[-1] += took
         return wrapper
 
-    for (cls, name, what), fn in zip(patched, originals):
-        setattr(cls, name, timed(fn, acc[what]))
-    rows = {m: {"step": [], "enter": [], "linear": [], "rest": [], "n_enter": 0, "n_linear": 0} for m in models}
+    for cls, name, key in buckets:
+        setattr(cls, name, timed(getattr(cls, name), key))
+    cols = ["step", *keys, "rest"]
+    rows = {m: {c: [] for c in cols} for m in models}
+    counts = {}
     try:
         with torch.no_grad():
             for r in range(rounds + 1):  # round 0 warms up
@@ -396,43 +410,46 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
                     cache = transformers.DynamicCache(config=model.config)
                     tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
-                    step, got = [], {k: [] for k in acc}
+                    step, got = [], []
                     for _ in range(steps):
-                        for cell in acc.values():
-                            cell[:] = [0.0, 0]
+                        for k in keys:
+                            own[k], calls[k] = 0.0, 0
                         t = time.perf_counter()
                         tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
                         step.append(time.perf_counter() - t)
                         torch.cuda.synchronize()  # paced, as generate's stopping check paces it
-                        for k, cell in acc.items():
-                            got[k].append(cell[0])
+                        got.append(dict(own))
+                    counts[mode] = dict(calls)
                     if r == 0:
                         continue
-                    row = rows[mode]
                     i = sorted(range(steps), key=step.__getitem__)[steps // 2]  # the median step, and its parts
+                    row = rows[mode]
                     row["step"].append(step[i] * 1e3)
-                    row["enter"].append(got["enter"][i] * 1e3)
-                    row["linear"].append(got["linear"][i] * 1e3)
-                    row["rest"].append((step[i] - got["enter"][i] - got["linear"][i]) * 1e3)
-                    row["n_enter"], row["n_linear"] = acc["enter"][1], acc["linear"][1]
+                    for k in keys:
+                        row[k].append(got[i][k] * 1e3)
+                    row["rest"].append((step[i] - sum(got[i].values())) * 1e3)
     finally:
-        for (cls, name, _), fn in zip(patched, originals):
-            setattr(cls, name, fn)
+        for (cls, name, _), fn in zip(buckets, originals):
+            if fn is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, fn)
         decode.DecodePlan.replay = replay
-    print(f"\n=== one-token steps, TinyLlama shape, where the host time goes: ms per step (median over {rounds} "
-          f"alternating rounds of each round's median step; min in brackets), calls per step", flush=True)
-    print(f"{'mode':14s} " + " ".join(f"{k:>17s}" for k in ("step", "enter", "linear", "rest")) + "   calls",
-          flush=True)
+    print(f"\n=== one-token steps, TinyLlama shape, where the host time goes: own ms per step in each part (median "
+          f"over {rounds} alternating rounds of each round's median step), calls per step; 'rest': outside them all "
+          "(LlamaForCausalLM's own forward, the logits' argmax)", flush=True)
+    print(f"{'mode':22s} " + " ".join(f"{c[:10]:>10s}" for c in cols), flush=True)
     for mode, r in rows.items():
-        print(f"{mode:14s} " + " ".join(f"{statistics.median(r[k]):8.3f} [{min(r[k]):6.3f}]"
-                                        for k in ("step", "enter", "linear", "rest"))
-              + f"   {r['n_enter']} enters, {r['n_linear']} linears", flush=True)
+        print(f"{mode:22s} " + " ".join(f"{statistics.median(r[c]):10.3f}" for c in cols), flush=True)
+    print(f"{'calls per step':22s} {'':10s} " + " ".join(f"{counts[next(iter(models))][k]:10d}" for k in keys)
+          + "   (first mode; per mode: " + ", ".join(f"{m} {counts[m]['enter']} enters" for m in models) + ")",
+          flush=True)
 
 
 def compressed_copies(base, modes) -> dict:
     """``mode -> model``: ``base`` itself for bf16, else a copy compressed in the mode before any flag ("lossless"
     for "lossless-run"); flag "-inline" gives it one slot and no prefetch (every block decodes on torch's stream when
-    it starts)."""
+    it starts); "-nohook", no block hooks (a block starts when its first layer's forward finds no views of it)."""
     from cupycodec.integrations.torch import compress_model
 
     models = {}
@@ -442,6 +459,9 @@ def compressed_copies(base, modes) -> dict:
         if kind != "bf16":
             compress_model(models[mode], kind, progress=False)
             models[mode]._cupycodec_runtime[0].prefetch = "-inline" not in mode
+            if "-nohook" in mode:  # no block hooks: a block starts when its first layer finds no hot views
+                for h in models[mode]._cupycodec_runtime[1]:
+                    h.remove()
     return models
 
 

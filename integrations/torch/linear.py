@@ -337,6 +337,9 @@ class CompressedLinear(torch.nn.Module):
         rt = self._own_runtime()
         if enter:
             rt.enter(self._slot_index[0], device)
+            hot = self._hot  # (handed out by the enter)
+            if hot is not None and hot[0] == get_ident() and hot[1] == device:
+                return hot[2]
         return rt.views(*self._slot_index, device)
 
     def _register(self) -> None:
@@ -370,7 +373,7 @@ class CompressedLinear(torch.nn.Module):
             # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
             # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
             return decoded_linear(x, bias, self._op_key, self.out_features)
-        return self._linear(x, self._decoded(x.device), bias)
+        return self._linear(x, self._decoded(x.device, enter=True), bias)
 
     # -- state dict ---------------------------------------------------------------------------------------------
     # The state dict holds plain tensors only (``packed``, or ``qweight`` and ``scale``, and ``bias``), so it saves
