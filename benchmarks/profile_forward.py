@@ -375,7 +375,7 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     buckets = [(runtime.Runtime, "enter", "enter"), (torch.nn.Linear, "forward", "linear"),
                (CompressedLinear, "forward", "linear"), (type(block0.self_attn), "forward", "attention"),
                (type(block0.mlp), "forward", "mlp"), (type(block0.input_layernorm), "forward", "norm"),
-               (type(block0), "forward", "block"), (type(block0), "__call__", "block call+hooks"),
+               (type(block0), "forward", "block"), (type(block0), "__call__", "block call"),
                (type(base.model), "forward", "model")]
     keys = list(dict.fromkeys(k for _, _, k in buckets))
     own = dict.fromkeys(keys, 0.0)
@@ -449,7 +449,7 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
 def compressed_copies(base, modes) -> dict:
     """``mode -> model``: ``base`` itself for bf16, else a copy compressed in the mode before any flag ("lossless"
     for "lossless-run"); flag "-inline" gives it one slot and no prefetch (every block decodes on torch's stream when
-    it starts); "-nohook", no block hooks (a block starts when its first layer's forward finds no views of it)."""
+    it starts)."""
     from cupycodec.integrations.torch import compress_model
 
     models = {}
@@ -459,9 +459,6 @@ def compressed_copies(base, modes) -> dict:
         if kind != "bf16":
             compress_model(models[mode], kind, progress=False)
             models[mode]._cupycodec_runtime[0].prefetch = "-inline" not in mode
-            if "-nohook" in mode:  # no block hooks: a block starts when its first layer finds no hot views
-                for h in models[mode]._cupycodec_runtime[1]:
-                    h.remove()
     return models
 
 

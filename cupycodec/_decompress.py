@@ -285,6 +285,14 @@ def _filters_cpu(job: DecodeJob, arrays: dict[str, Any]):
     return arrays["data"]
 
 
+def _into(out: np.ndarray, result: np.ndarray) -> None:
+    """Write a host result into the caller's host buffer. A same-width integer buffer for a float result (bfloat16
+    into int16, say) is a bit view of it, as everywhere else: it gets the bits, not the values cast to integers."""
+    if out.dtype.kind in "iu" and result.dtype.kind not in "iu" and out.dtype.itemsize == result.dtype.itemsize:
+        result = result.astype(result.dtype.newbyteorder("="), copy=False).view(out.dtype)
+    out[...] = result
+
+
 def _deliver(job: DecodeJob, result, stream):
     """A host result moved to its target (into the caller's buffer when there is one)."""
     c = job.item
@@ -296,7 +304,7 @@ def _deliver(job: DecodeJob, result, stream):
         if job.views is not None:
             out = job.views[0].array
             if result is not out:
-                out[...] = result
+                _into(out, result)
             return job.out_obj
         return result.reshape(c.shape)
     import cupy
@@ -397,7 +405,7 @@ def _finish_gpu(job: DecodeJob, t, bufs):
     if c.spec.byteorder == ">" and t.dtype == c.spec.dtype:  # the host result keeps the container's byte order
         host = host.astype(c.spec.numpy_dtype())
     if job.views is not None:
-        job.views[0].array[...] = host
+        _into(job.views[0].array, host)
         return job.out_obj
     return host
 

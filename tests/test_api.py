@@ -175,6 +175,22 @@ def test_a_same_width_integer_out_is_a_bit_view(codec):
         cc.decompress(blob, out=np.empty(x.shape, np.float16))
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_bit_view_out_gets_bits_through_every_entry_point(dtype, quantize):
+    # the result written into a same-width integer buffer must be the bits of the float result, never its values
+    # cast to integers (an INT8 container dequantized into int16 once came back as 0, 1, -1, ...)
+    x = (np.random.default_rng(4).standard_normal((48, 96)) * 3).astype(dtype)
+    c = cc.compress(x, quantize=quantize)
+    want = cc.decompress(c)
+    assert want.dtype == x.dtype
+    for dt in (np.int16, np.uint16):
+        one, many = np.empty(x.shape, dt), np.empty(x.shape, dt)
+        assert cc.decompress(c, out=one) is one
+        assert cc.decompress_many([c, c], out=[many, None])[0] is many
+        assert one.tobytes() == many.tobytes() == want.tobytes()
+
+
 def test_out_with_filters():
     x = (np.random.default_rng(2).standard_normal((64, 64)) * 0.02).astype(np.float32)
     out = np.empty_like(x)

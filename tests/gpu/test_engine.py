@@ -204,6 +204,21 @@ def test_replay_is_run_from_a_graph_and_reports_bad_chunks(cp):
         plan.check(s)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_gpu_only_codec_on_the_host_decodes_into_a_host_bit_view(cp, quantize):
+    # a host container of a codec only the GPU decodes, into a host int16 buffer (what the torch runtime does for a
+    # model compressed on a GPU, then moved to the CPU): the bits of the result, never its values cast to integers
+    w = _weights((256, 512), 60)
+    c = cc.compress(cp.asarray(w.view(np.uint16)), dtype="bfloat16", quantize=quantize, codec="ans").to_host()
+    assert not c.on_device
+    want = w if quantize is None else _dequantized(w, ml_dtypes.bfloat16)[0]
+    for dt in (np.int16, np.uint16):
+        one, many = np.empty(w.shape, dt), np.empty(w.shape, dt)
+        assert cc.decompress(c, out=one) is one
+        cc.decompress_many([c], out=[many])
+        assert _bits(one) == _bits(many) == _bits(want)
+
+
 def test_a_run_that_fails_while_captured_leaves_no_graph_and_no_capture(cp, monkeypatch):
     # replay() captures run() once: if run raises inside that capture, the error reaches the caller, the partial
     # graph is destroyed (not leaked), no stream is left capturing, and a later replay captures and decodes
