@@ -375,7 +375,7 @@ def split_profile(modes, rounds: int = 9, steps: int = 16) -> None:
     buckets = [(runtime.Runtime, "enter", "enter"), (torch.nn.Linear, "forward", "linear"),
                (CompressedLinear, "forward", "linear"), (type(block0.self_attn), "forward", "attention"),
                (type(block0.mlp), "forward", "mlp"), (type(block0.input_layernorm), "forward", "norm"),
-               (type(block0), "forward", "block"), (type(block0), "__call__", "block call"),
+               (type(block0), "forward", "block"), (type(block0), "__call__", "block call+hooks"),
                (type(base.model), "forward", "model")]
     keys = list(dict.fromkeys(k for _, _, k in buckets))
     own = dict.fromkeys(keys, 0.0)

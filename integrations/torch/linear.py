@@ -327,19 +327,16 @@ class CompressedLinear(torch.nn.Module):
         self._standalone = rt  # a group of one, in a runtime of its own
         return rt
 
-    def _decoded(self, device: torch.device) -> list[torch.Tensor]:
-        """This layer's decoded tensors in its runtime's slot. Where the layer holds no valid views of it (the
-        first layer of its block to run, or a layer called on its own), it starts its group first: the block's
-        decode (if no slot holds it) and the next block's prefetch. That is how every forward starts a block, eager,
-        traced (inside the op) or backward: there are no block hooks."""
+    def _decoded(self, device: torch.device, enter: bool = False) -> list[torch.Tensor]:
+        """This layer's decoded tensors in its runtime's slot (decoding its group first if no slot holds it).
+        ``enter``: start the group as its block's hook does (and so prefetch the next block), for forwards that
+        run without the hook: traced ones (the hook is a no-op there) and the backward pass."""
         hot = self._hot
         if hot is not None and hot[0] == get_ident() and hot[1] == device:
             return hot[2]  # the group is active in this thread's slot on this device (Runtime._activate)
         rt = self._own_runtime()
-        rt.enter(self._slot_index[0], device)
-        hot = self._hot  # (handed out by the enter)
-        if hot is not None and hot[0] == get_ident() and hot[1] == device:
-            return hot[2]
+        if enter:
+            rt.enter(self._slot_index[0], device)
         return rt.views(*self._slot_index, device)
 
     def _register(self) -> None:
@@ -353,7 +350,7 @@ class CompressedLinear(torch.nn.Module):
         self._register()
 
     def _decoded_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self._linear(x, self._decoded(x.device), bias)
+        return self._linear(x, self._decoded(x.device, enter=True), bias)
 
     def _linear(self, x: torch.Tensor, views: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "lossless":
@@ -442,8 +439,8 @@ def _layer(key: int) -> CompressedLinear:
 def decoded_linear(x: torch.Tensor, bias: torch.Tensor | None, layer: int, out_features: int) -> torch.Tensor:
     """``x W^T + bias`` for compressed layer ``layer`` (its ``_op_key``), ``W`` decoded into its
     runtime's slot when not resident there: what a traced or autograd-recorded forward runs. The block's decode and
-    the next block's prefetch happen inside the op, on torch's current stream, as in eager forwards; the op reads
-    the slot and writes only its fresh output."""
+    the next block's prefetch happen inside the op, on torch's current stream, as the block hook does in eager
+    forwards; the op reads the slot and writes only its fresh output."""
     return _layer(layer)._decoded_linear(x, bias)
 
 
@@ -462,7 +459,7 @@ def decoded_linear_grad(grad: torch.Tensor, layer: int, in_features: int) -> tor
     holds another block's by now): :func:`decoded_linear`'s backward, an op of its own so that AOT autograd traces
     the backward without reading the runtime's tensors."""
     layer = _layer(layer)
-    views = layer._decoded(grad.device)
+    views = layer._decoded(grad.device, enter=True)
     if layer.mode == "lossless":
         return grad @ views[0].to(grad.dtype)
     return ops.grad_input(grad, views[0], views[1], layer.granularity, layer.group_size)

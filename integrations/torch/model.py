@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .linear import CompressedLinear, check_mode
-from .runtime import DecodeGroup, Runtime
+from .runtime import DecodeGroup, Runtime, block_hook
 
 __all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "set_module"]
 
@@ -227,7 +227,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         reports.append(rep)
         first_of.setdefault(id(m.weight), fqn)
 
-    blocks = install(model, new)  # everything compressed: now replace, group by block
+    blocks = install(model, new)  # everything compressed: now replace, group by block, hook
     if "transformers" in sys.modules:  # a transformers model: give it what save_pretrained needs
         from transformers import PreTrainedModel
 
@@ -252,15 +252,14 @@ def set_module(model: torch.nn.Module, fqn: str, module: torch.nn.Module) -> Non
 
 def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     """Put compressed layers into ``model`` (``fqn -> layer``), group the decoded layers of the model (these and any
-    compressed before) by transformer block under one :class:`Runtime`; return the number of blocks grouped. A block
-    starts (decodes, and prefetches the next) when the first of its layers runs and finds no views of it: no hooks.
-    Only Python attributes change, so this cannot stop half-way."""
+    compressed before) by transformer block under one :class:`Runtime`, and hook the blocks; return the number of
+    blocks hooked. Only Python attributes change, so this cannot stop half-way."""
     for fqn, layer in new.items():
         set_module(model, fqn, layer)
     # decoded per use: containers, and INT8 codes kept on the host (offloaded)
     decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, CompressedLinear) and (m.mode != "int8" or m._offloaded)]
-    groups, placed = [], set()
+    groups, hooks, placed = [], [], set()
     for bfqn, block in find_blocks(model):
         members = [m for f, m in decoded if f.startswith(bfqn + ".") and f not in placed]
         placed.update(f for f, _ in decoded if f.startswith(bfqn + "."))
@@ -268,9 +267,15 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
             groups.append((block, DecodeGroup(members, name=bfqn, offloaded=any(m._offloaded for m in members))))
     groups += [(None, DecodeGroup([m], name=f, offloaded=m._offloaded)) for f, m in decoded if f not in placed]
     runtime = Runtime([g for _, g in groups])
-    blocks = [g.name for b, g in groups if b is not None]
-    model._cupycodec_runtime = (runtime, blocks)  # plain attribute: not a submodule, not in the state dict
-    return len(blocks)
+    for block, group in groups:
+        if block is not None:
+            hooks.append(block_hook(block, group.layers[0]))
+    old = getattr(model, "_cupycodec_runtime", None)
+    if old is not None:
+        for h in old[1]:
+            h.remove()
+    model._cupycodec_runtime = (runtime, hooks)  # plain attribute: not a submodule, not in the state dict
+    return sum(1 for b, _ in groups if b is not None)
 
 
 def _progress(items, enabled: bool, mode: str):

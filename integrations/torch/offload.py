@@ -224,7 +224,7 @@ def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], offl
            device_nbytes: int, *, others_stay: bool = False) -> OffloadReport:
     """The offloaded blocks' stored tensors (``offloaded``: index set, or an int k for blocks k and after) to
     (pinned) host memory, every other tensor to ``dev`` (with ``others_stay``, only those of the offloaded blocks:
-    the rest stay where a device map put them); regroup."""
+    the rest stay where a device map put them); regroup and rehook."""
     off = set(range(offloaded, len(blocks))) if isinstance(offloaded, int) else set(offloaded)
     host_ids = {id(t) for i in off for m in blocks[i].layers for t in m._stored()}
     moved_ids = {id(t) for i in off for t in blocks[i].module.parameters()} | \
@@ -268,7 +268,7 @@ def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], offl
     quantizer = getattr(model, "hf_quantizer", None)
     if hasattr(quantizer, "offloaded"):  # cupycodec's: generate must not compile an offloaded model's decode step
         quantizer.offloaded = bool(layers)
-    install(model, {})  # regroup: offloaded INT8 layers join their block's group; new runtime and slots
+    install(model, {})  # regroup: offloaded INT8 layers join their block's group; new runtime, slots and hooks
     return OffloadReport(str(dev), [b.name for i, b in enumerate(blocks) if i not in off],
                          [b.name for i, b in enumerate(blocks) if i in off], device_nbytes, host_nbytes, pinned)
 
@@ -334,7 +334,7 @@ def place_mapped(model: torch.nn.Module, device_map: dict) -> OffloadReport | No
         remove_hook_from_module(blocks[i].module, recurse=True)  # detaching puts the weights back on the host
     report = _place(model, gpu, blocks, off, _device_nbytes(model, blocks, off), others_stay=True)
     skip = getattr(model, "_skip_keys_device_placement", None)
-    for i in off:  # inputs to the GPU, where the block's layers decode (they take the device from their input)
+    for i in off:  # inputs to the GPU first, before the block's decode hook reads their device
         blocks[i].module.register_forward_pre_hook(_inputs_to(gpu, skip), with_kwargs=True, prepend=True)
     return report
 

@@ -477,3 +477,40 @@ def pick_staging(staged: list, keep: int | None) -> int:
         if held[2] is not None and held[0] != keep:
             return k
     return next(k for k, held in enumerate(staged) if held[0] != keep)
+
+
+def block_hook(block: torch.nn.Module, layer) -> torch.utils.hooks.RemovableHandle:
+    """Make ``block`` decode its group (the one ``layer`` belongs to) when it starts, and prefetch the next: a forward
+    pre-hook on the device of the block's input (an offloaded block's compressed tensors are on the host). The hook
+    is one module-level function that finds the runtime through the block's own layer, so that ``copy.deepcopy`` of
+    a model gives hooks that drive the copy's runtime; the layer is kept in the block's ``__dict__``, not as a
+    submodule, so the module tree and the state dict are unchanged."""
+    object.__setattr__(block, "_cupycodec_layer", layer)
+    return block.register_forward_pre_hook(_enter_block, with_kwargs=True)
+
+
+def _enter_block(module, args, kwargs):
+    if torch.compiler.is_compiling():
+        # traced: the layers' op (linear.decoded_linear) starts the block when its first layer runs, inside the
+        # graph, so the hook adds no graph break
+        return
+    layer = module.__dict__.get("_cupycodec_layer")
+    rt = layer._runtime() if layer is not None and layer._runtime is not None else None
+    if rt is None:
+        return
+    device = _device_of(module, args, kwargs)
+    if device is not None:
+        rt.enter(layer._slot_index[0], device)
+
+
+def _device_of(module, args=(), kwargs=None) -> torch.device | None:
+    for a in (*args, *(kwargs or {}).values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.device
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
