@@ -40,7 +40,7 @@ def capture(model, prompt, n_warm=2):
 
     runtime = getattr(model, "_cupycodec_runtime", None)
     length = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=length + 64)
+    cache = StaticCache(config=model.config, max_cache_len=length + 64)  # replays write at its counter: see _replay
     _rewind(cache, 0)
     out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
                 cache_position=torch.arange(length, device="cuda"))
@@ -59,6 +59,15 @@ def capture(model, prompt, n_warm=2):
         model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
     torch.cuda.synchronize()
     return g, cache
+
+
+def _replay(g, cache, length: int, n: int) -> None:
+    """``n`` replays from the cache's position ``length`` (each replay advances transformers' counter, and one past
+    the cache's end would index out of bounds)."""
+    assert n <= 48
+    _rewind(cache, length)
+    for _ in range(n):
+        g.replay()
 
 
 def kernels(trace_path: str) -> list[tuple[float, float, int, str]]:
@@ -153,12 +162,11 @@ def run(config: str, modes: list[str], replays: int, trace_dir: str) -> list[dic
                 rt._devices.clear()  # slots made again: one without prefetch
             with torch.no_grad():
                 g, _cache = capture(model, prompt)
-                for _ in range(5):
-                    g.replay()
+                length = prompt.shape[1]
+                _replay(g, _cache, length, 5)
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(replays):
-                        g.replay()
+                    _replay(g, _cache, length, replays)
                     torch.cuda.synchronize()
             path = os.path.join(trace_dir, f"trace-{config}-{mode}.json")
             prof.export_chrome_trace(path)
@@ -168,12 +176,13 @@ def run(config: str, modes: list[str], replays: int, trace_dir: str) -> list[dic
             row.update(summarize(ks, replays))
             # wall time per replay, outside the profiler
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            _rewind(_cache, length)
             start.record()
-            for _ in range(50):
+            for _ in range(40):
                 g.replay()
             end.record()
             torch.cuda.synchronize()
-            row["replay_ms"] = start.elapsed_time(end) / 50
+            row["replay_ms"] = start.elapsed_time(end) / 40
             del g, _cache
         except Exception as exc:  # keep going: one mode's failure must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
