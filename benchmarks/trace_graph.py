@@ -10,8 +10,10 @@ torch.profiler (CUPTI records each kernel a replay runs, with its stream). Per s
   * the kernels that took the most time, per stream, with their mean duration.
 
 Modes: bf16, lossless, int8+entropy, int8, and ``MODE-noprefetch`` (one slot: every block decoded on the compute
-stream when it starts, so its decode kernels run alone). Comparing a decode kernel's time alone and beside the
-compute, and the compute stream's busy time against bf16's, says whether the two contend or wait for each other.
+stream when it starts, so its decode kernels run alone), ``MODE-cNk`` (the payloads in N KiB ANS chunks instead of
+the codec's default; nvCOMP decodes chunks in parallel thread blocks, so the chunk size may set how long a decode
+holds an SM). Comparing a decode kernel's time alone and beside the compute, and the compute stream's busy time
+against bf16's, says whether the two contend or wait for each other.
 
 Usage: python benchmarks/trace_graph.py [--config tinyllama] [--modes bf16,lossless,...] [--replays 8]
        [--trace-dir DIR] [--json PATH]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import gc
 import json
@@ -141,6 +144,20 @@ def summarize(ks, replays: int, main_stream: int | None = None) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def _ans_chunk(nbytes: int | None):
+    """ANS payloads compressed in ``nbytes`` chunks (None: the codec's default) while the block is open."""
+    from cupycodec.codecs.gpu_only import ANS
+
+    default = ANS.default_chunk
+    if nbytes is not None:
+        ANS.default_chunk = lambda self: nbytes
+    try:
+        yield
+    finally:
+        ANS.default_chunk = default
+
+
 def run(config: str, modes: list[str], replays: int, trace_dir: str) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -150,13 +167,15 @@ def run(config: str, modes: list[str], replays: int, trace_dir: str) -> list[dic
     base = _build(config)
     rows = []
     for mode in modes:
-        kind, _, flag = mode.partition("-")
+        kind, *flags = mode.split("-")
         row = {"config": config, "mode": mode}
         try:
             model = base if kind == "bf16" else copy.deepcopy(base)
             if kind != "bf16":
-                compress_model(model, kind, progress=False)
-            if flag == "noprefetch":
+                chunk = next((int(f[1:-1]) * 1024 for f in flags if f[:1] == "c" and f[-1:] == "k"), None)
+                with _ans_chunk(chunk):
+                    row["ratio"] = compress_model(model, kind, progress=False).ratio
+            if "noprefetch" in flags:
                 rt = model._cupycodec_runtime[0]
                 rt.prefetch = False
                 rt._devices.clear()  # slots made again: one without prefetch
@@ -209,13 +228,14 @@ def main(argv=None) -> int:
         os.makedirs(trace_dir, exist_ok=True)
         rows = run(args.config, args.modes.split(","), args.replays, trace_dir)
     print(f"\n{torch.cuda.get_device_name()}, {args.config}, {args.replays} replays traced; us per step")
-    print("| mode | replay ms | span | compute busy | compute idle | other streams busy | overlap |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | ratio | replay ms | span | compute busy | compute idle | other streams busy | overlap |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "error" in r:
             print(f"| {r['mode']} | error: {r['error'][:80]} |")
             continue
-        print(f"| {r['mode']} | {r['replay_ms']:.3f} | {r['step_span_us']:.0f} | {r['main_busy_us']:.0f} | "
+        print(f"| {r['mode']} | {r.get('ratio', 1.0):.3f} | {r['replay_ms']:.3f} | {r['step_span_us']:.0f} | "
+              f"{r['main_busy_us']:.0f} | "
               f"{r['main_idle_us']:.0f} | {r['other_busy_us']:.0f} | {r['overlap_us']:.0f} |")
     for r in rows:
         for s, top in r.get("top", {}).items():
