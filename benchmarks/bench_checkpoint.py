@@ -166,7 +166,7 @@ def run(models, device, work, repeat, modes=MODES, profile=None):
             runs = []
             if profile:  # one more load, profiled and not counted
                 subprocess.run([sys.executable, here, "--child", d, "--device", device, "--child-profile",
-                                os.path.join(profile, f"{name}-{kind}.txt")], check=True, env=env,
+                                os.path.join(profile, f"{name}-{kind.replace('+', '_')}.txt")], check=True, env=env,
                                stdout=subprocess.DEVNULL)
             for _ in range(repeat):
                 p = subprocess.run([sys.executable, here, "--child", d, "--device", device], check=True, env=env,
