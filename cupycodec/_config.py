@@ -11,7 +11,8 @@ from .codecs import Codec
 from .dtypes import ArraySpec, is_float
 from .filters import Filter, Int8
 
-__all__ = ["AUTO_ZSTD_LEVEL", "auto", "check_chunk", "gpu_default_chunk", "parse_codec", "parse_filters", "resolved"]
+__all__ = ["AUTO_ZSTD_LEVEL", "auto", "check_chunk", "gpu_default_chunk", "parse_codec", "parse_filters", "resolved",
+           "segment_chunk"]
 
 AUTO_ZSTD_LEVEL = 1  # on exponent planes zstd-1 beats levels 2-12 (benchmarks/RESULTS.md)
 ANS_FLOAT_MODES = ("F16", "BF16", "F32", "F8_E4M3")  # nvCOMP's ANS has a float mode for these: no trial needed
@@ -107,7 +108,11 @@ def gpu_default_chunk(codec: Codec, nbytes: int) -> int:
     (decode) for about 2% of ratio (benchmarks/RESULTS.md). Segments under 16 default chunks therefore use the
     largest power-of-two chunk that still gives 16 chunks, but never less than 64 KiB (nor more than the default).
     """
-    default = codec.default_chunk()
+    return segment_chunk(codec.default_chunk(), nbytes)
+
+
+def segment_chunk(default: int, nbytes: int) -> int:
+    """:func:`gpu_default_chunk`'s rule for a segment of ``nbytes`` whose chunks would be ``default`` bytes."""
     if nbytes >= _SMALL_MIN_CHUNKS * default:
         return default
     want = max(_SMALL_MIN_CHUNK_NBYTES, 1 << max(0, (max(nbytes, 1) // _SMALL_MIN_CHUNKS).bit_length() - 1))

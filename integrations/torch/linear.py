@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import cupycodec as cc
+from cupycodec._config import segment_chunk
 
 from . import ops
 from .dlpack import current_stream, dtype_name, torch_dtype
@@ -51,6 +52,33 @@ def default_codec(mode: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "ans"
     return "auto" if mode == "lossless" else "zstd"
+
+
+# Chunk sizes of ANS payloads compressed on a GPU, for a block whose decode runs beside the previous block's compute
+# (benchmarks/trace_graph.py, CUDA-graph decode steps on an H200; benchmarks/RESULTS.md, thirteenth session). nvCOMP
+# decodes chunks in parallel, so larger chunks make fewer, longer pieces of work (a block's decode kernel took 58, 85
+# and 140 us at 256 KiB, 512 KiB and 1 MiB):
+# * INT8 codes in 256 KiB chunks instead of the codec's 128 KiB: steps 4.7 % faster at the TinyLlama-1.1B shape and
+#   4.8 % at Llama-2-7B's, and 0.9 % smaller payloads; 512 KiB was slower at both.
+# * Lossless weights of at most 24 MiB in 1 MiB chunks (TinyLlama's layers: steps 5.4 % faster than with 256 KiB,
+#   whose decodes took more SMs from the compute beside them); larger weights keep the codec's 256 KiB (Llama-2-7B's
+#   32-86 MiB layers, whose steps wait for the decode: 1 MiB made them 2.9 % slower).
+# Small segments still get at least 16 chunks (cupycodec._config.segment_chunk), as every GPU payload does.
+ANS_CODES_CHUNK = 256 * 1024
+ANS_SMALL_WEIGHT_CHUNK = 1 << 20
+ANS_SMALL_WEIGHT_NBYTES = 24 << 20
+
+
+def gpu_chunk(mode: str, codec, w: torch.Tensor) -> int | None:
+    """The chunk size a weight's payload is compressed in (None: the codec's own default), per the note above."""
+    if w.device.type != "cuda" or codec != "ans":
+        return None
+    if mode == "int8+entropy":
+        return segment_chunk(ANS_CODES_CHUNK, w.numel())  # one byte per code
+    nbytes = w.numel() * w.element_size()
+    if mode == "lossless" and nbytes <= ANS_SMALL_WEIGHT_NBYTES:
+        return segment_chunk(ANS_SMALL_WEIGHT_CHUNK, nbytes)
+    return None
 
 
 class CompressedLinear(torch.nn.Module):
@@ -138,7 +166,7 @@ class CompressedLinear(torch.nn.Module):
             return
         kw = {"quantize": "int8", "granularity": self.granularity, "group_size": self.group_size} \
             if self.mode == "int8+entropy" else {}
-        c = cc.compress(w, codec=codec, stream=stream, **kw)
+        c = cc.compress(w, codec=codec, chunk_nbytes=gpu_chunk(self.mode, codec, w), stream=stream, **kw)
         self._adopt(c, home)
 
     def _adopt(self, c: cc.CompressedArray, device: torch.device) -> None:

@@ -101,6 +101,27 @@ def test_compressed_linear_on_cuda(mode, m):
             assert _rel(y, torch.nn.functional.linear(x.double(), w.double(), lin.bias.double())) < 8e-3
 
 
+@pytest.mark.parametrize("n,k,mode,chunk", [(2048, 2048, "lossless", 512 << 10), (5632, 2048, "lossless", 1 << 20),
+                                              (4096, 4096, "lossless", 256 << 10), (256, 2048, "int8+entropy", 64 << 10),
+                                              (2048, 2048, "int8+entropy", 256 << 10)])
+def test_payloads_compressed_on_the_gpu_have_the_integrations_chunks(n, k, mode, chunk):
+    # linear.gpu_chunk's sizes reach the containers, and decode as before: lossless exactly, INT8 to its codes
+    from cupycodec.integrations.torch import CompressedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False).cuda().to(torch.bfloat16)
+    cl = CompressedLinear.from_linear(lin, mode)
+    segments = cl._template._header.segments
+    assert segments[0].chunk_nbytes == chunk
+    assert all(seg.codec.codec_id == "ans" for seg in segments)
+    w = cl.decompress_weight()
+    if mode == "lossless":
+        assert torch.equal(w, lin.weight)
+    else:
+        want = CompressedLinear.from_linear(lin, "int8").decompress_weight()
+        assert torch.equal(w, want)
+
+
 def _tiny_llama(layers=4):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

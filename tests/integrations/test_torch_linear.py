@@ -224,3 +224,34 @@ def test_scratch_order_hands_over_between_streams(monkeypatch):
     assert log == []
     use("A")  # A is still the last eager user
     assert log == []
+
+
+class _OnCuda:
+    """A weight as gpu_chunk sees it (device, element count and size), without a GPU."""
+
+    def __init__(self, n, k, dtype=torch.bfloat16, device="cuda"):
+        self.device, self.shape, self.dtype = torch.device(device), (n, k), dtype
+
+    def numel(self):
+        return self.shape[0] * self.shape[1]
+
+    def element_size(self):
+        return self.dtype.itemsize
+
+
+@pytest.mark.parametrize("n,k,mode,want", [
+    (2048, 2048, "lossless", 512 << 10),  # TinyLlama's attention: 8 MiB, at least 16 chunks
+    (256, 2048, "lossless", 64 << 10),  # its k/v projections: 1 MiB, 16 chunks of the 64 KiB floor
+    (5632, 2048, "lossless", 1 << 20),  # its MLP: 22 MiB, 1 MiB chunks
+    (4096, 4096, "lossless", None),  # Llama-2-7B's: 32 MiB, the codec's default (256 KiB)
+    (11008, 4096, "lossless", None),
+    (2048, 2048, "int8+entropy", 256 << 10),  # 4 MiB of codes
+    (256, 2048, "int8+entropy", 64 << 10),  # 512 KiB of codes
+    (11008, 4096, "int8+entropy", 256 << 10),
+])
+def test_gpu_payloads_are_chunked_for_a_decode_beside_compute(n, k, mode, want):
+    from cupycodec.integrations.torch.linear import gpu_chunk
+
+    assert gpu_chunk(mode, "ans", _OnCuda(n, k)) == want
+    assert gpu_chunk(mode, "ans", _OnCuda(n, k, device="cpu")) is None  # the CPU's codecs keep theirs
+    assert gpu_chunk(mode, "bitcomp", _OnCuda(n, k)) is None  # a codec the user named keeps its default
