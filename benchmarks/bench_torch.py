@@ -206,36 +206,45 @@ def _rewind(cache, length):
             layer.cumulative_length.fill_(length)
 
 
+def capture_step(model, prompt, cache, step=None):
+    """Prefill ``prompt`` into the static ``cache``, warm the decode step up on a side stream, and capture one decode
+    step in a CUDA graph (a compressed model's runtime reset first, so that the graph decodes every block); the
+    cache is rewound to the prompt's end. Returns the graph, its logits, and the token and position tensors the
+    replays read (call under ``torch.no_grad()``). ``step``: what runs the decode step (default the model)."""
+    step = step or model
+    runtime = getattr(model, "_cupycodec_runtime", None)
+    length = prompt.shape[1]
+    _rewind(cache, 0)
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(length, device="cuda"))
+    tok = out.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([length], device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
+    torch.cuda.current_stream().wait_stream(side)
+    if runtime is not None:
+        runtime[0].reset()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        logits = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
+    torch.cuda.synchronize()
+    _rewind(cache, length)  # the warm-up steps advanced it: the replays write where cache_position says
+    return g, logits, tok, pos
+
+
 def _graph_tok_s(model, prompt, n_new, step=None, cache=None):
     """Tokens/s of greedy decoding with one decode step captured in a CUDA graph (static KV cache). ``step``: what
     runs the decode step (default the model itself; a ``torch.compile``d forward for the compiled rows), ``cache``:
     the static cache to use (the one a compiled step was warmed up with: no recompilation for a new object)."""
     from transformers import StaticCache
 
-    step = step or model
-    runtime = getattr(model, "_cupycodec_runtime", None)
-    length = prompt.shape[1]
     if cache is None:
-        cache = StaticCache(config=model.config, max_cache_len=length + n_new + 8)
-    _rewind(cache, 0)
+        cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + n_new + 8)
     with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
-                    cache_position=torch.arange(length, device="cuda"))
-        tok = out.logits[:, -1:].argmax(-1)
-        pos = torch.tensor([length], device="cuda")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
-        torch.cuda.current_stream().wait_stream(side)
-        if runtime is not None:
-            runtime[0].reset()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            logits = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
-        torch.cuda.synchronize()
-        _rewind(cache, length)  # the warm-up steps advanced it: the replays write where cache_position says
+        g, logits, tok, pos = capture_step(model, prompt, cache, step)
         t = time.perf_counter()
         tokens = [tok.clone()]  # the prefill's token, as generate's output starts
         for _ in range(n_new):

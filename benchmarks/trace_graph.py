@@ -34,33 +34,15 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_torch import _build, _rewind
+from bench_torch import _build, _rewind, capture_step
 
 
-def capture(model, prompt, n_warm=2):
-    """One decode step of ``model`` captured in a CUDA graph after a prefill (bench_torch._graph_tok_s's setup)."""
+def capture(model, prompt):
+    """One decode step of ``model`` captured in a CUDA graph after a prefill, as bench_torch's graph rows do it."""
     from transformers import StaticCache
 
-    runtime = getattr(model, "_cupycodec_runtime", None)
-    length = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=length + 64)  # replays write at its counter: see _replay
-    _rewind(cache, 0)
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
-                cache_position=torch.arange(length, device="cuda"))
-    tok = out.logits[:, -1:].argmax(-1)
-    pos = torch.tensor([length], device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(n_warm):
-            model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
-    torch.cuda.current_stream().wait_stream(side)
-    if runtime is not None:
-        runtime[0].reset()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos)
-    torch.cuda.synchronize()
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 64)  # replays write at its counter
+    g = capture_step(model, prompt, cache)[0]
     return g, cache
 
 
