@@ -513,3 +513,20 @@ def test_placed_checks_on_the_host_name_file_tensor_and_chunk():
     tensors["l.packed"] = blob[:-16].clone()
     with pytest.raises(cc.FormatError, match=r"tensor 'l.packed': \d+ bytes were placed, its container has \d+"):
         checks().run(tensors.__getitem__)
+
+
+def test_an_empty_layer_of_the_same_configuration_is_its_own_probe():
+    # _plan checks a checkpoint's containers against an empty layer of each layer's configuration: the one
+    # from_pretrained swapped in serves, if its configuration is the checkpoint's exactly (types included)
+    from cupycodec.integrations.torch.checkpoint import _empty_as
+
+    cfg = CompressedLinear(64, 32, True, mode="int8+entropy", device="meta").config()
+    empty = CompressedLinear.from_config(cfg, device="meta")
+    assert _empty_as(empty, cfg)
+    assert not _empty_as(empty, {**cfg, "bias": 1})  # equal to True, but from_config refuses it
+    assert not _empty_as(empty, {**cfg, "group_size": float(cfg["group_size"])})
+    assert not _empty_as(empty, {**cfg, "out_features": 33})
+    assert not _empty_as(CompressedLinear.from_config(cfg, device="cpu"), cfg)  # holds tensors: not empty
+    assert not _empty_as(torch.nn.Linear(64, 32), cfg)
+    with pytest.raises(ValueError, match="sizes must be positive integers"):
+        CompressedLinear.from_config({**cfg, "bias": 1}, device="meta")
