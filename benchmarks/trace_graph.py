@@ -15,8 +15,12 @@ the codec's default; nvCOMP decodes chunks in parallel thread blocks, so the chu
 holds an SM). Comparing a decode kernel's time alone and beside the compute, and the compute stream's busy time
 against bf16's, says whether the two contend or wait for each other.
 
+``--prefill N`` traces eager forwards of an N-token prompt (no cache) instead of a graph replay: where a prefill's
+time goes (the INT8 modes dequantize each weight into scratch before cuBLAS; is that serial with the GEMMs, and
+how long is it next to them?).
+
 Usage: python benchmarks/trace_graph.py [--config tinyllama] [--modes bf16,lossless,...] [--replays 8]
-       [--trace-dir DIR] [--json PATH]
+       [--prefill N] [--trace-dir DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,15 +48,6 @@ def capture(model, prompt):
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 64)  # replays write at its counter
     g = capture_step(model, prompt, cache)[0]
     return g, cache
-
-
-def _replay(g, cache, length: int, n: int) -> None:
-    """``n`` replays from the cache's position ``length`` (each replay advances transformers' counter, and one past
-    the cache's end would index out of bounds)."""
-    assert n <= 48
-    _rewind(cache, length)
-    for _ in range(n):
-        g.replay()
 
 
 def kernels(trace_path: str) -> list[tuple[float, float, int, str]]:
@@ -140,12 +135,31 @@ def _ans_chunk(nbytes: int | None):
         ANS.default_chunk = default
 
 
-def run(config: str, modes: list[str], replays: int, trace_dir: str) -> list[dict]:
+def _stepper(model, prompt, prefill: bool):
+    """``replay(n)``: ``n`` eager forwards of the whole ``prompt`` with no cache (a prefill), or ``n`` replays of one
+    decode step captured in a CUDA graph from the cache's position after ``prompt`` (each replay advances
+    transformers' counter, so every call rewinds it first)."""
+    if prefill:
+        def replay(n):
+            for _ in range(n):
+                model(prompt, use_cache=False)
+        return replay
+    g, cache = capture(model, prompt)
+    length = prompt.shape[1]
+
+    def replay(n):
+        _rewind(cache, length)
+        for _ in range(n):
+            g.replay()
+    return replay
+
+
+def run(config: str, modes: list[str], replays: int, trace_dir: str, prefill: int = 0) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     from cupycodec.integrations.torch import compress_model
 
-    prompt = torch.randint(0, 32000, (1, 16), device="cuda")
+    prompt = torch.randint(0, 32000, (1, prefill or 16), device="cuda")
     base = _build(config)
     rows = []
     for mode in modes:
@@ -162,29 +176,28 @@ def run(config: str, modes: list[str], replays: int, trace_dir: str) -> list[dic
                 rt.prefetch = False
                 rt._devices.clear()  # slots made again: one without prefetch
             with torch.no_grad():
-                g, _cache = capture(model, prompt)
-                length = prompt.shape[1]
-                _replay(g, _cache, length, 5)
+                replay = _stepper(model, prompt, bool(prefill))
+                replay(3 if prefill else 5)
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    _replay(g, _cache, length, replays)
+                    replay(replays)
                     torch.cuda.synchronize()
-            path = os.path.join(trace_dir, f"trace-{config}-{mode}.json")
+            path = os.path.join(trace_dir, f"trace-{config}-{mode}{f'-p{prefill}' if prefill else ''}.json")
             prof.export_chrome_trace(path)
             ks = kernels(path)
             if not ks:
                 raise RuntimeError("the trace holds no kernels (CUPTI saw no graph kernels?)")
             row.update(summarize(ks, replays))
-            # wall time per replay, outside the profiler
+            # wall time per replay (or eager prefill), outside the profiler
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            _rewind(_cache, length)
-            start.record()
-            for _ in range(40):
-                g.replay()
-            end.record()
+            n = 10 if prefill else 40
+            with torch.no_grad():
+                start.record()
+                replay(n)
+                end.record()
             torch.cuda.synchronize()
-            row["replay_ms"] = start.elapsed_time(end) / 40
-            del g, _cache
+            row["replay_ms"] = start.elapsed_time(end) / n
+            del replay
         except Exception as exc:  # keep going: one mode's failure must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -202,14 +215,16 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="tinyllama")
     p.add_argument("--modes", default="bf16,lossless,lossless-noprefetch,int8+entropy,int8+entropy-noprefetch,int8")
     p.add_argument("--replays", type=int, default=8)
+    p.add_argument("--prefill", type=int, default=0, help="trace eager forwards of a prompt this long instead")
     p.add_argument("--trace-dir", help="keep the chrome traces here (default: a temporary directory)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = args.trace_dir or tmp
         os.makedirs(trace_dir, exist_ok=True)
-        rows = run(args.config, args.modes.split(","), args.replays, trace_dir)
-    print(f"\n{torch.cuda.get_device_name()}, {args.config}, {args.replays} replays traced; us per step")
+        rows = run(args.config, args.modes.split(","), args.replays, trace_dir, args.prefill)
+    what = f"eager prefill of {args.prefill} tokens" if args.prefill else "graph replays"
+    print(f"\n{torch.cuda.get_device_name()}, {args.config}, {args.replays} {what} traced; us per step")
     print("| mode | ratio | replay ms | span | compute busy | compute idle | other streams busy | overlap |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
