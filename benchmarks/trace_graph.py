@@ -12,12 +12,13 @@ torch.profiler (CUPTI records each kernel a replay runs, with its stream). Per s
 Modes: bf16, lossless, int8+entropy, int8, and ``MODE-noprefetch`` (one slot: every block decoded on the compute
 stream when it starts, so its decode kernels run alone), ``MODE-cNk`` (the payloads in N KiB ANS chunks instead of
 the codec's default; nvCOMP decodes chunks in parallel thread blocks, so the chunk size may set how long a decode
-holds an SM). Comparing a decode kernel's time alone and beside the compute, and the compute stream's busy time
-against bf16's, says whether the two contend or wait for each other.
+holds an SM), ``MODE-nowide`` (a large batch's INT8 layers each dequantize into ops' scratch before cuBLAS, instead
+of one dequantization of the whole block at its start: ``runtime.WIDE``). Comparing a decode kernel's time alone
+and beside the compute, and the compute stream's busy time against bf16's, says whether the two contend or wait for
+each other.
 
 ``--prefill N`` traces eager forwards of an N-token prompt (no cache) instead of a graph replay: where a prefill's
-time goes (the INT8 modes dequantize each weight into scratch before cuBLAS; is that serial with the GEMMs, and
-how long is it next to them?).
+time goes (the INT8 modes dequantize weights before cuBLAS: how long is that next to the GEMMs?).
 
 Usage: python benchmarks/trace_graph.py [--config tinyllama] [--modes bf16,lossless,...] [--replays 8]
        [--prefill N] [--trace-dir DIR] [--json PATH]
@@ -171,6 +172,9 @@ def run(config: str, modes: list[str], replays: int, trace_dir: str, prefill: in
                 chunk = next((int(f[1:-1]) * 1024 for f in flags if f[:1] == "c" and f[-1:] == "k"), None)
                 with _ans_chunk(chunk):
                     row["ratio"] = compress_model(model, kind, progress=False).ratio
+            from cupycodec.integrations.torch import runtime
+
+            runtime.WIDE = "nowide" not in flags  # "-nowide": each INT8 layer of a large batch dequantizes alone
             if "noprefetch" in flags:
                 rt = model._cupycodec_runtime[0]
                 rt.prefetch = False

@@ -50,13 +50,13 @@ class DLPackOnly:
 
 
 
-def assert_graph_replays_match_eager(model, *, reset=None, seeds: int = 3) -> None:
-    """Capture one forward of the causal LM ``model`` (8 token ids) in a CUDA graph after a warm-up on a side stream
-    (plans, kernels and scratch exist before capture), replay it on new ids and compare its logits with an eager
-    forward's, bit for bit. ``reset`` (if given) runs before the capture and before each eager forward."""
+def assert_graph_replays_match_eager(model, *, reset=None, seeds: int = 3, tokens: int = 8) -> None:
+    """Capture one forward of the causal LM ``model`` (``tokens`` token ids) in a CUDA graph after a warm-up on a side
+    stream (plans, kernels and scratch exist before capture), replay it on new ids and compare its logits with an
+    eager forward's, bit for bit. ``reset`` (if given) runs before the capture and before each eager forward."""
     import torch
 
-    static = torch.randint(0, 512, (1, 8), device="cuda")
+    static = torch.randint(0, 512, (1, tokens), device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
@@ -69,7 +69,7 @@ def assert_graph_replays_match_eager(model, *, reset=None, seeds: int = 3) -> No
     with torch.no_grad(), torch.cuda.graph(g):
         out = model(static, use_cache=False).logits
     for seed in range(seeds):
-        static.copy_(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(seed)).cuda())
+        static.copy_(torch.randint(0, 512, (1, tokens), generator=torch.Generator().manual_seed(seed)).cuda())
         g.replay()
         if reset is not None:
             reset()

@@ -128,6 +128,9 @@ class CompressedLinear(torch.nn.Module):
         # (thread, device, views): the views of the slot this layer's group is active in, handed over by the runtime
         # and taken back when that slot's content changes (Runtime._occupy); a forward uses them without a lookup
         self._hot: tuple | None = None
+        # (thread, device, weight): this layer's weight dequantized by its block's start for a large batch, in the
+        # runtime's wide buffer; taken back when the next block starts there (Runtime.enter_wide)
+        self._wide: tuple | None = None
         self._offloaded = False  # its stored tensors are kept on the host and staged to the GPU per use (.offload)
         self._register()
 
@@ -326,7 +329,7 @@ class CompressedLinear(torch.nn.Module):
         over ``packed`` where it was, and the runtime, which a copied model's runtime attaches again; a copy gets a
         key of its own for :func:`decoded_linear`."""
         state = self.__dict__.copy()
-        state.update(_views={}, _runtime=None, _standalone=None, _hot=None)
+        state.update(_views={}, _runtime=None, _standalone=None, _hot=None, _wide=None)
         state.pop("_op_key", None)
         return state
 
@@ -336,11 +339,11 @@ class CompressedLinear(torch.nn.Module):
     # holds the layer through a weak proxy, so there is no cycle that way either.
     def _attach(self, runtime: Runtime, group: int, index: int) -> None:
         self._runtime, self._slot_index = weakref.ref(runtime), (group, index)
-        self.__dict__["_hot"] = None
+        self.__dict__["_hot"] = self.__dict__["_wide"] = None
 
     def _forget_decoded(self) -> None:
         """The stored weight changed: whatever a runtime decoded from the old one is not to be used again."""
-        self.__dict__["_hot"] = None
+        self.__dict__["_hot"] = self.__dict__["_wide"] = None
         rt = self._runtime() if self._runtime is not None else None
         if rt is not None:
             rt.forget(self._slot_index[0])
@@ -390,14 +393,22 @@ class CompressedLinear(torch.nn.Module):
         return ops.linear(x, codes, scales, bias, self.granularity, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int8" and not self._offloaded:
-            return ops.linear(x, self.qweight, self.scale, self.bias, self.granularity, self.group_size)
         bias = self.bias
+        resident = self.mode == "int8" and not self._offloaded
         if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
             # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
             # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
+            if resident:
+                return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
             return decoded_linear(x, bias, self._op_key, self.out_features)
+        wide = self._wide
+        if (wide is not None and wide[0] == get_ident() and wide[1] == x.device and wide[2].dtype == x.dtype
+                and x.numel() > ops.GEMV_MAX_M * self.in_features):
+            # a large batch: the block's start dequantized this layer's weight (Runtime.enter_wide)
+            return F.linear(x, wide[2], ops._bias(bias, x))
+        if resident:
+            return ops._int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
         return self._linear(x, self._decoded(x.device), bias)
 
     # -- state dict ---------------------------------------------------------------------------------------------
@@ -419,8 +430,8 @@ class CompressedLinear(torch.nn.Module):
                                       error_msgs)
         if parsed is not None:
             self._set_template(parsed)
-        if self.mode != "int8" or self._offloaded:  # decoded per use: slots and plans hold the old weight
-            self._forget_decoded()
+        # decoded per use (slots and plans hold the old weight), or dequantized for a large batch (the wide buffer)
+        self._forget_decoded()
 
     def _apply(self, fn, recurse=True):
         scale = self._buffers.get("scale")
@@ -437,7 +448,7 @@ class CompressedLinear(torch.nn.Module):
             # a dtype cast (.half(), .to(dtype)): INT8 scales stay float32 and exact, only their device follows
             self._buffers["scale"] = scale.to(moved.device)
         self._views = {}  # buffers may have moved; the template keeps the header
-        self.__dict__["_hot"] = None  # views on the old device
+        self.__dict__["_hot"] = self.__dict__["_wide"] = None  # views on the old device
         return out
 
     def extra_repr(self) -> str:

@@ -256,9 +256,9 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     blocks hooked. Only Python attributes change, so this cannot stop half-way."""
     for fqn, layer in new.items():
         set_module(model, fqn, layer)
-    # decoded per use: containers, and INT8 codes kept on the host (offloaded)
-    decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False)
-               if isinstance(m, CompressedLinear) and (m.mode != "int8" or m._offloaded)]
+    # every compressed layer: containers and offloaded INT8 codes are decoded per use; resident INT8 codes are
+    # dequantized per block for a large batch only (Runtime.enter_wide)
+    decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False) if isinstance(m, CompressedLinear)]
     groups, hooks, placed = [], [], set()
     for bfqn, block in find_blocks(model):
         members = [m for f, m in decoded if f.startswith(bfqn + ".") and f not in placed]

@@ -12,6 +12,13 @@ into one of two device staging buffers on a copy stream, and decoded from there:
 ``i + 1`` decodes on the side stream from staging its copy filled earlier, and block ``i + 2``'s bytes start
 copying into the other staging buffer, once the decode that last read it is done (events, no host waits).
 
+On a GPU, a large batch (a prefill: more rows of activations than the fused GEMV serves, :data:`.ops.GEMV_MAX_M`)
+of a block whose layers are all INT8 (``int8``, ``int8+entropy``, offloaded ``int8``) starts differently
+(:meth:`Runtime.enter_wide`): once its codes are where a forward reads them, one launch dequantizes every layer of
+the block into a wide buffer (one block of weights in their dtype, per device), and each layer then runs cuBLAS on
+its part of it. Per layer, that replaces a dequantize launch and its host work by nothing; the GPU work is the
+same.
+
 Scratch, plans and payloads are torch tensors (the plans' tables come from ``alloc=torch.empty``), so
 ``torch.cuda.memory_allocated()`` counts them.
 """
@@ -21,12 +28,15 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import numpy as np
 import torch
 
 import cupycodec as cc
 from cupycodec import _cuda
+from cupycodec.kernels import int8 as int8_kernels
 
-from .dlpack import current_stream, host_bits
+from .dlpack import current_stream, dtype_name, host_bits
+from .ops import GEMV_MAX_M
 
 __all__ = ["DecodeGroup", "Runtime", "pick_staging"]
 
@@ -38,6 +48,10 @@ GRAPH_DECODES = True
 # forward uses without asking the runtime while they are valid (see Runtime._occupy). False: layers always ask
 # (benchmarks compare the two; the forward is the same code either way).
 HOT_VIEWS = True
+# A large batch of an all-INT8 block dequantizes the whole block in one launch when the block starts (see the module's
+# docstring). False: each layer dequantizes its own weight into ops' scratch before cuBLAS, as before (benchmarks
+# compare the two; the values are the same).
+WIDE = True
 
 
 def _a(n: int) -> int:
@@ -54,17 +68,31 @@ class DecodeGroup:
         self.name = name
         self.layers = list(layers)
         self.offloaded = offloaded
+        # INT8 layers whose codes stay resident on the device: nothing to decode, they take no room in a slot (a
+        # group holds them for the wide dequantization of a large batch only)
+        self._resident = [i for i, layer in enumerate(self.layers) if layer.mode == "int8" and not layer._offloaded]
         self.offsets, total = [], 0
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             self.offsets.append(total)
-            total += sum(_a(nb) for nb in layer._decoded_nbytes())
+            if i not in self._resident:
+                total += sum(_a(nb) for nb in layer._decoded_nbytes())
         self.nbytes = total
+        # the wide layout: every layer's weight dequantized, in the one dtype of all of them (None: not all INT8)
+        dtypes = {layer.weight_dtype for layer in self.layers}
+        self.wide_dtype = dtypes.pop() if len(dtypes) == 1 and all(
+            layer.mode != "lossless" for layer in self.layers) else None
+        self.wide_offsets, total = [], 0
+        for layer in self.layers if self.wide_dtype is not None else ():
+            self.wide_offsets.append(total)
+            total += _a(layer.out_features * layer.in_features * self.wide_dtype.itemsize)
+        self.wide_nbytes = total
+        self._wide: dict = {}  # (wide buffer, slot, sources...) addresses -> (launch handle args, descriptor tensor)
         self.stored_offsets, total = [], 0
         for layer in self.layers:
             self.stored_offsets.append(total)
             total += sum(_a(t.numel() * t.element_size()) for t in layer._stored())
         self.stored_nbytes = total
-        self._copied = [i for i, layer in enumerate(self.layers) if layer.mode == "int8"]  # offloaded codes
+        self._copied = [i for i, layer in enumerate(self.layers) if layer.mode == "int8" and layer._offloaded]
         self._coded = [i for i, layer in enumerate(self.layers) if layer.mode != "int8"]  # containers
         self._entropy = [self.layers[i].mode == "int8+entropy" for i in self._coded]
         self._plans: dict = {}
@@ -166,6 +194,49 @@ class DecodeGroup:
         else:
             plan.run(sp)
 
+    def wide_views(self, wide: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's dequantized weight inside the wide buffer (made once per buffer)."""
+        key = (wide.device, wide.data_ptr(), "wide")
+        out = self._views.get(key)
+        if out is None:
+            out = self._views[key] = [
+                wide[off : off + layer.out_features * layer.in_features * self.wide_dtype.itemsize]
+                .view(self.wide_dtype).view(layer.out_features, layer.in_features)
+                for off, layer in zip(self.wide_offsets, self.layers)]
+        return out
+
+    def dequantize_wide(self, wide: torch.Tensor, slot: torch.Tensor | None, sp: int) -> None:
+        """Enqueue on the raw stream ``sp`` one launch that dequantizes every layer into ``wide`` from its codes and
+        scales (resident ones in place, the others in ``slot``, decoded there before): the arithmetic of
+        :func:`~cupycodec.kernels.int8.dequantize_raw`, which a layer on its own runs, so the values are the same.
+        The launch's descriptors are device memory made once per placement of the buffers (a warm-up pass, before
+        any graph capture)."""
+        sources = [(layer.qweight, layer.scale) if i in self._resident else self.views(slot, i)
+                   for i, layer in enumerate(self.layers)]
+        key = (wide.data_ptr(), *(t.data_ptr() for pair in sources for t in pair))
+        got = self._wide.get(key)
+        if got is None:
+            device = wide.device.index
+            words, first = [], 0
+            for (codes, scales), out, layer in zip(sources, self.wide_views(wide), self.layers):
+                granularity = layer.granularity
+                w, blocks = int8_kernels.dequantize_desc(
+                    codes.data_ptr(), scales.data_ptr(), out.data_ptr(), tuple(codes.shape),
+                    granularity=granularity, axis=0 if granularity == "channel" else None,
+                    group_size=layer.group_size if granularity == "group" else None, first_block=first,
+                    device=device)
+                words.append(w)
+                first += blocks
+            desc = torch.from_numpy(np.stack(words).view(np.int64)).to(wide.device)
+            name, grid, block, args = int8_kernels.dequantize_many_args(
+                dtype_name(self.wide_dtype), desc.data_ptr(), len(words), first)
+            got = ((int8_kernels.handle(device, name), grid, block, args, device), desc)
+            self._wide = {key: got}  # one placement at a time: the descriptors of an old one go
+        launch, _ = got
+        handle, grid, block, args, device = launch
+        if grid:
+            _cuda.launch(handle, grid, block, args, device, sp)
+
     def plans(self) -> list:
         return [*self._plans.values(), *self._staged_plans.values()]
 
@@ -174,12 +245,13 @@ class DecodeGroup:
         ones, which may lay their chunks out differently in the same bytes); slot views stay, layouts do not
         change."""
         self._retire(self.plans())
-        self._plans, self._staged_plans, self._staged_containers = {}, {}, {}
+        self._plans, self._staged_plans, self._staged_containers, self._wide = {}, {}, {}, {}
 
     def release(self, device: torch.device) -> None:
         """Drop the views, plans and staged containers over ``device``'s slots and staging buffers, which their
         runtime gives back (:meth:`Runtime.release`)."""
         self._views = {k: v for k, v in self._views.items() if k[0] != device}
+        self._wide = {}
         if device.type == "cuda":
             for plans in (self._plans, self._staged_plans):
                 self._retire([plans.pop(k) for k, p in list(plans.items()) if p.device == device.index])
@@ -209,7 +281,7 @@ class DecodeGroup:
 
 class _DeviceState:
     __slots__ = ("active", "copy", "done", "hot", "ready", "resident", "side", "side_sp", "slots", "staged",
-                 "staging")
+                 "staging", "wide", "wide_layers")
 
     def __init__(self):
         self.slots: list[torch.Tensor] = []
@@ -230,6 +302,10 @@ class _DeviceState:
         self.staging: list[torch.Tensor] = []
         self.staged: list = [None, None]
         self.copy = None
+        # the wide buffer (a large batch's dequantized block, allocated when the first one comes) and the layers
+        # holding views of it (layer._wide)
+        self.wide: torch.Tensor | None = None
+        self.wide_layers: list = []
 
 
 class Runtime:
@@ -239,6 +315,7 @@ class Runtime:
         self.groups = groups
         self.prefetch = prefetch
         self.slot_nbytes = max((g.nbytes for g in groups), default=0)
+        self.wide_nbytes = max((g.wide_nbytes for g in groups), default=0)
         self.staging_nbytes = max((g.stored_nbytes for g in groups if g.offloaded), default=0)
         # per (thread, device): which block each slot holds is the state of one forward pass, so threads running
         # the model at once each get their own slots (a thread that ends leaves its state to the next with its id)
@@ -252,7 +329,7 @@ class Runtime:
         for g in self.groups:
             for layer in g.layers:
                 with contextlib.suppress(ReferenceError):  # a standalone runtime's layer, already gone
-                    layer.__dict__["_hot"] = None
+                    layer.__dict__["_hot"] = layer.__dict__["_wide"] = None
 
     def __repr__(self):
         devices = list(dict.fromkeys(d for _, d in self._devices))
@@ -280,8 +357,9 @@ class Runtime:
         return st
 
     # -- the forward pass ---------------------------------------------------------------------------------------
-    def enter(self, gi: int, device: torch.device) -> None:
-        """A block starts: make its weights resident, and start decoding the next block's on a side stream."""
+    def enter(self, gi: int, device: torch.device) -> int:
+        """A block starts: make its weights resident, and start decoding the next block's on a side stream; returns
+        the slot it is in."""
         st = self._state(device)
         sp = current_stream(device)
         slot = self._acquire(st, gi, device, sp)
@@ -293,6 +371,25 @@ class Runtime:
                 self._prefetch(st, nxt, 1 - slot, device, sp)
             if st.staging and nxt + 1 < len(self.groups) and self.groups[nxt + 1].offloaded:
                 self._stage(st, nxt + 1, device, keep=nxt)  # the copy engine works ahead of the decodes
+        return slot
+
+    def enter_wide(self, gi: int, device: torch.device) -> None:
+        """A block of INT8 layers starts a large batch on a GPU: its codes where :meth:`enter` puts them (decoded or
+        copied into a slot; resident ones stay), then every layer dequantized into the wide buffer on torch's
+        current stream, and each layer handed its weight there (``layer._wide``; the previous block's layers lose
+        theirs, since their part of the buffer is about to be overwritten)."""
+        group = self.groups[gi]
+        st = self._state(device)
+        slot = st.slots[self.enter(gi, device)] if group.nbytes else None
+        if st.wide is None:
+            st.wide = torch.empty(self.wide_nbytes, dtype=torch.uint8, device=device)
+        for layer in st.wide_layers:
+            layer.__dict__["_wide"] = None
+        group.dequantize_wide(st.wide, slot, current_stream(device))
+        me = threading.get_ident()
+        for layer, w in zip(group.layers, group.wide_views(st.wide)):
+            layer.__dict__["_wide"] = (me, device, w)
+        st.wide_layers = group.layers
 
     def views(self, gi: int, li: int, device: torch.device) -> list[torch.Tensor]:
         """A layer's decoded tensors, decoding its group first if no slot holds it (a layer called on its own)."""
@@ -334,7 +431,7 @@ class Runtime:
             if hot is None:
                 group, slot, me = self.groups[gi], st.slots[s], threading.get_ident()
                 hot = st.hot[s, gi] = [(layer, (me, device, group.views(slot, i)))
-                                       for i, layer in enumerate(group.layers)]
+                                       for i, layer in enumerate(group.layers) if i not in group._resident]
             for layer, views in hot:
                 layer.__dict__["_hot"] = views
 
@@ -351,7 +448,7 @@ class Runtime:
                     held[0] = -1
         group = self.groups[gi]
         for layer in group.layers:
-            layer.__dict__["_hot"] = None
+            layer.__dict__["_hot"] = layer.__dict__["_wide"] = None
         group.forget()
 
     def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int | None, stream=None) -> None:
@@ -423,7 +520,8 @@ class Runtime:
 
     def nbytes(self) -> int:
         """Device (or host) memory this runtime holds: scratch slots and the decode plans' tables and temp."""
-        slots = sum(t.numel() for st in self._devices.values() for t in (*st.slots, *st.staging))
+        slots = sum(t.numel() for st in self._devices.values()
+                    for t in (*st.slots, *st.staging, *([st.wide] if st.wide is not None else [])))
         return slots + sum(p.nbytes for g in self.groups for p in g.plans())
 
     def release(self, device: torch.device) -> None:
@@ -440,6 +538,8 @@ class Runtime:
             st = self._devices.pop(key)
             for s in range(len(st.resident)):
                 self._occupy(st, s, -1, None)  # the groups in its slots lose their hot views
+            for layer in st.wide_layers:
+                layer.__dict__["_wide"] = None
         for g in self.groups:
             g.release(device)
 
@@ -451,6 +551,8 @@ class Runtime:
                 torch.cuda.synchronize(device)
             for s in range(len(st.slots)):
                 self._occupy(st, s, -1, None)
+            for layer in st.wide_layers:
+                layer.__dict__["_wide"] = None
             st.resident = [None] * len(st.slots)
             st.staged = [None] * len(st.staging)
 
@@ -498,15 +600,30 @@ def _enter_block(module, args, kwargs):
     rt = layer._runtime() if layer is not None and layer._runtime is not None else None
     if rt is None:
         return
-    device = _device_of(module, args, kwargs)
-    if device is not None:
-        rt.enter(layer._slot_index[0], device)
+    gi = layer._slot_index[0]
+    group = rt.groups[gi]
+    x = _input_of(args, kwargs)
+    if x is not None:
+        if (WIDE and x.is_cuda and group.wide_dtype == x.dtype and x.ndim
+                and x.numel() > GEMV_MAX_M * x.shape[-1]):
+            rt.enter_wide(gi, x.device)  # a large batch (prefill)
+        elif group.nbytes:
+            rt.enter(gi, x.device)
+        return
+    device = _device_of(module)
+    if device is not None and group.nbytes:
+        rt.enter(gi, device)
 
 
-def _device_of(module, args=(), kwargs=None) -> torch.device | None:
+def _input_of(args, kwargs) -> torch.Tensor | None:
+    """The block's activations: its first floating-point tensor argument."""
     for a in (*args, *(kwargs or {}).values()):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            return a.device
+            return a
+    return None
+
+
+def _device_of(module) -> torch.device | None:
     for t in module.parameters():
         return t.device
     for t in module.buffers():

@@ -146,7 +146,7 @@ def test_models_on_cuda_and_their_memory(mode):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     report = compress_model(model, mode, progress=False)
-    assert report.blocks == (4 if mode != "int8" else 0)
+    assert report.blocks == 4
     with torch.no_grad():
         got = model(ids).logits
         tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -170,6 +170,41 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
     compress_model(model, mode, progress=False)
     assert_graph_replays_match_eager(model)
     model._cupycodec_runtime[0].check()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8+entropy", "int8 offloaded"])
+def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
+    """A prefill (more rows than the fused GEMV takes) of an all-INT8 block dequantizes the whole block when it starts,
+    in one launch into the runtime's wide buffer, and each layer runs cuBLAS on its part of it: no layer dequantizes
+    on its own, each wide weight is the layer's dequantized weight bit for bit, and the logits equal the per-layer
+    route's (runtime.WIDE off: each layer dequantizes into ops' scratch; the same arithmetic and the same GEMMs).
+    Captured in a CUDA graph, a large batch replays as eager forwards compute it."""
+    from cupycodec.integrations.torch import compress_model, ops, runtime
+
+    model = _tiny_llama(layers=3)
+    compress_model(model, mode.split()[0], progress=False, **({"offload": "cpu"} if "offloaded" in mode else {}))
+    rt = model._cupycodec_runtime[0]
+    ids = torch.randint(0, 512, (1, 40), device="cuda")
+    with torch.no_grad():
+        monkeypatch.setattr(runtime, "WIDE", False)
+        per_layer = model(ids, use_cache=False).logits
+        assert all(st.wide is None for st in rt._devices.values())
+        monkeypatch.setattr(runtime, "WIDE", True)
+
+        def per_layer_route(*args, **kwargs):
+            raise AssertionError("a layer of a large batch dequantized its own weight")
+
+        with monkeypatch.context() as m:
+            m.setattr(ops, "dequant_linear", per_layer_route)
+            wide = model(ids, use_cache=False).logits
+    assert torch.equal(wide, per_layer)
+    (st,) = [st for st in rt._devices.values() if st.wide is not None]
+    assert st.wide.numel() == rt.wide_nbytes == max(g.wide_nbytes for g in rt.groups) > 0
+    last = rt.groups[-1]  # the last block is the one left in the wide buffer
+    for layer, w in zip(last.layers, last.wide_views(st.wide)):
+        assert layer._wide[2] is w and torch.equal(w, layer.decompress_weight().to(w.device))
+    assert_graph_replays_match_eager(model, tokens=32)
+    rt.check()
 
 
 @pytest.mark.parametrize("mode", ["bf16", "lossless", "int8", "int8+entropy", "int8 offloaded"])
@@ -286,7 +321,7 @@ def test_block_decodes_and_prefetch_capture_and_replay(mode):
 
     model = copy.deepcopy(base)
     report = compress_model(model, mode, progress=False)
-    assert report.blocks == (4 if mode != "int8" else 0) and report.skipped == {}
+    assert report.blocks == 4 and report.skipped == {}
     static = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         run(model, static)
@@ -303,9 +338,10 @@ def test_block_decodes_and_prefetch_capture_and_replay(mode):
                 assert torch.equal(eager, run(base, static))
 
 
+@pytest.mark.parametrize("tokens", [9, 40])  # 40: a large batch, its blocks dequantized into the wide buffer
 @pytest.mark.parametrize("layers", [1, 2])  # after a forward, the first block is still in its slot
-@pytest.mark.parametrize("mode", ["lossless", "int8+entropy", "int8 offloaded"])
-def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, layers):
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy", "int8 offloaded"])
+def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, layers, tokens):
     from cupycodec.integrations.torch import compress_model
 
     def compressed(sign):
@@ -317,7 +353,7 @@ def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, la
         return model
 
     a, b = compressed(1), compressed(-1)
-    ids = torch.randint(0, 512, (1, 9), device="cuda")
+    ids = torch.randint(0, 512, (1, tokens), device="cuda")
     with torch.no_grad():
         want = b(ids).logits
         assert not torch.equal(a(ids).logits, want)

@@ -41,7 +41,7 @@ def test_every_mode_on_a_tiny_llama(mode):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [type(m) for m in linears] == [torch.nn.Linear]  # only the tied output head is left
     assert report.skipped == {"lm_head": "output head"} and len(report.layers) == 3 * 7
-    assert report.blocks == (3 if mode != "int8" else 0)
+    assert report.blocks == 3  # int8 blocks too: a large batch dequantizes a block at its start
     got = _logits(model)
     if mode == "lossless":
         assert torch.equal(got, base)
