@@ -449,6 +449,9 @@ class CompressedLinear(torch.nn.Module):
             self._buffers["scale"] = scale.to(moved.device)
         self._views = {}  # buffers may have moved; the template keeps the header
         self.__dict__["_hot"] = self.__dict__["_wide"] = None  # views on the old device
+        rt = self._runtime() if self._runtime is not None else None
+        if rt is not None:
+            rt.groups[self._slot_index[0]].drop_wide()  # its launch reads the codes where they were
         return out
 
     def extra_repr(self) -> str:

@@ -205,37 +205,45 @@ class DecodeGroup:
                 for off, layer in zip(self.wide_offsets, self.layers)]
         return out
 
-    def dequantize_wide(self, wide: torch.Tensor, slot: torch.Tensor | None, sp: int) -> None:
+    def dequantize_wide(self, wide: torch.Tensor, slot: torch.Tensor | None, device: torch.device, sp: int) -> list:
         """Enqueue on the raw stream ``sp`` one launch that dequantizes every layer into ``wide`` from its codes and
         scales (resident ones in place, the others in ``slot``, decoded there before): the arithmetic of
         :func:`~cupycodec.kernels.int8.dequantize_raw`, which a layer on its own runs, so the values are the same.
-        The launch's descriptors are device memory made once per placement of the buffers (a warm-up pass, before
-        any graph capture)."""
-        sources = [(layer.qweight, layer.scale) if i in self._resident else self.views(slot, i)
-                   for i, layer in enumerate(self.layers)]
-        key = (wide.data_ptr(), *(t.data_ptr() for pair in sources for t in pair))
+        Returns what each layer is handed: ``[(layer, (thread, device, its weight in wide))]``.
+
+        The launch and its descriptors (device memory) are made once per wide buffer, slot and thread (a warm-up
+        pass, before any graph capture), and dropped when the layers' codes move or change (:meth:`release`,
+        :meth:`forget`): a block start costs a lookup and a launch."""
+        me = threading.get_ident()
+        key = (wide.data_ptr(), slot.data_ptr() if slot is not None else 0, me)
         got = self._wide.get(key)
         if got is None:
-            device = wide.device.index
+            index = wide.device.index
             words, first = [], 0
-            for (codes, scales), out, layer in zip(sources, self.wide_views(wide), self.layers):
+            outs = self.wide_views(wide)
+            for i, (out, layer) in enumerate(zip(outs, self.layers)):
+                codes, scales = (layer.qweight, layer.scale) if i in self._resident else self.views(slot, i)
                 granularity = layer.granularity
                 w, blocks = int8_kernels.dequantize_desc(
                     codes.data_ptr(), scales.data_ptr(), out.data_ptr(), tuple(codes.shape),
                     granularity=granularity, axis=0 if granularity == "channel" else None,
                     group_size=layer.group_size if granularity == "group" else None, first_block=first,
-                    device=device)
+                    device=index)
                 words.append(w)
                 first += blocks
             desc = torch.from_numpy(np.stack(words).view(np.int64)).to(wide.device)
             name, grid, block, args = int8_kernels.dequantize_many_args(
                 dtype_name(self.wide_dtype), desc.data_ptr(), len(words), first)
-            got = ((int8_kernels.handle(device, name), grid, block, args, device), desc)
-            self._wide = {key: got}  # one placement at a time: the descriptors of an old one go
-        launch, _ = got
-        handle, grid, block, args, device = launch
+            got = self._wide[key] = ((int8_kernels.handle(index, name), grid, block, args, index), desc,
+                                     [(layer, (me, device, w)) for layer, w in zip(self.layers, outs)])
+        (handle, grid, block, args, index), _, hot = got
         if grid:
-            _cuda.launch(handle, grid, block, args, device, sp)
+            _cuda.launch(handle, grid, block, args, index, sp)
+        return hot
+
+    def drop_wide(self) -> None:
+        """Forget the wide launches, built over the layers' codes where they were (a layer's tensors were replaced)."""
+        self._wide = {}
 
     def plans(self) -> list:
         return [*self._plans.values(), *self._staged_plans.values()]
@@ -251,7 +259,7 @@ class DecodeGroup:
         """Drop the views, plans and staged containers over ``device``'s slots and staging buffers, which their
         runtime gives back (:meth:`Runtime.release`)."""
         self._views = {k: v for k, v in self._views.items() if k[0] != device}
-        self._wide = {}
+        self.drop_wide()
         if device.type == "cuda":
             for plans in (self._plans, self._staged_plans):
                 self._retire([plans.pop(k) for k, p in list(plans.items()) if p.device == device.index])
@@ -385,10 +393,8 @@ class Runtime:
             st.wide = torch.empty(self.wide_nbytes, dtype=torch.uint8, device=device)
         for layer in st.wide_layers:
             layer.__dict__["_wide"] = None
-        group.dequantize_wide(st.wide, slot, current_stream(device))
-        me = threading.get_ident()
-        for layer, w in zip(group.layers, group.wide_views(st.wide)):
-            layer.__dict__["_wide"] = (me, device, w)
+        for layer, hot in group.dequantize_wide(st.wide, slot, device, current_stream(device)):
+            layer.__dict__["_wide"] = hot
         st.wide_layers = group.layers
 
     def views(self, gi: int, li: int, device: torch.device) -> list[torch.Tensor]:

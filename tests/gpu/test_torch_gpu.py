@@ -180,6 +180,7 @@ def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
     route's (runtime.WIDE off: each layer dequantizes into ops' scratch; the same arithmetic and the same GEMMs).
     Captured in a CUDA graph, a large batch replays as eager forwards compute it."""
     from cupycodec.integrations.torch import compress_model, ops, runtime
+    from cupycodec.kernels import int8 as int8_kernels
 
     model = _tiny_llama(layers=3)
     compress_model(model, mode.split()[0], progress=False, **({"offload": "cpu"} if "offloaded" in mode else {}))
@@ -192,12 +193,17 @@ def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
         monkeypatch.setattr(runtime, "WIDE", True)
 
         def per_layer_route(*args, **kwargs):
-            raise AssertionError("a layer of a large batch dequantized its own weight")
+            raise AssertionError("a layer dequantized its own weight, or a block start built its launch again")
 
         with monkeypatch.context() as m:
             m.setattr(ops, "dequant_linear", per_layer_route)
             wide = model(ids, use_cache=False).logits
     assert torch.equal(wide, per_layer)
+    with torch.no_grad():
+        model(ids, use_cache=False)  # three blocks: each block's codes now came from both slots
+        with monkeypatch.context() as m:  # from here on a block start is a lookup and a launch
+            m.setattr(int8_kernels, "dequantize_desc", per_layer_route)
+            assert torch.equal(model(ids, use_cache=False).logits, per_layer)
     (st,) = [st for st in rt._devices.values() if st.wide is not None]
     assert st.wide.numel() == rt.wide_nbytes == max(g.wide_nbytes for g in rt.groups) > 0
     last = rt.groups[-1]  # the last block is the one left in the wide buffer
