@@ -14,10 +14,13 @@ copying into the other staging buffer, once the decode that last read it is done
 
 On a GPU, a large batch (a prefill: more rows of activations than the fused GEMV serves, :data:`.ops.GEMV_MAX_M`)
 of a block whose layers are all INT8 (``int8``, ``int8+entropy``, offloaded ``int8``) starts differently
-(:meth:`Runtime.enter_wide`): once its codes are where a forward reads them, one launch dequantizes every layer of
-the block into a wide buffer (one block of weights in their dtype, per device), and each layer then runs cuBLAS on
-its part of it. Per layer, that replaces a dequantize launch and its host work by nothing; the GPU work is the
-same.
+(``Runtime.enter(..., wide=True)``): each slot gets a wide buffer (one block of weights in their dtype), and a
+block's decode into a slot is followed, on the same stream, by one launch that dequantizes every layer of the block
+from its codes (in the slot, or resident) into the slot's wide buffer; each layer then runs cuBLAS on its part of
+it. The next block's dequantization so runs on the side stream with its decode, beside this block's GEMMs, instead
+of a dequantize launch (and its host work) per layer before each GEMM. A slot holds a block either way: as codes,
+or as codes and wide weights (its "wide twin", index ``gi + len(groups)``), and the slot machinery below (events,
+prefetch, hot views) is the same for both.
 
 Scratch, plans and payloads are torch tensors (the plans' tables come from ``alloc=torch.empty``), so
 ``torch.cuda.memory_allocated()`` counts them.
@@ -205,17 +208,15 @@ class DecodeGroup:
                 for off, layer in zip(self.wide_offsets, self.layers)]
         return out
 
-    def dequantize_wide(self, wide: torch.Tensor, slot: torch.Tensor | None, device: torch.device, sp: int) -> list:
+    def dequantize_wide(self, wide: torch.Tensor, slot: torch.Tensor | None, sp: int) -> None:
         """Enqueue on the raw stream ``sp`` one launch that dequantizes every layer into ``wide`` from its codes and
         scales (resident ones in place, the others in ``slot``, decoded there before): the arithmetic of
         :func:`~cupycodec.kernels.int8.dequantize_raw`, which a layer on its own runs, so the values are the same.
-        Returns what each layer is handed: ``[(layer, (thread, device, its weight in wide))]``.
 
-        The launch and its descriptors (device memory) are made once per wide buffer, slot and thread (a warm-up
-        pass, before any graph capture), and dropped when the layers' codes move or change (:meth:`release`,
-        :meth:`forget`): a block start costs a lookup and a launch."""
-        me = threading.get_ident()
-        key = (wide.data_ptr(), slot.data_ptr() if slot is not None else 0, me)
+        The launch and its descriptors (device memory) are made once per wide buffer and slot (a warm-up pass,
+        before any graph capture), and dropped when the layers' codes move or change (:meth:`release`,
+        :meth:`forget`, :meth:`drop_wide`): a block's dequantization costs a lookup and a launch."""
+        key = (wide.data_ptr(), slot.data_ptr() if slot is not None else 0)
         got = self._wide.get(key)
         if got is None:
             index = wide.device.index
@@ -234,12 +235,10 @@ class DecodeGroup:
             desc = torch.from_numpy(np.stack(words).view(np.int64)).to(wide.device)
             name, grid, block, args = int8_kernels.dequantize_many_args(
                 dtype_name(self.wide_dtype), desc.data_ptr(), len(words), first)
-            got = self._wide[key] = ((int8_kernels.handle(index, name), grid, block, args, index), desc,
-                                     [(layer, (me, device, w)) for layer, w in zip(self.layers, outs)])
-        (handle, grid, block, args, index), _, hot = got
+            got = self._wide[key] = ((int8_kernels.handle(index, name), grid, block, args, index), desc)
+        (handle, grid, block, args, index), _ = got
         if grid:
             _cuda.launch(handle, grid, block, args, index, sp)
-        return hot
 
     def drop_wide(self) -> None:
         """Forget the wide launches, built over the layers' codes where they were (a layer's tensors were replaced)."""
@@ -289,14 +288,16 @@ class DecodeGroup:
 
 class _DeviceState:
     __slots__ = ("active", "copy", "done", "hot", "ready", "resident", "side", "side_sp", "slots", "staged",
-                 "staging", "wide", "wide_layers")
+                 "staging", "wide")
 
     def __init__(self):
         self.slots: list[torch.Tensor] = []
-        # per slot: (group, event of its side-stream decode or None); a slot's entry changes whenever it is written
+        # per slot: (group or its wide twin, event of its side-stream decode or None); a slot's entry changes whenever
+        # it is written
         self.resident: list = [None, None]
         self.active = 0  # the slot of the group in use: never the one a new decode goes to
-        self.hot: dict = {}  # (slot, group) -> [(layer, its hot views in that slot)], made once (Runtime._activate)
+        # (slot, group or twin) -> [(layer, attribute, its views in that slot)], made once (Runtime._activate)
+        self.hot: dict = {}
         self.side = None  # the prefetch stream (torch's), and its raw handle
         self.side_sp = 0
         # CuPy events reused by every prefetch, recorded and waited on by raw handle (made once: creating one is a
@@ -310,10 +311,8 @@ class _DeviceState:
         self.staging: list[torch.Tensor] = []
         self.staged: list = [None, None]
         self.copy = None
-        # the wide buffer (a large batch's dequantized block, allocated when the first one comes) and the layers
-        # holding views of it (layer._wide)
-        self.wide: torch.Tensor | None = None
-        self.wide_layers: list = []
+        # per slot, its wide buffer (a large batch's dequantized block), allocated when the first one comes
+        self.wide: list[torch.Tensor] = []
 
 
 class Runtime:
@@ -365,37 +364,26 @@ class Runtime:
         return st
 
     # -- the forward pass ---------------------------------------------------------------------------------------
-    def enter(self, gi: int, device: torch.device) -> int:
+    def enter(self, gi: int, device: torch.device, wide: bool = False) -> int:
         """A block starts: make its weights resident, and start decoding the next block's on a side stream; returns
-        the slot it is in."""
+        the slot it is in. ``wide`` (a large batch of INT8 blocks on a GPU): each block's weights dequantized too,
+        into the slot's wide buffer, and handed to its layers (``layer._wide``)."""
         st = self._state(device)
         sp = current_stream(device)
-        slot = self._acquire(st, gi, device, sp)
+        n = len(self.groups)
+        if wide and not st.wide:
+            st.wide = [torch.empty(self.wide_nbytes, dtype=torch.uint8, device=device) for _ in st.slots]
+        slot = self._acquire(st, gi + n if wide else gi, device, sp)
         nxt = gi + 1
-        if sp is not None and len(st.slots) == 2 and nxt < len(self.groups):
+        if sp is not None and len(st.slots) == 2 and nxt < n:
+            key = nxt + n if wide and self.groups[nxt].wide_dtype is not None else nxt
             held = st.resident[1 - slot]
-            if held is None or held[0] != nxt:
+            if held is None or held[0] != key:
                 self._settle(st, 1 - slot, sp)
-                self._prefetch(st, nxt, 1 - slot, device, sp)
+                self._prefetch(st, key, 1 - slot, device, sp)
             if st.staging and nxt + 1 < len(self.groups) and self.groups[nxt + 1].offloaded:
                 self._stage(st, nxt + 1, device, keep=nxt)  # the copy engine works ahead of the decodes
         return slot
-
-    def enter_wide(self, gi: int, device: torch.device) -> None:
-        """A block of INT8 layers starts a large batch on a GPU: its codes where :meth:`enter` puts them (decoded or
-        copied into a slot; resident ones stay), then every layer dequantized into the wide buffer on torch's
-        current stream, and each layer handed its weight there (``layer._wide``; the previous block's layers lose
-        theirs, since their part of the buffer is about to be overwritten)."""
-        group = self.groups[gi]
-        st = self._state(device)
-        slot = st.slots[self.enter(gi, device)] if group.nbytes else None
-        if st.wide is None:
-            st.wide = torch.empty(self.wide_nbytes, dtype=torch.uint8, device=device)
-        for layer in st.wide_layers:
-            layer.__dict__["_wide"] = None
-        for layer, hot in group.dequantize_wide(st.wide, slot, device, current_stream(device)):
-            layer.__dict__["_wide"] = hot
-        st.wide_layers = group.layers
 
     def views(self, gi: int, li: int, device: torch.device) -> list[torch.Tensor]:
         """A layer's decoded tensors, decoding its group first if no slot holds it (a layer called on its own)."""
@@ -403,8 +391,8 @@ class Runtime:
         return self.groups[gi].views(st.slots[self._acquire(st, gi, device, current_stream(device))], li)
 
     def _acquire(self, st: _DeviceState, gi: int, device: torch.device, sp: int | None) -> int:
-        """The slot holding group ``gi`` for work on the raw stream ``sp`` (torch's current; None on the CPU),
-        decoding it there first if no slot holds it."""
+        """The slot holding group ``gi`` (or a wide twin) for work on the raw stream ``sp`` (torch's current; None on
+        the CPU), decoding it there first if no slot holds it."""
         for s, held in enumerate(st.resident):
             if held is not None and held[0] == gi:
                 self._settle(st, s, sp)
@@ -424,22 +412,28 @@ class Runtime:
         holds comes through here, so a hot view never outlives the slot content it reads."""
         held = st.resident[s]
         if held is not None and held[0] >= 0 and held[0] != gi:
-            for layer in self.groups[held[0]].layers:
-                layer.__dict__["_hot"] = None
+            for layer in self.groups[held[0] % len(self.groups)].layers:
+                layer.__dict__["_hot"] = layer.__dict__["_wide"] = None
         st.resident[s] = (gi, event)
 
     def _activate(self, st: _DeviceState, gi: int, s: int, device: torch.device) -> None:
         """Group ``gi``, resident and settled in slot ``s``, is the one in use: hand its layers their views (keyed by
         thread and device: another thread's forward has slots of its own)."""
         st.active = s
-        if HOT_VIEWS:
+        wide = gi >= len(self.groups)  # a twin: its layers' weights in the slot's wide buffer (no other route)
+        if HOT_VIEWS or wide:
             hot = st.hot.get((s, gi))
             if hot is None:
-                group, slot, me = self.groups[gi], st.slots[s], threading.get_ident()
-                hot = st.hot[s, gi] = [(layer, (me, device, group.views(slot, i)))
-                                       for i, layer in enumerate(group.layers) if i not in group._resident]
-            for layer, views in hot:
-                layer.__dict__["_hot"] = views
+                group, me = self.groups[gi % len(self.groups)], threading.get_ident()
+                if wide:
+                    hot = [(layer, "_wide", (me, device, w)) for layer, w in zip(group.layers,
+                                                                                  group.wide_views(st.wide[s]))]
+                else:
+                    hot = [(layer, "_hot", (me, device, group.views(st.slots[s], i)))
+                           for i, layer in enumerate(group.layers) if i not in group._resident]
+                st.hot[s, gi] = hot
+            for layer, attr, views in hot:
+                layer.__dict__[attr] = views
 
     def forget(self, gi: int) -> None:
         """Group ``gi``'s stored weights changed (a state dict was loaded into a layer): no slot or staging buffer
@@ -447,7 +441,7 @@ class Runtime:
         that later writes to those buffers stay ordered after work already enqueued."""
         for st in self._devices.values():
             for s, held in enumerate(st.resident):
-                if held is not None and held[0] == gi:
+                if held is not None and held[0] in (gi, gi + len(self.groups)):
                     self._occupy(st, s, -1, held[1])
             for held in st.staged:
                 if held is not None and held[0] == gi:
@@ -460,7 +454,17 @@ class Runtime:
     def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int | None, stream=None) -> None:
         """Decode group ``gi`` into slot ``s`` on the raw stream ``sp`` (None on the CPU), through staging if it is
         offloaded; ``stream``: the torch stream of that handle, when not torch's current one. A group of containers
-        only runs its plan on the handle, entering no stream context."""
+        only runs its plan on the handle, entering no stream context. A wide twin is then dequantized into the
+        slot's wide buffer, on the same stream."""
+        n = len(self.groups)
+        group = self.groups[gi % n]
+        if group.nbytes:
+            self._decode_codes(st, gi % n, s, device, sp, stream)
+        if gi >= n:
+            group.dequantize_wide(st.wide[s], st.slots[s] if group.nbytes else None, sp)
+
+    def _decode_codes(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int | None,
+                      stream) -> None:
         group = self.groups[gi]
         if sp is None:
             group.decode(st.slots[s])
@@ -527,7 +531,7 @@ class Runtime:
     def nbytes(self) -> int:
         """Device (or host) memory this runtime holds: scratch slots and the decode plans' tables and temp."""
         slots = sum(t.numel() for st in self._devices.values()
-                    for t in (*st.slots, *st.staging, *([st.wide] if st.wide is not None else [])))
+                    for t in (*st.slots, *st.staging, *st.wide))
         return slots + sum(p.nbytes for g in self.groups for p in g.plans())
 
     def release(self, device: torch.device) -> None:
@@ -544,8 +548,6 @@ class Runtime:
             st = self._devices.pop(key)
             for s in range(len(st.resident)):
                 self._occupy(st, s, -1, None)  # the groups in its slots lose their hot views
-            for layer in st.wide_layers:
-                layer.__dict__["_wide"] = None
         for g in self.groups:
             g.release(device)
 
@@ -557,8 +559,6 @@ class Runtime:
                 torch.cuda.synchronize(device)
             for s in range(len(st.slots)):
                 self._occupy(st, s, -1, None)
-            for layer in st.wide_layers:
-                layer.__dict__["_wide"] = None
             st.resident = [None] * len(st.slots)
             st.staged = [None] * len(st.staging)
 
@@ -612,7 +612,7 @@ def _enter_block(module, args, kwargs):
     if x is not None:
         if (WIDE and x.is_cuda and group.wide_dtype == x.dtype and x.ndim
                 and x.numel() > GEMV_MAX_M * x.shape[-1]):
-            rt.enter_wide(gi, x.device)  # a large batch (prefill)
+            rt.enter(gi, x.device, wide=True)  # a large batch (prefill)
         elif group.nbytes:
             rt.enter(gi, x.device)
         return

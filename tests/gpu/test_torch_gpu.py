@@ -174,42 +174,46 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int8+entropy", "int8 offloaded"])
 def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
-    """A prefill (more rows than the fused GEMV takes) of an all-INT8 block dequantizes the whole block when it starts,
-    in one launch into the runtime's wide buffer, and each layer runs cuBLAS on its part of it: no layer dequantizes
-    on its own, each wide weight is the layer's dequantized weight bit for bit, and the logits equal the per-layer
-    route's (runtime.WIDE off: each layer dequantizes into ops' scratch; the same arithmetic and the same GEMMs).
-    Captured in a CUDA graph, a large batch replays as eager forwards compute it."""
+    """A prefill (more rows than the fused GEMV takes) of all-INT8 blocks: each block's decode into a slot is followed
+    by one launch that dequantizes the whole block into the slot's wide buffer (the next block's on the side stream,
+    beside this one's GEMMs), and each layer runs cuBLAS on its part of it. No layer dequantizes on its own, each wide
+    weight is the layer's dequantized weight bit for bit, and the logits equal the per-layer route's (runtime.WIDE
+    off: each layer dequantizes into ops' scratch; the same arithmetic and the same GEMMs). Once both slots have held
+    a block, its start builds nothing. Captured in a CUDA graph, a large batch replays as eager forwards compute it."""
     from cupycodec.integrations.torch import compress_model, ops, runtime
     from cupycodec.kernels import int8 as int8_kernels
 
     model = _tiny_llama(layers=3)
     compress_model(model, mode.split()[0], progress=False, **({"offload": "cpu"} if "offloaded" in mode else {}))
     rt = model._cupycodec_runtime[0]
+    n = len(rt.groups)
     ids = torch.randint(0, 512, (1, 40), device="cuda")
+
+    def per_layer_route(*args, **kwargs):
+        raise AssertionError("a layer dequantized its own weight, or a block start built its launch again")
+
     with torch.no_grad():
         monkeypatch.setattr(runtime, "WIDE", False)
         per_layer = model(ids, use_cache=False).logits
-        assert all(st.wide is None for st in rt._devices.values())
+        assert not any(st.wide for st in rt._devices.values())
         monkeypatch.setattr(runtime, "WIDE", True)
-
-        def per_layer_route(*args, **kwargs):
-            raise AssertionError("a layer dequantized its own weight, or a block start built its launch again")
-
         with monkeypatch.context() as m:
             m.setattr(ops, "dequant_linear", per_layer_route)
             wide = model(ids, use_cache=False).logits
-    assert torch.equal(wide, per_layer)
-    with torch.no_grad():
-        model(ids, use_cache=False)  # three blocks: each block's codes now came from both slots
-        with monkeypatch.context() as m:  # from here on a block start is a lookup and a launch
+        assert torch.equal(wide, per_layer)
+        model(ids, use_cache=False)  # three blocks, two slots: every block has now been in both
+        with monkeypatch.context() as m:
+            m.setattr(ops, "dequant_linear", per_layer_route)
             m.setattr(int8_kernels, "dequantize_desc", per_layer_route)
             assert torch.equal(model(ids, use_cache=False).logits, per_layer)
-    (st,) = [st for st in rt._devices.values() if st.wide is not None]
-    assert st.wide.numel() == rt.wide_nbytes == max(g.wide_nbytes for g in rt.groups) > 0
-    last = rt.groups[-1]  # the last block is the one left in the wide buffer
-    for layer, w in zip(last.layers, last.wide_views(st.wide)):
+    (st,) = [st for st in rt._devices.values() if st.wide]
+    assert len(st.wide) == len(st.slots) == 2
+    assert all(w.numel() == rt.wide_nbytes == max(g.wide_nbytes for g in rt.groups) > 0 for w in st.wide)
+    (s,) = [s for s, held in enumerate(st.resident) if held is not None and held[0] == 2 * n - 1]  # the last block
+    last = rt.groups[-1]
+    for layer, w in zip(last.layers, last.wide_views(st.wide[s])):
         assert layer._wide[2] is w and torch.equal(w, layer.decompress_weight().to(w.device))
-    assert_graph_replays_match_eager(model, tokens=32)
+    assert_graph_replays_match_eager(model, tokens=32, reset=rt.reset)
     rt.check()
 
 
