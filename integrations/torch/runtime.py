@@ -233,7 +233,13 @@ class DecodeGroup:
                     device=index)
                 words.append(w)
                 first += blocks
-            desc = torch.from_numpy(np.stack(words).view(np.int64)).to(wide.device)
+            # uploaded on ``sp``, which reads it, from pinned memory: no host wait, and ordered before the launch
+            host = torch.from_numpy(np.stack(words).view(np.int64)).pin_memory()
+            desc = torch.empty(host.shape, dtype=host.dtype, device=wide.device)
+            on = torch.cuda.ExternalStream(sp, device=wide.device)
+            with torch.cuda.stream(on):
+                desc.copy_(host, non_blocking=True)
+            desc.record_stream(on)  # freed (forget, release) only once the work enqueued on ``sp`` is done
             name, grid, block, args = int8_kernels.dequantize_many_args(
                 dtype_name(self.wide_dtype), desc.data_ptr(), len(words), first)
             got = self._wide[key] = ((int8_kernels.handle(index, name), grid, block, args, index), desc)
