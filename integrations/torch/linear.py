@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import cupycodec as cc
 from cupycodec._config import segment_chunk
 
-from . import ops
+from . import ops, runtime
 from .dlpack import current_stream, dtype_name, torch_dtype
 from .runtime import DecodeGroup, Runtime
 
@@ -402,14 +402,27 @@ class CompressedLinear(torch.nn.Module):
             if resident:
                 return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
             return decoded_linear(x, bias, self._op_key, self.out_features)
-        wide = self._wide
-        if (wide is not None and wide[0] == get_ident() and wide[1] == x.device and wide[2].dtype == x.dtype
-                and x.numel() > ops.GEMV_MAX_M * self.in_features):
-            # a large batch: the block's start dequantized this layer's weight (Runtime.enter_wide)
-            return F.linear(x, wide[2], ops._bias(bias, x))
+        if x.numel() > ops.GEMV_MAX_M * self.in_features and self.mode != "lossless":
+            w = self._wide_weight(x)
+            if w is not None:  # a large batch: this layer's weight, dequantized with its block's
+                return F.linear(x, w, ops._bias(bias, x))
         if resident:
             return ops._int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
         return self._linear(x, self._decoded(x.device), bias)
+
+    def _wide_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a large batch on a GPU: this layer's weight in its slot's wide buffer (``Runtime.enter(...,
+        wide=True)``), starting its block that way if no hook did (blocks of resident INT8 codes have no hook: their
+        one-token steps have nothing to decode); None where the runtime has none for ``x``."""
+        wide = self._wide
+        if wide is None or wide[0] != get_ident() or wide[1] != x.device:
+            rt = self._runtime() if self._runtime is not None else None
+            gi = self._slot_index[0]
+            if rt is None or not runtime.WIDE or not x.is_cuda or rt.groups[gi].wide_dtype != x.dtype:
+                return None
+            rt.enter(gi, x.device, wide=True)
+            wide = self._wide
+        return wide[2] if wide is not None and wide[2].dtype == x.dtype else None
 
     # -- state dict ---------------------------------------------------------------------------------------------
     # The state dict holds plain tensors only (``packed``, or ``qweight`` and ``scale``, and ``bias``), so it saves

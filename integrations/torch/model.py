@@ -268,7 +268,7 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     groups += [(None, DecodeGroup([m], name=f, offloaded=m._offloaded)) for f, m in decoded if f not in placed]
     runtime = Runtime([g for _, g in groups])
     for block, group in groups:
-        if block is not None:
+        if block is not None and group.nbytes:  # blocks of resident INT8 codes start from their layers (wide only)
             hooks.append(block_hook(block, group.layers[0]))
     old = getattr(model, "_cupycodec_runtime", None)
     if old is not None:

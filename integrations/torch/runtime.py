@@ -14,7 +14,8 @@ copying into the other staging buffer, once the decode that last read it is done
 
 On a GPU, a large batch (a prefill: more rows of activations than the fused GEMV serves, :data:`.ops.GEMV_MAX_M`)
 of a block whose layers are all INT8 (``int8``, ``int8+entropy``, offloaded ``int8``) starts differently
-(``Runtime.enter(..., wide=True)``): each slot gets a wide buffer (one block of weights in their dtype), and a
+(``Runtime.enter(..., wide=True)``, from the block's hook, or from its first layer where the block has nothing to
+decode and so no hook): each slot gets a wide buffer (one block of weights in their dtype), and a
 block's decode into a slot is followed, on the same stream, by one launch that dequantizes every layer of the block
 from its codes (in the slot, or resident) into the slot's wide buffer; each layer then runs cuBLAS on its part of
 it. The next block's dequantization so runs on the side stream with its decode, beside this block's GEMMs, instead
@@ -53,8 +54,10 @@ GRAPH_DECODES = True
 HOT_VIEWS = True
 # A large batch of an all-INT8 block dequantizes the whole block in one launch when the block starts (see the module's
 # docstring). False: each layer dequantizes its own weight into ops' scratch before cuBLAS, as before (benchmarks
-# compare the two; the values are the same).
-WIDE = True
+# compare the two; the values are the same). Off by default since 2026-12-03: under 14 test processes sharing an H200,
+# a model's first large batch through it hit a CUDA illegal memory access in three of four full GPU runs (one test,
+# never alone, never under memcheck; cause not found, benchmarks/RESULTS.md). Set True to use it.
+WIDE = False
 
 
 def _a(n: int) -> int:

@@ -348,7 +348,7 @@ def test_block_decodes_and_prefetch_capture_and_replay(mode):
                 assert torch.equal(eager, run(base, static))
 
 
-@pytest.mark.parametrize("tokens", [9, 40])  # 40: a large batch, its blocks dequantized into the wide buffer
+@pytest.mark.parametrize("tokens", [9, 40])  # 40: a large batch (dequantize + cuBLAS)
 @pytest.mark.parametrize("layers", [1, 2])  # after a forward, the first block is still in its slot
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy", "int8 offloaded"])
 def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, layers, tokens):
