@@ -2,12 +2,12 @@
 
 On CUDA, small batches (M <= 16 rows of activations, 8 where only the FMA kernel applies) run the fused
 dequantize-GEMV (:mod:`cupycodec.kernels.gemv`), which reads each INT8 code once; larger ones dequantize into a
-per-device scratch (our kernel, the reference's arithmetic) and call cuBLAS through ``F.linear`` (the layers of a
-compressed model's block take their weights from the block's one dequantization instead, :mod:`.runtime`). On the
-CPU the same dequantization runs in torch ops. Both launch on torch's current stream and never synchronize; nothing
-is allocated but the output. A backward formula gives the activations and the bias their gradients (for adapters
-trained over frozen compressed weights). Layers call :func:`linear`, which goes through the op only where tracing or
-autograd needs it (the op's eager dispatch costs more host time than the kernel runs).
+per-device scratch (our kernel, the reference's arithmetic) and call cuBLAS through ``F.linear`` (with
+``runtime.WIDE`` on, a compressed model's blocks take their weights from one dequantization per block instead). On
+the CPU the same dequantization runs in torch ops. Both launch on torch's current stream and never synchronize;
+nothing is allocated but the output. A backward formula gives the activations and the bias their gradients (for
+adapters trained over frozen compressed weights). Layers call :func:`linear`, which goes through the op only where
+tracing or autograd needs it (the op's eager dispatch costs more host time than the kernel runs).
 """
 
 from __future__ import annotations

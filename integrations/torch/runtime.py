@@ -12,16 +12,16 @@ into one of two device staging buffers on a copy stream, and decoded from there:
 ``i + 1`` decodes on the side stream from staging its copy filled earlier, and block ``i + 2``'s bytes start
 copying into the other staging buffer, once the decode that last read it is done (events, no host waits).
 
-On a GPU, a large batch (a prefill: more rows of activations than the fused GEMV serves, :data:`.ops.GEMV_MAX_M`)
-of a block whose layers are all INT8 (``int8``, ``int8+entropy``, offloaded ``int8``) starts differently
-(``Runtime.enter(..., wide=True)``, from the block's hook, or from its first layer where the block has nothing to
-decode and so no hook): each slot gets a wide buffer (one block of weights in their dtype), and a
-block's decode into a slot is followed, on the same stream, by one launch that dequantizes every layer of the block
-from its codes (in the slot, or resident) into the slot's wide buffer; each layer then runs cuBLAS on its part of
-it. The next block's dequantization so runs on the side stream with its decode, beside this block's GEMMs, instead
-of a dequantize launch (and its host work) per layer before each GEMM. A slot holds a block either way: as codes,
-or as codes and wide weights (its "wide twin", index ``gi + len(groups)``), and the slot machinery below (events,
-prefetch, hot views) is the same for both.
+With :data:`WIDE` on (it is off by default, see there), on a GPU, a large batch (a prefill: more rows of activations
+than the fused GEMV serves, :data:`.ops.GEMV_MAX_M`) of a block whose layers are all INT8 (``int8``,
+``int8+entropy``, offloaded ``int8``) starts differently (``Runtime.enter(..., wide=True)``, from the block's hook,
+or from its first layer where the block has nothing to decode and so no hook): each slot gets a wide buffer (one
+block of weights in their dtype), and a block's decode into a slot is followed, on the same stream, by one launch
+that dequantizes every layer of the block from its codes (in the slot, or resident) into the slot's wide buffer; each
+layer then runs cuBLAS on its part of it. The next block's dequantization so runs on the side stream with its decode,
+beside this block's GEMMs, instead of a dequantize launch (and its host work) per layer before each GEMM. A slot
+holds a block either way: as codes, or as codes and wide weights (its "wide twin", index ``gi + len(groups)``), and
+the slot machinery below (events, prefetch, hot views) is the same for both.
 
 Scratch, plans and payloads are torch tensors (the plans' tables come from ``alloc=torch.empty``), so
 ``torch.cuda.memory_allocated()`` counts them.
@@ -55,8 +55,8 @@ HOT_VIEWS = True
 # A large batch of an all-INT8 block dequantizes the whole block in one launch when the block starts (see the module's
 # docstring). False: each layer dequantizes its own weight into ops' scratch before cuBLAS, as before (benchmarks
 # compare the two; the values are the same). Off by default since 2026-12-03: under 14 test processes sharing an H200,
-# a model's first large batch through it hit a CUDA illegal memory access in three of four full GPU runs (one test,
-# never alone, never under memcheck; cause not found, benchmarks/RESULTS.md). Set True to use it.
+# a model's first large batch through it hit a CUDA illegal memory access in three of four multi-process GPU test runs
+# (one test, never alone, never under memcheck; cause not found, benchmarks/RESULTS.md). Set True to use it.
 WIDE = False
 
 
