@@ -60,6 +60,19 @@ def raw_stream(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
+def stream_of(sp: int, device: torch.device) -> torch.cuda.Stream:
+    """The torch stream whose raw handle is ``sp`` on CUDA ``device``, for torch calls that take a stream (a stream
+    context for a copy, ``record_stream``): torch's default stream for handle 0, an ``ExternalStream`` otherwise.
+
+    Never ``torch.cuda.ExternalStream(0)``: torch reads a null handle there as "no stream given" and returns a new
+    stream from its pool, which the default stream does not wait for. A copy put on it raced the kernel after it on
+    the default stream: under load the kernel read the copy's destination before the copy landed (the wide
+    dequantization's descriptors, benchmarks/RESULTS.md, sixteenth GPU session)."""
+    if sp == 0:
+        return torch.cuda.default_stream(device)
+    return torch.cuda.ExternalStream(sp, device=device)
+
+
 def to_compressed(tensor: torch.Tensor, **kwargs) -> cc.CompressedArray:
     """Compress a tensor as it is (any dtype, device, strides; a Parameter too) with :func:`cupycodec.compress`'s
     keywords; CUDA tensors are compressed on their device, on torch's current stream."""

@@ -12,7 +12,7 @@ into one of two device staging buffers on a copy stream, and decoded from there:
 ``i + 1`` decodes on the side stream from staging its copy filled earlier, and block ``i + 2``'s bytes start
 copying into the other staging buffer, once the decode that last read it is done (events, no host waits).
 
-With :data:`WIDE` on (it is off by default, see there), on a GPU, a large batch (a prefill: more rows of activations
+With :data:`WIDE` on (the default), on a GPU, a large batch (a prefill: more rows of activations
 than the fused GEMV serves, :data:`.ops.GEMV_MAX_M`) of a block whose layers are all INT8 (``int8``,
 ``int8+entropy``, offloaded ``int8``) starts differently (``Runtime.enter(..., wide=True)``, from the block's hook,
 or from its first layer where the block has nothing to decode and so no hook): each slot gets a wide buffer (one
@@ -39,7 +39,7 @@ import cupycodec as cc
 from cupycodec import _cuda
 from cupycodec.kernels import int8 as int8_kernels
 
-from .dlpack import current_stream, dtype_name, host_bits
+from .dlpack import current_stream, dtype_name, host_bits, stream_of
 from .ops import GEMV_MAX_M
 
 __all__ = ["DecodeGroup", "Runtime", "pick_staging"]
@@ -53,11 +53,11 @@ GRAPH_DECODES = True
 # (benchmarks compare the two; the forward is the same code either way).
 HOT_VIEWS = True
 # A large batch of an all-INT8 block dequantizes the whole block in one launch when the block starts (see the module's
-# docstring). False: each layer dequantizes its own weight into ops' scratch before cuBLAS, as before (benchmarks
-# compare the two; the values are the same). Off by default since 2026-12-03: under 14 test processes sharing an H200,
-# a model's first large batch through it hit a CUDA illegal memory access in three of four multi-process GPU test runs
-# (one test, never alone, never under memcheck; cause not found, benchmarks/RESULTS.md). Set True to use it.
-WIDE = False
+# docstring). False: each layer dequantizes its own weight into ops' scratch before cuBLAS (benchmarks compare the two;
+# the values are the same). It was off from 8b3a4dd to the sixteenth GPU session: its descriptor upload on torch's
+# default stream went to torch.cuda.ExternalStream(0), which is a new pool stream, not the default one, so under load
+# the launch read descriptors not yet copied (CUDA illegal memory accesses, wrong logits; dlpack.stream_of).
+WIDE = True
 
 
 def _a(n: int) -> int:
@@ -238,7 +238,7 @@ class DecodeGroup:
             # uploaded on ``sp``, which reads it, from pinned memory: no host wait, and ordered before the launch
             host = torch.from_numpy(np.stack(words).view(np.int64)).pin_memory()
             desc = torch.empty(host.shape, dtype=host.dtype, device=wide.device)
-            on = torch.cuda.ExternalStream(sp, device=wide.device)
+            on = stream_of(sp, wide.device)
             with torch.cuda.stream(on):
                 desc.copy_(host, non_blocking=True)
             desc.record_stream(on)  # freed (forget, release) only once the work enqueued on ``sp`` is done

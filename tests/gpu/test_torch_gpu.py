@@ -217,6 +217,42 @@ def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
     rt.check()
 
 
+def test_a_raw_stream_handle_maps_to_that_torch_stream():
+    # torch.cuda.ExternalStream(0) is a new pool stream, not the default stream whose raw handle is 0
+    from cupycodec.integrations.torch.dlpack import stream_of
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert stream_of(0, device) == torch.cuda.default_stream(device)
+    side = torch.cuda.Stream(device)
+    assert stream_of(side.cuda_stream, device).cuda_stream == side.cuda_stream
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8+entropy"])
+def test_a_large_batch_is_right_while_every_pool_stream_is_busy(mode, monkeypatch):
+    """A model's first large batch on torch's default stream, with a 25 ms spin queued on every stream of torch's
+    pools: the wide route's descriptors are uploaded on the stream of the launch that reads them (they once went to a
+    pool stream, torch.cuda.ExternalStream(0), and the launch read them before they arrived), so the logits equal
+    the per-layer route's."""
+    from cupycodec.integrations.torch import compress_model, runtime
+
+    model = _tiny_llama(layers=3)
+    compress_model(model, mode, progress=False)
+    ids = torch.randint(0, 512, (1, 40), device="cuda")
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    with torch.no_grad():
+        monkeypatch.setattr(runtime, "WIDE", False)
+        want = model(ids, use_cache=False).logits
+        monkeypatch.setattr(runtime, "WIDE", True)
+        torch.cuda.synchronize()
+        busy = [torch.cuda.Stream() for _ in range(64)]  # 32 per pool, taken in turn: each one at least once
+        for s in busy:
+            with torch.cuda.stream(s):
+                torch.cuda._sleep(50_000_000)
+        got = model(ids, use_cache=False).logits
+        assert torch.equal(got, want)
+    model._cupycodec_runtime[0].check()
+
+
 @pytest.mark.parametrize("mode", ["bf16", "lossless", "int8", "int8+entropy", "int8 offloaded"])
 def test_an_eager_forward_never_waits_for_the_gpu(mode):
     """The hot path enqueues and returns: with a 0.1 s spin kernel ahead of it on torch's current stream, a prefill
