@@ -229,28 +229,31 @@ def test_a_raw_stream_handle_maps_to_that_torch_stream():
 
 @pytest.mark.parametrize("mode", ["int8", "int8+entropy"])
 def test_a_large_batch_is_right_while_every_pool_stream_is_busy(mode, monkeypatch):
-    """A model's first large batch on torch's default stream, with a 25 ms spin queued on every stream of torch's
+    """A model's first large batch on torch's default stream, with a 50 ms spin queued on every stream of torch's
     pools: the wide route's descriptors are uploaded on the stream of the launch that reads them (they once went to a
     pool stream, torch.cuda.ExternalStream(0), and the launch read them before they arrived), so the logits equal
-    the per-layer route's."""
+    the per-layer route's. A copy of the model runs first, so that compiling the kernel and pinning host memory do not
+    outlast the spin."""
     from cupycodec.integrations.torch import compress_model, runtime
 
     model = _tiny_llama(layers=3)
     compress_model(model, mode, progress=False)
+    fresh = copy.deepcopy(model)  # a runtime of its own: its slots, wide buffers and descriptors are made on first use
     ids = torch.randint(0, 512, (1, 40), device="cuda")
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     with torch.no_grad():
         monkeypatch.setattr(runtime, "WIDE", False)
         want = model(ids, use_cache=False).logits
         monkeypatch.setattr(runtime, "WIDE", True)
+        assert torch.equal(model(ids, use_cache=False).logits, want)
         torch.cuda.synchronize()
         busy = [torch.cuda.Stream() for _ in range(64)]  # 32 per pool, taken in turn: each one at least once
         for s in busy:
             with torch.cuda.stream(s):
-                torch.cuda._sleep(50_000_000)
-        got = model(ids, use_cache=False).logits
-        assert torch.equal(got, want)
-    model._cupycodec_runtime[0].check()
+                torch.cuda._sleep(100_000_000)
+        assert torch.equal(fresh(ids, use_cache=False).logits, want)
+    for m in (model, fresh):
+        m._cupycodec_runtime[0].check()
 
 
 @pytest.mark.parametrize("mode", ["bf16", "lossless", "int8", "int8+entropy", "int8 offloaded"])
