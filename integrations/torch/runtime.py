@@ -296,11 +296,13 @@ class DecodeGroup:
 
 
 class _DeviceState:
-    __slots__ = ("active", "copy", "done", "hot", "ready", "resident", "side", "side_sp", "slots", "staged",
+    __slots__ = ("active", "copy", "done", "home", "hot", "ready", "resident", "side", "side_sp", "slots", "staged",
                  "staging", "wide")
 
     def __init__(self):
         self.slots: list[torch.Tensor] = []
+        # torch's stream when the slots were allocated (None on the CPU): the pool their memory goes back to
+        self.home = None
         # per slot: (group or its wide twin, event of its side-stream decode or None); a slot's entry changes whenever
         # it is written
         self.resident: list = [None, None]
@@ -346,6 +348,17 @@ class Runtime:
             for layer in g.layers:
                 with contextlib.suppress(ReferenceError):  # a standalone runtime's layer, already gone
                     layer.__dict__["_hot"] = layer.__dict__["_wide"] = None
+        # Slots, wide buffers, staging and plans go back to torch's pool of the stream they were allocated on (the
+        # slots' stream, `home`; the others' too unless the caller changed streams between forwards), which reuses
+        # them for its next allocation at once, while a side-stream decode or a staging copy may still be writing
+        # them (a forward that raised before its next block started, then `del model`). So that stream waits for
+        # ours (an event, no host wait). Nothing is raised from here (interpreter exit, a capture underway).
+        for st in self._devices.values():
+            if st.home is not None:
+                for stream in (st.side, st.copy):
+                    if stream is not None:
+                        with contextlib.suppress(Exception):
+                            st.home.wait_stream(stream)
 
     def __repr__(self):
         devices = list(dict.fromkeys(d for _, d in self._devices))
@@ -364,6 +377,7 @@ class Runtime:
             st = self._devices[key] = _DeviceState()
         if not st.slots:  # allocated when a group first decodes
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1
+            st.home = torch.cuda.current_stream(device) if device.type == "cuda" else None
             st.slots = [torch.empty(max(self.slot_nbytes, 1), dtype=torch.uint8, device=device) for _ in range(n)]
             st.resident = [None] * n
             if device.type == "cuda" and self.staging_nbytes:

@@ -412,6 +412,34 @@ def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, la
     a._cupycodec_runtime[0].check()
 
 
+def test_a_model_deleted_while_its_prefetch_is_pending_leaves_new_tensors_alone():
+    """A forward that stops inside a block (an exception) leaves the next block's decode pending on the side stream;
+    `del model` then gives the slots back to torch's pool of the stream they were allocated on, which hands them to
+    its next allocation at once. That stream is made to wait for the side stream as the runtime goes, so tensors
+    allocated next are written after the pending decode: here the side stream is held back by a 0.1 s spin, and two
+    tensors of the slots' size (where the slots' memory goes) keep what was written into them."""
+    from cupycodec.integrations.torch import compress_model
+
+    model = _tiny_llama(layers=3)
+    compress_model(model, "lossless", progress=False)
+    ids = torch.randint(0, 512, (1, 9), device="cuda")
+    with torch.no_grad():
+        model(ids)  # slots, plans and the side stream made
+    rt = model._cupycodec_runtime[0]
+    (st,) = rt._devices.values()
+    nbytes = rt.slot_nbytes
+    torch.cuda.synchronize()
+    with torch.cuda.stream(st.side):
+        torch.cuda._sleep(200_000_000)
+    rt.enter(0, ids.device)  # block 0 decoded here, block 1's decode queued on the side stream behind the spin
+    assert st.side.query() is False
+    del model, rt, st
+    gc.collect()
+    fresh = [torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    torch.cuda.synchronize()
+    assert all(bool((t == 7).all()) for t in fresh)
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_a_model_moved_off_the_gpu_gives_back_its_memory_there(mode):
     # .cpu() frees the model's GPU memory, the runtime's slots and plans included (after the GPU is done with them);
