@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import time
 
 import ml_dtypes
 import numpy as np
@@ -417,7 +418,7 @@ def test_a_model_deleted_while_its_prefetch_is_pending_leaves_new_tensors_alone(
     `del model` then gives the slots back to torch's pool of the stream they were allocated on, which hands them to
     its next allocation at once. That stream is made to wait for the side stream as the runtime goes, so tensors
     allocated next are written after the pending decode: here the side stream is held back by a 0.1 s spin, and two
-    tensors of the slots' size (where the slots' memory goes) keep what was written into them."""
+    tensors of the slots' size (where the slots' memory goes) are written after the spin, and keep what was written."""
     from cupycodec.integrations.torch import compress_model
 
     model = _tiny_llama(layers=3)
@@ -430,12 +431,14 @@ def test_a_model_deleted_while_its_prefetch_is_pending_leaves_new_tensors_alone(
     nbytes = rt.slot_nbytes
     torch.cuda.synchronize()
     with torch.cuda.stream(st.side):
-        torch.cuda._sleep(200_000_000)
+        torch.cuda._sleep(400_000_000)
     rt.enter(0, ids.device)  # block 0 decoded here, block 1's decode queued on the side stream behind the spin
     assert st.side.query() is False
     del model, rt, st
     gc.collect()
     fresh = [torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    time.sleep(0.02)  # the fills take microseconds; the spin about 0.2 s
+    assert torch.cuda.current_stream().query() is False, "the slots' stream did not wait for the side stream"
     torch.cuda.synchronize()
     assert all(bool((t == 7).all()) for t in fresh)
 
