@@ -352,9 +352,11 @@ class Runtime:
         # slots' stream, `home`; the others' too unless the caller changed streams between forwards), which reuses
         # them for its next allocation at once, while a side-stream decode or a staging copy may still be writing
         # them (a forward that raised before its next block started, then `del model`). So that stream waits for
-        # ours (an event, no host wait). Nothing is raised from here (interpreter exit, a capture underway).
-        for st in self._devices.values():
-            if st.home is not None:
+        # ours (an event, no host wait); not while this thread captures a CUDA graph (GC can run this anywhere, and a
+        # wait on an outside event would break the capture). Nothing is raised from here (interpreter exit).
+        states = [st for st in self._devices.values() if st.home is not None]
+        if states and not _capturing():
+            for st in states:
                 for stream in (st.side, st.copy):
                     if stream is not None:
                         with contextlib.suppress(Exception):
@@ -589,6 +591,13 @@ class Runtime:
         """Wait for the GPU and raise :class:`cupycodec.BackendError` if a decode reported a bad chunk."""
         for g in self.groups:
             g.check()
+
+
+def _capturing() -> bool:
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # CUDA gone (interpreter exit)
+        return True
 
 
 def _rebuild(groups: list, prefetch: bool) -> Runtime:
