@@ -10,7 +10,8 @@
 # fuzzsan (fuzz_gpu under compute-sanitizer memcheck), ab[=DIR] (latency_ab against bench_old/ or DIR), spread (latency_spread), offload
 # (bench_offload), prof (profile_latency), fwd (profile_forward), sweep (sweep_gemv), ncu (Nsight Compute on
 # benchmarks/gemv_once.py), multi (the two-GPU tests) and multibench (bench_multigpu; MULTI_ARGS), pytest=EXPR
-# (tests matching -k EXPR), py=SCRIPT (benchmarks/SCRIPT with PY_ARGS).
+# (tests matching -k EXPR), stress (stress_wide.py: processes sharing the GPU; STRESS_ARGS), py=SCRIPT
+# (benchmarks/SCRIPT with PY_ARGS).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,6 +33,10 @@ for arg in "$@"; do
            timeout -k 5 "$secs" python3 -m pytest -p no:cacheprovider -p no:benchmark -v -n ${TEST_WORKERS:-8} \
              --timeout 240 -rfEs --durations=20 ${TEST_ARGS:-} tests >"$OUT/tests.log" 2>&1
            rc=$?; grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -20; grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 ;;
+    stress) # processes sharing the GPU, each looping a compressed model's scenario (stress_wide.py; STRESS_ARGS)
+            timeout -k 5 "$secs" python3 benchmarks/stress_wide.py \
+              ${STRESS_ARGS:---procs 8 --seconds 20 --variants wide,perlayer --modes int8,int8+entropy} \
+              --json "$OUT/stress_wide.json" >"$OUT/stress_wide.log" 2>&1; rc=$?; cut -c1-300 "$OUT/stress_wide.log" ;;
     py=*) # any script of benchmarks/ (PY_ARGS), its output in $OUT/NAME.log
           script=${stage#py=}; timeout -k 5 "$secs" python3 "benchmarks/$script" ${PY_ARGS:-} \
             >"$OUT/${script%.py}.log" 2>&1; rc=$?; tail -60 "$OUT/${script%.py}.log" ;;

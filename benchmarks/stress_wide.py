@@ -16,7 +16,8 @@ Variants (``--variants``, comma-separated; each runs its processes alone, one va
 * ``wide-syncdesc``: ``wide``, the descriptors uploaded by a blocking copy and the device synchronized before the
   launch that reads them (once per block and buffer: built once).
 
-Each variant runs for each of ``--modes`` (comma-separated compression modes). Usage on the GPU machine:
+Each variant runs for each of ``--modes`` (comma-separated compression modes). The exit status is 1 if any process
+died or any check failed. Usage on the GPU machine (or ``device_run.sh stress``):
 ``python benchmarks/stress_wide.py --procs 8 --seconds 25 --variants wide,perlayer --modes int8,int8+entropy``.
 
 Before the fix in ``dlpack.stream_of`` (sixteenth GPU session), ``wide`` and ``wide-noprefetch`` killed 7 of 8
@@ -191,7 +192,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    return 0
+    return 1 if any(r["procs_with_errors"] or r["bad"] for r in results) else 0  # a failure shows in the stage's rc
 
 
 if __name__ == "__main__":
