@@ -417,7 +417,7 @@ def test_a_model_deleted_while_its_prefetch_is_pending_leaves_new_tensors_alone(
     """A forward that stops inside a block (an exception) leaves the next block's decode pending on the side stream;
     `del model` then gives the slots back to torch's pool of the stream they were allocated on, which hands them to
     its next allocation at once. That stream is made to wait for the side stream as the runtime goes, so tensors
-    allocated next are written after the pending decode: here the side stream is held back by a 0.1 s spin, and two
+    allocated next are written after the pending decode: here the side stream is held back by a 0.2 s spin, and two
     tensors of the slots' size (where the slots' memory goes) are written after the spin, and keep what was written."""
     from cupycodec.integrations.torch import compress_model
 
