@@ -12,17 +12,15 @@ Variants (``--variants``, comma-separated; each runs its processes alone, one va
 * ``wide-nocudnn``: ``wide`` with cuDNN's attention off (SDPA picks another kernel).
 * ``wide-noprefetch``: ``wide`` with one slot per runtime (no side stream: every block on the caller's stream).
 * ``wide-keephost``: ``wide`` with every pinned host tensor kept alive (its memory never reused).
-* ``wide-nodesc``: ``wide``, but each block's layers dequantized by one single-tensor launch each (no descriptors).
-* ``wide-syncdesc``: ``wide``, the descriptors uploaded by a blocking copy and the device synchronized before the
-  launch that reads them (once per block and buffer: built once).
 
 Each variant runs for each of ``--modes`` (comma-separated compression modes). The exit status is 1 if any process
 died or any check failed. Usage on the GPU machine (or ``device_run.sh stress``):
 ``python benchmarks/stress_wide.py --procs 8 --seconds 25 --variants wide,perlayer --modes int8,int8+entropy``.
 
 Before the fix in ``dlpack.stream_of`` (sixteenth GPU session), ``wide`` and ``wide-noprefetch`` killed 7 of 8
-processes within 25 s (CUDA illegal memory access) and ``wide-nodesc``, ``wide-syncdesc`` and ``perlayer`` ran clean:
-the descriptors' upload, not the launch or the slots, was at fault.
+processes within 25 s (CUDA illegal memory access), while ``perlayer`` and two variants since removed (a launch per
+layer without descriptors; the descriptors uploaded by a blocking copy) ran clean: the descriptors' upload, not the
+launch or the slots, was at fault (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,9 +52,6 @@ def worker(variant: str, mode: str, layers: int, seconds: float) -> dict:
             return out
 
         torch.Tensor.pin_memory = keep
-
-    if variant in ("wide-nodesc", "wide-syncdesc"):
-        patch_wide(variant)
 
     def tiny(sign):
         torch.manual_seed(0)
@@ -97,51 +92,6 @@ def worker(variant: str, mode: str, layers: int, seconds: float) -> dict:
         out["errors"].append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
         out["trace"] = traceback.format_exc()[-3000:]
     return out
-
-
-def patch_wide(variant: str) -> None:
-    """Replace ``DecodeGroup.dequantize_wide`` by a variant of it (the values it writes are the same)."""
-    import numpy as np
-    import torch
-
-    from cupycodec import _cuda
-    from cupycodec.integrations.torch.dlpack import dtype_name
-    from cupycodec.integrations.torch.runtime import DecodeGroup
-    from cupycodec.kernels import int8 as k8
-
-    def sources(self, slot):
-        for i, layer in enumerate(self.layers):
-            yield layer, ((layer.qweight, layer.scale) if i in self._resident else self.views(slot, i))
-
-    def nodesc(self, wide, slot, sp):
-        for out, (layer, (codes, scales)) in zip(self.wide_views(wide), sources(self, slot)):
-            g = layer.granularity
-            k8.dequantize_raw(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), tuple(codes.shape), granularity=g,
-                              axis=0 if g == "channel" else None, group_size=layer.group_size if g == "group" else None,
-                              dtype_name=dtype_name(self.wide_dtype), device=wide.device.index, stream_ptr=sp)
-
-    def syncdesc(self, wide, slot, sp):
-        key = (wide.data_ptr(), slot.data_ptr() if slot is not None else 0)
-        got = self._wide.get(key)
-        if got is None:
-            words, first = [], 0
-            for out, (layer, (codes, scales)) in zip(self.wide_views(wide), sources(self, slot)):
-                g = layer.granularity
-                w, blocks = k8.dequantize_desc(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), tuple(codes.shape),
-                                               granularity=g, axis=0 if g == "channel" else None,
-                                               group_size=layer.group_size if g == "group" else None,
-                                               first_block=first, device=wide.device.index)
-                words.append(w)
-                first += blocks
-            desc = torch.from_numpy(np.stack(words).view(np.int64)).to(wide.device)
-            torch.cuda.synchronize(wide.device)
-            assert np.array_equal(desc.cpu().numpy(), np.stack(words).view(np.int64))
-            got = self._wide[key] = (k8.dequantize_many_args(dtype_name(self.wide_dtype), desc.data_ptr(), len(words),
-                                                             first), desc)
-        (name, grid, block, args), _ = got
-        _cuda.launch(k8.handle(wide.device.index, name), grid, block, args, wide.device.index, sp)
-
-    DecodeGroup.dequantize_wide = nodesc if variant == "wide-nodesc" else syncdesc
 
 
 def main() -> int:
