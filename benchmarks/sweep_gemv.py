@@ -13,11 +13,7 @@ and slower still with more stages (results/2026-12-02j-h200-call4-sweep-gemv-bul
 Warps per tile need not divide 8: a block is then one tile's W warps (``gemv.tiles_per_block``), so W can be chosen
 for the number of blocks the GPU holds at once (its occupancy, printed per kernel) rather than from 1, 2, 4 or 8.
 
-``--tiled`` adds the same sweep over codes in ``gemv.tile_codes``'s layout (each 16-row tile's 64-code step as 1024
-contiguous bytes in the order the lanes read them, instead of 16 rows of 64 bytes K apart): row keys
-``tl_u{U}_w{W}_us``.
-
-Usage: python benchmarks/sweep_gemv.py [--json PATH] [--warps 2,4,8] [--unrolls 2,4] [--shapes 4096x4096,...] [--tiled]
+Usage: python benchmarks/sweep_gemv.py [--json PATH] [--warps 2,4,8] [--unrolls 2,4] [--shapes 4096x4096,...]
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ import json
 import sys
 
 import torch
-from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us, read_floor
+from bench_torch import L2_DEFEAT_BYTES, copy_gbps, graph_us
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (5632, 2048), (2048, 5632)]
 
@@ -54,26 +50,6 @@ def occupancy(warps, unrolls) -> dict:
     return out
 
 
-def tile_codes(q: torch.Tensor) -> torch.Tensor:
-    """``gemv.tile_codes`` on the GPU (the same reshape; the tests pin the NumPy one to the kernel)."""
-    n, k = q.shape
-    tiles, steps = -(-n // 16), -(-k // 64)
-    padded = torch.zeros(tiles * 16, steps * 64, dtype=torch.int8, device=q.device)
-    padded[:n, :k] = q
-    return padded.reshape(tiles, 2, 8, steps, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous().reshape(-1)
-
-
-def tiled_gemv(x, codes, scale, n, k, w, u):
-    from cupycodec.kernels import gemv
-
-    m = x.shape[0]
-    y = x.new_empty((m, n))
-    gemv.gemv_int8(x.data_ptr(), k, codes.data_ptr(), scale.data_ptr(), 0, y.data_ptr(), m=m, k=k, n=n,
-                   dtype_name="BF16", granularity="channel", group_size=None, device=x.get_device(),
-                   stream_ptr=torch.cuda.current_stream().cuda_stream, kernel="mma", warps=w, unroll=u, tiled=True)
-    return y
-
-
 def main(argv=None) -> int:
     from cupycodec.integrations.torch import CompressedLinear, ops
 
@@ -83,7 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--unrolls", default="2,4", help="64-code steps in flight to sweep (2, 4, 8)")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--ms", default="1,8,16")
-    p.add_argument("--tiled", action="store_true", help="also sweep codes in gemv.tile_codes's layout")
     args = p.parse_args(argv)
     warps = [int(v) for v in args.warps.split(",")]
     unrolls = [int(v) for v in args.unrolls.split(",")]
@@ -97,14 +72,12 @@ def main(argv=None) -> int:
         copies = max(2, -(-L2_DEFEAT_BYTES // (2 * n * k)))
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         cls = [CompressedLinear.from_linear(lin, "int8") for lin in lins]
-        tiled = [tile_codes(cl.qweight) for cl in cls] if args.tiled else []
-        floor_us = graph_us(read_floor([cl.qweight for cl in cls]))
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a = [(x, cl.qweight, cl.scale, None, "channel", 128) for cl in cls]
             read = n * k + n * 4 + m * k * 2
             with torch.no_grad():
-                row = {"shape": f"{n}x{k}", "m": m, "read_floor_us": floor_us,
+                row = {"shape": f"{n}x{k}", "m": m,
                        "bf16_us": graph_us([lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight)
                                             for lin in lins]),
                        "default_us": graph_us([lambda t=t: ops.gemv_linear(*t) for t in a]),
@@ -113,23 +86,13 @@ def main(argv=None) -> int:
                     for w in warps:
                         row[f"u{u}_w{w}_us"] = graph_us([lambda t=t, u=u, w=w: ops.gemv_linear(
                             *t, kernel="mma", warps=w, unroll=u) for t in a])
-                    for w in warps if tiled else ():
-                        if not torch.equal(tiled_gemv(x, tiled[0], cls[0].scale, n, k, w, u),
-                                           ops.gemv_linear(*a[0], kernel="mma", warps=w, unroll=u)):
-                            raise AssertionError(f"tiled codes gave other bits: {n}x{k}, M={m}, W={w}, U={u}")
-                        row[f"tl_u{u}_w{w}_us"] = graph_us([lambda t=t, c=c, u=u, w=w, n=n, k=k: tiled_gemv(
-                            t[0], c, t[2], n, k, w, u) for t, c in zip(a, tiled)])
             best = min((v, key) for key, v in row.items() if key[0] == "u" and key[1].isdigit())
             row["best"] = best[1]
             row["best_of_copy"] = read / best[0] / 1e3 / bw
-            if tiled:
-                best = min((v, key) for key, v in row.items() if key.startswith("tl_"))
-                row["best_tiled"] = best[1]
-                row["best_tiled_of_copy"] = read / best[0] / 1e3 / bw
             row["default_of_copy"] = read / row["default_us"] / 1e3 / bw
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del lins, cls, tiled
+        del lins, cls
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -63,7 +63,7 @@ def _compile(lib, source: str, arch: str, options: tuple[str, ...]) -> tuple[int
 
 def _gemv_instances() -> str:
     """The instances the launcher asks for: the tensor-core and FMA kernels, every activation dtype, M bound,
-    granularity and warps per tile, every depth at 8 warps, and tiled codes at 8 and 16 warps."""
+    granularity and warps per tile, and every depth at 8 warps."""
     lines = []
     for w in (1, 2, 3, 4, 5, 8, 12, 16):
         for grouped in (False, True):
@@ -71,8 +71,6 @@ def _gemv_instances() -> str:
                 for mm in (8, 16):
                     for u in (2, 4, 8) if w == 8 else (2,):  # every depth at the default warps
                         lines.append(gemv._source("mma", dt, mm, w, grouped, u)[0])
-                        if w in (8, 16):  # tiled codes at the widths the launcher picks
-                            lines.append(gemv._source("mma", dt, mm, w, grouped, u, True)[0])
             if w not in (1, 2, 4, 8):
                 continue
             for dt in ("BF16", "F16", "F32"):

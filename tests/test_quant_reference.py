@@ -519,25 +519,3 @@ def test_sqnr_on_gaussian_data(params, floor, dtype):
     codes, scales = reference.quantize_int8(x, **params)
     y = reference.dequantize_int8(codes, scales, **params)
     assert reference.sqnr(x, y) > floor
-
-
-# --- the GEMV's tiled code layout ---------------------------------------------------------------------------------
-
-@given(st.integers(1, 70), st.integers(1, 20).map(lambda v: 16 * v), st.integers(0, 2**32 - 1))
-def test_tile_codes_puts_each_code_where_its_lane_reads_it(n, k, seed):
-    """Code (r, c) sits at ((tile * steps + step) * 2 + h) * 512 + lane * 16 + j, with r = 16 tile + 8 h + g,
-    c = 64 step + 16 t + j and lane = 4 g + t (the tensor-core kernel's addressing); everything else is zero."""
-    from cupycodec.kernels import gemv
-
-    codes = np.random.default_rng(seed).integers(-128, 128, (n, k), dtype=np.int8)
-    tiled = gemv.tile_codes(codes)
-    tiles, steps = -(-n // 16), -(-k // 64)
-    assert tiled.dtype == np.int8 and tiled.shape == (tiles * steps * 1024,)
-    r, c = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
-    tile, h, g = r // 16, (r % 16) // 8, r % 8
-    step, t, j = c // 64, (c % 64) // 16, c % 16
-    at = ((tile * steps + step) * 2 + h) * 512 + (4 * g + t) * 16 + j
-    assert np.array_equal(tiled[at], codes)
-    rest = np.ones(tiled.size, bool)
-    rest[at.ravel()] = False
-    assert not tiled[rest].any()

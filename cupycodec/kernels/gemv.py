@@ -33,7 +33,7 @@ import numpy as np
 
 from .._cuda import kernel_handle, launch
 
-__all__ = ["KERNELS", "MAX_M", "gemv_int8", "mma_supported", "supported", "tile_codes"]
+__all__ = ["KERNELS", "MAX_M", "gemv_int8", "mma_supported", "supported"]
 
 MAX_M = 16
 MAX_WARPS = 16  # warps per tile of the tensor-core kernel (the FMA kernel's: 1, 2, 4 or 8)
@@ -310,7 +310,7 @@ __device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
 /* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of W * TPB warps
    takes TPB tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one
    group. */
-template <class X, class C, int MT, int W, int TPB, bool GROUP, int U, bool TILED>
+template <class X, class C, int MT, int W, int TPB, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
@@ -340,14 +340,8 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
                 const i64 k = (i0 + (i64)u * W) * 64 + 16 * t;
                 const bool in = i0 + (i64)u * W < steps && k < K;
                 const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-                if (TILED) {  /* the tile's step as 1024 contiguous bytes: rows g, then rows g + 8, in lane order */
-                    const signed char* p = q + ((tile * steps + i0 + (i64)u * W) * 2 * 32 + lane) * 16;
-                    c0[u] = in && ok0 ? cc_ld_codes(p) : z;
-                    c1[u] = in && ok1 ? cc_ld_codes(p + 512) : z;
-                } else {
-                    c0[u] = in && ok0 ? cc_ld_codes(q0 + k) : z;
-                    c1[u] = in && ok1 ? cc_ld_codes(q1 + k) : z;
-                }
+                c0[u] = in && ok0 ? cc_ld_codes(q0 + k) : z;
+                c1[u] = in && ok1 ? cc_ld_codes(q1 + k) : z;
                 xa[u][0] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k)) : z;
                 xa[u][1] = in && hx0 ? __ldg(reinterpret_cast<const uint4*>(x0 + k) + 1) : z;
                 if (MT == 2) {
@@ -367,12 +361,12 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-#define CC_GEMV_TC(NAME, X, C, MT, W, TPB, GROUP, G, U, TILED, L)                                                 \
+#define CC_GEMV_TC(NAME, X, C, MT, W, TPB, GROUP, G, U)                                                           \
 extern "C" __global__ void __launch_bounds__(32 * W * TPB)                                                         \
-cupycodec_gemv_tc_##NAME##_t##MT##_w##W##x##TPB##_##G##_u##U##L(                                                   \
+cupycodec_gemv_tc_##NAME##_t##MT##_w##W##x##TPB##_##G##_u##U(                                                      \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, TPB, GROUP, U, TILED>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);             \
+    cc_gemv_tc<X, C, MT, W, TPB, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                    \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -391,24 +385,22 @@ KERNELS = ("fma", "mma")
 
 
 @functools.cache
-def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4,
-              tiled: bool = False):
+def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4):
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
     second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column
     tiles), with ``w`` warps per row (tile), per-group scales or not."""
-    return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll, tiled))
+    return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll))
 
 
-def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4,
-            tiled: bool = False) -> tuple[str, str]:
+def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4) -> tuple[str, str]:
     """(the instantiation line, the kernel's name) of one kernel instance."""
     suffix = _SUFFIX[dtype_name]
     if kernel == "fma":
         return f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
-    mt, g, u, t, lay = mm // 8, "g" if grouped else "c", unroll, tiles_per_block(w), "_tl" if tiled else ""
+    mt, g, u, t = mm // 8, "g" if grouped else "c", unroll, tiles_per_block(w)
     code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {t}, {str(grouped).lower()}, "
-            f"{g}, {u}, {str(tiled).lower()}, {lay})")
-    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}x{t}_{g}_u{u}{lay}"
+            f"{g}, {u})")
+    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}x{t}_{g}_u{u}"
 
 
 def _compile(device: int, code: str, name: str):
@@ -486,17 +478,6 @@ def _sm_count(device: int) -> int:
     return int(cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device))
 
 
-def tile_codes(codes: np.ndarray) -> np.ndarray:
-    """N x K codes in the order the tensor-core kernel's lanes read them (``gemv_int8(..., tiled=True)``): per
-    16-row tile and 64-code step, 1024 contiguous bytes, first rows 0-7 then rows 8-15 of the tile, each half in
-    lane order (lane 4 g + t holds codes 16 t .. 16 t + 15 of row g). Rows and steps past the matrix are zero."""
-    n, k = codes.shape
-    tiles, steps = -(-n // 16), -(-k // 64)
-    padded = np.zeros((tiles * 16, steps * 64), np.int8)
-    padded[:n, :k] = codes
-    return padded.reshape(tiles, 2, 8, steps, 4, 16).transpose(0, 3, 1, 2, 4, 5).reshape(-1)
-
-
 def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int | None) -> bool:
     """Whether :func:`gemv_int8` takes this case (else dequantize and use a GEMM): bf16/fp16/fp32 activations,
     1 <= M <= 16, K a multiple of 16, channel scales along the output axis or groups of a multiple of 16 codes."""
@@ -509,8 +490,7 @@ def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int
 
 def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: int, y_ptr: int, *, m: int, k: int,
               n: int, dtype_name: str, granularity: str, group_size: int | None, device: int, stream_ptr: int,
-              warps: int | None = None, kernel: str | None = None, unroll: int | None = None,
-              tiled: bool = False) -> None:
+              warps: int | None = None, kernel: str | None = None, unroll: int | None = None) -> None:
     """Launch ``y[m, n] = sum_k x[m, k] * codes[n, k] * scale + bias[n]`` on ``stream_ptr`` (never waits).
 
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
@@ -519,11 +499,10 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_shape`) and
     ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and
     ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
-    parameters for tests and benchmarks. ``tiled``: the codes are in :func:`tile_codes`'s layout (tensor-core
-    kernel only).
+    parameters for tests and benchmarks.
     """
     handle, grid, threads, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
-                                          unroll, tiled)
+                                          unroll)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
     launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
@@ -531,7 +510,7 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
 
 @functools.lru_cache(maxsize=1024)
 def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
-            warps: int | None, kernel: str | None, unroll: int | None = None, tiled: bool = False) -> tuple:
+            warps: int | None, kernel: str | None, unroll: int | None = None) -> tuple:
     """(kernel, grid, threads per block, the arguments after the six pointers) of one call signature: worked out
     once, so that a layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
@@ -545,8 +524,6 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         raise ValueError(f"warps per row of the fma kernel must be 1, 2, 4 or 8, got {warps!r}")
     if kernel == "mma" and warps is not None and (type(warps) is not int or not 1 <= warps <= MAX_WARPS):
         raise ValueError(f"warps per tile of the mma kernel must be an int from 1 to {MAX_WARPS}, got {warps!r}")
-    if tiled and kernel == "fma":
-        raise ValueError("tiled codes are read by the tensor-core kernel only (mma_supported())")
     if unroll is not None and (kernel == "fma" or unroll not in (2, 4, 8)):
         raise ValueError(f"unroll is the mma kernel's steps in flight: 2, 4 or 8, got {unroll!r} for {kernel!r}")
     group = group_size if granularity == "group" else 0
@@ -557,7 +534,7 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w, u = mma_shape(n, k, sms, m)
         tiles = -(-n // 16)
         if warps is None and unroll is None and w == 16 and _resident_blocks(
-                _function(device, kernel, dtype_name, mm, w, bool(group), u, tiled), 32 * w) * sms < tiles:
+                _function(device, kernel, dtype_name, mm, w, bool(group), u), 32 * w) * sms < tiles:
             w, u = 8, 4  # the rule's premise (every tile resident at once) does not hold for this build
         w = w if warps is None else warps
         unroll = unroll or u
@@ -568,5 +545,5 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w = warps_per_row(n, k, sms) if warps is None else warps
         grid, threads = max(1, -(-n // (_THREADS // 32 // w))), _THREADS  # a block per row group
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
-    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll, tiled] if kernel != "fma" else []))
+    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel != "fma" else []))
     return kernel_handle(fn, device), grid, threads, tail

@@ -20,11 +20,11 @@ ACTS = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"F32": 1e-5, "F16": 1e-3, "BF16": 8e-3}
 
 
-def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, unroll=None, n=None, tiled=False):
+def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, unroll=None):
     import cupy
 
     m, k = x.shape
-    n = q.shape[0] if n is None else n
+    n = q.shape[0]
     bits = (lambda a: a.view(np.uint16)) if dtype_name == "BF16" else (lambda a: a)
     xd, qd, sd = cupy.asarray(bits(x)), cupy.asarray(q), cupy.asarray(s)
     bd = cupy.asarray(bits(bias)) if bias is not None else None
@@ -32,7 +32,7 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, u
     gemv.gemv_int8(xd.data.ptr, k, qd.data.ptr, sd.data.ptr, bd.data.ptr if bd is not None else 0, yd.data.ptr,
                    m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity, group_size=group,
                    device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps,
-                   kernel=kernel, unroll=unroll, tiled=tiled)
+                   kernel=kernel, unroll=unroll)
     y = yd.get()
     return y.view(ml_dtypes.bfloat16) if dtype_name == "BF16" else y
 
@@ -162,32 +162,3 @@ def test_default_variant_choice():
             gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
                            group_size=None, device=0, stream_ptr=0, kernel="mma", warps=bad)
     assert [gemv.tiles_per_block(w) for w in (1, 2, 3, 4, 5, 8, 12, 16)] == [8, 4, 2, 2, 1, 1, 1, 1]
-
-
-@pytest.mark.parametrize("unroll", [2, 4])
-@pytest.mark.parametrize("warps", [1, 3, 8, 16])
-@pytest.mark.parametrize("n,k", [(1000, 1088), (37, 4096 + 48), (5, 160), (256, 4096)])
-@pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 64)])
-@pytest.mark.parametrize("m", [1, 9])
-def test_tiled_codes_give_the_row_major_kernel_bits(unroll, warps, n, k, granularity, group, m):
-    """The tiled layout changes only where a lane finds its codes: the sums, and so every output bit, must equal the
-    row-major kernel's, over ragged tiles (N % 16), ragged steps (K % 64) and warps past the last step."""
-    import cupy
-
-    if not gemv.mma_supported("BF16", granularity, group, cupy.cuda.runtime.getDevice()):
-        pytest.skip("needs sm_80 for the tensor-core kernel")
-    rng = np.random.default_rng(n + 7 * k + m + warps)
-    w = (0.05 * rng.standard_normal((n, k))).astype(np.float32)
-    q, s = reference.quantize_int8(w, granularity=granularity, axis=0, group_size=group or 128)
-    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
-    bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16)
-    args = dict(granularity=granularity, group=group, warps=warps, dtype_name="BF16", kernel="mma", unroll=unroll)
-    rows = _run(x, q, s, bias, **args)
-    tiled = _run(x, gemv.tile_codes(q), s, bias, n=n, tiled=True, **args)
-    assert np.array_equal(rows.view(np.uint16), tiled.view(np.uint16))
-
-
-def test_tiled_codes_are_taken_by_the_tensor_core_kernel_only():
-    with pytest.raises(ValueError, match="tensor-core kernel only"):
-        gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="F32", granularity="channel",
-                       group_size=None, device=0, stream_ptr=0, kernel="fma", tiled=True)
