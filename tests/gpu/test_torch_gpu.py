@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
+import weakref
 
 import ml_dtypes
 import numpy as np
@@ -436,8 +437,11 @@ def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone(
     with torch.cuda.stream(st.side):
         torch.cuda._sleep(2_000_000_000)
     assert st.side.query() is False
+    gone = weakref.ref(rt)
     del model, rt, st
     gc.collect()
+    alive = gone()
+    assert alive is None, f"the runtime outlived its model; held by {[type(r).__name__ for r in gc.get_referrers(alive)]}"
     fresh = [torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda") for _ in range(2)]
     time.sleep(0.02)  # the fills take microseconds; the spin about a second
     assert torch.cuda.current_stream().query() is False, "the slots' stream did not wait for the side stream"
