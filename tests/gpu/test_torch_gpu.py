@@ -422,7 +422,9 @@ def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone(
     slots' size allocated after `del` (where the slots' memory goes) must still be waiting for the spin 20 ms later.
     (The spin goes after the prefetch, not before: a block's first decode into a slot builds its plan, which waits
     for the plan's stream once (DecodePlan's table upload), and in this 3-block model each block start here is such
-    a first; a spin queued first was over before the test could look, H200, 2026-12-03.)"""
+    a first; a spin queued first was over before the test could look, H200, 2026-12-03. And the fill kernel is
+    launched once before the spin: CUDA loads a kernel's module on its first launch, which waited for the whole
+    device, so the first fill after `del` returned after the spin, 0.76 s later, whatever the streams' order.)"""
     from cupycodec.integrations.torch import compress_model
 
     model = _tiny_llama(layers=3)
@@ -434,6 +436,8 @@ def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone(
     (st,) = rt._devices.values()
     nbytes = rt.slot_nbytes
     rt.enter(0, ids.device)  # block 0 decoded here, block 1's decode queued on the side stream
+    torch.full((8,), 7, dtype=torch.uint8, device="cuda")  # the fill kernel loaded now: see the docstring
+    torch.cuda.synchronize()
     with torch.cuda.stream(st.side):
         torch.cuda._sleep(2_000_000_000)
     assert st.side.query() is False
