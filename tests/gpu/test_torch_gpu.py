@@ -423,8 +423,8 @@ def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone(
     (The spin goes after the prefetch, not before: a block's first decode into a slot builds its plan, which waits
     for the plan's stream once (DecodePlan's table upload), and in this 3-block model each block start here is such
     a first; a spin queued first was over before the test could look, H200, 2026-12-03. And the fill kernel is
-    launched once before the spin: CUDA loads a kernel's module on its first launch, which waited for the whole
-    device, so the first fill after `del` returned after the spin, 0.76 s later, whatever the streams' order.)"""
+    launched once before the spin: the process's first launch of it returned only after the spin, 0.76 s later,
+    whatever the streams' order, most likely CUDA's lazy module loading waiting for the device.)"""
     from cupycodec.integrations.torch import compress_model
 
     model = _tiny_llama(layers=3)
