@@ -398,7 +398,7 @@ class Runtime:
         n = len(self.groups)
         if wide and not st.wide:
             st.wide = [torch.empty(self.wide_nbytes, dtype=torch.uint8, device=device) for _ in st.slots]
-        slot = self._acquire(st, gi + n if wide else gi, device, sp)
+        slot = self._acquire(st, gi + n if wide else gi, device, sp, prefer=gi % len(st.slots))
         nxt = gi + 1
         if sp is not None and len(st.slots) == 2 and nxt < n:
             key = nxt + n if wide and self.groups[nxt].wide_dtype is not None else nxt
@@ -415,15 +415,29 @@ class Runtime:
         st = self._state(device)
         return self.groups[gi].views(st.slots[self._acquire(st, gi, device, current_stream(device))], li)
 
-    def _acquire(self, st: _DeviceState, gi: int, device: torch.device, sp: int | None) -> int:
+    def _acquire(self, st: _DeviceState, gi: int, device: torch.device, sp: int | None,
+                 prefer: int | None = None) -> int:
         """The slot holding group ``gi`` (or a wide twin) for work on the raw stream ``sp`` (torch's current; None on
-        the CPU), decoding it there first if no slot holds it."""
+        the CPU), decoding it there first if no slot holds it: into slot ``prefer`` (a block start: its index's
+        parity), else never into the slot the group in use reads from (a layer called on its own).
+
+        A block start may take the slot in use: that block's forward is over, and its reads were enqueued on the
+        caller's stream before this decode (slots are not ordered across streams: a model driven from two streams at
+        once, or switched between forwards, is the caller's to order, as it was before this rule). Block i then
+        always decodes into slot i % 2 and prefetches block i + 1 into the other, so a model of an odd number of
+        blocks decodes each block into the same slot in every forward, as an even one does: one plan per block, all
+        built in the first forward (with "never the slot in use", block 0 followed block n - 1 into the other slot,
+        every block changed slot each forward, and a CUDA graph captured after one warm-up forward built plans
+        inside the capture)."""
         for s, held in enumerate(st.resident):
             if held is not None and held[0] == gi:
                 self._settle(st, s, sp)
                 self._activate(st, gi, s, device)
                 return s
-        s = 0 if len(st.slots) == 1 else 1 - st.active  # never the slot the group in use reads from
+        if len(st.slots) == 1:
+            s = 0
+        else:
+            s = prefer if prefer is not None else 1 - st.active
         self._settle(st, s, sp)  # a prefetch still writing there finishes before this decode overwrites it
         self._occupy(st, s, -1, None)  # what the slot held is gone from here on, whatever this decode does
         self._decode(st, gi, s, device, sp)

@@ -174,6 +174,36 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
     model._cupycodec_runtime[0].check()
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_an_odd_number_of_blocks_keeps_each_block_in_one_slot(mode):
+    """Block i decodes into slot i % 2 whatever came before, so a model of an odd number of blocks builds one plan per
+    block in its first forward and none after, and a CUDA graph captured after a single warm-up forward builds
+    nothing inside the capture (when block 0 avoided the slot in use, every block changed slot each forward)."""
+    from cupycodec.integrations.torch import compress_model
+
+    model = _tiny_llama(layers=3)
+    compress_model(model, mode, progress=False)
+    static = torch.randint(0, 512, (1, 8), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        model(static, use_cache=False)  # one warm-up forward
+    torch.cuda.current_stream().wait_stream(side)
+    rt = model._cupycodec_runtime[0]
+    assert [len(g.plans()) for g in rt.groups] == [1, 1, 1]
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        out = model(static, use_cache=False).logits
+    for seed in range(3):
+        static.copy_(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(seed)).cuda())
+        g.replay()
+        with torch.no_grad():
+            eager = model(static, use_cache=False).logits
+        assert torch.equal(out, eager)
+    assert [len(g.plans()) for g in rt.groups] == [1, 1, 1]
+    rt.check()
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8+entropy", "int8 offloaded"])
 def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
     """A prefill (more rows than the fused GEMV takes) of all-INT8 blocks: each block's decode into a slot is followed
