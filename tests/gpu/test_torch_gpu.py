@@ -210,8 +210,8 @@ def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
     by one launch that dequantizes the whole block into the slot's wide buffer (the next block's on the side stream,
     beside this one's GEMMs), and each layer runs cuBLAS on its part of it. No layer dequantizes on its own, each wide
     weight is the layer's dequantized weight bit for bit, and the logits equal the per-layer route's (runtime.WIDE
-    off: each layer dequantizes into ops' scratch; the same arithmetic and the same GEMMs). Once both slots have held
-    a block, its start builds nothing. Captured in a CUDA graph, a large batch replays as eager forwards compute it."""
+    off: each layer dequantizes into ops' scratch; the same arithmetic and the same GEMMs). Once its slot has held a
+    block, the block's start builds nothing. Captured in a CUDA graph, a large batch replays as eager forwards compute it."""
     from cupycodec.integrations.torch import compress_model, ops, runtime
     from cupycodec.kernels import int8 as int8_kernels
 
@@ -233,7 +233,7 @@ def test_a_large_batch_dequantizes_each_block_at_its_start(mode, monkeypatch):
             m.setattr(ops, "dequant_linear", per_layer_route)
             wide = model(ids, use_cache=False).logits
         assert torch.equal(wide, per_layer)
-        model(ids, use_cache=False)  # three blocks, two slots: every block has now been in both
+        model(ids, use_cache=False)  # a forward more: block i is in slot i % 2 every time, so nothing new either
         with monkeypatch.context() as m:
             m.setattr(ops, "dequant_linear", per_layer_route)
             m.setattr(int8_kernels, "dequantize_desc", per_layer_route)
