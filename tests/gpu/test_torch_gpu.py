@@ -447,14 +447,12 @@ def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, la
 def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone():
     """A forward that stops inside a block (an exception) can leave the next block's decode pending on the side stream;
     `del model` then gives the slots back to torch's pool of the stream they were allocated on, which hands them to
-    its next allocation at once. So that stream is made to wait for the side stream as the runtime goes: here a
-    block start queues a prefetch on the side stream and a 1 s spin is queued behind it, and the two tensors of the
-    slots' size allocated after `del` (where the slots' memory goes) must still be waiting for the spin 20 ms later.
-    (The spin goes after the prefetch, not before: a block's first decode into a slot builds its plan, which waits
-    for the plan's stream once (DecodePlan's table upload), and in this 3-block model each block start here is such
-    a first; a spin queued first was over before the test could look, H200, 2026-12-03. And the fill kernel is
-    launched once before the spin: the process's first launch of it returned only after the spin, 0.76 s later,
-    whatever the streams' order, most likely CUDA's lazy module loading waiting for the device.)"""
+    its next allocation at once. So that stream is made to wait for the side stream as the runtime goes: here a 1 s
+    spin on the side stream stands in for a pending decode, and the two tensors of the slots' size allocated after
+    `del` (where the slots' memory goes) must still be waiting for it 20 ms later. (The spin is queued after the
+    block start, which may build a plan, and a plan's construction waits for its stream once; and the fill kernel
+    is launched once before the spin: the process's first launch of it returned only after the spin, 0.76 s later,
+    whatever the streams' order, most likely CUDA's lazy module loading waiting for the device. H200, 2026-12-03.)"""
     from cupycodec.integrations.torch import compress_model
 
     model = _tiny_llama(layers=3)
@@ -465,7 +463,7 @@ def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone(
     rt = model._cupycodec_runtime[0]
     (st,) = rt._devices.values()
     nbytes = rt.slot_nbytes
-    rt.enter(0, ids.device)  # block 0 decoded here, block 1's decode queued on the side stream
+    rt.enter(0, ids.device)  # a block start: block 0 into slot 0 (block 1 is in slot 1 already)
     torch.full((8,), 7, dtype=torch.uint8, device="cuda")  # the fill kernel loaded now: see the docstring
     torch.cuda.synchronize()
     with torch.cuda.stream(st.side):
