@@ -434,10 +434,7 @@ class Runtime:
                 self._settle(st, s, sp)
                 self._activate(st, gi, s, device)
                 return s
-        if len(st.slots) == 1:
-            s = 0
-        else:
-            s = prefer if prefer is not None else 1 - st.active
+        s = prefer if prefer is not None else 0 if len(st.slots) == 1 else 1 - st.active
         self._settle(st, s, sp)  # a prefetch still writing there finishes before this decode overwrites it
         self._occupy(st, s, -1, None)  # what the slot held is gone from here on, whatever this decode does
         self._decode(st, gi, s, device, sp)
