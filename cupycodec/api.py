@@ -384,9 +384,9 @@ def save(path, c: CompressedArray, *, overwrite: bool = True, key=None) -> None:
     """Write a container to ``path`` atomically (a temporary file in the same directory, then ``os.replace``), with
     the permissions a plain write would give (an existing file's mode is kept; a new one gets 0o666 less the umask).
 
-    With ``key`` (a secret of at least 16 bytes, e.g. ``os.urandom(32)`` kept by you) the file carries an
-    HMAC-SHA256 of the container: ``load(path, key=key)`` then trusts it, and a file changed or made by someone
-    without the key fails to load with :class:`~cupycodec.AuthenticationError`.
+    With ``key`` (a secret of at least 16 bytes, e.g. ``os.urandom(32)`` kept by you) the file carries a MAC of
+    the container (keyed BLAKE3, docs/FORMAT.md): ``load(path, key=key)`` then trusts it, and a file changed or made
+    by someone without the key fails to load with :class:`~cupycodec.AuthenticationError`.
     """
     if not isinstance(c, CompressedArray):
         raise TypeError(f"save takes a CompressedArray, got {type(c).__name__}; compress the array first")

@@ -16,7 +16,7 @@ The policy has two parts:
     and the NVIDIA-only formats (``ans``, ``cascaded``, ``bitcomp``, ``gdeflate``).
 ``key``
     A secret of at least 16 bytes (e.g. ``os.urandom(32)``, kept outside the store). Chunks written while a key is
-    set carry an HMAC-SHA256 (see :func:`cupycodec.save`); chunks read while a key is set must carry a valid one,
+    set carry a MAC (keyed BLAKE3, see :func:`cupycodec.save`); chunks read while a key is set must carry a valid one,
     and are then trusted: a chunk someone else wrote or changed fails with
     :class:`~cupycodec.AuthenticationError` naming the chunk. The key wins over ``trusted``.
 

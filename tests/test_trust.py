@@ -139,6 +139,77 @@ def test_bad_keys_and_mac_fields():
         cc.CompressedArray.from_bytes(_edit_header(blob, bad))
 
 
+def _reference_mac(blob: bytes, secret: bytes, alg: str) -> str:
+    """The MAC of a signed container as docs/FORMAT.md ("Authentication") defines it, computed from the file's own
+    bytes with blake3 and hmac directly (J: the header without ``auth``, as writers serialize it)."""
+    import hashlib
+    import hmac
+
+    import blake3
+
+    n = struct.unpack_from("<Q", blob, 8)[0]
+    header = json.loads(blob[24 : 24 + n])
+    del header["auth"]
+    j = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    msg = b"cupycodec container v1\0" + len(j).to_bytes(8, "little") + j + blob[24 + n :]
+    if alg == "BLAKE3":
+        k = blake3.blake3(secret, derive_key_context="cupycodec 2026-12-03 container MAC key v1").digest()
+        return blake3.blake3(msg, key=k).hexdigest()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize("nbytes", [0, 4000, 3 << 20])  # 3 MiB: hashed on several threads
+def test_writers_sign_with_keyed_blake3_as_the_format_says(nbytes):
+    x = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
+    blob = cc.compress(x, codec="zstd").to_bytes(key=KEY)
+    auth = json.loads(blob[24 : 24 + struct.unpack_from("<Q", blob, 8)[0]])["auth"]
+    assert auth == {"alg": "BLAKE3", "mac": _reference_mac(blob, KEY, "BLAKE3")}
+    assert cc.CompressedArray.from_bytes(blob, key=KEY).trusted
+
+
+def test_containers_signed_with_hmac_sha256_still_authenticate():
+    # written by the HMAC-SHA256 writer (before 2026-12-03) with KEY, committed, never regenerated
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "v1", "cpu_zstd_f32_weights_signed_hmac_sha256.cc")
+    with open(path, "rb") as f:
+        blob = f.read()
+    auth = json.loads(blob[24 : 24 + struct.unpack_from("<Q", blob, 8)[0]])["auth"]
+    assert auth == {"alg": "HMAC-SHA256", "mac": _reference_mac(blob, KEY, "HMAC-SHA256")}
+    c = cc.load(path, key=KEY)
+    assert c.trusted and c.signed
+    assert cc.decompress(c).tobytes() == np.load(path[:-3] + ".npy").tobytes()
+    assert c.to_bytes() == blob  # kept as written; signing again writes the current algorithm
+    again = c.to_bytes(key=KEY)
+    assert json.loads(again[24 : 24 + struct.unpack_from("<Q", again, 8)[0]])["auth"]["alg"] == "BLAKE3"
+    with pytest.raises(cc.AuthenticationError, match="MAC mismatch"):
+        cc.load(path, key=bytes(32))
+    crafted = mutate(blob, np.random.default_rng(3), 4)
+    with pytest.raises(cc.AuthenticationError, match="MAC mismatch"):
+        cc.CompressedArray.from_bytes(crafted, key=KEY)
+
+
+@pytest.mark.parametrize("to", ["HMAC-SHA256", "BLAKE3"])
+def test_a_mac_relabelled_with_another_algorithm_fails(to):
+    blob = cc.compress(X, codec="zstd").to_bytes(key=KEY)
+    frm = "BLAKE3" if to == "HMAC-SHA256" else "HMAC-SHA256"
+    if frm == "HMAC-SHA256":  # a container the old writer signed
+        c = cc.CompressedArray.from_bytes(blob)
+        blob = c._header.signed(KEY, c.host_payload(), "HMAC-SHA256").encode() + bytes(c.host_payload())
+        assert cc.CompressedArray.from_bytes(blob, key=KEY).trusted
+
+    def relabel(header):
+        assert header["auth"]["alg"] == frm
+        header["auth"]["alg"] = to
+
+    with pytest.raises(cc.AuthenticationError, match="MAC mismatch"):
+        cc.CompressedArray.from_bytes(_edit_header(blob, relabel), key=KEY)
+
+    def unknown(header):
+        header["auth"]["alg"] = "SHA256"
+
+    with pytest.raises(cc.FormatError, match="BLAKE3"):
+        cc.CompressedArray.from_bytes(_edit_header(blob, unknown))
+
+
 def test_pickling_keeps_trust():
     blob = _blob("zstd")
     for c in (cc.CompressedArray.from_bytes(blob), cc.CompressedArray.from_bytes(blob, trusted=True),

@@ -434,7 +434,7 @@ class PlacedChecks:
     launch of the CRC kernel per device over every chunk and tensor (:func:`cupycodec.engine.verify.device_crc32`),
     instead of on the host while loading. On the host those checks read every mapped page once more in tens of
     thousands of small ISA-L calls, and a profiled Llama-2-7B load on the H200's host waited 1.8 s (int8) and 2.3 s
-    (lossless) for them at its end (benchmarks/RESULTS.md). The host still checks the MACs (keyed SHA-256 has no
+    (lossless) for them at its end (benchmarks/RESULTS.md). The host still checks the MACs (keyed BLAKE3 has no
     GPU kernel here); a tensor that stayed on the host (a device map with "cpu" blocks) is checked there."""
 
     def __init__(self):
