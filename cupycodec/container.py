@@ -300,6 +300,7 @@ MAC_ALGS = ("BLAKE3", "HMAC-SHA256")  # what readers check (HMAC-SHA256: contain
 _MAC_DOMAIN = b"cupycodec container v1\0"
 _BLAKE3_KEY_CONTEXT = "cupycodec 2026-12-03 container MAC key v1"  # BLAKE3 derive_key: the secret -> a 32-byte key
 _MIN_KEY_NBYTES = 16
+_MAC_THREADS_NBYTES = 16 << 20  # BLAKE3 spreads a payload this large over threads (smaller ones: one thread)
 
 
 def _check_key(key) -> bytes:
@@ -312,14 +313,16 @@ def _check_key(key) -> bytes:
     return key
 
 
-def compute_mac(key, header: Header, payload, alg: str = MAC_ALG) -> str:
+def compute_mac(key, header: Header, payload, alg: str = MAC_ALG, threads: int | None = None) -> str:
     """The MAC (hex) of the canonical JSON of ``header`` (which must carry no MAC) and the payload bytes.
 
     The MAC covers the header as this reader understands it (re-serialized from the parsed values), so every field
     that decoding uses is authenticated however the writer spaced or ordered its JSON. ``BLAKE3`` is keyed BLAKE3
     under a key derived from ``key`` (BLAKE3's derive_key mode): 2.4x HMAC-SHA256's speed on one core of the
     development machine (4.0 against 1.7 GB/s over a memory-mapped checkpoint) and run on several cores for a large
-    payload (docs/FORMAT.md, "Authentication"; benchmarks/RESULTS.md, issue 11).
+    payload (docs/FORMAT.md, "Authentication"; benchmarks/RESULTS.md, issue 11): ``threads`` (default the CPU
+    pool's size, :func:`cupycodec.backends.cpu.num_threads`) for a payload of :data:`_MAC_THREADS_NBYTES` or more;
+    a caller that already checks many containers in parallel passes 1.
     """
     key = _check_key(key)
     text = _canonical(header.to_json())
@@ -329,7 +332,8 @@ def compute_mac(key, header: Header, payload, alg: str = MAC_ALG) -> str:
         from .backends.cpu import num_threads
 
         k = blake3.blake3(key, derive_key_context=_BLAKE3_KEY_CONTEXT).digest()
-        m = blake3.blake3(_MAC_DOMAIN, key=k, max_threads=num_threads() if memoryview(payload).nbytes >= 1 << 20 else 1)
+        big = memoryview(payload).nbytes >= _MAC_THREADS_NBYTES
+        m = blake3.blake3(_MAC_DOMAIN, key=k, max_threads=(threads or num_threads()) if big else 1)
     elif alg == "HMAC-SHA256":
         m = hmac.new(key, _MAC_DOMAIN, hashlib.sha256)
     else:
@@ -340,13 +344,14 @@ def compute_mac(key, header: Header, payload, alg: str = MAC_ALG) -> str:
     return m.hexdigest()
 
 
-def check_mac(key, header: Header, payload) -> None:
-    """Raise AuthenticationError unless ``header`` carries a MAC that ``key`` produced for this header and payload."""
+def check_mac(key, header: Header, payload, threads: int | None = None) -> None:
+    """Raise AuthenticationError unless ``header`` carries a MAC that ``key`` produced for this header and payload
+    (``threads``: as for :func:`compute_mac`)."""
     if header.mac is None:
         raise AuthenticationError("the container carries no MAC, so key= cannot authenticate it; it was saved "
                                   "without a key (load it without key=, as untrusted, or with trusted=True if you "
                                   "made it)")
-    want = compute_mac(key, _replace_mac(header, None), payload, header.mac_alg)
+    want = compute_mac(key, _replace_mac(header, None), payload, header.mac_alg, threads)
     if not hmac.compare_digest(want, header.mac):
         raise AuthenticationError("MAC mismatch: the container was changed after it was signed, or signed with "
                                   "another key")
