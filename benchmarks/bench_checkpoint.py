@@ -215,7 +215,7 @@ def _fmt(r) -> str:
     vram = f"  peak VRAM {r['peak_vram_mib']:8.1f} MiB  resident {r['resident_vram_mib']:8.1f} MiB" \
         if "peak_vram_mib" in r else ""
     rss = f"{r['peak_rss_mib']:8.1f}" if r.get("peak_rss_mib") is not None else "     n/a"
-    return (f"{r['model']:10s} {r['checkpoint']:13s} {r['bytes'] / 2**20:9.1f} MiB  {r['ratio']:5.3f}x  "
+    return (f"{r['model']:10s} {r['checkpoint']:19s} {r['bytes'] / 2**20:9.1f} MiB  {r['ratio']:5.3f}x  "
             f"load {r['load_s']:6.2f} s  first token {r['first_token_s']:6.2f} s  peak RSS {rss} MiB "
             f"(largest shard {r['largest_shard_mib']:.1f} MiB){vram}  token {r['token']}")
 
