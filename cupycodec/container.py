@@ -351,6 +351,10 @@ def check_mac(key, header: Header, payload, threads: int | None = None) -> None:
         raise AuthenticationError("the container carries no MAC, so key= cannot authenticate it; it was saved "
                                   "without a key (load it without key=, as untrusted, or with trusted=True if you "
                                   "made it)")
+    if header.mac_alg not in MAC_ALGS:
+        raise AuthenticationError(f"the container is signed with MAC algorithm {header.mac_alg!r}, which this "
+                                  f"version of cupycodec does not know (it checks {', '.join(MAC_ALGS)}): upgrade "
+                                  "cupycodec to authenticate it, or load it without key= as untrusted")
     want = compute_mac(key, _replace_mac(header, None), payload, header.mac_alg, threads)
     if not hmac.compare_digest(want, header.mac):
         raise AuthenticationError("MAC mismatch: the container was changed after it was signed, or signed with "
@@ -574,16 +578,19 @@ def _check_depth(obj) -> None:
 
 
 def _mac_field(obj: Mapping) -> tuple[str | None, str | None]:
-    """(mac, alg) of the header's ``auth``, or (None, None) without one."""
+    """(mac, alg) of the header's ``auth``, or (None, None) without one. An algorithm this reader does not know
+    parses (a reader without the key ignores ``auth``); :func:`check_mac` refuses it."""
     auth = obj.get("auth")
     if auth is None:
         return None, None
-    if not isinstance(auth, dict) or auth.get("alg") not in MAC_ALGS:
+    alg = auth.get("alg") if isinstance(auth, dict) else None
+    if not isinstance(alg, str) or not 0 < len(alg) <= 64:
         raise FormatError(f"header 'auth' must be {{'alg': one of {list(MAC_ALGS)}, 'mac': <64 hex digits>}}")
     mac = auth.get("mac")
-    if not isinstance(mac, str) or len(mac) != 64 or any(ch not in "0123456789abcdef" for ch in mac):
+    hexed = isinstance(mac, str) and 0 < len(mac) <= 256 and all(ch in "0123456789abcdef" for ch in mac)
+    if not hexed or (alg in MAC_ALGS and len(mac) != 64):
         raise FormatError("header 'auth.mac' must be 64 lowercase hex digits")
-    return mac, auth["alg"]
+    return mac, alg
 
 
 def _resolved(get, cfg, where):
