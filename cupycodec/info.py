@@ -44,6 +44,9 @@ def info() -> dict[str, Any]:
         "zstandard": _version("zstandard"),
         "cramjam": _version("cramjam"),
         "ml_dtypes": _version("ml_dtypes"),
+        "blosc2": _version("blosc2"),  # its library splits and merges byte planes on the CPU
+        "isal": _version("isal"),  # CRC-32 on the CPU
+        "blake3": _version("blake3"),  # the MACs of signed containers
         "cupy": _first_version("cupy-cuda12x", "cupy-cuda13x", "cupy"),
         "nvcomp_package": _first_version("nvidia-libnvcomp-cu12", "nvidia-libnvcomp-cu13"),
         "torch": _version("torch"),

@@ -446,6 +446,7 @@ def test_compressed_array_properties():
 def test_info_runs():
     data = cc.info()
     assert data["cupycodec"] == cc.__version__ and "zstd" in data["codecs"]
+    assert data["blake3"]  # a dependency: signed containers need it
     assert data["codecs"]["zstd"]["cpu"] and not data["codecs"]["ans"]["cpu"]
 
 
@@ -455,7 +456,7 @@ def test_import_does_not_pull_heavy_modules():
     code = ("import sys, cupycodec, cupycodec.codecs, cupycodec.filters, cupycodec.kernels.int8, "
             "cupycodec.kernels.byteplane, cupycodec.kernels.chunks, cupycodec.backends._nvcomp_lib, "
             "cupycodec.engine, cupycodec.engine.encode, cupycodec.engine.decode, cupycodec.interop, cupycodec.layout;"
-            "heavy = {'torch', 'cupy', 'nvidia', 'zstandard', 'cramjam', 'ml_dtypes'} & "
+            "heavy = {'torch', 'cupy', 'nvidia', 'zstandard', 'cramjam', 'ml_dtypes', 'blake3'} & "
             "{m.split('.')[0] for m in sys.modules};"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
