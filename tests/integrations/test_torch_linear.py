@@ -159,6 +159,36 @@ def test_eager_forward_skips_the_op_dispatch_unless_autograd_needs_it(monkeypatc
         assert torch.equal(cl(x.clone().requires_grad_()), y) and len(calls) == 2  # no grad mode: direct again
 
 
+def test_cpu_forwards_on_several_threads_each_compute_with_their_own_weights():
+    # the CPU forward dequantizes into a per-thread scratch: layers of other shapes and granularities, run at once on
+    # four threads, must each still compute with the reference weight, bit for bit
+    import threading
+
+    layers = []
+    for i, (k, n, gran) in enumerate([(200, 96, "group"), (256, 160, "channel"), (64, 48, "channel"),
+                                      (384, 32, "group")]):
+        lin = _linear(k=k, n=n, seed=i)
+        cl = CompressedLinear.from_linear(lin, "int8", granularity=gran, group_size=64)
+        x = torch.randn(5, k, dtype=torch.bfloat16)
+        layers.append((cl, x, torch.nn.functional.linear(x, _reference_int8(lin, gran, 64), lin.bias)))
+    bad, start = [], threading.Barrier(len(layers))
+
+    def work(cl, x, want):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(40):
+                if not torch.equal(cl(x), want):
+                    bad.append(cl.out_features)
+                    return
+
+    threads = [threading.Thread(target=work, args=layer) for layer in layers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
 @pytest.mark.parametrize("cast,dtype", [("half", torch.float16), ("float", torch.float32)])
 def test_a_cast_layer_computes_in_the_new_dtype_with_exact_scales(mode, cast, dtype):
