@@ -75,8 +75,11 @@ def _host_weight(qweight, scale, granularity: str, group_size: int, dtype: torch
     key = (qweight.shape, dtype)
     pair = views.get(key)
     if pair is None:
-        pair = (_host_view(qweight.shape, torch.float32), None if dtype == torch.float32 else
-                _host_view(qweight.shape, dtype))
+        # normal tensors, made outside inference mode: a scratch first used under torch.inference_mode() would
+        # otherwise refuse in-place writes in every later forward outside it
+        with torch.inference_mode(False):
+            pair = (_host_view(qweight.shape, torch.float32), None if dtype == torch.float32 else
+                    _host_view(qweight.shape, dtype))
         views[key] = pair
     w32 = _scaled(qweight, scale, granularity, group_size, pair[0])
     return w32 if pair[1] is None else pair[1].copy_(w32)

@@ -189,6 +189,33 @@ def test_cpu_forwards_on_several_threads_each_compute_with_their_own_weights():
     assert not bad
 
 
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad", "enable_grad"])
+def test_a_cpu_forward_works_in_every_grad_mode_whichever_came_first(first):
+    # the CPU forward's per-thread scratch is made on first use: made under torch.inference_mode(), it would be an
+    # inference tensor (or a view made there), which refuses the in-place writes of every later forward outside it
+    import threading
+
+    lin = _linear(k=72, n=88)
+    cl = CompressedLinear.from_linear(lin, "int8")
+    x = torch.randn(2, 72, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, _reference_int8(lin), lin.bias)
+    modes = [first] + [m for m in ("inference_mode", "no_grad", "enable_grad") if m != first] + [first]
+    got = []
+
+    def run():  # a fresh thread: its scratch is made here, under the first mode
+        try:
+            for m in modes:
+                with getattr(torch, m)():
+                    got.append(torch.equal(cl(x), want))
+        except RuntimeError as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert got == [True] * len(modes)
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
 @pytest.mark.parametrize("cast,dtype", [("half", torch.float16), ("float", torch.float32)])
 def test_a_cast_layer_computes_in_the_new_dtype_with_exact_scales(mode, cast, dtype):
