@@ -157,8 +157,7 @@ def run(models, device, work, repeat, modes=MODES, profile=None, old=None):
             if os.path.lexists(link):
                 os.unlink(link)
             os.symlink(os.path.join("..", "integrations"), link)
-        envs["old"] = dict(env, PYTHONPATH=os.pathsep.join(p for p in (os.path.abspath(old),
-                                                                       env.get("PYTHONPATH")) if p))
+        envs["old"] = dict(env, PYTHONPATH=os.pathsep.join(p for p in (old, env.get("PYTHONPATH")) if p))
     here = os.path.abspath(__file__)
     rows = []
     for name in models:
