@@ -191,6 +191,8 @@ def run(models, device, work, repeat, modes=MODES, profile=None, old=None):
                 p = subprocess.run([sys.executable, here, "--child", d, "--device", device], check=True,
                                    env=envs[version], capture_output=True, text=True)
                 runs[kind].append(json.loads(p.stdout.strip().splitlines()[-1]))
+                # as it comes: a run cut by its time limit keeps its loads
+                print(f"  round {r}: {name} {kind}: load {runs[kind][-1]['load_s']:.2f} s", flush=True)
         base_bytes = None
         for kind in kinds:
             d = dirs[kind][0]

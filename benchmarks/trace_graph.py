@@ -13,7 +13,9 @@ Modes: bf16, lossless, int8+entropy, int8, and ``MODE-noprefetch`` (one slot: ev
 stream when it starts, so its decode kernels run alone), ``MODE-cNk`` (the payloads in N KiB ANS chunks instead of
 the codec's default; nvCOMP decodes chunks in parallel thread blocks, so the chunk size may set how long a decode
 holds an SM), ``MODE-nowide`` (a large batch's INT8 layers each dequantize into ops' scratch before cuBLAS, instead
-of one dequantization of the whole block at its start: ``runtime.WIDE``). Comparing a decode kernel's time alone
+of one dequantization of the whole block at its start: ``runtime.WIDE``), ``MODE-prio`` (the side stream that
+decodes the next block at priority -1, above the compute's: ``runtime.SIDE_PRIORITY``; a graph replay runs at its
+launching stream's priority, so this matters for ``--prefill``'s eager forwards). Comparing a decode kernel's time alone
 and beside the compute, and the compute stream's busy time against bf16's, says whether the two contend or wait for
 each other.
 
@@ -175,6 +177,7 @@ def run(config: str, modes: list[str], replays: int, trace_dir: str, prefill: in
             from cupycodec.integrations.torch import runtime
 
             runtime.WIDE = "nowide" not in flags  # "-nowide": each INT8 layer of a large batch dequantizes alone
+            runtime.SIDE_PRIORITY = -1 if "prio" in flags else 0  # "-prio": the side stream at a high priority
             if "noprefetch" in flags:
                 rt = model._cupycodec_runtime[0]
                 rt.prefetch = False

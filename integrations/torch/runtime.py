@@ -58,6 +58,10 @@ HOT_VIEWS = True
 # default stream went to torch.cuda.ExternalStream(0), which is a new pool stream, not the default one, so under load
 # the launch read descriptors not yet copied (CUDA illegal memory accesses, wrong logits; dlpack.stream_of).
 WIDE = True
+# The priority of the side stream that decodes the next block (torch.cuda.Stream's: 0 is the default, lower is
+# higher). Benchmarks set it to compare (benchmarks/side_priority.py); a graph captured from the side stream runs at
+# the priority of the stream it is launched into, which is how an eager block decode (a replayed plan) gets it.
+SIDE_PRIORITY = 0
 
 
 def _a(n: int) -> int:
@@ -552,7 +556,7 @@ class Runtime:
     def _prefetch(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int) -> None:
         """Decode group ``gi`` into slot ``s`` on the side stream, after the work enqueued so far on ``sp``."""
         if st.side is None:
-            st.side = torch.cuda.Stream(device)
+            st.side = torch.cuda.Stream(device, priority=SIDE_PRIORITY)
             st.side_sp = st.side.cuda_stream
             index = device.index if device.index is not None else torch.cuda.current_device()
             st.ready, *st.done = _cuda.events(index, 1 + len(st.slots))
