@@ -89,11 +89,57 @@ def _host_view(shape, dtype: torch.dtype) -> torch.Tensor:
     """A ``shape`` view of this thread's flat scratch of ``dtype``, grown if needed (which forgets every view: the
     smaller buffer's go with it)."""
     n = shape.numel()
+    if getattr(_HOST, "views", None) is None:
+        _HOST.views, _HOST.bufs = {}, {}
     buf = _HOST.bufs.get(dtype)
     if buf is None or buf.numel() < n:
         buf = _HOST.bufs[dtype] = torch.empty(n, dtype=dtype)
         _HOST.views.clear()
     return buf[:n].view(shape)
+
+
+# The CPU's small batches (bf16 activations, channel scales, M <= GEMV_MAX_M) go to torch's INT8 weight-only GEMV,
+# which reads each code once as the CUDA kernels do, on the x86 builds where it is vectorized. Against the
+# dequantize-into-scratch route, 2 threads of the 2-core machine, batch 1 (benchmarks/RESULTS.md, nineteenth
+# session): 5632x2048 7.8 ms -> 0.44 ms (bf16 F.linear 1.2 ms), 576x576 182 -> 26 us (bf16 51 us); at M = 16
+# 8.0 -> 3.2 ms and 187 -> 98 us. Without AVX2 its kernel is scalar (M = 8: 11x slower than the scratch route).
+_CPU_GEMV_CAPS = ("AVX2", "AVX512")
+_CPU_GEMV_CAP: list = []  # torch's CPU capability, read once
+_ONES: dict[int, torch.Tensor] = {}  # N -> N bf16 ones: the GEMV's scales (ours are float32, applied after it)
+
+
+def _cpu_gemv_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    k = qweight.shape[1]
+    if not _CPU_GEMV_CAP:
+        cap = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
+        _CPU_GEMV_CAP.append(cap in _CPU_GEMV_CAPS and hasattr(torch, "_weight_int8pack_mm"))
+    # its kernel loads 16 activations and 16 codes per step with aligned vector loads: a row of K % 16 != 0, or
+    # activations off a 32-byte boundary, crashed the process in torch 2.13, so such rows never reach it, and
+    # _cpu_gemv hands it aligned copies of anything else (the route must not depend on where a tensor lies)
+    return _CPU_GEMV_CAP[0] and k and not k % 16 and 0 < x.numel() <= GEMV_MAX_M * k
+
+
+def _cpu_gemv(x, qweight, scale, bias):
+    """``x @ (codes * scale).T + bias`` on the CPU at small M: float32 sums of activation x code (exact products)
+    rounded to bf16 by torch's GEMV, then times the float32 scale, plus the bias, rounded once more. Not the
+    reference route's bits (which rounds each dequantized weight to bf16 before an F.linear): within 1-2 bf16 units
+    in the last place of the exact result, where that route's weight rounding costs more (tests pin both)."""
+    n, k = qweight.shape
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous() or x2.data_ptr() % 64:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation is 64-byte aligned
+    if not qweight.is_contiguous() or qweight.data_ptr() % 64:  # e.g. codes loaded at a file's offsets: this
+        with torch.inference_mode(False):  # thread's scratch, whose start is aligned (a copy per call: slower)
+            staged = _host_view(qweight.shape, torch.int8)
+        qweight = staged.copy_(qweight)
+    ones = _ONES.get(n)
+    if ones is None:
+        with torch.inference_mode(False):
+            ones = _ONES[n] = torch.ones(n, dtype=torch.bfloat16)
+    y = torch._weight_int8pack_mm(x2, qweight, ones).mul(scale.reshape(-1))  # bf16 x float32: float32
+    if bias is not None:
+        y.add_(bias)
+    return y.to(torch.bfloat16).reshape(*x.shape[:-1], n)
 
 
 # One scratch per device for dequantized weights at large batch: reserved (grown) before use, as large as the
@@ -146,6 +192,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: to
 
 def _int8_linear(x, qweight, scale, bias, granularity, group_size):
     if x.device.type == "cpu":
+        if granularity == "channel" and x.dtype == torch.bfloat16 and _cpu_gemv_ok(x, qweight):
+            return _cpu_gemv(x, qweight, scale, bias)
         return F.linear(x, _host_weight(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))
     if x.device.type != "cuda":  # meta tensors (shape inference) and other devices: fresh tensors there
         return F.linear(x, dequantize(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))

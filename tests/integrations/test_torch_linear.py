@@ -160,17 +160,24 @@ def test_eager_forward_skips_the_op_dispatch_unless_autograd_needs_it(monkeypatc
 
 
 def test_cpu_forwards_on_several_threads_each_compute_with_their_own_weights():
-    # the CPU forward dequantizes into a per-thread scratch: layers of other shapes and granularities, run at once on
-    # four threads, must each still compute with the reference weight, bit for bit
+    # the CPU forward dequantizes into a per-thread scratch (and stages misaligned codes in one): layers of other
+    # shapes, granularities and routes, run at once on four threads, must each compute what they compute alone
     import threading
 
     layers = []
-    for i, (k, n, gran) in enumerate([(200, 96, "group"), (256, 160, "channel"), (64, 48, "channel"),
-                                      (384, 32, "group")]):
+    for i, (k, n, gran, m) in enumerate([(200, 96, "group", 5), (256, 160, "channel", 20), (64, 48, "channel", 5),
+                                         (384, 32, "group", 5)]):
         lin = _linear(k=k, n=n, seed=i)
         cl = CompressedLinear.from_linear(lin, "int8", granularity=gran, group_size=64)
-        x = torch.randn(5, k, dtype=torch.bfloat16)
-        layers.append((cl, x, torch.nn.functional.linear(x, _reference_int8(lin, gran, 64), lin.bias)))
+        if i == 2:  # codes off a 64-byte boundary: staged per call into the thread's scratch for the GEMV
+            store = torch.empty(cl.qweight.numel() + 8, dtype=torch.int8)
+            cl.qweight = store[8:].view_as(cl.qweight).copy_(cl.qweight)
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = cl(x)
+        if m > 16 or gran == "group":  # the dequantize-into-scratch route: the reference weight's bits
+            assert torch.equal(want, torch.nn.functional.linear(x, _reference_int8(lin, gran, 64), lin.bias))
+        layers.append((cl, x, want))
     bad, start = [], threading.Barrier(len(layers))
 
     def work(cl, x, want):
@@ -187,6 +194,135 @@ def test_cpu_forwards_on_several_threads_each_compute_with_their_own_weights():
     for t in threads:
         t.join()
     assert not bad
+
+
+def _gemv_route() -> bool:
+    """Whether this CPU's torch takes small batches of bf16 activations to its INT8 GEMV (x86 with AVX2/AVX-512)."""
+    from cupycodec.integrations.torch import ops
+
+    return bool(ops._cpu_gemv_ok(torch.empty(1, 16, dtype=torch.bfloat16), torch.empty(1, 16, dtype=torch.int8)))
+
+
+def _within_two_roundings(y, x, lin_or_codes, scale=None, bias=None):
+    """``y`` (bf16) against the exact product of the INT8 layer in float64: within one bf16 rounding of the scaled
+    sum and one of the result (the CPU GEMV rounds its float32 sum of activation x code, then the scaled result),
+    plus float32 summation slack."""
+    if scale is None:
+        codes, scale, bias = lin_or_codes.qweight, lin_or_codes.scale, lin_or_codes.bias
+    else:
+        codes = lin_or_codes
+    x64, q64, s64 = x.double().reshape(-1, x.shape[-1]), codes.double(), scale.double()
+    scaled = (x64 @ q64.T) * s64
+    ref = scaled + (bias.double() if bias is not None else 0)
+    slack = (x64.abs() @ q64.abs().T) * s64 * 2.0**-20
+    err = (y.double().reshape(ref.shape) - ref).abs()
+    return bool((err <= 2.0**-8 * (scaled.abs() + ref.abs()) + slack).all())
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("k,n", [(256, 96), (64 + 16 * 5, 37), (576, 160), (16, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_small_batches_run_the_int8_gemv_within_two_roundings_of_the_exact_product(m, k, n, bias):
+    if not _gemv_route():
+        pytest.skip("torch's INT8 GEMV is vectorized only on x86 with AVX2/AVX-512 (the scratch route runs here)")
+    lin = _linear(k=k, n=n, bias=bias, seed=k + n)
+    cl = CompressedLinear.from_linear(lin, "int8")
+    x = torch.randn(1, m, k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = cl(x)
+    assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
+    assert _within_two_roundings(y, x, cl)
+    # not the scratch route's bits somewhere (each weight rounded to bf16 first): the test sees the GEMV's result
+    ref_route = torch.nn.functional.linear(x, _reference_int8(lin), lin.bias)
+    assert not torch.equal(y, ref_route) or m * n < 64
+
+
+def test_cpu_gemv_takes_every_code_exactly():
+    # one-hot activations: each output is one code times its scale, rounded once, which is the reference's
+    # dequantized weight bit for bit; every code value in every position of a 16-code step
+    if not _gemv_route():
+        pytest.skip("torch's INT8 GEMV is vectorized only on x86 with AVX2/AVX-512")
+    from cupycodec.integrations.torch import ops
+
+    k, n = 256, 255
+    q = torch.tensor(((np.arange(n)[:, None] + np.arange(k)[None, :]) % 255 - 127).astype(np.int8))
+    s = torch.tensor(np.random.default_rng(0).uniform(1e-4, 1e-1, n).astype(np.float32))
+    w = ops.dequantize(q, s, "channel", 128, torch.bfloat16)
+    for col in (0, 1, 7, 15, 16, 100, 255):
+        x = torch.zeros(1, k, dtype=torch.bfloat16)
+        x[0, col] = 1
+        assert torch.equal(ops._int8_linear(x, q, s, None, "channel", 128)[0], w[:, col]), col
+
+
+def test_the_cpu_route_does_not_depend_on_where_tensors_lie():
+    # codes loaded at a file's offsets, and activations that are a view at an odd offset, take the same route and
+    # give the same bits (torch's GEMV needs aligned rows: they are staged, never handed over misaligned)
+    from cupycodec.integrations.torch import ops
+
+    torch.manual_seed(3)
+    n, k = 96, 256
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n) * 0.01 + 1e-3
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    want = ops._int8_linear(x, q, s, None, "channel", 128)
+    for qoff, xoff in ((8, 0), (24, 8), (0, 16), (1, 1)):
+        qm = torch.empty(n * k + qoff, dtype=torch.int8)[qoff:].view(n, k)
+        xm = torch.empty(3 * k + xoff, dtype=torch.bfloat16)[xoff:].view(3, k)
+        qm.copy_(q), xm.copy_(x)
+        assert torch.equal(ops._int8_linear(xm, qm, s, None, "channel", 128), want), (qoff, xoff)
+    assert torch.equal(ops._int8_linear(x, q.T.contiguous().T, s, None, "channel", 128), want)  # strided codes
+
+
+@pytest.mark.parametrize("case", ["k72", "m17", "fp16", "fp32", "group"])
+def test_cpu_rows_the_gemv_does_not_take_compute_with_the_reference_weight(case):
+    # rows of K % 16 != 0 (which torch's GEMV would read past), batches over 16, other dtypes and group scales:
+    # the dequantize-into-scratch route, bit for bit the reference weight through F.linear
+    k = 72 if case == "k72" else 256
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
+    gran = "group" if case == "group" else "channel"
+    lin = _linear(k=k, n=48, dtype=dtype)
+    cl = CompressedLinear.from_linear(lin, "int8", granularity=gran, group_size=64)
+    x = torch.randn(17 if case == "m17" else 2, k, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(cl(x), torch.nn.functional.linear(x, _reference_int8(lin, gran, 64), lin.bias))
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_the_cpu_route_follows_torchs_cpu_capability(capability, tmp_path):
+    # ATEN_CPU_CAPABILITY picks torch's kernels: AVX2 has its own vectorized GEMV (within two roundings), and without
+    # one its scalar loop (11x slower at M = 8) is never taken: the scratch route's bits
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 capabilities")
+    code = f"""
+import sys, torch
+sys.path[:0] = {sys.path!r}
+from test_torch_linear import _linear, _reference_int8, _within_two_roundings, _gemv_route
+from cupycodec.integrations.torch import CompressedLinear
+assert torch.backends.cpu.get_cpu_capability() == {capability.upper()!r}
+lin = _linear(k=256, n=96, seed=5)
+cl = CompressedLinear.from_linear(lin, "int8")
+x = torch.randn(4, 256, dtype=torch.bfloat16)
+with torch.no_grad():
+    y = cl(x)
+ref = torch.nn.functional.linear(x, _reference_int8(lin), lin.bias)
+if {capability!r} == "default":
+    assert not _gemv_route() and torch.equal(y, ref)
+else:
+    assert _gemv_route() and _within_two_roundings(y, x, cl) and not torch.equal(y, ref)
+print("ok")
+"""
+    import os
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__), timeout=300)
+    if capability == "avx2" and "Requested capability" in p.stderr:  # pragma: no cover - a CPU without AVX2
+        pytest.skip("this CPU has no AVX2")
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("first", ["inference_mode", "no_grad", "enable_grad"])
