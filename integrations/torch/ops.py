@@ -4,7 +4,8 @@ On CUDA, small batches (M <= 16 rows of activations, 8 where only the FMA kernel
 dequantize-GEMV (:mod:`cupycodec.kernels.gemv`), which reads each INT8 code once; larger ones dequantize into a
 per-device scratch (our kernel, the reference's arithmetic) and call cuBLAS through ``F.linear`` (a compressed
 model's blocks take their weights from one dequantization per block instead, unless ``runtime.WIDE`` is off). On
-the CPU the same dequantization runs in torch ops. Both launch on torch's current stream and never synchronize;
+the CPU, small batches of bf16 activations with channel scales run torch's INT8 weight-only GEMV where it is
+vectorized (:func:`_cpu_gemv`), and everything else the same dequantization in torch ops. Both launch on torch's current stream and never synchronize;
 nothing is allocated but the output. A backward formula gives the activations and the bias their gradients (for
 adapters trained over frozen compressed weights). Layers call :func:`linear`, which goes through the op only where
 tracing or autograd needs it (the op's eager dispatch costs more host time than the kernel runs).
