@@ -407,8 +407,21 @@ class CompressedLinear(torch.nn.Module):
             if w is not None:  # a large batch: this layer's weight, dequantized with its block's
                 return F.linear(x, w, ops._bias(bias, x))
         if resident:
-            return ops._int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
+            q = self.qweight
+            if q.device.type == "cpu" and q.data_ptr() % 64:
+                q = self._aligned_codes()
+            return ops._int8_linear(x, q, self.scale, bias, self.granularity, self.group_size)
         return self._linear(x, self._decoded(x.device), bias)
+
+    def _aligned_codes(self) -> torch.Tensor:
+        """The codes moved once into 64-byte aligned storage, at a first eager CPU forward. A model loaded by
+        ``from_pretrained`` holds them at the file's offsets, which torch's CPU INT8 GEMV cannot read (ops stages
+        them into scratch instead, a copy per call: 2-3x the GEMV's time on a large layer); same values, so the
+        state dict and the outputs do not change. Made outside inference mode, so later in-place loads still work."""
+        with torch.inference_mode(False):
+            q = self.qweight.clone(memory_format=torch.contiguous_format)
+        self._buffers["qweight"] = q
+        return q
 
     def _wide_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """For a large batch on a GPU: this layer's weight in its slot's wide buffer (``Runtime.enter(...,

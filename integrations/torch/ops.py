@@ -1,14 +1,15 @@
 """The INT8 linear as a torch custom op, so ``torch.compile`` and CUDA graphs see one opaque operation.
 
-On CUDA, small batches (M <= 16 rows of activations, 8 where only the FMA kernel applies) run the fused
-dequantize-GEMV (:mod:`cupycodec.kernels.gemv`), which reads each INT8 code once; larger ones dequantize into a
-per-device scratch (our kernel, the reference's arithmetic) and call cuBLAS through ``F.linear`` (a compressed
-model's blocks take their weights from one dequantization per block instead, unless ``runtime.WIDE`` is off). On
-the CPU, small batches of bf16 activations with channel scales run torch's INT8 weight-only GEMV where it is
-vectorized (:func:`_cpu_gemv`), and everything else the same dequantization in torch ops. Both launch on torch's current stream and never synchronize;
-nothing is allocated but the output. A backward formula gives the activations and the bias their gradients (for
-adapters trained over frozen compressed weights). Layers call :func:`linear`, which goes through the op only where
-tracing or autograd needs it (the op's eager dispatch costs more host time than the kernel runs).
+On CUDA, small batches (M <= 16 rows of activations, 8 where only the FMA kernel applies) run the fused dequantize-
+GEMV (:mod:`cupycodec.kernels.gemv`), which reads each INT8 code once; larger ones dequantize into a per-device
+scratch (our kernel, the reference's arithmetic) and call cuBLAS through ``F.linear`` (a compressed model's blocks
+take their weights from one dequantization per block instead, unless ``runtime.WIDE`` is off); on CUDA the forward
+launches on torch's current stream, never synchronizes, and allocates nothing but its output. On the CPU, small
+batches of bf16 activations with channel scales run torch's INT8 weight-only GEMV where it is vectorized
+(:func:`_cpu_gemv`: its float32 result is scaled, then rounded into the output), and everything else the same
+dequantization in torch ops, into per-thread scratch. A backward formula gives the activations and the bias their
+gradients (for adapters trained over frozen compressed weights). Layers call :func:`linear`, which goes through the
+op only where tracing or autograd needs it (the op's eager dispatch costs more host time than the kernel runs).
 """
 
 from __future__ import annotations

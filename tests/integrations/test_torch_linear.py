@@ -273,6 +273,25 @@ def test_the_cpu_route_does_not_depend_on_where_tensors_lie():
     assert torch.equal(ops._int8_linear(x, q.T.contiguous().T, s, None, "channel", 128), want)  # strided codes
 
 
+def test_a_cpu_forward_moves_misaligned_codes_once_and_computes_the_same():
+    # codes at a file's offsets (from_pretrained): the first eager CPU forward moves them to aligned storage (what
+    # torch's GEMV reads without a copy per call); the values, the outputs and later in-place loads are unchanged
+    lin = _linear(k=256, n=96, seed=7)
+    cl = CompressedLinear.from_linear(lin, "int8")
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = cl(x)
+    codes = cl.qweight.clone()
+    cl.qweight = torch.empty(codes.numel() + 24, dtype=torch.int8)[24:].view_as(codes).copy_(codes)
+    assert cl.qweight.data_ptr() % 64
+    with torch.inference_mode():
+        assert torch.equal(cl(x), want)
+    assert not cl.qweight.data_ptr() % 64 and torch.equal(cl.qweight, codes)
+    cl.load_state_dict(cl.state_dict())  # in place, outside inference mode
+    with torch.no_grad():
+        assert torch.equal(cl(x), want)
+
+
 @pytest.mark.parametrize("case", ["k72", "m17", "fp16", "fp32", "group"])
 def test_cpu_rows_the_gemv_does_not_take_compute_with_the_reference_weight(case):
     # rows of K % 16 != 0 (which torch's GEMV would read past), batches over 16, other dtypes and group scales:
