@@ -408,7 +408,7 @@ class CompressedLinear(torch.nn.Module):
                 return F.linear(x, w, ops._bias(bias, x))
         if resident:
             q = self.qweight
-            if q.device.type == "cpu" and q.data_ptr() % 64:
+            if q.is_cpu and q.data_ptr() % 64:  # is_cpu: ~0.05 us on a GPU forward, .device.type ~0.5
                 q = self._aligned_codes()
             return ops._int8_linear(x, q, self.scale, bias, self.granularity, self.group_size)
         return self._linear(x, self._decoded(x.device), bias)
