@@ -7,6 +7,8 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
@@ -235,6 +237,30 @@ def test_cpu_small_batches_run_the_int8_gemv_within_two_roundings_of_the_exact_p
     # not the scratch route's bits somewhere (each weight rounded to bf16 first): the test sees the GEMV's result
     ref_route = torch.nn.functional.linear(x, _reference_int8(lin), lin.bias)
     assert not torch.equal(y, ref_route) or m * n < 64
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st_.integers(1, 70), k16=st_.integers(1, 24), m=st_.integers(1, 16), bias=st_.booleans(),
+       exp=st_.integers(-30, 20), qoff=st_.sampled_from([0, 1, 8, 24]), xoff=st_.sampled_from([0, 1, 8, 16]),
+       seed=st_.integers(0, 2**16))
+def test_cpu_gemv_route_holds_for_any_shape_scale_and_placement(n, k16, m, bias, exp, qoff, xoff, seed):
+    # any row count, K a multiple of 16, M up to 16, scales from 2^-30 to 2^20 times a random factor, codes and
+    # activations at any offset: within two roundings of the exact product, and the same bits wherever they lie
+    if not _gemv_route():
+        pytest.skip("torch's INT8 GEMV is vectorized only on x86 with AVX2/AVX-512")
+    from cupycodec.integrations.torch import ops
+
+    k = 16 * k16
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(n, generator=g) + 0.5) * 2.0**exp
+    b = torch.randn(n, generator=g).to(torch.bfloat16) * 2.0**exp if bias else None
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    y = ops._int8_linear(x, q, s, b, "channel", 128)
+    assert y.dtype == torch.bfloat16 and _within_two_roundings(y, x, q, s, b)
+    qm = torch.empty(n * k + qoff, dtype=torch.int8)[qoff:].view(n, k).copy_(q)
+    xm = torch.empty(m * k + xoff, dtype=torch.bfloat16)[xoff:].view(m, k).copy_(x)
+    assert torch.equal(ops._int8_linear(xm, qm, s, b, "channel", 128), y)
 
 
 def test_cpu_gemv_takes_every_code_exactly():
