@@ -14,6 +14,7 @@ op only where tracing or autograd needs it (the op's eager dispatch costs more h
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -70,10 +71,7 @@ def _host_weight(qweight, scale, granularity: str, group_size: int, dtype: torch
     nothing but its output: fresh weights of a large layer came as fresh pages from the OS on every call (5632 x
     2048 codes at batch 1: 24.9 ms a call before, 6.9 ms after, on the 2-core machine). Per thread, so concurrent
     forwards never share it; each buffer grows to the largest layer the thread has run."""
-    views = getattr(_HOST, "views", None)
-    if views is None:
-        views = _HOST.views = {}
-        _HOST.bufs = {}
+    views = _host_views()
     key = (qweight.shape, dtype)
     pair = views.get(key)
     if pair is None:
@@ -87,16 +85,24 @@ def _host_weight(qweight, scale, granularity: str, group_size: int, dtype: torch
     return w32 if pair[1] is None else pair[1].copy_(w32)
 
 
+def _host_views() -> dict:
+    """This thread's views of its scratch, keyed by (shape, dtype); made with the scratch on its first use."""
+    views = getattr(_HOST, "views", None)
+    if views is None:
+        views = _HOST.views = {}
+        _HOST.bufs = {}
+    return views
+
+
 def _host_view(shape, dtype: torch.dtype) -> torch.Tensor:
     """A ``shape`` view of this thread's flat scratch of ``dtype``, grown if needed (which forgets every view: the
     smaller buffer's go with it)."""
     n = shape.numel()
-    if getattr(_HOST, "views", None) is None:
-        _HOST.views, _HOST.bufs = {}, {}
+    views = _host_views()
     buf = _HOST.bufs.get(dtype)
     if buf is None or buf.numel() < n:
         buf = _HOST.bufs[dtype] = torch.empty(n, dtype=dtype)
-        _HOST.views.clear()
+        views.clear()
     return buf[:n].view(shape)
 
 
@@ -106,19 +112,22 @@ def _host_view(shape, dtype: torch.dtype) -> torch.Tensor:
 # session): 5632x2048 7.8 ms -> 0.44 ms (bf16 F.linear 1.2 ms), 576x576 182 -> 26 us (bf16 51 us); at M = 16
 # 8.0 -> 3.2 ms and 187 -> 98 us. Without AVX2 its kernel is scalar (M = 8: 11x slower than the scratch route).
 _CPU_GEMV_CAPS = ("AVX2", "AVX512")
-_CPU_GEMV_CAP: list = []  # torch's CPU capability, read once
 _ONES: dict[int, torch.Tensor] = {}  # N -> N bf16 ones: the GEMV's scales (ours are float32, applied after it)
+
+
+@functools.cache
+def _cpu_gemv_available() -> bool:
+    """Whether this torch has the INT8 GEMV, vectorized for this CPU (read once)."""
+    cap = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
+    return cap in _CPU_GEMV_CAPS and hasattr(torch, "_weight_int8pack_mm")
 
 
 def _cpu_gemv_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     k = qweight.shape[1]
-    if not _CPU_GEMV_CAP:
-        cap = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
-        _CPU_GEMV_CAP.append(cap in _CPU_GEMV_CAPS and hasattr(torch, "_weight_int8pack_mm"))
     # its kernel loads 16 activations and 16 codes per step with aligned vector loads: a row of K % 16 != 0, or
     # activations off a 32-byte boundary, crashed the process in torch 2.13, so such rows never reach it, and
     # _cpu_gemv hands it aligned copies of anything else (the route must not depend on where a tensor lies)
-    return _CPU_GEMV_CAP[0] and k and not k % 16 and 0 < x.numel() <= GEMV_MAX_M * k
+    return _cpu_gemv_available() and k and not k % 16 and 0 < x.numel() <= GEMV_MAX_M * k
 
 
 def _cpu_gemv(x, qweight, scale, bias):
