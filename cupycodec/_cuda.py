@@ -6,8 +6,8 @@ import contextlib
 import ctypes
 import threading
 
-__all__ = ["current_device", "event_record", "events", "external_stream", "kernel_handle", "launch", "launching_on",
-           "stream_ptr", "stream_wait"]
+__all__ = ["capture_status", "current_device", "event_record", "events", "external_stream", "kernel_handle", "launch",
+           "launching_on", "relaxed_capture", "stream_ptr", "stream_wait"]
 
 
 def current_device() -> int:
@@ -58,6 +58,56 @@ def _runtime():
 
         _RUNTIME = cupy.cuda.runtime
     return _RUNTIME
+
+
+_DRIVER = None
+# CUstreamCaptureStatus and CUstreamCaptureMode values (cuda.h)
+CAPTURE_NONE, CAPTURE_ACTIVE, CAPTURE_INVALIDATED = 0, 1, 2
+_MODE_RELAXED = 2
+
+
+def _driver():
+    """The CUDA driver library through ctypes (already loaded by CuPy), for the capture calls CuPy does not wrap;
+    None where it cannot be loaded."""
+    global _DRIVER
+    if _DRIVER is None:
+        _DRIVER = False
+        for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+            try:
+                _DRIVER = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+    return _DRIVER or None
+
+
+def capture_status(sp: int) -> int:
+    """Whether the raw stream ``sp`` is being captured into a CUDA graph: :data:`CAPTURE_NONE`,
+    :data:`CAPTURE_ACTIVE`, or :data:`CAPTURE_INVALIDATED` (an earlier call in the capture failed, so every later one
+    fails too); -1 where the driver cannot say. Never raises (CuPy's ``streamIsCapturing`` raises on an invalidated
+    capture), for error paths that explain a failure."""
+    lib = _driver()
+    status = ctypes.c_int(-1)
+    if lib is None or lib.cuStreamIsCapturing(ctypes.c_void_p(sp), ctypes.byref(status)) != 0:
+        return -1
+    return status.value
+
+
+@contextlib.contextmanager
+def relaxed_capture():
+    """This thread's stream-capture mode relaxed inside the block, then restored. A capture this thread has under
+    way in thread-local or global mode (torch's CUDA graphs, CuPy's) makes CUDA refuse "potentially unsafe" calls
+    from it, destroying a graph among them, and the refused call invalidates that capture. Finalizers, which GC runs
+    wherever it collects, a caller's capture included, wrap such calls in this (the use CUDA documents for
+    cudaThreadExchangeStreamCaptureMode)."""
+    lib = _driver()
+    mode = ctypes.c_int(_MODE_RELAXED)
+    swapped = lib is not None and lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(mode)) == 0
+    try:
+        yield
+    finally:
+        if swapped:
+            lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
 
 
 class _Handle:

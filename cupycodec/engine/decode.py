@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._cuda import current_device, launch, stream_ptr
+from .._cuda import CAPTURE_INVALIDATED, capture_status, current_device, launch, relaxed_capture, stream_ptr
 from ..backends import _nvcomp_lib as nv
 from ..errors import BackendError
 from ..filters import Byteplane, Int8
@@ -273,7 +273,7 @@ class DecodePlan:
             st = fn(comp_ptrs + 8 * row, comp_sizes + 8 * row, raw_sizes + 8 * row, actual + 8 * row, n,
                     temp_ptr, temp_n, out_ptrs + 8 * row, dopts, status + 4 * row, sp)
             if st != 0:
-                raise BackendError(f"{name} failed", nv.status_name(st))
+                raise _call_error(name, st, sp)
 
     def run_and_wait(self, stream=None) -> None:
         """:meth:`run`, then wait and raise :class:`~cupycodec.BackendError` if any chunk failed. Statuses and decoded
@@ -314,6 +314,17 @@ class DecodePlan:
 
     def __repr__(self):
         return f"<DecodePlan device=cuda:{self.device} chunks={self.n_chunks} nbytes={self.nbytes}>"
+
+
+def _call_error(name: str, st: int, sp: int) -> BackendError:
+    """The error for an nvCOMP call that failed: where the stream's CUDA-graph capture was invalidated before it,
+    the call only reports that, and the message says so (the first refused call is the one to find)."""
+    if capture_status(sp) == CAPTURE_INVALIDATED:
+        return BackendError(f"{name} failed because the CUDA graph being captured on this stream was already "
+                            "invalidated by an earlier CUDA call in the capture (one CUDA refuses while capturing, "
+                            "e.g. a synchronization, a free or a graph's destruction); that call is the one to fix, "
+                            "not the decode", nv.status_name(st))
+    return BackendError(f"{name} failed", nv.status_name(st))
 
 
 def _capturing(sp: int) -> bool:
@@ -372,10 +383,13 @@ class _PlanGraph:
         cupy.cuda.runtime.graphLaunch(self._exec, sp)
 
     def __del__(self):
+        # relaxed: GC may run this inside a capture of the caller's (a torch CUDA graph after `del model`), which
+        # CUDA would invalidate on a graph's destruction in thread-local or global mode (H200, 2026-12-03)
         try:
             import cupy
 
-            cupy.cuda.runtime.graphExecDestroy(self._exec)
-            cupy.cuda.runtime.graphDestroy(self._graph)
+            with relaxed_capture():
+                cupy.cuda.runtime.graphExecDestroy(self._exec)
+                cupy.cuda.runtime.graphDestroy(self._graph)
         except Exception:  # interpreter shutdown, or a context already gone: nothing left to free
             pass

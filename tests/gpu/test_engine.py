@@ -5,6 +5,8 @@ Every decoded value is pinned to the NumPy reference (quant.reference, the byte-
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -257,6 +259,56 @@ def test_a_run_that_fails_while_captured_leaves_no_graph_and_no_capture(cp, monk
     plan.check(s)
     assert plan._graph
     assert [_bits(o) for o in outs] == [_bits(w.view(np.uint16)) for w in host]
+
+
+@pytest.mark.parametrize("relaxed", [True, False], ids=["as shipped", "without the relaxed mode"])
+def test_a_plan_freed_inside_a_callers_capture_leaves_that_capture_valid(cp, monkeypatch, relaxed):
+    """GC runs finalizers wherever it collects, a caller's CUDA-graph capture included (`del model`, then a torch
+    graph captured: the model's plans go inside it). A plan whose run replay() made a graph destroys that graph as it
+    goes, which CUDA refuses in a thread-local or global capture, invalidating it (an H200 suite run, 2026-12-03). The
+    destruction runs in relaxed mode, so the capture stays valid and records the other plan's run. Without the relaxed
+    mode (the second case) the same steps must invalidate the capture, so that this test can see the fix work, and
+    the nvCOMP call that fails after it names the invalidated capture."""
+    from cupycodec.engine import decode
+
+    rt = cp.cuda.runtime
+    host = [_weights(s, 70 + i) for i, s in enumerate(BLOCK)]
+    cs = cc.compress_many([cp.asarray(w.view(np.uint16)) for w in host], dtype="bfloat16", codec="ans")
+    outs = [[cp.empty(w.shape, cp.uint16) for w in host] for _ in range(2)]
+    s = cp.cuda.Stream(non_blocking=True)
+    gone = cc.decode_plan(cs, outs[0])
+    gone.replay(s)
+    keep = cc.decode_plan(cs, outs[1])
+    keep.run(s)  # kernels loaded before the capture
+    s.synchronize()
+    assert gone._graph, "replay() made no graph: nothing to destroy"
+    if not relaxed:
+        monkeypatch.setattr(decode, "relaxed_capture", contextlib.nullcontext)
+    rt.streamBeginCapture(s.ptr, rt.streamCaptureModeThreadLocal)
+    try:
+        del gone  # its last reference: the plan and its graph are destroyed here, inside the capture
+        gc.collect()
+        if not relaxed:
+            with pytest.raises(cc.BackendError, match="already invalidated by an earlier CUDA call"):
+                keep.run(s)
+            return
+        keep.run(s)
+    finally:
+        try:
+            graph = rt.streamEndCapture(s.ptr)
+        except rt.CUDARuntimeError:
+            graph = 0
+            assert not relaxed, "the capture was invalidated"
+    try:
+        exe = rt.graphInstantiate(graph)
+        _poison(cp, outs[1])
+        cp.cuda.Device().synchronize()
+        rt.graphLaunch(exe, s.ptr)
+        keep.check(s)
+        assert [_bits(o) for o in outs[1]] == [_bits(w.view(np.uint16)) for w in host]
+        rt.graphExecDestroy(exe)
+    finally:
+        rt.graphDestroy(graph)
 
 
 @pytest.mark.torch
