@@ -174,6 +174,52 @@ def test_a_forward_captures_in_a_cuda_graph(mode):
     model._cupycodec_runtime[0].check()
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_model_collected_inside_another_models_capture_leaves_it_valid(mode):
+    """`del model` leaves a model in a reference cycle to GC, which may collect it anywhere, inside the CUDA-graph
+    capture of the next model's forward too (torch's capture no longer collects first). Its decode plans then go
+    inside the capture with the graphs replay() made of their runs, whose destruction CUDA refuses in torch's global
+    capture mode, invalidating the capture (found in an H200 suite run, 2026-12-03, as a failed reduce-overhead
+    compile). The capture must stay valid and replay the eager forward's logits."""
+    from cupycodec.integrations.torch import compress_model
+
+    old = _tiny_llama(layers=3)
+    compress_model(old, mode, progress=False)
+    ids = torch.randint(0, 512, (1, 8), device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            old(ids, use_cache=False)  # plans built, and replayed as graphs
+    plans = [p for g in old._cupycodec_runtime[0].groups for p in g.plans()]
+    assert (mode == "int8") == (not plans) and all(p._graph for p in plans)
+    del plans
+    model = _tiny_llama(layers=2)
+    compress_model(model, mode, progress=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    gc.collect()
+    gc.disable()  # the old model goes at the collection inside the capture, not before
+    try:
+        old.__dict__["_cycle"] = old
+        del old
+        g = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(g):
+            assert gc.collect() > 0
+            out = model(ids, use_cache=False).logits
+    finally:
+        gc.enable()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    model._cupycodec_runtime[0].check()
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_an_odd_number_of_blocks_keeps_each_block_in_one_slot(mode):
     """Block i decodes into slot i % 2 whatever came before, so a model of an odd number of blocks builds one plan per
@@ -447,7 +493,7 @@ def test_a_state_dict_loaded_into_a_used_model_is_what_it_computes_with(mode, la
 def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone():
     """A forward that stops inside a block (an exception) can leave the next block's decode pending on the side stream;
     `del model` then gives the slots back to torch's pool of the stream they were allocated on, which hands them to
-    its next allocation at once. So that stream is made to wait for the side stream as the runtime goes: here a 1 s
+    its next allocation at once. So that stream is made to wait for the side stream as the runtime goes: here a 2 s
     spin on the side stream stands in for a pending decode, and the two tensors of the slots' size allocated after
     `del` (where the slots' memory goes) must still be waiting for it 20 ms later. (The spin is queued after the
     block start, which may build a plan, and a plan's construction waits for its stream once; and the fill kernel
@@ -466,17 +512,22 @@ def test_a_model_deleted_while_its_side_stream_is_busy_leaves_new_tensors_alone(
     rt.enter(0, ids.device)  # a block start: block 0 into slot 0 (block 1 is in slot 1 already)
     torch.full((8,), 7, dtype=torch.uint8, device="cuda")  # the fill kernel loaded now: see the docstring
     torch.cuda.synchronize()
-    with torch.cuda.stream(st.side):
-        torch.cuda._sleep(2_000_000_000)
-    assert st.side.query() is False
+    side = st.side
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(4_000_000_000)  # ~2 s (the check failed once after 1 s ones, 14 workers, H200 2026-12-03)
+    t0 = time.perf_counter()
+    assert side.query() is False
     gone = weakref.ref(rt)
     del model, rt, st
     gc.collect()
     alive = gone()
     assert alive is None, f"the runtime outlived its model; held by {[type(r).__name__ for r in gc.get_referrers(alive)]}"
     fresh = [torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda") for _ in range(2)]
-    time.sleep(0.02)  # the fills take microseconds; the spin about a second
-    assert torch.cuda.current_stream().query() is False, "the slots' stream did not wait for the side stream"
+    time.sleep(0.02)  # the fills take microseconds; the spin about two seconds
+    waited = torch.cuda.current_stream().query() is False
+    spinning = side.query() is False  # if not, the check came too late to tell (a slow host), which the message says
+    assert waited, (f"the slots' stream did not wait for the side stream (side stream still spinning: {spinning}, "
+                    f"{time.perf_counter() - t0:.2f} s after the spin was queued)")
     torch.cuda.synchronize()
     assert all(bool((t == 7).all()) for t in fresh)
 
