@@ -326,7 +326,8 @@ def decode_plan(items: Sequence[CompressedArray], out: Sequence, *, dequantize=T
         intermediate segments in (e.g. ``lambda n: torch.empty(n, dtype=torch.uint8, device="cuda")``, so that
         the framework's allocator accounts for it); CuPy's pool by default. ``plan.nbytes`` is its size.
 
-    Keep ``items`` and ``out`` alive while the plan is used.
+    Keep ``items`` and ``out`` alive while the plan is used. Build the plan before any CUDA-graph capture of its
+    stream (:class:`~cupycodec.CaptureError` inside one).
     """
     from .engine import engine, stream_ptr
     from .engine.decode import DecodePlan, Target, kind_of

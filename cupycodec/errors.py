@@ -12,6 +12,7 @@ __all__ = [
     "AuthenticationError",
     "BackendError",
     "BackendUnavailableError",
+    "CaptureError",
     "ChecksumError",
     "CupycodecError",
     "DecompressionBombError",
@@ -112,6 +113,11 @@ class BackendError(CupycodecError, RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         self.status = status
         super().__init__(message if status is None else f"{message} (status {status})")
+
+
+class CaptureError(CupycodecError, RuntimeError):
+    """A call that cannot be part of a CUDA graph was made while its stream was being captured into one (building a
+    decode plan uploads its tables and waits for them). The message says what to run before the capture."""
 
 
 class PerformanceWarning(UserWarning):

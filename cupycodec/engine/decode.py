@@ -15,9 +15,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._cuda import CAPTURE_INVALIDATED, capture_status, current_device, launch, relaxed_capture, stream_ptr
+from .._cuda import (
+    CAPTURE_ACTIVE,
+    CAPTURE_INVALIDATED,
+    capture_status,
+    current_device,
+    launch,
+    relaxed_capture,
+    stream_ptr,
+)
 from ..backends import _nvcomp_lib as nv
-from ..errors import BackendError
+from ..errors import BackendError, CaptureError
 from ..filters import Byteplane, Int8
 from ..filters.byteplane import word_size
 from ..interop import stream_handle
@@ -76,6 +84,10 @@ class DecodePlan:
 
     def __init__(self, engine, targets: list[Target], *, stream_ptr: int, alloc=None, sync: bool = True,
                  checked: bool = True):
+        if capture_status(stream_ptr) in (CAPTURE_ACTIVE, CAPTURE_INVALIDATED):
+            raise CaptureError("a decode plan cannot be built while its stream is being captured into a CUDA graph "
+                               "(building one uploads its tables and waits for them); build it before the capture, "
+                               "then capture plan.run() or plan.replay()")
         self.device = engine.device
         self._engine = engine
         self._keep = [t.item._payload for t in targets]

@@ -190,6 +190,7 @@ class DecodeGroup:
             return
         plan = plans.get(key)
         if plan is None:  # once per slot and payload placement: built before any graph capture, on a warm-up pass
+            _refuse_in_capture(f"block {self.name!r} is decoded for the first time", "its decode plan")
             if forget:  # payloads that moved: their plans go
                 self._retire([plans.pop(k) for k in [k for k in list(plans) if k[0] == key[0]]])  # list(): threads
             if any(entropy) and not all(entropy):
@@ -226,6 +227,8 @@ class DecodeGroup:
         key = (wide.data_ptr(), slot.data_ptr() if slot is not None else 0)
         got = self._wide.get(key)
         if got is None:
+            _refuse_in_capture(f"block {self.name!r} is dequantized for a large batch for the first time",
+                               "its launch descriptors")
             index = wide.device.index
             words, first = [], 0
             outs = self.wide_views(wide)
@@ -606,6 +609,17 @@ class Runtime:
         """Wait for the GPU and raise :class:`cupycodec.BackendError` if a decode reported a bad chunk."""
         for g in self.groups:
             g.check()
+
+
+def _refuse_in_capture(what: str, built: str) -> None:
+    """Raise :class:`~cupycodec.CaptureError` if this thread is capturing a CUDA graph on torch's current stream:
+    ``built`` (made once, on first use) uploads from host memory, which a capture would refuse or, from pinned
+    memory, record as a copy to repeat from a buffer freed after it. Checked before any such call, so that the
+    capture stays valid and ends cleanly with this error."""
+    if _capturing():
+        raise cc.CaptureError(f"{what} inside a CUDA-graph capture, where {built} cannot be made (that uploads from "
+                              "host memory); run the model once outside the capture first, with the same batch size "
+                              "(torch's recipe: warm-up iterations on a side stream), then capture")
 
 
 def _capturing() -> bool:

@@ -311,6 +311,40 @@ def test_a_plan_freed_inside_a_callers_capture_leaves_that_capture_valid(cp, mon
         rt.graphDestroy(graph)
 
 
+def test_a_plan_built_inside_a_capture_raises_and_leaves_the_capture_valid(cp):
+    """Building a plan uploads its tables and waits for them, which a CUDA-graph capture of its stream refuses (and is
+    then invalidated). decode_plan names that before touching the stream: CaptureError, the capture still active,
+    and a plan built before it records and replays as usual."""
+    from cupycodec._cuda import CAPTURE_ACTIVE, capture_status
+
+    rt = cp.cuda.runtime
+    host = [_weights(s, 80 + i) for i, s in enumerate(BLOCK)]
+    cs = cc.compress_many([cp.asarray(w.view(np.uint16)) for w in host], dtype="bfloat16", codec="ans")
+    outs = [cp.empty(w.shape, cp.uint16) for w in host]
+    s = cp.cuda.Stream(non_blocking=True)
+    plan = cc.decode_plan(cs, outs, stream=s)
+    plan.run(s)
+    s.synchronize()
+    rt.streamBeginCapture(s.ptr, rt.streamCaptureModeThreadLocal)
+    try:
+        with pytest.raises(cc.CaptureError, match="build it before the capture"):
+            cc.decode_plan(cs, [cp.empty_like(o) for o in outs], stream=s)
+        assert capture_status(s.ptr) == CAPTURE_ACTIVE
+        plan.run(s)
+    finally:
+        graph = rt.streamEndCapture(s.ptr)
+    try:
+        exe = rt.graphInstantiate(graph)
+        _poison(cp, outs)
+        cp.cuda.Device().synchronize()
+        rt.graphLaunch(exe, s.ptr)
+        plan.check(s)
+        assert [_bits(o) for o in outs] == [_bits(w.view(np.uint16)) for w in host]
+        rt.graphExecDestroy(exe)
+    finally:
+        rt.graphDestroy(graph)
+
+
 @pytest.mark.torch
 def test_plan_run_captures_in_a_torch_graph_with_torch_buffers(cp):
     import torch

@@ -220,6 +220,53 @@ def test_a_model_collected_inside_another_models_capture_leaves_it_valid(mode):
     model._cupycodec_runtime[0].check()
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_capture_before_any_forward_names_the_warm_up_and_ends_cleanly(mode):
+    """A model captured into a CUDA graph before it ever ran: the block decodes (lossless, int8+entropy) and a large
+    batch's dequantization (int8, 40 tokens) build their plan or launch descriptors on first use, from host memory,
+    which the capture refuses. CaptureError says to run the model once first, raised before any such call, so that
+    the capture ends cleanly (no CUDA error, nothing left capturing) and the model then warms up, captures and
+    replays its eager logits. A decode step of int8 (8 tokens: the GEMV, nothing to build) captures at once.
+
+    The model runs uncompressed first, at both sizes: torch's own first cuBLAS call in a process creates its handle,
+    which a capture refuses as well (CUBLAS_STATUS_NOT_INITIALIZED, H200 2026-12-03, in a worker that ran this test
+    first); what is under test is a compressed model that never ran, in a process where torch has."""
+    from cupycodec.integrations.torch import compress_model
+
+    model = _tiny_llama(layers=2)
+    ids = {n: torch.randint(0, 512, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+           for n in (8, 40)}
+    with torch.no_grad():
+        for n in ids:
+            model(ids[n], use_cache=False)
+    compress_model(model, mode, progress=False)
+    for n in (40, 8) if mode == "int8" else (8,):
+        g = torch.cuda.CUDAGraph()
+        if mode == "int8" and n == 8:
+            with torch.no_grad(), torch.cuda.graph(g):
+                out = model(ids[n], use_cache=False).logits
+        else:
+            with pytest.raises(cc.CaptureError, match="run the model once outside the capture first"), \
+                    torch.no_grad(), torch.cuda.graph(g):
+                model(ids[n], use_cache=False)
+            assert not torch.cuda.is_current_stream_capturing()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(side):
+                model(ids[n], use_cache=False)  # the warm-up
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(g):
+                out = model(ids[n], use_cache=False).logits
+        with torch.no_grad():
+            want = model(ids[n], use_cache=False).logits
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    model._cupycodec_runtime[0].check()
+
+
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_an_odd_number_of_blocks_keeps_each_block_in_one_slot(mode):
     """Block i decodes into slot i % 2 whatever came before, so a model of an odd number of blocks builds one plan per
