@@ -75,3 +75,77 @@ def test_decode_peak_memory_is_about_the_output(container_path, mode, threads):
     per_thread = (threads or cpu.num_threads()) * _PER_THREAD
     limit = (0.35 * _NBYTES if mode == "out" else _LIMIT * _NBYTES) + per_thread
     assert extra <= limit, f"{mode}: the decode added {extra / 2**20:.0f} MiB for a {_NBYTES >> 20} MiB output"
+
+
+# -- pages of a mapped file, dropped after a copy (cupycodec._files.release_clean_file_pages) ---------------------
+
+
+def _present(addr: int, nbytes: int) -> np.ndarray:
+    """Per page of ``[addr, addr + nbytes)`` (page-aligned), whether it is resident (/proc/self/pagemap bit 63)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        entries = np.frombuffer(os.pread(fd, 8 * (nbytes // page), 8 * (addr // page)), np.uint64)
+    finally:
+        os.close(fd)
+    return (entries >> np.uint64(63)).astype(bool)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pagemap and madvise: Linux")
+@pytest.mark.parametrize("access", ["read", "copy-on-write"])
+def test_unwritten_pages_of_a_mapped_file_leave_the_resident_set_and_read_the_same(tmp_path, access):
+    import mmap
+
+    from cupycodec._files import release_clean_file_pages
+
+    page = mmap.PAGESIZE
+    data = np.random.default_rng(5).integers(0, 256, 64 * page, dtype=np.uint8)
+    path = tmp_path / "codes.bin"
+    data.tofile(path)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if access == "read" else mmap.ACCESS_COPY)
+    a = np.frombuffer(mm, np.uint8)
+    addr = a.ctypes.data
+    assert int(a.sum()) == int(data.sum()) and _present(addr, a.size).all()
+    # bytes 100 .. size - 100: the whole pages inside go, the first and last (partly outside) stay
+    assert release_clean_file_pages(addr + 100, a.size - 200) == a.size - 2 * page
+    resident = _present(addr, a.size)
+    assert resident[0] and resident[-1] and not resident[1:-1].any()
+    assert np.array_equal(a, data)  # read back from the page cache
+    del a
+    mm.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pagemap and madvise: Linux")
+def test_written_or_anonymous_pages_are_never_dropped(tmp_path):
+    # a written page of a copy-on-write mapping is a private copy: dropping it would give the file's bytes back,
+    # losing the write, so nothing of the range goes (even after the byte is written back: still a private copy);
+    # anonymous memory would read back as zeros
+    import mmap
+
+    from cupycodec._files import release_clean_file_pages
+
+    page = mmap.PAGESIZE
+    data = np.random.default_rng(6).integers(0, 256, 16 * page, dtype=np.uint8)
+    path = tmp_path / "codes.bin"
+    data.tofile(path)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    a = np.frombuffer(mm, np.uint8)
+    a.sum()
+    mm[9 * page + 3] = (int(data[9 * page + 3]) + 1) % 256
+    assert release_clean_file_pages(a.ctypes.data, a.size) == 0
+    assert _present(a.ctypes.data, a.size).all()
+    want = data.copy()
+    want[9 * page + 3] = (int(data[9 * page + 3]) + 1) % 256
+    assert np.array_equal(a, want)
+    mm[9 * page + 3] = int(data[9 * page + 3])
+    assert release_clean_file_pages(a.ctypes.data, a.size) == 0
+    del a
+    mm.close()
+    anon = data.copy()
+    assert release_clean_file_pages(anon.ctypes.data, anon.size) == 0
+    assert np.array_equal(anon, data)
+    assert release_clean_file_pages(0, 0) == 0

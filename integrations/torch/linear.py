@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import cupycodec as cc
 from cupycodec._config import segment_chunk
+from cupycodec._files import release_clean_file_pages
 
 from . import ops, runtime
 from .dlpack import current_stream, dtype_name, torch_dtype
@@ -417,10 +418,16 @@ class CompressedLinear(torch.nn.Module):
         """The codes moved once into 64-byte aligned storage, at a first eager CPU forward. A model loaded by
         ``from_pretrained`` holds them at the file's offsets, which torch's CPU INT8 GEMV cannot read (ops stages
         them into scratch instead, a copy per call: 2-3x the GEMV's time on a large layer); same values, so the
-        state dict and the outputs do not change. Made outside inference mode, so later in-place loads still work."""
+        state dict and the outputs do not change. Made outside inference mode, so later in-place loads still work.
+        The file's pages the codes were read from then leave the resident set where nothing wrote them (they stay
+        in the page cache): without that, a reloaded INT8 model's first forward held its codes twice (SmolLM2 on
+        the CPU: peak RSS 367 MiB against a 138 MiB checkpoint, 2026-12-03)."""
+        old = self.qweight
         with torch.inference_mode(False):
-            q = self.qweight.clone(memory_format=torch.contiguous_format)
+            q = old.clone(memory_format=torch.contiguous_format)
         self._buffers["qweight"] = q
+        if old.is_contiguous():
+            release_clean_file_pages(old.data_ptr(), old.numel())
         return q
 
     def _wide_weight(self, x: torch.Tensor) -> torch.Tensor | None:

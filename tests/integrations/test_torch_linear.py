@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -316,6 +318,45 @@ def test_a_cpu_forward_moves_misaligned_codes_once_and_computes_the_same():
     cl.load_state_dict(cl.state_dict())  # in place, outside inference mode
     with torch.no_grad():
         assert torch.equal(cl(x), want)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pagemap and madvise: Linux")
+def test_codes_moved_off_a_mapped_file_leave_its_pages_out_of_the_resident_set(tmp_path):
+    # as from_pretrained leaves them: codes in a copy-on-write map of the checkpoint, 24 bytes past a 64-byte
+    # boundary. The first forward moves them to aligned memory, and the file's pages they were read from leave the
+    # resident set (they were counted twice: SmolLM2's INT8 load peaked at 2.7x its checkpoint); the mapping still
+    # reads the same bytes, and the layer computes the same
+    import mmap
+
+    lin = _linear(k=4096, n=64, seed=8)
+    cl = CompressedLinear.from_linear(lin, "int8")
+    x = torch.randn(2, 4096, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = cl(x)
+    codes = cl.qweight.clone()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\0" * 24 + codes.numpy().tobytes())
+    mapped = np.memmap(path, np.int8, mode="c", offset=0)
+    cl.qweight = torch.from_numpy(mapped[24:].reshape(codes.shape))
+    old = cl.qweight
+    assert old.data_ptr() % 64 and torch.equal(old, codes)
+    page = mmap.PAGESIZE
+    inner = (-(-old.data_ptr() // page) * page, (old.data_ptr() + old.numel()) // page * page)
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+
+    def resident():
+        e = np.frombuffer(os.pread(fd, 8 * ((inner[1] - inner[0]) // page), 8 * (inner[0] // page)), np.uint64)
+        return (e >> np.uint64(63)).astype(bool)
+
+    try:
+        assert inner[1] - inner[0] >= 32 * page and resident().all()
+        with torch.no_grad():
+            assert torch.equal(cl(x), want)
+        assert not cl.qweight.data_ptr() % 64 and torch.equal(cl.qweight, codes)
+        assert not resident().any()
+        assert torch.equal(old, codes)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("case", ["k72", "m17", "fp16", "fp32", "group"])
