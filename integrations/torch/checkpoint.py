@@ -44,6 +44,7 @@ import torch
 
 import cupycodec as cc
 from cupycodec import registry
+from cupycodec._files import release_clean_file_pages
 from cupycodec.backends.cpu import crc32
 from cupycodec.container import check_mac, header_json, verify_chunks
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
@@ -602,13 +603,20 @@ def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool,
                 (defer or _now)(check)
             return {name: host, ("template", fqn): template}
         verify_chunks(c._header, payload)  # decoded below: its CRCs first
+
+        def release():
+            # the model holds the decoded tensor: the mapped file's pages of its compressed bytes leave the
+            # resident set (unwritten file pages only; a read after this reads them back from the page cache)
+            release_clean_file_pages(payload.ctypes.data, payload.nbytes)
+
         if mac is not None:  # the decoders below are hardened (CPU ones), so the MAC may finish on a worker
-            (defer or _now)(mac)
+            (defer or _now)(lambda: (mac(), release()))
         shape, dtype = plan.dense[name]
         out = torch.empty(shape, dtype=dtype)
         # hardened CPU decoders, whatever the trust (these tensors are small); into a NumPy bit view of ``out``,
         # which spares a first DLPack export from torch its import cost (~0.6 s)
         cc.decompress(c, out=host_bits(out))
+        release()
         return {name: out}
     except (cc.CupycodecError, ValueError) as exc:
         raise _named(exc, where) from None
