@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import mmap
 import os
 
+import numpy as np
 import pytest
 
 
@@ -85,3 +87,16 @@ def flip_bits(path, pos: int, mask: int) -> None:
         byte = fh.read(1)
         fh.seek(pos)
         fh.write(bytes([byte[0] ^ mask]))
+
+
+def resident_pages(addr: int, nbytes: int) -> np.ndarray:
+    """Per whole page inside the ``nbytes`` at address ``addr``, whether it is in this process's resident set
+    (bit 63 of its /proc/self/pagemap entry; Linux)."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-addr // page) * page, (addr + nbytes) // page * page
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        entries = np.frombuffer(os.pread(fd, 8 * max(0, (hi - lo) // page), 8 * (lo // page)), np.uint64)
+    finally:
+        os.close(fd)
+    return (entries >> np.uint64(63)).astype(bool)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import resident_pages
 
 import cupycodec as cc
 
@@ -80,19 +81,6 @@ def test_decode_peak_memory_is_about_the_output(container_path, mode, threads):
 # -- pages of a mapped file, dropped after a copy (cupycodec._files.release_clean_file_pages) ---------------------
 
 
-def _present(addr: int, nbytes: int) -> np.ndarray:
-    """Per page of ``[addr, addr + nbytes)`` (page-aligned), whether it is resident (/proc/self/pagemap bit 63)."""
-    import mmap
-
-    page = mmap.PAGESIZE
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-    try:
-        entries = np.frombuffer(os.pread(fd, 8 * (nbytes // page), 8 * (addr // page)), np.uint64)
-    finally:
-        os.close(fd)
-    return (entries >> np.uint64(63)).astype(bool)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pagemap and madvise: Linux")
 @pytest.mark.parametrize("access", ["read", "copy-on-write"])
 def test_unwritten_pages_of_a_mapped_file_leave_the_resident_set_and_read_the_same(tmp_path, access):
@@ -108,10 +96,10 @@ def test_unwritten_pages_of_a_mapped_file_leave_the_resident_set_and_read_the_sa
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if access == "read" else mmap.ACCESS_COPY)
     a = np.frombuffer(mm, np.uint8)
     addr = a.ctypes.data
-    assert int(a.sum()) == int(data.sum()) and _present(addr, a.size).all()
+    assert int(a.sum()) == int(data.sum()) and resident_pages(addr, a.size).all()
     # bytes 100 .. size - 100: the whole pages inside go, the first and last (partly outside) stay
     assert release_clean_file_pages(addr + 100, a.size - 200) == a.size - 2 * page
-    resident = _present(addr, a.size)
+    resident = resident_pages(addr, a.size)
     assert resident[0] and resident[-1] and not resident[1:-1].any()
     assert np.array_equal(a, data)  # read back from the page cache
     del a
@@ -137,7 +125,7 @@ def test_written_or_anonymous_pages_are_never_dropped(tmp_path):
     a.sum()
     mm[9 * page + 3] = (int(data[9 * page + 3]) + 1) % 256
     assert release_clean_file_pages(a.ctypes.data, a.size) == 0
-    assert _present(a.ctypes.data, a.size).all()
+    assert resident_pages(a.ctypes.data, a.size).all()
     want = data.copy()
     want[9 * page + 3] = (int(data[9 * page + 3]) + 1) % 256
     assert np.array_equal(a, want)

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("safetensors.torch")
 
 from fuzzing import mutate, recompute_crcs  # noqa: E402
-from helpers import flip_bits  # noqa: E402
+from helpers import flip_bits, resident_pages  # noqa: E402
 
 import cupycodec as cc  # noqa: E402
 import cupycodec.integrations  # noqa: E402  (registers the quantizer with transformers)
@@ -183,13 +183,7 @@ def test_a_load_gives_back_the_mapped_pages_of_what_it_decodes(tmp_path, monkeyp
 
     def release(addr, nbytes):
         got = real(addr, nbytes)
-        lo, hi = -(-addr // page) * page, (addr + nbytes) // page * page
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-        try:
-            e = np.frombuffer(os.pread(fd, 8 * max(0, (hi - lo) // page), 8 * (lo // page)), np.uint64)
-        finally:
-            os.close(fd)
-        calls.append((nbytes, got, int((e >> np.uint64(63)).sum())))
+        calls.append((nbytes, got, int(resident_pages(addr, nbytes).sum()), addr))
         return got
 
     monkeypatch.setattr(checkpoint, "release_clean_file_pages", release)
@@ -197,7 +191,12 @@ def test_a_load_gives_back_the_mapped_pages_of_what_it_decodes(tmp_path, monkeyp
     assert torch.equal(_logits(again), want)
     big = max(calls)
     assert big[0] > 128 * page and big[1] >= big[0] - 2 * page  # the embedding's or the head's compressed bytes
-    assert all(resident == 0 for _, _, resident in calls), calls
+    # per tensor, once after its decode and once after its MAC check (another thread), which may read the pages
+    # back in between: right after one of the two, none of them is resident
+    by_tensor = {}
+    for _, _, resident, addr in calls:
+        by_tensor[addr] = min(resident, by_tensor.get(addr, resident))
+    assert not any(by_tensor.values()), calls
 
 
 @pytest.mark.parametrize("mode", MODES)

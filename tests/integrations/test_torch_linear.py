@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import ml_dtypes
@@ -326,7 +325,7 @@ def test_codes_moved_off_a_mapped_file_leave_its_pages_out_of_the_resident_set(t
     # boundary. The first forward moves them to aligned memory, and the file's pages they were read from leave the
     # resident set (they were counted twice: SmolLM2's INT8 load peaked at 2.7x its checkpoint); the mapping still
     # reads the same bytes, and the layer computes the same
-    import mmap
+    from helpers import resident_pages
 
     lin = _linear(k=4096, n=64, seed=8)
     cl = CompressedLinear.from_linear(lin, "int8")
@@ -340,23 +339,13 @@ def test_codes_moved_off_a_mapped_file_leave_its_pages_out_of_the_resident_set(t
     cl.qweight = torch.from_numpy(mapped[24:].reshape(codes.shape))
     old = cl.qweight
     assert old.data_ptr() % 64 and torch.equal(old, codes)
-    page = mmap.PAGESIZE
-    inner = (-(-old.data_ptr() // page) * page, (old.data_ptr() + old.numel()) // page * page)
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-
-    def resident():
-        e = np.frombuffer(os.pread(fd, 8 * ((inner[1] - inner[0]) // page), 8 * (inner[0] // page)), np.uint64)
-        return (e >> np.uint64(63)).astype(bool)
-
-    try:
-        assert inner[1] - inner[0] >= 32 * page and resident().all()
-        with torch.no_grad():
-            assert torch.equal(cl(x), want)
-        assert not cl.qweight.data_ptr() % 64 and torch.equal(cl.qweight, codes)
-        assert not resident().any()
-        assert torch.equal(old, codes)
-    finally:
-        os.close(fd)
+    before = resident_pages(old.data_ptr(), old.numel())
+    assert before.size >= 32 and before.all()
+    with torch.no_grad():
+        assert torch.equal(cl(x), want)
+    assert not cl.qweight.data_ptr() % 64 and torch.equal(cl.qweight, codes)
+    assert not resident_pages(old.data_ptr(), old.numel()).any()
+    assert torch.equal(old, codes)
 
 
 @pytest.mark.parametrize("case", ["k72", "m17", "fp16", "fp32", "group"])
