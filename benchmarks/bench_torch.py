@@ -12,6 +12,11 @@ Sections:
   overlap  graph decode of the block-decoded modes with and without the side-stream prefetch, bf16 beside them.
   compiled  the graph decode with the step under torch.compile (inductor) before the capture, for bf16, the
         --compiled-modes and torchao, on --compiled-configs (default llama7b, int8): issue 9's compiled target.
+        A mode ending in "-plain" (e.g. int8-plain) runs with the GEMV's early launches off (gemv.EARLY).
+  block  a decode step's Linear work at batch 1 for one block of each --configs shape: its seven layers in the
+        order a Llama block runs them, with stand-ins for the element-wise and attention kernels between them,
+        captured over enough blocks' weights to defeat L2; GPU us per block for bf16, INT8 launched plainly, INT8
+        launched early (with and without its L2 prefetch), and a kernel that only reads the block's INT8 bytes.
 
 Usage: python benchmarks/bench_torch.py [--sections gemv,e2e,compiled] [--configs tinyllama,llama7b] [--json PATH]
 """
@@ -190,6 +195,75 @@ def _gemv_rows(n: int, k: int, bw: float) -> list[dict]:
     return rows
 
 
+def _block_step(x, linears, run):
+    """One Llama block's Linear work at batch 1: ``run(layer, input)`` for q, k, v, o, gate, up, down, between
+    stand-ins for the kernels a decode step runs between them (norm, attention, SiLU, residual), so that each GEMV
+    follows the kernel it follows in a model."""
+    q, k, v, o, gate, up, down = linears
+    h = x * 1.0001  # input norm
+    a = run(q, h) + (run(k, h).sum(-1, keepdim=True) + run(v, h).sum(-1, keepdim=True)) * 1e-3  # attention
+    x = x + run(o, a)
+    h = x * 1.0001  # post-attention norm
+    t = torch.nn.functional.silu(run(gate, h)) * run(up, h)
+    return x + run(down, t)
+
+
+def bench_block(rows, configs):
+    """Per block of GPU time (CUDA-graph replays) for a decode step's Linear work, over enough blocks' weights to
+    defeat L2: bf16 F.linear, INT8 launched plainly, early, early without the L2 prefetch; and the read floor of
+    the block's INT8 bytes. Same weights, same process, modes interleaved over replays."""
+    from cupycodec._cuda import early_launch_supported
+    from cupycodec.integrations.torch import CompressedLinear, ops
+
+    for config in configs:
+        c = CONFIGS[config]
+        d, f, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] * c["num_key_value_heads"] // c[
+            "num_attention_heads"]
+        shapes = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in): q k v o gate up down
+        block_bytes = sum(n * k for n, k in shapes)
+        n_blocks = max(2, -(-L2_DEFEAT_BYTES * 4 // block_bytes))  # INT8 bytes >= 4x the defeat size
+        torch.manual_seed(0)
+        blocks = []
+        for _ in range(n_blocks):
+            lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
+            blocks.append((lins, [CompressedLinear.from_linear(lin, "int8") for lin in lins]))
+        ops.reserve_scratch(2 * max(n * k for n, k in shapes))
+        x = torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16)
+
+        def step(variant, blocks=blocks, x=x):
+            def run(layer, h):
+                if variant == "bf16":
+                    return torch.nn.functional.linear(h, layer.weight)
+                kw = {"plain": dict(early=False), "early": dict(early=True),
+                      "early-no-prefetch": dict(early=True, prefetch=False)}[variant]
+                return ops.gemv_linear(h, layer.qweight, layer.scale, None, "channel", 128, **kw)
+            idx = 0 if variant == "bf16" else 1
+            return [lambda b=b: _block_step(x, b[idx], run) for b in blocks]
+
+        variants = ["bf16", "plain", "early", "early-no-prefetch"]
+        with torch.no_grad():
+            outs = {v: [f() for f in step(v)][-1] for v in variants[1:]}
+            same = all(torch.equal(outs["plain"], outs[v]) for v in variants[2:])
+            floor = read_floor([cl.qweight for _, cls in blocks for cl in cls])
+            times = {v: [] for v in [*variants, "read_floor"]}
+            for _ in range(3):  # rounds, modes interleaved
+                for v in variants:
+                    times[v].append(graph_us(step(v)))
+                times["read_floor"].append(graph_us(floor) * len(shapes))
+        med = {v: statistics.median(t) for v, t in times.items()}
+        row = {"config": config, "mode": "Linear work of one block", "blocks": n_blocks,
+               "timing": "CUDA graph, us per block (median of 3 rounds)",
+               "early_supported": early_launch_supported(torch.cuda.current_device()),
+               "outputs_equal_plain": same, **{f"{v}_us": med[v] for v in med}, "rounds_us": times,
+               **{f"{v}_vs_bf16": med[v] / med["bf16"] for v in variants[1:]},
+               "early_vs_plain": med["early"] / med["plain"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        blocks = step = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _build(config):
     import transformers
 
@@ -361,6 +435,7 @@ def bench_compiled(rows, configs, modes, n_new=128):
     the same way, in the same run. What issue 9's "decode step compiled and captured in a CUDA graph" row asks.
     One model at a time (each compiles on its first steps; the time is reported as compile_s)."""
     from cupycodec.integrations.torch import compress_model
+    from cupycodec.kernels import gemv
 
     for config in configs:
         prompt = torch.randint(0, 32000, (1, 16), device="cuda")
@@ -377,7 +452,8 @@ def bench_compiled(rows, configs, modes, n_new=128):
                         del by_mode[mode]
                         continue
                 elif mode != "bf16":
-                    compress_model(model, mode, progress=False)
+                    compress_model(model, mode.removesuffix("-plain"), progress=False)
+                gemv.EARLY = not mode.endswith("-plain")
                 torch._dynamo.reset()
                 step = torch.compile(model.forward, dynamic=False)
                 t = time.perf_counter()
@@ -398,6 +474,7 @@ def bench_compiled(rows, configs, modes, n_new=128):
                 traceback.print_exc()
             finally:
                 model = step = cache = None
+                gemv.EARLY = True
                 torch._dynamo.reset()
             print(json.dumps(row), flush=True)  # as it comes: a run cut by its time limit keeps its rows
         b = by_mode.get("bf16", {})
@@ -466,8 +543,10 @@ def main(argv=None) -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     env["copy_gbps_read_plus_write"] = copy_gbps()
     print(json.dumps(env), flush=True)
-    results = {"env": env, "gemv": [], "e2e": [], "compiled": [], "overlap": []}
+    results = {"env": env, "gemv": [], "e2e": [], "compiled": [], "overlap": [], "block": []}
     sections = set(args.sections.split(","))
+    if "block" in sections:
+        bench_block(results["block"], args.configs.split(","))
     if "gemv" in sections:
         bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
     if "e2e" in sections:
@@ -505,6 +584,12 @@ def main(argv=None) -> int:
            lambda r: f"{r['bf16_graph_tok_s']:.1f} | {' / '.join(f'{v:.1f}' for v in r['prefetch_tok_s'])} | "
                      f"{r['no_prefetch_tok_s'][0]:.1f} | {max(r['prefetch_tok_s']) / r['bf16_graph_tok_s']:.3f}x | "
                      f"{r['tokens'][:4]}")
+    _table(results["block"], ["config", "what", "blocks", "bf16 us", "INT8 plain us", "early us",
+                              "early, no prefetch us", "INT8 read floor us", "plain / early vs bf16", "early vs plain",
+                              "outputs equal"],
+           lambda r: f"{r['blocks']} | {r['bf16_us']:.1f} | {r['plain_us']:.1f} | {r['early_us']:.1f} | "
+                     f"{r['early-no-prefetch_us']:.1f} | {r['read_floor_us']:.1f} | {r['plain_vs_bf16']:.2f}x / "
+                     f"{r['early_vs_bf16']:.2f}x | {r['early_vs_plain']:.3f} | {r['outputs_equal_plain']} |")
     _table(results["compiled"], ["config", "mode (compiled step, CUDA graph)", "compile s", "graph tok/s", "vs bf16",
                                  "tokens = bf16"],
            lambda r: f"{r['compile_s']:.1f} | {r['graph_tok_s']:.1f} | {r.get('graph_vs_bf16', 1.0):.2f}x | "
