@@ -16,7 +16,7 @@ Sections:
   block  a decode step's Linear work at batch 1 for one block of each --configs shape: its seven layers in the
         order a Llama block runs them, with stand-ins for the element-wise and attention kernels between them,
         captured over enough blocks' weights to defeat L2; GPU us per block for bf16, INT8 launched plainly, INT8
-        launched early (with and without its L2 prefetch), and a kernel that only reads the block's INT8 bytes.
+        launched early, and a kernel that only reads the block's INT8 bytes.
 
 Usage: python benchmarks/bench_torch.py [--sections gemv,e2e,compiled] [--configs tinyllama,llama7b] [--json PATH]
 """
@@ -210,8 +210,8 @@ def _block_step(x, linears, run):
 
 def bench_block(rows, configs):
     """Per block of GPU time (CUDA-graph replays) for a decode step's Linear work, over enough blocks' weights to
-    defeat L2: bf16 F.linear, INT8 launched plainly, early, early without the L2 prefetch; and the read floor of
-    the block's INT8 bytes. Same weights, same process, modes interleaved over replays."""
+    defeat L2: bf16 F.linear, INT8 launched plainly and early; and the read floor of the block's INT8 bytes.
+    Same weights, same process, modes interleaved over replays."""
     from cupycodec._cuda import early_launch_supported
     from cupycodec.integrations.torch import CompressedLinear, ops
 
@@ -234,13 +234,11 @@ def bench_block(rows, configs):
             def run(layer, h):
                 if variant == "bf16":
                     return torch.nn.functional.linear(h, layer.weight)
-                kw = {"plain": dict(early=False), "early": dict(early=True),
-                      "early-no-prefetch": dict(early=True, prefetch=False)}[variant]
-                return ops.gemv_linear(h, layer.qweight, layer.scale, None, "channel", 128, **kw)
+                return ops.gemv_linear(h, layer.qweight, layer.scale, None, "channel", 128, early=variant == "early")
             idx = 0 if variant == "bf16" else 1
             return [lambda b=b: _block_step(x, b[idx], run) for b in blocks]
 
-        variants = ["bf16", "plain", "early", "early-no-prefetch"]
+        variants = ["bf16", "plain", "early"]
         with torch.no_grad():
             outs = {v: [f() for f in step(v)][-1] for v in variants[1:]}
             same = all(torch.equal(outs["plain"], outs[v]) for v in variants[2:])
@@ -585,10 +583,9 @@ def main(argv=None) -> int:
                      f"{r['no_prefetch_tok_s'][0]:.1f} | {max(r['prefetch_tok_s']) / r['bf16_graph_tok_s']:.3f}x | "
                      f"{r['tokens'][:4]}")
     _table(results["block"], ["config", "what", "blocks", "bf16 us", "INT8 plain us", "early us",
-                              "early, no prefetch us", "INT8 read floor us", "plain / early vs bf16", "early vs plain",
-                              "outputs equal"],
+                              "INT8 read floor us", "plain / early vs bf16", "early vs plain", "outputs equal"],
            lambda r: f"{r['blocks']} | {r['bf16_us']:.1f} | {r['plain_us']:.1f} | {r['early_us']:.1f} | "
-                     f"{r['early-no-prefetch_us']:.1f} | {r['read_floor_us']:.1f} | {r['plain_vs_bf16']:.2f}x / "
+                     f"{r['read_floor_us']:.1f} | {r['plain_vs_bf16']:.2f}x / "
                      f"{r['early_vs_bf16']:.2f}x | {r['early_vs_plain']:.3f} | {r['outputs_equal_plain']} |")
     _table(results["compiled"], ["config", "mode (compiled step, CUDA graph)", "compile s", "graph tok/s", "vs bf16",
                                  "tokens = bf16"],

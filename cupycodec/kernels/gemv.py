@@ -313,11 +313,10 @@ __device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
    group.
 
    Launched early (programmatic dependent launch, sm_90+), a block may start while the kernel before it on the
-   stream still runs: it lets the kernel after it start early too, asks L2 for the 64 codes of its first step in
-   each row (PF: a prefetch into L2 only warms L2, where every SM's writes land, so it cannot make a later load
-   stale whatever the kernel before writes), and waits for the kernel before to finish and flush
-   (griddepcontrol.wait) before it reads anything or writes y. Launched plainly, the wait returns at once. */
-template <class X, class C, int MT, int W, int TPB, bool GROUP, int U, bool PF>
+   stream still runs: it lets the kernel after it start early too, and waits for the kernel before to finish and
+   flush (griddepcontrol.wait) before it reads anything or writes y. Launched plainly, the wait returns at once.
+   (Asking L2 for the first codes before the wait made a block's layers 12-16 % slower on an H200, RESULTS.md.) */
+template <class X, class C, int MT, int W, int TPB, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
                            typename X::T* __restrict__ y, int M, i64 K, i64 N, i64 group, i64 ngroups) {
@@ -331,11 +330,6 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     i64 after_wait = 0;  /* 0, from the wait: the code pointers depend on it, so no code load moves above it */
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    if (PF && blockIdx.x < block_groups) {  /* the block's first tiles: each lane's first codes asked of L2 */
-        const i64 r = ((i64)blockIdx.x * TPB + tl) * 16 + (lane & 15), k = (i64)slice * 64;
-        if (lane < 16 && r < N && k < K)  /* a lane per row: the 64 codes of the warp's first step */
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(q + r * K + k), "r"((int)min(K - k, (i64)64)));
-    }
     asm volatile("griddepcontrol.wait;\n\tmov.b64 %0, 0;" : "=l"(after_wait) :: "memory");
 #endif
     q += after_wait;
@@ -379,12 +373,12 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     }
 }
 
-#define CC_GEMV_TC(NAME, X, C, MT, W, TPB, GROUP, G, U, PF)                                                       \
+#define CC_GEMV_TC(NAME, X, C, MT, W, TPB, GROUP, G, U)                                                           \
 extern "C" __global__ void __launch_bounds__(32 * W * TPB)                                                         \
-cupycodec_gemv_tc_##NAME##_t##MT##_w##W##x##TPB##_##G##_u##U##_p##PF(                                              \
+cupycodec_gemv_tc_##NAME##_t##MT##_w##W##x##TPB##_##G##_u##U(                                                      \
     const X::T* x, i64 ldx, const signed char* q, const float* scale, const X::T* bias, X::T* y, int M, i64 K,      \
     i64 N, i64 group, i64 ngroups) {                                                                               \
-    cc_gemv_tc<X, C, MT, W, TPB, GROUP, U, PF>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                \
+    cc_gemv_tc<X, C, MT, W, TPB, GROUP, U>(x, ldx, q, scale, bias, y, M, K, N, group, ngroups);                    \
 }
 
 #define CC_GEMV(NAME, X, MM, W)                                                                                     \
@@ -403,25 +397,22 @@ KERNELS = ("fma", "mma")
 
 
 @functools.cache
-def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4,
-              prefetch: bool = True):
+def _function(device: int, kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4):
     """One kernel instance, compiled on first use (a model's shapes need a few, each compiles in well under a
     second): ``fma`` for an M bound ``mm``, or ``mma`` for ``mm`` 8 or 16 (one or two 8-column
-    tiles), with ``w`` warps per row (tile), per-group scales or not, and (``mma``) its first codes asked of L2
-    before it waits for the kernel before it or not."""
-    return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll, prefetch))
+    tiles), with ``w`` warps per row (tile), per-group scales or not."""
+    return _compile(device, *_source(kernel, dtype_name, mm, w, grouped, unroll))
 
 
-def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4,
-            prefetch: bool = True) -> tuple[str, str]:
+def _source(kernel: str, dtype_name: str, mm: int, w: int, grouped: bool, unroll: int = 4) -> tuple[str, str]:
     """(the instantiation line, the kernel's name) of one kernel instance."""
     suffix = _SUFFIX[dtype_name]
     if kernel == "fma":
         return f"CC_GEMV({suffix}, {_X[dtype_name]}, {mm}, {w})", f"cupycodec_gemv_int8_{suffix}_m{mm}_w{w}"
-    mt, g, u, t, pf = mm // 8, "g" if grouped else "c", unroll, tiles_per_block(w), int(prefetch)
+    mt, g, u, t = mm // 8, "g" if grouped else "c", unroll, tiles_per_block(w)
     code = (f"CC_GEMV_TC({suffix}, {_X[dtype_name]}, {_MMA[dtype_name]}, {mt}, {w}, {t}, {str(grouped).lower()}, "
-            f"{g}, {u}, {pf})")
-    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}x{t}_{g}_u{u}_p{pf}"
+            f"{g}, {u})")
+    return code, f"cupycodec_gemv_tc_{suffix}_t{mt}_w{w}x{t}_{g}_u{u}"
 
 
 def _compile(device: int, code: str, name: str):
@@ -512,7 +503,7 @@ def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int
 def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: int, y_ptr: int, *, m: int, k: int,
               n: int, dtype_name: str, granularity: str, group_size: int | None, device: int, stream_ptr: int,
               warps: int | None = None, kernel: str | None = None, unroll: int | None = None,
-              early: bool | None = None, prefetch: bool = True) -> None:
+              early: bool | None = None) -> None:
     """Launch ``y[m, n] = sum_k x[m, k] * codes[n, k] * scale + bias[n]`` on ``stream_ptr`` (never waits).
 
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
@@ -520,17 +511,16 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
     ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_shape`) and
     ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and
-    ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
-    ``early`` (launch the tensor-core kernel early, programmatic dependent launch, where
-    :func:`~cupycodec._cuda.early_launch_supported`; default :data:`EARLY`) and ``prefetch`` (its first codes asked
-    of L2 before it waits for the kernel before it), parameters for tests and benchmarks.
+    ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`)
+    and ``early`` (launch the tensor-core kernel early, programmatic dependent launch, where
+    :func:`~cupycodec._cuda.early_launch_supported`; default :data:`EARLY`), parameters for tests and benchmarks.
 
     An early launch lets the GEMV's blocks start, and ask L2 for their first codes, while the kernel before it on
     the stream finishes; the GEMV waits for that kernel before it reads anything or writes ``y``, so the result is
     the same whatever that kernel writes (tests pin it bit for bit to a plain launch).
     """
     handle, grid, threads, tail, early = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
-                                                 unroll, EARLY if early is None else early, prefetch)
+                                                 unroll, EARLY if early is None else early)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
     launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr,
@@ -539,8 +529,7 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
 
 @functools.lru_cache(maxsize=1024)
 def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
-            warps: int | None, kernel: str | None, unroll: int | None = None, early: bool = False,
-            prefetch: bool = True) -> tuple:
+            warps: int | None, kernel: str | None, unroll: int | None = None, early: bool = False) -> tuple:
     """(kernel, grid, threads per block, the arguments after the six pointers, whether to launch early) of one call
     signature: worked out once, so that a layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
@@ -564,7 +553,7 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w, u = mma_shape(n, k, sms, m)
         tiles = -(-n // 16)
         if warps is None and unroll is None and w == 16 and _resident_blocks(
-                _function(device, kernel, dtype_name, mm, w, bool(group), u, prefetch), 32 * w) * sms < tiles:
+                _function(device, kernel, dtype_name, mm, w, bool(group), u), 32 * w) * sms < tiles:
             w, u = 8, 4  # the rule's premise (every tile resident at once) does not hold for this build
         w = w if warps is None else warps
         unroll = unroll or u
@@ -575,6 +564,6 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         w = warps_per_row(n, k, sms) if warps is None else warps
         grid, threads = max(1, -(-n // (_THREADS // 32 // w))), _THREADS  # a block per row group
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
-    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll, prefetch] if kernel != "fma" else []))
+    fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel != "fma" else []))
     early = bool(early) and kernel != "fma" and early_launch_supported(device)  # the fma kernel never waits
     return kernel_handle(fn, device), grid, threads, tail, early

@@ -262,9 +262,9 @@ def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
 
 
 def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None, warps=None, unroll=None,
-                early=None, prefetch=True):
-    """The small-batch route on CUDA: the fused dequantize-GEMV (``kernel``, ``warps``, ``unroll``, ``early``,
-    ``prefetch``: see :func:`cupycodec.kernels.gemv.gemv_int8`; benchmarks compare and sweep them)."""
+                early=None):
+    """The small-batch route on CUDA: the fused dequantize-GEMV (``kernel``, ``warps``, ``unroll``, ``early``: see
+    :func:`cupycodec.kernels.gemv.gemv_int8`; benchmarks compare and sweep them)."""
     n, k = qweight.shape
     m = x.numel() // k if k else 0
     device = x.get_device()
@@ -280,7 +280,7 @@ def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None
     gemv.gemv_int8(xp, ldx, qweight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else 0,
                    y.data_ptr(), m=m, k=k, n=n, dtype_name=dtype_name(x.dtype), granularity=granularity,
                    group_size=group_size, device=device, stream_ptr=raw_stream(device), kernel=kernel, warps=warps,
-                   unroll=unroll, early=early, prefetch=prefetch)
+                   unroll=unroll, early=early)
     return y
 
 
