@@ -12,11 +12,10 @@ Sections:
   overlap  graph decode of the block-decoded modes with and without the side-stream prefetch, bf16 beside them.
   compiled  the graph decode with the step under torch.compile (inductor) before the capture, for bf16, the
         --compiled-modes and torchao, on --compiled-configs (default llama7b, int8): issue 9's compiled target.
-        A mode ending in "-plain" (e.g. int8-plain) runs with the GEMV's early launches off (gemv.EARLY).
   block  a decode step's Linear work at batch 1 for one block of each --configs shape: its seven layers in the
         order a Llama block runs them, with stand-ins for the element-wise and attention kernels between them,
-        captured over enough blocks' weights to defeat L2; GPU us per block for bf16, INT8 launched plainly, INT8
-        launched early, and a kernel that only reads the block's INT8 bytes.
+        captured over enough blocks' weights to defeat L2; GPU us per block for bf16, INT8, and a kernel that only
+        reads the block's INT8 bytes.
 
 Usage: python benchmarks/bench_torch.py [--sections gemv,e2e,compiled] [--configs tinyllama,llama7b] [--json PATH]
 """
@@ -210,9 +209,8 @@ def _block_step(x, linears, run):
 
 def bench_block(rows, configs):
     """Per block of GPU time (CUDA-graph replays) for a decode step's Linear work, over enough blocks' weights to
-    defeat L2: bf16 F.linear, INT8 launched plainly and early; and the read floor of the block's INT8 bytes.
-    Same weights, same process, modes interleaved over replays."""
-    from cupycodec._cuda import early_launch_supported
+    defeat L2: bf16 F.linear, INT8 (what CompressedLinear runs at batch 1), and the read floor of the block's INT8
+    bytes. Same weights, same process, modes interleaved over rounds."""
     from cupycodec.integrations.torch import CompressedLinear, ops
 
     for config in configs:
@@ -234,14 +232,12 @@ def bench_block(rows, configs):
             def run(layer, h):
                 if variant == "bf16":
                     return torch.nn.functional.linear(h, layer.weight)
-                return ops.gemv_linear(h, layer.qweight, layer.scale, None, "channel", 128, early=variant == "early")
+                return ops.linear(h, layer.qweight, layer.scale, None, "channel", 128)
             idx = 0 if variant == "bf16" else 1
             return [lambda b=b: _block_step(x, b[idx], run) for b in blocks]
 
-        variants = ["bf16", "plain", "early"]
+        variants = ["bf16", "int8"]
         with torch.no_grad():
-            outs = {v: [f() for f in step(v)][-1] for v in variants[1:]}
-            same = all(torch.equal(outs["plain"], outs[v]) for v in variants[2:])
             floor = read_floor([cl.qweight for _, cls in blocks for cl in cls])
             times = {v: [] for v in [*variants, "read_floor"]}
             for _ in range(3):  # rounds, modes interleaved
@@ -251,10 +247,8 @@ def bench_block(rows, configs):
         med = {v: statistics.median(t) for v, t in times.items()}
         row = {"config": config, "mode": "Linear work of one block", "blocks": n_blocks,
                "timing": "CUDA graph, us per block (median of 3 rounds)",
-               "early_supported": early_launch_supported(torch.cuda.current_device()),
-               "outputs_equal_plain": same, **{f"{v}_us": med[v] for v in med}, "rounds_us": times,
-               **{f"{v}_vs_bf16": med[v] / med["bf16"] for v in variants[1:]},
-               "early_vs_plain": med["early"] / med["plain"]}
+               **{f"{v}_us": med[v] for v in med}, "rounds_us": times, "int8_vs_bf16": med["int8"] / med["bf16"],
+               "int8_of_floor": med["read_floor"] / med["int8"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         blocks = step = None
@@ -433,7 +427,6 @@ def bench_compiled(rows, configs, modes, n_new=128):
     the same way, in the same run. What issue 9's "decode step compiled and captured in a CUDA graph" row asks.
     One model at a time (each compiles on its first steps; the time is reported as compile_s)."""
     from cupycodec.integrations.torch import compress_model
-    from cupycodec.kernels import gemv
 
     for config in configs:
         prompt = torch.randint(0, 32000, (1, 16), device="cuda")
@@ -450,8 +443,7 @@ def bench_compiled(rows, configs, modes, n_new=128):
                         del by_mode[mode]
                         continue
                 elif mode != "bf16":
-                    compress_model(model, mode.removesuffix("-plain"), progress=False)
-                gemv.EARLY = not mode.endswith("-plain")
+                    compress_model(model, mode, progress=False)
                 torch._dynamo.reset()
                 step = torch.compile(model.forward, dynamic=False)
                 t = time.perf_counter()
@@ -472,7 +464,6 @@ def bench_compiled(rows, configs, modes, n_new=128):
                 traceback.print_exc()
             finally:
                 model = step = cache = None
-                gemv.EARLY = True
                 torch._dynamo.reset()
             print(json.dumps(row), flush=True)  # as it comes: a run cut by its time limit keeps its rows
         b = by_mode.get("bf16", {})
@@ -582,11 +573,10 @@ def main(argv=None) -> int:
            lambda r: f"{r['bf16_graph_tok_s']:.1f} | {' / '.join(f'{v:.1f}' for v in r['prefetch_tok_s'])} | "
                      f"{r['no_prefetch_tok_s'][0]:.1f} | {max(r['prefetch_tok_s']) / r['bf16_graph_tok_s']:.3f}x | "
                      f"{r['tokens'][:4]}")
-    _table(results["block"], ["config", "what", "blocks", "bf16 us", "INT8 plain us", "early us",
-                              "INT8 read floor us", "plain / early vs bf16", "early vs plain", "outputs equal"],
-           lambda r: f"{r['blocks']} | {r['bf16_us']:.1f} | {r['plain_us']:.1f} | {r['early_us']:.1f} | "
-                     f"{r['read_floor_us']:.1f} | {r['plain_vs_bf16']:.2f}x / "
-                     f"{r['early_vs_bf16']:.2f}x | {r['early_vs_plain']:.3f} | {r['outputs_equal_plain']} |")
+    _table(results["block"], ["config", "what", "blocks", "bf16 us", "INT8 us", "INT8 vs bf16", "INT8 read floor us",
+                              "floor / INT8"],
+           lambda r: f"{r['blocks']} | {r['bf16_us']:.1f} | {r['int8_us']:.1f} | {r['int8_vs_bf16']:.2f}x | "
+                     f"{r['read_floor_us']:.1f} | {r['int8_of_floor']:.0%}")
     _table(results["compiled"], ["config", "mode (compiled step, CUDA graph)", "compile s", "graph tok/s", "vs bf16",
                                  "tokens = bf16"],
            lambda r: f"{r['compile_s']:.1f} | {r['graph_tok_s']:.1f} | {r.get('graph_vs_bf16', 1.0):.2f}x | "

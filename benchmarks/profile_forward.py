@@ -97,7 +97,7 @@ def per_layer(calls: int) -> None:
 
 
 def launches(calls: int) -> None:
-    from cupycodec._cuda import _Handle, early_launch_supported, launch, launching_on
+    from cupycodec._cuda import _Handle, launch, launching_on
     from cupycodec.kernels import gemv
 
     dev = torch.cuda.current_device()
@@ -106,7 +106,7 @@ def launches(calls: int) -> None:
     q = torch.zeros(64, 256, device="cuda", dtype=torch.int8)
     s = torch.ones(64, device="cuda")
     y = torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
-    handle, grid, threads, tail, _ = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
+    handle, grid, threads, tail = gemv._config(dev, "BF16", 1, 256, 64, "channel", None, None, None)
     args = (x.data_ptr(), 256, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), *tail)
     w, u = gemv.mma_shape(64, 256, gemv._sm_count(dev))
     raw = gemv._function(dev, "mma", "BF16", 8, w, False, u)
@@ -120,9 +120,6 @@ def launches(calls: int) -> None:
         "cupycodec._cuda.launch": lambda: launch(handle, grid, threads, args, dev, sp),
         "with launching_on(device, stream): pass": contexts,
     }
-    if early_launch_supported(dev):
-        rows["cupycodec._cuda.launch, early (cuLaunchKernelEx)"] = lambda: launch(handle, grid, threads, args, dev, sp,
-                                                                                  True)
     for name, f in rows.items():
         print(f"{name:45s} {host_us(f, calls):8.1f} us/call", flush=True)
 

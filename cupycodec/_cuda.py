@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import threading
 
-__all__ = ["capture_status", "current_device", "early_launch_supported", "event_record", "events", "external_stream",
-           "kernel_handle", "launch", "launching_on", "relaxed_capture", "stream_ptr", "stream_wait"]
+__all__ = ["capture_status", "current_device", "event_record", "events", "external_stream", "kernel_handle", "launch",
+           "launching_on", "relaxed_capture", "stream_ptr", "stream_wait"]
 
 
 def current_device() -> int:
@@ -161,67 +160,14 @@ def kernel_handle(kernel, device: int) -> tuple:
 
 _TLS = threading.local()
 _MAX_ARGS = 16
-# CUlaunchAttributeID (cuda.h): the next kernel on the stream may start before this one ends, CUDA 12.0+
-_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
-
-
-@functools.cache
-def early_launch_supported(device: int) -> bool:
-    """Whether kernels on ``device`` may be launched early after the kernel before them (programmatic dependent
-    launch): compute capability 9.0 or newer, a CUDA 12.3+ driver (which also records such launches in CUDA
-    graphs) and ``cuLaunchKernelEx`` in the driver library."""
-    import cupy
-
-    lib = _driver()
-    if lib is None or not hasattr(lib, "cuLaunchKernelEx") or cupy.cuda.runtime.driverGetVersion() < 12030:
-        return False
-    return int(cupy.cuda.Device(device).compute_capability) >= 90
-
-
-def _launch_early(func: int, grid: int, block: int, sp: int, pointers_at: int) -> None:
-    """``cuLaunchKernelEx`` with programmatic stream serialization allowed: the kernel's blocks may be scheduled
-    while the kernel before it on ``sp`` still runs, so the kernel must execute ``griddepcontrol.wait`` before it
-    reads anything an earlier kernel writes, or writes anything (see :func:`launch`)."""
-    st = _TLS.__dict__
-    ex = st.get("ex")
-    if ex is None:
-        lib = _driver()
-        fn = lib.cuLaunchKernelEx
-        fn.argtypes, fn.restype = [ctypes.c_void_p] * 4, ctypes.c_int
-        attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
-        attr.value[0] = 1
-        cfg = _LaunchConfig(n_attrs=1)
-        cfg.attrs = ctypes.pointer(attr)
-        cfg.grid[1] = cfg.grid[2] = cfg.block[1] = cfg.block[2] = 1
-        ex = st["ex"] = (fn, cfg, attr, ctypes.addressof(cfg))
-    fn, cfg, _, cfg_at = ex
-    cfg.grid[0], cfg.block[0], cfg.stream = grid, block, sp
-    status = fn(cfg_at, func, pointers_at, None)
-    if status:
-        import cupy
-
-        raise cupy.cuda.driver.CUDADriverError(status)
-
-
-def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: int, early: bool = False) -> None:
+def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: int) -> None:
     """Launch the kernel ``handle`` (:func:`kernel_handle`) with a 1-D ``grid`` of ``block`` threads on ``device``
     and the raw stream ``sp``, straight through ``cuLaunchKernel``: for code that launches per call (a layer's
     forward), where CuPy's launch converts every argument to an object and :func:`launching_on` enters contexts,
     tens of host microseconds on a slow host. ``args`` are integers and device pointers only (numpy integer scalars
-    included), each passed from an 8-byte little-endian slot from which the driver copies the parameter's width.
-
-    ``early`` (where :func:`early_launch_supported`): programmatic dependent launch, for kernels written for it,
-    which wait (``griddepcontrol.wait``) before they read what the kernel before them may write and before they
-    write anything; in exchange their blocks start while that kernel's last blocks still run."""
+    included), each passed from an 8-byte little-endian slot from which the driver copies the parameter's width."""
     import cupy
 
     st = _TLS.__dict__
@@ -238,10 +184,7 @@ def launch(handle: tuple, grid: int, block: int, args: tuple, device: int, sp: i
     if device not in ready or cupy.cuda.runtime.getDevice() != device:
         with cupy.cuda.Device(device):
             cupy.cuda.runtime.setDevice(device)  # CUDA >= 12: makes the primary context current on this thread
-            ready.add(device)
-            launch(handle, grid, block, args, device, sp, early)  # now with the device current
+            cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)
+        ready.add(device)
         return
-    if early:
-        _launch_early(handle[1], grid, block, sp, pointers_at)
-    else:
-        cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)
+    cupy.cuda.driver.launchKernel(handle[1], grid, 1, 1, block, 1, 1, 0, sp, pointers_at, 0)

@@ -31,13 +31,12 @@ import functools
 
 import numpy as np
 
-from .._cuda import early_launch_supported, kernel_handle, launch
+from .._cuda import kernel_handle, launch
 
 __all__ = ["KERNELS", "MAX_M", "gemv_int8", "mma_supported", "supported"]
 
 MAX_M = 16
 MAX_WARPS = 16  # warps per tile of the tensor-core kernel (the FMA kernel's: 1, 2, 4 or 8)
-EARLY = True  # launch the tensor-core kernel early where the GPU allows (benchmarks turn it off to compare)
 _THREADS = 256
 
 _SOURCE = r"""
@@ -310,12 +309,7 @@ __device__ __forceinline__ uint4 cc_ld_codes(const signed char* p) {
 
 /* W warps share a tile (split K by 64-k steps, partial fragments meet in shared memory); a block of W * TPB warps
    takes TPB tiles at a time. GROUP: per-group scales, group a multiple of 64, so that a 64-k step lies in one
-   group.
-
-   Launched early (programmatic dependent launch, sm_90+), a block may start while the kernel before it on the
-   stream still runs: it lets the kernel after it start early too, and waits for the kernel before to finish and
-   flush (griddepcontrol.wait) before it reads anything or writes y. Launched plainly, the wait returns at once.
-   (Asking L2 for the first codes before the wait made a block's layers 12-16 % slower on an H200, RESULTS.md.) */
+   group. */
 template <class X, class C, int MT, int W, int TPB, bool GROUP, int U>
 __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const signed char* __restrict__ q,
                            const float* __restrict__ scale, const typename X::T* __restrict__ bias,
@@ -327,15 +321,9 @@ __device__ void cc_gemv_tc(const typename X::T* __restrict__ x, i64 ldx, const s
     const int tl = wib / W, slice = wib % W;
     const i64 tiles = (N + 15) / 16, steps = (K + 63) / 64;
     const i64 block_groups = (tiles + TPB - 1) / TPB;
-    i64 after_wait = 0;  /* 0, from the wait: the code pointers depend on it, so no code load moves above it */
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;\n\tmov.b64 %0, 0;" : "=l"(after_wait) :: "memory");
-#endif
-    q += after_wait;
     const bool hx0 = g < M, hx1 = MT == 2 && g + 8 < M;
-    const typename X::T* x0 = x + after_wait + (i64)g * ldx;
-    const typename X::T* x1 = x + after_wait + (i64)(g + 8) * ldx;
+    const typename X::T* x0 = x + (i64)g * ldx;
+    const typename X::T* x1 = x + (i64)(g + 8) * ldx;
     for (i64 bg = blockIdx.x; bg < block_groups; bg += gridDim.x) {  /* uniform per block: __syncthreads below */
         const i64 tile = bg * TPB + tl;
         const i64 r0 = tile * 16 + g, r1 = r0 + 8;
@@ -502,8 +490,7 @@ def supported(dtype_name: str, m: int, k: int, granularity: str, group_size: int
 
 def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: int, y_ptr: int, *, m: int, k: int,
               n: int, dtype_name: str, granularity: str, group_size: int | None, device: int, stream_ptr: int,
-              warps: int | None = None, kernel: str | None = None, unroll: int | None = None,
-              early: bool | None = None) -> None:
+              warps: int | None = None, kernel: str | None = None, unroll: int | None = None) -> None:
     """Launch ``y[m, n] = sum_k x[m, k] * codes[n, k] * scale + bias[n]`` on ``stream_ptr`` (never waits).
 
     ``x``: M rows of K activations of ``dtype_name`` with row stride ``ldx`` elements; ``codes``: N x K int8
@@ -511,27 +498,21 @@ def gemv_int8(x_ptr: int, ldx: int, codes_ptr: int, scales_ptr: int, bias_ptr: i
     ``dtype_name`` or 0; ``y``: M x N of ``dtype_name``. Every row start 16-byte aligned; see :func:`supported`.
     ``warps``: warps per row or tile (1, 2, 4 or 8; default :func:`warps_per_row` or :func:`mma_shape`) and
     ``kernel`` (``"fma"`` or ``"mma"``; default ``"mma"`` where :func:`mma_supported`) and
-    ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`)
-    and ``early`` (launch the tensor-core kernel early, programmatic dependent launch, where
-    :func:`~cupycodec._cuda.early_launch_supported`; default :data:`EARLY`), parameters for tests and benchmarks.
-
-    An early launch lets the GEMV's blocks start, and ask L2 for their first codes, while the kernel before it on
-    the stream finishes; the GEMV waits for that kernel before it reads anything or writes ``y``, so the result is
-    the same whatever that kernel writes (tests pin it bit for bit to a plain launch).
+    ``unroll`` (the tensor-core kernels' 64-code steps in flight per warp: 2, 4 or 8; default :func:`mma_shape`),
+    parameters for tests and benchmarks.
     """
-    handle, grid, threads, tail, early = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
-                                                 unroll, EARLY if early is None else early)
+    handle, grid, threads, tail = _config(device, dtype_name, m, k, n, granularity, group_size, warps, kernel,
+                                          unroll)
     if (x_ptr | codes_ptr) % 16 or (ldx * _ITEMSIZE[dtype_name]) % 16:
         raise ValueError("gemv_int8 needs 16-byte aligned activations and codes (rows included)")
-    launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr,
-           early)
+    launch(handle, grid, threads, (x_ptr, ldx, codes_ptr, scales_ptr, bias_ptr, y_ptr, *tail), device, stream_ptr)
 
 
 @functools.lru_cache(maxsize=1024)
 def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: str, group_size: int | None,
-            warps: int | None, kernel: str | None, unroll: int | None = None, early: bool = False) -> tuple:
-    """(kernel, grid, threads per block, the arguments after the six pointers, whether to launch early) of one call
-    signature: worked out once, so that a layer's forward costs one cache lookup and one launch on the host."""
+            warps: int | None, kernel: str | None, unroll: int | None = None) -> tuple:
+    """(kernel, grid, threads per block, the arguments after the six pointers) of one call signature: worked out
+    once, so that a layer's forward costs one cache lookup and one launch on the host."""
     if not supported(dtype_name, m, k, granularity, group_size):
         raise ValueError(f"gemv_int8 does not take M={m}, K={k}, {dtype_name}, {granularity} (see supported())")
     mma = mma_supported(dtype_name, granularity, group_size, device)
@@ -565,5 +546,4 @@ def _config(device: int, dtype_name: str, m: int, k: int, n: int, granularity: s
         grid, threads = max(1, -(-n // (_THREADS // 32 // w))), _THREADS  # a block per row group
     tail = (np.int32(m), np.int64(k), np.int64(n), np.int64(group), np.int64(ngroups))
     fn = _function(device, kernel, dtype_name, mm, w, bool(group), *([unroll] if kernel != "fma" else []))
-    early = bool(early) and kernel != "fma" and early_launch_supported(device)  # the fma kernel never waits
-    return kernel_handle(fn, device), grid, threads, tail, early
+    return kernel_handle(fn, device), grid, threads, tail

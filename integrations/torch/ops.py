@@ -261,9 +261,8 @@ def _int8_linear_cuda(x, qweight, scale, bias, granularity, group_size):
     return dequant_linear(x, qweight, scale, bias, granularity, group_size)
 
 
-def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None, warps=None, unroll=None,
-                early=None):
-    """The small-batch route on CUDA: the fused dequantize-GEMV (``kernel``, ``warps``, ``unroll``, ``early``: see
+def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None, warps=None, unroll=None):
+    """The small-batch route on CUDA: the fused dequantize-GEMV (``kernel``, ``warps``, ``unroll``: see
     :func:`cupycodec.kernels.gemv.gemv_int8`; benchmarks compare and sweep them)."""
     n, k = qweight.shape
     m = x.numel() // k if k else 0
@@ -280,7 +279,7 @@ def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None
     gemv.gemv_int8(xp, ldx, qweight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else 0,
                    y.data_ptr(), m=m, k=k, n=n, dtype_name=dtype_name(x.dtype), granularity=granularity,
                    group_size=group_size, device=device, stream_ptr=raw_stream(device), kernel=kernel, warps=warps,
-                   unroll=unroll, early=early)
+                   unroll=unroll)
     return y
 
 

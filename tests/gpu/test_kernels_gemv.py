@@ -20,7 +20,7 @@ ACTS = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"F32": 1e-5, "F16": 1e-3, "BF16": 8e-3}
 
 
-def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, unroll=None, early=None):
+def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, unroll=None):
     import cupy
 
     m, k = x.shape
@@ -32,7 +32,7 @@ def _run(x, q, s, bias, *, granularity, group, warps, dtype_name, kernel=None, u
     gemv.gemv_int8(xd.data.ptr, k, qd.data.ptr, sd.data.ptr, bd.data.ptr if bd is not None else 0, yd.data.ptr,
                    m=m, k=k, n=n, dtype_name=dtype_name, granularity=granularity, group_size=group,
                    device=cupy.cuda.runtime.getDevice(), stream_ptr=cupy.cuda.get_current_stream().ptr, warps=warps,
-                   kernel=kernel, unroll=unroll, early=early)
+                   kernel=kernel, unroll=unroll)
     y = yd.get()
     return y.view(ml_dtypes.bfloat16) if dtype_name == "BF16" else y
 
@@ -104,7 +104,7 @@ def test_the_default_launch_holds_every_tile_at_once_where_its_rule_assumes_it()
         pytest.skip("needs sm_80 for the tensor-core kernel")
     sms = gemv._sm_count(dev)
     n, k = 16 * 2 * sms, 4096
-    _, grid, threads, _, _ = gemv._config(dev, "BF16", 1, k, n, "channel", None, None, None)
+    _, grid, threads, _ = gemv._config(dev, "BF16", 1, k, n, "channel", None, None, None)
     fn = gemv._function(dev, "mma", "BF16", 8, 16, False, 2)
     if gemv._resident_blocks(fn, 512) >= 2:
         assert (grid, threads) == (n // 16, 512)
@@ -162,89 +162,3 @@ def test_default_variant_choice():
             gemv.gemv_int8(0, 64, 0, 0, 0, 0, m=1, k=64, n=16, dtype_name="BF16", granularity="channel",
                            group_size=None, device=0, stream_ptr=0, kernel="mma", warps=bad)
     assert [gemv.tiles_per_block(w) for w in (1, 2, 3, 4, 5, 8, 12, 16)] == [8, 4, 2, 2, 1, 1, 1, 1]
-
-
-def _early_or_skip():
-    import cupy
-
-    from cupycodec._cuda import early_launch_supported
-
-    if not early_launch_supported(cupy.cuda.runtime.getDevice()):
-        pytest.skip("early launches need sm_90 and a CUDA 12.3+ driver")
-
-
-@pytest.mark.parametrize("warps,unroll", [(None, None), (8, 4), (5, 2), (1, 2)])
-@pytest.mark.parametrize("granularity,group,m", [("channel", None, 1), ("group", 128, 12)])
-def test_an_early_launch_computes_what_a_plain_one_does(warps, unroll, granularity, group, m):
-    """The early-launched tensor-core GEMV is the plain one bit for bit, ragged tiles and steps included."""
-    _early_or_skip()
-    rng = np.random.default_rng(m)
-    n, k = 1000, 4096 + 192
-    q, s = reference.quantize_int8((0.05 * rng.standard_normal((n, k))).astype(np.float32), granularity=granularity,
-                                   axis=0, group_size=group or 128)
-    x = rng.standard_normal((m, k)).astype(np.float16)
-    bias = rng.standard_normal(n).astype(np.float16)
-    kw = dict(granularity=granularity, group=group, warps=warps, dtype_name="F16", kernel="mma", unroll=unroll)
-    plain = _run(x, q, s, bias, early=False, **kw)
-    assert np.array_equal(_run(x, q, s, bias, early=True, **kw).view(np.uint16),
-                          plain.view(np.uint16))
-
-
-def _chain(xd, codes, sources, scales, ys, *, early: bool, steps: int) -> None:
-    """Each kernel reads what the one just before it on the stream wrote: an elementwise kernel writes the codes a
-    GEMV reads next, a GEMV reads the output of the GEMV before it, another elementwise kernel writes the next
-    step's activations from that output."""
-    import cupy
-
-    n = k = xd.shape[1]
-    dev, sp = cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr
-    for i in range(steps):
-        src = sources[i % len(sources)]
-        cupy.invert(src, out=codes[0])  # the codes the next GEMV reads, written just before it
-        ins = (xd, ys[0])
-        for j in range(2):
-            gemv.gemv_int8(ins[j].data.ptr, k, codes[j].data.ptr, scales[j].data.ptr, 0, ys[j].data.ptr, m=1, k=k,
-                           n=n, dtype_name="F16", granularity="channel", group_size=None, device=dev, stream_ptr=sp,
-                           early=early)
-        cupy.multiply(ys[1], 0.75, out=xd)
-
-
-@pytest.mark.parametrize("size", [2048, 4096])
-def test_early_launches_wait_for_the_kernel_before_eager_and_in_a_cuda_graph(size):
-    """A chain of kernels each reading what the one before wrote, run with early GEMV launches, eagerly and as a
-    captured CUDA graph, equals the same chain with plain launches bit for bit at every step: an early GEMV that read
-    its codes or activations before the kernel before it finished would compute with stale values."""
-    import cupy
-
-    _early_or_skip()
-    rng = np.random.default_rng(size)
-    k = size
-    w = (rng.standard_normal((3, k, k)) / np.sqrt(k)).astype(np.float32)
-    qs = [reference.quantize_int8(wi, granularity="channel", axis=0) for wi in w]
-    sources = [cupy.asarray(~q) for q, _ in qs[:2]]  # the chain inverts them back into the codes
-    x0 = cupy.asarray(rng.standard_normal((1, k)).astype(np.float16))
-    results = {}
-    for early in (False, True):
-        for captured in (False, True):
-            stream = cupy.cuda.Stream(non_blocking=True)
-            with stream:
-                codes = [cupy.empty((k, k), cupy.int8), cupy.asarray(qs[2][0])]
-                scales = [cupy.asarray(qs[0][1]), cupy.asarray(qs[2][1])]
-                ys = [cupy.empty((1, k), cupy.float16) for _ in range(2)]
-                xd = x0.copy()
-                if captured:
-                    _chain(xd, codes, sources, scales, ys, early=early, steps=1)  # compiled, resources made
-                    xd[...] = x0
-                    stream.begin_capture()
-                    _chain(xd, codes, sources, scales, ys, early=early, steps=6)
-                    graph = stream.end_capture()
-                    graph.launch(stream)
-                else:
-                    _chain(xd, codes, sources, scales, ys, early=early, steps=6)
-                stream.synchronize()
-                results[early, captured] = (xd.get(), ys[0].get())
-    base = results[False, False]
-    assert np.isfinite(base[0].astype(np.float32)).all() and np.abs(base[0]).max() > 0
-    for key, (xv, y0) in results.items():
-        assert np.array_equal(xv.view(np.uint16), base[0].view(np.uint16)), key
-        assert np.array_equal(y0.view(np.uint16), base[1].view(np.uint16)), key
