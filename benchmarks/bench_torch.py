@@ -18,6 +18,7 @@ Sections:
         reads the block's INT8 bytes.
 
 Usage: python benchmarks/bench_torch.py [--sections gemv,e2e,compiled] [--configs tinyllama,llama7b] [--json PATH]
+(--json is rewritten after every section and every compiled row, so a run cut by a time limit keeps its figures)
 """
 
 from __future__ import annotations
@@ -421,26 +422,27 @@ def bench_e2e(rows, configs, modes, n_new=128, rounds=4, eager_tokens=32):
         torch.cuda.empty_cache()
 
 
-def bench_compiled(rows, configs, modes, n_new=128):
+def bench_compiled(rows, configs, modes, n_new=128, torchao=True, save=lambda: None):
     """Graph decode with the decode step compiled: ``torch.compile(model.forward)`` (inductor, no CUDA graphs of
     its own, so that the same manual capture as the graph rows takes the compiled step), bf16 and torchao set up
     the same way, in the same run. What issue 9's "decode step compiled and captured in a CUDA graph" row asks.
-    One model at a time (each compiles on its first steps; the time is reported as compile_s)."""
+    One model at a time (each compiles on its first steps; the time is reported as compile_s). Each row joins
+    ``rows`` and ``save()`` runs as soon as it is measured: compiles take 40-170 s each on the H200's host, and a
+    run its time limit cuts keeps the rows before."""
     from cupycodec.integrations.torch import compress_model
 
     for config in configs:
         prompt = torch.randint(0, 32000, (1, 16), device="cuda")
-        by_mode = {}
+        bf16 = {}
         # torchao last unless named: its compile is the longest, and a run cut by its limit keeps the rows before
-        for mode in ["bf16", *modes, *(() if "torchao" in modes else ("torchao",))]:
-            row = by_mode[mode] = {"config": config, "mode": mode, "timing": "compiled decode step, CUDA graph"}
+        for mode in ["bf16", *modes, *(() if "torchao" in modes or not torchao else ("torchao",))]:
+            row = {"config": config, "mode": mode, "timing": "compiled decode step, CUDA graph"}
             try:
                 gc.collect()
                 torch.cuda.empty_cache()
                 model = _build(config)  # seeded: the same weights for every mode
                 if mode == "torchao":
                     if torchao_int8wo(model) is None:
-                        del by_mode[mode]
                         continue
                 elif mode != "bf16":
                     compress_model(model, mode, progress=False)
@@ -465,14 +467,15 @@ def bench_compiled(rows, configs, modes, n_new=128):
             finally:
                 model = step = cache = None
                 torch._dynamo.reset()
+            if mode == "bf16":
+                bf16 = row
+            if "graph_tok_s" in row and "graph_tok_s" in bf16:
+                row["graph_vs_bf16"] = row["graph_tok_s"] / bf16["graph_tok_s"]
+            if "tokens" in row and "tokens" in bf16:
+                row["tokens_equal_bf16"] = row["tokens"] == bf16["tokens"]
+            rows.append(row)
+            save()
             print(json.dumps(row), flush=True)  # as it comes: a run cut by its time limit keeps its rows
-        b = by_mode.get("bf16", {})
-        for r in by_mode.values():
-            if "graph_tok_s" in r and "graph_tok_s" in b:
-                r["graph_vs_bf16"] = r["graph_tok_s"] / b["graph_tok_s"]
-            if "tokens" in r and "tokens" in b:
-                r["tokens_equal_bf16"] = r["tokens"] == b["tokens"]
-            rows.append(r)
 
 
 def bench_overlap(rows, configs, modes, n_new=128):
@@ -527,28 +530,37 @@ def main(argv=None) -> int:
     p.add_argument("--compiled-configs", default="llama7b", help="configs of the 'compiled' section")
     p.add_argument("--compiled-modes", default="int8",
                    help="modes of the 'compiled' section in order (bf16 first, torchao last unless named)")
+    p.add_argument("--no-torchao", action="store_true", help="leave torchao out of the 'compiled' section")
     p.add_argument("--json")
     args = p.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     env["copy_gbps_read_plus_write"] = copy_gbps()
     print(json.dumps(env), flush=True)
     results = {"env": env, "gemv": [], "e2e": [], "compiled": [], "overlap": [], "block": []}
+
+    def save():  # after every section (and every compiled row): a run cut by its time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
     sections = set(args.sections.split(","))
     if "block" in sections:
         bench_block(results["block"], args.configs.split(","))
+        save()
     if "gemv" in sections:
         bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
+        save()
     if "e2e" in sections:
         bench_e2e(results["e2e"], args.configs.split(","), args.modes.split(","), args.tokens, rounds=args.rounds)
+        save()
     if "overlap" in sections:
         bench_overlap(results["overlap"], args.configs.split(","), [m for m in args.modes.split(",") if m != "int8"],
                       args.tokens)
+        save()
     if "compiled" in sections:
         bench_compiled(results["compiled"], args.compiled_configs.split(","), args.compiled_modes.split(","),
-                       args.tokens)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+                       args.tokens, torchao=not args.no_torchao, save=save)
+    save()
     print("\n| shape | M | bf16 us | int8_linear us | vs bf16 | of copy | GEMV fma us | GEMV mma us | mma of copy | "
           "dequant+linear us | torchao us | read floor int8 / bf16 us | int8 / bf16 of floor |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
