@@ -27,6 +27,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -539,9 +540,10 @@ def main(argv=None) -> int:
     results = {"env": env, "gemv": [], "e2e": [], "compiled": [], "overlap": [], "block": []}
 
     def save():  # after every section (and every compiled row): a run cut by its time limit keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.json:  # whole or not at all: a kill during the write leaves the previous file
+            with open(args.json + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
 
     sections = set(args.sections.split(","))
     if "block" in sections:
