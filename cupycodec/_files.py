@@ -76,10 +76,14 @@ def release_pages(mm, start: int, end: int) -> None:
     stay in the page cache, and are read again from there if touched); a no-op where ``madvise`` is missing."""
     if _MADV_DONTNEED is None or not hasattr(mm, "madvise"):
         return
-    lo = -(-start // _PAGE) * _PAGE
-    hi = end // _PAGE * _PAGE
+    lo, hi = _whole_pages(start, end)
     if hi > lo:
         mm.madvise(_MADV_DONTNEED, lo, hi - lo)
+
+
+def _whole_pages(start: int, end: int) -> tuple[int, int]:
+    """The bounds of the whole pages inside ``[start, end)`` (``hi <= lo`` when there is none)."""
+    return -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
 
 
 def release_clean_file_pages(addr: int, nbytes: int) -> int:
@@ -95,8 +99,7 @@ def release_clean_file_pages(addr: int, nbytes: int) -> int:
     that nothing writes."""
     if not sys.platform.startswith("linux") or nbytes <= 0:
         return 0
-    lo = -(-addr // _PAGE) * _PAGE
-    hi = (addr + nbytes) // _PAGE * _PAGE
+    lo, hi = _whole_pages(addr, addr + nbytes)
     if hi <= lo:
         return 0
     try:
