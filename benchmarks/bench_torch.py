@@ -227,7 +227,6 @@ def bench_block(rows, configs):
         for _ in range(n_blocks):
             lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
             blocks.append((lins, [CompressedLinear.from_linear(lin, "int8") for lin in lins]))
-        ops.reserve_scratch(2 * max(n * k for n, k in shapes))
         x = torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16)
 
         def step(variant, blocks=blocks, x=x):
