@@ -16,11 +16,13 @@ import warnings
 
 def _register_transformers() -> None:
     try:
-        from .torch import hf  # registers on import
+        from .torch import hf  # registers at the end of its import
     except ImportError as exc:  # torch missing, or a transformers without per-tensor conversions
         warnings.warn(f"cupycodec's transformers quantizer is not registered: {exc}", stacklevel=2)
         return
-    hf.register()
+    register = getattr(hf, "register", None)
+    if register is not None:  # else hf itself is importing transformers now, and registers once it is done
+        register()
 
 
 class _AfterTransformers(importlib.abc.MetaPathFinder):

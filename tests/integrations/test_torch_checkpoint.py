@@ -260,7 +260,11 @@ def test_transformers_refuses_the_checkpoint_until_cupycodec_is_imported(bf16_di
     assert alone.returncode != 0  # a size mismatch, not a model of random weights
     assert "import cupycodec.integrations before from_pretrained" in alone.stdout + alone.stderr
     for first in ("import cupycodec.integrations\nfrom transformers import AutoModelForCausalLM",
-                  "from transformers import AutoModelForCausalLM\nimport cupycodec.integrations"):
+                  "from transformers import AutoModelForCausalLM\nimport cupycodec.integrations",
+                  # transformers first imported by cupycodec's own quantizer module, while it is being imported
+                  "from cupycodec.integrations.torch import CupycodecConfig\n"
+                  "from transformers import AutoModelForCausalLM",
+                  "import cupycodec.integrations.torch.hf\nfrom transformers import AutoModelForCausalLM"):
         run = _python(f"{first}\n{load}", tmp_path)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip().endswith("CompressedLinear")
