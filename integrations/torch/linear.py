@@ -11,8 +11,11 @@ Three modes:
   like the lossless weights, then used like ``"int8"``.
 
 The weights are plain buffers (``packed`` uint8 container bytes, or ``qweight`` int8 and ``scale`` float32), so
-``state_dict``, safetensors, ``.to()`` and torch's memory counters see them as they are; the configuration travels
-in the module's extra state. Build one with :meth:`CompressedLinear.from_linear`, or a whole model with
+``state_dict``, safetensors, ``.to()`` and torch's memory counters see them as they are. The state dict holds no
+configuration (no extra state, which safetensors cannot hold): a container describes itself and is checked against
+the layer on load, but INT8 codes and scales are checked by their shapes only, so load an ``"int8"`` state dict into
+a layer built with the same :meth:`~CompressedLinear.config` (checkpoints record it: ``save_compressed``,
+``save_pretrained``). Build one with :meth:`CompressedLinear.from_linear`, or a whole model with
 :func:`~cupycodec.integrations.torch.compress_model`.
 """
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 import cupycodec as cc
 from cupycodec._config import segment_chunk
 from cupycodec._files import release_clean_file_pages
+from cupycodec.quant.reference import _is_int
 
 from . import ops, runtime
 from .dlpack import current_stream, dtype_name, torch_dtype
@@ -110,14 +114,19 @@ class CompressedLinear(torch.nn.Module):
         self.mode = check_mode(mode)
         if granularity not in ("channel", "group"):
             raise ValueError(f"granularity must be 'channel' or 'group', got {granularity!r}")
+        if not _is_int(group_size) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
         self.granularity, self.group_size = granularity, int(group_size)
         if dtype not in _FLOATS:
             raise ValueError(f"dtype must be one of {_FLOATS}, got {dtype}")
         self.weight_dtype = dtype
         n, k = self.out_features, self.in_features
         if mode == "int8":
+            # NaN scales until a weight is loaded: a forward before load_state_dict (or after one that missed the
+            # scales, strict=False) gives NaN, never plausible numbers
             self.register_buffer("qweight", torch.zeros((n, k), dtype=torch.int8, device=device))
-            self.register_buffer("scale", torch.ones(self._scale_shape(), dtype=torch.float32, device=device))
+            self.register_buffer("scale", torch.full(self._scale_shape(), math.nan, dtype=torch.float32,
+                                                     device=device))
         else:
             self.register_buffer("packed", torch.zeros(0, dtype=torch.uint8, device=device))
         self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
@@ -154,7 +163,7 @@ class CompressedLinear(torch.nn.Module):
         if linear.bias is not None:
             layer.bias = torch.nn.Parameter(linear.bias.detach().clone().to(home),
                                             requires_grad=linear.bias.requires_grad)
-        return layer
+        return layer.train(linear.training)
 
     def _compress(self, w: torch.Tensor, codec: str, home: torch.device) -> None:
         stream = current_stream(w.device)

@@ -127,6 +127,32 @@ def test_bad_input_names_the_fix():
         CompressedLinear.from_linear(lin, "int8")
     with pytest.raises(RuntimeError, match="no weight yet"):
         CompressedLinear(8, 8, mode="lossless")(torch.randn(1, 8, dtype=torch.bfloat16))
+    for bad in (0, -1, 2.5, True, "128", None):
+        with pytest.raises(ValueError, match=f"group_size must be an int >= 1, got {bad!r}"):
+            CompressedLinear(32, 8, mode="int8", granularity="group", group_size=bad)
+        with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+            CompressedLinear.from_linear(_linear(), "int8", granularity="group", group_size=bad)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_an_int8_layer_used_before_its_weight_is_loaded_gives_nan(granularity):
+    """An empty int8 layer has codes and scales buffers for load_state_dict to fill; until it does (or where a
+    strict=False load missed the scales), its outputs are NaN, never plausible numbers (zeros, before)."""
+    layer = CompressedLinear(32, 8, bias=False, mode="int8", granularity=granularity, group_size=16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    assert torch.isnan(layer(x)).all()
+    sd = CompressedLinear.from_linear(_linear(32, 8, bias=False), "int8", granularity=granularity,
+                                      group_size=16).state_dict()
+    missing = layer.load_state_dict({"qweight": sd["qweight"]}, strict=False).missing_keys
+    assert missing == ["scale"] and torch.isnan(layer(x)).all()
+    layer.load_state_dict(sd)
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_from_linear_keeps_the_training_flag():
+    lin = _linear()
+    assert CompressedLinear.from_linear(lin.eval(), "int8").training is False
+    assert CompressedLinear.from_linear(lin.train(), "lossless").training is True
 
 
 # inductor's own code path calls a deprecated torch.jit API (torch 2.13): torch's noise, not ours
