@@ -39,7 +39,16 @@ from .checkpoint import (
     checkpoint_state,
 )
 from .linear import CompressedLinear, check_mode, default_codec
-from .model import CompressionReport, LayerReport, _is_linear, _sqnr, install, set_module
+from .model import (
+    CompressionReport,
+    LayerReport,
+    _is_linear,
+    _read_by_torch,
+    _sqnr,
+    install,
+    prefix_message,
+    set_module,
+)
 
 from transformers.quantizers import HfQuantizer  # isort: skip
 from transformers.quantizers.auto import (  # isort: skip
@@ -184,7 +193,8 @@ class _Compress(_Op):
         try:
             layer._compress(value.to(work), cfg.codec or default_codec(layer.mode, work), value.device)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise type(exc)(f"layer {fqn!r}: {exc}") from exc
+            prefix_message(exc, f"layer {fqn!r}")
+            raise
         rep = LayerReport(fqn, (layer.out_features, layer.in_features), value.numel() * value.element_size(),
                           layer.compressed_nbytes)
         if layer.mode != "lossless":
@@ -271,11 +281,13 @@ class CupycodecHfQuantizer(HfQuantizer):
                                                add_default_skips=True)
         tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         head = model.get_output_embeddings()
+        torch_reads = _read_by_torch(model)
         chosen = 0
         for fqn, m in list(model.named_modules()):
             if not _is_linear(m):
                 continue
             why = ("output head" if m is head else "tied to an embedding" if id(m.weight) in tied else
+                   torch_reads.get(id(m)) if id(m) in torch_reads else
                    "modules_to_not_convert" if not should_convert_module(fqn, skip) else
                    "modules_to_convert" if cfg.modules_to_convert and
                    not any(re.search(p, fqn) for p in cfg.modules_to_convert) else None)

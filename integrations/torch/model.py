@@ -24,7 +24,8 @@ import torch
 from .linear import CompressedLinear, check_mode
 from .runtime import DecodeGroup, Runtime, block_hook
 
-__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "set_module"]
+__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "prefix_message",
+           "set_module"]
 
 
 @dataclass
@@ -68,11 +69,14 @@ class CompressionReport:
         return self.original_nbytes / self.compressed_nbytes if self.compressed_nbytes else math.inf
 
     def to_json(self) -> str:
+        """The report as strict JSON. JSON has no infinity, so a figure that is not finite is null: the SQNR of a
+        weight INT8 holds exactly (e.g. all zeros, as LoRA's B starts)."""
         data = {"mode": self.mode, "seconds": self.seconds, "blocks": self.blocks,
                 "original_nbytes": self.original_nbytes, "compressed_nbytes": self.compressed_nbytes,
-                "ratio": self.ratio, "skipped": self.skipped,
-                "layers": [asdict(r) | {"ratio": r.ratio} for r in self.layers]}
-        return json.dumps(data, indent=1)
+                "ratio": _finite(self.ratio), "skipped": self.skipped,
+                "layers": [asdict(r) | {"sqnr_db": _finite(r.sqnr_db), "ratio": _finite(r.ratio)}
+                           for r in self.layers]}
+        return json.dumps(data, indent=1, allow_nan=False)
 
     def __str__(self) -> str:
         w = max([len(r.name) for r in self.layers] + [5])
@@ -95,6 +99,10 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def _finite(v: float | None) -> float | None:
+    return v if v is None or math.isfinite(v) else None
+
+
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The model's repeated blocks, outermost first, in module order: the modules whose class transformers names in
     ``_no_split_modules``, else each entry of an ``nn.ModuleList`` that holds Linear (or compressed) layers."""
@@ -115,6 +123,20 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 def _is_linear(m: torch.nn.Module) -> bool:
     # nn.MultiheadAttention's out_proj is a Linear subclass read directly by the attention: never replace it
     return isinstance(m, torch.nn.Linear) and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _read_by_torch(model: torch.nn.Module) -> dict[int, str]:
+    """id(module) -> why, for the Linear layers whose weight torch's own modules read directly, which are never
+    replaced: ``nn.TransformerEncoderLayer``'s ``linear1`` and ``linear2`` (its eval fast path, and
+    ``nn.TransformerEncoder``'s nested-tensor path, hand them to a fused kernel)."""
+    return {id(lin): "read directly by nn.TransformerEncoderLayer's fast path" for m in model.modules()
+            if isinstance(m, torch.nn.TransformerEncoderLayer) for lin in (m.linear1, m.linear2)}
+
+
+def prefix_message(exc: BaseException, prefix: str) -> None:
+    """Put ``prefix: `` before ``exc``'s message, for re-raising it as it is: its type and attributes kept (a
+    library error's constructor may take other arguments than a message, so it is not built again)."""
+    exc.args = (f"{prefix}: {exc}",)
 
 
 def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
@@ -143,7 +165,10 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     mode : {"lossless", "int8", "int8+entropy"}
     filter_fn : callable, optional
         ``filter_fn(module, fqn) -> bool`` chooses the Linear layers to compress. By default every one except the
-        output head and weights tied to an embedding.
+        output head and weights tied to an embedding. Never offered: Linear layers whose weight torch's own modules
+        read directly (``nn.MultiheadAttention``'s ``out_proj``; ``nn.TransformerEncoderLayer``'s ``linear1`` and
+        ``linear2``, listed in the report's ``skipped``). A module reachable under several names is compressed once
+        and replaced under each (the report lists the others as shared).
     granularity, group_size
         INT8 scales: per output channel (``"channel"``) or per ``group_size`` inputs (``"group"``).
     codec : str, optional
@@ -177,13 +202,24 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     if offload is not None:
         target = _compute_device(device if device is not None and torch.device(device).type == "cuda" else None)
     t0 = time.perf_counter()
+    names: dict[int, list[str]] = {}  # a module reachable under several names is replaced under each
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        if _is_linear(m):
+            names.setdefault(id(m), []).append(fqn)
     linears = [(fqn, m) for fqn, m in model.named_modules() if _is_linear(m)]
+    done = sum(isinstance(m, CompressedLinear) for m in model.modules())
     if not linears:
+        if done:
+            raise ValueError(f"{type(model).__name__} is already compressed ({done} CompressedLinear layers); to "
+                             "compress it another way, start again from its original weights")
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress")
     default_skip = _left_alone_by_default(model)
+    torch_reads = _read_by_torch(model)
     chosen, skipped = [], {}
     for fqn, m in linears:
-        if filter_fn is not None:
+        if id(m) in torch_reads:
+            skipped[fqn] = torch_reads[id(m)]
+        elif filter_fn is not None:
             if filter_fn(m, fqn):
                 chosen.append((fqn, m))
             else:
@@ -193,14 +229,13 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         else:
             chosen.append((fqn, m))
     if not chosen:
-        done = sum(isinstance(m, CompressedLinear) for m in model.modules())
-        names = ", ".join(f for f, _ in linears[:5]) + (", ..." if len(linears) > 5 else "")
+        left = ", ".join(f"{f} ({why})" for f, why in list(skipped.items())[:5]) + (", ..." if len(skipped) > 5 else "")
         if done and filter_fn is None:
             raise ValueError(f"{type(model).__name__} is already compressed ({done} CompressedLinear layers; left "
-                             f"uncompressed by default: {names}); to compress it another way, start again from its "
-                             "original weights")
+                             f"uncompressed: {left}); to compress it another way, start again from its original "
+                             "weights")
         why = "filter_fn matched" if filter_fn is not None else "the default rules chose"
-        raise ValueError(f"{why} none of the {len(linears)} Linear layers ({names})")
+        raise ValueError(f"{why} none of the {len(linears)} Linear layers; left alone: {left}")
     for fqn, m in chosen:
         if m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"layer {fqn!r}: its weight is {m.weight.dtype}; compress_model compresses float32, "
@@ -218,14 +253,18 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                 layer = CompressedLinear.from_linear(m, mode, granularity=granularity, group_size=group_size,
                                                      codec=codec, device=device)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise type(exc)(f"layer {fqn!r} ({m.out_features}x{m.in_features}): {exc}") from exc
-        new[fqn] = layer
+            prefix_message(exc, f"layer {fqn!r} ({m.out_features}x{m.in_features})")
+            raise
         before = m.weight.numel() * m.weight.element_size()
         rep = LayerReport(fqn, (m.out_features, m.in_features), before, layer.compressed_nbytes, shared_with=shared)
         if mode != "lossless" and shared is None:
             rep.sqnr_db = _sqnr(m.weight, layer)
         reports.append(rep)
         first_of.setdefault(id(m.weight), fqn)
+        for alias in names[id(m)]:  # the same module under another name: the same layer
+            new[alias] = layer
+            if alias != fqn:
+                reports.append(LayerReport(alias, rep.shape, before, layer.compressed_nbytes, shared_with=fqn))
 
     blocks = install(model, new)  # everything compressed: now replace, group by block, hook
     if "transformers" in sys.modules:  # a transformers model: give it what save_pretrained needs
@@ -258,14 +297,19 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
         set_module(model, fqn, layer)
     # every compressed layer: containers and offloaded INT8 codes are decoded per use; resident INT8 codes are
     # dequantized per block for a large batch only (Runtime.enter_wide)
+    # a layer reachable under several names (a module with two parents, a block repeated) joins one group: the
+    # first block that holds it, else a group of its own
     decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False) if isinstance(m, CompressedLinear)]
     groups, hooks, placed = [], [], set()
     for bfqn, block in find_blocks(model):
-        members = [m for f, m in decoded if f.startswith(bfqn + ".") and f not in placed]
-        placed.update(f for f, _ in decoded if f.startswith(bfqn + "."))
+        members = list({id(m): m for f, m in decoded if f.startswith(bfqn + ".") and id(m) not in placed}.values())
+        placed.update(id(m) for m in members)
         if members:
             groups.append((block, DecodeGroup(members, name=bfqn, offloaded=any(m._offloaded for m in members))))
-    groups += [(None, DecodeGroup([m], name=f, offloaded=m._offloaded)) for f, m in decoded if f not in placed]
+    for f, m in decoded:
+        if id(m) not in placed:
+            placed.add(id(m))
+            groups.append((None, DecodeGroup([m], name=f, offloaded=m._offloaded)))
     runtime = Runtime([g for _, g in groups])
     for block, group in groups:
         if block is not None and group.nbytes:  # blocks of resident INT8 codes start from their layers (wide only)
@@ -296,7 +340,7 @@ def _sharing(linear: torch.nn.Linear, first: CompressedLinear, mode, granularity
         layer.packed, layer._template = first.packed, first._template
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-    return layer
+    return layer.train(linear.training)
 
 
 def _sqnr(weight: torch.Tensor, layer: CompressedLinear) -> float:

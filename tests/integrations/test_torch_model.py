@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -325,6 +326,87 @@ def test_filter_and_errors_leave_the_model_as_it_was():
     compress_model(model, "int8", progress=False)  # the rest
     with pytest.raises(ValueError, match=r"already compressed \(21 CompressedLinear layers.*original weights"):
         compress_model(model, "lossless", progress=False)
+
+
+def test_a_compressed_model_with_nothing_left_says_it_is_compressed():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    compress_model(model, "int8", progress=False)
+    with pytest.raises(ValueError, match=r"already compressed \(2 CompressedLinear layers\).*original weights"):
+        compress_model(model, "int8", progress=False)
+
+
+def test_a_library_error_keeps_its_type_and_names_the_layer():
+    from cupycodec.errors import UnknownCodecError
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    with pytest.raises(UnknownCodecError, match=r"layer '0' \(16x32\): unknown codec 'zsdt'; registered: .*zstd"):
+        compress_model(model, "lossless", codec="zsdt", progress=False)
+    assert type(model[0]) is torch.nn.Linear
+
+
+def test_the_report_is_strict_json_when_a_weight_is_held_exactly():
+    """An all-zero weight (LoRA's B starts so) has an infinite SQNR: null in the JSON, which has no infinity."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 32))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    report = compress_model(model, "int8", progress=False)
+    assert report.layers[1].sqnr_db == math.inf
+    data = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert data["layers"][1]["sqnr_db"] is None and data["layers"][0]["sqnr_db"] > 20
+
+
+def test_compressed_layers_keep_the_models_training_flag():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 32)).eval()
+    compress_model(model, "int8", progress=False)
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_module_under_two_names_is_replaced_under_each(mode):
+    """One Linear module held by two parents: replaced under both names by one layer (before, the second name
+    kept the uncompressed module, its full weight resident, and computed with other weights in the INT8 modes)."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    blocks = torch.nn.ModuleList([torch.nn.Sequential(shared, torch.nn.ReLU()),
+                                  torch.nn.Sequential(torch.nn.Linear(64, 64).to(torch.bfloat16), shared)])
+    model = torch.nn.Sequential(blocks)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    base = model[0][1](model[0][0](x))
+    report = compress_model(model, mode, progress=False)
+    assert blocks[0][0] is blocks[1][1] and type(blocks[0][0]) is CompressedLinear
+    assert [(r.name, r.shared_with) for r in report.layers] == [("0.0.0", None), ("0.1.1", "0.0.0"), ("0.1.0", None)]
+    assert report.compressed_nbytes == report.layers[0].compressed_nbytes + report.layers[2].compressed_nbytes
+    assert not any(k.endswith(".weight") for k in model.state_dict())
+    with torch.no_grad():
+        y = model[0][1](model[0][0](x))
+        assert torch.equal(blocks[0][0](x), blocks[1][1](x))
+    if mode == "lossless":
+        assert torch.equal(y, base)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's, on the padding mask
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_linear_layers_torch_reads_directly_are_left_alone(mode):
+    """nn.TransformerEncoderLayer hands linear1/linear2's weights to a fused kernel in eval (and nn.TransformerEncoder
+    to its nested-tensor path with a padding mask): never replaced, and said so; the model's other layers are."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+    model = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, num_layers=2), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(2, 5, 64)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        base = model[1](model[0](x, src_key_padding_mask=pad))
+    report = compress_model(model, mode, progress=False)
+    assert [r.name for r in report.layers] == ["1"]
+    assert report.skipped["0.layers.1.linear2"] == "read directly by nn.TransformerEncoderLayer's fast path"
+    with torch.no_grad():
+        y = model[1](model[0](x, src_key_padding_mask=pad))
+        model[0](x)  # the layers' own fast path
+    if mode == "lossless":
+        assert torch.equal(y.nan_to_num(), base.nan_to_num())
+    with pytest.raises(ValueError, match=r"chose none of the 4 Linear layers; left alone: layers\.0\.linear1 "
+                                         r"\(read directly by nn.TransformerEncoderLayer's fast path\)"):
+        compress_model(torch.nn.TransformerEncoder(layer, num_layers=2), mode, progress=False)
 
 
 def test_a_non_float_weight_names_the_layer():
