@@ -38,14 +38,21 @@ def atomic_write(path, write: Callable, *, overwrite: bool = True) -> None:
 def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = True) -> None:
     """As :func:`atomic_write`, for writers that take a file name (``write(temporary_path)``), such as
     ``safetensors.torch.save_file``."""
-    path = os.fspath(path)
+    name = os.fspath(path)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        if not overwrite:
-            raise FileExistsError(path)
+        st = os.stat(name)  # what the name leads to, through symbolic links
     except FileNotFoundError:
         mode = None
-    directory = os.path.dirname(os.path.abspath(path))
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name!r} is not a regular file (a directory, device, pipe or socket); cupycodec "
+                             "writes files atomically, through a temporary file renamed over the target: name a "
+                             "file path")
+        if not overwrite:
+            raise FileExistsError(name)
+        mode = stat.S_IMODE(st.st_mode)
+    path = os.path.realpath(name)  # a symbolic link's target is written, as open() would: the link stays
+    directory = os.path.dirname(path)
     for _ in range(100):
         tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
         try:
@@ -151,9 +158,16 @@ def open_regular(path):
 
     Character devices and pipes (``/dev/zero``, a FIFO) report a size of 0 and can be read forever.
     """
-    f = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        f.close()
+    # O_NONBLOCK: opening a FIFO with no writer would otherwise wait for one, forever (it changes nothing for a
+    # regular file, whose reads never block)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
         raise ValueError(f"{os.fspath(path)!r} is not a regular file; cupycodec reads containers from files (for a "
                          "stream, read its bytes yourself and pass them to CompressedArray.from_bytes)")
-    return f
+    return os.fdopen(fd, "rb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -108,6 +109,39 @@ def test_files_get_the_permissions_a_plain_write_gives(tmp_path):
         assert (os.stat(tmp_path / "y.npy").st_mode & 0o777) == 0o644
     finally:
         os.umask(old)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs: POSIX")
+def test_files_that_are_not_regular_are_refused_at_once_both_ways(tmp_path, capsys):
+    """Reading a FIFO with no writer used to wait forever (open() blocks for a writer); writing over a FIFO, a
+    device or a directory replaced it with a regular file, or failed naming a temporary file."""
+    x = np.arange(10, dtype=np.int32)
+    cc.save(tmp_path / "x.cc", cc.compress(x))
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        cc.load(tmp_path / "fifo")  # returns at once: no writer needed
+    assert main(["inspect", str(tmp_path / "fifo")]) == 2
+    for target in ("fifo", "dir"):
+        with pytest.raises(ValueError, match=f"'{tmp_path / target}' is not a regular file.*name a file path"):
+            cc.save(tmp_path / target, cc.compress(x))
+        assert main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / target)]) == 2
+        assert "is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode) and (tmp_path / "dir").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo", "x.cc"]  # no temporary file left
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="symbolic links")
+def test_a_symbolic_link_is_written_through_to_its_target(tmp_path):
+    x = np.arange(10, dtype=np.int32)
+    cc.save(tmp_path / "real.cc", cc.compress(x))
+    os.symlink("real.cc", tmp_path / "link.cc")
+    cc.save(tmp_path / "link.cc", cc.compress(x * 2))  # as open(link, "wb") would: the link stays, the target changes
+    assert os.path.islink(tmp_path / "link.cc")
+    assert np.array_equal(cc.decompress(cc.load(tmp_path / "real.cc")), x * 2)
+    os.symlink("new.cc", tmp_path / "dangling.cc")
+    cc.save(tmp_path / "dangling.cc", cc.compress(x))
+    assert os.path.islink(tmp_path / "dangling.cc") and np.array_equal(cc.decompress(cc.load(tmp_path / "new.cc")), x)
 
 
 def test_decompress_writes_exactly_the_given_path_atomically(tmp_path, capsys, monkeypatch):
