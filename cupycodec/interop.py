@@ -99,7 +99,7 @@ def _convert(obj, what: str, output: bool) -> Array:
         raise TypeError("this is already a CompressedArray; pass it to decompress() instead")
     # DLPack before __cuda_array_interface__: torch's CAI has no bfloat16 typestr and raises for requires_grad
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        return _from_dlpack(obj, what)
+        return _from_dlpack(_resolved_torch_view(obj, what, output), what)
     if hasattr(obj, "__cuda_array_interface__"):
         return _from_cai(obj)
     arr = _host_alias(obj, what) if output else np.asarray(obj)
@@ -220,6 +220,19 @@ def _export(obj, cupy, device_id: int):
     with cupy.cuda.Device(device_id):  # torch exports only from the current device; CuPy's streams are per device
         # The producer orders its pending work before our current stream. DLPack: 1 is the legacy default stream.
         return obj.__dlpack__(stream=cupy.cuda.get_current_stream().ptr or 1)
+
+
+def _resolved_torch_view(obj, what: str, output: bool):
+    """A torch tensor with a lazy negation or conjugation (``t._neg_view()``, ``complex_t.conj().imag``) read
+    through its resolved copy: torch's DLPack export drops the negation bit, which would give the stored values
+    with the wrong sign. As an output it is refused: writes into its storage would read back negated."""
+    torch = sys.modules.get("torch")  # only a torch the caller already imported; cupycodec never imports it
+    if torch is None or not isinstance(obj, torch.Tensor) or not (obj.is_neg() or obj.is_conj()):
+        return obj
+    if output:
+        raise ValueError(f"{what} is a lazily negated or conjugated torch view, which cannot be written in place; "
+                         "pass a plain tensor (e.g. torch.empty_like(t)) and copy it into your view afterwards")
+    return obj.resolve_conj().resolve_neg()
 
 
 def _torch_bit_view(obj):

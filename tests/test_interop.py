@@ -336,6 +336,20 @@ def test_torch_non_contiguous_output_names_the_fix():
         as_output(torch.zeros(4, 6)[:, ::2])
 
 
+@pytest.mark.torch
+def test_torch_lazily_negated_views_keep_their_sign():
+    """torch's DLPack export drops a tensor's negation bit (``t._neg_view()``, ``complex_t.conj().imag``): such an
+    input is read through its resolved copy (its sign was silently lost before); as an output it is refused."""
+    torch = pytest.importorskip("torch")
+    for t in (torch.tensor([1.0, -2.0, 3.0])._neg_view(), torch.tensor([1 + 2j, 3 - 4j]).conj().imag,
+              torch.tensor([1.5, 2.5], dtype=torch.bfloat16)._neg_view()):
+        assert t.is_neg()
+        want = t.resolve_neg().float().numpy()
+        assert np.array_equal(cc.decompress(cc.compress(t, codec="zstd")).astype(np.float32), want)
+    with pytest.raises(ValueError, match="out is a lazily negated or conjugated torch view"):
+        as_output(torch.zeros(3)._neg_view())
+
+
 def test_dlpack_output_aliases():
     dest = np.zeros(5, np.int64)
     as_output(DLPackOnly(dest)).array[:] = 7
