@@ -57,6 +57,22 @@ def test_zstd_frames_carry_content_size_and_level():
     assert zstandard.frame_content_size(data) == 4096
 
 
+def test_lz4_levels_are_its_high_compression_mode():
+    """level=1-12 runs LZ4's high-compression mode (cramjam's encoder ignored the level: every level wrote fast
+    mode's bytes), and every stream decodes with the format's reference decoder, as fast mode's does."""
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.integers(-3, 4, 1 << 16), dtype=np.int32)  # smooth: room for the HC match finder
+    sizes = {}
+    for level in (None, 1, 9, 12):
+        c = cc.compress(x, codec="lz4", level=level, chunk_nbytes=1 << 16)
+        assert np.array_equal(cc.decompress(c), x)
+        sizes[level] = sum(len(data) for _, _, data, _ in _chunks(c))
+        for i, stored, data, seg in _chunks(c):
+            raw = _raw(x, seg, i)
+            assert data == raw if stored else DECODERS["lz4"](data, len(raw)) == raw
+    assert sizes[12] <= sizes[9] < min(sizes[1], sizes[None])
+
+
 def test_incompressible_chunks_are_stored():
     x = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8)
     for codec in DECODERS:

@@ -39,12 +39,13 @@ class LZ4(Codec):
         return self
 
     def encode_chunk(self, src: memoryview) -> bytes:
-        import cramjam
+        # python-lz4 (liblz4's own block API): cramjam 2.14's compress_block ignores mode= and compression=, so
+        # every level gave fast mode's bytes; python-lz4's fast mode was also 1.7-2.7x faster (2-core machine)
+        import lz4.block
 
         if self.level is None:
-            return bytes(cramjam.lz4.compress_block(src, store_size=False))
-        return bytes(cramjam.lz4.compress_block(src, mode="high_compression", compression=self.level,
-                                                store_size=False))
+            return lz4.block.compress(src, store_size=False)
+        return lz4.block.compress(src, mode="high_compression", compression=self.level, store_size=False)
 
     def decode_chunk_into(self, src: memoryview, dst: memoryview) -> None:
         import cramjam
