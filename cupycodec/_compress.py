@@ -50,7 +50,7 @@ def prepare(x, *, codec: Codec | None, filters: list, chunk_nbytes, dtype, backe
     """Place ``x`` where it will be compressed and run its filters (a :class:`Job`)."""
     a = interop.as_array(x)
     arr, on_device = a.array, a.on_device
-    override = _dtype_override(dtype)
+    override = _dtype_override(dtype, a)
     if override is None and a.dtype_name != dtype_name(arr.dtype)[0]:
         override = a.dtype_name  # a bit view of a dtype NumPy/CuPy lack here (bf16 from torch on the GPU, say)
     spec = ArraySpec.of(arr, override)
@@ -152,16 +152,36 @@ def _validate(spec: ArraySpec, pipeline, codec: Codec, chunk_nbytes) -> None:
         _config.check_chunk(chunk_nbytes, _config.resolved(codec, s))
 
 
-def _dtype_override(dtype) -> str | None:
+_BITS = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # what a raw bit view is held in
+
+
+def _dtype_override(dtype, a: interop.Array) -> str | None:
+    """The logical dtype ``dtype=`` names for the input ``a``: a raw bit view (integers) holding another dtype's
+    bits, in the input's byte order. Anything else would reinterpret values (float16 read as bfloat16 bits), so it
+    is refused unless it names the input's own dtype."""
     if dtype is None:
         return None
+    order = None
     if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
-        return "BF16"
-    if isinstance(dtype, str) and dtype.isupper():
-        return dtype
-    import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
+        name = "BF16"
+    elif isinstance(dtype, str) and dtype.isupper():
+        name = dtype
+    else:
+        import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
 
-    return dtype_name(np.dtype(dtype))[0]
+        np_dtype = np.dtype(dtype)
+        name = dtype_name(np_dtype)[0]
+        order = None if np_dtype.byteorder in ("=", "|") else dtype_name(np_dtype)[1]
+    if name == a.dtype_name:
+        return name
+    if a.dtype_name not in _BITS:
+        raise TypeError(f"dtype={dtype!r} names the logical dtype of a raw bit view (e.g. uint16 bits of bfloat16), "
+                        f"but the input is {a.dtype_name}, not integers holding bits; compress it as it is (leave "
+                        "dtype out), or convert it with astype() first")
+    if order is not None and order != dtype_name(a.array.dtype)[1]:
+        raise ValueError(f"dtype={dtype!r} gives byte order {order!r}, but a bit view's byte order is the input's "
+                         f"({a.array.dtype}); view the bits with that byte order, or name the dtype without one")
+    return name
 
 
 def _check_metadata(metadata) -> dict:

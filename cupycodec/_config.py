@@ -63,6 +63,8 @@ def parse_filters(filters, quantize, granularity, axis, group_size) -> list[Filt
         if quantize != "int8":
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         out.append(Int8(granularity=granularity, axis=axis, group_size=group_size))
+    if isinstance(filters, (str, Mapping, Filter)):  # one filter, not a sequence of them (a string's letters)
+        filters = [filters]
     for f in filters or ():
         if isinstance(f, Filter):
             out.append(f)

@@ -21,6 +21,7 @@ from ._decompress import DecodeJob, Quantized
 from ._files import atomic_write, open_regular
 from .container import CompressedArray
 from .errors import DecompressionBombError, UntrustedError
+from .quant.reference import _is_int
 
 __all__ = [
     "Compressor",
@@ -288,7 +289,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
             limit = max_output_nbytes
             if limit is _UNSET:
                 limit = default_max_output_nbytes(c.nbytes) if external else None
-            elif limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            elif limit is not None and (not _is_int(limit) or limit < 0):
                 raise TypeError(f"max_output_nbytes must be a non-negative int or None, got {limit!r}")
             if limit is not None and job.out_nbytes > limit:
                 raise DecompressionBombError(job.out_nbytes, int(limit))

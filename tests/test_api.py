@@ -97,6 +97,34 @@ def test_bit_view_with_logical_dtype():
     assert _same(x, cc.decompress(c))
     with pytest.raises(ValueError, match="itemsize"):
         cc.compress(np.zeros(4, np.uint8), dtype="bfloat16")
+    # integers of every width and sign hold bits; the input's own dtype named again changes nothing
+    assert cc.compress(np.ones(3, np.int32), dtype="float32").dtype_name == "F32"
+    assert cc.compress(x, dtype="bfloat16").dtype_name == "BF16"
+    big = np.arange(3, dtype=">f4")
+    assert _same(big, cc.decompress(cc.compress(big.view(">u4"), dtype=">f4")))
+
+
+def test_one_filter_may_be_named_alone_and_limits_may_be_numpy_integers():
+    x = np.arange(1000, dtype=np.float32)
+    for one in ("byteplane", {"id": "byteplane"}):  # a string was read letter by letter: unknown filter 'b'
+        c = cc.compress(x, codec="zstd", filters=one)
+        assert [f.get_config()["id"] for f in c.pipeline] == ["byteplane"]
+        assert _same(x, cc.decompress(c, max_output_nbytes=np.int64(4000)))
+    with pytest.raises(cc.DecompressionBombError):
+        cc.decompress(c, max_output_nbytes=np.uint32(3999))
+
+
+@pytest.mark.parametrize("x,dtype,match", [
+    (np.array([1, 2, 3], np.float16), "bfloat16", r"input is F16, not integers holding bits"),
+    (np.array([1.0], np.float32), "int32", r"input is F32, not integers"),
+    (np.array([1.0], np.float32), "bfloat16", r"input is F32"),  # (and of another width)
+    (np.arange(3, dtype="<u4"), ">f4", r"byte order '>', but a bit view's byte order is the input's"),
+])
+def test_a_logical_dtype_never_reinterprets_values(x, dtype, match):
+    """dtype= names what a raw bit view's integers hold; it once read float16 values as bfloat16 bits ([1, 2, 3]
+    came back as [0.0078, 2, 32]), float bits as integers, and dropped a byte order it could not honour."""
+    with pytest.raises((TypeError, ValueError), match=match):
+        cc.compress(x, dtype=dtype)
 
 
 @pytest.mark.parametrize("bad", [np.array([{}], dtype=object), np.zeros(3, dtype="U4"),
