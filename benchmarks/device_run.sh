@@ -2,7 +2,7 @@
 # One call on the lent GPU machine (device tool): install the carried wheels (../shared/device/wheels.sh), then run
 # the named stages in order, each under its own time limit, with its log and JSON under $OUT.
 # Usage there, from the repository root, carrying .whl:  bash benchmarks/device_run.sh STAGE[:SECONDS] ...
-# (.whl: ../shared/device/wheels.sh torchao zarr==3.1.6 numcodecs donfig google-crc32c cramjam isal blosc2 blake3; zarr pinned:
+# (.whl: ../shared/device/wheels.sh torchao zarr==3.1.6 numcodecs donfig google-crc32c cramjam lz4 isal blosc2 blake3; zarr pinned:
 # 3.4 needs msgspec, which is not carried, and collection fails on its import; blosc2's library
 # serves the CPU byte planes, and five CPU tests fail on the GPU host without it.)
 # Stages: tests (the whole suite, CUPYCODEC_REQUIRE_GPU=1, so no GPU test can skip), gpu (bench_gpu --quick),

@@ -4,7 +4,9 @@ compress-model | inspect."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -83,8 +85,10 @@ def _cmd_bench(args) -> int:
     rows = bench.run({f"bf16 {args.size_mib:g} MiB": w}, codecs, device=args.device, repeat=args.repeat)
     print(bench.format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.__dict__ | {"ratio": r.ratio} for r in rows], f, indent=2)
+        from ._files import atomic_write
+
+        text = json.dumps([r.__dict__ | {"ratio": r.ratio} for r in rows], indent=2).encode()
+        atomic_write(args.json, lambda f: f.write(text))
     return 0
 
 
@@ -98,12 +102,17 @@ def _cmd_compress(args) -> int:
             raise ValueError(f"{args.input} is not a .npy file (the format numpy.save writes); save the array with "
                              "numpy.save first")
     x = np.load(args.input, mmap_mode="r", allow_pickle=False)
+    if x.dtype.kind == "V" and x.dtype.fields is None:  # what np.save writes for ml_dtypes' bfloat16 and float8
+        if args.dtype is None:
+            raise ValueError(f"{args.input} holds raw {x.dtype.itemsize}-byte records ({x.dtype.str}), as numpy.save "
+                             "writes ml_dtypes' bfloat16 and float8 arrays; name their dtype, e.g. --dtype bfloat16")
+        x = x.view(f"u{x.dtype.itemsize}")
     options = {}
     if args.level is not None:
         options["level"] = args.level
     c = cc.compress(np.asarray(x), codec=args.codec, chunk_nbytes=args.chunk_nbytes, dtype=args.dtype,
                     filters=args.filter or None, quantize=args.quantize, granularity=args.granularity or "channel",
-                    group_size=args.group_size or 128, **options)
+                    group_size=128 if args.group_size is None else args.group_size, **options)
     cc.save(args.output, c)
     print(f"{args.input} -> {args.output}: {c.raw_nbytes} -> {c.nbytes} bytes, ratio {c.ratio:.3f} ({c.codec})")
     return 0
@@ -169,6 +178,21 @@ _DESCRIPTION = ("Compress NumPy arrays into cupycodec containers and back, inspe
                 "bench, compress, decompress, compress-model, inspect.")
 
 
+def _positive(kind):
+    """An argparse type: ``kind`` (int or float) greater than 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import registry
 
@@ -181,21 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_info)
 
     s = sub.add_parser("demo", help="compress real arrays with every codec and print ratios and speeds")
-    s.add_argument("--size-mib", type=float, default=32.0, help="size of the synthetic data if no real weights "
-                   "(default: %(default)s)")
-    s.add_argument("--codecs", nargs="*", metavar="CODEC", help=f"codecs to run (default: all usable; "
-                   f"{', '.join(codecs)})")
-    s.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default: %(default)s)")
+    s.add_argument("--size-mib", type=_positive(float), default=32.0, help="size of the synthetic data if no real "
+                   "weights (default: %(default)s)")
+    s.add_argument("--codecs", nargs="*", choices=codecs, metavar="CODEC", help=f"codecs to run (default: all "
+                   f"usable; {', '.join(codecs)})")
+    s.add_argument("--repeat", type=_positive(int), default=3, help="timed runs per measurement (default: "
+                   "%(default)s)")
     s.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is usable")
     s.add_argument("--no-llm", action="store_true", help="skip the PyTorch part (compress_model on an LLM)")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("bench", help="ratio and speed per codec on weight-like bf16 data")
-    s.add_argument("--size-mib", type=float, default=64.0, help="data size (default: %(default)s)")
+    s.add_argument("--size-mib", type=_positive(float), default=64.0, help="data size (default: %(default)s)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: %(default)s)")
-    s.add_argument("--codecs", nargs="*", metavar="CODEC", help=f"codecs to run (default: all usable; "
-                   f"{', '.join(codecs)})")
-    s.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
+    s.add_argument("--codecs", nargs="*", choices=codecs, metavar="CODEC", help=f"codecs to run (default: all "
+                   f"usable; {', '.join(codecs)})")
+    s.add_argument("--repeat", type=_positive(int), default=5, help="timed runs per measurement (default: "
+                   "%(default)s)")
     s.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     s.set_defaults(fn=_cmd_bench)
 
@@ -204,17 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="the container file to write (atomically)")
     s.add_argument("--codec", default="auto", choices=codecs, metavar="CODEC",
                    help=f"one of {', '.join(codecs)} (default: %(default)s: the best lossless choice here)")
-    s.add_argument("--level", type=int, help="compression level, for codecs that have one (zstd: 1-22; deflate, "
-                   "gzip: 0-9); default: the codec's")
+    s.add_argument("--level", type=int, help="compression level, for codecs that have one (zstd: 1-22, or "
+                   "negative for its fast modes; deflate, gzip: 0-9; lz4: 1-12, its high-compression mode); default: "
+                   "the codec's")
     s.add_argument("--chunk-nbytes", type=int, metavar="N", help="uncompressed bytes per chunk, a multiple of 16 "
                    "up to 16 MiB (default: per codec, e.g. 64 KiB for zstd, 1 MiB for raw)")
-    s.add_argument("--dtype", help="logical dtype of a bit view, e.g. bfloat16 for a uint16 .npy")
+    s.add_argument("--dtype", help="logical dtype of a bit view, e.g. bfloat16 for a uint16 .npy (or for the raw "
+                   "2-byte records a .npy of ml_dtypes' bfloat16 holds)")
     s.add_argument("--filter", action="append", help="pipeline filter id (repeatable), e.g. byteplane")
     s.add_argument("--quantize", choices=["int8"], help="lossy INT8 quantization (default: lossless)")
     s.add_argument("--granularity", choices=["channel", "group", "tensor"],
                    help="with --quantize: one scale per channel (default), per group or per tensor")
-    s.add_argument("--group-size", type=int, help="with --quantize --granularity group: elements per group "
-                   "(default: 128)")
+    s.add_argument("--group-size", type=_positive(int), help="with --quantize --granularity group: elements per "
+                   "group (default: 128)")
     s.set_defaults(fn=_cmd_compress)
 
     s = sub.add_parser("decompress", help="decompress a container into a .npy file")
@@ -237,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "uncompressed (repeatable)")
     s.add_argument("--granularity", choices=["channel", "group"], default="channel",
                    help="INT8 scales per output channel or per group of inputs (default: %(default)s)")
-    s.add_argument("--group-size", type=int, default=128, help="inputs per group (default: %(default)s)")
+    s.add_argument("--group-size", type=_positive(int), default=128, help="inputs per group (default: %(default)s)")
     s.add_argument("--codec", help="payload codec (default: ans on a GPU, zstd-based on the CPU)")
     s.add_argument("--device", help="where to load and compress (default: cuda when usable, else cpu)")
     s.add_argument("--max-shard-size", default="50GB", help="largest shard, e.g. 5GB or 500MiB (default: %(default)s)")
@@ -255,12 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compress" and args.quantize is None and (args.granularity or args.group_size):
+    if args.command == "compress" and args.quantize is None and (args.granularity or args.group_size is not None):
         parser.error("--granularity and --group-size apply to --quantize int8 only")
     from .errors import CupycodecError
 
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as other tools do
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CupycodecError, OSError, ValueError, TypeError) as exc:
         print(f"cupycodec {args.command}: error: {exc}", file=sys.stderr)
         return 2

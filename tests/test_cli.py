@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -142,6 +144,44 @@ def test_a_symbolic_link_is_written_through_to_its_target(tmp_path):
     os.symlink("new.cc", tmp_path / "dangling.cc")
     cc.save(tmp_path / "dangling.cc", cc.compress(x))
     assert os.path.islink(tmp_path / "dangling.cc") and np.array_equal(cc.decompress(cc.load(tmp_path / "new.cc")), x)
+
+
+def test_numbers_that_must_be_positive_are_checked_by_the_parser(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.arange(256, dtype=np.float32).reshape(2, 128))
+    for argv in (["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.cc"), "--quantize", "int8",
+                  "--granularity", "group", "--group-size", "0"],  # stored as 128 before
+                 ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.cc"), "--group-size", "0"],
+                 ["bench", "--repeat", "0"], ["demo", "--size-mib", "-1"], ["demo", "--codecs", "nope"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert re.search(r"must be greater than 0|invalid choice: 'nope'|apply to --quantize", capsys.readouterr().err)
+    assert not (tmp_path / "x.cc").exists()
+
+
+def test_a_npy_of_ml_dtypes_bfloat16_compresses_with_its_dtype_named(tmp_path, capsys):
+    """numpy.save writes ml_dtypes' bfloat16 as raw 2-byte records (|V2); --dtype names what they hold."""
+    x = (np.arange(64, dtype=np.float32) / 7).astype(ml_dtypes.bfloat16)
+    np.save(tmp_path / "w.npy", x)
+    assert main(["compress", str(tmp_path / "w.npy"), str(tmp_path / "w.cc")]) == 2
+    err = capsys.readouterr().err
+    assert "raw 2-byte records (|V2)" in err and "--dtype bfloat16" in err
+    assert main(["compress", str(tmp_path / "w.npy"), str(tmp_path / "w.cc"), "--dtype", "bfloat16"]) == 0
+    y = cc.decompress(cc.load(tmp_path / "w.cc"))
+    assert y.dtype == x.dtype and np.array_equal(y.view(np.uint16), x.view(np.uint16))
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """``cupycodec inspect x.cc | head`` printed "error: [Errno 32] Broken pipe" and returned 2."""
+    cc.save(tmp_path / "x.cc", cc.compress(np.arange(10)))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cupycodec", "inspect", str(tmp_path / "x.cc")], stdout=w,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1 and proc.stderr == ""
 
 
 def test_decompress_writes_exactly_the_given_path_atomically(tmp_path, capsys, monkeypatch):
