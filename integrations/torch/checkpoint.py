@@ -51,7 +51,7 @@ from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersio
 
 from . import _signing
 from ._shards import INDEX, WEIGHTS, ShardFile, write_shards
-from .dlpack import dtype_name, host_bits
+from .dlpack import TORCH_DTYPES, dtype_name, host_bits
 from .linear import MODES, CompressedLinear
 from .model import install
 
@@ -208,7 +208,15 @@ class Checkpoint:
                               f"{sorted(stored - listed)[:5]}, in the metadata only {sorted(listed - stored)[:5]}")
 
     def _files(self) -> list[str]:
+        # A save removes the other layout's files (write_shards; save_pretrained through the quantizer), so both
+        # here are two saves, one of them stale, and which is which cannot be told: transformers would read
+        # model.safetensors whichever it is, and load the older model without a word
         index = os.path.join(self.directory, INDEX)
+        if os.path.exists(os.path.join(self.directory, WEIGHTS)):
+            if os.path.exists(index):
+                raise FormatError(f"{self.directory} holds both {WEIGHTS} and {INDEX}: files of two saves, one of "
+                                  "them stale; remove the older, or save again into an empty directory")
+            return [WEIGHTS]
         if os.path.exists(index):
             with open(index, "rb") as f:
                 try:
@@ -225,9 +233,7 @@ class Checkpoint:
                     raise FileNotFoundError(f"shard {n} is missing from {self.directory} (listed in {INDEX}); "
                                             "copy the whole checkpoint directory")
             return names
-        if not os.path.exists(os.path.join(self.directory, WEIGHTS)):
-            raise FileNotFoundError(f"{self.directory} holds neither {WEIGHTS} nor {INDEX}: not a checkpoint")
-        return [WEIGHTS]
+        raise FileNotFoundError(f"{self.directory} holds neither {WEIGHTS} nor {INDEX}: not a checkpoint")
 
     def close(self) -> None:
         for shard in self.shards.values():
@@ -318,7 +324,7 @@ def _plan(ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, truste
     for name, entry in table.tensors.items():
         if name in layer_keys:
             continue
-        where = f"{ckpt.where[name]}: tensor {name!r}"
+        where = f"{os.path.join(ckpt.directory, ckpt.where[name])}: tensor {name!r}"
         if entry["role"] != "dense":
             raise FormatError(f"{where} is a {entry['role']!r} tensor of no compressed layer in the metadata")
         target = state.get(name)
@@ -358,7 +364,7 @@ def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str |
     """Check what the file and metadata say of tensor ``name`` against ``target`` (the model's, or a layer's own
     buffer for ``attr``), and that it can be decoded under this trust."""
     file = ckpt.where[name]
-    where = f"{file}: tensor {name!r}"
+    where = f"{os.path.join(ckpt.directory, file)}: tensor {name!r}"
     entry, info = ckpt.table.tensors[name], ckpt.shards[file].tensors[name]
     role = entry["role"]
     want_role = {"packed": "packed", "qweight": "plain", "scale": "plain"}.get(attr or "", "dense")
@@ -384,8 +390,13 @@ def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str |
     if role == "packed":
         target = torch.empty((layer.out_features, layer.in_features), dtype=layer.weight_dtype, device="meta")
     if shape != tuple(target.shape) or dt != dtype_name(target.dtype):
+        # a checkpoint holds each tensor in one dtype, read back as it is: a model of another dtype is refused
+        own = str(TORCH_DTYPES.get(dt, dt))
+        hint = "" if shape != tuple(target.shape) else (
+            f": the checkpoint holds {own} tensors; load it in its own dtype (from_pretrained: dtype=\"auto\" or "
+            f"{own}; load_compressed(directory, model): a model in {own})")
         raise ValueError(f"{where} holds {dt}{list(shape)}; the model expects {dtype_name(target.dtype)}"
-                         f"{list(target.shape)}")
+                         f"{list(target.shape)}{hint}")
     if not trusted:
         bad = _untrusted_codec(prefix, where)
         if bad is not None or (role == "packed" and device.type == "cuda"):
@@ -735,10 +746,13 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     ----------
     directory : str or PathLike
     model : torch.nn.Module, optional
-        The model to load into (its Linear layers are replaced by the checkpoint's compressed ones, its other
-        tensors by the checkpoint's). Build it on the meta device (``with torch.device("meta"): ...``) so that it
-        never holds uncompressed weights. Without it, a transformers checkpoint is loaded through
-        ``from_pretrained``.
+        The model to load into, built as it was saved (same shapes and dtype): its Linear layers are replaced by the
+        checkpoint's compressed ones, its other tensors by the checkpoint's. Without it, a transformers checkpoint
+        (one with a ``config.json``) is loaded through ``from_pretrained``, which builds the model empty and never
+        holds uncompressed weights: prefer that for a transformers model. A model built on the meta device
+        (``with torch.device("meta"): ...``) loads only if the checkpoint holds every tensor it needs, and
+        non-persistent buffers are never in a checkpoint (a transformers LLM's rotary ``inv_freq``, for one): build
+        such a model on the CPU.
     device : str or torch.device, optional
         Where the tensors go: default the model's device, else CUDA when available, else the CPU.
     trusted : bool
@@ -746,9 +760,10 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     key : bytes, optional
         The key the checkpoint was signed with (default: this user's, when it signed it); its MACs are checked.
     strict : bool
-        Require the checkpoint to cover every tensor of the model's state dict.
+        Require the checkpoint to cover every tensor of the model's state dict (without ``model``: of the model
+        its ``config.json`` describes), checked before any tensor is read.
     progress : bool
-        Show a tqdm progress bar.
+        Show a tqdm progress bar (without ``model``: transformers' loading bars).
     offload : {"cpu", None}
         ``"cpu"``: load onto the host, then place the model on the GPU (``device``, else the current one) with its
         blocks' compressed weights in pinned host memory (:func:`~cupycodec.integrations.torch.offload_model`; its
@@ -759,7 +774,7 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     Raises
     ------
     FileNotFoundError
-        A missing directory or shard (named).
+        A missing directory or shard (named); without ``model``, a directory without a ``config.json``.
     cupycodec.FormatError
         A truncated, corrupt (:class:`~cupycodec.ChecksumError`) or newer (:class:`~cupycodec.UnsupportedVersionError`)
         file, naming the file and the tensor.
@@ -791,7 +806,8 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     if model is None:
         from . import hf
 
-        return hf.from_pretrained(directory, device=device, trusted=trusted, key=key)
+        return hf.from_pretrained(directory, device=device, trusted=trusted, key=key, strict=strict,
+                                  progress=progress)
     device = _device(device, model)
     t0 = time.perf_counter()
     with Checkpoint(directory) as ckpt:

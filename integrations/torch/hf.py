@@ -18,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import time
 import warnings
 
 import torch
 
-from cupycodec.errors import UnsupportedVersionError
+import cupycodec as cc
+from cupycodec.errors import FormatError, UnsupportedVersionError
 
 from . import _signing
+from ._shards import INDEX, WEIGHTS
 from .checkpoint import (
     DEFAULT_SHARD_SIZE,
     FORMAT_VERSION,
@@ -91,6 +94,9 @@ class CupycodecConfig(QuantizationConfigMixin):
     trusted, key
         Loading only, never saved: vouch for a checkpoint, or give the key it was signed with (see
         :func:`~cupycodec.integrations.torch.load_compressed`).
+    strict : bool
+        Loading only, never saved: refuse a checkpoint that lacks tensors of the model ``config.json`` describes,
+        before reading any (transformers' default, kept here, loads it and initializes the missing ones at random).
     offload, max_gpu_memory, offload_device
         Loading only, never saved: once loaded (load onto the host: no ``device_map``, or ``device_map="cpu"``),
         place the model on ``offload_device`` (default: the current CUDA device) with its blocks' compressed
@@ -98,11 +104,22 @@ class CupycodecConfig(QuantizationConfigMixin):
         :func:`~cupycodec.integrations.torch.offload_model`; its report is ``model.cupycodec_offload``).
     """
 
+    # What config.json holds (to_dict); from_dict takes nothing else from a file
+    _SAVED = ("quant_method", "mode", "granularity", "group_size", "codec", "modules_to_convert",
+              "modules_to_not_convert", "format_version")
+
     def __init__(self, mode: str = "int8", granularity: str = "channel", group_size: int = 128,
                  codec: str | None = None, modules_to_convert: list[str] | None = None,
                  modules_to_not_convert: list[str] | None = None,
                  format_version: int = FORMAT_VERSION, trusted: bool = False, key=None, offload: str | None = None,
-                 max_gpu_memory=None, offload_device=None, **kwargs):
+                 max_gpu_memory=None, offload_device=None, strict: bool = False, **kwargs):
+        if kwargs.pop("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise ValueError(f"CupycodecConfig is quant_method {QUANT_METHOD!r}")
+        if kwargs:  # a typo would otherwise be ignored (config.json's keys of newer writers go through from_dict)
+            import inspect
+
+            takes = [p for p in inspect.signature(CupycodecConfig.__init__).parameters if p not in ("self", "kwargs")]
+            raise TypeError(f"CupycodecConfig got unexpected arguments {sorted(kwargs)}; it takes {', '.join(takes)}")
         self.quant_method = QUANT_METHOD
         if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
             raise UnsupportedVersionError("cupycodec checkpoint format (quantization_config)", format_version,
@@ -125,10 +142,14 @@ class CupycodecConfig(QuantizationConfigMixin):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"quantization_config: modules_to_convert pattern {pattern!r}: {exc}") from None
+        _check_codec(codec)
+        for name, flag in (("trusted", trusted), ("strict", strict)):
+            if not isinstance(flag, bool):  # "yes", 0, None: a trust decision is never guessed from a truthy value
+                raise TypeError(f"quantization_config: {name} must be True or False, got {flag!r}")
         self.granularity, self.group_size, self.codec = granularity, group_size, codec
         self.modules_to_convert, self.modules_to_not_convert = modules_to_convert, modules_to_not_convert
         self.format_version = FORMAT_VERSION
-        self.trusted, self.key = trusted, key
+        self.trusted, self.key, self.strict = trusted, key, strict
         from .offload import check_options
 
         try:
@@ -136,7 +157,15 @@ class CupycodecConfig(QuantizationConfigMixin):
         except ValueError as exc:
             raise ValueError(f"quantization_config: {exc}") from None
         self.offload, self.max_gpu_memory, self.offload_device = offload, max_gpu_memory, offload_device
-        kwargs.pop("quant_method", None)  # from config.json; anything else is from a newer writer: ignored
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        """The configuration ``config.json`` holds (transformers builds it with this). Only the keys :meth:`to_dict`
+        writes are taken: others are a newer writer's, ignored as the format's unknown keys are, and loading
+        attributes (``trusted``, ``key``, ``offload``, ...) never come from a checkpoint's own files: a checkpoint
+        that says ``"trusted": true`` must not vouch for itself."""
+        config_dict = {k: v for k, v in config_dict.items() if k in cls._SAVED}
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "mode": self.mode, "granularity": self.granularity,
@@ -148,10 +177,26 @@ class CupycodecConfig(QuantizationConfigMixin):
 
     def get_loading_attributes(self) -> dict:
         return {"trusted": self.trusted, "key": self.key, "offload": self.offload,
-                "max_gpu_memory": self.max_gpu_memory, "offload_device": self.offload_device}
+                "max_gpu_memory": self.max_gpu_memory, "offload_device": self.offload_device, "strict": self.strict}
 
     def __repr__(self):
         return f"CupycodecConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'quant_method')})"
+
+
+def _check_codec(codec) -> None:
+    """Refuse a codec no registered class implements, when the config is made: later, it fails inside
+    transformers' per-tensor conversions (or, in int8 mode, which stores no payload, is never looked at)."""
+    if codec is None or codec == "auto":
+        return
+    if not isinstance(codec, str):
+        raise TypeError(f"quantization_config: codec must be a codec id (str) or None, got {codec!r}")
+    from cupycodec import registry
+
+    known = registry.registered_codecs()
+    if codec not in known:
+        exc = cc.UnknownCodecError(codec, [*known, "auto"])
+        prefix_message(exc, "quantization_config")
+        raise exc
 
 
 class _Same(ConversionOps):
@@ -174,11 +219,40 @@ class _Op(ConversionOps):
     def reverse_op(self) -> ConversionOps:
         return _Same()
 
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        """``_convert``, its first error kept on the quantizer and raised by it once transformers has loaded.
+        transformers catches every error of a conversion, keeps its text for a report that an application may
+        silence, and raises a RuntimeError of its own that names nothing; a tensor skipped here reads as missing
+        instead, and the quantizer's last hook raises the error itself, type and message as they were. Once a
+        conversion has failed the others are not done: the load is lost, and their tensors would only be read."""
+        q = self.hf_quantizer
+        if q._error is None:
+            try:
+                return self._convert(input_dict, full_layer_name, model)
+            except Exception as exc:
+                q._fail(exc)
+                # transformers' report would list the skipped tensors as missing, "newly initialized": the load
+                # fails instead, with this error
+                model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()), ".*"}
+        return self._skip(input_dict, full_layer_name, model)
+
+    def _skip(self, input_dict, full_layer_name, model) -> dict:
+        return {}
+
 
 class _Compress(_Op):
     """bf16 weight in, compressed layer buffers out (compress-while-loading)."""
 
-    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+    def _skip(self, input_dict, full_layer_name, model) -> dict:
+        # the placeholder still gets an empty tensor: one that transformers counted missing would be allocated whole
+        try:
+            placeholder = model.get_submodule(full_layer_name.rpartition(".")[0])._parameters["weight"]
+            (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
+            return {full_layer_name: torch.empty(0, dtype=placeholder.dtype, device=value.device)}
+        except Exception:  # the error that stopped the load is raised later; this is only a placeholder
+            return {}
+
+    def _convert(self, input_dict, full_layer_name, model):
         (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
         fqn = full_layer_name.rpartition(".")[0]
         layer = model.get_submodule(fqn)
@@ -211,7 +285,7 @@ class _Compress(_Op):
 class _Load(_Op):
     """A checkpoint tensor in (on the host), checked (CRCs, MACs) and made ready for the model, out."""
 
-    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+    def _convert(self, input_dict, full_layer_name, model):
         (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
         q = self.hf_quantizer
         ckpt = q._ckpt
@@ -240,7 +314,21 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._reports: list[LayerReport] = []
         self.offloaded = False  # some of the model's blocks live in host memory (set by .offload)
         self._skipped: dict[str, str] = {}
+        self._error: BaseException | None = None  # the first error of a conversion, raised once transformers is done
         self._t0 = time.perf_counter()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Keep the first error of a conversion (see ``_Op.convert``) and stop the checks: the load is lost."""
+        if self._error is None:
+            self._error = exc
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Stop and drop the pending CRC and MAC checks (their threads too) and what the load held."""
+        checks, self._checks, self._placed = self._checks, None, None
+        if checks is not None:
+            checks.abandon()
+        self._ckpt = self._plan = None
 
     def validate_environment(self, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -305,26 +393,40 @@ class CupycodecHfQuantizer(HfQuantizer):
                              f"{dict(list(self._skipped.items())[:5])})")
 
     def _prepare_load(self, model, checkpoint_files, device_map) -> None:
-        if not checkpoint_files:
-            raise ValueError("a cupycodec checkpoint needs its safetensors files")
-        directory = os.path.dirname(checkpoint_files[0])
-        ckpt = Checkpoint(directory)
-        ckpt.close()  # transformers reads the tensors; the table is what is needed here
+        ckpt = _open_checkpoint(checkpoint_files)
+        directory = ckpt.directory
         self._ckpt = ckpt
         cfg = self.quantization_config
         self._mac_key = _trust(ckpt.table, cfg.trusted, cfg.key)
         self._trusted = cfg.trusted or self._mac_key is not None
+        swapped = []
         for fqn, layer_cfg in ckpt.table.layers.items():
+            where = f"{directory}: layer {fqn!r}"
             try:
                 module = model.get_submodule(fqn)
             except AttributeError:
-                raise ValueError(f"{directory}: layer {fqn!r} is not in this {type(model).__name__}") from None
-            if _is_linear(module):
-                set_module(model, fqn, CompressedLinear.from_config(layer_cfg, device="meta"))
+                raise ValueError(f"{where} is not in this {type(model).__name__}") from None
+            if not _is_linear(module):
+                continue  # _plan names what is there instead
+            try:
+                layer = CompressedLinear.from_config(layer_cfg, device="meta")
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            # config.json built the model: a layer of another shape is a config.json of another model (or edited),
+            # which transformers refuses for plain weights, and which would load here and fail at forward, or not
+            if (module.in_features, module.out_features, module.bias is not None) != \
+                    (layer.in_features, layer.out_features, layer.bias is not None):
+                raise ValueError(f"{where} holds a Linear({layer.in_features}, {layer.out_features}, "
+                                 f"bias={layer.bias is not None}); the model that config.json describes has "
+                                 f"Linear({module.in_features}, {module.out_features}, "
+                                 f"bias={module.bias is not None}) there (a config.json of another model?)")
+            set_module(model, fqn, layer)
+            swapped.append(fqn)
+        _untie(model, swapped)
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map or "cpu"}
         device = torch.device("cuda") if any("cuda" in str(d) or isinstance(d, int) for d in devices) else \
             torch.device("cpu")
-        self._plan = _plan(ckpt, model, device, self._trusted, strict=False)
+        self._plan = _plan(ckpt, model, device, self._trusted, strict=cfg.strict)
         self._checks = Checks()  # CRCs and MACs of the tensors transformers hands over, on worker threads
         # tensors bound for a GPU: their CRCs checked there, once transformers has placed them all
         self._placed = PlacedChecks() if device.type == "cuda" else None
@@ -353,6 +455,10 @@ class CupycodecHfQuantizer(HfQuantizer):
         return [WeightConverter(["^(.+)$"], [r"\1"], [_Load(self)], force_cpu=True)]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._error is not None:  # a conversion failed (see _Op.convert): its error, as it was raised
+            self._abandon()
+            error, self._error = self._error, None
+            raise error
         if self._checks is not None:  # every CRC and MAC of the checkpoint, before the model is handed out
             checks, self._checks = self._checks, None
             placed, self._placed = self._placed, None
@@ -411,7 +517,70 @@ class CupycodecHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         key = _signing.local_key(create=True)
         tensors, metadata = checkpoint_state(model, key=key)
+        _clear_earlier_save(model)
         return tensors, metadata
+
+
+def _open_checkpoint(checkpoint_files) -> Checkpoint:
+    """The checkpoint whose files transformers chose, its table read (its files closed again: transformers reads
+    the tensors). transformers joins an index's entries to the directory unchecked, so an entry
+    ``../other/model.safetensors`` puts a file in another directory; the reader refuses that (and any file of
+    another name than its own choice), as :func:`load_compressed` does."""
+    if not checkpoint_files:
+        raise ValueError("a cupycodec checkpoint needs its safetensors files")
+    directories = sorted({os.path.normpath(os.path.dirname(os.fspath(f))) for f in checkpoint_files})
+    if len(directories) != 1:
+        raise FormatError(f"{INDEX} names shards outside the checkpoint directory: the files transformers was "
+                          f"given are in {', '.join(directories)}")
+    ckpt = Checkpoint(directories[0])
+    ckpt.close()  # transformers reads the tensors; the table is what is needed here
+    given = sorted(os.path.basename(os.fspath(f)) for f in checkpoint_files)
+    if given != sorted(ckpt.files):
+        raise FormatError(f"{ckpt.directory}: transformers reads {given[:3]}, its checkpoint is {ckpt.files[:3]} "
+                          "(files of another save left there? save it again into an empty directory)")
+    return ckpt
+
+
+def _untie(model, fqns) -> None:
+    """Drop transformers' ties of the weights of compressed layers ``fqns``. An output head tied to the embedding and
+    compressed anyway (``compress_model`` with a ``filter_fn`` that takes it) holds a compressed copy of its own,
+    stored as a layer apart from the embedding; tied, transformers would reach for its ``weight`` (which a
+    :class:`CompressedLinear` has not) when loading it or tying weights again. ``config.json`` keeps saying tied: some
+    models read that flag in their forward (T5 scales its logits), and the model should compute as it did."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict) or not tied:
+        return
+    weights = {f"{fqn}.weight" for fqn in fqns}
+    for target, source in list(tied.items()):
+        if target in weights or source in weights:
+            del tied[target]
+
+
+def _clear_earlier_save(model) -> None:
+    """Remove ``model.safetensors`` and its index from the directory ``save_pretrained`` is saving ``model`` into,
+    before it writes there, as :func:`save_compressed` does (``write_shards``). transformers removes the shards of an
+    earlier save that it does not overwrite, but not these two: after a sharded save over a one-file one, the stale
+    ``model.safetensors`` is what transformers (and so this reader) loads, and after a one-file save over a sharded
+    one, the index names shards that are gone. transformers tells a quantizer nothing of the save, so the directory
+    is taken from the ``save_pretrained`` call on the stack; with none there (another caller), nothing is removed."""
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "save_pretrained" and
+                                     frame.f_locals.get("self") is model):
+        frame = frame.f_back
+    if frame is None:
+        return
+    local = frame.f_locals
+    del frame
+    directory = local.get("save_directory")
+    # a variant's files have other names, an adapter save (PEFT) writes adapter files only, and other ranks of a
+    # distributed save write nothing
+    if directory is None or local.get("variant") is not None or local.get("_hf_peft_config_loaded") or \
+            not local.get("save_on_this_rank", True):
+        return
+    for name in (WEIGHTS, INDEX):
+        path = os.path.join(os.fspath(directory), name)
+        if os.path.isfile(path) or os.path.islink(path):  # a link: unlinked, never written through
+            os.unlink(path)
 
 
 def _tensor_of(model, name: str) -> torch.Tensor:
@@ -464,12 +633,48 @@ def attach(model, mode: str, granularity: str, group_size: int, codec: str | Non
     model.hf_quantizer = CupycodecHfQuantizer(cfg, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    _untie(model, [fqn for fqn, m in model.named_modules() if isinstance(m, CompressedLinear)])
 
 
-def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=None, **kwargs):
-    """Load a transformers checkpoint of cupycodec's with the class its ``config.json`` names, onto ``device``."""
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """transformers' progress bars off while loading, when ``enabled`` is False (they are a process-wide setting,
+    put back as it was)."""
     import transformers
 
+    on = transformers.utils.logging.is_progress_bar_enabled()
+    if on and not enabled:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if on and not enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _local_model_dir(directory: str, what: str, *, not_a_dir: str = "", no_config: str = "") -> None:
+    """Refuse a ``directory`` that is not a local one with a ``config.json``, with the hint that fits: transformers
+    would look a name that is not a directory up on the Hugging Face Hub (retrying for tens of seconds offline)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory: {what} takes a local model directory{not_a_dir}")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{directory} has no config.json, so it is not a transformers model directory"
+                                f"{no_config}")
+
+
+def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=None, strict: bool = False,
+                    progress: bool = True, **kwargs):
+    """Load a transformers checkpoint of cupycodec's with the class its ``config.json`` names, onto ``device``.
+
+    ``strict``: refuse a checkpoint that lacks tensors of the model ``config.json`` describes (before reading any);
+    ``progress``: False hides transformers' progress bars.
+    """
+    import transformers
+
+    directory = os.fspath(directory)
+    _local_model_dir(directory, "loading a compressed checkpoint", no_config=(
+        "; a checkpoint of a model that is not a transformers model (save_compressed of a torch.nn.Module) loads "
+        "into that model: load_compressed(directory, model=the model, built as it was saved)"))
     config = transformers.AutoConfig.from_pretrained(directory)
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
@@ -484,10 +689,11 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
         kwargs.setdefault("device_map", {"": str(torch.device(device))})
     elif torch.cuda.is_available():
         kwargs.setdefault("device_map", {"": f"cuda:{torch.cuda.current_device()}"})
-    with warnings.catch_warnings():  # "you passed a quantization_config ... loading attributes will be overwritten"
+    with warnings.catch_warnings(), _progress_bars(progress):
+        # "you passed a quantization_config ... loading attributes will be overwritten"
         warnings.filterwarnings("ignore", message=".*quantization_config.*")
-        return cls.from_pretrained(directory, quantization_config=CupycodecConfig(trusted=trusted, key=key),
-                                   **kwargs)
+        return cls.from_pretrained(directory, quantization_config=CupycodecConfig(trusted=trusted, key=key,
+                                                                                  strict=strict), **kwargs)
 
 
 def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = "channel", group_size: int = 128,
@@ -509,8 +715,13 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
     from .checkpoint import save_compressed
 
     input_dir, output_dir = os.fspath(input_dir), os.fspath(output_dir)
+    # checked before anything loads: a Hub id (or a typo) would go to huggingface.co, and the copy of the other
+    # files below reads the input directory once the output is written
+    _local_model_dir(input_dir, "compress-model", not_a_dir=" (a model on the Hugging Face Hub: download it "
+                     "first, e.g. hf download ID --local-dir DIR)")
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise ValueError("compress-model writes a new directory; give an output other than the input")
+    device = _work_device(device)
     config = transformers.AutoConfig.from_pretrained(input_dir)
     if getattr(config, "quantization_config", None) is not None:
         qc = config.quantization_config
@@ -520,15 +731,8 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
     cls = (getattr(transformers, arch, None) if arch else None) or transformers.AutoModelForCausalLM
     qc = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec,
                          modules_to_convert=modules_to_convert, modules_to_not_convert=modules_to_not_convert)
-    device = str(torch.device(device)) if device is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    try:
+    with _progress_bars(progress):
         model = cls.from_pretrained(input_dir, quantization_config=qc, device_map={"": device}, dtype="auto")
-    finally:
-        if bars and not progress:
-            transformers.utils.logging.enable_progress_bar()
     written = set(save_compressed(model, output_dir, max_shard_size=max_shard_size, key=key))
     skip = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack)$|.*\.index\.json$")
     for name in sorted(os.listdir(input_dir)):
@@ -538,6 +742,23 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
             continue
         atomic_write_path(os.path.join(output_dir, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
     return model.cupycodec_report
+
+
+def _work_device(device) -> str:
+    """``device`` for compressing (default: the first GPU when usable, else the CPU), refused here when unusable:
+    torch would fail later, with an assertion, once the model is being loaded."""
+    if device is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is usable here (torch.cuda.is_available() is False); "
+                         "compress on the CPU ('cpu')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return str(dev)
 
 
 def register() -> None:

@@ -7,6 +7,7 @@ import base64
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -568,3 +569,213 @@ def test_an_empty_layer_of_the_same_configuration_is_its_own_probe():
     assert not _empty_as(torch.nn.Linear(64, 32), cfg)
     with pytest.raises(ValueError, match="sizes must be positive integers"):
         CompressedLinear.from_config({**cfg, "bias": 1}, device="meta")
+
+
+# -- through transformers: what save_pretrained leaves, what from_pretrained checks ----------------------------------
+
+
+def _edit_config(out, **changes):
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(changes)
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def test_save_pretrained_over_a_checkpoint_of_another_layout_leaves_none_of_its_files(bf16_dir, tmp_path):
+    a, b = _compressed(bf16_dir, "int8"), _compressed(bf16_dir, "lossless")
+    want_a, want_b = _logits(a), _logits(b)
+    assert not torch.equal(want_a, want_b)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # not a checkpoint's file: left alone
+    a.save_pretrained(out)  # one file, then shards over it
+    b.save_pretrained(out, max_shard_size="40KB")
+    assert "model.safetensors" not in os.listdir(out) and len(_shards(out)) > 1
+    assert torch.equal(_logits(_load(out)), want_b)  # transformers took the stale model.safetensors first
+    assert torch.equal(_logits(load_compressed(out, _fresh(), progress=False)), want_b)
+    a.save_pretrained(out)  # shards, then one file over them
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "tokenizer.json"]
+    assert torch.equal(_logits(_load(out)), want_a)
+    # an index beside model.safetensors (left by another tool, or by a save that could not clear it): which save is
+    # the stale one cannot be told, and transformers would read model.safetensors whichever it is, so both readers
+    # refuse rather than load what may be the older model
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    for load in (lambda: load_compressed(out, _fresh(), progress=False), lambda: _load(out)):
+        with pytest.raises(cc.FormatError, match="holds both model.safetensors and model.safetensors.index.json: "
+                                                 "files of two saves"):
+            load()
+
+
+def _checks_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("cupycodec-checks")]
+
+
+@pytest.mark.parametrize("tensor", ["model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"])
+def test_a_corrupt_dense_tensor_raises_the_library_error_through_from_pretrained(saved, tensor):
+    _, out = saved
+    shard = next(out / n for n in _shards(out) if tensor in ShardFile(out / n).tensors)
+    with ShardFile(shard) as f:
+        pos = (f.tensors[tensor].start + f.tensors[tensor].end) // 2
+    flip_bits(shard, pos, 0x01)
+    transformers.utils.logging.set_verbosity_error()  # an application that silences transformers' report
+    try:
+        for load in (lambda: load_compressed(out, device="cpu", progress=False), lambda: _load(out)):
+            with pytest.raises(cc.ChecksumError, match=rf"{shard.name}: tensor '{tensor}': checksum mismatch"):
+                load()
+            assert not _checks_threads()  # the checks' pool was shut down
+    finally:
+        transformers.utils.logging.set_verbosity_warning()
+
+
+def test_a_packed_layer_whose_header_differs_is_named_through_from_pretrained(saved):
+    _, out = saved
+    name = "model.layers.0.mlp.up_proj.packed"
+    shard = next(out / n for n in _shards(out) if name in ShardFile(out / n).tensors)
+    with ShardFile(shard) as f:
+        pos = f.tensors[name].start + 20  # in the container's header, which the metadata also holds
+    flip_bits(shard, pos, 0x01)
+    with pytest.raises(cc.FormatError, match=rf"{shard.name}: tensor '{name}': .*differ from the metadata's copy"):
+        _load(out)
+    assert not _checks_threads()
+
+
+def test_an_error_while_compressing_reaches_the_caller(bf16_dir, monkeypatch):
+    def fail(self, w, codec, home):
+        raise ValueError("no room for it")
+
+    monkeypatch.setattr(CompressedLinear, "_compress", fail)
+    with pytest.raises(ValueError, match=r"^layer 'model.layers.0.[a-z_.]+': no room for it$"):
+        _load(bf16_dir, quantization_config=CupycodecConfig(mode="int8"))
+
+
+def test_load_compressed_of_a_directory_honours_strict_and_progress(saved, capfd):
+    _, out = saved
+    _edit_config(out, num_hidden_layers=3)  # a model with a layer the checkpoint lacks
+    with pytest.raises(ValueError, match=r"lacks 9 tensors of this LlamaForCausalLM: \['model.layers.2.*strict="
+                                         r"False"):
+        load_compressed(out, device="cpu", progress=False)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    model = load_compressed(out, device="cpu", strict=False, progress=False)  # the missing layer: random, as asked
+    assert len(model.model.layers) == 3 and isinstance(model.model.layers[2].mlp.up_proj, torch.nn.Linear)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled() == bars  # put back
+
+
+@pytest.mark.parametrize(("edit", "layer", "stored", "described"), [
+    ({"intermediate_size": 96}, "mlp.down_proj", r"Linear\(128, 64", r"Linear\(96, 64"),
+    ({"num_key_value_heads": 4}, "self_attn.k_proj", r"Linear\(64, 32", r"Linear\(64, 64"),
+])
+def test_from_pretrained_refuses_layers_that_config_json_does_not_describe(bf16_dir, tmp_path, edit, layer, stored,
+                                                                           described):
+    out = tmp_path / "hf"
+    _compressed(bf16_dir, "int8").save_pretrained(out)
+    _edit_config(out, **edit)
+    with pytest.raises(ValueError, match=rf"layer 'model.layers.0.{layer}' holds a {stored}, bias=False\); the "
+                                         rf"model that config.json describes has {described}, bias=False\) there"):
+        _load(out)
+
+
+def test_cupycodec_config_checks_its_arguments(saved, tmp_path, monkeypatch):
+    for mode in ("lossless", "int8"):  # int8 stores no payload: a codec it would never use is still a mistake
+        with pytest.raises(cc.UnknownCodecError, match=r"quantization_config: unknown codec 'nonexistent'; "
+                                                       r"registered: .*zstd"):
+            CupycodecConfig(mode=mode, codec="nonexistent")
+    assert CupycodecConfig(codec="zstd").codec == "zstd" and CupycodecConfig(codec="auto").codec == "auto"
+    with pytest.raises(TypeError, match="trusted must be True or False"):
+        CupycodecConfig(trusted="yes")
+    with pytest.raises(TypeError, match=r"unexpected arguments \['mod'\]"):
+        CupycodecConfig(mod="int8")
+    # config.json: a newer writer's key is ignored, and a checkpoint cannot vouch for itself
+    _, out = saved
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"].update(a_newer_option=1, trusted=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "another-user.key"))
+    model = _load(out)
+    assert _templates(model) and not any(t.trusted for t in _templates(model))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_compress_model_cli_refuses_a_device_that_is_not_there(bf16_dir, tmp_path, capsys):
+    from cupycodec.__main__ import main
+
+    assert main(["compress-model", bf16_dir, str(tmp_path / "out"), "--mode", "int8", "--device", "cuda"]) == 2
+    assert "device 'cuda': no CUDA device is usable here" in capsys.readouterr().err
+    assert main(["compress-model", bf16_dir, str(tmp_path / "out"), "--mode", "int8", "--codec", "nope"]) == 2
+    assert "unknown codec 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compress_model_cli_refuses_an_input_that_is_not_a_directory(tmp_path, capsys, monkeypatch):
+    from cupycodec.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it looked up on the Hub, fail at once rather than retry
+    monkeypatch.chdir(tmp_path)
+    for name in ("no_such_model_dir", "acme/tiny"):
+        assert main(["compress-model", name, "out", "--mode", "int8", "--quiet"]) == 2
+        assert f"'{name}' is not a directory: compress-model takes a local model directory" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_head_compressed_by_compress_model_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_config(tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(
+        tmp_path / "bf16")
+    model = _load(tmp_path / "bf16")  # loaded, as the checkpoint will be (.to(bfloat16) casts rotary inv_freq too)
+    compress_model(model, "int8", filter_fn=lambda module, fqn: True, progress=False)  # the tied head too
+    assert isinstance(model.lm_head, CompressedLinear)
+    want = _logits(model)
+    model.save_pretrained(tmp_path / "hf")
+    assert torch.equal(_logits(_load(tmp_path / "hf")), want)
+    save_compressed(model, tmp_path / "sc")
+    assert torch.equal(_logits(load_compressed(tmp_path / "sc", device="cpu", progress=False)), want)
+
+
+def test_load_compressed_names_a_missing_directory_and_one_without_config_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("no_such_dir", str(tmp_path / "no_such_dir")):
+        with pytest.raises(FileNotFoundError, match=rf"'{name}' is not a directory"):
+            load_compressed(name, progress=False)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48)).to(torch.bfloat16)
+    compress_model(net, "int8", progress=False)
+    save_compressed(net, tmp_path / "net")
+    with pytest.raises(FileNotFoundError, match=r"no config.json.*load_compressed\(directory, model="):
+        load_compressed(tmp_path / "net", progress=False)
+
+
+def test_a_checkpoint_loaded_in_another_dtype_says_which_to_use(saved):
+    _, out = saved
+    for dtype, name in ((torch.float32, "F32"), (torch.float16, "F16")):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(out))}/model-0000\d-of-00002.safetensors: tensor "
+                                             rf"'.*' holds BF16\[.*\]; the model expects {name}\[.*dtype=\"auto\" "
+                                             r"or torch.bfloat16"):
+            _load(out, dtype=dtype)
+
+
+def test_from_pretrained_refuses_a_shard_outside_the_directory(saved, tmp_path):
+    model, out = saved
+    save_compressed(model, tmp_path / "other")  # another checkpoint, one file
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.up_proj.packed"] = "../other/model.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(cc.FormatError, match="outside the checkpoint directory"):
+        load_compressed(out, _fresh(), progress=False)
+    with pytest.raises(cc.FormatError, match="outside the checkpoint directory"):
+        _load(out)
+    with pytest.raises(cc.FormatError, match="outside the checkpoint directory"):
+        load_compressed(out, device="cpu", progress=False)
+
+
+def test_load_compressed_advises_what_works_for_a_transformers_model(saved):
+    doc = " ".join(load_compressed.__doc__.split())
+    assert "Build it on the meta device" not in doc and "inv_freq" in doc
+    _, out = saved
+    with torch.device("meta"):  # what the docstring warns of: non-persistent buffers are never in a checkpoint
+        meta = transformers.AutoModelForCausalLM.from_config(_config(), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"rotary_emb.inv_freq \(buffer\).*still on the meta device"):
+        load_compressed(out, meta, device="cpu", progress=False)
