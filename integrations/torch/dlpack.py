@@ -38,7 +38,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAMES[dtype]
     except KeyError:
-        raise cc.UnsupportedDtypeError(dtype, sorted(TORCH_DTYPES.values(), key=str)) from None
+        raise cc.UnsupportedDtypeError(dtype, sorted(map(str, TORCH_DTYPES.values()))) from None
 
 
 def current_stream(device: torch.device) -> int | None:
@@ -85,8 +85,20 @@ def to_compressed(tensor: torch.Tensor, **kwargs) -> cc.CompressedArray:
 def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decompress into a torch tensor: ``out`` if given, else a new tensor from torch's allocator on ``device``
-    (default: where the payload is). INT8 containers are dequantized into ``dtype`` (default: the original dtype).
-    Runs on torch's current stream; a CUDA result is ready in that stream's order when this returns."""
+    (default: where the payload is). INT8 containers are dequantized into ``dtype`` (default: the original dtype);
+    a lossless one decodes exactly, so a ``dtype`` other than its own is refused (convert the result with ``.to``).
+    ``c`` may also be a container's bytes (read untrusted, as :func:`cupycodec.decompress` reads them). Runs on
+    torch's current stream; a CUDA result is ready in that stream's order when this returns."""
+    if isinstance(c, (bytes, bytearray, memoryview)):
+        c = cc.CompressedArray.from_bytes(c)
+    elif not isinstance(c, cc.CompressedArray):
+        raise TypeError(f"from_compressed takes a CompressedArray or its bytes, got {type(c).__name__}")
+    if c.lossless and dtype is not None and dtype != torch_dtype(c.dtype_name):
+        raise ValueError(f"dtype={dtype} for a lossless {c.dtype_name} container: it decodes exactly, into its own "
+                         f"dtype; decode it, then convert the result (.to({dtype}))")
+    if out is not None and out.requires_grad and out.is_leaf:
+        raise ValueError("out is a leaf tensor that requires grad, which torch does not let anything write in "
+                         "place; pass out.detach() (it shares the storage) or a tensor without requires_grad")
     if out is None:
         if device is None:
             device = f"cuda:{c.device_id}" if c.on_device else "cpu"

@@ -14,10 +14,12 @@ cache are not part of the budget.
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import cupycodec as cc
@@ -38,14 +40,18 @@ def _a(n: int) -> int:
 
 
 def parse_nbytes(value) -> int:
-    """Bytes from an int or a string such as ``"8GiB"``, ``"8 GB"``, ``"512MiB"`` (ValueError otherwise)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(value).lower()) if isinstance(value, str) else None
-    if m is None or float(m.group(1)) <= 0:
+    """Bytes (at least one) from a number (an int, a NumPy integer, a whole float such as ``8e9``) or a string such as
+    ``"8GiB"``, ``"8 GB"``, ``"512MiB"`` (ValueError otherwise)."""
+    nbytes = None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        nbytes = int(value) if float(value).is_integer() else None
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", value.lower())
+        nbytes = int(float(m.group(1)) * _UNITS[m.group(2) or ""]) if m else None
+    if nbytes is None or nbytes < 1:  # "0.5" is no byte at all
         raise ValueError(f"max_gpu_memory must be a positive number of bytes or a size such as '8GiB' or '500MB', "
                          f"got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    return nbytes
 
 
 def check_options(offload, max_gpu_memory) -> str | None:

@@ -14,7 +14,9 @@ from hypothesis import strategies as st_
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
 
+import cupycodec as cc  # noqa: E402
 from cupycodec.integrations.torch import CompressedLinear, from_compressed, to_compressed  # noqa: E402
+from cupycodec.integrations.torch.dlpack import dtype_name  # noqa: E402
 from cupycodec.quant import reference  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -477,6 +479,24 @@ def test_tensor_helpers_round_trip_bf16():
     assert back.dtype == torch.bfloat16 and torch.equal(back, t[:, ::2])
     q = to_compressed(torch.nn.Parameter(t), quantize="int8")
     assert from_compressed(q, dtype=torch.float32).dtype == torch.float32
+
+
+def test_tensor_helpers_name_what_they_do_not_take():
+    with pytest.raises(cc.UnsupportedDtypeError, match=r"torch.float8_e4m3fnuz is not supported; supported: "
+                                                        r"torch.bfloat16"):
+        dtype_name(torch.float8_e4m3fnuz)  # building the message raised a TypeError before
+    t = torch.randn(4, 6, dtype=torch.bfloat16)
+    c = to_compressed(t, codec="zstd")
+    assert torch.equal(from_compressed(c.to_bytes()), t)  # its bytes, read as cupycodec.decompress reads them
+    with pytest.raises(TypeError, match="from_compressed takes a CompressedArray or its bytes, got list"):
+        from_compressed([1, 2])
+    with pytest.raises(ValueError, match=r"dtype=torch.float32 for a lossless BF16 container.*\.to\(torch.float32\)"):
+        from_compressed(c, dtype=torch.float32)  # said "out has dtype F32", with no out= given
+    out = torch.zeros(4, 6, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"out is a leaf tensor that requires grad.*out.detach\(\)"):
+        from_compressed(c, out=out)
+    assert not out.detach().any()
+    assert torch.equal(from_compressed(c, out=out.detach()), t) and torch.equal(out.detach(), t)
 
 
 def test_scratch_order_hands_over_between_streams(monkeypatch):

@@ -37,7 +37,11 @@ def test_sizes_parse():
     assert off.parse_nbytes(1024) == 1024
     assert off.parse_nbytes("8GiB") == 8 << 30 and off.parse_nbytes("8 GB") == 8 * 10**9
     assert off.parse_nbytes("1.5gib") == 3 << 29 and off.parse_nbytes("512MiB") == 512 << 20
-    for bad in ("8 parsecs", "", "-1GB", 0, -5, True, 2.5, None, "0GB"):
+    import numpy as np
+
+    assert off.parse_nbytes(np.int64(8 << 30)) == 8 << 30 and off.parse_nbytes(8e9) == 8 * 10**9
+    # "0.5" and "0.9b" parsed to 0 bytes; NumPy's bool is no size either
+    for bad in ("8 parsecs", "", "-1GB", 0, -5, True, 2.5, None, "0GB", "0.5", "0.9b", np.bool_(True), float("inf")):
         with pytest.raises(ValueError, match="max_gpu_memory must be a positive number of bytes"):
             off.parse_nbytes(bad)
 
