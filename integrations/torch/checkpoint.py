@@ -46,7 +46,7 @@ import cupycodec as cc
 from cupycodec import registry
 from cupycodec._files import release_clean_file_pages
 from cupycodec.backends.cpu import crc32
-from cupycodec.container import check_mac, header_json, verify_chunks
+from cupycodec.container import _check_key, check_mac, header_json, verify_chunks
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
 
 from . import _signing
@@ -253,6 +253,7 @@ def _trust(table: _Table, trusted: bool, key) -> bytes | None:
     if trusted:
         return None
     if key is not None:
+        key = _check_key(key)
         if table.signed_by is None:
             raise AuthenticationError("this checkpoint is not signed, so key= cannot vouch for it (load it with "
                                       "trusted=True if you trust where it came from)")
@@ -722,6 +723,8 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size=DEFAULT
         key = _signing.local_key(create=True)
     elif key is False:
         key = None
+    else:
+        key = _check_key(key)  # bytes of a random secret: a str gave "string argument without an encoding"
     max_nbytes = _shard_nbytes(max_shard_size)
     tensors, metadata = checkpoint_state(model, key=key)
     directory = os.fspath(directory)
@@ -834,6 +837,9 @@ def _device(device, model: torch.nn.Module) -> torch.device:
         real = next((t.device for t in model.state_dict().values() if t.device.type != "meta"), None)
         device = real or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # before trust rules name nvCOMP's decoders instead
+        raise ValueError(f"device {str(device)!r}: no CUDA device is usable here (torch.cuda.is_available() is "
+                         "False); load onto the CPU (device='cpu')")
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -389,8 +389,13 @@ class CupycodecHfQuantizer(HfQuantizer):
             layer.weight = torch.nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
             set_module(model, fqn, layer)
         if not chosen:
-            raise ValueError(f"quantization_config chose none of {type(model).__name__}'s Linear layers (left alone: "
-                             f"{dict(list(self._skipped.items())[:5])})")
+            by_why: dict[str, list[str]] = {}
+            for fqn, why in self._skipped.items():
+                by_why.setdefault(why, []).append(fqn)
+            left = "; ".join(f"{why}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                             for why, names in by_why.items())
+            raise ValueError(f"quantization_config chose none of {type(model).__name__}'s Linear layers (left alone, "
+                             f"by reason: {left})")
 
     def _prepare_load(self, model, checkpoint_files, device_map) -> None:
         ckpt = _open_checkpoint(checkpoint_files)
@@ -686,7 +691,7 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
     if cls is None:
         cls = transformers.AutoModelForCausalLM
     if device is not None:
-        kwargs.setdefault("device_map", {"": str(torch.device(device))})
+        kwargs.setdefault("device_map", {"": _work_device(device)})  # an unusable device named now
     elif torch.cuda.is_available():
         kwargs.setdefault("device_map", {"": f"cuda:{torch.cuda.current_device()}"})
     with warnings.catch_warnings(), _progress_bars(progress):
@@ -745,8 +750,8 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
 
 
 def _work_device(device) -> str:
-    """``device`` for compressing (default: the first GPU when usable, else the CPU), refused here when unusable:
-    torch would fail later, with an assertion, once the model is being loaded."""
+    """``device`` to compress or load on (default: the first GPU when usable, else the CPU), refused here when
+    unusable: torch would fail later, with an assertion, once the model is being loaded."""
     if device is None:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     try:

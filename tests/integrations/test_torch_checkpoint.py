@@ -779,3 +779,29 @@ def test_load_compressed_advises_what_works_for_a_transformers_model(saved):
         meta = transformers.AutoModelForCausalLM.from_config(_config(), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"rotary_emb.inv_freq \(buffer\).*still on the meta device"):
         load_compressed(out, meta, device="cpu", progress=False)
+
+
+def test_a_key_that_is_not_bytes_is_named(saved, tmp_path):
+    model, out = saved
+    with pytest.raises(TypeError, match="key must be bytes"):
+        save_compressed(model, tmp_path / "again", key="secret")  # "string argument without an encoding" before
+    with pytest.raises(TypeError, match="key must be bytes"):
+        load_compressed(out, _fresh(), key="secret", progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_loading_onto_a_cuda_device_that_is_not_there_says_so(saved):
+    """It raised an UntrustedError about nvCOMP's decoders (or, trusted, torch's AssertionError)."""
+    _, out = saved
+    for kw in ({}, {"trusted": True}):
+        with pytest.raises(ValueError, match="no CUDA device is usable here"):
+            load_compressed(out, _fresh(), device="cuda", progress=False, **kw)
+
+
+def test_a_filter_that_takes_no_layer_says_why_each_was_left(bf16_dir):
+    with pytest.raises(ValueError, match=r"chose none of LlamaForCausalLM's Linear layers \(left alone, by reason: "
+                                         r"modules_to_convert: 14 \(model\.layers\.0\.self_attn\.q_proj, .*, "
+                                         r"\.\.\.\); output head: 1 \(lm_head\)\)"):
+        transformers.AutoModelForCausalLM.from_pretrained(
+            bf16_dir, quantization_config=CupycodecConfig(mode="int8", modules_to_convert=["lm_head"]))
