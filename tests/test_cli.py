@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import stat
@@ -66,7 +67,7 @@ def test_demo_shows_the_torch_integration(capsys, monkeypatch):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from cupycodec.integrations.torch import demo
+    from cupycodec.integrations.torch import compress_model, demo
 
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
@@ -84,6 +85,32 @@ def test_demo_shows_the_torch_integration(capsys, monkeypatch):
     assert "checkpoint: save_compressed wrote" in out
     loaded = next(line for line in out.splitlines() if line.startswith("lossless, loaded"))
     assert "identical" in loaded and " yes " in loaded
+    # the table's ratio is the report's: the Linear weights compress_model takes, not the head it leaves alone
+    # (SmolLM2's table read 1.35x where its report says 1.49x)
+    head = model.lm_head.weight.numel() * 2
+    report = compress_model(copy.deepcopy(model), "lossless", progress=False)
+    assert demo.linear_weight_nbytes(model) == report.original_nbytes
+    table_ratio = float(lines["lossless"].split()[3])
+    assert table_ratio == pytest.approx(report.ratio, abs=1e-3)
+    assert table_ratio != pytest.approx((report.original_nbytes + head) / (report.compressed_nbytes + head), abs=1e-3)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--modes", "bogus"], "invalid choice: 'bogus'"), (["--tokens", "0"], "must be at least 1"),
+    (["--model", "x", "--config", "llama-1b"], "not allowed with argument"),
+    (["--device", "cuda:7"], "no such CUDA device here"), (["--device", "tpu9"], "--device 'tpu9'")])
+def test_llm_example_refuses_bad_arguments_before_loading_anything(argv, match):
+    """They failed with tracebacks after the model had loaded and the baseline had run (minutes at 7B)."""
+    if "cuda" in argv[-1] and torch_cuda_devices() > 7:
+        pytest.skip("this machine has a cuda:7")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "llm_inference.py"), *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and match in proc.stderr and "baseline" not in proc.stdout
+
+
+def torch_cuda_devices() -> int:
+    torch = pytest.importorskip("torch")
+    return torch.cuda.device_count()
 
 
 @pytest.mark.parametrize("script", ["compress_arrays.py"])
