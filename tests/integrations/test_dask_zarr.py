@@ -37,3 +37,11 @@ def test_dask_local_cluster_round_trip(tmp_path, example):
     assert z[5000:5003, 7].tobytes() == example._field_block({None: {"array-location": [(5000, 5003), (7, 8)]}}) \
         .tobytes()
     assert np.isfinite(z[-1, -1])
+
+
+@pytest.mark.parametrize("argv", [["--workers", "0"], ["--mib", "0"], ["--mib", "-3"]])
+def test_sizes_below_one_are_refused_before_any_work(example, argv, capsys):
+    """--workers 0 started a cluster of no worker and waited for one forever; --mib 0 "compressed" nothing."""
+    with pytest.raises(SystemExit) as exc:
+        example.main(argv)
+    assert exc.value.code == 2 and "must be at least 1" in capsys.readouterr().err
