@@ -8,7 +8,9 @@ flight while the previous stage is multiplied, on a grid of one wave (``mma_ahea
 shapes. The codes' streaming loads (no L1 place, a 256-byte L2 prefetch) won, 4-9 %, and are the kernel's now.
 A bulk-copy variant for sm_90 (``cp.async.bulk`` of 256-byte row segments into a ring of 2-8 shared-memory stages per
 warp, a warp per contiguous 1/W of K; tenth session) was exact but 1.2-1.5x slower at its best (2 stages, 8 warps)
-and slower still with more stages (results/2026-12-02j-h200-call4-sweep-gemv-bulk.json).
+and slower still with more stages (results/2026-12-02j-h200-call4-sweep-gemv-bulk.json). A stream-K split (one wave
+of blocks, equal contiguous ranges of 64-code steps per warp, partial tiles summed in a workspace by their last
+contributor; twenty-third session, try_streamk.py at c96fe02) was exact but 1.10-1.35x slower at M <= 8.
 
 Warps per tile need not divide 8: a block is then one tile's W warps (``gemv.tiles_per_block``), so W can be chosen
 for the number of blocks the GPU holds at once (its occupancy, printed per kernel) rather than from 1, 2, 4 or 8.
