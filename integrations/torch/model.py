@@ -168,7 +168,8 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         output head and weights tied to an embedding. Never offered: Linear layers whose weight torch's own modules
         read directly (``nn.MultiheadAttention``'s ``out_proj``; ``nn.TransformerEncoderLayer``'s ``linear1`` and
         ``linear2``, listed in the report's ``skipped``). A module reachable under several names is compressed once
-        and replaced under each (the report lists the others as shared).
+        and replaced under each (the report lists the others as shared). Each replacement is a new module: hooks
+        registered on the ``nn.Linear`` it replaces do not carry over (register them after compressing).
     granularity, group_size
         INT8 scales: per output channel (``"channel"``) or per ``group_size`` inputs (``"group"``).
     codec : str, optional
