@@ -265,7 +265,14 @@ class Header:
 
     def encode(self) -> bytes:
         """Prelude + padded header bytes (deterministic: sorted keys, no spaces)."""
-        text = _canonical(self.to_json())
+        obj = self.to_json()
+        if self.metadata:  # what a reader refuses is never written: a file save() writes that load() cannot read
+            try:
+                _check_depth(obj)
+            except FormatError:
+                raise ValueError(f"metadata is nested too deeply: a header (metadata at its second level) may nest "
+                                 f"at most {_MAX_JSON_DEPTH} levels") from None
+        text = _canonical(obj)
         n = layout.align(len(text), HEADER_ALIGN)
         if n > MAX_HEADER_NBYTES:
             raise ValueError(f"header of {n} bytes exceeds {MAX_HEADER_NBYTES}; use less metadata")
@@ -1009,11 +1016,16 @@ class CompressedArray:
                 payload = cupy.asarray(np.frombuffer(self._host_payload(), dtype=np.uint8))
         return self._like(payload)
 
-    def with_payload(self, payload) -> CompressedArray:
+    def with_payload(self, payload, *, verified: bool = False) -> CompressedArray:
         """This container's header over another copy of its payload bytes, not copied: a uint8 NumPy or CuPy array,
         or any 1-D uint8 buffer a framework owns (a torch tensor, through DLPack). A framework keeps the bytes in its
         own memory (so its allocator counts them) and decodes them through this view. The view keeps the buffer
         alive and has this container's trust.
+
+        The bytes are new to this container, so their chunk CRCs are checked before they are decoded or handed on
+        (:attr:`verified` is False), unless ``verified=True``: the caller vouches that they are bytes already
+        checked against these CRCs (a copy it made of a verified payload). Before, the view took this container's
+        state, so bytes given to an already verified container were decoded unchecked.
 
         Raises ValueError when the buffer does not hold exactly this container's payload size.
         """
@@ -1029,6 +1041,10 @@ class CompressedArray:
                              f"{self._header.payload_nbytes}")
         c = self._like(arr if a.on_device else memoryview(arr).cast("B"))
         c._cache["keep"] = a.keep
+        if verified:
+            c._cache.pop("unverified", None)
+        else:
+            c._cache["unverified"] = True
         return c
 
     def without_payload(self) -> CompressedArray:

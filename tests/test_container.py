@@ -379,3 +379,40 @@ def test_a_header_without_payload_keeps_no_payload_alive(quantize):
     assert y.shape == x.shape
     if quantize is None:
         np.testing.assert_array_equal(y, x)
+
+
+def test_new_payload_bytes_are_checked_before_they_are_decoded():
+    """with_payload() once passed on its container's verified state: bytes given to an untrusted container whose
+    own CRCs had been checked decoded unchecked, to wrong values. New bytes are checked now, unless the caller
+    vouches for them (a copy it made of a verified payload)."""
+    x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    blob = cc.compress(x, codec="zstd").to_bytes()
+    c = cc.CompressedArray.from_bytes(blob).verify()
+    payload = np.frombuffer(blob, np.uint8)[len(c.header_bytes()) :].copy()
+    bad = payload.copy()
+    bad[5000] ^= 0xFF
+    for view in (c.with_payload(bad), c.without_payload().with_payload(bad)):
+        assert not view.verified
+        with pytest.raises(cc.ChecksumError, match="segment 'data', chunk 0"):
+            cc.decompress(view)
+    good = c.with_payload(payload)
+    assert not good.verified and np.array_equal(cc.decompress(good), x) and good.verified
+    assert c.with_payload(payload, verified=True).verified  # vouched for: no second pass over the bytes
+
+
+def test_metadata_a_reader_would_refuse_is_never_written():
+    """metadata nested 70 deep was written (and saved); from_bytes and load then refused it (64 levels)."""
+    deep: dict = {}
+    node = deep
+    for _ in range(70):
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(ValueError, match="metadata is nested too deeply"):
+        cc.compress(np.arange(4), metadata=deep)
+    ok: dict = {}
+    node = ok
+    for _ in range(60):
+        node["a"] = {}
+        node = node["a"]
+    c = cc.compress(np.arange(4), metadata=ok)
+    assert cc.CompressedArray.from_bytes(c.to_bytes()).metadata == c.metadata

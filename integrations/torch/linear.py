@@ -255,7 +255,8 @@ class CompressedLinear(torch.nn.Module):
         """The container over a copy of this module's ``packed`` bytes (a staging buffer's view, for offloading)."""
         if self._template is None:
             self._parse()
-        return self._template.with_payload(packed[len(self._template._prefix) :])
+        # verified: a copy of this layer's own bytes, checked when they came (load_state_dict, a checkpoint's load)
+        return self._template.with_payload(packed[len(self._template._prefix) :], verified=True)
 
     def _container(self, device: torch.device) -> cc.CompressedArray:
         """The container over this module's ``packed`` bytes where they are now (rebuilt after ``.to()``)."""
@@ -265,7 +266,7 @@ class CompressedLinear(torch.nn.Module):
         c = self._views.get(key)
         if c is None:
             prefix = len(self._template._prefix)
-            c = self._views[key] = self._template.with_payload(self.packed[prefix:])
+            c = self._views[key] = self._template.with_payload(self.packed[prefix:], verified=True)  # as above
             self._views = {key: c}  # one placement at a time
         return c
 
