@@ -169,8 +169,9 @@ class Compressor:
         self._chunk = chunk_nbytes
         self._dtype = dtype
         self._backend = backends.requested_backend(backend) if backend is not None else None
-        if self._codec is not None:
-            _config.check_chunk(chunk_nbytes, self._codec)
+        # auto's codecs share the rule (a multiple of 16, 16 B to 16 MiB): checked now for them too, so that a Zarr
+        # array is refused when it is created, not at its first write
+        _config.check_chunk(chunk_nbytes, self._codec if self._codec is not None else _config.cpu_auto())
 
     def compress(self, arr, *, metadata=None, stream=None) -> CompressedArray:
         return self.compress_many([arr], metadata=metadata, stream=stream)[0]
@@ -272,7 +273,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
 
     Takes the keywords of :func:`decompress`; ``out`` is a list with one buffer (or None) per item.
     """
-    if isinstance(items, (CompressedArray, bytes, bytearray, memoryview)):
+    if isinstance(items, (CompressedArray, bytes, bytearray, memoryview, np.ndarray)):  # (an array of one's bytes)
         raise TypeError("decompress_many takes a sequence of items; use decompress() for one")
     items = list(items)
     outs = [None] * len(items) if out is None else list(out)
@@ -282,10 +283,15 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
     sp = interop.stream_handle(stream)
     jobs = []
     with _on_stream(sp):
-        for item, o in zip(items, outs):
-            c, external = _as_compressed(item, verify, trusted)
-            job = DecodeJob(c, o, dequantize)
-            job.check_out()
+        for i, (item, o) in enumerate(zip(items, outs)):
+            try:
+                c, external = _as_compressed(item, verify, trusted)
+                job = DecodeJob(c, o, dequantize)
+                job.check_out()
+            except Exception as exc:
+                if len(items) > 1:  # which of many: the item's own error, its index before the message
+                    exc.args = (f"item {i}: {exc}",)
+                raise
             limit = max_output_nbytes
             if limit is _UNSET:
                 limit = default_max_output_nbytes(c.nbytes) if external else None
@@ -397,7 +403,9 @@ def save(path, c: CompressedArray, *, overwrite: bool = True, key=None) -> None:
 
 def load(path, *, verify: bool = True, mmap: bool = True, trusted: bool = False, key=None) -> CompressedArray:
     """Read a container file. With ``mmap=True`` the file is memory-mapped, so it never needs to fit in memory
-    at once; the result keeps the mapping open.
+    at once; the result keeps the mapping open. Do not truncate or rewrite the file in place while the result is
+    in use: reading a mapped page past a shortened file's end kills the process (SIGBUS). :func:`save` replaces
+    a file atomically, which is safe; ``mmap=False`` reads the file into memory instead.
 
     A file is untrusted (it decodes only through hardened CPU decoders, see
     :meth:`CompressedArray.from_bytes`) unless ``trusted=True``, or ``key`` is the secret it was saved with.

@@ -555,3 +555,33 @@ def test_out_errors_come_before_any_work(kw, monkeypatch):
         cc.decompress(c, out=np.empty((32, 64), np.float32))
     with pytest.raises(TypeError, match="max_output_nbytes"):
         cc.decompress(c, max_output_nbytes=1.5)
+
+
+@pytest.mark.parametrize("axis", [-3, -4, 2, 5])
+def test_an_int8_axis_out_of_range_is_refused_not_wrapped(axis):
+    """axis=-3 on a 2-D array was stored as -1 (per column), -4 as 0: another axis than asked, silently."""
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"axis={axis} is out of range for a 2-D array \(axes -2 to 1\)"):
+        cc.compress(x, quantize="int8", axis=axis)
+
+
+def test_int8_takes_numpy_integers_for_its_parameters():
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    for kw in ({"axis": np.int64(-1)}, {"granularity": "group", "group_size": np.int32(64)}):
+        c = cc.compress(x, quantize="int8", **kw)
+        config = c.pipeline[0].get_config()
+        assert all(type(v) is int for k, v in config.items() if k in ("axis", "group_size"))
+        assert config.get("axis", 1) == 1
+
+
+def test_decompress_many_names_the_item_and_refuses_an_array_of_bytes():
+    blob = cc.compress(np.arange(100)).to_bytes()
+    with pytest.raises(TypeError, match="decompress_many takes a sequence of items"):
+        cc.decompress_many(np.frombuffer(blob, np.uint8))  # read byte by byte before: "need at least 24 bytes"
+    with pytest.raises(cc.FormatError, match=r"^item 2: "):
+        cc.decompress_many([blob, blob, blob[:-8] + b"\0" * 8 + b"x"])
+
+
+def test_a_compressor_checks_the_chunk_size_for_auto_too():
+    with pytest.raises(ValueError, match="chunk_nbytes must be a multiple of 16"):
+        cc.Compressor(chunk_nbytes=24)  # accepted with codec="auto" before, refused at the first write

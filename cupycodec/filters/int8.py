@@ -42,13 +42,13 @@ class Int8(Filter):
         if granularity not in reference.GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
         self.granularity = granularity
-        self.axis = axis if granularity == "channel" else None
-        self.group_size = group_size if granularity == "group" else None
-        if granularity == "channel" and (isinstance(axis, bool) or not isinstance(axis, int)):
+        if granularity == "channel" and not reference._is_int(axis):
             raise ValueError(f"axis must be an int, got {axis!r}")
-        if granularity == "group" and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                       or group_size < 1):
+        if granularity == "group" and (not reference._is_int(group_size) or group_size < 1):
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        # NumPy integers (as the reference takes them) stored as Python ints: the configuration is JSON
+        self.axis = int(axis) if granularity == "channel" else None
+        self.group_size = int(group_size) if granularity == "group" else None
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"id": self.filter_id, "version": self.version, "granularity": self.granularity}
@@ -64,8 +64,12 @@ class Int8(Filter):
 
     def resolve(self, inputs):
         data = inputs.get("data")
-        if self.granularity == "channel" and data is not None and data.shape and self.axis < 0:
-            return Int8("channel", self.axis + len(data.shape), None)
+        if self.granularity == "channel" and data is not None and data.shape:
+            ndim = len(data.shape)
+            if not -ndim <= self.axis < ndim:  # checked here: -ndim - 1 wrapped once to -1, another axis
+                raise ValueError(f"axis={self.axis} is out of range for a {ndim}-D array (axes {-ndim} to {ndim - 1})")
+            if self.axis < 0:
+                return Int8("channel", self.axis + ndim, None)
         return self
 
     def specs(self, inputs):
