@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without numcodec
 
 import numpy as np
 
-from ._chunks import ChunkConfig, decode_chunks, encode_chunks, is_device, parse_chunk
+from ._chunks import ChunkConfig, _from_json, decode_chunks, encode_chunks, is_device, parse_chunk
 
 __all__ = ["Cupycodec"]
 
@@ -103,9 +103,21 @@ class Cupycodec(_NumcodecsCodec):
             arr = cupy.asarray(buf)
         else:
             arr = ensure_ndarray_like(buf)
+        cfg = self._config
         if arr.flags.f_contiguous and not arr.flags.c_contiguous:
-            arr = arr.T.reshape(-1)  # a C-contiguous view of the same memory
-        return encode_chunks(self._config, [arr])[0]
+            if cfg.quantize is None:
+                arr = arr.T.reshape(-1)  # a C-contiguous view of the same memory
+            else:  # quantized along the array's own axes: its transpose holds the same bytes, axes reversed
+                if cfg.granularity == "group":
+                    raise ValueError("int8 group quantization runs along an array's last axis, which a "
+                                     "Fortran-ordered chunk (zarr format 2, order='F') holds first in memory: "
+                                     "store the array in C order, or quantize per channel")
+                arr = arr.T
+                if cfg.granularity == "channel" and arr.ndim:
+                    # flattened to 1-D, as before, "per channel" became a scale per element (16,328 bytes for a
+                    # 64 x 64 float32 chunk, against 4,952 in C order)
+                    cfg = _from_json({**cfg.to_json(), "axis": arr.ndim - 1 - cfg.axis % arr.ndim})
+        return encode_chunks(cfg, [arr])[0]
 
     def decode(self, buf, out=None):
         """Decode container bytes into an array (into ``out`` when given, which is returned).

@@ -114,6 +114,11 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
         if self.config.quantize is not None and name not in _QUANTIZABLE:
             raise TypeError(f"quantize={self.config.quantize!r} takes float32, float16 or bfloat16 chunks, got "
                             f"{name}; store bfloat16 as uint16 with dtype='bfloat16'")
+        ndim = len(shape)
+        if self.config.quantize is not None and self.config.granularity == "channel" and ndim and \
+                not -ndim <= self.config.axis < ndim:  # else every write would fail
+            raise ValueError(f"axis={self.config.axis} is out of range for this {ndim}-D array (axes {-ndim} to "
+                             f"{ndim - 1})")
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError("compressed chunk sizes depend on the data")

@@ -203,3 +203,18 @@ def test_nvidia_only_chunks_need_trust_and_a_gpu():
                 codec.decode(blob)
     with trust.settings(trusted="metadata"), pytest.raises(cc.UntrustedError):
         Cupycodec(codec="ans").decode(blob)  # no declaration: "metadata" does not trust it
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 40), 0), ((64, 40), -1), ((6, 8, 10), 1)])
+def test_a_fortran_ordered_chunk_is_quantized_along_its_own_axes(shape, axis):
+    """An F-ordered chunk (zarr format 2, order='F') was flattened to 1-D first: "per channel" became a scale per
+    element (16,328 bytes for 64 x 64 float32, against 4,952 in C order)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    codec = Cupycodec(quantize="int8", axis=axis)
+    c_blob, f_blob = codec.encode(x), codec.encode(np.asfortranarray(x))
+    assert len(f_blob) == len(c_blob)
+    c_back = np.asarray(codec.decode(c_blob)).reshape(-1)
+    f_back = np.asarray(codec.decode(f_blob)).reshape(-1)  # the F-ordered chunk's bytes, in memory order
+    assert np.array_equal(f_back, np.asfortranarray(c_back.reshape(shape)).ravel(order="K"))
+    with pytest.raises(ValueError, match="group quantization runs along an array's last axis"):
+        Cupycodec(quantize="int8", granularity="group", group_size=8).encode(np.asfortranarray(x))

@@ -179,3 +179,13 @@ def test_signed_chunks(store, tmp_path_factory):
     (path / "c" / "3" / "1").write_bytes(recompute_crcs(bytes(forged)))
     with trust.settings(key=KEY), pytest.raises(cc.AuthenticationError, match=r"c/3/1': MAC mismatch"):
         zarr.open_array(str(path))[:]
+
+
+def test_options_every_write_would_refuse_are_refused_when_the_array_is_made(tmp_path):
+    # a chunk size auto's codecs cannot take was accepted, and the array created: now the codec itself refuses it
+    with pytest.raises(ValueError, match="chunk_nbytes must be a multiple of 16"):
+        CupycodecCodec(chunk_nbytes=24)
+    with pytest.raises(ValueError, match=r"axis=5 is out of range for this 2-D array"):
+        zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 8), chunks=(4, 4), dtype="f4",
+                          serializer=CupycodecCodec(quantize="int8", axis=5), compressors=None)
+    assert not (tmp_path / "a.zarr" / "zarr.json").exists()
