@@ -265,6 +265,12 @@ class CompressedLinear(torch.nn.Module):
         key = (self.packed.device, self.packed.data_ptr())
         c = self._views.get(key)
         if c is None:
+            if self.packed.is_meta:
+                raise RuntimeError(
+                    "this layer's compressed weight is on the meta device: accelerate offloaded the model's buffers "
+                    "(cpu_offload, disk_offload, dispatch_model with offload_buffers=True) and brings them back "
+                    "only around each module's own forward, while a block's layers decode together when it starts; "
+                    "offload with cupycodec.integrations.torch.offload_model or its dispatch_model instead")
             prefix = len(self._template._prefix)
             c = self._views[key] = self._template.with_payload(self.packed[prefix:], verified=True)  # as above
             self._views = {key: c}  # one placement at a time

@@ -237,7 +237,15 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                              "weights")
         why = "filter_fn matched" if filter_fn is not None else "the default rules chose"
         raise ValueError(f"{why} none of the {len(linears)} Linear layers; left alone: {left}")
+    if codec not in (None, "auto"):  # before anything changes: an int8 layer stores no payload, so nothing else looks
+        from cupycodec import registry
+
+        registry.get_codec(codec)  # UnknownCodecError naming the registered codecs
     for fqn, m in chosen:
+        if m.weight.is_meta:
+            raise ValueError(f"layer {fqn!r}: its weight is on the meta device (a model built empty, e.g. under "
+                             "accelerate.init_empty_weights()); load its weights first, or compress while loading: "
+                             "from_pretrained(..., quantization_config=CupycodecConfig(...))")
         if m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"layer {fqn!r}: its weight is {m.weight.dtype}; compress_model compresses float32, "
                             "float16 or bfloat16 weights (leave this layer out with filter_fn)")

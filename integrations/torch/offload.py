@@ -355,7 +355,9 @@ def dispatch_model(model: torch.nn.Module, device_map: dict, **kwargs) -> Offloa
     so that their compressed tensors (buffers, which accelerate would otherwise move to the GPU) never visit it.
     Returns the :class:`OffloadReport` (also ``model.cupycodec_offload``), or None when no compressed block is on
     the host. ``accelerate.dispatch_model`` itself also runs a compressed model correctly, but keeps the compressed
-    tensors of blocks mapped to "cpu" on the GPU.
+    tensors of blocks mapped to "cpu" on the GPU; with ``offload_buffers=True`` (and accelerate's ``cpu_offload``
+    and ``disk_offload``) a lossless or int8+entropy block cannot run: accelerate returns a module's buffers only
+    around its own forward, after the block's start has decoded its layers (a RuntimeError says so).
 
     Raises, before anything moves: ValueError for a model that is not compressed and for a map that splits a block or
     puts one on "disk"; :class:`~cupycodec.BackendUnavailableError` for blocks on "cpu" beside a GPU torch cannot

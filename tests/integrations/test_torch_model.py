@@ -409,6 +409,34 @@ def test_linear_layers_torch_reads_directly_are_left_alone(mode):
         compress_model(torch.nn.TransformerEncoder(layer, num_layers=2), mode, progress=False)
 
 
+def test_a_bad_codec_or_an_empty_model_changes_nothing():
+    """In int8 mode (no payload) an unknown codec was only looked at once every layer was replaced; weights on the
+    meta device failed inside DLPack ("Unknown device type meta")."""
+    from cupycodec.errors import UnknownCodecError
+
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnknownCodecError, match="unknown codec 'zsdt'"):
+        compress_model(model, "int8", codec="zsdt", progress=False)
+    assert all(type(m) is not CompressedLinear for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not hasattr(model, "hf_quantizer") or model.hf_quantizer is None
+    with torch.device("meta"):
+        empty = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"layer '0': its weight is on the meta device.*quantization_config"):
+        compress_model(empty, "lossless", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_accelerates_buffer_offload_is_named_not_a_dlpack_error(mode):
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama()
+    compress_model(model, mode, progress=False)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"), offload_buffers=True)
+    with pytest.raises(RuntimeError, match=r"compressed weight is on the meta device.*offload_model"):
+        _logits(model)
+
+
 def test_a_non_float_weight_names_the_layer():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     model[1].weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.int32), requires_grad=False)
