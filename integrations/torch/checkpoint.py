@@ -83,13 +83,18 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
             raise TypeError(f"{name!r} in the state dict is a {type(t).__name__}; checkpoints hold tensors only")
         if t.device.type == "meta":
             raise ValueError(f"{name!r} is on the meta device (offloaded?); move the model to a real device first")
+        owner, _, attr = name.rpartition(".")
+        if attr == "weight" and owner in layers:
+            # a compressed layer computes with its own buffers and holds no weight: one there is transformers'
+            # tie_weights() tying a compressed head to the embedding again, which is not saved (as an alias, it named
+            # a tensor the loader refuses); the checkpoint's layer is the compressed head, untied when loaded
+            continue
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
                  t.dtype)
         if ident in first and t.numel():
             table["aliases"][name] = first[ident]  # a tied weight: stored once
             continue
         first[ident] = name
-        owner, _, attr = name.rpartition(".")
         layer = layers.get(owner)
         if layer is not None and attr == "packed":  # the layer's buffer as it is: loading hands it over, no copy
             c = layer._container(t.device)

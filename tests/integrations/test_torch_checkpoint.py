@@ -808,3 +808,27 @@ def test_a_filter_that_takes_no_layer_says_why_each_was_left(bf16_dir):
                                          r"\.\.\.\); output head: 1 \(lm_head\)\)"):
         transformers.AutoModelForCausalLM.from_pretrained(
             bf16_dir, quantization_config=CupycodecConfig(mode="int8", modules_to_convert=["lm_head"]))
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8"])
+def test_a_compressed_head_tied_again_by_transformers_saves_a_loadable_checkpoint(mode, tmp_path):
+    """tie_weights() (resize_token_embeddings calls it) put the embedding back on a compressed head as its weight;
+    saved as an alias, it named a tensor the loader refused."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    # from_config in bf16 keeps the rotary buffer in float32, as from_pretrained builds it: the same logits after
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    compress_model(model, mode, filter_fn=lambda m, fqn: True, progress=False)
+    model.tie_weights()
+    ids = torch.tensor([[1, 17, 33, 5, 99, 64, 2]])
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids).logits
+
+    want = logits(model)
+    model.save_pretrained(tmp_path / "hf")
+    save_compressed(model, tmp_path / "plain")
+    assert torch.equal(logits(_load(tmp_path / "hf")), want)
+    assert torch.equal(logits(load_compressed(tmp_path / "plain", progress=False)), want)
