@@ -335,13 +335,22 @@ def test_a_compressed_model_with_nothing_left_says_it_is_compressed():
         compress_model(model, "int8", progress=False)
 
 
-def test_a_library_error_keeps_its_type_and_names_the_layer():
+def test_a_library_error_keeps_its_type_and_names_the_layer(monkeypatch):
+    """A layer's error was raised again as type(exc)(message), which a library error whose constructor takes other
+    arguments cannot be (UnknownCodecError(codec, known)): a TypeError about the constructor came out instead."""
     from cupycodec.errors import UnknownCodecError
 
-    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
-    with pytest.raises(UnknownCodecError, match=r"layer '0' \(16x32\): unknown codec 'zsdt'; registered: .*zstd"):
-        compress_model(model, "lossless", codec="zsdt", progress=False)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 32))
+
+    def refuse(linear, *args, **kwargs):
+        raise UnknownCodecError("zsdt", ["zstd"])
+
+    monkeypatch.setattr(CompressedLinear, "from_linear", refuse)
+    with pytest.raises(UnknownCodecError, match=r"^layer '0' \(16x32\): unknown codec 'zsdt'; registered: zstd$"):
+        compress_model(model, "lossless", progress=False)
     assert type(model[0]) is torch.nn.Linear
+    with pytest.raises(UnknownCodecError, match="unknown codec 'zsdt'"):  # named up front: no layer is looked at
+        compress_model(model, "int8", codec="zsdt", progress=False)
 
 
 def test_the_report_is_strict_json_when_a_weight_is_held_exactly():
