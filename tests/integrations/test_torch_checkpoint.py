@@ -768,10 +768,11 @@ def test_from_pretrained_refuses_a_shard_outside_the_directory(saved, tmp_path):
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(cc.FormatError, match="outside the checkpoint directory"):
         load_compressed(out, _fresh(), progress=False)
-    with pytest.raises(cc.FormatError, match="outside the checkpoint directory"):
-        _load(out)
-    with pytest.raises(cc.FormatError, match="outside the checkpoint directory"):
-        load_compressed(out, device="cpu", progress=False)
+    # through transformers: refused by its own index check where it has one (5.25: a ValueError "points outside
+    # the model directory"), else by the quantizer's (FormatError, a ValueError too)
+    for load in (lambda: _load(out), lambda: load_compressed(out, device="cpu", progress=False)):
+        with pytest.raises(ValueError, match="outside the (checkpoint|model) directory"):
+            load()
 
 
 def test_load_compressed_advises_what_works_for_a_transformers_model(saved):
