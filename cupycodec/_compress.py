@@ -170,8 +170,8 @@ def _dtype_override(dtype, a: interop.Array) -> str | None:
         import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
 
         np_dtype = np.dtype(dtype)
-        name = dtype_name(np_dtype)[0]
-        order = None if np_dtype.byteorder in ("=", "|") else dtype_name(np_dtype)[1]
+        name, stated = dtype_name(np_dtype)
+        order = None if np_dtype.byteorder in ("=", "|") else stated  # only a byte order the caller wrote
     if name == a.dtype_name:
         return name
     if a.dtype_name not in _BITS:

@@ -20,7 +20,7 @@ from ._cuda import external_stream
 from ._decompress import DecodeJob, Quantized
 from ._files import atomic_write, open_regular
 from .container import CompressedArray
-from .errors import DecompressionBombError, UntrustedError
+from .errors import DecompressionBombError, UntrustedError, prefix_message
 from .quant.reference import _is_int
 
 __all__ = [
@@ -290,7 +290,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
                 job.check_out()
             except Exception as exc:
                 if len(items) > 1:  # which of many: the item's own error, its index before the message
-                    exc.args = (f"item {i}: {exc}",)
+                    prefix_message(exc, f"item {i}")
                 raise
             limit = max_output_nbytes
             if limit is _UNSET:

@@ -25,6 +25,13 @@ __all__ = [
 ]
 
 
+def prefix_message(exc: BaseException, prefix: str) -> None:
+    """Put ``prefix: `` before ``exc``'s message (which of many items, layers, ... it is about), for re-raising it
+    as it is: its type and attributes kept (a library error's constructor takes other arguments than a message, so
+    it is not built again)."""
+    exc.args = (f"{prefix}: {exc}",)
+
+
 class CupycodecError(Exception):
     """Base class for every error cupycodec raises on purpose."""
 

@@ -51,7 +51,7 @@ from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersio
 
 from . import _signing
 from ._shards import INDEX, WEIGHTS, ShardFile, write_shards
-from .dlpack import TORCH_DTYPES, dtype_name, host_bits
+from .dlpack import TORCH_DTYPES, dtype_name, host_bits, usable_device
 from .linear import MODES, CompressedLinear
 from .model import install
 
@@ -841,10 +841,4 @@ def _device(device, model: torch.nn.Module) -> torch.device:
     if device is None:
         real = next((t.device for t in model.state_dict().values() if t.device.type != "meta"), None)
         device = real or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():  # before trust rules name nvCOMP's decoders instead
-        raise ValueError(f"device {str(device)!r}: no CUDA device is usable here (torch.cuda.is_available() is "
-                         "False); load onto the CPU (device='cpu')")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return usable_device(device)  # before trust rules name nvCOMP's decoders instead of a missing device

@@ -12,7 +12,7 @@ import torch
 import cupycodec as cc
 
 __all__ = ["TORCH_DTYPES", "current_stream", "dtype_name", "from_compressed", "host_bits", "to_compressed",
-           "torch_dtype"]
+           "torch_dtype", "usable_device"]
 
 TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -39,6 +39,24 @@ def dtype_name(dtype: torch.dtype) -> str:
         return _NAMES[dtype]
     except KeyError:
         raise cc.UnsupportedDtypeError(dtype, sorted(map(str, TORCH_DTYPES.values()))) from None
+
+
+def usable_device(device) -> torch.device:
+    """``device`` as a ``torch.device``, refused (ValueError) where this machine cannot run on it: torch fails
+    later, with an assertion, once a model is being loaded there. A bare ``"cuda"`` is the current CUDA device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r}: no CUDA device is usable here (torch.cuda.is_available() is "
+                             "False); use the CPU ('cpu')")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 def current_stream(device: torch.device) -> int | None:

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 import cupycodec as cc
-from cupycodec.errors import FormatError, UnsupportedVersionError
+from cupycodec.errors import FormatError, UnsupportedVersionError, prefix_message
 
 from . import _signing
 from ._shards import INDEX, WEIGHTS
@@ -41,6 +41,7 @@ from .checkpoint import (
     _trust,
     checkpoint_state,
 )
+from .dlpack import usable_device
 from .linear import CompressedLinear, check_mode, default_codec
 from .model import (
     CompressionReport,
@@ -49,7 +50,6 @@ from .model import (
     _read_by_torch,
     _sqnr,
     install,
-    prefix_message,
     set_module,
 )
 
@@ -751,19 +751,10 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
 
 def _work_device(device) -> str:
     """``device`` to compress or load on (default: the first GPU when usable, else the CPU), refused here when
-    unusable: torch would fail later, with an assertion, once the model is being loaded."""
+    unusable (:func:`~.dlpack.usable_device`)."""
     if device is None:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is usable here (torch.cuda.is_available() is False); "
-                         "compress on the CPU ('cpu')")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
-    return str(dev)
+    return str(usable_device(device))
 
 
 def register() -> None:

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from cupycodec.errors import prefix_message
+
 from .linear import CompressedLinear, check_mode
 from .runtime import DecodeGroup, Runtime, block_hook
 
-__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "prefix_message",
-           "set_module"]
+__all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "set_module"]
 
 
 @dataclass
@@ -131,12 +132,6 @@ def _read_by_torch(model: torch.nn.Module) -> dict[int, str]:
     ``nn.TransformerEncoder``'s nested-tensor path, hand them to a fused kernel)."""
     return {id(lin): "read directly by nn.TransformerEncoderLayer's fast path" for m in model.modules()
             if isinstance(m, torch.nn.TransformerEncoderLayer) for lin in (m.linear1, m.linear2)}
-
-
-def prefix_message(exc: BaseException, prefix: str) -> None:
-    """Put ``prefix: `` before ``exc``'s message, for re-raising it as it is: its type and attributes kept (a
-    library error's constructor may take other arguments than a message, so it is not built again)."""
-    exc.args = (f"{prefix}: {exc}",)
 
 
 def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
