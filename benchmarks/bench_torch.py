@@ -15,7 +15,7 @@ Sections:
   block  a decode step's Linear work at batch 1 for one block of each --configs shape: its seven layers in the
         order a Llama block runs them, with stand-ins for the element-wise and attention kernels between them,
         captured over enough blocks' weights to defeat L2; GPU us per block for bf16, INT8, and a kernel that only
-        reads the block's INT8 bytes.
+        reads the block's INT8 bytes; with --block-fused also both with q/k/v and gate/up each run as one layer.
 
 Usage: python benchmarks/bench_torch.py [--sections gemv,e2e,compiled] [--configs tinyllama,llama7b] [--json PATH]
 (--json is rewritten after every section and every compiled row, so a run cut by a time limit keeps its figures)
@@ -209,7 +209,33 @@ def _block_step(x, linears, run):
     return x + run(down, t)
 
 
-def bench_block(rows, configs):
+def _block_step_fused(x, fused, run, split):
+    """:func:`_block_step` with q, k and v as one layer and gate and up as one (their weights concatenated by rows):
+    what a horizontally fused GEMV would run. Not a library path: a measurement of what fusing would gain."""
+    qkv, o, gate_up, down = fused
+    h = x * 1.0001
+    q, k, v = run(qkv, h).split(split[0], -1)
+    a = q + (k.sum(-1, keepdim=True) + v.sum(-1, keepdim=True)) * 1e-3
+    x = x + run(o, a)
+    h = x * 1.0001
+    g, u = run(gate_up, h).split(split[1], -1)
+    return x + run(down, torch.nn.functional.silu(g) * u)
+
+
+def _fuse(lins):
+    """(qkv, o, gate_up, down) bf16 Linears from a block's seven, by concatenating the weights of q, k, v and of
+    gate, up."""
+    def cat(parts):
+        w = torch.cat([p.weight for p in parts])
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        return lin
+    q, k, v, o, gate, up, down = lins
+    return [cat([q, k, v]), o, cat([gate, up]), down]
+
+
+def bench_block(rows, configs, fused=False):
     """Per block of GPU time (CUDA-graph replays) for a decode step's Linear work, over enough blocks' weights to
     defeat L2: bf16 F.linear, INT8 (what CompressedLinear runs at batch 1), and the read floor of the block's INT8
     bytes. Same weights, same process, modes interleaved over rounds."""
@@ -226,20 +252,30 @@ def bench_block(rows, configs):
         blocks = []
         for _ in range(n_blocks):
             lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
-            blocks.append((lins, [CompressedLinear.from_linear(lin, "int8") for lin in lins]))
+            fl = _fuse(lins) if fused else []
+            blocks.append((lins, [CompressedLinear.from_linear(lin, "int8") for lin in lins], fl,
+                           [CompressedLinear.from_linear(lin, "int8") for lin in fl]))
         x = torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16)
+        split = ([d, kv, kv], [f, f])
 
-        def step(variant, blocks=blocks, x=x):
+        def step(variant, blocks=blocks, x=x, split=split):
             def run(layer, h):
-                if variant == "bf16":
+                if variant.startswith("bf16"):
                     return torch.nn.functional.linear(h, layer.weight)
                 return ops.linear(h, layer.qweight, layer.scale, None, "channel", 128)
-            idx = 0 if variant == "bf16" else 1
+            idx = ["bf16", "int8", "bf16_fused", "int8_fused"].index(variant)
+            if idx >= 2:
+                return [lambda b=b: _block_step_fused(x, b[idx], run, split) for b in blocks]
             return [lambda b=b: _block_step(x, b[idx], run) for b in blocks]
 
-        variants = ["bf16", "int8"]
+        variants = ["bf16", "int8", *(["bf16_fused", "int8_fused"] if fused else [])]
         with torch.no_grad():
-            floor = read_floor([cl.qweight for _, cls in blocks for cl in cls])
+            floor = read_floor([cl.qweight for b in blocks for cl in b[1]])
+            if fused:  # the fused layers give the same output as the seven (exact per-channel codes, same sums)
+                b = blocks[0]
+                a = torch.cat([b[1][i](x) for i in range(3)], -1)
+                assert torch.equal(b[3][0].qweight, torch.cat([b[1][i].qweight for i in range(3)]))
+                assert a.shape[-1] == sum(split[0])
             times = {v: [] for v in [*variants, "read_floor"]}
             for _ in range(3):  # rounds, modes interleaved
                 for v in variants:
@@ -531,6 +567,8 @@ def main(argv=None) -> int:
     p.add_argument("--compiled-modes", default="int8",
                    help="modes of the 'compiled' section in order (bf16 first, torchao last unless named)")
     p.add_argument("--no-torchao", action="store_true", help="leave torchao out of the 'compiled' section")
+    p.add_argument("--block-fused", action="store_true",
+                   help="the 'block' section also times q/k/v and gate/up each as one layer (a fusion's gain)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -546,7 +584,7 @@ def main(argv=None) -> int:
 
     sections = set(args.sections.split(","))
     if "block" in sections:
-        bench_block(results["block"], args.configs.split(","))
+        bench_block(results["block"], args.configs.split(","), fused=args.block_fused)
         save()
     if "gemv" in sections:
         bench_gemv(results["gemv"], env["copy_gbps_read_plus_write"])
