@@ -32,8 +32,20 @@ def prefix_message(exc: BaseException, prefix: str) -> None:
     exc.args = (f"{prefix}: {exc}",)
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class CupycodecError(Exception):
     """Base class for every error cupycodec raises on purpose."""
+
+    def __reduce__(self):
+        # Rebuilt from its message and attributes, not through __init__, whose arguments differ per class: so an
+        # error crosses a process boundary (multiprocessing, Dask's process schedulers) as it was raised.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class UnknownCodecError(CupycodecError, ValueError):

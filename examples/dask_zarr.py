@@ -47,9 +47,10 @@ def smooth_field(mib: int) -> da.Array:
 
 def write(x: da.Array, store: str, **codec) -> zarr.Array:
     """Create a Zarr v3 array at ``store`` with cupycodec's codec (``codec`` configures it) and store ``x`` in it."""
+    x = x.rechunk(x.chunksize)  # regular blocks, one Zarr chunk each (a no-op where they already are)
     z = zarr.create_array(store=store, shape=x.shape, chunks=x.chunksize, dtype=x.dtype, overwrite=True,
                           serializer=CupycodecCodec(**codec), compressors=None)
-    da.store(x, z, lock=False)  # each task writes whole chunks, so no lock is needed
+    da.store(x, z, lock=False)  # each task writes whole chunks of its own, so no lock is needed
     return z
 
 

@@ -203,8 +203,9 @@ def check_chunk(c: cc.CompressedArray, shape: tuple, dtype: np.dtype, logical: s
     want = np.dtype(logical) if logical is not None else dtype
     # Byte order is a storage detail (zarr may hand a big-endian array's chunks over in native order): compare types.
     if tuple(c.shape) != tuple(shape) or c.dtype.newbyteorder("=") != want.newbyteorder("="):
-        raise FormatError(f"{where}: the chunk holds {c.dtype} of shape {tuple(c.shape)}, but the array's metadata "
-                          f"says {want} of shape {tuple(shape)}; the chunk belongs to another array or was replaced")
+        raise at(FormatError(f"the chunk holds {c.dtype} of shape {tuple(c.shape)}, but the array's metadata says "
+                             f"{want} of shape {tuple(shape)}; the chunk belongs to another array or was replaced"),
+                 where)
 
 
 # -- batched calls -------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from __future__ import annotations
 import threading
 from typing import Any, NamedTuple
 
+from cupycodec.container import _check_key
+
 __all__ = ["Policy", "configure", "current", "settings"]
 
 
@@ -69,9 +71,7 @@ def _checked(trusted, key, base: Policy) -> Policy:
     if key is not _UNSET and key is not None:
         if isinstance(key, str):
             raise TypeError("key must be bytes (e.g. os.urandom(32)), not str; encode it first")
-        key = bytes(key)
-        if len(key) < 16:
-            raise ValueError(f"key must have at least 16 bytes, got {len(key)}")
+        key = _check_key(key)  # the core's check: bytes-like only (bytes(32) would be 32 zero bytes), >= 16 bytes
     return Policy(base.trusted if trusted is _UNSET else trusted, base.key if key is _UNSET else key)
 
 
@@ -95,7 +95,7 @@ def configure(*, trusted=_UNSET, key=_UNSET) -> None:
     ValueError
         ``trusted`` is not one of the three values, or ``key`` is shorter than 16 bytes.
     TypeError
-        ``key`` is a ``str``.
+        ``key`` is not bytes, bytearray or memoryview (a ``str`` or an ``int`` included).
     """
     global _policy
     with _lock:
@@ -112,15 +112,16 @@ class settings:
     def __init__(self, *, trusted=_UNSET, key=_UNSET):
         _checked(trusted, key, Policy())  # bad arguments fail here, not at the ``with``
         self._trusted, self._key = trusted, key
-        self._old: Policy | None = None
+        self._old: list[Policy] = []  # a stack: one instance may be entered again inside its own block
 
     def __enter__(self) -> Policy:
         global _policy
         with _lock:
-            self._old, _policy = _policy, _checked(self._trusted, self._key, _policy)
+            self._old.append(_policy)
+            _policy = _checked(self._trusted, self._key, _policy)
             return _policy
 
     def __exit__(self, *exc) -> None:
         global _policy
         with _lock:
-            _policy = self._old
+            _policy = self._old.pop()

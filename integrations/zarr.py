@@ -30,8 +30,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without zarr
 
 import numpy as np
 
+import cupycodec as cc
 from cupycodec.dtypes import dtype_name
-from cupycodec.errors import UnsupportedDtypeError
+from cupycodec.errors import CupycodecError, UnsupportedDtypeError, prefix_message
 
 from ._chunks import ChunkConfig, check_chunk, decode_chunks, encode_chunks, is_device, parse_chunk
 
@@ -119,6 +120,23 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
                 not -ndim <= self.config.axis < ndim:  # else every write would fail
             raise ValueError(f"axis={self.config.axis} is out of range for this {ndim}-D array (axes {-ndim} to "
                              f"{ndim - 1})")
+        self._try_options(native, tuple(getattr(chunk_grid, "chunk_shape", shape)))
+
+    def _try_options(self, native: np.dtype, chunk_shape: tuple) -> None:
+        """Compress a few zeros of this array's dtype and dimensions with the chunk options (filters, quantization,
+        logical dtype; raw chunks, as the codec itself does not change what they accept), so that options every write
+        would refuse (an ``int8`` filter on integers, an axis out of range, a channel scale of a 0-d array) are
+        refused when the array is made."""
+        cfg = self.config
+        kw = {"codec": "raw", "chunk_nbytes": cfg.chunk_nbytes, "filters": list(cfg.filters or ()) or None,
+              "quantize": cfg.quantize, "granularity": cfg.granularity, "axis": cfg.axis,
+              "group_size": cfg.group_size, "dtype": cfg.dtype}
+        try:
+            cc.compress(np.zeros(tuple(min(int(n), 2) for n in chunk_shape), native), **kw)
+        except (CupycodecError, ValueError, TypeError) as exc:
+            prefix_message(exc, f"every write of this array would fail (the codec's options on a {native} chunk "
+                                f"of shape {chunk_shape})")
+            raise
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError("compressed chunk sizes depend on the data")
@@ -160,7 +178,18 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
     # -- the work, in a worker thread ---------------------------------------------------------------------------------
     def _encode_batch(self, batch: list) -> list[Buffer | None]:
         idx = [i for i, (nd, _) in enumerate(batch) if nd is not None]
-        blobs = encode_chunks(self.config, [batch[i][0].as_ndarray_like() for i in idx])
+        try:
+            blobs = encode_chunks(self.config, [batch[i][0].as_ndarray_like() for i in idx])
+        except (CupycodecError, ValueError) as exc:
+            fill = batch[idx[0]][1].fill_value if idx else 0
+            if self.config.quantize is not None and not _finite(fill, self.config.dtype):
+                # Not refused when the array is made: zarr checks codecs on every open, and an existing array
+                # whose chunks were all written whole reads fine.
+                prefix_message(exc, f"this array's fill_value {fill!r} is not finite, and zarr pads edge chunks "
+                                    "and the unwritten parts of chunks with it, which INT8 cannot quantize: make "
+                                    "the array with a finite fill_value (e.g. 0), or with a shape that is a multiple "
+                                    "of the chunk shape, writing whole chunks only")
+            raise
         out: list[Buffer | None] = [None] * len(batch)
         for i, blob in zip(idx, blobs):
             out[i] = batch[i][1].prototype.buffer.from_bytes(blob)
@@ -187,11 +216,25 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
         results = decode_chunks(items, outs, [wheres[i] for i in idx], device) if items else []
         out: list[NDBuffer | None] = [None] * len(bufs)
         for i, nd, arr, o, res in zip(idx, nds, arrs, outs, results):
-            if o is None:  # assignment converts byte order; a bf16 result goes into its integer array as bits
+            if o is None:  # assignment converts byte order; a bf16 result goes into its integer array as bits,
+                # read in the result's own byte order (a big-endian array's chunks decode big-endian)
                 native = arr.dtype.newbyteorder("=")
-                arr[...] = res if res.dtype.newbyteorder("=") == native else res.view(native)
+                if res.dtype.newbyteorder("=") != native:
+                    order = res.dtype.byteorder if res.dtype.byteorder in "<>" else "="
+                    res = res.view(native.newbyteorder(order))
+                arr[...] = res
             out[i] = nd
         return out
+
+
+def _finite(fill, logical: str | None) -> bool:
+    """Whether a fill value is finite as the chunks' values (bit patterns of ``logical`` in integer arrays)."""
+    value = np.asarray(fill)
+    if logical is not None and value.dtype.kind in "ui":
+        import ml_dtypes  # noqa: F401  # "bfloat16" and the float8 names as NumPy dtypes
+
+        value = value.astype(value.dtype.newbyteorder("=")).view(np.dtype(logical))
+    return bool(np.isfinite(value.astype(np.float64)).all())
 
 
 async def _fetch(getter, spec):

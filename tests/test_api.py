@@ -585,3 +585,34 @@ def test_decompress_many_names_the_item_and_refuses_an_array_of_bytes():
 def test_a_compressor_checks_the_chunk_size_for_auto_too():
     with pytest.raises(ValueError, match="chunk_nbytes must be a multiple of 16"):
         cc.Compressor(chunk_nbytes=24)  # accepted with codec="auto" before, refused at the first write
+
+
+def test_every_library_error_crosses_a_process_boundary():
+    """Errors whose constructors take other arguments than a message failed to unpickle (TypeError about __init__),
+    so a process pool or Dask's process scheduler turned a corrupt chunk into a broken pool or a TypeError."""
+    import multiprocessing
+    import pickle
+
+    from cupycodec import errors
+
+    made = [
+        errors.UnknownCodecError("nope", ["zstd", "lz4"]),
+        errors.UnsupportedDtypeError("object", ["float32"], hint="cast it"),
+        errors.UnsupportedVersionError("container", 9, 1),
+        errors.ChecksumError("data", 1, 2, chunk=3),
+        errors.UntrustedError("ans"),
+        errors.DecompressionBombError(10, 5),
+        errors.FormatError("bad bytes"),
+    ]
+    errors.prefix_message(made[3], "chunk 'c/0'")
+    for exc in made:
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc) and back.__dict__ == exc.__dict__
+    with multiprocessing.get_context("spawn").Pool(1) as pool, \
+            pytest.raises(errors.ChecksumError, match="chunk 'c/0'") as info:
+        pool.apply(_raise, (made[3],))
+    assert (info.value.segment, info.value.stored, info.value.computed, info.value.chunk) == ("data", 1, 2, 3)
+
+
+def _raise(exc):
+    raise exc

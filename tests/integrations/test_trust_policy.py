@@ -67,10 +67,26 @@ def test_the_key_is_never_printed():
     ({"trusted": 1.0}, ValueError, "False, True or 'metadata'"),
     ({"key": "secret-secret-secret"}, TypeError, "key must be bytes"),
     ({"key": b"short"}, ValueError, "at least 16 bytes"),
+    ({"key": 32}, TypeError, "key must be bytes"),  # bytes(32): 32 zero bytes, a key anyone has
+    ({"key": 2**70}, TypeError, "key must be bytes"),
+    ({"key": [1] * 32}, TypeError, "key must be bytes"),
 ])
 def test_bad_values_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         trust.configure(**kwargs)
     with pytest.raises(error, match=match):
         trust.settings(**kwargs)
+    assert trust.current() == trust.Policy()
+
+
+def test_one_settings_object_entered_twice_restores_each_level():
+    """The instance kept one previous policy: entered again inside its own block, its inner exit overwrote what the
+    outer exit restores, and trusted=True stayed on after both blocks."""
+    trusted = trust.settings(trusted=True)
+    with trust.settings(trusted="metadata"):
+        with trusted:
+            with trusted:
+                assert trust.current().trusted is True
+            assert trust.current().trusted is True
+        assert trust.current().trusted == "metadata"
     assert trust.current() == trust.Policy()

@@ -141,6 +141,24 @@ def test_bfloat16_through_integer_bit_patterns(tmp_path):
     assert sqnr(w.astype(np.float32), back.astype(np.float32)) > 35
 
 
+@pytest.mark.parametrize("zdtype, logical, values", [
+    (">u2", "bfloat16", np.array([1.0, 2.0, -3.5, 0.5], ml_dtypes.bfloat16)),
+    (">i2", "bfloat16", np.array([1.0, 2.0, -3.5, 0.5], ml_dtypes.bfloat16)),
+    (">u4", "float32", np.array([1.0, 2.0, -3.5, 0.5], np.float32)),
+])
+def test_a_big_endian_array_with_a_logical_dtype_reads_back_its_bits(tmp_path, zdtype, logical, values):
+    # the chunks decode big-endian; their bits used to be read as a native-order integer (byte-swapped values)
+    bits = values.view(np.dtype(zdtype).newbyteorder("=")).astype(zdtype)
+    for kwargs in ({}, {"quantize": "int8", "granularity": "tensor"}):
+        z = _create(tmp_path / f"{zdtype}{len(kwargs)}", (4,), zdtype, (4,), dtype=logical, **kwargs)
+        z[:] = bits
+        back = np.asarray(z[:]).astype(np.dtype(zdtype).newbyteorder("=")).view(values.dtype).astype(np.float32)
+        if kwargs:
+            np.testing.assert_allclose(back, values.astype(np.float32), atol=3.5 / 127)
+        else:
+            assert back.tobytes() == values.astype(np.float32).tobytes()
+
+
 def test_fill_values_and_missing_chunks(tmp_path):
     z = _create(tmp_path, (100, 100), "float32", (25, 25), fill_value=np.nan)
     z[30:40, 60:70] = 1.5  # one chunk written

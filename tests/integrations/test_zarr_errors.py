@@ -83,8 +83,10 @@ def test_garbage_and_a_chunk_of_another_array(store, tmp_path_factory):
     z = zarr.open_array(str(store))
     with pytest.raises(cc.FormatError, match=r"c/1/0': not a cupycodec container"):
         z[32:64, :48]
-    with pytest.raises(cc.FormatError, match=r"c/1/1': the chunk holds int32 .* says float32 .* another array"):
+    with pytest.raises(cc.FormatError, match=r"c/1/1': the chunk holds int32 .* says float32 .* another array") \
+            as info:
         z[32:64, 48:]
+    assert info.value.chunk_key.endswith("/c/1/1'")  # as every chunk error has (it had none)
 
 
 def test_a_partial_write_over_a_corrupt_chunk(store):
@@ -189,3 +191,29 @@ def test_options_every_write_would_refuse_are_refused_when_the_array_is_made(tmp
         zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 8), chunks=(4, 4), dtype="f4",
                           serializer=CupycodecCodec(quantize="int8", axis=5), compressors=None)
     assert not (tmp_path / "a.zarr" / "zarr.json").exists()
+
+
+@pytest.mark.parametrize("shape, zdtype, kwargs, error, match", [
+    ((8,), "i4", {"filters": ["int8"]}, TypeError, "int8"),
+    ((8, 8), "f4", {"filters": [{"id": "int8", "axis": 5}]}, ValueError, "axis"),
+    ((8,), "f4", {"filters": ["byteplane"], "quantize": "int8"}, ValueError, ""),
+    ((8,), "f4", {"filters": ["byteplane", "byteplane"]}, ValueError, ""),
+    ((), "f4", {"quantize": "int8"}, ValueError, ""),
+])
+def test_filters_every_write_would_refuse_are_refused_when_the_array_is_made(tmp_path, shape, zdtype, kwargs, error,
+                                                                              match):
+    """Only quantize= was checked: the same options given as filters, or channel scales of a 0-d array, made an
+    array (and its zarr.json) that no write could fill."""
+    with pytest.raises(error, match=f"every write of this array would fail.*{match}"):
+        zarr.create_array(str(tmp_path / "a.zarr"), shape=shape, dtype=zdtype, serializer=CupycodecCodec(**kwargs),
+                          compressors=None)
+    assert not (tmp_path / "a.zarr" / "zarr.json").exists()
+
+
+def test_a_nan_fill_value_under_int8_names_itself_when_a_write_pads():
+    z = zarr.create_array(store={}, shape=(10, 10), chunks=(8, 8), dtype="f4", fill_value=np.nan,
+                          serializer=CupycodecCodec(quantize="int8", granularity="tensor"), compressors=None)
+    z[:8, :8] = np.ones((8, 8), np.float32)  # a whole chunk: no padding, so it quantizes
+    assert np.array_equal(z[:8, :8], np.ones((8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"fill_value .*nan.* is not finite.*finite fill_value"):
+        z[:] = np.ones((10, 10), np.float32)
