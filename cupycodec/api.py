@@ -69,10 +69,10 @@ def compress(arr, *, codec="auto", level=None, chunk_nbytes=None, filters=None, 
         strides and byte order. Device input stays on its device.
     codec : str, mapping or Codec
         ``"auto"`` (the best lossless choice for the data and machine: on a GPU ANS for floats and the smallest of
-        ANS/Cascaded/Bitcomp on samples otherwise; on a CPU byte planes + zstd for floats, zstd otherwise; never a
-        container bigger than ``"raw"``'s), or one of ``"raw"``, ``"lz4"``, ``"snappy"``, ``"gdeflate"``,
-        ``"deflate"``, ``"zstd"``, ``"gzip"``, ``"cascaded"``, ``"bitcomp"``, ``"ans"``; codec options go in
-        ``**options`` (e.g. ``data_type="<f2"``).
+        ANS/Cascaded/Bitcomp on samples otherwise; on a CPU byte planes + zstd or plain zstd, whichever compresses
+        samples of the array smaller; never a container bigger than ``"raw"``'s), or one of ``"raw"``, ``"lz4"``,
+        ``"snappy"``, ``"gdeflate"``, ``"deflate"``, ``"zstd"``, ``"gzip"``, ``"cascaded"``, ``"bitcomp"``,
+        ``"ans"``; codec options go in ``**options`` (e.g. ``data_type="<f2"``).
     level : int, optional
         Compression level, for codecs that have one (CPU backends).
     chunk_nbytes : int, optional
@@ -152,7 +152,8 @@ def compress_many(arrays: Sequence, *, codec="auto", level=None, chunk_nbytes=No
 class Compressor:
     """A reusable compression configuration: parse once, compress many (zstandard's ``ZstdCompressor`` shape).
 
-    Takes the keywords of :func:`compress`. ``compress(x)`` and ``compress_many(xs)`` behave like the functions.
+    Takes the keywords of :func:`compress` but ``metadata`` and ``stream``, which are per call: ``compress(x, *,
+    metadata=None, stream=None)`` and ``compress_many(xs, ...)`` take them and behave like the functions.
 
     Examples
     --------
@@ -164,6 +165,10 @@ class Compressor:
 
     def __init__(self, *, codec="auto", level=None, chunk_nbytes=None, filters=None, quantize=None,
                  granularity="channel", axis=0, group_size=128, dtype=None, backend=None, **options):
+        per_call = sorted({"metadata", "stream"} & options.keys())
+        if per_call:  # else the codec reported them as unknown options of its own
+            raise TypeError(f"{' and '.join(per_call)} go to each call: Compressor(...).compress(x, "
+                            f"{per_call[0]}=...) or .compress_many(xs, {per_call[0]}=...)")
         self._codec = _config.parse_codec(codec, level, options)
         self._filters = _config.parse_filters(filters, quantize, granularity, axis, group_size)
         self._chunk = chunk_nbytes

@@ -166,7 +166,9 @@ def numpy_dtype(name: str, byteorder: str = "|") -> np.dtype:
         dt = np.dtype(np.clongdouble if complex_ else np.longdouble)
     if dt.itemsize == 1 or byteorder == "|":
         return dt
-    return dt.newbyteorder(byteorder)
+    swapped = dt.newbyteorder(byteorder)
+    return dt if swapped.isnative else swapped  # native order as NumPy spells it: dtype('float32'), not '<f4'
+
 
 
 def gpu_dtype(name: str) -> np.dtype:

@@ -5,6 +5,7 @@ Run: python examples/compress_arrays.py   (CPU only is fine; the GPU part runs w
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 
@@ -13,6 +14,7 @@ import numpy as np
 
 import cupycodec as cc
 
+argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="It takes no options.").parse_args()
 rng = np.random.default_rng(0)
 
 # 1. Any array, bit for bit: here float32 with NaN payloads and -0.0, in Fortran order.

@@ -53,9 +53,11 @@ class ChunkConfig:
     declaration that the chunks may be decoded as trusted; see :mod:`cupycodec.integrations.trust`). Unknown
     keywords are codec options (``data_type="<f2"`` for ``ans``) and are checked by the codec class.
 
-    ``codec="auto"`` is the *portable* lossless choice on any device: byte planes + zstd (level 1) for floats, zstd
-    otherwise, which every reader decodes (CPU or GPU, trusted or not). Unlike :func:`cupycodec.compress`'s
-    ``auto`` it never picks an NVIDIA-only format on a GPU: a store outlives the machine that wrote it.
+    ``codec="auto"`` is the *portable* lossless choice on any device, which every reader decodes (CPU or GPU,
+    trusted or not): on the CPU the core's ``auto`` (byte planes + zstd level 1 or plain zstd level 1, whichever
+    compresses samples of the chunk smaller; raw where that is smaller still), on a GPU byte planes + zstd (level 1)
+    for floats and zstd otherwise. Unlike :func:`cupycodec.compress`'s ``auto`` it never picks an NVIDIA-only
+    format on a GPU: a store outlives the machine that wrote it.
     """
 
     __slots__ = ("_json", "axis", "chunk_nbytes", "codec", "dtype", "filters", "granularity", "group_size", "level",
@@ -180,8 +182,9 @@ def at(exc: CupycodecError, where: str) -> CupycodecError:
     new = type(exc).__new__(type(exc))
     new.__dict__.update(exc.__dict__)
     text = f"{where}: {exc}"
-    if isinstance(exc, UntrustedError):
-        text += _TRUST_HINT
+    if isinstance(exc, UntrustedError):  # the core's fix (from_bytes/load arguments) is not a zarr reader's
+        text = (f"{where}: this chunk is untrusted, and codec {exc.codec!r} has no decoder hardened against "
+                f"crafted input, so cupycodec will not decode it{_TRUST_HINT}")
     new.args = (text,)
     new.chunk_key = where
     return new

@@ -301,6 +301,11 @@ def test_compressor_reuse():
     for c, x in zip(comp.compress_many(xs), xs):
         assert c.codec == "deflate" and c.segments[0].chunk_nbytes == 1024 and np.array_equal(cc.decompress(c), x)
     assert comp.compress(xs[0]) == cc.compress(xs[0], codec="deflate", level=1, chunk_nbytes=1024)
+    # metadata and stream are per call; given to the constructor they read as the codec's unknown options
+    for kw in ({"metadata": {"a": 1}}, {"stream": None}):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} go to each call"):
+            cc.Compressor(codec="zstd", **kw)
+    assert cc.Compressor(codec="zstd").compress(xs[0], metadata={"a": 1}).metadata == {"a": 1}
 
 
 # -- codecs, options, backends ----------------------------------------------------------------------------------

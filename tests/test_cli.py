@@ -37,6 +37,23 @@ def test_compress_decompress_inspect(tmp_path, capsys):
     assert '"segments"' in capsys.readouterr().out
 
 
+def test_inspect_checks_the_chunk_crcs_unless_told_not_to(tmp_path, capsys):
+    """inspect loaded with verify=True, which only defers the chunk CRCs to a decode that inspect never runs: a
+    corrupt file printed its header and exited 0, and --no-verify changed nothing."""
+    c = cc.compress(np.arange(50000, dtype=np.float32), codec="zstd")
+    blob = bytearray(c.to_bytes())
+    blob[-100] ^= 0xFF  # inside the last chunk's compressed bytes
+    (tmp_path / "bad.cc").write_bytes(bytes(blob))
+    assert main(["inspect", str(tmp_path / "bad.cc")]) == 2
+    captured = capsys.readouterr()
+    assert '"segments"' in captured.out and "checksum mismatch" in captured.err
+    assert main(["inspect", str(tmp_path / "bad.cc"), "--no-verify"]) == 0
+    assert "CRC" not in capsys.readouterr().out
+    cc.save(tmp_path / "good.cc", c)
+    assert main(["inspect", str(tmp_path / "good.cc")]) == 0
+    assert "every chunk CRC matches" in capsys.readouterr().out
+
+
 def test_bf16_through_npy_bits(tmp_path, capsys):
     bits = (np.arange(100, dtype=np.uint16) + 16000)
     np.save(tmp_path / "b.npy", bits)
@@ -117,6 +134,14 @@ def torch_cuda_devices() -> int:
 def test_examples_run(script):
     subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], check=True, capture_output=True,
                    timeout=300)
+
+
+@pytest.mark.parametrize("script", ["compress_arrays.py", "llm_inference.py", "dask_zarr.py"])
+def test_every_example_answers_help_without_running(script):
+    # compress_arrays.py had no parser: --help ran the whole example
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--help"], check=True,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("usage:") and "ratio" not in out.stdout  # compress_arrays prints ratios
 
 
 def test_module_entry_point():
@@ -259,7 +284,7 @@ def test_help_texts_name_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     out = capsys.readouterr().out
-    assert "zstd" in out and "default: auto" in out and "64 KiB" in out and "``" not in out
+    assert "zstd" in out and "default: auto" in out and "512 KiB for floats" in out and "``" not in out
     with pytest.raises(SystemExit):
         main(["decompress", "--help"])
     assert "1024 x the file's size" in capsys.readouterr().out
