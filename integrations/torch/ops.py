@@ -154,9 +154,13 @@ def _cpu_gemv(x, qweight, scale, bias):
 
 
 # One scratch per device for dequantized weights at large batch: reserved (grown) before use, as large as the
-# largest layer any model asked for, and never reallocated by a forward, so CUDA graphs keep its address.
+# largest layer any model asked for. A layer larger than any reserved grows it in its forward; the buffer it
+# replaces stays allocated if a CUDA graph captured a use of it (the graph's replays still write there), and is
+# otherwise freed after the work its last stream enqueued (record_stream).
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
 _RESERVED = [0]
+_CAPTURED: set[int] = set()  # data_ptr of scratch buffers a CUDA graph captured a use of
+_KEPT: list[torch.Tensor] = []  # replaced scratch buffers that captured graphs still use
 
 
 def reserve_scratch(nbytes: int) -> None:
@@ -167,10 +171,22 @@ def reserve_scratch(nbytes: int) -> None:
 def scratch(device: torch.device) -> torch.Tensor:
     buf = _SCRATCH.get(device)
     if buf is None or buf.numel() < _RESERVED[0]:
+        if buf is not None:
+            _retire_scratch(buf, device)
         buf = _SCRATCH[device] = torch.empty(max(_RESERVED[0], 1), dtype=torch.uint8, device=device)
         for key in [key for key in _WEIGHT_VIEWS if key[0] == device.index]:
             del _WEIGHT_VIEWS[key]
     return buf
+
+
+def _retire_scratch(buf: torch.Tensor, device: torch.device) -> None:
+    if buf.data_ptr() in _CAPTURED:
+        _CAPTURED.discard(buf.data_ptr())
+        _KEPT.append(buf)  # a graph's replays write here: never handed to another tensor
+        return
+    order = _ORDER.get(device.index) if device.type == "cuda" else None
+    if order is not None and order.stream is not None:
+        buf.record_stream(order.stream[0])  # its last user may not have run yet
 
 
 _WEIGHT_VIEWS: dict = {}  # (device index, n, k, dtype) -> an n x k view of that device's scratch
@@ -186,6 +202,8 @@ def _weight_view(index: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor
     w = _WEIGHT_VIEWS.get(key)
     if w is None:
         w = _WEIGHT_VIEWS[key] = buf[:need].view(dtype).view(n, k)
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED.add(buf.data_ptr())
     return w
 
 
@@ -201,7 +219,20 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: to
     return _int8_linear(x, qweight, scale, bias, granularity, group_size)
 
 
+def _check_input(x, qweight) -> None:
+    """What ``nn.Linear`` refuses: an input of another width (the kernels would read and write past the tensors'
+    ends: M is derived from x's size), or on another device than the codes (a kernel launched with a host
+    address kills the CUDA context). Two integer comparisons."""
+    if x.ndim == 0 or x.shape[-1] != qweight.shape[1]:
+        raise RuntimeError(f"the input's last dimension must be this layer's in_features ({qweight.shape[1]}); got "
+                           f"an input of shape {tuple(x.shape)}")
+    if x.get_device() != qweight.get_device():
+        raise RuntimeError(f"the input is on {x.device} and this layer's weight on {qweight.device}: move the "
+                           "input (or the model) so that both are on one device")
+
+
 def _int8_linear(x, qweight, scale, bias, granularity, group_size):
+    _check_input(x, qweight)
     if x.device.type == "cpu":
         if granularity == "channel" and x.dtype == torch.bfloat16 and _cpu_gemv_ok(x, qweight):
             return _cpu_gemv(x, qweight, scale, bias)
@@ -273,7 +304,8 @@ def gemv_linear(x, qweight, scale, bias, granularity, group_size, *, kernel=None
     else:
         x2 = x.reshape(m, k)
         if x2.stride(1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
-            x2 = x2.contiguous()
+            x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation is aligned (contiguous() of a
+            # contiguous but misaligned view is that view)
         xp, ldx = x2.data_ptr(), x2.stride(0)
     y = x.new_empty((*x.shape[:-1], n))
     gemv.gemv_int8(xp, ldx, qweight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else 0,

@@ -298,8 +298,19 @@ class DecodeGroup:
         late, self._late = self._late, None
         if late is not None:
             raise late
-        for plan in self.plans():
+        plans = self.plans()
+        for index in sorted({p.device for p in plans}):
+            torch.cuda.synchronize(index)  # decodes run on torch's streams, which a plan's own check does not wait for
+        for plan in plans:
             plan.check()
+
+    def home(self) -> torch.device | None:
+        """The device whose memory holds this group's stored tensors, or None when they are offloaded to the host
+        (staged to whichever device runs the block)."""
+        if self.offloaded:
+            return None
+        t = self.layers[0]._stored()[0]
+        return t.device if t.is_cuda else None
 
 
 class _DeviceState:
@@ -407,7 +418,8 @@ class Runtime:
             st.wide = [torch.empty(self.wide_nbytes, dtype=torch.uint8, device=device) for _ in st.slots]
         slot = self._acquire(st, gi + n if wide else gi, device, sp, prefer=gi % len(st.slots))
         nxt = gi + 1
-        if sp is not None and len(st.slots) == 2 and nxt < n:
+        if sp is not None and len(st.slots) == 2 and nxt < n and self.groups[nxt].home() in (None, device):
+            # (a model split over GPUs: the next block on another device decodes there when it starts)
             key = nxt + n if wide and self.groups[nxt].wide_dtype is not None else nxt
             held = st.resident[1 - slot]
             if held is None or held[0] != key:
@@ -671,11 +683,14 @@ def _enter_block(module, args, kwargs):
     group = rt.groups[gi]
     x = _input_of(args, kwargs)
     if x is not None:
-        if (WIDE and x.is_cuda and group.wide_dtype == x.dtype and x.ndim
+        # where the block runs: its weights' device (accelerate's device-map hook moves the input there only inside
+        # forward, after this pre-hook), or for host-offloaded weights the input's
+        device = group.home() or x.device
+        if (WIDE and device.type == "cuda" and group.wide_dtype == x.dtype and x.ndim
                 and x.numel() > GEMV_MAX_M * x.shape[-1]):
-            rt.enter(gi, x.device, wide=True)  # a large batch (prefill)
+            rt.enter(gi, device, wide=True)  # a large batch (prefill)
         elif group.nbytes:
-            rt.enter(gi, x.device)
+            rt.enter(gi, device)
         return
     device = _device_of(module)
     if device is not None and group.nbytes:

@@ -136,6 +136,19 @@ def test_bad_input_names_the_fix():
             CompressedLinear.from_linear(_linear(), "int8", granularity="group", group_size=bad)
 
 
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("shape", [(2, 128), (1, 104), (3, 48), (40, 128), ()])
+def test_an_input_of_another_width_is_refused_in_every_mode(mode, shape):
+    """As nn.Linear refuses it: the INT8 kernels derived M from the input's size and read or wrote past the ends
+    (on a GPU) where the width differed."""
+    layer = CompressedLinear.from_linear(torch.nn.Linear(64, 32, dtype=torch.bfloat16), mode)
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer(x)
+    with pytest.raises(RuntimeError):
+        layer(x.requires_grad_())  # the custom op's route
+
+
 @pytest.mark.parametrize("granularity", ["channel", "group"])
 def test_an_int8_layer_used_before_its_weight_is_loaded_gives_nan(granularity):
     """An empty int8 layer has codes and scales buffers for load_state_dict to fill; until it does (or where a
