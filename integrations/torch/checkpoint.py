@@ -73,6 +73,12 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
     they are (a device payload is copied to the host when its shard is written); non-layer tensors are compressed
     losslessly on the CPU here."""
     layers = {fqn: m for fqn, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    for fqn, m in layers.items():
+        if m.bias is not None and m.bias.dtype != m.weight_dtype:  # a loader builds the bias in the weight's dtype
+            raise ValueError(f"layer {fqn!r}: its bias is {m.bias.dtype} and its compressed weight {m.weight_dtype} "
+                             "(the model was cast after compressing, e.g. .float()), which a checkpoint cannot "
+                             f"describe; cast the model back (model.to({m.weight_dtype})) before saving, or compress "
+                             "it in the dtype it should be saved in")
     table: dict = {"format_version": FORMAT_VERSION, "checkpoint": secrets.token_hex(8),
                    "signed_by": _signing.fingerprint(key) if key is not None else None,
                    "layers": {fqn: m.config() for fqn, m in layers.items()}, "tensors": {}, "aliases": {}}
@@ -651,10 +657,13 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
     new = {}
     for fqn, cfg in plan.layers.items():
         layer = CompressedLinear.from_config(cfg, device="meta")
+        old = model.get_submodule(fqn)  # the module it replaces: its flags carry over, as compress_model keeps them
+        layer.train(old.training)
         for attr in list(layer._buffers):
             layer._buffers[attr] = get(f"{fqn}.{attr}")
         if layer.bias is not None:
-            layer.bias = torch.nn.Parameter(get(f"{fqn}.bias"), requires_grad=False)
+            grad = old.bias is not None and old.bias.requires_grad
+            layer.bias = torch.nn.Parameter(get(f"{fqn}.bias"), requires_grad=grad)
         src = aliases.get(f"{fqn}.packed", f"{fqn}.packed").rpartition(".")[0]
         if ("template", src) in loaded:
             layer._set_template(loaded[("template", src)])

@@ -114,6 +114,9 @@ def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | N
     if c.lossless and dtype is not None and dtype != torch_dtype(c.dtype_name):
         raise ValueError(f"dtype={dtype} for a lossless {c.dtype_name} container: it decodes exactly, into its own "
                          f"dtype; decode it, then convert the result (.to({dtype}))")
+    if out is not None and dtype is not None and out.dtype != dtype:
+        raise ValueError(f"dtype={dtype} and out of {out.dtype}: the result is out, in out's dtype; pass one of them "
+                         "(or an out of that dtype)")
     if out is not None and out.requires_grad and out.is_leaf:
         raise ValueError("out is a leaf tensor that requires grad, which torch does not let anything write in "
                          "place; pass out.detach() (it shares the storage) or a tensor without requires_grad")

@@ -49,6 +49,7 @@ from .model import (
     _is_linear,
     _read_by_torch,
     _sqnr,
+    _subclass_why,
     install,
     set_module,
 )
@@ -376,6 +377,7 @@ class CupycodecHfQuantizer(HfQuantizer):
                 continue
             why = ("output head" if m is head else "tied to an embedding" if id(m.weight) in tied else
                    torch_reads.get(id(m)) if id(m) in torch_reads else
+                   _subclass_why(m) if _subclass_why(m) is not None else
                    "modules_to_not_convert" if not should_convert_module(fqn, skip) else
                    "modules_to_convert" if cfg.modules_to_convert and
                    not any(re.search(p, fqn) for p in cfg.modules_to_convert) else None)
@@ -605,14 +607,10 @@ def _module_of(model, name: str):
 def write_configs(model, directory: str, table: dict) -> list[str]:
     """``config.json`` (with this checkpoint's ``quantization_config``) and ``generation_config.json``, atomically."""
     import copy
-    from collections import Counter
 
     from cupycodec._files import atomic_write
 
-    layers = list(table["layers"].values())  # the layers' own entries rule loading; this says what most are
-    mode = Counter(cfg["mode"] for cfg in layers).most_common(1)[0][0] if layers else "lossless"
-    first = next((cfg for cfg in layers if cfg["mode"] == mode), {"granularity": "channel", "group_size": 128})
-    qc = CupycodecConfig(mode=mode, granularity=first["granularity"], group_size=first["group_size"])
+    qc = _summary_config(list(table["layers"].values()))
     config = copy.deepcopy(model.config)
     config.quantization_config = qc
     if hasattr(model, "dtype"):
@@ -630,10 +628,24 @@ def write_configs(model, directory: str, table: dict) -> list[str]:
     return written
 
 
+def _summary_config(layers: list[dict], codec: str | None = None) -> CupycodecConfig:
+    """The ``quantization_config`` of a model whose compressed layers have these configs: what most of them are
+    (each layer's own entry rules loading; this tells readers of config.json what the model holds)."""
+    from collections import Counter
+
+    mode = Counter(cfg["mode"] for cfg in layers).most_common(1)[0][0] if layers else "lossless"
+    first = next((cfg for cfg in layers if cfg["mode"] == mode), {"granularity": "channel", "group_size": 128})
+    return CupycodecConfig(mode=mode, granularity=first["granularity"], group_size=first["group_size"], codec=codec)
+
+
 def attach(model, mode: str, granularity: str, group_size: int, codec: str | None) -> None:
     """Give a transformers model compressed by :func:`compress_model` the quantizer and ``quantization_config``
-    that ``save_pretrained`` needs."""
-    cfg = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec)
+    that ``save_pretrained`` needs: the call's settings, or where earlier calls compressed most of the layers
+    another way, what most of them are (as ``save_compressed`` writes it)."""
+    layers = [m.config() for m in model.modules() if isinstance(m, CompressedLinear)]
+    cfg = _summary_config(layers, codec)
+    if (cfg.mode, cfg.granularity, cfg.group_size) == (mode, granularity, group_size):
+        cfg = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec)
     model.config.quantization_config = cfg
     model.hf_quantizer = CupycodecHfQuantizer(cfg, pre_quantized=True)
     model.is_quantized = True

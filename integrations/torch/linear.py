@@ -267,7 +267,9 @@ class CompressedLinear(torch.nn.Module):
         if c is None:
             if self.packed.is_meta:
                 raise RuntimeError(
-                    "this layer's compressed weight is on the meta device: accelerate offloaded the model's buffers "
+                    "this layer's compressed weight is on the meta device, where it cannot be decoded: the model "
+                    "was moved there (.to('meta'); INT8 layers with resident codes infer shapes there, the others "
+                    "do not), or accelerate offloaded the model's buffers "
                     "(cpu_offload, disk_offload, dispatch_model with offload_buffers=True) and brings them back "
                     "only around each module's own forward, while a block's layers decode together when it starts; "
                     "offload with cupycodec.integrations.torch.offload_model or its dispatch_model instead")

@@ -126,6 +126,30 @@ def _is_linear(m: torch.nn.Module) -> bool:
     return isinstance(m, torch.nn.Linear) and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
+def _subclass_why(m: torch.nn.Module) -> str | None:
+    """Why a Linear subclass is never replaced (None for nn.Linear, and for subclasses that change neither the
+    forward nor the tensors, which a CompressedLinear computes exactly): a replacement computes ``x @ W.T + b`` and
+    keeps only the weight and bias, so another forward, or another parameter or buffer, would be lost."""
+    if type(m) is torch.nn.Linear:
+        return None
+    own = {n for n, _ in m.named_parameters(recurse=False)} | {n for n, _ in m.named_buffers(recurse=False)}
+    plain = type(m).forward is torch.nn.Linear.forward and own <= {"weight", "bias"} and not list(m.children())
+    if not plain:
+        return f"{type(m).__name__} subclasses nn.Linear with its own forward or tensors, which a replacement loses"
+    return None
+
+
+def _kept_in_fp32(model: torch.nn.Module, fqn: str) -> bool:
+    """Whether a transformers model keeps module ``fqn`` in float32 (``_keep_in_fp32_modules``; T5's ``wo``, whose
+    weight its forward reads), as its quantizer path does."""
+    patterns = getattr(model, "_keep_in_fp32_modules", None)
+    if not patterns:
+        return False
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return not should_convert_module(fqn, list(patterns))
+
+
 def _read_by_torch(model: torch.nn.Module) -> dict[int, str]:
     """id(module) -> why, for the Linear layers whose weight torch's own modules read directly, which are never
     replaced: ``nn.TransformerEncoderLayer``'s ``linear1`` and ``linear2`` (its eval fast path, and
@@ -160,11 +184,14 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     mode : {"lossless", "int8", "int8+entropy"}
     filter_fn : callable, optional
         ``filter_fn(module, fqn) -> bool`` chooses the Linear layers to compress. By default every one except the
-        output head and weights tied to an embedding. Never offered: Linear layers whose weight torch's own modules
+        output head, weights tied to an embedding and a transformers model's ``_keep_in_fp32_modules`` (T5's
+        ``wo``, whose weight its forward reads). Never offered: Linear layers whose weight torch's own modules
         read directly (``nn.MultiheadAttention``'s ``out_proj``; ``nn.TransformerEncoderLayer``'s ``linear1`` and
-        ``linear2``, listed in the report's ``skipped``). A module reachable under several names is compressed once
-        and replaced under each (the report lists the others as shared). Each replacement is a new module: hooks
-        registered on the ``nn.Linear`` it replaces do not carry over (register them after compressing).
+        ``linear2``), and subclasses of ``nn.Linear`` with their own forward or tensors (a replacement computes
+        ``x @ W.T + b``); both are listed in the report's ``skipped``. A module reachable under several names is
+        compressed once and replaced under each (the report lists the others as shared). Each replacement is a new
+        module: hooks registered on the ``nn.Linear`` it replaces do not carry over (register them after
+        compressing).
     granularity, group_size
         INT8 scales: per output channel (``"channel"``) or per ``group_size`` inputs (``"group"``).
     codec : str, optional
@@ -215,6 +242,8 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     for fqn, m in linears:
         if id(m) in torch_reads:
             skipped[fqn] = torch_reads[id(m)]
+        elif _subclass_why(m) is not None:
+            skipped[fqn] = _subclass_why(m)
         elif filter_fn is not None:
             if filter_fn(m, fqn):
                 chosen.append((fqn, m))
@@ -222,6 +251,8 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                 skipped[fqn] = "filter_fn"
         elif id(m.weight) in default_skip:
             skipped[fqn] = default_skip[id(m.weight)]
+        elif _kept_in_fp32(model, fqn):
+            skipped[fqn] = "kept in float32 by the model (_keep_in_fp32_modules; its forward reads the weight)"
         else:
             chosen.append((fqn, m))
     if not chosen:

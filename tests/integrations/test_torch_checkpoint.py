@@ -833,3 +833,51 @@ def test_a_compressed_head_tied_again_by_transformers_saves_a_loadable_checkpoin
     save_compressed(model, tmp_path / "plain")
     assert torch.equal(logits(_load(tmp_path / "hf", device_map={"": "cpu"})), want)  # where it was computed
     assert torch.equal(logits(load_compressed(tmp_path / "plain", device="cpu", progress=False)), want)
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8)).bfloat16().eval()
+
+
+def test_a_model_cast_after_compressing_is_refused_at_save(tmp_path):
+    """.float() after compress_model casts the biases but not the compressed weights' dtype, which the layer table
+    records: the checkpoint saved, and no model could load it (its bias was refused as the wrong dtype)."""
+    model = _small_net()
+    compress_model(model, "lossless", progress=False, filter_fn=lambda m, f: True)
+    model.float()
+    with pytest.raises(ValueError, match=r"layer '0': its bias is torch.float32 and its compressed weight "
+                                         r"torch.bfloat16.*model.to\(torch.bfloat16\)"):
+        save_compressed(model, tmp_path / "cast")
+    assert not (tmp_path / "cast").exists() or not os.listdir(tmp_path / "cast")
+    model.bfloat16()  # cast back, as the message says: saves and loads
+    save_compressed(model, tmp_path / "back")
+    load_compressed(tmp_path / "back", _small_net(), progress=False)
+
+
+def test_load_compressed_keeps_the_flags_of_the_layers_it_replaces(tmp_path):
+    """Layers installed by load_compressed came in training mode (into a model in eval) with biases that no
+    longer required grad, where compress_model keeps both."""
+    model = _small_net()
+    compress_model(model, "int8", progress=False, filter_fn=lambda m, f: True)
+    save_compressed(model, tmp_path / "ck")
+    target = _small_net()
+    load_compressed(tmp_path / "ck", target, progress=False)
+    layers = [m for m in target.modules() if isinstance(m, CompressedLinear)]
+    assert len(layers) == 2 and not any(m.training for m in layers)
+    assert all(m.bias.requires_grad for m in layers)
+
+
+def test_a_second_compress_model_call_leaves_config_json_saying_what_most_layers_are(tmp_path):
+    """A second call (the head, another mode) rewrote quantization_config with its mode: save_pretrained's
+    config.json said lossless for a model of 14 INT8 layers and one lossless head."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100)).bfloat16().eval()
+    compress_model(m, "int8", progress=False)
+    compress_model(m, "lossless", progress=False, filter_fn=lambda mod, fqn: fqn == "lm_head")
+    m.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert saved["mode"] == "int8"

@@ -510,6 +510,9 @@ def test_tensor_helpers_name_what_they_do_not_take():
         from_compressed(c, out=out)
     assert not out.detach().any()
     assert torch.equal(from_compressed(c, out=out.detach()), t) and torch.equal(out.detach(), t)
+    q = to_compressed(t, quantize="int8")
+    with pytest.raises(ValueError, match=r"dtype=torch.float16 and out of torch.float32"):
+        from_compressed(q, out=torch.empty(4, 6), dtype=torch.float16)  # dtype was ignored
 
 
 def test_scratch_order_hands_over_between_streams(monkeypatch):

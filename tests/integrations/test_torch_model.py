@@ -500,3 +500,51 @@ def test_smollm2_real_weights(smollm2, mode):
     print(f"{mode}: logits cosine {cos:.5f}, top-1 agreement {top1:.3f}, text {text!r} (baseline {base_text!r})")
     assert cos > 0.99 and top1 >= 0.8 and " Paris" in text
     assert report.ratio > (2.1 if mode == "int8+entropy" else 1.95)
+
+
+def test_linear_subclasses_with_their_own_forward_or_tensors_are_left_alone():
+    """isinstance(m, nn.Linear) replaced a subclass with its own forward and a gain parameter: the lossless model
+    computed something else, and the gain left the state dict."""
+
+    class Scaled(torch.nn.Linear):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.gain = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain
+
+    class Plain(torch.nn.Linear):  # no forward, no tensors of its own: computes exactly what nn.Linear does
+        pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Scaled(16, 16), torch.nn.ReLU(), Plain(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+    report = compress_model(model, "lossless", progress=False)
+    assert "own forward" in report.skipped["0"] and type(model[0]) is Scaled
+    assert isinstance(model[2], CompressedLinear) and isinstance(model[4], CompressedLinear)
+    assert "0.gain" in model.state_dict()
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    with pytest.raises(ValueError, match="own forward"):  # a filter cannot make it right either
+        compress_model(torch.nn.Sequential(Scaled(16, 16)), "lossless", progress=False, filter_fn=lambda m, f: True)
+
+
+def test_a_t5_keeps_its_float32_modules_and_still_runs():
+    """compress_model replaced T5's wo layers (_keep_in_fp32_modules), whose weight T5's forward reads: the model,
+    already changed, raised AttributeError at its first forward. from_pretrained's quantizer path skipped them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4, vocab_size=100)).eval()
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=ids).logits
+    report = compress_model(model, "lossless", progress=False)
+    kept = [f for f, why in report.skipped.items() if "_keep_in_fp32_modules" in why]
+    assert kept and all(f.endswith(".wo") for f in kept)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, want)
