@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 
@@ -94,6 +95,19 @@ def per_layer(calls: int) -> None:
         }
         for name, fn in rows.items():
             print(f"{name:45s} {host_us(fn, calls):8.1f} us/call", flush=True)
+        # what the input checks (width, device) add to an INT8 forward: the layer with and without them, in turn
+        check, skip = ops._check_input, lambda x, q: None
+        times: dict[str, list[float]] = {"with checks": [], "checks skipped": []}
+        for _ in range(7):
+            for name, fn in (("with checks", check), ("checks skipped", skip)):
+                ops._check_input = fn
+                try:
+                    times[name].append(host_us(lambda: q(x), calls))
+                finally:
+                    ops._check_input = check
+        for name, ts in times.items():
+            print(f"{'CompressedLinear int8, ' + name:45s} {statistics.median(ts):8.2f} us/call (median of 7; "
+                  f"{min(ts):.2f}-{max(ts):.2f})", flush=True)
 
 
 def launches(calls: int) -> None:
