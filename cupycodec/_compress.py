@@ -189,6 +189,17 @@ def _check_metadata(metadata) -> dict:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise TypeError("metadata must be a mapping with string keys (stored as JSON)")
+    stack = list(metadata.items())
+    while stack:  # nested mappings too: JSON turns a key 0 into "0", and the container would read back otherwise
+        key, value = stack.pop()
+        if isinstance(value, Mapping):
+            bad = next((k for k in value if not isinstance(k, str)), None)
+            if bad is not None:
+                raise TypeError(f"metadata key {bad!r} under {key!r} is not a string; JSON stores keys as strings, "
+                                f"so it would read back as a string: use string keys")
+            stack.extend(value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((key, v) for v in value)
     return dict(metadata)
 
 
@@ -424,8 +435,9 @@ def _smallest(job: Job, chosen: CompressedArray, stream) -> CompressedArray:
     specs = {"data": job.spec} if plain else job.specs
     gpu = job.backend == "nvcomp"
     raw_payload = sum(_raw_payload_nbytes(s.nbytes, gpu) for s in specs.values())
-    if chosen._header.payload_nbytes + _AUTO_EXACT_MARGIN < raw_payload:
-        return chosen  # clearly smaller whatever the headers: the usual case costs no second compression
+    if chosen.nbytes <= raw_payload:
+        return chosen  # smaller than raw's payload alone, headers included: the usual case costs no second compression
+        # (a margin on the payloads alone let eight planes' headers, ~1.5 KB over raw's, make auto bigger than raw)
     candidates = [chosen, _one(job.with_codec(Raw(), pipeline=[] if plain else None), stream)]
     return min(candidates, key=lambda c: c.nbytes)  # ties keep the earlier (the chosen codec)
 

@@ -23,6 +23,7 @@ from .engine.decode import DecodePlan, Target, kind_of
 from .engine.verify import verify_on_device
 from .errors import BackendUnavailableError, UntrustedError
 from .filters import Byteplane, Int8
+from .filters.int8 import check_scales
 
 __all__ = ["DecodeJob", "Quantized", "decode_jobs", "route", "untrusted_codec"]
 
@@ -94,8 +95,11 @@ class DecodeJob:
 
     @property
     def out_nbytes(self) -> int:
+        """The bytes a decode must hold that ``max_output_nbytes`` bounds: the output, or the decoded segments where
+        they are larger (INT8 scales of small groups: four bytes per group, a fp16 output two per element)."""
         c = self.item
-        return c.raw_nbytes if self.dequantize else sum(s.raw_nbytes for s in c.segments)
+        segments = sum(s.raw_nbytes for s in c.segments)
+        return max(c.raw_nbytes, segments) if self.dequantize else segments
 
 
 def _int8(c: CompressedArray) -> Int8 | None:
@@ -273,6 +277,7 @@ def _filters_cpu(job: DecodeJob, arrays: dict[str, Any]):
         f = c.pipeline[k]
         if isinstance(f, Int8):
             if not job.dequantize:
+                check_scales(arrays["scale"])
                 return Quantized(arrays["data"], arrays["scale"], f.granularity, f.axis, f.group_size,
                                  chain[k]["data"].dtype)
             spec = chain[k]["data"]

@@ -235,7 +235,8 @@ def decompress(data, *, device="auto", out=None, max_output_nbytes=_UNSET, dequa
         A C-contiguous, writable buffer of the right shape and dtype to fill: NumPy, CuPy, a torch tensor or any
         DLPack/``__cuda_array_interface__`` object (it decides the location); for ``dequantize=False`` a
         ``(codes, scales)`` pair. For INT8 data, a float32/float16/bfloat16/float64 ``out`` receives the values in
-        its own dtype. Called again with the same container and buffer, a GPU decode reuses its plan.
+        its own dtype. Called again with the same container and buffer, a GPU decode reuses its plan. A decode
+        writes ``out`` as it goes: after an error (a chunk failing its CRC, say) its contents are undefined.
     max_output_nbytes : int or None
         Refuse (before allocating) to produce more bytes. Default: unbounded for arrays this process compressed,
         :func:`default_max_output_nbytes` for bytes from outside (from_bytes, load, bytes arguments).

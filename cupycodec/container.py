@@ -483,6 +483,15 @@ def header_json(prefix) -> dict:
     return _header_json(memoryview(prefix).cast("B"))[0]
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; one that overflows to infinity (``1e999``) is refused, as the
+    format allows no NaN or Infinity."""
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:40]!r} overflows a float")
+    return value
+
+
 def _header_json(buf: memoryview) -> tuple[dict, int]:
     n, header_crc = parse_prelude(buf)
     text = buf[PRELUDE_NBYTES : PRELUDE_NBYTES + n]
@@ -491,10 +500,13 @@ def _header_json(buf: memoryview) -> tuple[dict, int]:
         raise ChecksumError("header", header_crc, computed)
     raw = bytes(text)
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                         parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise FormatError(f"header is not valid UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
+        raise FormatError(f"header is not valid JSON: {exc}") from exc
+    except ValueError as exc:  # Python's limit on an integer's digits (4,300), and _finite_float's refusal
         raise FormatError(f"header is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise FormatError("header JSON is nested too deeply") from exc
@@ -1031,6 +1043,8 @@ class CompressedArray:
         """
         from .interop import as_array
 
+        if isinstance(payload, (bytes, bytearray, memoryview)):  # as_array reads bytes as one |S string
+            payload = np.frombuffer(payload, dtype=np.uint8)
         a = as_array(payload, what="payload")
         arr = a.array
         if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:

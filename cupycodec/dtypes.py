@@ -7,6 +7,7 @@ which is imported lazily, the first time such a dtype is seen.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -130,10 +131,10 @@ def itemsize(name: str) -> int:
 def _parse_longdouble(name: str) -> tuple[int, int] | None:
     if not (name.startswith(("FLD", "CLD")) and "M" in name[3:]):
         return None
-    bits, _, nmant = name[3:].partition("M")
-    if not (bits.isdigit() and nmant.isdigit()) or int(bits) % 8:
+    m = re.fullmatch(r"([0-9]{1,4})M([0-9]{1,4})", name[3:])  # ASCII digits: isdigit() took "¹²⁸" and 5000 digits
+    if m is None or int(m[1]) % 8:
         return None
-    return int(bits) // 8, int(nmant)
+    return int(m[1]) // 8, int(m[2])
 
 
 def is_float(name: str) -> bool:

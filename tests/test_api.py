@@ -621,3 +621,52 @@ def test_every_library_error_crosses_a_process_boundary():
 
 def _raise(exc):
     raise exc
+
+
+def test_crafted_headers_give_library_errors():
+    """From a core bug hunt: each of these headers raised a foreign exception (ValueError from json, OverflowError
+    from NumPy) or was taken (1e999 as infinity)."""
+    c = cc.compress(np.arange(64, dtype=np.float32), codec="zstd", metadata={"x": 1.5})
+    for old, new in [('"x":1.5', '"x":1e999'), ('"x":1.5', '"x":' + "9" * 5000),
+                     ('"dtype":"F32"', '"dtype":"FLD\u00b9\u00b2\u2078M63"')]:
+        with pytest.raises(cc.FormatError):
+            cc.CompressedArray.from_bytes(_edited(c, old, new))
+    q = cc.compress(np.ones((4, 64), np.float32), quantize="int8", granularity="group", group_size=16, codec="raw")
+    with pytest.raises(cc.FormatError, match="group_size must be an int from 1 to 2"):
+        cc.CompressedArray.from_bytes(_edited(q, '"group_size":16', '"group_size":' + str(2**63)))
+
+
+def test_metadata_keys_group_sizes_and_payload_bytes_at_write():
+    with pytest.raises(TypeError, match="metadata key 0 under 'layer' is not a string"):
+        cc.compress(np.ones(3), metadata={"layer": {0: "q_proj"}})  # read back as {"0": ...}
+    with pytest.raises(ValueError, match="group_size must be an int from 1 to 2"):
+        cc.compress(np.ones((2, 2), np.float32), quantize="int8", granularity="group", group_size=2**62 + 1)
+    c = cc.compress(np.arange(64, dtype=np.float32), codec="zstd")
+    payload = bytes(c.to_bytes()[len(c.header_bytes()):])  # bytes went through as_array as one |S string
+    assert np.array_equal(cc.decompress(c.with_payload(payload)), np.arange(64, dtype=np.float32))
+
+
+def _edited(c, old: str, new: str) -> bytes:
+    """``c``'s bytes with ``old`` replaced by ``new`` in its header JSON text, the prelude's length and header CRC
+    recomputed (what an attacker does; the payload and its CRCs are untouched)."""
+    import struct
+    import zlib
+
+    prelude = struct.Struct("<4sHHQI4x")
+    blob = c.to_bytes()
+    magic, version, flags, n, _ = prelude.unpack_from(blob)
+    text = blob[prelude.size : prelude.size + n].rstrip(b" ")
+    assert old.encode() in text
+    text = text.replace(old.encode(), new.encode(), 1)
+    text += b" " * (-len(text) % 8)
+    return prelude.pack(magic, version, flags, len(text), zlib.crc32(text)) + text + blob[prelude.size + n :]
+
+
+def test_small_int8_groups_count_their_scales_against_the_output_bound():
+    """max_output_nbytes bounded the output alone: group_size=1 scales (four bytes per element) and the decode's
+    float32 work took 12.5x a bound equal to the fp16 output."""
+    x = np.ones((64, 64), np.float16)
+    c = cc.CompressedArray.from_bytes(cc.compress(x, quantize="int8", granularity="group", group_size=1).to_bytes())
+    with pytest.raises(cc.DecompressionBombError):
+        cc.decompress(c, max_output_nbytes=x.nbytes)
+    assert np.array_equal(cc.decompress(c, max_output_nbytes=5 * x.size), x)

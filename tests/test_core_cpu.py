@@ -73,6 +73,17 @@ def test_small_arrays_skip_byte_planes_when_their_headers_outweigh_them():
     assert auto.nbytes <= cc.compress(noise, codec="raw").nbytes
 
 
+@pytest.mark.parametrize("n, run", [(8200, 320), (8200, 200), (12000, 400)])
+def test_auto_with_eight_plane_headers_is_never_bigger_than_raw(n, run):
+    """Above 64 KiB auto compared payloads with a 1 KiB margin: eight planes' headers (~1.5 KB over raw's) made a
+    float64 array whose top plane saved ~1 KB come out up to 512 bytes bigger than raw."""
+    x = np.random.default_rng(1).integers(0, 256, n * 8, dtype=np.uint8)
+    x.reshape(-1, 8)[:, 7] &= 0x7F
+    x.reshape(-1, 8)[:run, 7] = 0x3F
+    x = x.view("<f8")
+    assert cc.compress(x, codec="auto").nbytes <= cc.compress(x, codec="raw").nbytes
+
+
 def test_compress_many_copies_only_the_containers_it_returns_in_one_pass(monkeypatch):
     # small arrays' candidates and raw are weighed by their layouts and headers; only the kept one gets a payload,
     # and the payloads of the whole batch are filled by one pass of the pool

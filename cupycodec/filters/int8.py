@@ -19,6 +19,8 @@ __all__ = ["Int8"]
 _FLOATS = ("F32", "F16", "BF16")
 
 
+_MAX_GROUP = 2**62  # far beyond any array (NumPy's index arithmetic overflows past 2**63)
+
 class Int8(Filter):
     """Quantize the float ``data`` array to int8 codes (``data``) and float32 scales (``scale``).
 
@@ -44,8 +46,8 @@ class Int8(Filter):
         self.granularity = granularity
         if granularity == "channel" and not reference._is_int(axis):
             raise ValueError(f"axis must be an int, got {axis!r}")
-        if granularity == "group" and (not reference._is_int(group_size) or group_size < 1):
-            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if granularity == "group" and (not reference._is_int(group_size) or not 1 <= group_size <= _MAX_GROUP):
+            raise ValueError(f"group_size must be an int from 1 to 2**62, got {group_size!r}")
         # NumPy integers (as the reference takes them) stored as Python ints: the configuration is JSON
         self.axis = int(axis) if granularity == "channel" else None
         self.group_size = int(group_size) if granularity == "group" else None
@@ -106,14 +108,11 @@ class Int8(Filter):
 
             y = kern.dequantize_int8(arrays["data"], arrays["scale"], dtype_name=spec.dtype, out=target, **self._kw())
             return {"data": y}
-        from ..errors import FormatError
         from ..quant import reference
 
         codes = np.asarray(arrays["data"]).reshape(spec.shape)
         scales = np.asarray(arrays["scale"])
-        if not reference.scales_in_range(scales):  # a crafted container: scale 3e38 would dequantize to inf
-            raise FormatError("segment 'scale' holds values quantize_int8 cannot produce (NaN, Inf, below 2**-126 "
-                              f"or above {reference.MAX_SCALE!r}); the container is corrupt or crafted")
+        check_scales(scales)
         y = reference.dequantize_int8(codes, scales, dtype=spec.numpy_dtype().newbyteorder("="), **self._kw())
         if spec.byteorder == ">":
             y = y.astype(spec.numpy_dtype())
@@ -121,3 +120,14 @@ class Int8(Filter):
             target[...] = y
             return {"data": target}
         return {"data": y}
+
+
+def check_scales(scales) -> None:
+    """Refuse host scales that :func:`~cupycodec.quant.reference.quantize_int8` cannot produce (a crafted container:
+    a scale of 3e38 would dequantize to inf, a NaN to NaN), whether they are dequantized or handed out as they are."""
+    from ..errors import FormatError
+    from ..quant import reference
+
+    if not reference.scales_in_range(np.asarray(scales)):
+        raise FormatError("segment 'scale' holds values quantize_int8 cannot produce (NaN, Inf, below 2**-126 "
+                          f"or above {reference.MAX_SCALE!r}); the container is corrupt or crafted")
