@@ -15,7 +15,7 @@ import secrets
 import stat
 import warnings
 
-__all__ = ["fingerprint", "key_path", "local_key"]
+__all__ = ["fingerprint", "key_path", "local_key", "mac"]
 
 KEY_ENV = "CUPYCODEC_KEY_FILE"
 KEY_NBYTES = 32
@@ -32,6 +32,24 @@ def key_path() -> str:
 def fingerprint(key: bytes) -> str:
     """A name for ``key`` that reveals nothing about it (SHA-256 with a domain prefix), stored in checkpoints."""
     return hashlib.sha256(b"cupycodec signing key v1\0" + bytes(key)).hexdigest()[:32]
+
+
+_MAC_CONTEXT = "cupycodec checkpoint 2026-12-04 manifest and plain tensors v1"
+
+
+def mac(key: bytes, *parts) -> str:
+    """Keyed BLAKE3 (hex) over ``parts`` (bytes-like), each length-prefixed: a checkpoint's manifest (its table:
+    which tensor is which, the layers, the aliases) and its plain tensors (INT8 codes and scales, which carry no
+    container MAC), under a key derived from the signing key for this use alone."""
+    import blake3
+
+    k = blake3.blake3(bytes(key), derive_key_context=_MAC_CONTEXT).digest()
+    m = blake3.blake3(key=k)
+    for part in parts:
+        view = memoryview(part).cast("B")
+        m.update(len(view).to_bytes(8, "little"))
+        m.update(view)
+    return m.hexdigest()
 
 
 def local_key(*, create: bool) -> bytes | None:

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -115,19 +116,47 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
             table["tensors"][name] = {"role": "packed", "header": base64.b64encode(prefix).decode()}
         elif layer is not None and attr in ("qweight", "scale"):
             tensors[name] = t.detach()
-            table["tensors"][name] = {"role": "plain", "crc32": _crc(t.detach())}
+            host = _host_bytes(t)
+            table["tensors"][name] = {"role": "plain", "crc32": crc32(host) if host.size else 0}
+            if key is not None:  # no container MAC covers them: their own, bound to their name
+                table["tensors"][name]["mac"] = _plain_mac(key, name, host)
         else:
             c = cc.compress(t.detach().to("cpu"), codec="auto")  # CPU codecs: hardened decoders read them anywhere
             tensors[name] = torch.from_numpy(np.frombuffer(c.host_payload(), np.uint8).copy())
             table["tensors"][name] = {"role": "dense",
                                       "header": base64.b64encode(c.header_bytes(key=key)).decode()}
     tensors[SENTINEL] = torch.zeros(0, dtype=torch.uint8)
+    if key is not None:  # which tensor is which (names, roles, headers, layers, aliases): signed as a whole, and
+        # each container entry bound to its name on its own (so a changed one is named)
+        for name, entry in table["tensors"].items():
+            if entry["role"] != "plain":
+                entry["mac"] = _entry_mac(key, name, entry)
+        table["manifest_mac"] = _signing.mac(key, b"manifest", _manifest_text(table))
     return tensors, {META_KEY: json.dumps(table, sort_keys=True, separators=(",", ":"))}
 
 
-def _crc(t: torch.Tensor) -> int:
+def _manifest_text(table: dict) -> bytes:
+    return json.dumps({k: v for k, v in table.items() if k != "manifest_mac"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def _entry_mac(key: bytes, name: str, entry: dict) -> str:
+    text = json.dumps({k: v for k, v in entry.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
+    return _signing.mac(key, b"entry", name.encode(), text.encode())
+
+
+def _plain_mac(key: bytes, name: str, host: np.ndarray) -> str:
+    return _signing.mac(key, b"plain", name.encode(), host)
+
+
+def _host_bytes(t: torch.Tensor) -> np.ndarray:
     host = t.detach().to("cpu").contiguous()
-    return crc32(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else 0
+    return host.reshape(-1).view(torch.uint8).numpy()
+
+
+def _crc(t: torch.Tensor) -> int:
+    host = _host_bytes(t)
+    return crc32(host) if host.size else 0
 
 
 @dataclass
@@ -140,6 +169,7 @@ class _Table:
     layers: dict
     tensors: dict
     aliases: dict
+    raw: dict = field(default_factory=dict, repr=False)  # the metadata as read (the signed manifest's text)
 
     @classmethod
     def parse(cls, text: str, where: str) -> _Table:
@@ -151,9 +181,9 @@ class _Table:
             raise FormatError(f"{where}: the {META_KEY!r} metadata has no format_version")
         if obj["format_version"] > FORMAT_VERSION:
             raise UnsupportedVersionError(f"{where}: checkpoint format", obj["format_version"], FORMAT_VERSION)
-        for field, kind in (("checkpoint", str), ("layers", dict), ("tensors", dict), ("aliases", dict)):
-            if not isinstance(obj.get(field), kind):
-                raise FormatError(f"{where}: the {META_KEY!r} metadata lacks {field!r}")
+        for name, kind in (("checkpoint", str), ("layers", dict), ("tensors", dict), ("aliases", dict)):
+            if not isinstance(obj.get(name), kind):
+                raise FormatError(f"{where}: the {META_KEY!r} metadata lacks {name!r}")
         for fqn, cfg in obj["layers"].items():
             mode = cfg.get("mode") if isinstance(cfg, dict) else None
             if mode not in MODES:
@@ -163,7 +193,7 @@ class _Table:
             if not isinstance(entry, dict) or entry.get("role") not in ROLES:
                 raise FormatError(f"{where}: tensor {name!r} has no valid role in the metadata")
         return cls(obj["format_version"], obj["checkpoint"], obj.get("signed_by"), obj["layers"], obj["tensors"],
-                   obj["aliases"])
+                   obj["aliases"], obj)
 
 
 def _prefix(entry: dict, where: str) -> bytes:
@@ -270,11 +300,31 @@ def _trust(table: _Table, trusted: bool, key) -> bytes | None:
                                       "trusted=True if you trust where it came from)")
         if _signing.fingerprint(key) != table.signed_by:
             raise AuthenticationError("this checkpoint is signed with another key than the one given")
+        _check_manifest(table, bytes(key))
         return bytes(key)
     mine = _signing.local_key(create=False)
     if mine is not None and table.signed_by == _signing.fingerprint(mine):
+        _check_manifest(table, mine)
         return mine
     return None
+
+
+def _check_manifest(table: _Table, key: bytes) -> None:
+    """Raise AuthenticationError unless the table (which tensor is which, layers, aliases) is as the key's holder
+    signed it: the containers' MACs cover their bytes, not their names, and INT8 codes and scales have none."""
+    want = table.raw.get("manifest_mac")
+    if not isinstance(want, str):
+        raise AuthenticationError("this checkpoint is signed but its table is not (saved by a cupycodec before "
+                                  "2026-12-04, whose signature did not cover which tensor is which, nor INT8 codes): "
+                                  "save it again, or load it with trusted=True if you trust where it came from")
+    if not hmac.compare_digest(want, _signing.mac(key, b"manifest", _manifest_text(table.raw))):
+        for name, entry in table.tensors.items():  # which entry, where one says so
+            if entry.get("role") != "plain" and not hmac.compare_digest(str(entry.get("mac")),
+                                                                        _entry_mac(key, name, entry)):
+                raise AuthenticationError(f"tensor {name!r}: its entry in the checkpoint's table (role, container "
+                                          "header) was changed after it was signed, or moved from another tensor")
+        raise AuthenticationError("the checkpoint's table (which tensors it holds, its layers or aliases, a plain "
+                                  "tensor's CRC) was changed after it was signed")
 
 
 def _untrusted_codec(prefix: bytes, where: str) -> str | None:
@@ -345,9 +395,24 @@ def _plan(ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, truste
                              "model?)")
         _check_stored(ckpt, name, target, None, trusted, device, None)
         dense[name] = (tuple(target.shape), target.dtype)
+    def expected(name):  # (what it is, shape, dtype, layer config) of the tensor the model holds as ``name``
+        if name in layer_keys:
+            fqn, _, attr = name.rpartition(".")
+            t = probes[fqn].state_dict(keep_vars=True)[attr]
+            kind = attr if attr != "bias" else "dense"
+            return kind, (None if attr == "packed" else tuple(t.shape)), t.dtype, \
+                (probes[fqn].config() if attr == "packed" else None)
+        t = state[name]
+        return "dense", tuple(t.shape), t.dtype, None
+
     for alias, src in table.aliases.items():
-        if src not in table.tensors or (alias not in state and alias not in layer_keys):
+        if src not in table.tensors or (alias not in state and alias not in layer_keys) or \
+                (src not in state and src not in layer_keys):
             raise FormatError(f"{ckpt.directory}: alias {alias!r} -> {src!r} names a tensor that is not there")
+        if expected(alias) != expected(src):  # the model would hold the source's tensor there as it is
+            raise FormatError(f"{ckpt.directory}: alias {alias!r} -> {src!r}: the model holds another kind, shape "
+                              f"or dtype of tensor at each ({expected(alias)[:3]} and {expected(src)[:3]}); the "
+                              "metadata is corrupt or crafted")
     if strict:
         covered = layer_keys | set(dense) | set(table.aliases)
         prefixes = tuple(f + "." for f in table.layers)
@@ -583,14 +648,22 @@ def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool,
     hardened against crafted input), and its MAC goes to ``defer``."""
     try:
         if entry["role"] == "plain":
+            def check_plain_mac():
+                if not hmac.compare_digest(str(entry.get("mac")), _plain_mac(key, name, _host_bytes(host))):
+                    raise AuthenticationError("MAC mismatch: the tensor was changed after it was signed")
+
             if placed is not None:
                 placed.add(where, name, crc=entry["crc32"])
+                if key is not None:
+                    (defer or _now)(check_plain_mac)
                 return {name: host}
 
             def check_plain():
                 got = _crc(host)
                 if got != entry["crc32"]:
                     raise cc.ChecksumError(name, entry["crc32"], got)
+                if key is not None:  # after the CRC: an accident reads as a checksum error, a forgery as a bad MAC
+                    check_plain_mac()
 
             (defer or _now)(check_plain)
             return {name: host}
@@ -649,6 +722,30 @@ def _now(fn) -> None:
     fn()
 
 
+def set_tensor(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Put ``value`` into ``module`` as its parameter or buffer ``attr`` (a parameter keeps requires_grad)."""
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+        module._parameters[attr] = value
+    else:
+        module._buffers[attr] = value
+
+
+def tie_aliases(model: torch.nn.Module, aliases: dict) -> None:
+    """Make each alias the very tensor its source is, in ``model`` as loaded (transformers' loader reads the
+    stored tensors only); a tied packed layer also gets its source's container header."""
+    for alias, src in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        src_owner, _, src_attr = src.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        src_module = model.get_submodule(src_owner) if src_owner else model
+        set_tensor(module, attr, getattr(src_module, src_attr))
+        if attr == "packed" and isinstance(module, CompressedLinear):
+            module._template, module._views = src_module._template, {}
+
+
 def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, device: torch.device) -> None:
     """Put what was read into ``model`` (Python attribute changes only)."""
     def get(name):
@@ -680,13 +777,7 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
             src_owner, _, src_attr = aliases[name].rpartition(".")
             src_module = new.get(src_owner) or (model.get_submodule(src_owner) if src_owner else model)
             value = getattr(src_module, src_attr)
-        if attr in module._parameters:
-            old = module._parameters[attr]
-            if not isinstance(value, torch.nn.Parameter):
-                value = torch.nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
-            module._parameters[attr] = value
-        else:
-            module._buffers[attr] = value
+        set_tensor(module, attr, value)
     install(model, new)
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     left += [f"{n} (buffer)" for n, t in model.named_buffers() if t.device.type == "meta"]

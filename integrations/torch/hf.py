@@ -40,6 +40,7 @@ from .checkpoint import (
     _plan,
     _trust,
     checkpoint_state,
+    tie_aliases,
 )
 from .dlpack import usable_device
 from .linear import CompressedLinear, check_mode, default_codec
@@ -476,6 +477,8 @@ class CupycodecHfQuantizer(HfQuantizer):
                     checks.abandon()
                     raise
             checks.wait()
+        if self._ckpt is not None:  # tensors stored once under another name: transformers loaded the source only
+            tie_aliases(model, self._ckpt.table.aliases)
         blocks = install(model, {})
         if not self.pre_quantized:  # what compress-while-loading did, as compress_model reports it
             model.cupycodec_report = CompressionReport(self.quantization_config.mode, self._reports,

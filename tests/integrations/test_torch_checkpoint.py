@@ -881,3 +881,106 @@ def test_a_second_compress_model_call_leaves_config_json_saying_what_most_layers
     m.save_pretrained(tmp_path / "hf")
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert saved["mode"] == "int8"
+
+
+def _shard_of(out, name):
+    for shard in _shards(out):
+        with ShardFile(out / shard) as f:
+            if name in f.tensors:
+                return out / shard
+    raise KeyError(name)
+
+
+def _resign(table):
+    """Sign the table again with this test's key: what no attacker can do, so that one check is reached alone."""
+    from cupycodec.integrations.torch import _signing
+    from cupycodec.integrations.torch.checkpoint import _manifest_text
+
+    table["manifest_mac"] = _signing.mac(_signing.local_key(create=False), b"manifest", _manifest_text(table))
+
+
+def test_a_signed_checkpoint_binds_names_codes_and_tables(bf16_dir, tmp_path):
+    """With the key, a signed checkpoint loaded: INT8 codes negated (their CRC fixed in the table), two layers'
+    packed weights swapped with their entries, and the embedding swapped with the head (a bug hunt, 2026-12-04).
+    Container MACs covered bytes but not names, and codes and scales had none."""
+    model = _compressed(bf16_dir, "int8")
+    out = tmp_path / "int8"
+    save_compressed(model, out)
+    codes = "model.layers.0.self_attn.q_proj.qweight"
+
+    def negate(tensors, table):
+        tensors[codes] = -tensors[codes]
+        table["tensors"][codes]["crc32"] = cc.backends.cpu.crc32(tensors[codes].numpy().view(np.uint8))
+
+    _rewrite(_shard_of(out, codes), edit_tensors=negate)
+    with pytest.raises(cc.AuthenticationError, match="changed after it was signed"):
+        load_compressed(out, _fresh(), progress=False)
+    _rewrite(_shard_of(out, codes), edit_table=_resign)  # the table passes: the codes' own MAC still fails
+    with pytest.raises(cc.AuthenticationError, match=rf"tensor '{codes}'.*MAC mismatch"):
+        load_compressed(out, _fresh(), progress=False)
+
+    lossless = _compressed(bf16_dir, "lossless")
+    out = tmp_path / "lossless"
+    save_compressed(lossless, out)
+    a, b = "model.layers.0.mlp.up_proj.packed", "model.layers.1.mlp.up_proj.packed"
+    c, d = "model.embed_tokens.weight", "lm_head.weight"
+
+    def swap(x, y):
+        def edit(tensors, table):
+            tensors[x], tensors[y] = tensors[y], tensors[x]
+            table["tensors"][x], table["tensors"][y] = table["tensors"][y], table["tensors"][x]
+        return edit
+
+    for x, y in ((a, b), (c, d)):
+        fresh = tmp_path / f"swap-{x}"
+        shutil.copytree(out, fresh)
+        assert _shard_of(fresh, x) == _shard_of(fresh, y)  # one shard: both move in one rewrite
+        _rewrite(_shard_of(fresh, x), edit_tensors=swap(x, y))
+        with pytest.raises(cc.AuthenticationError, match=rf"tensor '({re.escape(x)}|{re.escape(y)})'"):
+            load_compressed(fresh, _fresh(), progress=False)
+    assert torch.equal(_logits(load_compressed(out, _fresh(), progress=False)), _logits(lossless))
+
+
+def test_a_checkpoint_signed_before_the_manifest_asks_to_be_saved_again(saved):
+    _, out = saved
+    _rewrite(out / _shards(out)[0], edit_table=lambda t: t.pop("manifest_mac"))
+    with pytest.raises(cc.AuthenticationError, match="its table is not.*save it again.*trusted=True"):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def test_a_head_sharing_the_embedding_untied_in_config_reloads_through_every_loader(bf16_dir, tmp_path):
+    """save_pretrained stored the shared head once, as an alias; from_pretrained (and load_compressed(dir)) never
+    applied aliases, so the head kept its fresh initialization, even with strict=True."""
+    model = _load(bf16_dir)  # (as loaded: a model cast with .to() has its rotary buffer in bf16 too)
+    model.lm_head.weight = model.model.embed_tokens.weight  # shared, while config.json says untied
+    compress_model(model, "lossless", progress=False)
+    want = _logits(model)
+    model.save_pretrained(tmp_path / "hf")
+    assert _table(tmp_path / "hf" / "model.safetensors")["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert torch.equal(_logits(_load(tmp_path / "hf")), want)
+    assert torch.equal(_logits(load_compressed(tmp_path / "hf", progress=False)), want)
+
+
+def test_an_alias_to_a_tensor_of_another_shape_or_kind_is_refused(bf16_dir, tmp_path):
+    """An alias was checked for its source's existence only: a layer's codes could alias another layer's of
+    another shape, or a norm a vector of another length, and load (trusted) into a model that failed at forward."""
+    model = _compressed(bf16_dir, "int8")
+    out = tmp_path / "int8"
+    save_compressed(model, out, key=False)
+    cases = {
+        "model.layers.0.mlp.down_proj.qweight": "model.layers.0.mlp.up_proj.qweight",  # 64x128 for 128x64
+        "model.norm.weight": "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.scale": "model.layers.0.self_attn.q_proj.qweight",
+    }
+    for alias, src in cases.items():
+        fresh = tmp_path / alias
+        shutil.copytree(out, fresh)
+
+        def edit(tensors, table, alias=alias, src=src):
+            tensors.pop(alias)
+            table["tensors"].pop(alias)
+            table["aliases"][alias] = src
+
+        _rewrite(_shard_of(fresh, alias), edit_tensors=edit)
+        with pytest.raises(cc.FormatError, match=rf"alias '{re.escape(alias)}' -> '{re.escape(src)}'"):
+            load_compressed(fresh, _fresh(), trusted=True, progress=False)
