@@ -177,10 +177,12 @@ class _Table:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise FormatError(f"{where}: the {META_KEY!r} metadata is not valid JSON ({exc})") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("format_version"), int):
-            raise FormatError(f"{where}: the {META_KEY!r} metadata has no format_version")
-        if obj["format_version"] > FORMAT_VERSION:
-            raise UnsupportedVersionError(f"{where}: checkpoint format", obj["format_version"], FORMAT_VERSION)
+        version = obj.get("format_version") if isinstance(obj, dict) else None
+        if type(version) is not int or version < 1:  # true, 1.0, 0 and -1 were taken (or misnamed)
+            raise FormatError(f"{where}: the {META_KEY!r} metadata has no valid format_version (an int from 1), got "
+                              f"{version!r}")
+        if version > FORMAT_VERSION:
+            raise UnsupportedVersionError(f"{where}: checkpoint format", version, FORMAT_VERSION)
         for name, kind in (("checkpoint", str), ("layers", dict), ("tensors", dict), ("aliases", dict)):
             if not isinstance(obj.get(name), kind):
                 raise FormatError(f"{where}: the {META_KEY!r} metadata lacks {name!r}")
@@ -919,7 +921,10 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     device = _device(device, model)
     t0 = time.perf_counter()
     with Checkpoint(directory) as ckpt:
-        mac_key = _trust(ckpt.table, trusted, key)
+        try:
+            mac_key = _trust(ckpt.table, trusted, key)
+        except AuthenticationError as exc:
+            raise _named(exc, str(ckpt.directory)) from None
         trust = trusted or mac_key is not None
         plan = _plan(ckpt, model, device, trust, strict)
         checks = Checks()

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 import cupycodec as cc
-from cupycodec.errors import FormatError, UnsupportedVersionError, prefix_message
+from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, prefix_message
 
 from . import _signing
 from ._shards import INDEX, WEIGHTS
@@ -405,7 +405,11 @@ class CupycodecHfQuantizer(HfQuantizer):
         directory = ckpt.directory
         self._ckpt = ckpt
         cfg = self.quantization_config
-        self._mac_key = _trust(ckpt.table, cfg.trusted, cfg.key)
+        try:
+            self._mac_key = _trust(ckpt.table, cfg.trusted, cfg.key)
+        except AuthenticationError as exc:  # which checkpoint: the directory in front
+            prefix_message(exc, str(directory))
+            raise
         self._trusted = cfg.trusted or self._mac_key is not None
         swapped = []
         for fqn, layer_cfg in ckpt.table.layers.items():
@@ -428,6 +432,12 @@ class CupycodecHfQuantizer(HfQuantizer):
                                  f"bias={layer.bias is not None}); the model that config.json describes has "
                                  f"Linear({module.in_features}, {module.out_features}, "
                                  f"bias={module.bias is not None}) there (a config.json of another model?)")
+            # A stand-in for the weight some models' _init_weights write (T5's: module.q.weight), flagged as
+            # initialized so that transformers' init functions leave it alone; a plain attribute, so no state dict
+            # key (removed after loading, with compress-while-loading's placeholders)
+            stand_in = torch.empty(layer.out_features, layer.in_features, dtype=layer.weight_dtype, device="meta")
+            stand_in._is_hf_initialized = True
+            layer.__dict__["weight"] = stand_in
             set_module(model, fqn, layer)
             swapped.append(fqn)
         _untie(model, swapped)
@@ -506,6 +516,7 @@ class CupycodecHfQuantizer(HfQuantizer):
         for m in model.modules():
             if isinstance(m, CompressedLinear):
                 m._parameters.pop("weight", None)
+                m.__dict__.pop("weight", None)
         return model
 
     def is_serializable(self) -> bool:
@@ -525,9 +536,18 @@ class CupycodecHfQuantizer(HfQuantizer):
         return not self.offloaded
 
     def get_state_dict_and_metadata(self, model):
+        variant = (_save_call(model) or {}).get("variant")
+        if variant is not None:  # refused before transformers writes anything
+            raise ValueError(f"save_pretrained(variant={variant!r}) names the files model.{variant}.safetensors, "
+                             "which no loader of compressed checkpoints reads; save without variant, into a "
+                             "directory of its own")
         key = _signing.local_key(create=True)
         tensors, metadata = checkpoint_state(model, key=key)
         _clear_earlier_save(model)
+        # The table names the model's own keys; transformers would rename the tensors to the model's original
+        # format after this (GPT-NeoX's lm_head -> embed_out), and the files and the table would disagree. A
+        # compressed checkpoint keeps the model's names, as save_compressed writes them and every loader reads them.
+        model._weight_conversions = []
         return tensors, metadata
 
 
@@ -566,6 +586,20 @@ def _untie(model, fqns) -> None:
             del tied[target]
 
 
+def _save_call(model) -> dict | None:
+    """The local variables of the ``save_pretrained`` call on the stack that is saving ``model`` (transformers tells
+    a quantizer nothing of the save), or None."""
+    frame = sys._getframe(2)
+    while frame is not None and not (frame.f_code.co_name == "save_pretrained" and
+                                     frame.f_locals.get("self") is model):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    local = dict(frame.f_locals)
+    del frame
+    return local
+
+
 def _clear_earlier_save(model) -> None:
     """Remove ``model.safetensors`` and its index from the directory ``save_pretrained`` is saving ``model`` into,
     before it writes there, as :func:`save_compressed` does (``write_shards``). transformers removes the shards of an
@@ -573,14 +607,9 @@ def _clear_earlier_save(model) -> None:
     ``model.safetensors`` is what transformers (and so this reader) loads, and after a one-file save over a sharded
     one, the index names shards that are gone. transformers tells a quantizer nothing of the save, so the directory
     is taken from the ``save_pretrained`` call on the stack; with none there (another caller), nothing is removed."""
-    frame = sys._getframe(1)
-    while frame is not None and not (frame.f_code.co_name == "save_pretrained" and
-                                     frame.f_locals.get("self") is model):
-        frame = frame.f_back
-    if frame is None:
+    local = _save_call(model)
+    if local is None:
         return
-    local = frame.f_locals
-    del frame
     directory = local.get("save_directory")
     # a variant's files have other names, an adapter save (PEFT) writes adapter files only, and other ranks of a
     # distributed save write nothing

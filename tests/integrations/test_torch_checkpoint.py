@@ -301,6 +301,14 @@ def _fresh():
     return transformers.AutoModelForCausalLM.from_config(_config(), dtype=torch.bfloat16).eval()
 
 
+@pytest.mark.parametrize("version", [0, -1, True, 1.0, "1"])
+def test_a_format_version_that_is_not_a_positive_int_is_refused(saved, version):
+    _, out = saved
+    _rewrite(out / _shards(out)[0], edit_table=lambda t: t.update(format_version=version))
+    with pytest.raises(cc.FormatError, match=r"no valid format_version \(an int from 1\), got"):
+        load_compressed(out, _fresh(), progress=False)
+
+
 def test_a_newer_format_version_is_refused(saved):
     _, out = saved
     shard = out / _shards(out)[1]
@@ -984,3 +992,50 @@ def test_an_alias_to_a_tensor_of_another_shape_or_kind_is_refused(bf16_dir, tmp_
         _rewrite(_shard_of(fresh, alias), edit_tensors=edit)
         with pytest.raises(cc.FormatError, match=rf"alias '{re.escape(alias)}' -> '{re.escape(src)}'"):
             load_compressed(fresh, _fresh(), trusted=True, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8"])
+def test_a_t5_checkpoint_reloads(tmp_path, mode):
+    """T5's _init_weights writes module.q.weight (and its kind: CLIP, GPT-2, ...): a compressed layer has no weight,
+    so reloading a saved T5 raised AttributeError in from_pretrained and load_compressed(dir)."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path / "base", quantization_config=CupycodecConfig(mode=mode)).eval()
+    ids = IDS[:, :6]
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+
+    want = logits(model)
+    model.save_pretrained(tmp_path / "saved")
+    for again in (transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "saved"),
+                  load_compressed(tmp_path / "saved", progress=False)):
+        assert torch.equal(logits(again.eval()), want)
+        assert not any("weight" in m.__dict__ for m in again.modules() if isinstance(m, CompressedLinear))
+
+
+def test_a_model_whose_keys_transformers_renames_on_save_reloads(tmp_path):
+    """save_pretrained renamed GPT-NeoX's lm_head.weight to embed_out.weight in the files (its original format)
+    after the table was written under the model's names: no loader could read the checkpoint."""
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = _load(tmp_path / "base", quantization_config=CupycodecConfig(mode="int8"))
+    want = _logits(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert torch.equal(_logits(_load(tmp_path / "saved")), want)
+    assert torch.equal(_logits(load_compressed(tmp_path / "saved", progress=False)), want)
+
+
+def test_save_pretrained_with_a_variant_is_refused_before_writing(bf16_dir, tmp_path):
+    """variant="int8" wrote model.int8.safetensors, which neither from_pretrained(variant=...) nor
+    load_compressed could read back."""
+    model = _compressed(bf16_dir, "int8")
+    with pytest.raises(ValueError, match=r"variant='int8'.*model.int8.safetensors.*save without variant"):
+        model.save_pretrained(tmp_path / "v", variant="int8")
+    assert not (tmp_path / "v").exists() or not [n for n in os.listdir(tmp_path / "v") if "safetensors" in n]
