@@ -64,8 +64,9 @@ def _load(path, **kw):
 
 
 def _logits(model):
+    """On the CPU, whichever device the model loaded onto (a GPU host loads onto CUDA by default)."""
     with torch.no_grad():
-        return model(IDS).logits
+        return model(IDS.to(next(model.parameters()).device)).logits.cpu()
 
 
 def _compressed(bf16_dir, mode):
@@ -1007,8 +1008,9 @@ def test_a_t5_checkpoint_reloads(tmp_path, mode):
     ids = IDS[:, :6]
 
     def logits(m):
+        x = ids.to(next(m.parameters()).device)
         with torch.no_grad():
-            return m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+            return m(input_ids=x, decoder_input_ids=x[:, :4]).logits.cpu()
 
     want = logits(model)
     model.save_pretrained(tmp_path / "saved")
