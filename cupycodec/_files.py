@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_path", "open_regular", "release_clean_file_pages", "release_pages"]
+__all__ = ["atomic_write", "atomic_write_path", "open_regular", "release_clean_file_pages", "release_pages",
+           "trim_heap"]
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
@@ -143,6 +144,16 @@ def _file_mapping(lo: int, hi: int) -> bool | None:
                     return None
                 return fields[1][3] == "s"
     return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere). After a
+    compress-while-loading, the per-layer temporaries of transformers' loader threads stay in glibc's arenas as
+    free memory the process still holds: an INT8 load of a 179 MiB model kept 750 MiB resident, 281 MiB after this
+    (2-core machine, 2026-12-04). One call, at the end of a load."""
+    trim = getattr(_libc(), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    if trim is not None:
+        trim(0)
 
 
 @functools.cache

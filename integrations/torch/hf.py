@@ -25,6 +25,7 @@ import warnings
 import torch
 
 import cupycodec as cc
+from cupycodec._files import trim_heap
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, prefix_message
 
 from . import _signing
@@ -491,6 +492,7 @@ class CupycodecHfQuantizer(HfQuantizer):
             tie_aliases(model, self._ckpt.table.aliases)
         blocks = install(model, {})
         if not self.pre_quantized:  # what compress-while-loading did, as compress_model reports it
+            trim_heap()  # its loader threads' temporaries, held as free heap memory
             model.cupycodec_report = CompressionReport(self.quantization_config.mode, self._reports,
                                                        time.perf_counter() - self._t0, self._skipped, blocks=blocks)
         conv = getattr(model, "_weight_conversions", None)
