@@ -106,10 +106,13 @@ class ChunkConfig:
     def __reduce__(self):  # pickles (Dask, multiprocessing) carry the JSON form and validate it again
         return (_from_json, (self.to_json(),))
 
-    def _core_kwargs(self, codec: str, filters: list) -> dict[str, Any]:
-        kw: dict[str, Any] = {"codec": codec, "level": self.level, "chunk_nbytes": self.chunk_nbytes,
-                              "filters": filters or None, "quantize": self.quantize, "granularity": self.granularity,
-                              "axis": self.axis, "group_size": self.group_size, "dtype": self.dtype, **self.options}
+    def _core_kwargs(self, codec: str, filters: list, codec_options: bool = True) -> dict[str, Any]:
+        """Keywords of :func:`cupycodec.compress`; ``codec_options=False`` leaves out the level and the codec's own
+        options (for another codec than the configured one)."""
+        kw: dict[str, Any] = {"codec": codec, "level": self.level if codec_options else None,
+                              "chunk_nbytes": self.chunk_nbytes, "filters": filters or None, "quantize": self.quantize,
+                              "granularity": self.granularity, "axis": self.axis, "group_size": self.group_size,
+                              "dtype": self.dtype, **(self.options if codec_options else {})}
         return kw
 
     def to_json(self) -> dict[str, Any]:

@@ -127,10 +127,7 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
         logical dtype; raw chunks, as the codec itself does not change what they accept), so that options every write
         would refuse (an ``int8`` filter on integers, an axis out of range, a channel scale of a 0-d array) are
         refused when the array is made."""
-        cfg = self.config
-        kw = {"codec": "raw", "chunk_nbytes": cfg.chunk_nbytes, "filters": list(cfg.filters or ()) or None,
-              "quantize": cfg.quantize, "granularity": cfg.granularity, "axis": cfg.axis,
-              "group_size": cfg.group_size, "dtype": cfg.dtype}
+        kw = self.config._core_kwargs("raw", list(self.config.filters or ()), codec_options=False)
         try:
             cc.compress(np.zeros(tuple(min(int(n), 2) for n in chunk_shape), native), **kw)
         except (CupycodecError, ValueError, TypeError) as exc:

@@ -117,7 +117,7 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
         elif layer is not None and attr in ("qweight", "scale"):
             tensors[name] = t.detach()
             host = _host_bytes(t)
-            table["tensors"][name] = {"role": "plain", "crc32": crc32(host) if host.size else 0}
+            table["tensors"][name] = {"role": "plain", "crc32": _crc(host)}
             if key is not None:  # no container MAC covers them: their own, bound to their name
                 table["tensors"][name]["mac"] = _plain_mac(key, name, host)
         else:
@@ -154,8 +154,8 @@ def _host_bytes(t: torch.Tensor) -> np.ndarray:
     return host.reshape(-1).view(torch.uint8).numpy()
 
 
-def _crc(t: torch.Tensor) -> int:
-    host = _host_bytes(t)
+def _crc(host: np.ndarray) -> int:
+    """The CRC32 of a tensor's bytes (:func:`_host_bytes`)."""
     return crc32(host) if host.size else 0
 
 
@@ -551,7 +551,7 @@ class PlacedChecks:
                 continue
             try:
                 if c is None:
-                    got = _crc(t)
+                    got = _crc(_host_bytes(t))
                     if got != crc:
                         raise cc.ChecksumError(name, crc, got)
                 else:
@@ -661,7 +661,7 @@ def _materialize_host(name: str, entry: dict, host: torch.Tensor, trusted: bool,
                 return {name: host}
 
             def check_plain():
-                got = _crc(host)
+                got = _crc(_host_bytes(host))
                 if got != entry["crc32"]:
                     raise cc.ChecksumError(name, entry["crc32"], got)
                 if key is not None:  # after the CRC: an accident reads as a checksum error, a forgery as a bad MAC
@@ -745,7 +745,7 @@ def tie_aliases(model: torch.nn.Module, aliases: dict) -> None:
         src_module = model.get_submodule(src_owner) if src_owner else model
         set_tensor(module, attr, getattr(src_module, src_attr))
         if attr == "packed" and isinstance(module, CompressedLinear):
-            module._template, module._views = src_module._template, {}
+            module._set_template(src_module._template)
 
 
 def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, device: torch.device) -> None:

@@ -379,7 +379,7 @@ class CupycodecHfQuantizer(HfQuantizer):
                 continue
             why = ("output head" if m is head else "tied to an embedding" if id(m.weight) in tied else
                    torch_reads.get(id(m)) if id(m) in torch_reads else
-                   _subclass_why(m) if _subclass_why(m) is not None else
+                   sub if (sub := _subclass_why(m)) is not None else
                    "modules_to_not_convert" if not should_convert_module(fqn, skip) else
                    "modules_to_convert" if cfg.modules_to_convert and
                    not any(re.search(p, fqn) for p in cfg.modules_to_convert) else None)

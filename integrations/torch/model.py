@@ -242,8 +242,8 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     for fqn, m in linears:
         if id(m) in torch_reads:
             skipped[fqn] = torch_reads[id(m)]
-        elif _subclass_why(m) is not None:
-            skipped[fqn] = _subclass_why(m)
+        elif (why := _subclass_why(m)) is not None:
+            skipped[fqn] = why
         elif filter_fn is not None:
             if filter_fn(m, fqn):
                 chosen.append((fqn, m))
