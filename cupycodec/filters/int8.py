@@ -14,7 +14,7 @@ from ..dtypes import ArraySpec
 from ..errors import UnsupportedDtypeError
 from .base import Filter
 
-__all__ = ["Int8"]
+__all__ = ["Int8", "dequantize_into"]
 
 _FLOATS = ("F32", "F16", "BF16")
 
@@ -108,18 +108,51 @@ class Int8(Filter):
 
             y = kern.dequantize_int8(arrays["data"], arrays["scale"], dtype_name=spec.dtype, out=target, **self._kw())
             return {"data": y}
-        from ..quant import reference
 
         codes = np.asarray(arrays["data"]).reshape(spec.shape)
         scales = np.asarray(arrays["scale"])
         check_scales(scales)
-        y = reference.dequantize_int8(codes, scales, dtype=spec.numpy_dtype().newbyteorder("="), **self._kw())
-        if spec.byteorder == ">":
-            y = y.astype(spec.numpy_dtype())
-        if target is not None:
-            target[...] = y
-            return {"data": target}
+        y = target if target is not None else np.empty(spec.shape, spec.numpy_dtype())
+        dequantize_into(y, codes, scales, dtype=spec.numpy_dtype().newbyteorder("="), **self._kw())
         return {"data": y}
+
+
+BLOCK_ELEMENTS = 1 << 20  # elements dequantized at a time on the CPU: a 4 MiB float32 temporary, in cache
+
+
+def dequantize_into(y: np.ndarray, codes: np.ndarray, scales: np.ndarray, *, dtype, granularity: str, axis: int,
+                    group_size: int) -> None:
+    """``y[...] = reference.dequantize_int8(codes, scales, dtype=dtype, ...)``, block by block along the first
+    axis.
+
+    The reference makes a float32 copy of the whole array and then one of the output type: 3.5x a bf16 output
+    in memory (4.5x with group scales), where a block at a time needs the output, the codes and a few MiB. Every
+    element is computed exactly as the reference computes it (the arithmetic is element-wise), and ``y`` of any
+    byte order takes the values by assignment."""
+    from ..quant import reference
+
+    granularity, axis, group_size = reference.check_params(codes.shape, granularity, axis, group_size)
+    kw = {"granularity": granularity, "axis": 0 if axis is None else axis, "group_size": group_size or 128}
+    expected = reference.scale_shape(codes.shape, **kw)
+    if tuple(scales.shape) != expected:  # checked whole: a block's slice of wrong scales could look right
+        raise ValueError(f"scales must be float32 of shape {expected} for codes of shape {codes.shape} and "
+                         f"granularity={granularity!r}, got shape {tuple(scales.shape)}")
+    if codes.ndim == 0 or codes.size <= BLOCK_ELEMENTS:
+        y[...] = reference.dequantize_int8(codes, scales, dtype=dtype, **kw)
+        return
+    per_row = codes.size // codes.shape[0]
+    rows = max(1, BLOCK_ELEMENTS // max(1, per_row))
+    flat_groups = granularity == "group" and codes.ndim == 1  # a 1-D array's groups run along its only axis
+    if flat_groups:
+        rows = max(group_size, rows - rows % group_size)
+    for r0 in range(0, codes.shape[0], rows):
+        r1 = min(r0 + rows, codes.shape[0])
+        s = scales
+        if flat_groups:
+            s = scales[r0 // group_size : -(-r1 // group_size)]
+        elif granularity == "group" or (granularity == "channel" and axis == 0):
+            s = scales[r0:r1]
+        y[r0:r1] = reference.dequantize_int8(codes[r0:r1], s, dtype=dtype, **kw)
 
 
 def check_scales(scales) -> None:
