@@ -268,6 +268,42 @@ def _decode_cpu(jobs: list[DecodeJob], stream) -> None:
         finish()
 
 
+def check_disjoint(jobs: list[DecodeJob]) -> None:
+    """Raise ValueError, before any work, if two output buffers share memory, or an output overlaps a container's
+    own bytes. Items decode at the same time (chunks of several items in the pool, or in one plan): two items into
+    one buffer left a mix of both, and a decode into its own container read bytes it had already overwritten (a
+    false checksum error, or wrong data without ``verify``). One sort by address, whatever the number of items."""
+    spans = []  # (memory, start, end, what, is an output): outputs are C-contiguous (interop.as_output)
+    for i, job in enumerate(jobs):
+        for k, view in enumerate(job.views or ()):
+            arr = view.array
+            if arr.nbytes:
+                start = arr.data.ptr if view.on_device else arr.__array_interface__["data"][0]
+                what = "the out buffer" if len(job.views) == 1 else f"the out {('codes', 'scales')[k]}"
+                what += f" of item {i}" if len(jobs) > 1 else ""
+                spans.append((view.device if view.on_device else -1, start, start + arr.nbytes, what, True))
+        payload = job.item._payload
+        if job.views and isinstance(payload, memoryview) and payload.nbytes:
+            start = np.frombuffer(payload, np.uint8).__array_interface__["data"][0]
+            what = f"the container bytes of item {i}" if len(jobs) > 1 else "the container's bytes"
+            spans.append((-1, start, start + payload.nbytes, what, False))
+    if len(spans) < 2:
+        return
+    spans.sort(key=lambda sp: sp[:3])
+    memory, reach = None, {}  # per kind (output or container): the span seen so far that reaches furthest
+    for span in spans:
+        if span[0] != memory:
+            memory, reach = span[0], {}
+        for kind, other in reach.items():  # containers may share bytes (one container twice); nothing else may
+            if (kind or span[4]) and span[1] < other[2]:
+                first, second = sorted((other[3], span[3]))
+                why = " (decompress_many decodes its items at the same time)" if len(jobs) > 1 else ""
+                raise ValueError(f"{first} and {second} share memory; give every output memory of its own, apart "
+                                 f"from the containers being decoded{why}")
+        if span[4] not in reach or span[2] > reach[span[4]][2]:
+            reach[span[4]] = span
+
+
 def _filters_cpu(job: DecodeJob, arrays: dict[str, Any]):
     c = job.item
     chain = [{"data": c.spec}]

@@ -9,7 +9,10 @@ fixed buffers with one asynchronous, allocation-free, graph-capturable ``run``. 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,12 +46,24 @@ _UNSET: Any = object()
 @contextlib.contextmanager
 def _on_stream(stream: int | None):
     """Make ``stream`` CuPy's current stream while inputs are read (DLPack producers order their work before it)."""
-    if stream is None:
+    if stream is None or not _cupy_installed():  # no CuPy: no device data to order; host work ignores the stream
         yield
         return
 
     with external_stream(stream):
         yield
+
+
+def _cupy_installed() -> bool:
+    return "cupy" in sys.modules or _cupy_found()
+
+
+@functools.cache
+def _cupy_found() -> bool:
+    try:
+        return importlib.util.find_spec("cupy") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,9 +145,12 @@ def compress_many(arrays: Sequence, *, codec="auto", level=None, chunk_nbytes=No
 
     Takes the same keywords as :func:`compress`; ``metadata`` may also be a sequence with one mapping per array.
     """
-    if isinstance(arrays, (np.ndarray, CompressedArray)) or hasattr(arrays, "__dlpack__") \
-            or hasattr(arrays, "__cuda_array_interface__"):
+    if isinstance(arrays, (np.ndarray, CompressedArray, bytes, bytearray, memoryview, str)) \
+            or hasattr(arrays, "__dlpack__") or hasattr(arrays, "__cuda_array_interface__"):
         raise TypeError("compress_many takes a sequence of arrays; use compress() for one array")
+    if isinstance(arrays, Mapping):  # iterating would give the keys (a state dict's names)
+        raise TypeError("compress_many takes a sequence of arrays, got a mapping; pass list(d.values()) and zip the "
+                        "containers with d's keys")
     arrays = list(arrays)
     codec_obj = _config.parse_codec(codec, level, options)
     pipeline = _config.parse_filters(filters, quantize, granularity, axis, group_size)
@@ -279,8 +297,12 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
 
     Takes the keywords of :func:`decompress`; ``out`` is a list with one buffer (or None) per item.
     """
-    if isinstance(items, (CompressedArray, bytes, bytearray, memoryview, np.ndarray)):  # (an array of one's bytes)
-        raise TypeError("decompress_many takes a sequence of items; use decompress() for one")
+    if isinstance(items, (CompressedArray, bytes, bytearray, memoryview, np.ndarray, str, os.PathLike)):
+        raise TypeError("decompress_many takes a sequence of items; use decompress() for one (and "
+                        "cupycodec.load(path) for a file)")
+    if isinstance(items, Mapping):  # iterating would give the keys
+        raise TypeError("decompress_many takes a sequence of items, got a mapping; pass list(d.values()) and zip the "
+                        "results with d's keys")
     items = list(items)
     outs = [None] * len(items) if out is None else list(out)
     if len(outs) != len(items):
@@ -308,6 +330,7 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
             job.target = _decompress.target_of(device, job)
             job.gpu = _decompress.route(c, job.target, choice)
             jobs.append(job)
+        _decompress.check_disjoint(jobs)
     _decompress.decode_jobs(jobs, sp)
     return [j.result for j in jobs]
 

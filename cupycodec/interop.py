@@ -89,6 +89,8 @@ def as_output(obj, *, what: str = "out") -> Array:
 
 def _convert(obj, what: str, output: bool) -> Array:
     if isinstance(obj, np.ndarray):
+        if type(obj) is not np.ndarray:
+            obj = _plain(obj, what)
         return Array(obj, False, None, dtype_name(obj.dtype)[0], None)
     cp = sys.modules.get("cupy")  # a CuPy array can only exist once cupy is imported
     if cp is not None and isinstance(obj, cp.ndarray):
@@ -106,6 +108,16 @@ def _convert(obj, what: str, output: bool) -> Array:
     if arr.dtype == object:
         raise UnsupportedDtypeError(arr.dtype, ["numeric arrays"], "object arrays hold Python references, not data")
     return Array(arr, False, None, dtype_name(arr.dtype)[0], None)
+
+
+def _plain(obj: np.ndarray, what: str) -> np.ndarray:
+    """An ndarray subclass as a plain ndarray over the same memory (``np.matrix`` stays 2-D under ``reshape``, which
+    the byte views below rely on), except a masked array with masked elements: the mask is not data, and would be
+    lost silently."""
+    if np.ma.is_masked(obj):
+        raise TypeError(f"{what} is a masked array; cupycodec stores plain arrays and would drop the mask: pass "
+                        "np.ma.getdata(a) and np.ma.getmaskarray(a) as two arrays, or np.ma.filled(a, fill_value)")
+    return obj.view(np.ndarray)
 
 
 def _host_alias(obj, what: str) -> np.ndarray:
@@ -197,7 +209,11 @@ class _DLPackOwner:
 def _from_dlpack(obj, what: str) -> Array:
     if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
         obj = obj.detach()  # torch refuses to export tensors that require grad; detach() shares the storage
-    dev_type, dev_id = (int(v) for v in obj.__dlpack_device__())
+    try:
+        dev_type, dev_id = (int(v) for v in obj.__dlpack_device__())
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:  # torch's meta tensors: "Unknown device type"
+        raise TypeError(f"{what} ({type(obj).__name__}) is not in CPU or CUDA memory ({exc}); copy it to the CPU or "
+                        "a CUDA device first") from None
     if dev_type not in (_CPU, _CUDA_HOST, _CUDA, _CUDA_MANAGED):
         raise TypeError(f"{what} ({type(obj).__name__}) lives on DLPack device type {dev_type}, not CPU or CUDA "
                         "memory; copy it to the CPU or a CUDA device first")

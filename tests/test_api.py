@@ -670,3 +670,89 @@ def test_small_int8_groups_count_their_scales_against_the_output_bound():
     with pytest.raises(cc.DecompressionBombError):
         cc.decompress(c, max_output_nbytes=x.nbytes)
     assert np.array_equal(cc.decompress(c, max_output_nbytes=5 * x.size), x)
+
+
+# --- outputs that share memory, mappings, masked arrays and subclasses, streams without CuPy ---------------------
+
+def _pair():
+    a = np.random.default_rng(7).standard_normal(1 << 18).astype(np.float32)
+    return a, cc.compress(a), cc.compress(-a)
+
+
+def test_decompress_many_refuses_outputs_that_share_memory():
+    """Items decode at the same time: two items into one buffer left a mix of both (11 of 20 runs in a bug hunt)."""
+    a, ca, cb = _pair()
+    o = np.empty_like(a)
+    with pytest.raises(ValueError, match="out buffer of item 0 and the out buffer of item 1 share memory"):
+        cc.decompress_many([ca, cb], out=[o, o])
+    big = np.zeros(2 * a.size, np.float32)
+    with pytest.raises(ValueError, match="share memory"):  # partly overlapping views
+        cc.decompress_many([ca, cb], out=[big[: a.size], big[1000 : 1000 + a.size]])
+    assert not big.any()  # refused before any work
+    cc.decompress_many([ca, cb], out=[big[: a.size], big[a.size :]])  # side by side is fine
+    np.testing.assert_array_equal(big, np.concatenate([a, -a]))
+    # one container twice (its bytes shared) is fine, into two buffers or none
+    o1, o2 = np.empty_like(a), np.empty_like(a)
+    cc.decompress_many([ca, ca], out=[o1, o2])
+    np.testing.assert_array_equal(o1, a), np.testing.assert_array_equal(o2, a)
+    assert all(np.array_equal(y, a) for y in cc.decompress_many([ca, ca]))
+
+
+@pytest.mark.parametrize("codec", ["raw", "lz4"])
+def test_decoding_into_the_containers_own_bytes_is_refused(codec):
+    """An out that is a view of the bytes being decoded overwrote them: a false ChecksumError, or (verify=False)
+    wrong data."""
+    a = np.arange(1 << 16, dtype=np.float32)
+    buf = bytearray(cc.compress(a, codec=codec).to_bytes())
+    c = cc.CompressedArray.from_bytes(buf)
+    inside = np.frombuffer(buf, np.float32, count=a.size, offset=len(buf) - a.nbytes)
+    for verify in (True, False):
+        with pytest.raises(ValueError, match="container's bytes and the out buffer share memory"):
+            cc.decompress(c, out=inside, verify=verify)
+    np.testing.assert_array_equal(cc.decompress(c), a)  # nothing was written
+
+
+def test_many_refuses_mappings_and_single_buffers():
+    a, ca, _ = _pair()
+    with pytest.raises(TypeError, match=r"got a mapping; pass list\(d.values\(\)\)"):
+        cc.compress_many({"w": a})
+    with pytest.raises(TypeError, match="got a mapping"):
+        cc.decompress_many({"w": ca})
+    for one in (memoryview(a), a.tobytes(), "x.cc"):  # compressed as one 0-d array per byte or element before
+        with pytest.raises(TypeError, match="use compress"):
+            cc.compress_many(one)
+    with pytest.raises(TypeError, match="use decompress"):
+        cc.decompress_many("x.cc")
+
+
+def test_masked_arrays_are_refused_while_something_is_masked():
+    m = np.ma.masked_array([1.0, 2.0, 3.0], mask=[0, 1, 0])
+    with pytest.raises(TypeError, match="masked array.*would drop the mask"):
+        cc.compress(m)
+    with pytest.raises(TypeError, match="masked array"):
+        cc.decompress(cc.compress(np.zeros(3)), out=np.ma.masked_array(np.zeros(3), mask=[1, 0, 0]))
+    np.testing.assert_array_equal(cc.decompress(cc.compress(np.ma.masked_array([1.0, 2.0]))), [1.0, 2.0])
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix's own
+@pytest.mark.parametrize("codec", ["zstd", "auto", "raw"])
+def test_an_ndarray_subclass_is_a_valid_out(codec):
+    """np.matrix stays 2-D under reshape(-1): the byte view of it was 1 x N, and a decode into it failed."""
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.matrix(np.zeros((3, 4), np.float32))
+    cc.decompress(cc.compress(x, codec=codec), out=out)
+    np.testing.assert_array_equal(np.asarray(out), x)
+
+
+def test_a_stream_handle_with_host_work():
+    """Device-agnostic code passes a stream; host work ignores it (without CuPy it raised ModuleNotFoundError)."""
+    x = np.arange(100, dtype=np.float32)
+    c = cc.compress(x, stream=0)
+    np.testing.assert_array_equal(cc.decompress(c, stream=0), x)
+    np.testing.assert_array_equal(cc.decompress_many([c], stream=0)[0], x)
+
+
+def test_a_meta_tensor_is_refused_clearly():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="not in CPU or CUDA memory"):
+        cc.compress(torch.empty(4, device="meta"))
