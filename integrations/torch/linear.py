@@ -157,12 +157,14 @@ class CompressedLinear(torch.nn.Module):
             raise TypeError(f"the weight is {w.dtype}; CompressedLinear compresses float32, float16 or bfloat16")
         home = w.device
         work = torch.device(device) if device is not None else home
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode,
-                    granularity=granularity, group_size=group_size, dtype=w.dtype, device="meta")
-        layer._compress(w.detach().to(work), codec or default_codec(mode, work), home)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.detach().clone().to(home),
-                                            requires_grad=linear.bias.requires_grad)
+        # outside inference mode: tensors made inside it could never be saved for backward or loaded into in place
+        with torch.inference_mode(False):
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode,
+                        granularity=granularity, group_size=group_size, dtype=w.dtype, device="meta")
+            layer._compress(w.detach().to(work), codec or default_codec(mode, work), home)
+            if linear.bias is not None:
+                layer.bias = torch.nn.Parameter(linear.bias.detach().clone().to(home),
+                                                requires_grad=linear.bias.requires_grad)
         return layer.train(linear.training)
 
     def _compress(self, w: torch.Tensor, codec: str, home: torch.device) -> None:
@@ -414,13 +416,20 @@ class CompressedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         resident = self.mode == "int8" and not self._offloaded
+        if type(x) is torch.Tensor and not x.is_floating_point():  # nn.Linear refuses these; the weight was cast
+            raise TypeError(f"a CompressedLinear takes floating-point input, got {x.dtype}; cast the input (for "
+                            f"example x.to({self.weight_dtype}))")
         if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
             # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
             # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
             if resident:
                 return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
+            if torch.compiler.is_exporting() or fx_tracing():
+                raise self._not_portable("torch.export and torch.fx")
             return decoded_linear(x, bias, self._op_key, self.out_features)
+        if torch._C._is_tracing() and not resident:  # torch.jit.trace: ~0.05 us, where is_tracing() costs 0.2
+            raise self._not_portable("torch.jit.trace")
         if x.numel() > ops.GEMV_MAX_M * self.in_features and self.mode != "lossless":
             w = self._wide_weight(x)
             if w is not None:  # a large batch: this layer's weight, dequantized with its block's
@@ -431,6 +440,20 @@ class CompressedLinear(torch.nn.Module):
                 q = self._aligned_codes()
             return ops._int8_linear(x, q, self.scale, bias, self.granularity, self.group_size)
         return self._linear(x, self._decoded(x.device), bias)
+
+    def _not_portable(self, what: str) -> RuntimeError:
+        """The error for a program that would outlive this process's runtime: a lossless or int8+entropy layer's
+        weight is decoded by the runtime into a slot shared by its block (a traced graph would hold the slot, or a
+        key into this process's layers, not the weight)."""
+        return RuntimeError(f"{what} cannot capture a {self.mode!r} CompressedLinear: its weight is decoded by "
+                            "cupycodec's runtime into memory its block shares, which a traced program would keep "
+                            "instead of the weight. Trace or export the uncompressed model, or one compressed with "
+                            "mode='int8' (its codes and scales are ordinary tensors of the program); torch.compile "
+                            "works in every mode")
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("torch.jit.script cannot compile a CompressedLinear (its forward calls cupycodec's "
+                           "runtime); use torch.compile, or torch.export / torch.jit.trace with mode='int8'")
 
     def _aligned_codes(self) -> torch.Tensor:
         """The codes moved once into 64-byte aligned storage, at a first eager CPU forward. A model loaded by
@@ -485,9 +508,15 @@ class CompressedLinear(torch.nn.Module):
         self._forget_decoded()
 
     def _apply(self, fn, recurse=True):
-        scale = self._buffers.get("scale")
+        kept = {name: self._buffers.get(name) for name in ("scale", "qweight", "packed")}
+        scale = kept["scale"]
         before = {t.device for t in self._stored()}
         out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            moved = self._buffers.get(name)
+            if name != "scale" and old is not None and moved is not None and moved.dtype != old.dtype:
+                # Module.type(dtype) casts every tensor: container bytes and INT8 codes are not numbers to cast
+                self._buffers[name] = old.to(moved.device)
         for device in before - {t.device for t in self._stored()}:
             # moved off a device (.cpu(), .to()): the runtime gives back its slots, plans and views there (the first
             # layer to move releases them; a forward on that device later makes them again)
@@ -511,6 +540,13 @@ class CompressedLinear(torch.nn.Module):
             extra += f", group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode!r}{extra}, dtype={self.weight_dtype}")
+
+
+def fx_tracing() -> bool:
+    """Whether ``torch.fx.symbolic_trace`` is tracing (its own flag; no public API)."""
+    from torch.fx._symbolic_trace import is_fx_tracing
+
+    return is_fx_tracing()
 
 
 # -- the decoded layers as one torch op ---------------------------------------------------------------------------

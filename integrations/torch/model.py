@@ -172,6 +172,14 @@ def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
     return why
 
 
+def _matches(filter_fn: Callable, module, fqn: str) -> bool:
+    """``filter_fn`` on a layer it was not written for (a CompressedLinear): an exception means no."""
+    try:
+        return bool(filter_fn(module, fqn))
+    except Exception:
+        return False
+
+
 def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | None = None,
                    granularity: str = "channel", group_size: int = 128, codec: str | None = None, device=None,
                    progress: bool = True, offload: str | None = None, max_gpu_memory=None) -> CompressionReport:
@@ -239,6 +247,10 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     default_skip = _left_alone_by_default(model)
     torch_reads = _read_by_torch(model)
     chosen, skipped = [], {}
+    if filter_fn is not None:  # a filter that matches compressed layers: say so, rather than leave them silently
+        for fqn, m in model.named_modules():
+            if isinstance(m, CompressedLinear) and _matches(filter_fn, m, fqn):
+                skipped[fqn] = f"already compressed (mode {m.mode!r}); start from the original weights to change it"
     for fqn, m in linears:
         if id(m) in torch_reads:
             skipped[fqn] = torch_reads[id(m)]

@@ -394,6 +394,10 @@ class Runtime:
         key = (threading.get_ident(), device)
         st = self._devices.get(key)
         if st is None:
+            # a thread's first forward here: the states of threads that have ended go (a slot is a block's weights)
+            alive = {t.ident for t in threading.enumerate()}
+            for old in [k for k in list(self._devices) if k[0] not in alive]:  # list(): other threads add keys
+                self._devices.pop(old, None)
             st = self._devices[key] = _DeviceState()
         if not st.slots:  # allocated when a group first decodes
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1

@@ -584,3 +584,97 @@ def test_compress_while_loading_gives_its_free_heap_back_once(tmp_path, monkeypa
     model.save_pretrained(tmp_path / "int8")
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
     assert calls == [1]
+
+
+# --- programs that outlive the runtime, bad inputs, inference mode, .type(), threads (a bug hunt, 2026-12-04) ------
+
+def _seq(mode, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16)).eval()
+    compress_model(model, mode, filter_fn=lambda m, n: True, progress=False)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_traced_and_exported_programs_of_slot_decoded_layers_are_refused(mode):
+    """A traced graph kept the block's shared slot (jit.trace: wrong outputs once another block was decoded) or a
+    key into this process's layers (fx, export: another model's weights after a reload)."""
+    model, x = _seq(mode), torch.randn(2, 32)
+    model(x)
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot capture"):
+        torch.jit.trace(model, (x,))
+    with pytest.raises(RuntimeError, match="torch.export and torch.fx cannot capture"):
+        torch.fx.symbolic_trace(model)
+    with pytest.raises(RuntimeError, match="torch.export and torch.fx cannot capture"):
+        torch.export.export(model, (x,))
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile a CompressedLinear"):
+        torch.jit.script(model)
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation, and its TracerWarnings on shape checks
+def test_int8_layers_trace_and_export_with_their_codes():
+    model, x = _seq("int8"), torch.randn(2, 32)
+    want = model(x)
+    assert torch.equal(torch.jit.trace(model, (x,), check_trace=False)(x), want)
+    assert torch.equal(torch.export.export(model, (x,)).module()(x), want)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+def test_non_float_input_is_refused_as_nn_linear_refuses_it(mode, dtype):
+    """The weight was cast to the input's dtype: int64 input gave zeros, complex input complex output."""
+    model = _seq(mode)
+    with pytest.raises(TypeError, match="takes floating-point input"):
+        model[0](torch.ones(2, 32, dtype=dtype))
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_model_compressed_in_inference_mode_trains_and_loads(mode):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16))
+    with torch.inference_mode():
+        compress_model(model, mode, filter_fn=lambda m, n: True, progress=False)
+    x = torch.randn(3, 32, requires_grad=True)
+    model(x).sum().backward()  # int8 saved an inference tensor for backward
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_module_type_leaves_the_stored_bytes_alone(mode):
+    """Module.type(dtype) casts every tensor: the container bytes became float64 (and unreadable), codes float."""
+    model = _seq(mode)
+    x = torch.randn(2, 32)
+    want = model(x)
+    model.type(torch.float64)
+    stored = {n: b.dtype for n, b in model.named_buffers()}
+    assert all(d == {"packed": torch.uint8, "qweight": torch.int8, "scale": torch.float32}[n.split(".")[-1]]
+               for n, d in stored.items()), stored
+    assert torch.allclose(model(x.double()), want.double(), atol=1e-2)
+
+
+def test_a_second_compress_model_lists_the_compressed_layers_its_filter_matched():
+    model = _seq("int8")
+    torch.manual_seed(1)
+    model.append(torch.nn.Linear(16, 8))
+    report = compress_model(model, "lossless", filter_fn=lambda m, n: True, progress=False)
+    assert [r["name"] if isinstance(r, dict) else r for r in report.skipped] == ["0", "2"] or \
+        set(report.skipped) == {"0", "2"}
+    assert "already compressed" in report.skipped["0"]
+
+
+def test_decode_states_of_ended_threads_are_dropped():
+    import threading
+
+    model = _seq("lossless")
+    x = torch.randn(2, 32)
+    for _ in range(4):
+        ts = [threading.Thread(target=model, args=(x,)) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    model(x)  # this thread's first forward drops the ended threads' states
+    rt = model[0]._own_runtime()
+    assert len(rt._devices) == 1
