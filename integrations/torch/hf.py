@@ -261,6 +261,10 @@ class _Compress(_Op):
         layer = model.get_submodule(fqn)
         cfg = self.hf_quantizer.quantization_config
         placeholder = layer._parameters["weight"]
+        if tuple(value.shape) != (layer.out_features, layer.in_features):  # transformers checks none it hands over
+            raise ValueError(f"layer {fqn!r}: the checkpoint's weight has shape {list(value.shape)}; the model (its "
+                             f"config.json) expects [{layer.out_features}, {layer.in_features}]: the checkpoint and "
+                             "its config disagree")
         if value.dtype != layer.weight_dtype:
             value = value.to(layer.weight_dtype)
         work = value.device
@@ -277,6 +281,7 @@ class _Compress(_Op):
         if layer.mode != "lossless":
             rep.sqnr_db = _sqnr(value, layer)
         self.hf_quantizer._reports.append(rep)
+        self.hf_quantizer._converted.add(fqn)
         # the layer's buffers, so that transformers counts them loaded, and for the placeholder an empty tensor on
         # the layer's device (dropped after loading): a meta one would reach accelerate's dispatch of a device map
         # that spans devices, which runs before the quantizer's last hook and cannot place a meta tensor
@@ -368,6 +373,7 @@ class CupycodecHfQuantizer(HfQuantizer):
     def _prepare_compress(self, model) -> None:
         cfg = self.quantization_config
         self._t0 = time.perf_counter()
+        self._swapped, self._converted = [], set()  # layers made empty here, and those whose weight came in
         skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, model._keep_in_fp32_modules,
                                                add_default_skips=True)
         tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -392,6 +398,7 @@ class CupycodecHfQuantizer(HfQuantizer):
                                      device="meta")
             layer.weight = torch.nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
             set_module(model, fqn, layer)
+            self._swapped.append(fqn)
         if not chosen:
             by_why: dict[str, list[str]] = {}
             for fqn, why in self._skipped.items():
@@ -490,6 +497,8 @@ class CupycodecHfQuantizer(HfQuantizer):
             checks.wait()
         if self._ckpt is not None:  # tensors stored once under another name: transformers loaded the source only
             tie_aliases(model, self._ckpt.table.aliases)
+        if not self.pre_quantized:
+            _check_compressed_while_loading(model, self._swapped, self._converted)
         blocks = install(model, {})
         if not self.pre_quantized:  # what compress-while-loading did, as compress_model reports it
             trim_heap()  # its loader threads' temporaries, held as free heap memory
@@ -543,14 +552,35 @@ class CupycodecHfQuantizer(HfQuantizer):
             raise ValueError(f"save_pretrained(variant={variant!r}) names the files model.{variant}.safetensors, "
                              "which no loader of compressed checkpoints reads; save without variant, into a "
                              "directory of its own")
+        if (_save_call(model) or {}).get("state_dict") is not None:
+            raise ValueError("save_pretrained(state_dict=...) of a compressed model: the checkpoint is written from "
+                             "the model's own layers (a compressed checkpoint must agree with its table); change the "
+                             "model itself, or save the state dict with safetensors directly")
         key = _signing.local_key(create=True)
         tensors, metadata = checkpoint_state(model, key=key)
-        _clear_earlier_save(model)
+        _clear_earlier_save(model, tensors)
         # The table names the model's own keys; transformers would rename the tensors to the model's original
         # format after this (GPT-NeoX's lm_head -> embed_out), and the files and the table would disagree. A
         # compressed checkpoint keeps the model's names, as save_compressed writes them and every loader reads them.
         model._weight_conversions = []
         return tensors, metadata
+
+
+def _check_compressed_while_loading(model, swapped: list[str], converted: set[str]) -> None:
+    """What transformers would initialize in an nn.Linear the checkpoint lacks, for the CompressedLinear layers put
+    in their place (its ``_init_weights`` does not know them; they held uninitialized memory): a missing weight is
+    an error (there is nothing to compress), a missing bias is zeroed, as transformers' models initialize one."""
+    missing = [fqn for fqn in swapped if fqn not in converted]
+    if missing:
+        names = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ValueError(f"the checkpoint holds no weight for {names}: compress-while-loading needs every weight it "
+                         "compresses (does config.json describe more layers than the checkpoint has?); load the model "
+                         "without quantization_config, initialize what is missing, then compress_model()")
+    for fqn in swapped:
+        bias = model.get_submodule(fqn).bias
+        if bias is not None and not getattr(bias, "_is_hf_initialized", False):
+            with torch.no_grad():
+                bias.zero_()
 
 
 def _open_checkpoint(checkpoint_files) -> Checkpoint:
@@ -602,13 +632,17 @@ def _save_call(model) -> dict | None:
     return local
 
 
-def _clear_earlier_save(model) -> None:
-    """Remove ``model.safetensors`` and its index from the directory ``save_pretrained`` is saving ``model`` into,
-    before it writes there, as :func:`save_compressed` does (``write_shards``). transformers removes the shards of an
-    earlier save that it does not overwrite, but not these two: after a sharded save over a one-file one, the stale
-    ``model.safetensors`` is what transformers (and so this reader) loads, and after a one-file save over a sharded
-    one, the index names shards that are gone. transformers tells a quantizer nothing of the save, so the directory
-    is taken from the ``save_pretrained`` call on the stack; with none there (another caller), nothing is removed."""
+def _clear_earlier_save(model, tensors: dict) -> None:
+    """Remove the file of the other layout from the directory ``save_pretrained`` is saving ``model`` into: after
+    a sharded save, a stale ``model.safetensors`` of an earlier one-file save is what transformers (and so this
+    reader) would load; after a one-file save, a stale index names shards that transformers removes. transformers
+    removes the shards of an earlier save that it does not overwrite, but not these two. The file the save itself
+    writes is left to be replaced: removed here, before transformers writes anything, a save that then failed (an
+    invalid generation config, a read-only config.json, a full disk) lost the checkpoint it was replacing.
+    Whether transformers will shard is worked out as it does (its size rule, its ``max_shard_size``); it only
+    drops tensors from what it is given, so a save predicted one-file is. transformers tells a quantizer nothing of
+    the save, so the directory is taken from the ``save_pretrained`` call on the stack; with none there (another
+    caller), nothing is removed."""
     local = _save_call(model)
     if local is None:
         return
@@ -618,10 +652,13 @@ def _clear_earlier_save(model) -> None:
     if directory is None or local.get("variant") is not None or local.get("_hf_peft_config_loaded") or \
             not local.get("save_on_this_rank", True):
         return
-    for name in (WEIGHTS, INDEX):
-        path = os.path.join(os.fspath(directory), name)
-        if os.path.isfile(path) or os.path.islink(path):  # a link: unlinked, never written through
-            os.unlink(path)
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    sharded = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=local.get("max_shard_size", "50GB")).is_sharded
+    path = os.path.join(os.fspath(directory), WEIGHTS if sharded else INDEX)
+    if os.path.isfile(path) or os.path.islink(path):  # a link: unlinked, never written through
+        os.unlink(path)
 
 
 def _tensor_of(model, name: str) -> torch.Tensor:

@@ -1042,3 +1042,79 @@ def test_save_pretrained_with_a_variant_is_refused_before_writing(bf16_dir, tmp_
     with pytest.raises(ValueError, match=r"variant='int8'.*model.int8.safetensors.*save without variant"):
         model.save_pretrained(tmp_path / "v", variant="int8")
     assert not (tmp_path / "v").exists() or not [n for n in os.listdir(tmp_path / "v") if "safetensors" in n]
+
+
+# --- compress-while-loading from a checkpoint that disagrees with its config (a bug hunt, 2026-12-04) ------------
+
+def _edit_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+@pytest.mark.parametrize("mode", ["int8", "lossless"])
+def test_compress_while_loading_refuses_layers_the_checkpoint_lacks(bf16_dir, tmp_path, mode):
+    """config.json with a layer more than the checkpoint: its layers held uninitialized memory (int8: garbage
+    scales, non-finite logits, saved as they were)."""
+    d = _edit_config(bf16_dir, tmp_path / "more", num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"holds no weight for model\.layers\.2\..*needs every weight"):
+        _load(d, quantization_config=CupycodecConfig(mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["int8", "lossless"])
+def test_compress_while_loading_checks_weight_shapes_against_the_config(bf16_dir, tmp_path, mode):
+    d = _edit_config(bf16_dir, tmp_path / "narrow", intermediate_size=96)
+    with pytest.raises(ValueError, match=r"mlp\.\w+_proj.: the checkpoint.s weight has shape \[\d+, \d+\]; .* expects \[(96, 64|64, 96)\]"):
+        _load(d, quantization_config=CupycodecConfig(mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["int8", "lossless"])
+def test_compress_while_loading_zeroes_missing_biases_and_keeps_stored_ones(tmp_path, mode):
+    """A config with biases the checkpoint lacks: plain transformers zeroes them; ours held uninitialized memory
+    (|bias| up to 2.6e38). Biases the checkpoint holds must come through unchanged."""
+    torch.manual_seed(0)
+    with_bias = transformers.LlamaForCausalLM(_config(attention_bias=True)).to(torch.bfloat16)
+    with torch.no_grad():
+        for m in with_bias.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_()
+    with_bias.save_pretrained(tmp_path / "biased")
+    loaded = _load(str(tmp_path / "biased"), quantization_config=CupycodecConfig(mode=mode))
+    stored = {n: p for n, p in with_bias.named_parameters() if n.endswith(".bias")}
+    assert stored and all(torch.equal(loaded.get_parameter(n), p) for n, p in stored.items())
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_config()).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    d = _edit_config(tmp_path / "plain", tmp_path / "wants_bias", attention_bias=True)
+    model = _load(d, quantization_config=CupycodecConfig(mode=mode))
+    biases = [m.bias for m in model.modules() if isinstance(m, CompressedLinear) and m.bias is not None]
+    assert biases and all(not b.any() for b in biases)
+    assert torch.isfinite(_logits(model)).all()
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "40KB"])
+def test_a_save_pretrained_that_fails_leaves_the_checkpoint_it_was_replacing(bf16_dir, tmp_path, max_shard_size):
+    """The earlier save's files were removed before transformers wrote anything: an invalid generation config (or a
+    read-only config.json, a full disk) then lost the checkpoint."""
+    a = _compressed(bf16_dir, "int8")
+    want = _logits(a)
+    out = tmp_path / "hf"
+    a.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    before = sorted(os.listdir(out))
+    b = _compressed(bf16_dir, "lossless")
+    b.generation_config.max_new_tokens = -5  # transformers refuses it after the quantizer's state dict
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        b.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    assert sorted(os.listdir(out)) == before
+    assert torch.equal(_logits(_load(out)), want)
+
+
+def test_save_pretrained_refuses_a_state_dict_it_would_not_write(bf16_dir, tmp_path):
+    model = _compressed(bf16_dir, "int8")
+    with pytest.raises(ValueError, match=r"save_pretrained\(state_dict=...\)"):
+        model.save_pretrained(tmp_path / "x", state_dict=model.state_dict())
+    assert not (tmp_path / "x").exists() or not os.listdir(tmp_path / "x")
