@@ -92,12 +92,22 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _distinct(source: str, output: str) -> None:
+    """Refuse an output that is the input file (a name, a link or a hard link to it), as cp does."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(source, output):
+            raise ValueError(f"{output!r} is the input file {source!r}; name another output")
+
+
 def _cmd_compress(args) -> int:
     import numpy as np
 
     import cupycodec as cc
 
-    with open(args.input, "rb") as f:
+    from ._files import open_regular
+
+    _distinct(args.input, args.output)
+    with open_regular(args.input) as f:  # not open(): a FIFO with no writer would wait for one forever
         if f.read(6) != b"\x93NUMPY":
             raise ValueError(f"{args.input} is not a .npy file (the format numpy.save writes); save the array with "
                              "numpy.save first")
@@ -109,6 +119,9 @@ def _cmd_compress(args) -> int:
         x = x.view(f"u{x.dtype.itemsize}")
     options = {}
     if args.level is not None:
+        if args.codec in (None, "auto"):
+            raise ValueError("--level sets a codec's level: name the codec too, e.g. --codec zstd --level 5 (auto "
+                             "chooses its own)")
         options["level"] = args.level
     c = cc.compress(np.asarray(x), codec=args.codec, chunk_nbytes=args.chunk_nbytes, dtype=args.dtype,
                     filters=args.filter or None, quantize=args.quantize, granularity=args.granularity or "channel",
@@ -125,11 +138,15 @@ def _cmd_decompress(args) -> int:
 
     from ._files import atomic_write
 
+    _distinct(args.input, args.output)
     c = cc.load(args.input, trusted=args.trusted)
     limit = None if args.max_output_nbytes == 0 else args.max_output_nbytes
     kwargs = {} if args.max_output_nbytes is None else {"max_output_nbytes": limit}
     try:
         y = cc.decompress(c, device="cpu", **kwargs)
+    except cc.UntrustedError as exc:  # the library's text names keyword arguments: name the flag here
+        raise ValueError(f"{args.input} came from outside and its codec ({c.codec}) has no decoder hardened against "
+                         "crafted input, so it is not decoded; if you made the file, pass --trusted") from exc
     except cc.DecompressionBombError as exc:  # the library's text names a keyword argument: name the flag here
         raise ValueError(f"the container decompresses to {exc.nbytes} bytes, more than the limit of {exc.limit}; "
                          "pass --max-output-nbytes N (or 0 for no limit) if you trust this file") from exc
@@ -156,10 +173,11 @@ def _cmd_inspect(args) -> int:
 def _cmd_compress_model(args) -> int:
     import importlib.util
 
-    missing = [m for m in ("torch", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
+    # accelerate: transformers places a model with a device_map through it
+    missing = [m for m in ("torch", "transformers", "safetensors", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"cupycodec compress-model: error: needs {', '.join(missing)}: pip install 'cupycodec[torch]' "
-              "transformers", file=sys.stderr)
+              "transformers accelerate", file=sys.stderr)
         return 2
     from .integrations.torch import compress_checkpoint
 

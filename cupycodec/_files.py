@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -40,6 +41,8 @@ def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = T
     """As :func:`atomic_write`, for writers that take a file name (``write(temporary_path)``), such as
     ``safetensors.torch.save_file``."""
     name = os.fspath(path)
+    if name.endswith(os.sep) or (os.altsep and name.endswith(os.altsep)):  # open() refuses these too
+        raise IsADirectoryError(errno.EISDIR, "names a directory (it ends in a separator); name a file", name)
     try:
         st = os.stat(name)  # what the name leads to, through symbolic links
     except FileNotFoundError:
@@ -51,9 +54,13 @@ def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = T
                              "file path")
         if not overwrite:
             raise FileExistsError(name)
+        if not os.access(name, os.W_OK):  # a plain write fails here; a rename over it would not
+            raise PermissionError(errno.EACCES, "Permission denied (the file is not writable)", name)
         mode = stat.S_IMODE(st.st_mode)
     path = os.path.realpath(name)  # a symbolic link's target is written, as open() would: the link stays
     directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "No such directory to write the file into", directory)
     for _ in range(100):
         tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
         try:
@@ -61,8 +68,13 @@ def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = T
             break
         except FileExistsError:
             continue
+        except PermissionError:  # the temporary file's name means nothing to the caller: the directory's does
+            raise PermissionError(errno.EACCES, "Permission denied (cannot create a file in this directory)",
+                                  directory) from None
     else:  # pragma: no cover - 100 random collisions
         raise FileExistsError(f"could not create a temporary file next to {path}")
+    if mode is None:  # a new file: what a plain open() gives (0o666 less the umask), whatever ``write`` does
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # (safetensors writes a file of its own, as 0600)
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)

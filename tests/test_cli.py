@@ -290,3 +290,69 @@ def test_help_texts_name_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["decompress", "--help"])
     assert "1024 x the file's size" in capsys.readouterr().out
+
+
+# --- a bug hunt of 2026-12-04: a FIFO to compress, outputs that are the input, a directory, a read-only file ------
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_compress_refuses_a_fifo_at_once(tmp_path, capsys):
+    os.mkfifo(tmp_path / "in.npy")  # no writer: open() would wait for one forever
+    assert main(["compress", str(tmp_path / "in.npy"), str(tmp_path / "out.cc")]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_an_output_that_is_the_input_is_refused(tmp_path, capsys):
+    x = np.arange(10, dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    before = (tmp_path / "x.npy").read_bytes()
+    assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.npy")]) == 2
+    assert "is the input file" in capsys.readouterr().err and (tmp_path / "x.npy").read_bytes() == before
+    cc.save(tmp_path / "x.cc", cc.compress(x))
+    if hasattr(os, "symlink"):
+        os.symlink("x.cc", tmp_path / "link.cc")
+        assert main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / "link.cc")]) == 2
+        assert "is the input file" in capsys.readouterr().err
+
+
+def test_an_output_path_ending_in_a_separator_names_a_directory(tmp_path, capsys):
+    x = np.arange(10, dtype=np.float32)
+    with pytest.raises(IsADirectoryError, match="names a directory"):
+        cc.save(str(tmp_path / "lib") + os.sep, cc.compress(x))
+    np.save(tmp_path / "x.npy", x)
+    assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / "out") + os.sep]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]  # no file named 'out' or 'lib'
+
+
+def test_errors_name_the_callers_paths_not_a_temporary_file(tmp_path):
+    x = cc.compress(np.arange(10, dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match="No such directory") as info:
+        cc.save(tmp_path / "missing" / "x.cc", x)
+    assert ".tmp" not in str(info.value)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes read-only files")
+def test_a_read_only_file_is_not_replaced(tmp_path):
+    """A plain write fails on a 0444 file; a rename over it (the atomic write) did not, and replaced it."""
+    path = tmp_path / "keep.cc"
+    path.write_bytes(b"keep")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError, match="not writable"):
+        cc.save(path, cc.compress(np.arange(10, dtype=np.float32)))
+    assert path.read_bytes() == b"keep"
+
+
+def test_new_files_get_what_a_plain_open_gives_whatever_the_writer_does(tmp_path):
+    """safetensors writes a file of its own, as 0600: checkpoints were 0600 beside a 0644 config.json."""
+    from cupycodec._files import atomic_write_path
+
+    def write(name):
+        os.unlink(name)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_path(tmp_path / "f", write)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == 0o644

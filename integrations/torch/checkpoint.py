@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,15 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
                              "(the model was cast after compressing, e.g. .float()), which a checkpoint cannot "
                              f"describe; cast the model back (model.to({m.weight_dtype})) before saving, or compress "
                              "it in the dtype it should be saved in")
+    untrusted = [fqn for fqn, m in layers.items() if m._template is not None and not m._template.trusted]
+    if key is not None and untrusted:
+        # their payloads came from a checkpoint nobody vouched for: signing them here would make its copy load as
+        # trusted (eligible for nvCOMP's decoders, which are not hardened against crafted input)
+        warnings.warn(f"{len(untrusted)} compressed layers ({', '.join(untrusted[:3])}"
+                      f"{', ...' if len(untrusted) > 3 else ''}) came from an untrusted checkpoint: this checkpoint is "
+                      "saved unsigned, so it loads untrusted too. To vouch for them, load the original with "
+                      "trusted=True (or its key), then save", stacklevel=3)
+        key = None
     table: dict = {"format_version": FORMAT_VERSION, "checkpoint": secrets.token_hex(8),
                    "signed_by": _signing.fingerprint(key) if key is not None else None,
                    "layers": {fqn: m.config() for fqn, m in layers.items()}, "tensors": {}, "aliases": {}}

@@ -110,6 +110,7 @@ class CupycodecConfig(QuantizationConfigMixin):
     # What config.json holds (to_dict); from_dict takes nothing else from a file
     _SAVED = ("quant_method", "mode", "granularity", "group_size", "codec", "modules_to_convert",
               "modules_to_not_convert", "format_version")
+    _LOADING = ("trusted", "key", "offload", "max_gpu_memory", "offload_device", "strict")  # never from a dict
 
     def __init__(self, mode: str = "int8", granularity: str = "channel", group_size: int = 128,
                  codec: str | None = None, modules_to_convert: list[str] | None = None,
@@ -167,6 +168,14 @@ class CupycodecConfig(QuantizationConfigMixin):
         writes are taken: others are a newer writer's, ignored as the format's unknown keys are, and loading
         attributes (``trusted``, ``key``, ``offload``, ...) never come from a checkpoint's own files: a checkpoint
         that says ``"trusted": true`` must not vouch for itself."""
+        dropped = sorted(k for k in config_dict if k not in cls._SAVED)
+        if dropped:  # a user's dict takes this path too: a typo ("mdoe") would silently give the default mode
+            loading = [k for k in dropped if k in cls._LOADING]
+            warnings.warn(f"quantization_config: {', '.join(map(repr, dropped))} ignored"
+                          + (f" ({', '.join(loading)}: pass CupycodecConfig(...) for these; a dict, like a "
+                             "checkpoint's config.json, cannot set them)" if loading else
+                             " (not a key of this cupycodec's configuration: a typo, or a newer writer's)"),
+                          stacklevel=2)
         config_dict = {k: v for k, v in config_dict.items() if k in cls._SAVED}
         return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -807,7 +816,8 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
     # files below reads the input directory once the output is written
     _local_model_dir(input_dir, "compress-model", not_a_dir=" (a model on the Hugging Face Hub: download it "
                      "first, e.g. hf download ID --local-dir DIR)")
-    if os.path.abspath(input_dir) == os.path.abspath(output_dir):
+    if os.path.realpath(input_dir) == os.path.realpath(output_dir) or \
+            (os.path.exists(output_dir) and os.path.samefile(input_dir, output_dir)):  # a link to it, too
         raise ValueError("compress-model writes a new directory; give an output other than the input")
     device = _work_device(device)
     config = transformers.AutoConfig.from_pretrained(input_dir)

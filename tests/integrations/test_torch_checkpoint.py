@@ -706,7 +706,8 @@ def test_cupycodec_config_checks_its_arguments(saved, tmp_path, monkeypatch):
     cfg["quantization_config"].update(a_newer_option=1, trusted=True)
     (out / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "another-user.key"))
-    model = _load(out)
+    with pytest.warns(UserWarning, match="'a_newer_option', 'trusted' ignored"):
+        model = _load(out)
     assert _templates(model) and not any(t.trusted for t in _templates(model))
 
 
@@ -1046,7 +1047,7 @@ def test_save_pretrained_with_a_variant_is_refused_before_writing(bf16_dir, tmp_
 
 # --- compress-while-loading from a checkpoint that disagrees with its config (a bug hunt, 2026-12-04) ------------
 
-def _edit_config(src, dst, **changes):
+def _copy_with_config(src, dst, **changes):
     shutil.copytree(src, dst)
     path = os.path.join(dst, "config.json")
     with open(path) as f:
@@ -1061,14 +1062,14 @@ def _edit_config(src, dst, **changes):
 def test_compress_while_loading_refuses_layers_the_checkpoint_lacks(bf16_dir, tmp_path, mode):
     """config.json with a layer more than the checkpoint: its layers held uninitialized memory (int8: garbage
     scales, non-finite logits, saved as they were)."""
-    d = _edit_config(bf16_dir, tmp_path / "more", num_hidden_layers=3)
+    d = _copy_with_config(bf16_dir, tmp_path / "more", num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"holds no weight for model\.layers\.2\..*needs every weight"):
         _load(d, quantization_config=CupycodecConfig(mode=mode))
 
 
 @pytest.mark.parametrize("mode", ["int8", "lossless"])
 def test_compress_while_loading_checks_weight_shapes_against_the_config(bf16_dir, tmp_path, mode):
-    d = _edit_config(bf16_dir, tmp_path / "narrow", intermediate_size=96)
+    d = _copy_with_config(bf16_dir, tmp_path / "narrow", intermediate_size=96)
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj.: the checkpoint.s weight has shape \[\d+, \d+\]; .* expects \[(96, 64|64, 96)\]"):
         _load(d, quantization_config=CupycodecConfig(mode=mode))
 
@@ -1089,7 +1090,7 @@ def test_compress_while_loading_zeroes_missing_biases_and_keeps_stored_ones(tmp_
     assert stored and all(torch.equal(loaded.get_parameter(n), p) for n, p in stored.items())
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(_config()).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
-    d = _edit_config(tmp_path / "plain", tmp_path / "wants_bias", attention_bias=True)
+    d = _copy_with_config(tmp_path / "plain", tmp_path / "wants_bias", attention_bias=True)
     model = _load(d, quantization_config=CupycodecConfig(mode=mode))
     biases = [m.bias for m in model.modules() if isinstance(m, CompressedLinear) and m.bias is not None]
     assert biases and all(not b.any() for b in biases)
@@ -1118,3 +1119,41 @@ def test_save_pretrained_refuses_a_state_dict_it_would_not_write(bf16_dir, tmp_p
     with pytest.raises(ValueError, match=r"save_pretrained\(state_dict=...\)"):
         model.save_pretrained(tmp_path / "x", state_dict=model.state_dict())
     assert not (tmp_path / "x").exists() or not os.listdir(tmp_path / "x")
+
+
+def test_a_dict_quantization_config_warns_of_keys_it_drops(bf16_dir):
+    """A typo in a dict config gave int8 silently, and trusted/strict in a dict were dropped without a word."""
+    with pytest.warns(UserWarning, match="'mdoe' ignored .*a typo"):
+        model = _load(bf16_dir, quantization_config={"quant_method": "cupycodec", "mdoe": "lossless"})
+    assert {m.mode for m in model.modules() if isinstance(m, CompressedLinear)} == {"int8"}
+    with pytest.warns(UserWarning, match="'trusted' ignored .*pass CupycodecConfig"):
+        CupycodecConfig.from_dict({"quant_method": "cupycodec", "mode": "int8", "trusted": True})
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="symbolic links")
+def test_compress_checkpoint_refuses_an_output_that_links_to_its_input(bf16_dir, tmp_path):
+    """A link to the input passed the name check, and the original weights were replaced by INT8 ones."""
+    from cupycodec.integrations.torch import compress_checkpoint
+
+    src = shutil.copytree(bf16_dir, tmp_path / "model")
+    before = (src / "model.safetensors").read_bytes()
+    os.symlink(src, tmp_path / "out")
+    with pytest.raises(ValueError, match="give an output other than the input"):
+        compress_checkpoint(src, tmp_path / "out", mode="int8", progress=False)
+    assert (src / "model.safetensors").read_bytes() == before
+
+
+def test_a_model_from_an_untrusted_checkpoint_is_saved_unsigned(bf16_dir, tmp_path, monkeypatch):
+    """Its payloads were signed with this user's key on save, so the copy loaded as trusted: nobody had vouched
+    for them, and trust makes them eligible for nvCOMP's unhardened decoders."""
+    model = _compressed(bf16_dir, "lossless")
+    model.save_pretrained(tmp_path / "theirs")
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(tmp_path / "other" / "signing.key"))  # another user
+    theirs = _load(str(tmp_path / "theirs"), device_map="cpu")
+    assert not any(m._template.trusted for m in theirs.modules() if isinstance(m, CompressedLinear))
+    with pytest.warns(UserWarning, match="came from an untrusted checkpoint: this checkpoint is saved unsigned"):
+        theirs.save_pretrained(tmp_path / "copy")
+    assert _table(tmp_path / "copy" / "model.safetensors")["signed_by"] is None
+    again = _load(str(tmp_path / "copy"), device_map="cpu")
+    assert not any(m._template.trusted for m in again.modules() if isinstance(m, CompressedLinear))
+    assert torch.equal(_logits(again), _logits(model))
