@@ -114,6 +114,13 @@ def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | N
     if c.lossless and dtype is not None and dtype != torch_dtype(c.dtype_name):
         raise ValueError(f"dtype={dtype} for a lossless {c.dtype_name} container: it decodes exactly, into its own "
                          f"dtype; decode it, then convert the result (.to({dtype}))")
+    want = dtype if dtype is not None else out.dtype if out is not None else None
+    if want is not None and not c.lossless and not want.is_floating_point:
+        raise ValueError(f"an INT8 container dequantizes to floats: {want} is not one (pass float32, float16, "
+                         "bfloat16 or float64; its codes and scales: cupycodec.decompress(c, dequantize=False))")
+    if out is not None and c.lossless and out.dtype != torch_dtype(c.dtype_name):
+        raise ValueError(f"out is {out.dtype} for a lossless {c.dtype_name} container: it decodes exactly, into its "
+                         f"own dtype; pass an out of {torch_dtype(c.dtype_name)}")
     if out is not None and dtype is not None and out.dtype != dtype:
         raise ValueError(f"dtype={dtype} and out of {out.dtype}: the result is out, in out's dtype; pass one of them "
                          "(or an out of that dtype)")
@@ -124,6 +131,11 @@ def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | N
         if device is None:
             device = f"cuda:{c.device_id}" if c.on_device else "cpu"
         device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"from_compressed decodes onto the CPU or a CUDA device, got {device}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise cc.BackendUnavailableError(f"device={str(device)!r}, but torch sees no CUDA device here; decode "
+                                             "onto the CPU (device='cpu')")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         out = torch.empty(c.shape, dtype=dtype or torch_dtype(c.dtype_name), device=device)

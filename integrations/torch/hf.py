@@ -125,7 +125,10 @@ class CupycodecConfig(QuantizationConfigMixin):
             takes = [p for p in inspect.signature(CupycodecConfig.__init__).parameters if p not in ("self", "kwargs")]
             raise TypeError(f"CupycodecConfig got unexpected arguments {sorted(kwargs)}; it takes {', '.join(takes)}")
         self.quant_method = QUANT_METHOD
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if type(format_version) is not int or format_version < 1:  # "1", 1.0, None, True, 0: not a version
+            raise ValueError(f"quantization_config: format_version must be an int of at least 1, got "
+                             f"{format_version!r} (config.json edited by hand?)")
+        if format_version > FORMAT_VERSION:
             raise UnsupportedVersionError("cupycodec checkpoint format (quantization_config)", format_version,
                                           FORMAT_VERSION)
         try:

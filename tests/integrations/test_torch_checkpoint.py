@@ -1157,3 +1157,9 @@ def test_a_model_from_an_untrusted_checkpoint_is_saved_unsigned(bf16_dir, tmp_pa
     again = _load(str(tmp_path / "copy"), device_map="cpu")
     assert not any(m._template.trusted for m in again.modules() if isinstance(m, CompressedLinear))
     assert torch.equal(_logits(again), _logits(model))
+
+
+@pytest.mark.parametrize("bad", ["1", 1.0, None, True, 0, -1])
+def test_a_format_version_that_is_no_version_is_refused_as_such(bad):
+    with pytest.raises(ValueError, match="format_version must be an int of at least 1"):
+        CupycodecConfig(format_version=bad)

@@ -585,3 +585,19 @@ def test_gpu_payloads_are_chunked_for_a_decode_beside_compute(n, k, mode, want):
     assert gpu_chunk(mode, "ans", _OnCuda(n, k)) == want
     assert gpu_chunk(mode, "ans", _OnCuda(n, k, device="cpu")) is None  # the CPU's codecs keep theirs
     assert gpu_chunk(mode, "bitcomp", _OnCuda(n, k)) is None  # a codec the user named keeps its default
+
+
+def test_from_compressed_refuses_integer_dtypes_and_devices_it_cannot_decode_onto():
+    """An INT8 container with dtype=int32 gave float bits as integers; a lossless one into an int32 out the same."""
+    from cupycodec.integrations.torch import from_compressed, to_compressed
+
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0]])
+    with pytest.raises(ValueError, match="dequantizes to floats: torch.int32"):
+        from_compressed(to_compressed(x, quantize="int8"), dtype=torch.int32)
+    with pytest.raises(ValueError, match="dequantizes to floats"):
+        from_compressed(to_compressed(x, quantize="int8"), out=torch.empty(1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="decodes exactly, into its own dtype"):
+        from_compressed(to_compressed(x), out=torch.empty(1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="onto the CPU or a CUDA device, got meta"):
+        from_compressed(to_compressed(x), device="meta")
+    assert torch.equal(from_compressed(to_compressed(x)), x)
