@@ -87,7 +87,9 @@ def _cmd_bench(args) -> int:
     if args.json:
         from ._files import atomic_write
 
-        text = json.dumps([r.__dict__ | {"ratio": r.ratio} for r in rows], indent=2).encode()
+        # a codec that did not run has no ratio: null, not Infinity (which strict JSON parsers refuse)
+        text = json.dumps([r.__dict__ | {"ratio": r.ratio if r.nbytes else None} for r in rows], indent=2,
+                          allow_nan=False).encode()
         atomic_write(args.json, lambda f: f.write(text))
     return 0
 

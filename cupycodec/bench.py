@@ -137,7 +137,7 @@ def run(arrays: dict[str, np.ndarray], codecs: list[str], device: str = "cpu", r
                 row = Row(label, codec, device, x.nbytes, c.nbytes, x.nbytes / tc / 1e9, x.nbytes / td / 1e9,
                           exact, _describe(c))
             except cc.BackendUnavailableError as exc:
-                row = Row(label, codec, device, x.nbytes, 0, 0.0, 0.0, False, f"unavailable: {exc}"[:60])
+                row = Row(label, codec, device, x.nbytes, 0, 0.0, 0.0, False, f"unavailable: {exc}")
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -160,7 +160,7 @@ def format_header() -> str:
 
 def format_row(r: Row) -> str:
     if r.nbytes == 0:
-        return f"{r.data:22s} {r.codec:9s} {r.note}"
+        return f"{r.data:22s} {r.codec:9s} {r.note if len(r.note) <= 90 else r.note[:87] + '...'}"
     return (f"{r.data:22s} {r.codec:9s} {r.note[:30]:30s} {r.ratio:7.3f} {r.compress_gbps:10.3f} "
             f"{r.decompress_gbps:12.3f}  {'yes' if r.exact else 'NO'}")
 

@@ -356,3 +356,20 @@ def test_new_files_get_what_a_plain_open_gives_whatever_the_writer_does(tmp_path
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == 0o644
+
+
+def test_bench_json_is_strict_json_when_a_codec_cannot_run(tmp_path):
+    """A codec that could not run had "ratio": Infinity, which strict JSON parsers refuse, and a note cut mid-word
+    (on a GPU machine with nvCOMP, ans runs and has a ratio)."""
+    import json
+
+    out = tmp_path / "b.json"
+    main(["bench", "--codecs", "ans", "raw", "--size-mib", "0.25", "--json", str(out)])
+
+    def strict(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    rows = json.loads(out.read_text(), parse_constant=strict)
+    ans = [r for r in rows if r["codec"] == "ans"]
+    assert ans and all(r["ratio"] is None and r["note"].endswith("[cu13])") for r in ans if r["nbytes"] == 0)
+    assert all(r["ratio"] > 0 for r in rows if r["codec"] == "raw")
