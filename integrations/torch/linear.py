@@ -423,14 +423,15 @@ class CompressedLinear(torch.nn.Module):
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
             # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
             # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
-            if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: in its dtype (our ops have
-                cast = torch.get_autocast_dtype(x.device.type)  # no autocast rule of their own)
+            proxy = isinstance(x, torch.fx.Proxy)  # torch.fx.symbolic_trace: no device, no dtype to ask about
+            if not resident and (proxy or torch.compiler.is_exporting()):
+                raise self._not_portable("torch.export and torch.fx")
+            if not proxy and torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: in its dtype
+                cast = torch.get_autocast_dtype(x.device.type)  # (our ops have no autocast rule of their own)
                 x = x.to(cast)
                 bias = bias.to(cast) if bias is not None else None
             if resident:
                 return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
-            if torch.compiler.is_exporting() or isinstance(x, torch.fx.Proxy):  # symbolic_trace passes Proxies
-                raise self._not_portable("torch.export and torch.fx")
             return decoded_linear(x, bias, self._op_key, self.out_features)
         if torch._C._is_tracing() and not resident:  # torch.jit.trace: ~0.05 us, where is_tracing() costs 0.2
             raise self._not_portable("torch.jit.trace")

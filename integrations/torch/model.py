@@ -141,13 +141,30 @@ def _subclass_why(m: torch.nn.Module) -> str | None:
 
 def _kept_in_fp32(model: torch.nn.Module, fqn: str) -> bool:
     """Whether a transformers model keeps module ``fqn`` in float32 (``_keep_in_fp32_modules``; T5's ``wo``, whose
-    weight its forward reads), as its quantizer path does."""
-    patterns = getattr(model, "_keep_in_fp32_modules", None)
-    if not patterns:
-        return False
-    from transformers.quantizers.quantizers_utils import should_convert_module
+    weight its forward reads), as its quantizer path does: ``model`` itself, or one inside a wrapper (a module of
+    the user's, ``nn.DataParallel``), its patterns matched against the names inside it."""
+    for prefix, m in model.named_modules():
+        patterns = getattr(m, "_keep_in_fp32_modules", None)
+        if not patterns or (prefix and not fqn.startswith(prefix + ".")):
+            continue
+        from transformers.quantizers.quantizers_utils import should_convert_module
 
-    return not should_convert_module(fqn, list(patterns))
+        if not should_convert_module(fqn[len(prefix) + 1 :] if prefix else fqn, list(patterns)):
+            return True
+    return False
+
+
+def _hf_models(model: torch.nn.Module) -> list:
+    """The outermost transformers models in ``model`` (itself, or those a wrapper holds)."""
+    if "transformers" not in sys.modules:
+        return []
+    from transformers import PreTrainedModel
+
+    found: list = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(prefix.startswith(p + ".") or not p for p, _ in found):
+            found.append((prefix, m))
+    return [m for _, m in found]
 
 
 def _read_by_torch(model: torch.nn.Module) -> dict[int, str]:
@@ -164,6 +181,10 @@ def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear):
         why[id(head.weight)] = "output head"
+    for inner in _hf_models(model):  # a transformers model inside a wrapper has its head too
+        inner_head = inner.get_output_embeddings()
+        if isinstance(inner_head, torch.nn.Linear):
+            why.setdefault(id(inner_head.weight), "output head")
     for m in model.modules():
         if isinstance(m, torch.nn.Embedding):
             why.setdefault(id(m.weight), "tied to an embedding")
@@ -314,13 +335,10 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                 reports.append(LayerReport(alias, rep.shape, before, layer.compressed_nbytes, shared_with=fqn))
 
     blocks = install(model, new)  # everything compressed: now replace, group by block, hook
-    if "transformers" in sys.modules:  # a transformers model: give it what save_pretrained needs
-        from transformers import PreTrainedModel
+    for inner in _hf_models(model):  # a transformers model (or one in a wrapper): what save_pretrained needs
+        from . import hf
 
-        if isinstance(model, PreTrainedModel):
-            from . import hf
-
-            hf.attach(model, mode, granularity, group_size, codec)
+        hf.attach(inner, mode, granularity, group_size, codec)
     report = CompressionReport(mode, reports, time.perf_counter() - t0, skipped, blocks=blocks)
     if offload is not None:
         from .offload import offload_model

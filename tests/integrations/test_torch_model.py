@@ -678,3 +678,29 @@ def test_decode_states_of_ended_threads_are_dropped():
     model(x)  # this thread's first forward drops the ended threads' states
     rt = model[0]._own_runtime()
     assert len(rt._devices) == 1
+
+
+def test_a_transformers_model_inside_a_wrapper_keeps_its_rules():
+    """Through a wrapper the inner model's head was compressed, its config got no quantization_config (its
+    save_pretrained wrote a plain checkpoint that reloaded as random weights), and T5's wo was replaced."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids).logits
+
+    model = Wrapper(tiny_llama(tie=False))
+    report = compress_model(model, "int8", progress=False)
+    assert report.skipped.get("inner.lm_head") == "output head"
+    assert isinstance(model.inner.lm_head, torch.nn.Linear)
+    assert model.inner.config.quantization_config is not None
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0))
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("t5", t5)
+    report = compress_model(wrapped, "int8", progress=False)
+    assert all("kept in float32" in report.skipped[f] for f in report.skipped if f.endswith(".wo"))
+    assert sum(f.endswith(".wo") for f in report.skipped) == 2
