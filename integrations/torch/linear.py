@@ -518,13 +518,13 @@ class CompressedLinear(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers.get(name) for name in ("scale", "qweight", "packed")}
-        scale = kept["scale"]
         before = {t.device for t in self._stored()}
         out = super()._apply(fn, recurse)
         for name, old in kept.items():
             moved = self._buffers.get(name)
-            if name != "scale" and old is not None and moved is not None and moved.dtype != old.dtype:
-                # Module.type(dtype) casts every tensor: container bytes and INT8 codes are not numbers to cast
+            if old is not None and moved is not None and moved.dtype != old.dtype:
+                # a dtype cast (.half(), .to(dtype), Module.type()): INT8 scales stay float32 and exact, and
+                # container bytes and codes are not numbers to cast; only their device follows
                 self._buffers[name] = old.to(moved.device)
         for device in before - {t.device for t in self._stored()}:
             # moved off a device (.cpu(), .to()): the runtime gives back its slots, plans and views there (the first
@@ -532,10 +532,6 @@ class CompressedLinear(torch.nn.Module):
             for rt in {id(r): r for r in (self._runtime() if self._runtime is not None else None, self._standalone)
                        if r is not None}.values():
                 rt.release(device)
-        moved = self._buffers.get("scale")
-        if scale is not None and moved is not None and moved.dtype != torch.float32:
-            # a dtype cast (.half(), .to(dtype)): INT8 scales stay float32 and exact, only their device follows
-            self._buffers["scale"] = scale.to(moved.device)
         self._views = {}  # buffers may have moved; the template keeps the header
         self.__dict__["_hot"] = self.__dict__["_wide"] = None  # views on the old device
         rt = self._runtime() if self._runtime is not None else None
