@@ -94,6 +94,19 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _writable_json(args) -> None:
+    """A ``--json PATH`` is checked before the work, not after it (a missing directory failed once a whole run, or
+    a checkpoint's compression, was done)."""
+    path = getattr(args, "json", None)
+    if not isinstance(path, str):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--json {path}: no directory {folder!r} to write it into")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise PermissionError(f"--json {path}: cannot write a file there")
+
+
 def _distinct(source: str, output: str) -> None:
     """Refuse an output that is the input file (a name, a link or a hard link to it), as cp does."""
     with contextlib.suppress(OSError):
@@ -113,7 +126,11 @@ def _cmd_compress(args) -> int:
         if f.read(6) != b"\x93NUMPY":
             raise ValueError(f"{args.input} is not a .npy file (the format numpy.save writes); save the array with "
                              "numpy.save first")
-    x = np.load(args.input, mmap_mode="r", allow_pickle=False)
+    try:
+        x = np.load(args.input, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # NumPy's words name neither the file nor the cause a user can act on
+        raise ValueError(f"{args.input}: cannot read it as a .npy array ({exc}): a truncated file, or one holding "
+                         "Python objects (object arrays cannot be compressed)") from None
     if x.dtype.kind == "V" and x.dtype.fields is None:  # what np.save writes for ml_dtypes' bfloat16 and float8
         if args.dtype is None:
             raise ValueError(f"{args.input} holds raw {x.dtype.itemsize}-byte records ({x.dtype.str}), as numpy.save "
@@ -209,8 +226,9 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be greater than 0{' and finite' if kind is float else ''}, "
+                                             f"got {text}")
         return value
 
     return parse
@@ -312,7 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import CupycodecError
 
     try:
+        _writable_json(args)
         return args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as other tools; writes are atomic, so nothing partial is left
+        print(f"cupycodec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError as exc:
+        print(f"cupycodec {args.command}: error: out of memory ({exc or type(exc).__name__}); try a smaller size",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as other tools do
         with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -373,3 +373,16 @@ def test_bench_json_is_strict_json_when_a_codec_cannot_run(tmp_path):
     ans = [r for r in rows if r["codec"] == "ans"]
     assert ans and all(r["ratio"] is None and r["note"].endswith("[cu13])") for r in ans if r["nbytes"] == 0)
     assert all(r["ratio"] > 0 for r in rows if r["codec"] == "raw")
+
+
+def test_bad_sizes_unreadable_npy_and_json_paths_are_one_line_errors_before_the_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--size-mib", "inf"])
+    assert "must be greater than 0 and finite" in capsys.readouterr().err
+    # --json into a missing directory: refused before the run (it failed only after the whole run before)
+    assert main(["bench", "--size-mib", "0.25", "--codecs", "raw", "--json", str(tmp_path / "no" / "b.json")]) == 2
+    err = capsys.readouterr()
+    assert "no directory" in err.err and "raw" not in err.out
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert main(["compress", str(tmp_path / "obj.npy"), str(tmp_path / "o.cc")]) == 2
+    assert "obj.npy: cannot read it as a .npy array" in capsys.readouterr().err
