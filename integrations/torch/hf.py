@@ -52,6 +52,7 @@ from .model import (
     _read_by_torch,
     _sqnr,
     _subclass_why,
+    conv1d_note,
     install,
     set_module,
 )
@@ -418,7 +419,7 @@ class CupycodecHfQuantizer(HfQuantizer):
             left = "; ".join(f"{why}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                              for why, names in by_why.items())
             raise ValueError(f"quantization_config chose none of {type(model).__name__}'s Linear layers (left alone, "
-                             f"by reason: {left})")
+                             f"by reason: {left}){conv1d_note(model)}")
 
     def _prepare_load(self, model, checkpoint_files, device_map) -> None:
         ckpt = _open_checkpoint(checkpoint_files)

@@ -154,6 +154,13 @@ def _kept_in_fp32(model: torch.nn.Module, fqn: str) -> bool:
     return False
 
 
+def conv1d_note(model: torch.nn.Module) -> str:
+    """A note for "no layer chosen" errors on GPT-2-like models, whose projections are transformers' ``Conv1D``
+    (a transposed Linear), which no mode compresses."""
+    n = sum(type(m).__name__ == "Conv1D" for m in model.modules())
+    return f"; its {n} Conv1D projections (GPT-2's transposed Linear layers) are not supported" if n else ""
+
+
 def _hf_models(model: torch.nn.Module) -> list:
     """The outermost transformers models in ``model`` (itself, or those a wrapper holds)."""
     if "transformers" not in sys.modules:
@@ -264,7 +271,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         if done:
             raise ValueError(f"{type(model).__name__} is already compressed ({done} CompressedLinear layers); to "
                              "compress it another way, start again from its original weights")
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress{conv1d_note(model)}")
     default_skip = _left_alone_by_default(model)
     torch_reads = _read_by_torch(model)
     chosen, skipped = [], {}
@@ -295,7 +302,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                              f"uncompressed: {left}); to compress it another way, start again from its original "
                              "weights")
         why = "filter_fn matched" if filter_fn is not None else "the default rules chose"
-        raise ValueError(f"{why} none of the {len(linears)} Linear layers; left alone: {left}")
+        raise ValueError(f"{why} none of the {len(linears)} Linear layers; left alone: {left}{conv1d_note(model)}")
     if codec not in (None, "auto"):  # before anything changes: an int8 layer stores no payload, so nothing else looks
         from cupycodec import registry
 

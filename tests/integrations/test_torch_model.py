@@ -704,3 +704,9 @@ def test_a_transformers_model_inside_a_wrapper_keeps_its_rules():
     report = compress_model(wrapped, "int8", progress=False)
     assert all("kept in float32" in report.skipped[f] for f in report.skipped if f.endswith(".wo"))
     assert sum(f.endswith(".wo") for f in report.skipped) == 2
+
+
+def test_gpt2s_conv1d_projections_are_named_when_nothing_is_chosen():
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="its 4 Conv1D projections .* are not supported"):
+        compress_model(transformers.GPT2LMHeadModel(cfg), "int8", progress=False)
