@@ -482,8 +482,8 @@ def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str |
         # a checkpoint holds each tensor in one dtype, read back as it is: a model of another dtype is refused
         own = str(TORCH_DTYPES.get(dt, dt))
         hint = "" if shape != tuple(target.shape) else (
-            f": the checkpoint holds {own} tensors; load it in its own dtype (from_pretrained: dtype=\"auto\" or "
-            f"{own}; load_compressed(directory, model): a model in {own})")
+            f": the checkpoint holds {own} tensors; load it in its own dtype (from_pretrained: dtype={own}, or "
+            f"dtype=\"auto\" where config.json names it; load_compressed(directory, model): a model in {own})")
         raise ValueError(f"{where} holds {dt}{list(shape)}; the model expects {dtype_name(target.dtype)}"
                          f"{list(target.shape)}{hint}")
     if not trusted:

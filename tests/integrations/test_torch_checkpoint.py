@@ -765,8 +765,8 @@ def test_a_checkpoint_loaded_in_another_dtype_says_which_to_use(saved):
     _, out = saved
     for dtype, name in ((torch.float32, "F32"), (torch.float16, "F16")):
         with pytest.raises(ValueError, match=rf"{re.escape(str(out))}/model-0000\d-of-00002.safetensors: tensor "
-                                             rf"'.*' holds BF16\[.*\]; the model expects {name}\[.*dtype=\"auto\" "
-                                             r"or torch.bfloat16"):
+                                             rf"'.*' holds BF16\[.*\]; the model expects {name}\[.*"
+                                             r"dtype=torch.bfloat16, or dtype=\"auto\" where config.json names it"):
             _load(out, dtype=dtype)
 
 
