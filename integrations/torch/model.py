@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -316,6 +317,12 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
             raise TypeError(f"layer {fqn!r}: its weight is {m.weight.dtype}; compress_model compresses float32, "
                             "float16 or bfloat16 weights (leave this layer out with filter_fn)")
 
+    embedded = {id(e.weight) for e in model.modules() if isinstance(e, torch.nn.Embedding)}
+    kept = [fqn for fqn, m in chosen if id(m.weight) in embedded]
+    if kept:  # chosen by filter_fn: the embedding keeps the weight, so its compressed copy is memory added
+        warnings.warn(f"{', '.join(kept)}: the weight is tied to an embedding, which keeps it; compressing the layer "
+                      "adds its compressed copy to the model's memory instead of saving any (the report counts the "
+                      "layer alone). Leave it out with filter_fn to keep the tie", stacklevel=2)
     new: dict[str, CompressedLinear] = {}
     reports, first_of = [], {}
     bar = _progress(chosen, progress, mode)

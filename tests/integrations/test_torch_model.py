@@ -710,3 +710,9 @@ def test_gpt2s_conv1d_projections_are_named_when_nothing_is_chosen():
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
     with pytest.raises(ValueError, match="its 4 Conv1D projections .* are not supported"):
         compress_model(transformers.GPT2LMHeadModel(cfg), "int8", progress=False)
+
+
+def test_compressing_a_head_tied_to_the_embedding_warns_that_it_saves_nothing():
+    model = tiny_llama(tie=True)
+    with pytest.warns(UserWarning, match="lm_head: the weight is tied to an embedding"):
+        compress_model(model, "int8", filter_fn=lambda m, n: n == "lm_head", progress=False)
