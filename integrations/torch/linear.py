@@ -604,3 +604,15 @@ def _backward(ctx, grad):
 
 
 decoded_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _grad_setup_context(ctx, inputs, output):
+    ctx.layer, ctx.out_features = inputs[1], _layer(inputs[1]).out_features
+
+
+def _grad_backward(ctx, grad):
+    """``grad @ W`` is linear in ``grad``: its own gradient is ``grad @ W^T`` (double backward: gradient penalties)."""
+    return decoded_linear(grad, None, ctx.layer, ctx.out_features), None, None
+
+
+decoded_linear_grad.register_autograd(_grad_backward, setup_context=_grad_setup_context)

@@ -716,3 +716,22 @@ def test_compressing_a_head_tied_to_the_embedding_warns_that_it_saves_nothing():
     model = tiny_llama(tie=True)
     with pytest.warns(UserWarning, match="lm_head: the weight is tied to an embedding"):
         compress_model(model, "int8", filter_fn=lambda m, n: n == "lm_head", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_double_backward_through_a_decoded_layer(mode):
+    """A gradient penalty raised "no autograd formula" for the decoded layers' backward op."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    layer = CompressedLinear.from_linear(lin, mode)
+    ref = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        ref.weight.copy_(layer.decompress_weight(torch.float32)), ref.bias.copy_(lin.bias)
+
+    def penalty(m):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (g,) = torch.autograd.grad(torch.tanh(m(x)).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), x)
+        return gg
+
+    torch.testing.assert_close(penalty(layer), penalty(ref))
