@@ -734,6 +734,7 @@ def test_compress_model_cli_refuses_an_input_that_is_not_a_directory(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*tied to an embedding")  # compressed on purpose here
 def test_a_tied_head_compressed_by_compress_model_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(_config(tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(
@@ -821,6 +822,7 @@ def test_a_filter_that_takes_no_layer_says_why_each_was_left(bf16_dir):
             bf16_dir, quantization_config=CupycodecConfig(mode="int8", modules_to_convert=["lm_head"]))
 
 
+@pytest.mark.filterwarnings("ignore:.*tied to an embedding")  # compressed on purpose here
 @pytest.mark.parametrize("mode", ["lossless", "int8"])
 def test_a_compressed_head_tied_again_by_transformers_saves_a_loadable_checkpoint(mode, tmp_path):
     """tie_weights() (resize_token_embeddings calls it) put the embedding back on a compressed head as its weight;
