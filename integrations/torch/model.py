@@ -140,17 +140,23 @@ def _subclass_why(m: torch.nn.Module) -> str | None:
     return None
 
 
-def _kept_in_fp32(model: torch.nn.Module, fqn: str) -> bool:
-    """Whether a transformers model keeps module ``fqn`` in float32 (``_keep_in_fp32_modules``; T5's ``wo``, whose
-    weight its forward reads), as its quantizer path does: ``model`` itself, or one inside a wrapper (a module of
-    the user's, ``nn.DataParallel``), its patterns matched against the names inside it."""
-    for prefix, m in model.named_modules():
-        patterns = getattr(m, "_keep_in_fp32_modules", None)
-        if not patterns or (prefix and not fqn.startswith(prefix + ".")):
+def _fp32_rules(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """(prefix, patterns) of each transformers model in ``model`` that keeps modules in float32
+    (``_keep_in_fp32_modules``; T5's ``wo``, whose weight its forward reads): ``model`` itself, or one inside a
+    wrapper (a module of the user's, ``nn.DataParallel``). Worked out once per call, not once per layer."""
+    return [(prefix, list(p)) for prefix, m in model.named_modules()
+            if (p := getattr(m, "_keep_in_fp32_modules", None))]
+
+
+def _kept_in_fp32(rules: list[tuple[str, list[str]]], fqn: str) -> bool:
+    """Whether module ``fqn`` is kept in float32 by one of ``rules`` (:func:`_fp32_rules`), its patterns matched
+    against the names inside that model, as transformers' quantizer path does."""
+    for prefix, patterns in rules:
+        if prefix and not fqn.startswith(prefix + "."):
             continue
         from transformers.quantizers.quantizers_utils import should_convert_module
 
-        if not should_convert_module(fqn[len(prefix) + 1 :] if prefix else fqn, list(patterns)):
+        if not should_convert_module(fqn[len(prefix) + 1 :] if prefix else fqn, patterns):
             return True
     return False
 
@@ -275,6 +281,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress{conv1d_note(model)}")
     default_skip = _left_alone_by_default(model)
     torch_reads = _read_by_torch(model)
+    fp32_rules = _fp32_rules(model)
     chosen, skipped = [], {}
     if filter_fn is not None:  # a filter that matches compressed layers: say so, rather than leave them silently
         for fqn, m in model.named_modules():
@@ -292,7 +299,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                 skipped[fqn] = "filter_fn"
         elif id(m.weight) in default_skip:
             skipped[fqn] = default_skip[id(m.weight)]
-        elif _kept_in_fp32(model, fqn):
+        elif _kept_in_fp32(fp32_rules, fqn):
             skipped[fqn] = "kept in float32 by the model (_keep_in_fp32_modules; its forward reads the weight)"
         else:
             chosen.append((fqn, m))
