@@ -86,6 +86,15 @@ def gpu_chunk(mode: str, codec, w: torch.Tensor) -> int | None:
     return None
 
 
+def _autocast(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` and ``bias`` in autocast's dtype where autocast is on for ``x``'s device, as autocast runs
+    ``F.linear`` (our ops have no autocast rule of their own; float64 is left alone, as autocast leaves it)."""
+    if not torch.is_autocast_enabled(x.device.type) or x.dtype == torch.float64:
+        return x, bias
+    cast = torch.get_autocast_dtype(x.device.type)
+    return x.to(cast), (bias.to(cast) if bias is not None else None)
+
+
 class CompressedLinear(torch.nn.Module):
     """A linear layer ``y = x W^T + b`` whose weight ``W`` is held compressed.
 
@@ -430,15 +439,15 @@ class CompressedLinear(torch.nn.Module):
             proxy = not dynamo and isinstance(x, torch.fx.Proxy)
             if not resident and not dynamo and (proxy or torch.compiler.is_exporting()):
                 raise self._not_portable("torch.export and torch.fx")
-            if not proxy and torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: in its dtype
-                cast = torch.get_autocast_dtype(x.device.type)  # (our ops have no autocast rule of their own)
-                x = x.to(cast)
-                bias = bias.to(cast) if bias is not None else None
+            if not proxy and torch._C._is_any_autocast_enabled():
+                x, bias = _autocast(x, bias)
             if resident:
                 return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
             return decoded_linear(x, bias, self._op_key, self.out_features)
         if torch._C._is_tracing() and not resident:  # torch.jit.trace: ~0.05 us, where is_tracing() costs 0.2
             raise self._not_portable("torch.jit.trace")
+        if torch._C._is_any_autocast_enabled():  # ~0.05-0.2 us: the CUDA GEMV would run in x's dtype
+            x, bias = _autocast(x, bias)
         if x.numel() > ops.GEMV_MAX_M * self.in_features and self.mode != "lossless":
             w = self._wide_weight(x)
             if w is not None:  # a large batch: this layer's weight, dequantized with its block's

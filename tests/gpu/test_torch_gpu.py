@@ -661,3 +661,22 @@ def test_block_prefetch_keeps_results_exact_whatever_the_order():
             assert torch.equal(a, b)
         ids = torch.randint(0, 512, (2, 9), device="cuda")
         assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("m", [1, 64])  # the fused GEMV, and dequantize + cuBLAS
+@pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16])
+def test_under_cuda_autocast_a_layer_computes_in_autocasts_dtype(mode, m, cast):
+    # nn.Linear under autocast computes in autocast's dtype; the eager INT8 routes ran the GEMV in the input's dtype
+    # (float32 out of a float16 autocast region)
+    from cupycodec.integrations.torch import CompressedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384).cuda()
+    cl = CompressedLinear.from_linear(lin, mode)
+    x = torch.randn(m, 512, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=cast):
+        y = cl(x)
+        want = torch.nn.functional.linear(x, cl.decompress_weight(torch.float32), lin.bias)
+    assert y.dtype == want.dtype == cast
+    assert _rel(y, want) < 1e-2

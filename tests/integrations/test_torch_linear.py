@@ -601,3 +601,27 @@ def test_from_compressed_refuses_integer_dtypes_and_devices_it_cannot_decode_ont
     with pytest.raises(ValueError, match="onto the CPU or a CUDA device, got meta"):
         from_compressed(to_compressed(x), device="meta")
     assert torch.equal(from_compressed(to_compressed(x)), x)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("route", ["eager", "autograd", "compiled"])
+def test_under_autocast_a_layer_computes_in_autocasts_dtype_as_nn_linear_does(mode, route):
+    # autocast runs F.linear in its dtype; our INT8 ops have no autocast rule, so the layer casts itself: without
+    # that a compiled model under CPU bf16 autocast returned float32 (and lossless was no longer nn.Linear's result)
+    lin = _linear(k=128, n=48, dtype=torch.float32)
+    cl = CompressedLinear.from_linear(lin, mode)
+    x = torch.randn(3, 128, requires_grad=route == "autograd")
+    # aot_eager: Dynamo and AOTAutograd trace the forward as for inductor (whose CPU codegen under autocast trips a
+    # DeprecationWarning inside torch 2.13, an error here)
+    run = torch.compile(cl, fullgraph=True, backend="aot_eager") if route == "compiled" else cl
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(route == "autograd"):
+        y = run(x)
+        want = lin(x) if mode == "lossless" else torch.nn.functional.linear(x, _reference_int8(lin), lin.bias)
+    assert y.dtype == want.dtype == torch.bfloat16
+    if mode == "lossless" and route != "compiled":
+        assert torch.equal(y, want)
+    else:  # another summation order (the CPU INT8 GEMV, inductor's kernels)
+        assert (y.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+    if route == "autograd":
+        y.float().sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32
