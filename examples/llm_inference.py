@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 
 import torch
@@ -69,6 +70,9 @@ def main(argv=None):
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         p.error(f"--device {args.device!r}: no such CUDA device here (torch.cuda.is_available() is "
                 f"{torch.cuda.is_available()}, {torch.cuda.device_count()} devices)")
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r}: not a model directory (no config.json in it); pass a local Hugging Face "
+                "model directory (download a hub model first, e.g. with `hf download NAME --local-dir DIR`)")
 
     model, tok, description = build(args)
     print(f"1. baseline: {description} on {args.device}")

@@ -115,7 +115,8 @@ def test_demo_shows_the_torch_integration(capsys, monkeypatch):
 @pytest.mark.parametrize("argv,match", [
     (["--modes", "bogus"], "invalid choice: 'bogus'"), (["--tokens", "0"], "must be at least 1"),
     (["--model", "x", "--config", "llama-1b"], "not allowed with argument"),
-    (["--device", "cuda:7"], "no such CUDA device here"), (["--device", "tpu9"], "--device 'tpu9'")])
+    (["--device", "cuda:7"], "no such CUDA device here"), (["--device", "tpu9"], "--device 'tpu9'"),
+    (["--model", "/nonexistent/model"], "not a model directory")])
 def test_llm_example_refuses_bad_arguments_before_loading_anything(argv, match):
     """They failed with tracebacks after the model had loaded and the baseline had run (minutes at 7B)."""
     if "cuda" in argv[-1] and torch_cuda_devices() > 7:
