@@ -49,6 +49,7 @@ from .model import (
     CompressionReport,
     LayerReport,
     _is_linear,
+    _left_alone_by_default,
     _read_by_torch,
     _sqnr,
     _subclass_why,
@@ -389,14 +390,13 @@ class CupycodecHfQuantizer(HfQuantizer):
         self._swapped, self._converted = [], set()  # layers made empty here, and those whose weight came in
         skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, model._keep_in_fp32_modules,
                                                add_default_skips=True)
-        tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        head = model.get_output_embeddings()
+        alone = _left_alone_by_default(model)  # the head and tied weights, as compress_model finds them
         torch_reads = _read_by_torch(model)
         chosen = 0
         for fqn, m in list(model.named_modules()):
             if not _is_linear(m):
                 continue
-            why = ("output head" if m is head else "tied to an embedding" if id(m.weight) in tied else
+            why = (alone[id(m.weight)] if id(m.weight) in alone else
                    torch_reads.get(id(m)) if id(m) in torch_reads else
                    sub if (sub := _subclass_why(m)) is not None else
                    "modules_to_not_convert" if not should_convert_module(fqn, skip) else

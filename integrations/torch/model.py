@@ -190,7 +190,11 @@ def _read_by_torch(model: torch.nn.Module) -> dict[int, str]:
 
 
 def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
-    """id(weight) -> why: the output head, and weights tied to an embedding."""
+    """id(weight) -> why: the output head, and weights tied to an embedding. A transformers model's head is its
+    output embeddings or, as transformers' quantizers find it, the module of its last parameter (a classifier:
+    ``score``, ``classifier``; transformers' own rule misses a last module with a bias, whose last parameter is
+    ``.bias``, so the module is taken here whichever parameter comes last). Both ways of compressing (this module's
+    :func:`compress_model` and loading with a ``CupycodecConfig``) leave alone what this returns."""
     why: dict[int, str] = {}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear):
@@ -199,6 +203,10 @@ def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
         inner_head = inner.get_output_embeddings()
         if isinstance(inner_head, torch.nn.Linear):
             why.setdefault(id(inner_head.weight), "output head")
+        names = [name for name, _ in inner.named_parameters()]
+        owner = inner.get_submodule(names[-1].rpartition(".")[0]) if names else None
+        if isinstance(owner, torch.nn.Linear):
+            why.setdefault(id(owner.weight), "output head")
     for m in model.modules():
         if isinstance(m, torch.nn.Embedding):
             why.setdefault(id(m.weight), "tied to an embedding")

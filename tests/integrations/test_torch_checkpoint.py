@@ -222,6 +222,32 @@ def test_compress_while_loading_filters(bf16_dir):
         _load(bf16_dir, quantization_config=CupycodecConfig(mode="int8", modules_to_convert=["nothing"]))
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_classification_head_is_left_alone_by_both_ways_of_compressing(tmp_path, arch):
+    # compress_model took `score` / `classifier` (it knew only output embeddings as a head) where loading left
+    # `score` alone (transformers' last-module rule) and took `classifier` (that rule misses a last module with a
+    # bias): a frozen, quantized head in fine-tuning, and a base checkpoint with a new head could not load
+    if arch == "llama":
+        cls, base, head = transformers.LlamaForSequenceClassification, transformers.LlamaModel, "score"
+        make = lambda: _config(num_labels=3, pad_token_id=0)  # noqa: E731
+    else:
+        cls, base, head = transformers.BertForSequenceClassification, transformers.BertModel, "classifier"
+        make = lambda: transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,  # noqa: E731
+                                               num_attention_heads=2, intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    model = cls(make())
+    report = compress_model(model, "int8", progress=False)
+    assert type(getattr(model, head)) is torch.nn.Linear and report.skipped == {head: "output head"}
+    assert getattr(model, head).weight.requires_grad  # still trained by a fine-tuning step
+    cls(make()).save_pretrained(tmp_path / "full")
+    base(make()).save_pretrained(tmp_path / "base")  # a base checkpoint: the head is made new on load
+    for d in ("full", "base"):
+        loaded = cls.from_pretrained(tmp_path / d, quantization_config=CupycodecConfig(mode="int8"))
+        assert type(getattr(loaded, head)) is torch.nn.Linear
+        assert loaded.cupycodec_report.skipped == {head: "output head"}
+        assert len(loaded.cupycodec_report.layers) == len(report.layers)
+
+
 def test_tied_and_plain_modules(tmp_path):
     """A model that is not a transformers one, with a weight shared by two layers: stored once, tied again."""
     torch.manual_seed(3)
