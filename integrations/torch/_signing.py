@@ -57,7 +57,8 @@ def local_key(*, create: bool) -> bytes | None:
     used."""
     path = key_path()
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO there would otherwise wait for a writer forever (the check below then refuses it)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         if not create:
             return None

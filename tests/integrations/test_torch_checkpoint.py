@@ -1191,3 +1191,20 @@ def test_a_model_from_an_untrusted_checkpoint_is_saved_unsigned(bf16_dir, tmp_pa
 def test_a_format_version_that_is_no_version_is_refused_as_such(bad):
     with pytest.raises(ValueError, match="format_version must be an int of at least 1"):
         CupycodecConfig(format_version=bad)
+
+
+def test_a_key_file_that_is_a_fifo_is_refused_at_once(tmp_path, monkeypatch):
+    # opening it waited for a writer forever: save_compressed / load_compressed hung
+    import threading
+
+    from cupycodec.integrations.torch import _signing
+
+    fifo = tmp_path / "signing.key"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(fifo))
+    got = []
+    t = threading.Thread(target=lambda: got.append(_signing.local_key(create=True)), daemon=True)
+    with pytest.warns(UserWarning, match="not a regular file"):
+        t.start()
+        t.join(10)
+    assert not t.is_alive() and got == [None]
