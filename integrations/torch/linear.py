@@ -119,6 +119,9 @@ class CompressedLinear(torch.nn.Module):
                  granularity: str = "channel", group_size: int = 128, dtype: torch.dtype = torch.bfloat16,
                  device=None):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not _is_int(v) or v < 0:
+                raise TypeError(f"{name} must be an int >= 0 (as for nn.Linear), got {v!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.mode = check_mode(mode)
         if granularity not in ("channel", "group"):
@@ -140,6 +143,10 @@ class CompressedLinear(torch.nn.Module):
             self.register_buffer("packed", torch.zeros(0, dtype=torch.uint8, device=device))
         self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
         self._template: cc.CompressedArray | None = None  # the container's header over no particular payload
+        # (weak reference to the `packed` tensor, its version) that the template describes: a forward that finds
+        # another tensor there (torch.func.functional_call, an assignment) or the same one written in place (a tied
+        # layer's load_state_dict, copy_) reads the new bytes' header and decodes them, never the old weight
+        self._stamp: tuple | None = None
         self._views: dict = {}  # (device, payload address) -> CompressedArray over this module's `packed`
         self._runtime: weakref.ref | None = None  # to the Runtime that decodes this layer (see _attach)
         self._standalone: Runtime | None = None
@@ -164,6 +171,8 @@ class CompressedLinear(torch.nn.Module):
         w = linear.weight
         if w.dtype not in _FLOATS:
             raise TypeError(f"the weight is {w.dtype}; CompressedLinear compresses float32, float16 or bfloat16")
+        if codec not in (None, "auto"):  # every mode: int8 stores no payload, but a name it cannot use is a mistake
+            cc.registry.get_codec(codec)  # UnknownCodecError naming the registered codecs
         home = w.device
         work = torch.device(device) if device is not None else home
         # outside inference mode: tensors made inside it could never be saved for backward or loaded into in place
@@ -296,8 +305,32 @@ class CompressedLinear(torch.nn.Module):
         self._set_template(self._check_container(self.packed, trusted=True))
 
     def _set_template(self, c: cc.CompressedArray) -> None:
+        """``c``'s header (and trust) describes this layer's ``packed`` as it is now."""
         self._template = c.without_payload()  # the header alone (and its trust): views over `packed` come from it
         self._views = {}
+        self._restamp()
+
+    def _restamp(self) -> None:
+        """The template describes ``packed`` as it is now (set after loaders put both in place, and after moves)."""
+        p = self._buffers.get("packed")
+        self.__dict__["_stamp"] = None if p is None or p.is_meta else (
+            weakref.ref(p), None if p.is_inference() else p._version)
+
+    def _packed_changed(self) -> bool:
+        """Whether ``packed`` is no longer what the template describes (then read its header again, checking its
+        CRCs, with the trust the layer had, and drop everything decoded from the old bytes). ~0.2 us."""
+        st = self._stamp
+        if st is None:
+            return False
+        p = self._buffers.get("packed")
+        if p is st[0]() and (st[1] is None or p._version == st[1]):
+            return False
+        if p is None or p.is_meta:  # offloaded to meta by accelerate: _container names that
+            return False
+        trusted = self._template.trusted if self._template is not None else True
+        self._set_template(self._check_container(p, trusted=trusted))
+        self._forget_decoded()
+        return True
 
     def _check_container(self, packed: torch.Tensor, *, trusted: bool, key=None) -> cc.CompressedArray:
         """Parse container bytes meant for this layer, check every CRC, and check that they hold this layer's weight
@@ -359,7 +392,7 @@ class CompressedLinear(torch.nn.Module):
         over ``packed`` where it was, and the runtime, which a copied model's runtime attaches again; a copy gets a
         key of its own for :func:`decoded_linear`."""
         state = self.__dict__.copy()
-        state.update(_views={}, _runtime=None, _standalone=None, _hot=None, _wide=None)
+        state.update(_views={}, _runtime=None, _standalone=None, _hot=None, _wide=None, _stamp=None)
         state.pop("_op_key", None)
         return state
 
@@ -392,6 +425,8 @@ class CompressedLinear(torch.nn.Module):
         """This layer's decoded tensors in its runtime's slot (decoding its group first if no slot holds it).
         ``enter``: start the group as its block's hook does (and so prefetch the next block), for forwards that
         run without the hook: traced ones (the hook is a no-op there) and the backward pass."""
+        if self._stamp is not None:
+            self._packed_changed()
         hot = self._hot
         if hot is not None and hot[0] == get_ident() and hot[1] == device:
             return hot[2]  # the group is active in this thread's slot on this device (Runtime._activate)
@@ -409,6 +444,7 @@ class CompressedLinear(torch.nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._register()
+        self._restamp()
 
     def _decoded_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._linear(x, self._decoded(x.device, enter=True), bias)
@@ -429,7 +465,8 @@ class CompressedLinear(torch.nn.Module):
             raise TypeError(f"a CompressedLinear takes floating-point input, got {x.dtype}; cast the input (for "
                             f"example x.to({self.weight_dtype}))")
         if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+                or torch._C._are_functorch_transforms_active()):  # vmap's batched tensors have no data pointer
             # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
             # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
             # torch.fx.symbolic_trace passes Proxies (no device, no dtype to ask about); torch.export (non-strict)
@@ -516,8 +553,13 @@ class CompressedLinear(torch.nn.Module):
             except (ValueError, cc.CupycodecError) as exc:
                 error_msgs.append(f"{key}: {exc}")
                 return
-            if state_dict[key].shape != self.packed.shape:
-                self.packed = torch.empty_like(state_dict[key], device=self.packed.device)  # a container has its size
+            if state_dict[key].shape != self.packed.shape:  # a container has its size
+                room = torch.empty_like(state_dict[key], device=self.packed.device)
+                try:  # the same tensor on new storage: a layer tied to this one (sharing it) sees the new bytes too
+                    with torch.no_grad():
+                        self.packed.set_(room)
+                except RuntimeError:  # an inference tensor outside inference mode
+                    self.packed = room
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if parsed is not None:
@@ -542,6 +584,8 @@ class CompressedLinear(torch.nn.Module):
                        if r is not None}.values():
                 rt.release(device)
         self._views = {}  # buffers may have moved; the template keeps the header
+        if self._template is not None:
+            self._restamp()  # the same bytes, wherever they went
         self.__dict__["_hot"] = self.__dict__["_wide"] = None  # views on the old device
         rt = self._runtime() if self._runtime is not None else None
         if rt is not None:

@@ -352,6 +352,8 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         except (ValueError, TypeError, RuntimeError) as exc:
             prefix_message(exc, f"layer {fqn!r} ({m.out_features}x{m.in_features})")
             raise
+        if m.bias is not None:  # the bias itself, not a copy: ties, optimizers and hooks holding it still see it
+            layer.bias = m.bias
         before = m.weight.numel() * m.weight.element_size()
         rep = LayerReport(fqn, (m.out_features, m.in_features), before, layer.compressed_nbytes, shared_with=shared)
         if mode != "lossless" and shared is None:
@@ -394,6 +396,9 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     # a layer reachable under several names (a module with two parents, a block repeated) joins one group: the
     # first block that holds it, else a group of its own
     decoded = [(f, m) for f, m in model.named_modules(remove_duplicate=False) if isinstance(m, CompressedLinear)]
+    for _, m in decoded:
+        if m._stamp is None and m._template is not None:
+            m._restamp()  # loaded: the loader put the header and the bytes in place (transformers' after the header)
     groups, hooks, placed = [], [], set()
     for bfqn, block in find_blocks(model):
         members = list({id(m): m for f, m in decoded if f.startswith(bfqn + ".") and id(m) not in placed}.values())
@@ -431,9 +436,8 @@ def _sharing(linear: torch.nn.Linear, first: CompressedLinear, mode, granularity
     if mode == "int8":
         layer.qweight, layer.scale = first.qweight, first.scale  # the same tensors: stored and held once
     else:
-        layer.packed, layer._template = first.packed, first._template
-    if linear.bias is not None:
-        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        layer.packed = first.packed
+        layer._set_template(first._template)
     return layer.train(linear.training)
 
 

@@ -271,6 +271,8 @@ def _place(model: torch.nn.Module, dev: torch.device, blocks: list[_Block], offl
         if isinstance(m, CompressedLinear):
             m._offloaded = id(m) in layers
             m._views = {}
+            if m._template is not None:
+                m._restamp()  # the same bytes, moved
     quantizer = getattr(model, "hf_quantizer", None)
     if hasattr(quantizer, "offloaded"):  # cupycodec's: generate must not compile an offloaded model's decode step
         quantizer.offloaded = bool(layers)

@@ -517,6 +517,9 @@ class Runtime:
         slot's wide buffer, on the same stream."""
         n = len(self.groups)
         group = self.groups[gi % n]
+        for layer in group.layers:  # a layer whose bytes changed (tied, written in place) forgets its old plans here
+            if layer._stamp is not None:
+                layer._packed_changed()
         if group.nbytes:
             self._decode_codes(st, gi % n, s, device, sp, stream)
         if gi >= n:

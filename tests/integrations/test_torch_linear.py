@@ -625,3 +625,87 @@ def test_under_autocast_a_layer_computes_in_autocasts_dtype_as_nn_linear_does(mo
     if route == "autograd":
         y.float().sum().backward()
         assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_layer_computes_with_the_bytes_its_packed_buffer_holds_now(mode, warm):
+    # decoded weights were cached per layer and slot and dropped only by load_state_dict: functional_call with
+    # another layer's tensors gave this layer's weight with the other's bias, a first forward through
+    # functional_call left the other weight in the slot for the layer's own later forwards, and copy_() into
+    # `packed` was ignored
+    a_lin, b_lin = _linear(k=64, n=40, seed=1), _linear(k=64, n=40, seed=2)
+    a, b = CompressedLinear.from_linear(a_lin, mode), CompressedLinear.from_linear(b_lin, mode)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want_a, want_b = a(x), b(x)
+        fresh = CompressedLinear.from_linear(a_lin, mode)
+        if warm:
+            assert torch.equal(fresh(x), want_a)
+        got = torch.func.functional_call(fresh, {"packed": b.packed, "bias": b.bias}, (x,))
+        assert torch.equal(got, want_b)
+        assert torch.equal(fresh(x), want_a)  # its own bytes again
+        fresh.packed.resize_(b.packed.numel()).copy_(b.packed) if fresh.packed.numel() != b.packed.numel() \
+            else fresh.packed.copy_(b.packed)
+        fresh.bias.copy_(b.bias)
+        assert torch.equal(fresh(x), want_b)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("warm", [True, False])
+def test_loading_one_of_two_tied_layers_updates_both(mode, warm):
+    # the tied layer kept decoding the shared bytes with the old header: the old weight, other values, or a
+    # FormatError
+    from cupycodec.integrations.torch import compress_model
+
+    def net(seed):
+        torch.manual_seed(seed)
+        n = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64, bias=False)).to(torch.bfloat16)
+        n[2].weight = n[0].weight
+        return n
+
+    m, other = net(0), net(1)
+    compress_model(m, mode, progress=False)
+    compress_model(other, mode, progress=False)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        if warm:
+            m(x)
+        m[0].load_state_dict(other[0].state_dict())
+        assert torch.equal(m[2](x), other[2](x)) and torch.equal(m(x), other(x))
+
+
+def test_compress_model_keeps_tied_biases_tied_and_the_bias_parameter_itself():
+    from cupycodec.integrations.torch import compress_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    net[1].weight, net[1].bias = net[0].weight, net[0].bias
+    bias = net[0].bias
+    opt = torch.optim.SGD([bias], lr=0.1)  # made before compressing: it must still train the model's bias
+    compress_model(net, "int8", progress=False)
+    assert net[0].bias is bias and net[1].bias is bias
+    net(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    assert net[0].bias is net[1].bias and bias.grad is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vmap_over_a_layer_computes_what_a_loop_does(mode):
+    lin = _linear(k=64, n=16)
+    cl = CompressedLinear.from_linear(lin, mode)
+    x = torch.randn(5, 3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = torch.func.vmap(cl)(x)
+        want = torch.stack([cl(xi) for xi in x])
+    assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+
+
+def test_construction_refuses_what_nn_linear_refuses():
+    with pytest.raises(TypeError, match="in_features must be an int"):
+        CompressedLinear(2.5, 4)
+    with pytest.raises(TypeError, match="out_features must be an int"):
+        CompressedLinear(2, -1)
+    with pytest.raises(cc.UnknownCodecError):
+        CompressedLinear.from_linear(torch.nn.Linear(4, 4), "int8", codec="no-such-codec")
