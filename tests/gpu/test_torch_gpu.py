@@ -680,3 +680,29 @@ def test_under_cuda_autocast_a_layer_computes_in_autocasts_dtype(mode, m, cast):
         want = torch.nn.functional.linear(x, cl.decompress_weight(torch.float32), lin.bias)
     assert y.dtype == want.dtype == cast
     assert _rel(y, want) < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_weight_tied_across_blocks_and_loaded_into_one_layer_decodes_new_with_prefetch(mode):
+    # on a GPU the next block is prefetched on a side stream from plans over the layers' bytes as they were: a
+    # layer whose shared bytes another layer's load_state_dict replaced must be read again before that decode
+    from cupycodec.integrations.torch import CompressedLinear, compress_model
+
+    model, ref = _tiny_llama(), _tiny_llama()
+    for m in (model, ref):
+        m.model.layers[3].mlp.down_proj.weight = m.model.layers[0].mlp.down_proj.weight
+    compress_model(model, mode, progress=False)
+    ids = torch.randint(0, 512, (1, 9), device="cuda")
+    with torch.no_grad():
+        model(ids)  # plans and a prefetch over the old bytes
+        torch.manual_seed(7)
+        down = model.model.layers[0].mlp.down_proj
+        new = torch.nn.Linear(down.in_features, down.out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+        src = CompressedLinear.from_linear(new, mode)
+        down.load_state_dict(src.state_dict())
+        ref.model.layers[0].mlp.down_proj.weight.copy_(src.decompress_weight())
+        fresh = copy.deepcopy(ref)
+        compress_model(fresh, mode, progress=False)
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+        if mode == "lossless":
+            assert torch.equal(model(ids).logits, ref(ids).logits)
