@@ -302,6 +302,52 @@ def test_pool_runs_every_group_and_raises_the_first_error_in_order(monkeypatch):
     assert sorted(i for i, _ in ok.ran) == list(range(64)) and len({t for _, t in ok.ran}) == 2
 
 
+class _Interrupted(_Steps):
+    """Steps that send the main thread SIGINT from a worker as the first one starts (Ctrl-C while the caller
+    waits for the pool), and count the steps in flight."""
+
+    def __init__(self, n: int, step_nbytes: int):
+        import threading
+
+        super().__init__(n, step_nbytes)
+        self.active, self.sent, self.lock = 0, False, threading.Lock()
+
+    def run(self, lo, hi):
+        import signal
+        import threading
+
+        with self.lock:
+            self.active += 1
+            first, self.sent = not self.sent, True
+        try:
+            if first:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            super().run(lo, hi)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_pool_stops_handing_out_work_and_waits_for_it_on_keyboard_interrupt(monkeypatch):
+    # no worker may write into a caller's buffer once the call has raised, KeyboardInterrupt included
+    import time
+
+    from cupycodec.backends import cpu
+
+    monkeypatch.setenv("CUPYCODEC_NUM_THREADS", "2")
+    w = _Interrupted(256, 1 << 20)
+    with pytest.raises(KeyboardInterrupt):
+        cpu.run([w])
+        time.sleep(5)  # the signal is on its way when run() returns first
+    done = len(w.ran)
+    assert w.active == 0
+    time.sleep(0.05)
+    assert len(w.ran) == done < w.n  # nothing ran after the call raised, and the rest was never started
+    ok = _Steps(64, 1 << 20)
+    cpu.run([ok])  # the pool is free for the next call
+    assert sorted(i for i, _ in ok.ran) == list(range(64))
+
+
 def test_auto_samples_decide_the_same_in_the_pool_as_inline(monkeypatch):
     # large arrays' samples are compressed in the pool (one step per candidate and sample); the decision must not
     # depend on it, and stays the measured one for smooth fields and sorted integers (byte planes, no rotation)

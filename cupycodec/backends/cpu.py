@@ -118,7 +118,9 @@ def run(works) -> None:
 
     Pulling keeps the threads busy until the last group (a fixed share per future left one thread idle while the
     other finished a group of 1-2 MiB blocks); a group that raises stops there, the others still run, and the first
-    error in list order is raised once every thread is done, so no worker still writes into a caller's buffer.
+    error in list order is raised once every thread is done, so no worker still writes into a caller's buffer. An
+    exception in the caller's own wait (KeyboardInterrupt) stops the handing out of groups and is raised once the
+    groups in flight are done, for the same reason.
     """
     works = [w for w in works if w.n]
     total = sum(w.nbytes for w in works)
@@ -132,26 +134,60 @@ def run(works) -> None:
         for w, lo, hi in groups[0]:
             w.run(lo, hi)
         return
-    todo, lock, errors = iter(enumerate(groups)), threading.Lock(), []
-    futures = [executor().submit(_drain, todo, lock, errors) for _ in range(min(threads, len(groups)))]
-    for f in futures:
-        f.result()
-    if errors:
-        raise min(errors, key=lambda e: e[0])[1]
+    queue, futures = _Queue(groups), []
+    try:
+        for _ in range(min(threads, len(groups))):
+            futures.append(executor().submit(_drain, queue))
+        for f in futures:
+            f.result()
+    except BaseException:  # KeyboardInterrupt in the caller: the caller's buffers are still being written
+        queue.stop()
+        raise
+    if queue.errors:
+        raise min(queue.errors, key=lambda e: e[0])[1]
 
 
-def _drain(todo, lock, errors: list) -> None:
-    while True:
-        with lock:  # one group per taker: the GIL alone would not promise it on a free-threaded Python
-            item = next(todo, None)
-        if item is None:
-            return
+class _Queue:
+    """The groups of one :func:`run`, handed out one at a time, and how many of them are in flight.
+
+    The count, not the futures, tells :meth:`stop` when the workers are done: an interrupt inside ``submit`` loses
+    the future of a task that may already be running a group.
+    """
+
+    def __init__(self, groups):
+        self.todo, self.cond, self.busy, self.errors = iter(enumerate(groups)), threading.Condition(), 0, []
+
+    def take(self):
+        """The next ``(index, group)``, or None when none is left."""
+        with self.cond:  # one group per taker: the GIL alone would not promise it on a free-threaded Python
+            item = next(self.todo, None)
+            self.busy += item is not None
+            return item
+
+    def done(self) -> None:
+        with self.cond:
+            self.busy -= 1
+            if not self.busy:
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        """Hand out no more groups and wait for those in flight, so that an interrupted :func:`run` leaves no worker
+        writing into the caller's buffers, nor the pool busy for the next call."""
+        with self.cond:
+            self.todo = iter(())
+            self.cond.wait_for(lambda: not self.busy)
+
+
+def _drain(queue: _Queue) -> None:
+    while (item := queue.take()) is not None:
         i, group = item
         try:
             for w, lo, hi in group:
                 w.run(lo, hi)
         except BaseException as exc:  # handed to the caller by run()
-            errors.append((i, exc))
+            queue.errors.append((i, exc))
+        finally:
+            queue.done()
 
 
 def _groups(works, total: int, threads: int) -> list[list]:
