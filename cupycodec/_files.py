@@ -27,7 +27,9 @@ def atomic_write(path, write: Callable, *, overwrite: bool = True) -> None:
     synced, then renamed over ``path``. A crash, a full disk or a signal leaves either the old file or none.
 
     The file gets the permissions a plain ``open(path, "wb")`` gives: an existing file's mode is kept, and a new
-    file gets 0o666 less the umask (``tempfile.mkstemp`` would make it 0o600 whatever the umask).
+    file gets 0o666 less the umask (``tempfile.mkstemp`` would make it 0o600 whatever the umask). With
+    ``overwrite=False`` the finished file is hard-linked into place, which fails with :class:`FileExistsError` if
+    another writer made ``path`` meanwhile (a rename would replace its file).
     """
 
     def through_file(tmp: str) -> None:
@@ -84,11 +86,37 @@ def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = T
             os.close(fd)
         if mode is not None:
             os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path, name)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# errno values of link() on a file system without hard links (vfat, some network and FUSE file systems)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _place_new(tmp: str, path: str, name: str) -> None:
+    """Give the finished ``tmp`` the name ``path`` only if no file has it. A hard link fails when the name exists,
+    where a rename would replace a file that another writer made after the existence check; on a file system
+    without hard links, that check (made again here) is all there is."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "File exists (made while this write was under way)", name) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists (made while this write was under way)", name) from None
+        os.replace(tmp, path)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def release_pages(mm, start: int, end: int) -> None:

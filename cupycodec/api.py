@@ -420,6 +420,8 @@ def clear_caches() -> None:
 def save(path, c: CompressedArray, *, overwrite: bool = True, key=None) -> None:
     """Write a container to ``path`` atomically (a temporary file in the same directory, then ``os.replace``), with
     the permissions a plain write would give (an existing file's mode is kept; a new one gets 0o666 less the umask).
+    With ``overwrite=False`` an existing file raises :class:`FileExistsError`, also one that another writer creates
+    while this one writes (the temporary file is hard-linked into place instead of renamed).
 
     With ``key`` (a secret of at least 16 bytes, e.g. ``os.urandom(32)`` kept by you) the file carries a MAC of
     the container (keyed BLAKE3, docs/FORMAT.md): ``load(path, key=key)`` then trusts it, and a file changed or made

@@ -421,6 +421,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["w.cc"]
 
 
+def test_save_without_overwrite_never_replaces_a_file_made_while_it_writes(tmp_path, monkeypatch):
+    # another writer creates the file after the existence check: overwrite=False must still not replace it
+    path = tmp_path / "w.cc"
+    c = cc.compress(np.arange(10))
+    write_to = cc.CompressedArray.write_to
+
+    def racing(self, f, **kw):
+        path.write_bytes(b"the other writer's")
+        return write_to(self, f, **kw)
+
+    monkeypatch.setattr(cc.CompressedArray, "write_to", racing)
+    with pytest.raises(FileExistsError):
+        cc.save(path, c, overwrite=False)
+    assert path.read_bytes() == b"the other writer's"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.cc"]  # no temporary file left
+    monkeypatch.undo()
+    other = tmp_path / "v.cc"
+    cc.save(other, c, overwrite=False)  # a new file: written whole, with a plain write's permissions
+    assert cc.load(other) == c and [p.name for p in sorted(tmp_path.iterdir())] == ["v.cc", "w.cc"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert other.stat().st_mode & 0o777 == 0o666 & ~umask
+
 def test_load_truncated_file(tmp_path):
     path = tmp_path / "w.cc"
     cc.save(path, cc.compress(np.arange(1000)))
