@@ -80,6 +80,7 @@ class DecodeJob:
                 except ValueError:
                     raise ValueError(f"{prefix} receives dequantized values: it must be float32, float16, bfloat16 "
                                      f"or float64, got {view.dtype_name}") from None
+                _check_bit_order(view, c, prefix)  # values go in any float byte order; bits in the container's
             _check_out(view, c.shape, _out_dtype(self), prefix)
             return
         _check_out(view, c.shape, c.spec.dtype, prefix)
@@ -89,9 +90,8 @@ class DecodeJob:
             if view.array.dtype != c.spec.numpy_dtype():
                 raise ValueError(f"{prefix} has dtype {view.array.dtype}, expected {c.spec.numpy_dtype()} (the "
                                  "container's byte order)")
-        elif dtype_name(view.array.dtype)[1] != c.spec.byteorder:  # a bit view: its byte order must be the container's
-            raise ValueError(f"{prefix} is a {view.array.dtype.str} bit view of {c.spec.dtype}; the container's "
-                             f"byte order is {c.spec.byteorder!r}")
+        else:
+            _check_bit_order(view, c, prefix)
 
     @property
     def out_nbytes(self) -> int:
@@ -100,6 +100,14 @@ class DecodeJob:
         c = self.item
         segments = sum(s.raw_nbytes for s in c.segments)
         return max(c.raw_nbytes, segments) if self.dequantize else segments
+
+
+def _check_bit_order(view: interop.Array, c: CompressedArray, prefix: str) -> None:
+    """A host bit view (a same-width integer buffer) holds the container's bytes, so its byte order must be the
+    container's: in another order its integers would not be the values' bits."""
+    if not view.on_device and dtype_name(view.array.dtype)[1] != c.spec.byteorder:
+        raise ValueError(f"{prefix} is a {view.array.dtype.str} bit view of {c.spec.dtype}; the container's "
+                         f"byte order is {c.spec.byteorder!r}")
 
 
 def _int8(c: CompressedArray) -> Int8 | None:
@@ -330,7 +338,7 @@ def _into(out: np.ndarray, result: np.ndarray) -> None:
     """Write a host result into the caller's host buffer. A same-width integer buffer for a float result (bfloat16
     into int16, say) is a bit view of it, as everywhere else: it gets the bits, not the values cast to integers."""
     if out.dtype.kind in "iu" and result.dtype.kind not in "iu" and out.dtype.itemsize == result.dtype.itemsize:
-        result = result.astype(result.dtype.newbyteorder("="), copy=False).view(out.dtype)
+        result = result.astype(result.dtype.newbyteorder(out.dtype.byteorder), copy=False).view(out.dtype)
     out[...] = result
 
 

@@ -219,6 +219,23 @@ def test_a_bit_view_out_gets_bits_through_every_entry_point(dtype, quantize):
         assert one.tobytes() == many.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_a_bit_view_out_has_the_containers_byte_order(order, quantize):
+    # lossless and INT8 alike: a bit view in the container's byte order gets the float result's bytes in that order;
+    # one in the other order is refused (an INT8 decode once wrote native bits read as the other order's integers)
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16).astype(order + "f4")
+    c = cc.compress(x, quantize=quantize)
+    want = cc.decompress(c)
+    assert want.dtype == x.dtype
+    for kind in "ui":
+        out = np.zeros(x.shape, order + kind + "4")
+        assert cc.decompress(c, out=out) is out and out.tobytes() == want.tobytes()
+        other = "<>"[order == "<"]
+        with pytest.raises(ValueError, match=rf"out is a \{other}{kind}4 bit view of F32; the container's byte "
+                                             rf"order is '\{order}'"):
+            cc.decompress(c, out=np.zeros(x.shape, other + kind + "4"))
+
 def test_out_with_filters():
     x = (np.random.default_rng(2).standard_normal((64, 64)) * 0.02).astype(np.float32)
     out = np.empty_like(x)
