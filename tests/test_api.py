@@ -681,6 +681,10 @@ def test_metadata_keys_group_sizes_and_payload_bytes_at_write():
         cc.compress(np.ones(3), metadata={"layer": {0: "q_proj"}})  # read back as {"0": ...}
     with pytest.raises(ValueError, match="group_size must be an int from 1 to 2"):
         cc.compress(np.ones((2, 2), np.float32), quantize="int8", granularity="group", group_size=2**62 + 1)
+    x = np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 20)
+    want = cc.decompress(cc.compress(x, quantize="int8", granularity="group", group_size=20))
+    q = cc.compress(x, quantize="int8", granularity="group", group_size=2**62)  # the maximum: one partial group
+    np.testing.assert_array_equal(cc.decompress(cc.CompressedArray.from_bytes(q.to_bytes())), want)
     c = cc.compress(np.arange(64, dtype=np.float32), codec="zstd")
     payload = bytes(c.to_bytes()[len(c.header_bytes()):])  # bytes went through as_array as one |S string
     assert np.array_equal(cc.decompress(c.with_payload(payload)), np.arange(64, dtype=np.float32))

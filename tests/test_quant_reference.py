@@ -440,6 +440,18 @@ def test_partial_last_group():
     np.testing.assert_array_equal(codes[0, [3, 7, 9]], [127, 127, 127])
 
 
+@pytest.mark.parametrize("group_size", [2**61 + 1, 2**62])
+def test_group_sizes_up_to_the_filters_maximum_make_one_partial_group(group_size):
+    # a group longer than the row is one partial group, up to the int8 filter's 2**62 (past 2**61, the empty array
+    # of full groups once made NumPy refuse its shape as "too big")
+    x = np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 20)
+    codes, scales = reference.quantize_int8(x, granularity="group", group_size=group_size)
+    want = reference.quantize_int8(x, granularity="group", group_size=20)
+    np.testing.assert_array_equal(codes, want[0])
+    np.testing.assert_array_equal(scales, want[1])
+    y = reference.dequantize_int8(codes, scales, granularity="group", group_size=group_size)
+    np.testing.assert_array_equal(y, reference.dequantize_int8(*want, granularity="group", group_size=20))
+
 def test_bfloat16_and_big_endian_inputs_quantize_like_their_float32_values():
     rng = np.random.default_rng(7)
     x32 = rng.standard_normal((16, 40)).astype(np.float32)

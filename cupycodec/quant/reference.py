@@ -171,9 +171,13 @@ def _group_absmax(a: np.ndarray, group_size: int) -> np.ndarray:
     """Max of `a` (non-negative) over groups of `group_size` along the last axis; the last group may be partial."""
     n = a.shape[-1]
     full = n // group_size
-    parts = [a[..., : full * group_size].reshape(*a.shape[:-1], full, group_size).max(axis=-1, initial=0)]
+    parts = []
+    if full:  # no empty (..., 0, group_size) array: past 2**61 float32 elements a group, NumPy refuses its shape
+        parts.append(a[..., : full * group_size].reshape(*a.shape[:-1], full, group_size).max(axis=-1, initial=0))
     if n % group_size:
         parts.append(a[..., full * group_size :].max(axis=-1, initial=0, keepdims=True))
+    if not parts:  # an empty last axis: no group
+        return np.zeros((*a.shape[:-1], 0), a.dtype)
     return np.concatenate(parts, axis=-1)
 
 
