@@ -237,6 +237,8 @@ class Header:
         for name in ("producer", "metadata"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):  # already frozen when it comes from producer_info
+                if name == "metadata":  # the caller's: checked before _thaw and _freeze recurse into it
+                    _check_metadata_depth(value)
                 object.__setattr__(self, name, _freeze(_thaw(value)) if value else _EMPTY)
 
     def __reduce__(self):  # mapping proxies do not pickle: their contents go as dicts and are frozen again
@@ -265,14 +267,9 @@ class Header:
 
     def encode(self) -> bytes:
         """Prelude + padded header bytes (deterministic: sorted keys, no spaces)."""
-        obj = self.to_json()
         if self.metadata:  # what a reader refuses is never written: a file save() writes that load() cannot read
-            try:
-                _check_depth(obj)
-            except FormatError:
-                raise ValueError(f"metadata is nested too deeply: a header (metadata at its second level) may nest "
-                                 f"at most {_MAX_JSON_DEPTH} levels") from None
-        text = _canonical(obj)
+            _check_metadata_depth(self.metadata)
+        text = _canonical(self.to_json())
         n = layout.align(len(text), HEADER_ALIGN)
         if n > MAX_HEADER_NBYTES:
             raise ValueError(f"header of {n} bytes exceeds {MAX_HEADER_NBYTES}; use less metadata")
@@ -593,6 +590,22 @@ def _check_depth(obj) -> None:
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _check_metadata_depth(metadata) -> None:
+    """Raise ValueError unless ``metadata`` (at a header's second level) nests at most _MAX_JSON_DEPTH levels, as
+    a reader requires; checked iteratively, so that metadata nested past Python's recursion limit gets this error
+    rather than a RecursionError."""
+    stack = [(metadata, 2)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError(f"metadata is nested too deeply: a header (metadata at its second level) may nest at "
+                             f"most {_MAX_JSON_DEPTH} levels")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple)):
             stack.extend((v, depth + 1) for v in value)
 
 

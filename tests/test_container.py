@@ -416,3 +416,17 @@ def test_metadata_a_reader_would_refuse_is_never_written():
         node = node["a"]
     c = cc.compress(np.arange(4), metadata=ok)
     assert cc.CompressedArray.from_bytes(c.to_bytes()).metadata == c.metadata
+
+
+@pytest.mark.parametrize("levels", [65, 600, 5000])
+def test_metadata_nested_past_the_recursion_limit_gets_the_librarys_error(levels):
+    # 600 levels raised a RecursionError (freezing the metadata recursed before the depth was checked)
+    deep: dict = {}
+    node = deep
+    for _ in range(levels):
+        node["a"] = [{}]
+        node = node["a"][0]
+    with pytest.raises(ValueError, match="metadata is nested too deeply.* at most 64 levels"):
+        cc.compress(np.arange(4), metadata=deep)
+    with pytest.raises(ValueError, match="metadata is nested too deeply.* at most 64 levels"):
+        cc.compress_many([np.arange(4), np.arange(5)], metadata=[{}, deep])
