@@ -258,7 +258,7 @@ class Header:
             "array": self.array.to_json(),
             "pipeline": [f.get_config() for f in self.pipeline],
             "segments": [s.to_json() for s in self.segments],
-            "producer": dict(self.producer),
+            "producer": _thaw(self.producer),
             "metadata": _thaw(self.metadata),
         }
         if self.mac is not None:

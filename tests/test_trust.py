@@ -124,6 +124,22 @@ def test_a_forged_container_fails_authentication():
     assert cc.CompressedArray.from_bytes(_edit_header(blob, reorder), key=KEY).trusted
 
 
+def test_a_producer_with_nested_values_signs_saves_and_authenticates(tmp_path):
+    # producer is informational and may carry extra keys (FORMAT.md); nested ones made every keyed operation fail
+    # ("metadata must be JSON-serializable ... mappingproxy"): the header copied producer one level deep only
+    def extra(header):
+        header["producer"]["build"] = {"host": {"name": "n1"}, "flags": [1, {"a": 2}]}
+
+    blob = _edit_header(_blob("zstd"), extra)
+    c = cc.CompressedArray.from_bytes(blob)
+    assert c.header["producer"]["build"]["host"]["name"] == "n1"
+    signed = c.to_bytes(key=KEY)
+    back = cc.CompressedArray.from_bytes(signed, key=KEY)
+    assert back.trusted and back.header["producer"]["build"]["flags"][1]["a"] == 2
+    cc.save(tmp_path / "w.cc", c, key=KEY)
+    assert cc.load(tmp_path / "w.cc", key=KEY).trusted
+    assert bytes(c.to_bytes()) == bytes(blob)
+
 def test_bad_keys_and_mac_fields():
     c = cc.compress(X, codec="raw")
     with pytest.raises(TypeError, match="key must be bytes"):
