@@ -62,7 +62,7 @@ from . import layout, registry
 from ._files import release_pages
 from ._lru import LRU
 from ._version import __version__
-from .dtypes import ArraySpec, itemsize, numpy_dtype
+from .dtypes import ArraySpec, extent_nbytes, itemsize, numpy_dtype
 from .errors import AuthenticationError, ChecksumError, CupycodecError, FormatError, UnsupportedVersionError
 from .layout import CHUNK_ALIGN, FLAG_STORED, MAX_CHUNK_NBYTES, geometry, raw_chunk_sizes, table_nbytes
 
@@ -437,8 +437,10 @@ def _spec(obj: Mapping, where: str) -> ArraySpec:
     if len(shape) > 64 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
         raise FormatError(f"{where}: shape must be a list of at most 64 non-negative ints, got {shape!r}")
     spec = ArraySpec(name, order, tuple(shape))
-    if spec.nbytes >= 2**63:
-        raise FormatError(f"{where}: shape {shape} describes {spec.nbytes} bytes, more than any machine holds")
+    extent = extent_nbytes(spec.shape, spec.itemsize)  # an empty array's non-zero dimensions count too (NumPy's rule)
+    if extent >= 2**63:
+        what = f"{extent} bytes" if spec.size else f"an empty array whose non-zero dimensions span {extent} bytes"
+        raise FormatError(f"{where}: shape {shape} describes {what}, more than any machine holds")
     return spec
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "SUPPORTED",
     "ArraySpec",
     "dtype_name",
+    "extent_nbytes",
     "is_float",
     "itemsize",
     "numpy_dtype",
@@ -205,6 +206,16 @@ def storage_dtype(name: str) -> np.dtype:
     if name in _ML_DTYPES:
         return np.dtype({1: np.uint8, 2: np.uint16}[_ML_DTYPES[name][1]])
     return numpy_dtype(name).newbyteorder("=")
+
+
+def extent_nbytes(shape, size: int) -> int:
+    """``size`` times the product of the non-zero dimensions of ``shape``: what NumPy bounds (below 2**63) when it
+    makes an array, an empty one included, so no array of a shape where this reaches 2**63 can exist."""
+    n = size
+    for s in shape:
+        if s:
+            n *= s
+    return n
 
 
 class ArraySpec:

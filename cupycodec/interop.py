@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .dtypes import SUPPORTED, dtype_name, itemsize, numpy_dtype, storage_dtype
+from .dtypes import SUPPORTED, dtype_name, extent_nbytes, itemsize, numpy_dtype, storage_dtype
 from .errors import BackendUnavailableError, UnsupportedDtypeError
 
 __all__ = ["Array", "as_array", "as_output", "parse_device", "require_cuda", "stream_handle"]
@@ -273,6 +273,9 @@ def _consume(capsule, name: str | None, on_device: bool) -> Array:
     name = name or dl_name
     size = itemsize(name)
     shape = tuple(t.shape[i] for i in range(t.ndim))
+    if extent_nbytes(shape, size) >= 2**63:  # an empty torch tensor may have such a shape; no NumPy/CuPy array can
+        raise ValueError(f"shape {shape} of {name}: its non-zero dimensions span 2**63 bytes or more, which no "
+                         "NumPy or CuPy array (and no container reader) can hold; use a smaller shape")
     if t.strides:  # DLPack strides count elements; see _byte_stride
         strides = tuple(_byte_stride(t.strides[i], size) for i in range(t.ndim))
     else:  # NULL strides mean C-contiguous (DLPack < 1.2)

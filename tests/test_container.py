@@ -177,6 +177,28 @@ def test_rule5_6_schema(mutate, match):
         cc.CompressedArray.from_bytes(_rebuild(header, payload))
 
 
+@pytest.mark.parametrize("shape, ok", [([2**63 - 1, 0], False), ([0, 2**62], False), ([2**31, 0, 2**30], False),
+                                       ([2**60, 0], True), ([0, 2**61 - 1, 0], True)])
+def test_rule5_an_empty_array_is_bounded_by_its_nonzero_dimensions(shape, ok):
+    # NumPy refuses any shape whose non-zero dimensions hold 2**63 bytes or more, empty or not: [2**63 - 1, 0]
+    # float32 passed the parser (0 bytes) and decoding raised NumPy's "array is too big"
+    n, header, payload = _split(_blob(np.empty((5, 0), np.float32)))
+    header["array"]["shape"] = header["segments"][0]["shape"] = shape
+    blob = _rebuild(header, payload)
+    if ok:
+        y = cc.decompress(blob)
+        assert y.shape == tuple(shape) and y.dtype == np.float32
+    else:
+        with pytest.raises(cc.FormatError, match="more than any machine holds"):
+            cc.CompressedArray.from_bytes(blob)
+
+
+def test_the_writer_refuses_an_empty_array_no_reader_could_make():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"shape \(4611686018427387904, 0\).* 2\*\*63 bytes or more"):
+        cc.compress(torch.empty((2**62, 0)))
+    assert cc.decompress(cc.compress(torch.empty((2**60, 0)))).shape == (2**60, 0)
+
 def test_rule6_unknown_codec_and_filter():
     n, header, payload = _split(_blob())
     header["segments"][0]["codec"] = {"id": "brotli", "version": 1}
