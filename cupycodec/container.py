@@ -429,10 +429,13 @@ def _field(obj: Mapping, key: str, kind, where: str):
 
 def _spec(obj: Mapping, where: str) -> ArraySpec:
     name = _field(obj, "dtype", str, where)
-    itemsize(name)  # unknown names raise FormatError
+    one_byte = itemsize(name) == 1  # unknown names raise FormatError
     order = _field(obj, "byteorder", str, where)
     if order not in ("<", ">", "|"):
         raise FormatError(f"{where}: byteorder must be '<', '>' or '|', got {order!r}")
+    if (order == "|") != one_byte:  # '|' on a wider type would decode in the host's order, whatever that is
+        want = "'|'" if one_byte else "'<' or '>'"
+        raise FormatError(f"{where}: byteorder of {name} must be {want} ('|' is for one-byte types), got {order!r}")
     shape = _field(obj, "shape", list, where)
     if len(shape) > 64 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
         raise FormatError(f"{where}: shape must be a list of at most 64 non-negative ints, got {shape!r}")

@@ -199,6 +199,29 @@ def test_the_writer_refuses_an_empty_array_no_reader_could_make():
         cc.compress(torch.empty((2**62, 0)))
     assert cc.decompress(cc.compress(torch.empty((2**60, 0)))).shape == (2**60, 0)
 
+def _f32():
+    return np.linspace(-1, 1, 256, dtype=np.float32).reshape(4, 64)
+
+
+@pytest.mark.parametrize("blob, part, order", [
+    (lambda: _blob(_f32()), "array", "|"),  # plain F32
+    (lambda: _blob(_f32()), 0, "|"),
+    (lambda: _blob(_f32().astype(np.float16), codec="zstd", filters=["byteplane"]), "array", "|"),
+    (lambda: _blob(_f32(), quantize="int8"), "array", "|"),
+    (lambda: _blob(_f32(), quantize="int8"), 1, "|"),  # the F32 scales
+    (lambda: _blob(), "array", "<"),  # U8
+    (lambda: _blob(), 0, ">"),
+    (lambda: _blob(_f32(), quantize="int8"), 0, "<"),  # the I8 codes
+    (lambda: _blob(np.arange(8) % 2 == 0), "array", "<"),  # BOOL
+])
+def test_rule5_byteorder_is_bar_exactly_for_one_byte_types(blob, part, order):
+    # '|' on a multi-byte type decoded in the host's order, so a file read differently on a big-endian host
+    n, header, payload = _split(blob())
+    spec = header["array"] if part == "array" else header["segments"][part]
+    spec["byteorder"] = order
+    with pytest.raises(cc.FormatError, match="byteorder"):
+        cc.CompressedArray.from_bytes(_rebuild(header, payload))
+
 def test_rule6_unknown_codec_and_filter():
     n, header, payload = _split(_blob())
     header["segments"][0]["codec"] = {"id": "brotli", "version": 1}
