@@ -528,6 +528,7 @@ def _parse_header(obj: dict, payload: memoryview) -> Header:
         if not isinstance(cfg, dict):
             raise FormatError(f"pipeline[{i}] must be an object")
         pipeline.append(_resolved(registry.get_filter, cfg, f"pipeline[{i}]"))
+        _has_version(cfg, f"pipeline[{i}]")  # after the id: an unknown filter is the better message
     try:
         expected = derive_specs(array, pipeline)
     except (ValueError, TypeError) as exc:
@@ -550,6 +551,7 @@ def _parse_header(obj: dict, payload: memoryview) -> Header:
             raise FormatError(f"{where}: raw_nbytes {sj['raw_nbytes']} != {spec.nbytes} implied by dtype and shape")
         codec_cfg = _field(sj, "codec", dict, where)
         codec = _codec(codec_cfg, where)
+        _has_version(codec_cfg, f"{where} codec")
         chunk = _field(sj, "chunk_nbytes", int, where)
         if not (CHUNK_ALIGN <= chunk <= min(MAX_CHUNK_NBYTES, codec.max_chunk_nbytes)) or chunk % CHUNK_ALIGN:
             raise FormatError(f"{where}: chunk_nbytes {chunk} must be a multiple of 16 in [16, 16 MiB]")
@@ -628,6 +630,13 @@ def _mac_field(obj: Mapping) -> tuple[str | None, str | None]:
     if not hexed or (alg in MAC_ALGS and len(mac) != 64):
         raise FormatError("header 'auth.mac' must be 64 lowercase hex digits")
     return mac, alg
+
+
+def _has_version(cfg: dict, where: str) -> None:
+    """Every writer stores a filter's or codec's version: a config read without one is not a writer's (a config
+    given by hand may omit it, and means version 1). Its range is checked by ``from_config``."""
+    if "version" not in cfg:
+        raise FormatError(f"{where}: missing 'version' in {cfg!r}")
 
 
 def _resolved(get, cfg, where):

@@ -222,6 +222,28 @@ def test_rule5_byteorder_is_bar_exactly_for_one_byte_types(blob, part, order):
     with pytest.raises(cc.FormatError, match="byteorder"):
         cc.CompressedArray.from_bytes(_rebuild(header, payload))
 
+@pytest.mark.parametrize("version", [None, 0, -1, 1.0, "1", True])
+@pytest.mark.parametrize("where", ["codec", "filter"])
+def test_rule6_codec_and_filter_versions_are_ints_from_1(where, version):
+    # every writer stores the version; a config without one, or with 0 or a negative one, was taken as version 1
+    n, header, payload = _split(_blob(_f32(), codec="zstd", filters=["byteplane"]))
+    cfg = header["segments"][0]["codec"] if where == "codec" else header["pipeline"][0]
+    assert cfg["version"] == 1
+    if version is None:
+        del cfg["version"]
+    else:
+        cfg["version"] = version
+    with pytest.raises(cc.FormatError, match="version"):
+        cc.CompressedArray.from_bytes(_rebuild(header, payload))
+
+def test_configs_given_by_hand_may_omit_the_version_but_not_give_one_below_1():
+    assert cc.get_codec({"id": "zstd"}).get_config()["version"] == 1  # numcodecs-style configs
+    assert cc.get_filter({"id": "byteplane"}).get_config()["version"] == 1
+    with pytest.raises(ValueError, match=r"codec 'zstd': version must be an int from 1, got 0"):
+        cc.get_codec({"id": "zstd", "version": 0})
+    with pytest.raises(ValueError, match=r"filter 'byteplane': version must be an int from 1, got -1"):
+        cc.get_filter({"id": "byteplane", "version": -1})
+
 def test_rule6_unknown_codec_and_filter():
     n, header, payload = _split(_blob())
     header["segments"][0]["codec"] = {"id": "brotli", "version": 1}

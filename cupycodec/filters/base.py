@@ -36,8 +36,8 @@ class Filter(abc.ABC):
         config = dict(config)
         config.pop("id", None)
         version = config.pop("version", 1)
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ValueError(f"filter {cls.filter_id!r}: version must be an int, got {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"filter {cls.filter_id!r}: version must be an int from 1, got {version!r}")
         if version > cls.version:
             raise UnsupportedVersionError(f"filter {cls.filter_id!r}", version, cls.version)
         return cls(**config)
