@@ -63,7 +63,15 @@ from ._files import release_pages
 from ._lru import LRU
 from ._version import __version__
 from .dtypes import ArraySpec, extent_nbytes, itemsize, numpy_dtype
-from .errors import AuthenticationError, ChecksumError, CupycodecError, FormatError, UnsupportedVersionError
+from .errors import (
+    AuthenticationError,
+    ChecksumError,
+    CupycodecError,
+    FormatError,
+    UnknownCodecError,
+    UnknownCodecInFileError,
+    UnsupportedVersionError,
+)
 from .layout import CHUNK_ALIGN, FLAG_STORED, MAX_CHUNK_NBYTES, geometry, raw_chunk_sizes, table_nbytes
 
 __all__ = [
@@ -642,6 +650,10 @@ def _has_version(cfg: dict, where: str) -> None:
 def _resolved(get, cfg, where):
     try:
         return get(cfg)
+    except UnknownCodecError as exc:  # read from a file: a FormatError too, as every reader check
+        if isinstance(exc, FormatError):
+            raise
+        raise UnknownCodecInFileError(exc.codec_id, exc.known, exc.what) from None
     except CupycodecError:
         raise
     except (TypeError, ValueError) as exc:
@@ -971,7 +983,8 @@ class CompressedArray:
 
         The prelude, the header (CRC and schema) and the chunk tables (CRCs and consistency) are checked here; any
         defect raises :class:`~cupycodec.FormatError` or a subclass (:class:`~cupycodec.ChecksumError`,
-        :class:`~cupycodec.UnsupportedVersionError`); unknown ids raise :class:`~cupycodec.UnknownCodecError`.
+        :class:`~cupycodec.UnsupportedVersionError`, and for unknown ids :class:`~cupycodec.UnknownCodecInFileError`,
+        also an :class:`~cupycodec.UnknownCodecError`).
         With ``verify=True`` every chunk's CRC32 is checked before the chunk is used: the CPU decoder checks each
         chunk right before decoding it (so a decode reads the container once, and its peak memory is the
         output's), and anything else that hands chunks on (:meth:`to_bytes`, :meth:`to_device`, GPU decoding)

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .errors import FormatError, UnsupportedDtypeError
+from .errors import FormatError, UnsupportedDtypeError, UnsupportedDtypeInFileError
 
 __all__ = [
     "SUPPORTED",
@@ -160,8 +160,8 @@ def numpy_dtype(name: str, byteorder: str = "|") -> np.dtype:
         if parsed is None:
             raise FormatError(f"unknown dtype name {name!r} in header")
         complex_ = name[0] == "C"
-        if _longdouble_name(complex_) != name:
-            raise UnsupportedDtypeError(
+        if _longdouble_name(complex_) != name:  # a name only a file on another platform holds
+            raise UnsupportedDtypeInFileError(
                 name, SUPPORTED,
                 f"this platform's long double is {_longdouble_name(complex_)}; read it on the platform that wrote it",
             )

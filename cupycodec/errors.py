@@ -19,7 +19,9 @@ __all__ = [
     "FormatError",
     "PerformanceWarning",
     "UnknownCodecError",
+    "UnknownCodecInFileError",
     "UnsupportedDtypeError",
+    "UnsupportedDtypeInFileError",
     "UnsupportedVersionError",
     "UntrustedError",
 ]
@@ -52,7 +54,7 @@ class UnknownCodecError(CupycodecError, ValueError):
     """A codec or filter id that no registered class implements."""
 
     def __init__(self, codec_id: str, known: Iterable[str], what: str = "codec"):
-        self.codec_id, self.known = codec_id, sorted(known)
+        self.codec_id, self.known, self.what = codec_id, sorted(known), what
         super().__init__(f"unknown {what} {codec_id!r}; registered: {', '.join(self.known)}")
 
 
@@ -78,6 +80,17 @@ class UnsupportedVersionError(FormatError):
             f"{what} version {found} is newer than this cupycodec supports (<= {supported}); "
             "upgrade cupycodec to read it"
         )
+
+
+class UnknownCodecInFileError(FormatError, UnknownCodecError):
+    """A container names a codec or filter id that no class registered here implements. Both a
+    :class:`FormatError`, so that code guarding untrusted files with ``except FormatError`` catches it as every other
+    reader check, and an :class:`UnknownCodecError` (a bad ``codec=`` argument raises the latter only)."""
+
+
+class UnsupportedDtypeInFileError(FormatError, UnsupportedDtypeError):
+    """A container holds a dtype this platform cannot represent (another platform's long double). Both a
+    :class:`FormatError` and an :class:`UnsupportedDtypeError` (so also a ``ValueError`` and a ``TypeError``)."""
 
 
 class ChecksumError(FormatError):

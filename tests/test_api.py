@@ -648,6 +648,8 @@ def test_every_library_error_crosses_a_process_boundary():
         errors.UntrustedError("ans"),
         errors.DecompressionBombError(10, 5),
         errors.FormatError("bad bytes"),
+        errors.UnknownCodecInFileError("shuffle9", ["byteplane"], "filter"),
+        errors.UnsupportedDtypeInFileError("FLD128M112", ["float32"], hint="read it where it was written"),
     ]
     errors.prefix_message(made[3], "chunk 'c/0'")
     for exc in made:

@@ -245,14 +245,31 @@ def test_configs_given_by_hand_may_omit_the_version_but_not_give_one_below_1():
         cc.get_filter({"id": "byteplane", "version": -1})
 
 def test_rule6_unknown_codec_and_filter():
+    # a FormatError (what code guarding untrusted files catches) and an UnknownCodecError alike
     n, header, payload = _split(_blob())
     header["segments"][0]["codec"] = {"id": "brotli", "version": 1}
-    with pytest.raises(cc.UnknownCodecError, match="unknown codec 'brotli'; registered: ans, bitcomp"):
+    with pytest.raises(cc.UnknownCodecError, match="unknown codec 'brotli'; registered: ans, bitcomp") as info:
         cc.CompressedArray.from_bytes(_rebuild(header, payload))
+    assert isinstance(info.value, cc.FormatError) and info.value.codec_id == "brotli"
     n, header, payload = _split(_blob())
     header["pipeline"] = [{"id": "shuffle9"}]
-    with pytest.raises(cc.UnknownCodecError, match="unknown filter"):
+    with pytest.raises(cc.FormatError, match="unknown filter") as info:
         cc.CompressedArray.from_bytes(_rebuild(header, payload))
+    assert isinstance(info.value, cc.UnknownCodecError) and info.value.codec_id == "shuffle9"
+    with pytest.raises(cc.UnknownCodecError) as info:  # a bad argument is no bad file
+        cc.compress(np.arange(4), codec="brotli")
+    assert not isinstance(info.value, cc.FormatError)
+
+
+def test_rule6_another_platforms_long_double_is_a_format_error_too():
+    n, header, payload = _split(_blob(np.arange(4, dtype=np.longdouble)))
+    here = header["array"]["dtype"]
+    other = "FLD128M112" if here != "FLD128M112" else "FLD128M63"  # aarch64's IEEE quad, or x86's 80-bit
+    header["array"]["dtype"] = header["segments"][0]["dtype"] = other
+    c = cc.CompressedArray.from_bytes(_rebuild(header, payload))  # parses: its header can be inspected
+    with pytest.raises(cc.FormatError, match=f"this platform's long double is {here}") as info:
+        cc.decompress(c)
+    assert isinstance(info.value, cc.UnsupportedDtypeError) and isinstance(info.value, TypeError)
 
 
 def test_rule5_trailing_and_truncated_payload():
