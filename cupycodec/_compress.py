@@ -15,8 +15,9 @@ from .backends import _nvcomp_lib as nv
 from .backends import cpu
 from .codecs import Codec, Raw
 from .container import ChunkTable, CompressedArray, Header, Segment, build_segments, producer_info
-from .dtypes import ArraySpec, dtype_name, storage_dtype
+from .dtypes import ArraySpec, dtype_name, itemsize, storage_dtype
 from .engine import engine, launching_on, stream_ptr
+from .errors import FormatError
 from .filters import Byteplane
 
 __all__ = ["Job", "compress_jobs", "prepare"]
@@ -166,6 +167,11 @@ def _dtype_override(dtype, a: interop.Array) -> str | None:
         name = "BF16"
     elif isinstance(dtype, str) and dtype.isupper():
         name = dtype
+        try:
+            itemsize(name)
+        except FormatError:  # the reader's error blames a header; here the argument is wrong
+            raise ValueError(f"dtype={dtype!r} is not a dtype name: give a NumPy dtype (np.float16, 'bfloat16', "
+                             "'float8_e4m3fn') or a container dtype name (BF16, F8_E4M3, F16, ...)") from None
     else:
         import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
 

@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -157,14 +157,23 @@ def compress_many(arrays: Sequence, *, codec="auto", level=None, chunk_nbytes=No
     if metadata is None or isinstance(metadata, Mapping):
         metas = [metadata] * len(arrays)
     else:
-        metas = list(metadata)
-        if len(metas) != len(arrays):
-            raise ValueError(f"got {len(metas)} metadata mappings for {len(arrays)} arrays")
+        metas = _per_array(metadata, len(arrays))
     sp = interop.stream_handle(stream)
     with _on_stream(sp):
         jobs = [_compress.prepare(a, codec=codec_obj, filters=pipeline, chunk_nbytes=chunk_nbytes, dtype=dtype,
                                   backend=backend, metadata=m, stream=sp) for a, m in zip(arrays, metas)]
     return _compress.compress_jobs(jobs, sp)
+
+
+def _per_array(metadata, n: int) -> list:
+    """``metadata`` given as one mapping per array (a string is no such sequence: it would give one per letter)."""
+    if isinstance(metadata, (str, bytes, bytearray, memoryview)) or not isinstance(metadata, Iterable):
+        raise TypeError(f"metadata must be a mapping, or a sequence of one mapping per array, got "
+                        f"{type(metadata).__name__}")
+    metas = list(metadata)
+    if len(metas) != n:
+        raise ValueError(f"got {len(metas)} metadata mappings for {n} arrays")
+    return metas
 
 
 class Compressor:

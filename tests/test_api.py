@@ -576,6 +576,24 @@ def test_backend_environment_variable_is_read_on_every_call(monkeypatch):
         backends.requested_backend(None)
     monkeypatch.delenv("CUPYCODEC_BACKEND")
     assert backends.requested_backend(None) == "auto"
+    monkeypatch.setenv("CUPYCODEC_BACKEND", "")  # empty means unset, as for CUPYCODEC_NUM_THREADS
+    assert backends.requested_backend(None) == "auto"
+    assert np.array_equal(cc.decompress(cc.compress(np.arange(5))), np.arange(5))
+
+
+def test_bad_dtype_and_metadata_arguments_are_named_as_arguments():
+    # dtype="FOO" said "unknown dtype name 'FOO' in header", and metadata="abc" "got 3 metadata mappings"
+    x = np.arange(4, dtype=np.uint16)
+    with pytest.raises(ValueError, match=r"dtype='FOO' is not a dtype name") as info:
+        cc.compress(x, dtype="FOO")
+    assert not isinstance(info.value, cc.FormatError)
+    for bad in ("abc", 3, b"ab"):
+        with pytest.raises(TypeError, match="metadata must be a mapping"):
+            cc.compress(x, metadata=bad)
+    with pytest.raises(TypeError, match="metadata must be a mapping, or a sequence of one mapping per array"):
+        cc.compress_many([x, x], metadata="ab")
+    with pytest.raises(ValueError, match="got 3 metadata mappings for 2 arrays"):
+        cc.compress_many([x, x], metadata=[{}, {}, {}])
 
 
 def test_fortran_order_comes_back_c_contiguous_and_equal():

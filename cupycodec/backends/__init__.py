@@ -2,8 +2,8 @@
 
 Policy: host input uses the CPU unless the codec only exists on the GPU; device input uses nvCOMP when it is
 available, else the data is copied to the host with one :class:`~cupycodec.PerformanceWarning` per process; an
-explicit backend is never silently replaced. ``CUPYCODEC_BACKEND`` (``auto``/``cpu``/``nvcomp``) lets an operator
-choose when the code does not.
+explicit backend is never silently replaced. ``CUPYCODEC_BACKEND`` (``auto``/``cpu``/``nvcomp``; empty means unset)
+lets an operator choose when the code does not.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") and is
 def requested_backend(requested: str | None) -> str:
     if requested is None and _ENV_KEY is not None and _ENV_KEY not in _ENV_DATA:
         return "auto"
-    choice = requested if requested is not None else os.environ.get(_ENV, "auto")
+    choice = requested if requested is not None else os.environ.get(_ENV) or "auto"  # empty means unset
     if choice not in BACKENDS:
         source = "argument backend=" if requested is not None else f"environment variable {_ENV}="
         raise ValueError(f"{source}{choice!r} is not one of {', '.join(BACKENDS)}")
