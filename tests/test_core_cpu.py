@@ -311,6 +311,7 @@ class _Interrupted(_Steps):
 
         super().__init__(n, step_nbytes)
         self.active, self.sent, self.lock = 0, False, threading.Lock()
+        self.delivered = threading.Event()  # set by the test's SIGINT handler, in the main thread
 
     def run(self, lo, hi):
         import signal
@@ -322,6 +323,10 @@ class _Interrupted(_Steps):
         try:
             if first:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            # no step before the main thread has the signal: on a loaded machine the pool finished all 256 steps
+            # before the handler ran (the H200 host, 14 test workers), and there was nothing left to stop
+            if not self.delivered.wait(10):
+                self.delivered.set()  # never delivered: the test fails on its assertions, not by waiting 10 s a step
             super().run(lo, hi)
         finally:
             with self.lock:
@@ -334,11 +339,22 @@ def test_pool_stops_handing_out_work_and_waits_for_it_on_keyboard_interrupt(monk
 
     from cupycodec.backends import cpu
 
+    import signal
+
     monkeypatch.setenv("CUPYCODEC_NUM_THREADS", "2")
     w = _Interrupted(256, 1 << 20)
-    with pytest.raises(KeyboardInterrupt):
-        cpu.run([w])
-        time.sleep(5)  # the signal is on its way when run() returns first
+
+    def interrupted(signum, frame):
+        w.delivered.set()
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cpu.run([w])
+            time.sleep(5)  # the signal is on its way when run() returns first
+    finally:
+        signal.signal(signal.SIGINT, old)
     done = len(w.ran)
     assert w.active == 0
     time.sleep(0.05)
