@@ -335,11 +335,10 @@ class _Interrupted(_Steps):
 
 def test_pool_stops_handing_out_work_and_waits_for_it_on_keyboard_interrupt(monkeypatch):
     # no worker may write into a caller's buffer once the call has raised, KeyboardInterrupt included
+    import signal
     import time
 
     from cupycodec.backends import cpu
-
-    import signal
 
     monkeypatch.setenv("CUPYCODEC_NUM_THREADS", "2")
     w = _Interrupted(256, 1 << 20)
