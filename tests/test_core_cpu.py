@@ -256,6 +256,8 @@ def test_cpu_payload_is_the_chunks_at_their_offsets_and_zeros_between(monkeypatc
 class _Steps:
     """A piece of CPU work whose steps record which thread ran them; step ``bad`` (if any) raises."""
 
+    step_s = 0.0005  # how long a step takes
+
     def __init__(self, n: int, step_nbytes: int, bad=()):
         self.n, self.nbytes, self.bad, self.ran = n, n * step_nbytes, set(bad), []
 
@@ -266,7 +268,7 @@ class _Steps:
         for i in range(lo, hi):
             if i in self.bad:
                 raise ValueError(f"step {i}")
-            time.sleep(0.0005)
+            time.sleep(self.step_s)
             self.ran.append((i, threading.get_ident()))
 
 
@@ -304,7 +306,11 @@ def test_pool_runs_every_group_and_raises_the_first_error_in_order(monkeypatch):
 
 class _Interrupted(_Steps):
     """Steps that send the main thread SIGINT from a worker as the first one starts (Ctrl-C while the caller
-    waits for the pool), and count the steps in flight."""
+    waits for the pool), and count the steps in flight. Steps of 20 ms: all 256 would take 2.5 s, ample time for
+    the main thread to stop the pool on a loaded machine (at 0.5 ms they all ran before it did, in CI beside
+    another test run)."""
+
+    step_s = 0.02
 
     def __init__(self, n: int, step_nbytes: int):
         import threading
