@@ -595,33 +595,33 @@ def _reject_constant(name: str):
     raise FormatError(f"{name} is not valid JSON")
 
 
-def _check_depth(obj) -> None:
-    """Reject JSON nested deeper than _MAX_JSON_DEPTH (iteratively: freezing it later recurses)."""
-    stack = [(obj, 1)]
+def _too_deep(obj, depth: int) -> bool:
+    """Whether ``obj`` (at ``depth`` in a header) nests deeper than _MAX_JSON_DEPTH: walked iteratively, so that
+    nesting past Python's recursion limit is answered too (freezing and thawing recurse)."""
+    stack = [(obj, depth)]
     while stack:
         value, depth = stack.pop()
         if depth > _MAX_JSON_DEPTH:
-            raise FormatError(f"header JSON is nested deeper than {_MAX_JSON_DEPTH} levels")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-
-
-def _check_metadata_depth(metadata) -> None:
-    """Raise ValueError unless ``metadata`` (at a header's second level) nests at most _MAX_JSON_DEPTH levels, as
-    a reader requires; checked iteratively, so that metadata nested past Python's recursion limit gets this error
-    rather than a RecursionError."""
-    stack = [(metadata, 2)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > _MAX_JSON_DEPTH:
-            raise ValueError(f"metadata is nested too deeply: a header (metadata at its second level) may nest at "
-                             f"most {_MAX_JSON_DEPTH} levels")
+            return True
         if isinstance(value, Mapping):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, (list, tuple)):
             stack.extend((v, depth + 1) for v in value)
+    return False
+
+
+def _check_depth(obj) -> None:
+    """Reject header JSON nested deeper than _MAX_JSON_DEPTH."""
+    if _too_deep(obj, 1):
+        raise FormatError(f"header JSON is nested deeper than {_MAX_JSON_DEPTH} levels")
+
+
+def _check_metadata_depth(metadata) -> None:
+    """Raise ValueError unless ``metadata`` (at a header's second level) nests at most _MAX_JSON_DEPTH levels, as
+    a reader requires."""
+    if _too_deep(metadata, 2):
+        raise ValueError(f"metadata is nested too deeply: a header (metadata at its second level) may nest at "
+                         f"most {_MAX_JSON_DEPTH} levels")
 
 
 def _mac_field(obj: Mapping) -> tuple[str | None, str | None]:
