@@ -805,7 +805,7 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
 
     The weights are compressed one by one as they load (the model never holds them uncompressed), then written
     with :func:`~cupycodec.integrations.torch.save_compressed`; the directory's other files (tokenizer, chat
-    template, ...) are copied. Returns the :class:`CompressionReport`.
+    template, ..., in subfolders too; not other weight files) are copied. Returns the :class:`CompressionReport`.
     """
     import shutil
 
@@ -836,14 +836,31 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
     with _progress_bars(progress):
         model = cls.from_pretrained(input_dir, quantization_config=qc, device_map={"": device}, dtype="auto")
     written = set(save_compressed(model, output_dir, max_shard_size=max_shard_size, key=key))
-    skip = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack)$|.*\.index\.json$")
-    for name in sorted(os.listdir(input_dir)):
-        src = os.path.join(input_dir, name)
-        if name in written or name in ("config.json", "generation_config.json") or skip.match(name) or \
-                not os.path.isfile(src) or name.startswith("."):
-            continue
-        atomic_write_path(os.path.join(output_dir, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
+    for rel in _other_files(input_dir, written):
+        src, dst = os.path.join(input_dir, rel), os.path.join(output_dir, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        atomic_write_path(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
     return model.cupycodec_report
+
+
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt|onnx)$|.*\.index\.json$")
+
+
+def _other_files(input_dir: str, written: set[str]) -> list[str]:
+    """The files of a model directory that :func:`compress_checkpoint` copies, as paths relative to it: every file
+    in it and in its subfolders (a tokenizer or an ``original/`` folder) except weights, the two configs the
+    compressed checkpoint writes itself, the files it wrote, and hidden entries (``.git``, ``.cache``). Linked files
+    are copied as files; linked folders are not followed (a link may point back up the tree)."""
+    found = []
+    for top, dirs, files in os.walk(input_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(top, name), input_dir)
+            if name.startswith(".") or _WEIGHT_FILE.match(name) or rel in written or \
+                    rel in ("config.json", "generation_config.json") or not os.path.isfile(os.path.join(top, name)):
+                continue
+            found.append(rel)
+    return found
 
 
 def _work_device(device) -> str:

@@ -514,6 +514,12 @@ def test_compress_model_cli(bf16_dir, tmp_path, capsys):
     for n in os.listdir(bf16_dir):
         shutil.copyfile(os.path.join(bf16_dir, n), tmp_path / "in" / n)
     (tmp_path / "in" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "in" / "original" / "deep").mkdir(parents=True)  # a subfolder's files are copied, weights not
+    (tmp_path / "in" / "original" / "params.json").write_text("{}")
+    (tmp_path / "in" / "original" / "deep" / "tokenizer.model").write_bytes(b"tok")
+    (tmp_path / "in" / "original" / "consolidated.00.pth").write_bytes(b"weights")
+    (tmp_path / "in" / ".cache").mkdir()
+    (tmp_path / "in" / ".cache" / "x.lock").write_text("")
     rc = main(["compress-model", str(tmp_path / "in"), str(tmp_path / "out"), "--mode", "int8", "--skip",
                "model.layers.1", "--json", str(tmp_path / "r.json"), "--quiet"])
     assert rc == 0
@@ -522,6 +528,10 @@ def test_compress_model_cli(bf16_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["layers"]) == 7 and report["ratio"] > 1.5
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    assert (tmp_path / "out" / "original" / "params.json").read_text() == "{}"
+    assert (tmp_path / "out" / "original" / "deep" / "tokenizer.model").read_bytes() == b"tok"
+    assert not (tmp_path / "out" / "original" / "consolidated.00.pth").exists()
+    assert not (tmp_path / "out" / ".cache").exists()
     model = _load(tmp_path / "out")
     assert isinstance(model.model.layers[0].mlp.up_proj, CompressedLinear)
     assert isinstance(model.model.layers[1].mlp.up_proj, torch.nn.Linear)
