@@ -134,7 +134,10 @@ def _cpu_gemv(x, qweight, scale, bias):
     """``x @ (codes * scale).T + bias`` on the CPU at small M: float32 sums of activation x code (exact products)
     rounded to bf16 by torch's GEMV, then times the float32 scale, plus the bias, rounded once more. Not the
     reference route's bits (which rounds each dequantized weight to bf16 before an F.linear): within 1-2 bf16 units
-    in the last place of the exact result, where that route's weight rounding costs more (tests pin both)."""
+    in the last place of the exact result, where that route's weight rounding costs more (tests pin both).
+
+    None where that sum overflows and the input is finite (activations of about 1e33 at K = 4096): the scaled
+    result may still be finite, and the caller takes the reference route, which scales before it sums."""
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous() or x2.data_ptr() % 64:
@@ -147,7 +150,10 @@ def _cpu_gemv(x, qweight, scale, bias):
     if ones is None:
         with torch.inference_mode(False):
             ones = _ONES[n] = torch.ones(n, dtype=torch.bfloat16)
-    y = torch._weight_int8pack_mm(x2, qweight, ones).mul(scale.reshape(-1))  # bf16 x float32: float32
+    y = torch._weight_int8pack_mm(x2, qweight, ones)
+    if not bool(torch.isfinite(y).all()) and bool(torch.isfinite(x2).all()):  # one pass over M x N outputs
+        return None
+    y = y.mul(scale.reshape(-1))  # bf16 x float32: float32
     if bias is not None:
         y.add_(bias)
     return y.to(torch.bfloat16).reshape(*x.shape[:-1], n)
@@ -235,7 +241,9 @@ def _int8_linear(x, qweight, scale, bias, granularity, group_size):
     _check_input(x, qweight)
     if x.device.type == "cpu":
         if granularity == "channel" and x.dtype == torch.bfloat16 and _cpu_gemv_ok(x, qweight):
-            return _cpu_gemv(x, qweight, scale, bias)
+            y = _cpu_gemv(x, qweight, scale, bias)
+            if y is not None:
+                return y
         return F.linear(x, _host_weight(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))
     if x.device.type != "cuda":  # meta tensors (shape inference) and other devices: fresh tensors there
         return F.linear(x, dequantize(qweight, scale, granularity, group_size, x.dtype), _bias(bias, x))

@@ -305,6 +305,26 @@ def test_cpu_gemv_route_holds_for_any_shape_scale_and_placement(n, k16, m, bias,
     assert torch.equal(ops._int8_linear(xm, qm, s, b, "channel", 128), y)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_gemv_whose_sum_overflows_gives_the_finite_scaled_result(bias):
+    # torch's GEMV rounds its sum of activation x code to bf16 before our scale: activations near 1e37 overflow
+    # that sum although the scaled product (1.6e35 here) is finite; such a call takes the reference route
+    lin = torch.nn.Linear(16, 2, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.fill_(1e-3)
+        if bias:
+            lin.bias.fill_(1.0)
+    cl = CompressedLinear.from_linear(lin, "int8")
+    x = torch.full((1, 16), 1e37, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = cl(x)
+        ref = torch.nn.functional.linear(x, _reference_int8(lin), lin.bias)
+    assert torch.isfinite(y).all() and torch.equal(y, ref)
+    x[0, 3] = float("inf")  # an infinite input still gives what the reference route gives
+    with torch.no_grad():
+        assert torch.equal(cl(x), torch.nn.functional.linear(x, _reference_int8(lin), lin.bias))
+
+
 def test_cpu_gemv_takes_every_code_exactly():
     # one-hot activations: each output is one code times its scale, rounded once, which is the reference's
     # dequantized weight bit for bit; every code value in every position of a 16-code step
