@@ -198,12 +198,13 @@ class _DLPackOwner:
     def __init__(self, managed: int):
         self._managed = managed
 
-    def __del__(self):
+    def __del__(self, _managed_tensor=_DLManagedTensor, _deleter_type=_Deleter):
+        # the types are bound here: a view that lives until interpreter exit outlives this module's globals
         managed, self._managed = self._managed, None
         if managed:
-            deleter = _DLManagedTensor.from_address(managed).deleter
+            deleter = _managed_tensor.from_address(managed).deleter
             if deleter:  # the spec allows NULL when the producer has nothing to free
-                _Deleter(deleter)(managed)
+                _deleter_type(deleter)(managed)
 
 
 def _from_dlpack(obj, what: str) -> Array:

@@ -142,6 +142,24 @@ def test_torch_host_arrays_carry_the_logical_dtype():
 
 
 @pytest.mark.torch
+def test_a_view_dropped_at_interpreter_exit_frees_its_tensor_without_the_modules_globals(monkeypatch):
+    # at exit a view can outlive interop's module globals (set to None): its owner still calls the deleter
+    torch = pytest.importorskip("torch")
+    from cupycodec import interop
+
+    t = torch.arange(6, dtype=torch.float32)
+    view = as_array(t)
+    assert isinstance(view.keep, interop._DLPackOwner)
+    owner = weakref.ref(view.keep)
+    monkeypatch.setattr(interop, "_DLManagedTensor", None)
+    monkeypatch.setattr(interop, "_Deleter", None)
+    del view
+    gc.collect()
+    assert owner() is None  # collected, and its __del__ did not raise (pytest would report an unraisable error)
+    t.add_(1)  # torch's storage is still sound
+
+
+@pytest.mark.torch
 def test_parameter_that_requires_grad():
     torch = pytest.importorskip("torch")
     p = torch.nn.Parameter(torch.randn(3, 5))

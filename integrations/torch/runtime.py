@@ -30,6 +30,7 @@ Scratch, plans and payloads are torch tensors (the plans' tables come from ``all
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import numpy as np
@@ -360,7 +361,14 @@ class Runtime:
             for li, layer in enumerate(g.layers):
                 layer._attach(self, gi, li)
 
-    def __del__(self):
+    def __del__(self, _finalizing=sys.is_finalizing):
+        try:
+            self._release()
+        except Exception:
+            if not _finalizing():  # at interpreter exit this module's globals may be gone: nothing to give back
+                raise
+
+    def _release(self):
         # hot views hold this runtime's slots: a layer that outlives its model must not keep them alive
         for g in self.groups:
             for layer in g.layers:

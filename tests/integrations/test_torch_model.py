@@ -680,6 +680,25 @@ def test_decode_states_of_ended_threads_are_dropped():
     assert len(rt._devices) == 1
 
 
+def test_a_runtime_freed_at_interpreter_exit_raises_nothing(monkeypatch):
+    # a runtime kept by a cycle until exit meets this module's globals already set to None: its __del__ printed
+    # "Exception ignored in Runtime.__del__: AttributeError" (outside exit, an error there is still reported)
+    from cupycodec.integrations.torch import runtime
+
+    model = _seq("lossless")
+    model(torch.randn(2, 32))
+    rt = model[0]._own_runtime()
+    monkeypatch.setattr(runtime, "contextlib", None)
+    monkeypatch.setattr(runtime, "_capturing", None)
+    monkeypatch.setattr(runtime.sys, "is_finalizing", lambda: True)
+    monkeypatch.setattr(type(rt).__del__, "__defaults__", (runtime.sys.is_finalizing,))
+    rt.__del__()
+    monkeypatch.setattr(type(rt).__del__, "__defaults__", (lambda: False,))
+    with pytest.raises(AttributeError):
+        rt.__del__()
+    monkeypatch.undo()  # before rt goes: its last __del__ runs with the module whole
+
+
 def test_a_transformers_model_inside_a_wrapper_keeps_its_rules():
     """Through a wrapper the inner model's head was compressed, its config got no quantization_config (its
     save_pretrained wrote a plain checkpoint that reloaded as random weights), and T5's wo was replaced."""
