@@ -279,9 +279,11 @@ class CompressedLinear(torch.nn.Module):
         return self._template.with_payload(packed[len(self._template._prefix) :], verified=True)
 
     def _container(self, device: torch.device) -> cc.CompressedArray:
-        """The container over this module's ``packed`` bytes where they are now (rebuilt after ``.to()``)."""
+        """The container over this module's ``packed`` bytes where they are now (rebuilt after ``.to()``; its
+        header read again if ``packed`` changed since, e.g. back after a ``functional_call`` with other bytes)."""
         if self._template is None:
             self._parse()
+        self._packed_changed()
         key = (self.packed.device, self.packed.data_ptr())
         c = self._views.get(key)
         if c is None:
@@ -480,7 +482,7 @@ class CompressedLinear(torch.nn.Module):
                 x, bias = _autocast(x, bias)
             if resident:
                 return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
-            return decoded_linear(x, bias, self._op_key, self.out_features)
+            return decoded_linear(x, self._buffers.get("packed"), bias, self._op_key, self.out_features)
         if torch._C._is_tracing() and not resident:  # torch.jit.trace: ~0.05 us, where is_tracing() costs 0.2
             raise self._not_portable("torch.jit.trace")
         if torch._C._is_any_autocast_enabled():  # ~0.05-0.2 us: the CUDA GEMV would run in x's dtype
@@ -615,30 +617,55 @@ def _layer(key: int) -> CompressedLinear:
     return layer
 
 
+def _with_packed(layer: CompressedLinear, packed: torch.Tensor | None, fn):
+    """``fn(layer)`` with ``packed`` as the layer's container bytes. Mostly its own; a traced program may be given
+    others (``torch.func.functional_call`` under ``torch.compile``, whose swap happened at trace time only; an
+    exported program run beside other models, whose keys may name another layer): they are swapped in for the call
+    as ``functional_call`` swaps them in eager forwards, so the header is read again from them (and checked against
+    the layer: another shape or configuration raises) and the weight decoded from them, never the layer's own."""
+    own = layer._buffers.get("packed")
+    if packed is None or own is None or (packed.data_ptr() == own.data_ptr() and packed.shape == own.shape
+                                         and packed.device == own.device):
+        return fn(layer)
+    layer._buffers["packed"] = packed
+    try:
+        return fn(layer)
+    finally:
+        layer._buffers["packed"] = own
+
+
 @torch.library.custom_op("cupycodec::decoded_linear", mutates_args=())
-def decoded_linear(x: torch.Tensor, bias: torch.Tensor | None, layer: int, out_features: int) -> torch.Tensor:
-    """``x W^T + bias`` for compressed layer ``layer`` (its ``_op_key``), ``W`` decoded into its
-    runtime's slot when not resident there: what a traced or autograd-recorded forward runs. The block's decode and
-    the next block's prefetch happen inside the op, on torch's current stream, as the block hook does in eager
-    forwards; the op reads the slot and writes only its fresh output."""
-    return _layer(layer)._decoded_linear(x, bias)
+def decoded_linear(x: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None, layer: int,
+                   out_features: int) -> torch.Tensor:
+    """``x W^T + bias`` for compressed layer ``layer`` (its ``_op_key``), ``W`` decoded from ``packed`` (the
+    layer's container bytes; None for offloaded INT8 codes) into its runtime's slot when not resident there: what a
+    traced or autograd-recorded forward runs. ``packed`` is an input so that a graph reads the bytes it was given
+    (:func:`_with_packed`). The block's decode and the next block's prefetch happen inside the op, on torch's
+    current stream, as the block hook does in eager forwards; the op reads the slot and writes only its fresh
+    output."""
+    return _with_packed(_layer(layer), packed, lambda lyr: lyr._decoded_linear(x, bias))
 
 
 @decoded_linear.register_fake
-def _(x, bias, layer, out_features):
+def _(x, packed, bias, layer, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.layer, ctx.has_bias, ctx.in_features = inputs[2], inputs[1] is not None, inputs[0].shape[-1]
+    x, packed, bias, ctx.layer, _ = inputs
+    ctx.has_bias, ctx.in_features = bias is not None, x.shape[-1]
+    ctx.save_for_backward(packed)
 
 
 @torch.library.custom_op("cupycodec::decoded_linear_grad", mutates_args=())
-def decoded_linear_grad(grad: torch.Tensor, layer: int, in_features: int) -> torch.Tensor:
-    """``grad @ W`` for compressed layer ``layer``, the weight decoded again (the slot that held it in the forward
-    holds another block's by now): :func:`decoded_linear`'s backward, an op of its own so that AOT autograd traces
-    the backward without reading the runtime's tensors."""
-    layer = _layer(layer)
+def decoded_linear_grad(grad: torch.Tensor, packed: torch.Tensor | None, layer: int, in_features: int) -> torch.Tensor:
+    """``grad @ W`` for compressed layer ``layer``, the weight decoded again from ``packed`` (the slot that held it
+    in the forward holds another block's by now): :func:`decoded_linear`'s backward, an op of its own so that AOT
+    autograd traces the backward without reading the runtime's tensors."""
+    return _with_packed(_layer(layer), packed, lambda lyr: _grad_input(lyr, grad))
+
+
+def _grad_input(layer: CompressedLinear, grad: torch.Tensor) -> torch.Tensor:
     views = layer._decoded(grad.device, enter=True)
     if layer.mode == "lossless":
         return grad @ views[0].to(grad.dtype)
@@ -646,26 +673,30 @@ def decoded_linear_grad(grad: torch.Tensor, layer: int, in_features: int) -> tor
 
 
 @decoded_linear_grad.register_fake
-def _(grad, layer, in_features):
+def _(grad, packed, layer, in_features):
     return grad.new_empty((*grad.shape[:-1], in_features))
 
 
 def _backward(ctx, grad):
     """Gradients for the activations and the bias (adapters trained over frozen compressed weights)."""
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return decoded_linear_grad(grad, ctx.layer, ctx.in_features), grad_bias, None, None
+    (packed,) = ctx.saved_tensors
+    return decoded_linear_grad(grad, packed, ctx.layer, ctx.in_features), None, grad_bias, None, None
 
 
 decoded_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _grad_setup_context(ctx, inputs, output):
-    ctx.layer, ctx.out_features = inputs[1], _layer(inputs[1]).out_features
+    _, packed, ctx.layer, _ = inputs
+    ctx.out_features = _layer(ctx.layer).out_features
+    ctx.save_for_backward(packed)
 
 
 def _grad_backward(ctx, grad):
     """``grad @ W`` is linear in ``grad``: its own gradient is ``grad @ W^T`` (double backward: gradient penalties)."""
-    return decoded_linear(grad, None, ctx.layer, ctx.out_features), None, None
+    (packed,) = ctx.saved_tensors
+    return decoded_linear(grad, packed, None, ctx.layer, ctx.out_features), None, None, None
 
 
 decoded_linear_grad.register_autograd(_grad_backward, setup_context=_grad_setup_context)

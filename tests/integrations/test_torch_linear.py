@@ -665,10 +665,29 @@ def test_a_layer_computes_with_the_bytes_its_packed_buffer_holds_now(mode, warm)
         got = torch.func.functional_call(fresh, {"packed": b.packed, "bias": b.bias}, (x,))
         assert torch.equal(got, want_b)
         assert torch.equal(fresh(x), want_a)  # its own bytes again
+        assert torch.equal(fresh.decompress_weight(), a.decompress_weight())  # its header read again, too
         fresh.packed.resize_(b.packed.numel()).copy_(b.packed) if fresh.packed.numel() != b.packed.numel() \
             else fresh.packed.copy_(b.packed)
         fresh.bias.copy_(b.bias)
         assert torch.equal(fresh(x), want_b)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_compiled_functional_call_computes_with_the_bytes_it_was_given(mode):
+    # the compiled graph's op read the layer's own packed buffer, which functional_call had swapped only while
+    # Dynamo traced: this layer's weight with the other's bias
+    a_lin, b_lin = _linear(k=64, n=40, seed=1), _linear(k=64, n=40, seed=2)
+    a, b = CompressedLinear.from_linear(a_lin, mode), CompressedLinear.from_linear(b_lin, mode)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    swap = {"packed": b.packed, "bias": b.bias}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want_a, want_b = a(x), b(x)
+        got = torch.compile(lambda t: torch.func.functional_call(a, swap, (t,)), backend="eager", fullgraph=True)(x)
+        assert torch.equal(got, want_b)
+        assert torch.equal(a(x), want_a) and torch.equal(a.decompress_weight(), CompressedLinear.from_linear(
+            a_lin, mode).decompress_weight())
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])

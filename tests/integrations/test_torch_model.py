@@ -217,7 +217,7 @@ def test_the_decoded_op_through_aot_autograd_and_copies():
     del twin, pairs
     gc.collect()
     with pytest.raises(RuntimeError, match="no longer exists"):
-        decoded_linear(torch.zeros(1, 64, dtype=torch.bfloat16), None, key, 64)
+        decoded_linear(torch.zeros(1, 64, dtype=torch.bfloat16), None, None, key, 64)
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
@@ -610,6 +610,32 @@ def test_traced_and_exported_programs_of_slot_decoded_layers_are_refused(mode):
         torch.export.export(model, (x,))
     with pytest.raises(RuntimeError, match="torch.jit.script cannot compile a CompressedLinear"):
         torch.jit.script(model)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_strict_export_decodes_the_bytes_of_its_own_program(mode):
+    """A strict export (Dynamo traces it; not refused) held a key into this process's layers and no bytes: loaded
+    in another process, whose layer of that key was another model's, it ran that model's weights with its own
+    biases. The program now reads its own packed buffers: here every key is made to name the other model's layer,
+    as a reload beside it could, and the program still gives its own model's outputs."""
+    from cupycodec.integrations.torch.linear import _LAYERS
+
+    model, other, x = _seq(mode, seed=0), _seq(mode, seed=1), torch.randn(2, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want, theirs = model(x), other(x)
+        program = torch.export.export(model, (x,), strict=True).module()
+        keys = [m._op_key for m in model.modules() if isinstance(m, CompressedLinear)]
+        mine = [_LAYERS[k] for k in keys]
+        for k, o in zip(keys, [m for m in other.modules() if isinstance(m, CompressedLinear)]):
+            _LAYERS[k] = o
+        try:
+            assert torch.equal(program(x), want)
+        finally:
+            for k, m in zip(keys, mine):
+                _LAYERS[k] = m
+        assert torch.equal(other(x), theirs)  # the other model's layers read their own bytes again
+    torch._dynamo.reset()
 
 
 @pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation, and its TracerWarnings on shape checks
