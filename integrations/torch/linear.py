@@ -28,6 +28,7 @@ from threading import get_ident
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 import cupycodec as cc
@@ -468,23 +469,30 @@ class CompressedLinear(torch.nn.Module):
                             f"example x.to({self.weight_dtype}))")
         if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-                or torch._C._are_functorch_transforms_active()):  # vmap's batched tensors have no data pointer
+                or torch._C._is_tracing()  # torch.jit.trace: ~0.05 us, where is_tracing() costs 0.2
+                or torch._C._are_functorch_transforms_active()  # vmap's batched tensors have no data pointer
+                or _forward_ad._current_level >= 0):  # dual tensors (forward-mode AD)
             # traced (one opaque op: no graph break, so CUDA graphs of inductor's take whole forwards), or recorded
             # for autograd (whose backward decodes the weight again: the slot will hold other blocks by then)
             # torch.fx.symbolic_trace passes Proxies (no device, no dtype to ask about); torch.export (non-strict)
             # sets is_exporting(). Not asked while Dynamo traces: on torch 2.11 one of them read True under a plain
-            # torch.compile (seven compile tests failed on the H200), so a strict export is not refused here
+            # torch.compile (seven compile tests failed on the H200), so a strict export is not refused here (its
+            # program holds the container bytes: decoded_linear takes them)
             dynamo = torch.compiler.is_dynamo_compiling()
             proxy = not dynamo and isinstance(x, torch.fx.Proxy)
             if not resident and not dynamo and (proxy or torch.compiler.is_exporting()):
                 raise self._not_portable("torch.export and torch.fx")
+            if not dynamo and not proxy:
+                if torch._C._is_tracing():  # INT8: the op, with autograd on or off (one graph for jit's check)
+                    if not resident:
+                        raise self._not_portable("torch.jit.trace")
+                elif torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+                    return self._differentiable(x, bias)
             if not proxy and torch._C._is_any_autocast_enabled():
                 x, bias = _autocast(x, bias)
             if resident:
                 return ops.int8_linear(x, self.qweight, self.scale, bias, self.granularity, self.group_size)
             return decoded_linear(x, self._buffers.get("packed"), bias, self._op_key, self.out_features)
-        if torch._C._is_tracing() and not resident:  # torch.jit.trace: ~0.05 us, where is_tracing() costs 0.2
-            raise self._not_portable("torch.jit.trace")
         if torch._C._is_any_autocast_enabled():  # ~0.05-0.2 us: the CUDA GEMV would run in x's dtype
             x, bias = _autocast(x, bias)
         if x.numel() > ops.GEMV_MAX_M * self.in_features and self.mode != "lossless":
@@ -497,6 +505,29 @@ class CompressedLinear(torch.nn.Module):
                 q = self._aligned_codes()
             return ops._int8_linear(x, q, self.scale, bias, self.granularity, self.group_size)
         return self._linear(x, self._decoded(x.device), bias)
+
+    def _differentiable(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Under torch.func's transforms (grad, jvp, vmap, their compositions) or forward-mode AD: ``F.linear`` over
+        the weight as a tensor of its own, which they differentiate and batch as any F.linear's. The ops' formulas
+        are backward-only (a jvp through them came out zero, and grad raised torch's setup_context error), and a
+        runtime's slots made inside a transform would hold tensors without storage for good, so a decoded weight is
+        decoded with the transforms off and copied out of its slot."""
+        if self.mode == "int8" and not self._offloaded:
+            w = ops.dequantize(self.qweight, self.scale, self.granularity, self.group_size, x.dtype)
+            return F.linear(x, w, ops._bias(bias, x))
+        packed = self._buffers.get("packed")
+        if packed is not None and torch._C._functorch.is_functorch_wrapped_tensor(packed):
+            raise RuntimeError(f"torch.func cannot transform a {self.mode!r} CompressedLinear's own buffers "
+                               "(torch.func.stack_module_state, or 'packed' among the arguments a transform batches "
+                               "or differentiates): its container bytes decode as a whole. Transform the inputs and "
+                               "the bias, or use mode='int8', whose codes and scales are ordinary tensors")
+        with torch._C._DisableFuncTorch():
+            views = self._decoded(x.device, enter=True)
+            if self.mode == "lossless":
+                w = views[0].to(x.dtype, copy=True)
+            else:
+                w = ops.dequantize(views[0], views[1], self.granularity, self.group_size, x.dtype)
+        return F.linear(x, w, ops._bias(bias, x))
 
     def _not_portable(self, what: str) -> RuntimeError:
         """The error for a program that would outlive this process's runtime: a lossless or int8+entropy layer's

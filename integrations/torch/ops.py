@@ -39,8 +39,9 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, granularity: str, gro
                dtype: torch.dtype) -> torch.Tensor:
     """``float32(code) * scale`` rounded once to ``dtype``: :func:`cupycodec.quant.reference.dequantize_int8`'s
     arithmetic in torch ops (one IEEE float32 multiply, round to nearest even), for the CPU."""
-    w = _scaled(qweight, scale, granularity, group_size, torch.empty(qweight.shape, dtype=torch.float32,
-                                                                    device=qweight.device))
+    # the float32 codes made from qweight itself (not filled into a fresh tensor): under torch.func.vmap over
+    # stacked codes (model ensembles) it is batched as they are, and the in-place multiplies below stay legal
+    w = _times_scales(qweight.to(torch.float32), scale, granularity, group_size)
     return w if dtype == torch.float32 else w.to(dtype)
 
 
@@ -48,7 +49,11 @@ def _scaled(qweight, scale, granularity: str, group_size: int, w32: torch.Tensor
     """``w32`` (float32, the codes' shape) filled with ``float32(code) * scale``, in place: a conversion and one
     multiply per code, each a vectorized pass (a multiply of the int8 codes by float32 scales straight into a
     bf16 weight took 4 ns per code on the 2-core machine, in a type-converting loop)."""
-    w32.copy_(qweight)
+    return _times_scales(w32.copy_(qweight), scale, granularity, group_size)
+
+
+def _times_scales(w32: torch.Tensor, scale, granularity: str, group_size: int) -> torch.Tensor:
+    """``w32`` (the codes as float32) times their scales, in place."""
     if granularity == "channel":
         w32.mul_(scale.reshape(-1, 1))
     elif granularity == "group":  # whole groups through a view; a partial last group on its own

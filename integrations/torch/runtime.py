@@ -686,9 +686,10 @@ def block_hook(block: torch.nn.Module, layer) -> torch.utils.hooks.RemovableHand
 
 
 def _enter_block(module, args, kwargs):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         # traced: the layers' op (linear.decoded_linear) starts the block when its first layer runs, inside the
-        # graph, so the hook adds no graph break
+        # graph, so the hook adds no graph break; under torch.func's transforms the layers decode with them off
+        # (CompressedLinear._differentiable): slots made here would be tensors without storage
         return
     layer = module.__dict__.get("_cupycodec_layer")
     rt = layer._runtime() if layer is not None and layer._runtime is not None else None

@@ -639,11 +639,92 @@ def test_a_strict_export_decodes_the_bytes_of_its_own_program(mode):
 
 
 @pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation, and its TracerWarnings on shape checks
-def test_int8_layers_trace_and_export_with_their_codes():
+@pytest.mark.parametrize("grad", [True, False])
+def test_int8_layers_trace_and_export_with_their_codes(grad):
+    # with autograd on, a trace recorded the op and jit's check (run without it) the inlined CPU route into this
+    # thread's scratch: "Graphs differed across invocations"; both now record the op
     model, x = _seq("int8"), torch.randn(2, 32)
-    want = model(x)
-    assert torch.equal(torch.jit.trace(model, (x,), check_trace=False)(x), want)
-    assert torch.equal(torch.export.export(model, (x,)).module()(x), want)
+    with torch.set_grad_enabled(grad):
+        want = model(x)
+        traced = torch.jit.trace(model, (x,))
+        assert torch.equal(traced(x), want)
+        assert any("cupycodec::int8_linear" in str(n) for n in traced.inlined_graph.nodes())
+        assert torch.equal(torch.export.export(model, (x,)).module()(x), want)
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                                              torch.nn.Linear(32, 16)) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def _transform(name, f, x, v):
+    if name == "grad":
+        return torch.func.grad(lambda t: f(t).sum())(x)
+    if name == "jvp":
+        return torch.func.jvp(f, (x,), (v,))[1]
+    if name == "jacrev":
+        return torch.func.jacrev(f)(x[0])
+    if name == "vmap":
+        return torch.func.vmap(f)(x)
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD outside torch.func
+        return torch.autograd.forward_ad.unpack_dual(f(torch.autograd.forward_ad.make_dual(x, v))).tangent
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp rules
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("name", ["grad", "jvp", "jacrev", "vmap", "forward_ad"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_torch_func_transforms_see_the_layers_weights(mode, name, warm):
+    """jvp and forward-mode AD through the ops gave a zero tangent (no error); grad, vjp and jacrev raised torch's
+    setup_context error; a block model's first forward under grad or jvp made its slots inside the transform and
+    every later forward raised "Cannot access data pointer". Each transform now equals it over the same model with
+    its layers' weights as nn.Linear weights, and plain forwards afterwards are exact."""
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    compress_model(model, mode, progress=False)
+    ref = copy.deepcopy(model)
+    for fqn, m in list(ref.named_modules()):
+        if isinstance(m, CompressedLinear):
+            lin = torch.nn.Linear(m.in_features, m.out_features)
+            lin.weight.data, lin.bias.data = m.decompress_weight(torch.float32), m.bias.detach().clone()
+            parent, _, leaf = fqn.rpartition(".")
+            setattr(ref.get_submodule(parent), leaf, lin)
+    x, v = torch.randn(4, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        want = ref(x)
+        if warm:
+            torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_transform(name, model, x, v), _transform(name, ref, x, v), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+
+
+def test_model_ensembles_stack_int8_layers_and_refuse_containers():
+    # torch.func's ensembling recipe (stack_module_state + vmap over functional_call): INT8 codes and scales are
+    # ordinary tensors; container bytes decode as a whole, so a batched `packed` is refused with that said (it
+    # raised a raw data-pointer error, or functorch's internal one)
+    from torch.func import functional_call, stack_module_state
+
+    x = torch.randn(4, 64)
+    for mode in ("int8", "int8+entropy"):
+        torch.manual_seed(0)
+        models = [CompressedLinear.from_linear(torch.nn.Linear(64, 32), mode) for _ in range(3)]
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0])
+        with torch.no_grad():
+            run = torch.func.vmap(lambda p, b, t: functional_call(base, (p, b), (t,)), in_dims=(0, 0, None))
+            if mode == "int8":
+                assert torch.equal(run(params, buffers, x), torch.stack([m(x) for m in models]))
+            else:
+                with pytest.raises(RuntimeError, match="torch.func cannot transform a 'int8\\+entropy'"):
+                    run(params, buffers, x)
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
