@@ -719,7 +719,7 @@ def test_model_ensembles_stack_int8_layers_and_refuse_containers():
         params, buffers = stack_module_state(models)
         base = copy.deepcopy(models[0])
         with torch.no_grad():
-            run = torch.func.vmap(lambda p, b, t: functional_call(base, (p, b), (t,)), in_dims=(0, 0, None))
+            run = torch.func.vmap(lambda p, b, t, base=base: functional_call(base, (p, b), (t,)), in_dims=(0, 0, None))
             if mode == "int8":
                 assert torch.equal(run(params, buffers, x), torch.stack([m(x) for m in models]))
             else:
