@@ -78,6 +78,7 @@ class DecodeGroup:
     def __init__(self, layers: list, name: str, *, offloaded: bool = False):
         self.name = name
         self.layers = list(layers)
+        self.generation = 0  # counts Runtime.forget: a decode that saw it change read the replaced bytes
         self.offloaded = offloaded
         # INT8 layers whose codes stay resident on the device: nothing to decode, they take no room in a slot (a
         # group holds them for the wide dequantization of a large batch only)
@@ -357,6 +358,9 @@ class Runtime:
         # per (thread, device): which block each slot holds is the state of one forward pass, so threads running
         # the model at once each get their own slots (a thread that ends leaves its state to the next with its id)
         self._devices: dict[tuple[int, torch.device], _DeviceState] = {}
+        # orders forget() (a thread loading a state dict) against a forward publishing what it decoded: a decode
+        # that overlapped a load read the old bytes, and must not become resident after the load has returned
+        self._lock = threading.RLock()
         for gi, g in enumerate(groups):
             for li, layer in enumerate(g.layers):
                 layer._attach(self, gi, li)
@@ -460,18 +464,24 @@ class Runtime:
         built in the first forward (with "never the slot in use", block 0 followed block n - 1 into the other slot,
         every block changed slot each forward, and a CUDA graph captured after one warm-up forward built plans
         inside the capture)."""
-        for s, held in enumerate(st.resident):
-            if held is not None and held[0] == gi:
-                self._settle(st, s, sp)
-                self._activate(st, gi, s, device)
-                return s
+        group = self.groups[gi % len(self.groups)]
+        with self._lock:
+            for s, held in enumerate(st.resident):
+                if held is not None and held[0] == gi:
+                    self._settle(st, s, sp)
+                    self._activate(st, gi, s, device)
+                    return s
         s = prefer if prefer is not None else 0 if len(st.slots) == 1 else 1 - st.active
         self._settle(st, s, sp)  # a prefetch still writing there finishes before this decode overwrites it
-        self._occupy(st, s, -1, None)  # what the slot held is gone from here on, whatever this decode does
-        self._decode(st, gi, s, device, sp)
-        st.resident[s] = (gi, None)
-        self._activate(st, gi, s, device)
-        return s
+        while True:  # again if a state dict was loaded into the group meanwhile (another thread's forget)
+            self._occupy(st, s, -1, None)  # what the slot held is gone from here on, whatever this decode does
+            generation = group.generation
+            self._decode(st, gi, s, device, sp)
+            with self._lock:
+                if group.generation == generation:
+                    st.resident[s] = (gi, None)
+                    self._activate(st, gi, s, device)
+                    return s
 
     def _occupy(self, st: _DeviceState, s: int, gi: int, event) -> None:
         """Slot ``s`` now holds group ``gi`` (-1: nothing usable), decoded by the side-stream work ``event`` marks
@@ -505,18 +515,21 @@ class Runtime:
     def forget(self, gi: int) -> None:
         """Group ``gi``'s stored weights changed (a state dict was loaded into a layer): no slot or staging buffer
         holds its weights any more, and its plans, built over the old containers, go. Pending events are kept, so
-        that later writes to those buffers stay ordered after work already enqueued."""
-        for st in self._devices.values():
-            for s, held in enumerate(st.resident):
-                if held is not None and held[0] in (gi, gi + len(self.groups)):
-                    self._occupy(st, s, -1, held[1])
-            for held in st.staged:
-                if held is not None and held[0] == gi:
-                    held[0] = -1
+        that later writes to those buffers stay ordered after work already enqueued. A forward decoding the group
+        in another thread meanwhile sees the generation change and decodes it again (``_acquire``)."""
         group = self.groups[gi]
-        for layer in group.layers:
-            layer.__dict__["_hot"] = layer.__dict__["_wide"] = None
-        group.forget()
+        with self._lock:
+            group.generation += 1
+            for st in list(self._devices.values()):  # list(): other threads add their states
+                for s, held in enumerate(st.resident):
+                    if held is not None and held[0] in (gi, gi + len(self.groups)):
+                        self._occupy(st, s, -1, held[1])
+                for held in st.staged:
+                    if held is not None and held[0] == gi:
+                        held[0] = -1
+            for layer in group.layers:
+                layer.__dict__["_hot"] = layer.__dict__["_wide"] = None
+            group.forget()
 
     def _decode(self, st: _DeviceState, gi: int, s: int, device: torch.device, sp: int | None, stream=None) -> None:
         """Decode group ``gi`` into slot ``s`` on the raw stream ``sp`` (None on the CPU), through staging if it is
@@ -593,10 +606,13 @@ class Runtime:
         _cuda.event_record(st.ready, sp)  # everything that read slot s before is enqueued before the decode
         _cuda.stream_wait(st.side_sp, st.ready)
         self._occupy(st, s, -1, None)
+        group = self.groups[gi % len(self.groups)]
+        generation = group.generation
         self._decode(st, gi, s, device, st.side_sp, st.side)
         done = st.done[s]  # slot s was settled before this prefetch: no wait on done's last recording is pending
         _cuda.event_record(done, st.side_sp)
-        st.resident[s] = (gi, done)
+        with self._lock:  # a state dict loaded meanwhile: the slot holds nothing usable (its event still orders)
+            st.resident[s] = (gi if group.generation == generation else -1, done)
 
     def nbytes(self) -> int:
         """Device (or host) memory this runtime holds: scratch slots and the decode plans' tables and temp."""

@@ -221,6 +221,34 @@ def test_the_decoded_op_through_aot_autograd_and_copies():
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_state_dict_loaded_while_a_forward_decodes_is_what_later_forwards_use(mode, monkeypatch):
+    """Another thread's load_state_dict landing while a forward decoded the group (from the old bytes): the forward
+    then marked its slot as holding the group and handed out views of it, over the load's forget, and that thread's
+    later forwards computed with the old weight and the new bias, for good where nothing else evicts the slot (a
+    layer of its own, a one-block model; seen in 39 of 60 threaded trials). Here the load is made to land inside
+    the decode, deterministically."""
+    from cupycodec.integrations.torch.runtime import Runtime
+
+    torch.manual_seed(0)
+    layer, new = (CompressedLinear.from_linear(torch.nn.Linear(32, 48), mode) for _ in range(2))
+    x, sd = torch.randn(2, 32), new.state_dict()
+    real, landed = Runtime._decode, []
+
+    def decode_then_load(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if not landed:
+            landed.append(True)
+            layer.load_state_dict(sd)
+
+    with torch.no_grad():
+        want = new(x)
+        monkeypatch.setattr(Runtime, "_decode", decode_then_load)
+        layer(x)
+        monkeypatch.undo()
+        assert landed and torch.equal(layer(x), want) and torch.equal(layer(x), want)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_threads_running_one_model_at_once_get_exact_results(mode):
     # which block a slot holds is per forward pass: two threads must not decode into each other's slots
     import threading
