@@ -305,10 +305,10 @@ def test_pool_runs_every_group_and_raises_the_first_error_in_order(monkeypatch):
 
 
 class _Interrupted(_Steps):
-    """Steps that send the main thread SIGINT from a worker as the first one starts (Ctrl-C while the caller
-    waits for the pool), and count the steps in flight. Steps of 20 ms: all 256 would take 2.5 s, ample time for
-    the main thread to stop the pool on a loaded machine (at 0.5 ms they all ran before it did, in CI beside
-    another test run)."""
+    """Steps of 20 ms whose first one tells the caller's wait to raise (``started``) and waits until it has
+    (``raised``), counting the steps in flight. The interrupt comes from the wait itself, as Ctrl-C there raises
+    KeyboardInterrupt: a SIGINT sent from a worker left the test to the signal's timing, and on the H200 host (14
+    test workers) every step had run before the main thread stopped the pool, in two sessions out of three."""
 
     step_s = 0.02
 
@@ -316,23 +316,15 @@ class _Interrupted(_Steps):
         import threading
 
         super().__init__(n, step_nbytes)
-        self.active, self.sent, self.lock = 0, False, threading.Lock()
-        self.delivered = threading.Event()  # set by the test's SIGINT handler, in the main thread
+        self.active, self.lock = 0, threading.Lock()
+        self.started, self.raised = threading.Event(), threading.Event()
 
     def run(self, lo, hi):
-        import signal
-        import threading
-
         with self.lock:
             self.active += 1
-            first, self.sent = not self.sent, True
         try:
-            if first:
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-            # no step before the main thread has the signal: on a loaded machine the pool finished all 256 steps
-            # before the handler ran (the H200 host, 14 test workers), and there was nothing left to stop
-            if not self.delivered.wait(10):
-                self.delivered.set()  # never delivered: the test fails on its assertions, not by waiting 10 s a step
+            self.started.set()
+            self.raised.wait(10)  # at most 10 s: a broken test fails on its assertions, not by hanging
             super().run(lo, hi)
         finally:
             with self.lock:
@@ -341,7 +333,7 @@ class _Interrupted(_Steps):
 
 def test_pool_stops_handing_out_work_and_waits_for_it_on_keyboard_interrupt(monkeypatch):
     # no worker may write into a caller's buffer once the call has raised, KeyboardInterrupt included
-    import signal
+    import concurrent.futures
     import time
 
     from cupycodec.backends import cpu
@@ -349,17 +341,15 @@ def test_pool_stops_handing_out_work_and_waits_for_it_on_keyboard_interrupt(monk
     monkeypatch.setenv("CUPYCODEC_NUM_THREADS", "2")
     w = _Interrupted(256, 1 << 20)
 
-    def interrupted(signum, frame):
-        w.delivered.set()
+    def interrupted_wait(self, timeout=None):  # Ctrl-C while run() waits for its first future
+        w.started.wait(10)
+        w.raised.set()
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGINT, interrupted)
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(concurrent.futures.Future, "result", interrupted_wait)
         with pytest.raises(KeyboardInterrupt):
             cpu.run([w])
-            time.sleep(5)  # the signal is on its way when run() returns first
-    finally:
-        signal.signal(signal.SIGINT, old)
     done = len(w.ran)
     assert w.active == 0
     time.sleep(0.05)

@@ -672,6 +672,7 @@ def test_a_layer_computes_with_the_bytes_its_packed_buffer_holds_now(mode, warm)
         assert torch.equal(fresh(x), want_b)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch 2.11
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_a_compiled_functional_call_computes_with_the_bytes_it_was_given(mode):
     # the compiled graph's op read the layer's own packed buffer, which functional_call had swapped only while

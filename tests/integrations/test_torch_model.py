@@ -640,6 +640,7 @@ def test_traced_and_exported_programs_of_slot_decoded_layers_are_refused(mode):
         torch.jit.script(model)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch 2.11
 @pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
 def test_a_strict_export_decodes_the_bytes_of_its_own_program(mode):
     """A strict export (Dynamo traces it; not refused) held a key into this process's layers and no bytes: loaded
