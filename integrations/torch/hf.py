@@ -645,17 +645,22 @@ def _save_call(model) -> dict | None:
     return local
 
 
+_AFTER_SAVE = "barrier_after_gathered_checkpoint_save"  # the last call of transformers' save_pretrained (>= 5.2x)
+
+
 def _clear_earlier_save(model, tensors: dict) -> None:
-    """Remove the file of the other layout from the directory ``save_pretrained`` is saving ``model`` into: after
-    a sharded save, a stale ``model.safetensors`` of an earlier one-file save is what transformers (and so this
-    reader) would load; after a one-file save, a stale index names shards that transformers removes. transformers
-    removes the shards of an earlier save that it does not overwrite, but not these two. The file the save itself
-    writes is left to be replaced: removed here, before transformers writes anything, a save that then failed (an
-    invalid generation config, a read-only config.json, a full disk) lost the checkpoint it was replacing.
+    """Remove the file of the other layout from the directory ``save_pretrained`` is saving ``model`` into, once the
+    save has succeeded: after a sharded save, a stale ``model.safetensors`` of an earlier one-file save is what
+    transformers (and so this reader) would load; after a one-file save, a stale index names shards that
+    transformers removes. transformers removes the shards of an earlier save that it does not overwrite, but not
+    these two. Removed before transformers wrote anything, a save that then failed (an invalid generation config, a
+    read-only config.json, a full disk) lost the checkpoint it was replacing: a sharded save writes its index last,
+    so until then the earlier ``model.safetensors`` is the checkpoint that loads, as with plain transformers.
     Whether transformers will shard is worked out as it does (its size rule, its ``max_shard_size``); it only
     drops tensors from what it is given, so a save predicted one-file is. transformers tells a quantizer nothing of
     the save, so the directory is taken from the ``save_pretrained`` call on the stack; with none there (another
     caller), nothing is removed."""
+    model.__dict__.pop(_AFTER_SAVE, None)  # left by an earlier save that failed
     local = _save_call(model)
     if local is None:
         return
@@ -670,6 +675,28 @@ def _clear_earlier_save(model, tensors: dict) -> None:
     sharded = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
                                                  max_shard_size=local.get("max_shard_size", "50GB")).is_sharded
     path = os.path.join(os.fspath(directory), WEIGHTS if sharded else INDEX)
+    if callable(getattr(type(model), _AFTER_SAVE, None)):
+        model.__dict__[_AFTER_SAVE] = _RemoveAfterSave(model, path)  # shadows the method for this one call
+    else:  # an older transformers calls nothing after writing: removed now, as it always was there
+        _remove_file(path)
+
+
+class _RemoveAfterSave:
+    """Stands in for the model's ``barrier_after_gathered_checkpoint_save`` during one ``save_pretrained``, which
+    calls it after every file was written: removes ``path``, then goes on to the method. A save that fails never
+    calls it, and the next save replaces it; a plain object (not a closure), so a model holding it still pickles."""
+
+    def __init__(self, model, path: str):
+        self.model, self.path = model, path
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        model.__dict__.pop(_AFTER_SAVE, None)
+        _remove_file(self.path)
+        return getattr(type(model), _AFTER_SAVE)(model, *args, **kwargs)
+
+
+def _remove_file(path: str) -> None:
     if os.path.isfile(path) or os.path.islink(path):  # a link: unlinked, never written through
         os.unlink(path)
 

@@ -654,6 +654,37 @@ def test_save_pretrained_over_a_checkpoint_of_another_layout_leaves_none_of_its_
             load()
 
 
+@pytest.mark.parametrize("fail_at", ["shard", "index"])
+def test_a_sharded_save_pretrained_that_fails_keeps_the_one_file_checkpoint(bf16_dir, tmp_path, monkeypatch,
+                                                                            fail_at):
+    """A full disk while writing shards (or the index, written last) over a one-file checkpoint: the earlier
+    model.safetensors is still there and loads, as plain transformers keeps it; the next save that succeeds removes
+    it."""
+    import transformers.modeling_utils as mu
+
+    a = _compressed(bf16_dir, "int8")
+    want = _logits(a)
+    out = tmp_path / "hf"
+    a.save_pretrained(out)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        if fail_at == "shard":
+            m.setattr(mu, "safe_save_file", full)
+        else:
+            m.setattr(a, "num_parameters", full)  # asked for the index, written after every shard
+        with pytest.raises(OSError, match="No space left on device"):
+            a.save_pretrained(out, max_shard_size="40KB")
+    assert "model.safetensors" in os.listdir(out)
+    assert torch.equal(_logits(_load(out)), want)
+    assert torch.equal(_logits(load_compressed(out, _fresh(), progress=False)), want)
+    a.save_pretrained(out, max_shard_size="40KB")
+    assert "model.safetensors" not in os.listdir(out) and len(_shards(out)) > 1
+    assert torch.equal(_logits(_load(out)), want)
+
+
 def _checks_threads():
     import threading
 
