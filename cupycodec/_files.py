@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_path", "open_regular", "release_clean_file_pages", "release_pages",
-           "trim_heap"]
+__all__ = ["StagedFile", "atomic_write", "atomic_write_path", "open_regular", "release_clean_file_pages",
+           "release_pages", "stage_write", "trim_heap"]
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
@@ -42,6 +42,14 @@ def atomic_write(path, write: Callable, *, overwrite: bool = True) -> None:
 def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = True) -> None:
     """As :func:`atomic_write`, for writers that take a file name (``write(temporary_path)``), such as
     ``safetensors.torch.save_file``."""
+    stage_write(path, write, overwrite=overwrite).commit()
+
+
+def stage_write(path, write: Callable[[str], None], *, overwrite: bool = True) -> StagedFile:
+    """The first half of :func:`atomic_write_path`: everything but the rename. The file is written, synced and
+    checked (a read-only target, a missing directory, a full disk fail here), and ``path`` is left as it was
+    until :meth:`StagedFile.commit`. For writes of several files that must not be left half done: stage each,
+    then commit them together, when nothing but a rename is left to fail."""
     name = os.fspath(path)
     if name.endswith(os.sep) or (os.altsep and name.endswith(os.altsep)):  # open() refuses these too
         raise IsADirectoryError(errno.EISDIR, "names a directory (it ends in a separator); name a file", name)
@@ -77,6 +85,7 @@ def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = T
         raise FileExistsError(f"could not create a temporary file next to {path}")
     if mode is None:  # a new file: what a plain open() gives (0o666 less the umask), whatever ``write`` does
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # (safetensors writes a file of its own, as 0600)
+    staged = StagedFile(tmp, path, name, overwrite)
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -84,16 +93,38 @@ def atomic_write_path(path, write: Callable[[str], None], *, overwrite: bool = T
             os.fsync(fd)
         finally:
             os.close(fd)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _place_new(tmp, path, name)
+        os.chmod(tmp, mode)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        staged.discard()
         raise
+    return staged
+
+
+class StagedFile:
+    """A file written by :func:`stage_write` under a temporary name beside its target: :meth:`commit` gives it the
+    target's name, :meth:`discard` removes it. Either is done once; later calls do nothing."""
+
+    def __init__(self, tmp: str, path: str, name: str, overwrite: bool):
+        self.tmp, self.path, self.name, self.overwrite = tmp, path, name, overwrite
+
+    def commit(self) -> None:
+        if self.tmp is None:
+            return
+        try:
+            if self.overwrite:
+                os.replace(self.tmp, self.path)
+            else:
+                _place_new(self.tmp, self.path, self.name)
+        except BaseException:
+            self.discard()
+            raise
+        self.tmp = None
+
+    def discard(self) -> None:
+        tmp, self.tmp = self.tmp, None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 # errno values of link() on a file system without hard links (vfat, some network and FUSE file systems)

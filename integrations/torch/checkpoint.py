@@ -847,14 +847,26 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size=DEFAULT
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     table = json.loads(metadata[META_KEY])
-    names = write_shards(directory, tensors, {"format": "pt", **metadata}, max_nbytes,
-                         {"cupycodec_checkpoint": table["checkpoint"]})
     config = getattr(model, "config", None)
+    configs = {}
     if config is not None and hasattr(config, "to_json_string"):
         from . import hf
 
-        names += hf.write_configs(model, directory, table)
-    return names
+        configs = hf.stage_configs(model, directory, table)
+    # The configs are written first, under temporary names, and renamed into place after the weights: a config
+    # that cannot be serialized or written (a read-only config.json) fails before any weight is replaced, and a
+    # failure while writing the weights (the long step: a full disk) leaves the old config beside the old weights.
+    # Renamed last, not first: a new config.json beside the old weights describes shapes they lack, as much as the
+    # reverse. What is left between the two steps is renames; only a crash between them mixes the two saves.
+    try:
+        names = write_shards(directory, tensors, {"format": "pt", **metadata}, max_nbytes,
+                             {"cupycodec_checkpoint": table["checkpoint"]})
+        for f in configs.values():
+            f.commit()
+    finally:
+        for f in configs.values():
+            f.discard()  # after a commit, nothing
+    return names + list(configs)
 
 
 def load_compressed(directory, model: torch.nn.Module | None = None, *, device=None, trusted: bool = False,

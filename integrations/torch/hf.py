@@ -715,11 +715,13 @@ def _module_of(model, name: str):
         return None, attr
 
 
-def write_configs(model, directory: str, table: dict) -> list[str]:
-    """``config.json`` (with this checkpoint's ``quantization_config``) and ``generation_config.json``, atomically."""
+def stage_configs(model, directory: str, table: dict) -> dict:
+    """``config.json`` (with this checkpoint's ``quantization_config``) and ``generation_config.json``, written
+    beside their targets and not yet renamed (:func:`cupycodec._files.stage_write`): {file name: staged file}.
+    Both are serialized before either is written; whatever fails here leaves the directory as it was."""
     import copy
 
-    from cupycodec._files import atomic_write
+    from cupycodec._files import stage_write
 
     qc = _summary_config(list(table["layers"].values()))
     config = copy.deepcopy(model.config)
@@ -727,16 +729,24 @@ def write_configs(model, directory: str, table: dict) -> list[str]:
     if hasattr(model, "dtype"):
         config.dtype = str(model.dtype).rpartition(".")[2]
     config.architectures = [type(model).__name__]
-    written = []
-    text = config.to_json_string(use_diff=True).encode()
-    atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(text))
-    written.append("config.json")
+    texts = {"config.json": config.to_json_string(use_diff=True).encode()}
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(model, "can_generate", lambda: False)():
-        gtext = gen.to_json_string(use_diff=True).encode()
-        atomic_write(os.path.join(directory, "generation_config.json"), lambda f: f.write(gtext))
-        written.append("generation_config.json")
-    return written
+        texts["generation_config.json"] = gen.to_json_string(use_diff=True).encode()
+    staged = {}
+    try:
+        for name, text in texts.items():
+            staged[name] = stage_write(os.path.join(directory, name), lambda tmp, text=text: _write_bytes(tmp, text))
+    except BaseException:
+        for f in staged.values():
+            f.discard()
+        raise
+    return staged
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _summary_config(layers: list[dict], codec: str | None = None) -> CupycodecConfig:

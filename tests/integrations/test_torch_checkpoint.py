@@ -685,6 +685,41 @@ def test_a_sharded_save_pretrained_that_fails_keeps_the_one_file_checkpoint(bf16
     assert torch.equal(_logits(_load(out)), want)
 
 
+@pytest.mark.parametrize("failure", ["config.json read-only", "generation_config.json read-only", "serializing"])
+@pytest.mark.parametrize("shard_size", ["50GB", "40KB"])
+def test_save_compressed_whose_config_cannot_be_written_keeps_the_old_checkpoint(bf16_dir, tmp_path, monkeypatch,
+                                                                                 failure, shard_size):
+    """save_compressed over a checkpoint of another model (other shapes), when a config file cannot be written: the
+    weights were written first, and the new weights beside the old config.json loaded nothing. The configs are now
+    ready (serialized, written beside their targets) before any weight is written: the old checkpoint still loads."""
+    import cupycodec._files as files
+
+    old = _compressed(bf16_dir, "lossless")
+    want = _logits(old)
+    torch.manual_seed(1)
+    new = transformers.LlamaForCausalLM(_config(hidden_size=32, intermediate_size=64)).to(torch.bfloat16).eval()
+    compress_model(new, "int8", progress=False)
+    out = tmp_path / "ckpt"
+    save_compressed(old, out, max_shard_size=shard_size)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+    def fail(*args, **kwargs):
+        raise ValueError("cannot serialize")
+
+    access = os.access
+    with monkeypatch.context() as m:
+        if failure == "serializing":
+            m.setattr(type(new.generation_config), "to_json_string", fail)
+        else:  # as a non-root user sees a read-only file (root may write any)
+            name = failure.partition(" ")[0]
+            m.setattr(files.os, "access", lambda p, mode, **kw: not os.fspath(p).endswith(os.sep + name) and
+                      access(p, mode, **kw))
+        with pytest.raises((PermissionError, ValueError)):
+            save_compressed(new, out, max_shard_size="40KB")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # nothing replaced, nothing left over
+    assert torch.equal(_logits(_load(out)), want)
+
+
 def _checks_threads():
     import threading
 
