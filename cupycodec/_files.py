@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = ["StagedFile", "atomic_write", "atomic_write_path", "open_regular", "release_clean_file_pages",
-           "release_pages", "stage_write", "trim_heap"]
+           "release_pages", "stage_write", "temporary_path", "trim_heap"]
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
@@ -72,7 +72,7 @@ def stage_write(path, write: Callable[[str], None], *, overwrite: bool = True) -
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, "No such directory to write the file into", directory)
     for _ in range(100):
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        tmp = temporary_path(path)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
             break
@@ -98,6 +98,27 @@ def stage_write(path, write: Callable[[str], None], *, overwrite: bool = True) -
         staged.discard()
         raise
     return staged
+
+
+def temporary_path(path: str) -> str:
+    """A fresh name for a temporary file beside ``path``: ``.<name>.<12 hex digits>.tmp``, hidden and random,
+    with ``<name>`` cut short so that the whole fits the file system's limit on a name (NAME_MAX, 255 bytes on
+    most): a target whose name is near that limit is one a plain ``open()`` creates, and writing it through a
+    temporary file must not fail where that does. The random part, not the name, keeps temporary files apart."""
+    directory, name = os.path.split(path)
+    suffix = f".{secrets.token_hex(6)}.tmp"
+    room = _name_max(directory) - 1 - len(suffix)  # the leading dot
+    while len(os.fsencode(name)) > room:  # whole characters (one byte for an undecodable one)
+        name = name[:-1]
+    return os.path.join(directory, f".{name}{suffix}")
+
+
+def _name_max(directory: str) -> int:
+    try:
+        limit = os.pathconf(directory or ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # a directory still to be made, no pathconf (Windows)
+        return 255
+    return limit if limit > 0 else 255  # -1: no limit the system will state
 
 
 class StagedFile:

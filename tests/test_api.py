@@ -461,6 +461,17 @@ def test_save_without_overwrite_never_replaces_a_file_made_while_it_writes(tmp_p
     os.umask(umask)
     assert other.stat().st_mode & 0o777 == 0o666 & ~umask
 
+@pytest.mark.parametrize("name", ["w" * 252 + ".cc", "w" * 237 + ".cc", "\u00e9" * 126 + ".cc"])
+def test_save_takes_every_name_the_file_system_takes(tmp_path, name):
+    # the temporary file is named after the target: a name near NAME_MAX (255 bytes here) made it too long to create
+    assert len(os.fsencode(name)) <= os.pathconf(tmp_path, "PC_NAME_MAX")
+    c = cc.compress(np.arange(10))
+    cc.save(tmp_path / name, c)
+    cc.save(tmp_path / name, c, overwrite=True)
+    assert cc.load(tmp_path / name) == c
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
 def test_load_truncated_file(tmp_path):
     path = tmp_path / "w.cc"
     cc.save(path, cc.compress(np.arange(1000)))

@@ -37,6 +37,17 @@ def test_compress_decompress_inspect(tmp_path, capsys):
     assert '"segments"' in capsys.readouterr().out
 
 
+def test_output_names_as_long_as_the_file_system_takes(tmp_path):
+    # the temporary file beside the output is named after it, cut to fit the file system's limit on a name
+    x = np.arange(100, dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    packed, out = tmp_path / ("c" * 252 + ".cc"), tmp_path / ("y" * 251 + ".npy")
+    assert main(["compress", str(tmp_path / "x.npy"), str(packed)]) == 0
+    assert main(["decompress", str(packed), str(out)]) == 0
+    assert np.array_equal(np.load(out), x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([packed.name, out.name, "x.npy"])
+
+
 def test_inspect_checks_the_chunk_crcs_unless_told_not_to(tmp_path, capsys):
     """inspect loaded with verify=True, which only defers the chunk CRCs to a decode that inspect never runs: a
     corrupt file printed its header and exited 0, and --no-verify changed nothing."""

@@ -15,6 +15,8 @@ import secrets
 import stat
 import warnings
 
+from cupycodec._files import temporary_path
+
 __all__ = ["fingerprint", "key_path", "local_key", "mac"]
 
 KEY_ENV = "CUPYCODEC_KEY_FILE"
@@ -83,7 +85,7 @@ def local_key(*, create: bool) -> bytes | None:
 def _create(path: str) -> bytes | None:
     """Write a new key beside ``path`` and link it into place, so no reader ever sees a partial key."""
     key = secrets.token_bytes(KEY_NBYTES)
-    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
+    tmp = temporary_path(path)  # cut to fit the file system's limit on a name, as the key's name does
     try:
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

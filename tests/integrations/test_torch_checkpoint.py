@@ -449,6 +449,17 @@ def test_signed_here_loads_trusted_elsewhere_untrusted(saved, tmp_path, monkeypa
     assert all(t.trusted for t in _templates(load_compressed(out, _fresh(), trusted=True, progress=False)))
 
 
+def test_a_signing_key_file_of_a_long_name_is_created(tmp_path, monkeypatch):
+    # the key is written under a temporary name beside it first: a name near NAME_MAX made that one too long
+    from cupycodec.integrations.torch import _signing
+
+    path = tmp_path / "keys" / ("k" * 250 + ".key")
+    monkeypatch.setenv("CUPYCODEC_KEY_FILE", str(path))
+    key = _signing.local_key(create=True)
+    assert key is not None and path.read_bytes() == key
+    assert os.listdir(path.parent) == [path.name]
+
+
 def test_keys_must_match(saved, tmp_path, bf16_dir):
     model, out = saved
     with pytest.raises(cc.AuthenticationError, match="another key"):
