@@ -50,7 +50,7 @@ def stage_write(path, write: Callable[[str], None], *, overwrite: bool = True) -
     checked (a read-only target, a missing directory, a full disk fail here), and ``path`` is left as it was
     until :meth:`StagedFile.commit`. For writes of several files that must not be left half done: stage each,
     then commit them together, when nothing but a rename is left to fail."""
-    name = os.fspath(path)
+    name = os.fsdecode(path)  # a bytes path, as open() and load() take one
     if name.endswith(os.sep) or (os.altsep and name.endswith(os.altsep)):  # open() refuses these too
         raise IsADirectoryError(errno.EISDIR, "names a directory (it ends in a separator); name a file", name)
     try:

@@ -472,6 +472,18 @@ def test_save_takes_every_name_the_file_system_takes(tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
 
 
+def test_save_takes_a_bytes_path_as_load_does(tmp_path):
+    c = cc.compress(np.arange(10))
+    path = os.fsencode(tmp_path / "w.cc")
+    cc.save(path, c)
+    cc.save(path, c)  # over the file it made
+    assert cc.load(path) == c
+    with pytest.raises(FileExistsError):
+        cc.save(path, c, overwrite=False)
+    with pytest.raises(TypeError, match="expected str, bytes or os.PathLike"):
+        cc.save(3, c)
+
+
 def test_load_truncated_file(tmp_path):
     path = tmp_path / "w.cc"
     cc.save(path, cc.compress(np.arange(1000)))

@@ -222,7 +222,7 @@ class Checkpoint:
     """A checkpoint directory's files and metadata, opened and checked (no payload read yet)."""
 
     def __init__(self, directory):
-        self.directory = os.fspath(directory)
+        self.directory = os.fsdecode(directory)  # a bytes path too, as open() takes
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"{self.directory!r} is not a directory (a checkpoint is a directory of "
                                     "safetensors files)")
@@ -824,7 +824,7 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size=DEFAULT
         Its :class:`CompressedLinear` layers are stored as they are; every other parameter and persistent buffer is
         compressed losslessly. A transformers model also gets its ``config.json`` (with a ``quantization_config``)
         and ``generation_config.json``, so ``from_pretrained`` reads the directory.
-    directory : str or PathLike
+    directory : str, bytes or PathLike
         Created if needed. Files of an earlier checkpoint there are replaced; other files are left alone.
     max_shard_size : int or str
         Largest shard, in bytes or as ``"5GB"`` / ``"500MiB"``; a larger tensor gets a shard of its own. The
@@ -844,7 +844,7 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size=DEFAULT
         key = _check_key(key)  # bytes of a random secret: a str gave "string argument without an encoding"
     max_nbytes = _shard_nbytes(max_shard_size)
     tensors, metadata = checkpoint_state(model, key=key)
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     os.makedirs(directory, exist_ok=True)
     table = json.loads(metadata[META_KEY])
     config = getattr(model, "config", None)
@@ -876,7 +876,7 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
 
     Parameters
     ----------
-    directory : str or PathLike
+    directory : str, bytes or PathLike
     model : torch.nn.Module, optional
         The model to load into, built as it was saved (same shapes and dtype): its Linear layers are replaced by the
         checkpoint's compressed ones, its other tensors by the checkpoint's. Without it, a transformers checkpoint
@@ -917,7 +917,7 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
 
     The model changes only once every tensor has been read.
     """
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     from .offload import _compute_device, check_options, offload_model
 
     offload = check_options(offload, max_gpu_memory)  # checked before any byte is read

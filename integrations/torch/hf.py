@@ -809,7 +809,7 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
     """
     import transformers
 
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     _local_model_dir(directory, "loading a compressed checkpoint", no_config=(
         "; a checkpoint of a model that is not a transformers model (save_compressed of a torch.nn.Module) loads "
         "into that model: load_compressed(directory, model=the model, built as it was saved)"))
@@ -852,7 +852,7 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
 
     from .checkpoint import save_compressed
 
-    input_dir, output_dir = os.fspath(input_dir), os.fspath(output_dir)
+    input_dir, output_dir = os.fsdecode(input_dir), os.fsdecode(output_dir)
     # checked before anything loads: a Hub id (or a typo) would go to huggingface.co, and the copy of the other
     # files below reads the input directory once the output is written
     _local_model_dir(input_dir, "compress-model", not_a_dir=" (a model on the Hugging Face Hub: download it "

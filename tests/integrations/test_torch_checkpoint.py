@@ -460,6 +460,16 @@ def test_a_signing_key_file_of_a_long_name_is_created(tmp_path, monkeypatch):
     assert os.listdir(path.parent) == [path.name]
 
 
+def test_save_compressed_and_load_compressed_take_a_bytes_path(saved, tmp_path):
+    model, _ = saved
+    want = _logits(model)
+    out = os.fsencode(tmp_path / "bytes")
+    names = save_compressed(model, out)
+    assert all(isinstance(n, str) for n in names)
+    assert torch.equal(_logits(load_compressed(out, _fresh(), progress=False)), want)
+    assert torch.equal(_logits(load_compressed(out, progress=False)), want)
+
+
 def test_keys_must_match(saved, tmp_path, bf16_dir):
     model, out = saved
     with pytest.raises(cc.AuthenticationError, match="another key"):
