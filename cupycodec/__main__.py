@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=_positive(int), default=128, help="inputs per group (default: %(default)s)")
     s.add_argument("--codec", help="payload codec (default: ans on a GPU, zstd-based on the CPU)")
     s.add_argument("--device", help="where to load and compress (default: cuda when usable, else cpu)")
-    s.add_argument("--max-shard-size", default="50GB", help="largest shard, e.g. 5GB or 500MiB (default: %(default)s)")
+    s.add_argument("--max-shard-size", default="50GB",
+                   help="largest shard, in bytes or e.g. 5GB or 500MiB (default: %(default)s)")
     s.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_compress_model)

@@ -802,14 +802,29 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
 
 
 def _shard_nbytes(size) -> int:
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size must be a byte count or a size like '5GB' or '500MiB', got {size!r}")
-    unit = m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** "KMGT".index(unit[0]) * base)
+    """``max_shard_size`` in bytes: a positive int, the same as a string of digits (what a command line gives), or a
+    size with a unit (``"5GB"``, ``"500MiB"``)."""
+    nbytes = 0
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif isinstance(size, str) and size.strip().isascii() and size.strip().isdigit():
+        nbytes = int(size)
+    elif m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), re.IGNORECASE):
+        unit = m.group(2).upper()
+        base = 1024 if "I" in unit else 1000
+        nbytes = int(float(m.group(1)) * base ** "KMGT".index(unit[0]) * base)
+    if nbytes <= 0:
+        raise ValueError(f"max_shard_size must be a byte count or a size like '5GB' or '500MiB' (more than 0), got "
+                         f"{size!r}")
+    return nbytes
+
+
+def _check_output_directory(directory: str) -> None:
+    """Refuse an output that exists and is not a directory, before anything is loaded or compressed (creating the
+    directory would fail only after that work)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory!r} is a file, not a directory: give a directory (new, or one to write "
+                                 "the checkpoint into)")
 
 
 DEFAULT_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default: a model of that size or less is one file
@@ -843,8 +858,9 @@ def save_compressed(model: torch.nn.Module, directory, *, max_shard_size=DEFAULT
     else:
         key = _check_key(key)  # bytes of a random secret: a str gave "string argument without an encoding"
     max_nbytes = _shard_nbytes(max_shard_size)
-    tensors, metadata = checkpoint_state(model, key=key)
     directory = os.fsdecode(directory)
+    _check_output_directory(directory)
+    tensors, metadata = checkpoint_state(model, key=key)
     os.makedirs(directory, exist_ok=True)
     table = json.loads(metadata[META_KEY])
     config = getattr(model, "config", None)

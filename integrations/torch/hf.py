@@ -850,9 +850,12 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
 
     from cupycodec._files import atomic_write_path
 
-    from .checkpoint import save_compressed
+    from .checkpoint import _check_output_directory, _shard_nbytes, save_compressed
 
     input_dir, output_dir = os.fsdecode(input_dir), os.fsdecode(output_dir)
+    # checked before the model loads and compresses, which takes minutes; save_compressed checks them only after
+    _shard_nbytes(max_shard_size)
+    _check_output_directory(output_dir)
     # checked before anything loads: a Hub id (or a typo) would go to huggingface.co, and the copy of the other
     # files below reads the input directory once the output is written
     _local_model_dir(input_dir, "compress-model", not_a_dir=" (a model on the Hugging Face Hub: download it "

@@ -845,6 +845,38 @@ def test_compress_model_cli_refuses_a_device_that_is_not_there(bf16_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_compress_model_cli_takes_a_shard_size_in_bytes(bf16_dir, tmp_path, capsys):
+    from cupycodec.__main__ import main
+    from cupycodec.integrations.torch.checkpoint import _shard_nbytes
+
+    assert _shard_nbytes("1000000") == _shard_nbytes(" 1000000 ") == _shard_nbytes(1_000_000) == 1_000_000
+    assert _shard_nbytes("5GB") == 5 * 10**9 and _shard_nbytes("500MiB") == 500 * 2**20
+    for bad in ("0", "-5", "0GB", "1.5", "5 apples", True, 0):
+        with pytest.raises(ValueError, match="max_shard_size must be a byte count"):
+            _shard_nbytes(bad)
+    assert main(["compress-model", bf16_dir, str(tmp_path / "out"), "--mode", "int8", "--quiet",
+                 "--max-shard-size", "40000"]) == 0
+    assert len(_shards(tmp_path / "out")) > 1
+    assert isinstance(_load(tmp_path / "out").model.layers[0].mlp.up_proj, CompressedLinear)
+
+
+def test_compress_model_refuses_a_bad_shard_size_or_output_before_loading(bf16_dir, tmp_path, capsys, monkeypatch):
+    from cupycodec.__main__ import main
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking its arguments")
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", load)
+    assert main(["compress-model", bf16_dir, str(tmp_path / "out"), "--mode", "int8", "--quiet",
+                 "--max-shard-size", "5 apples"]) == 2
+    assert "max_shard_size must be a byte count or a size like '5GB'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").write_text("a file")
+    assert main(["compress-model", bf16_dir, str(tmp_path / "out"), "--mode", "int8", "--quiet"]) == 2
+    assert "is a file, not a directory: give a directory" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "a file"
+
+
 def test_compress_model_cli_refuses_an_input_that_is_not_a_directory(tmp_path, capsys, monkeypatch):
     from cupycodec.__main__ import main
 
