@@ -323,6 +323,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SIGTERM = 15
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT (not an Exception: no handler of
+    errors may swallow it)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While the command runs, SIGTERM (kill, a service manager, a job's time limit) unwinds it as Ctrl-C does, so
+    that an atomic write under way removes its temporary file: killed at once (Python's default), the hidden
+    ``.<output>.<hex>.tmp`` was left behind. The handler it replaces is put back after. Left alone: a SIGTERM that
+    was ignored (``nohup``-style launchers), and a call from another thread, which cannot set handlers."""
+    import signal
+    import threading
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    old = signal.getsignal(signal.SIGTERM)
+    if old is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -331,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import CupycodecError
 
     try:
-        _writable_json(args)
-        return args.fn(args)
+        with _terminate_as_interrupt():
+            _writable_json(args)
+            return args.fn(args)
+    except _Terminated:
+        print(f"cupycodec {args.command}: terminated", file=sys.stderr)
+        return 128 + _SIGTERM
     except KeyboardInterrupt:  # Ctrl-C: one line, as other tools; writes are atomic, so nothing partial is left
         print(f"cupycodec {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -265,6 +265,48 @@ def test_decompress_writes_exactly_the_given_path_atomically(tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "x.cc"]  # nothing half-written left behind
 
 
+_TERM_DURING_WRITE = """
+import os, signal, sys
+import numpy as np
+from cupycodec.__main__ import main
+write_array = np.lib.format.write_array
+def slow(f, *args, **kwargs):  # SIGTERM arrives half-way through the write (its temporary file made)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return write_array(f, *args, **kwargs)
+np.lib.format.write_array = slow
+before = signal.getsignal(signal.SIGTERM)
+rc = main(sys.argv[1:])
+print("restored" if signal.getsignal(signal.SIGTERM) is before else "not restored")
+sys.exit(rc)
+"""
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
+    # SIGTERM (a service manager, kill, a job's timeout) ends the CLI as Ctrl-C does: the atomic write removes its
+    # temporary file, and the exit status is 128 + 15; the handler it had before main() is put back
+    cc.save(tmp_path / "x.cc", cc.compress(np.arange(1000, dtype=np.float64)))
+    proc = subprocess.run([sys.executable, "-c", _TERM_DURING_WRITE, "decompress", str(tmp_path / "x.cc"),
+                           str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert proc.stderr == "cupycodec decompress: terminated\n" and proc.stdout == "restored\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.cc"]
+
+
+def test_sigterm_is_left_ignored_where_it_was(tmp_path):
+    import signal
+
+    cc.save(tmp_path / "x.cc", cc.compress(np.arange(1000, dtype=np.float64)))
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        code = _TERM_DURING_WRITE.replace("before = ", "signal.signal(signal.SIGTERM, signal.SIG_IGN); before = ")
+        proc = subprocess.run([sys.executable, "-c", code, "decompress", str(tmp_path / "x.cc"),
+                               str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert proc.returncode == 0 and proc.stdout.endswith("restored\n"), proc.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), np.arange(1000, dtype=np.float64))
+
+
 def test_cli_reports_user_errors_plainly(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("1,2,3\n")
     assert main(["compress", str(tmp_path / "x.txt"), str(tmp_path / "x.cc")]) == 2
