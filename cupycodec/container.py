@@ -709,11 +709,20 @@ def verify_chunks(header: Header, payload: memoryview, executor=None) -> None:
             if got != c:
                 raise ChecksumError(name, c, got, chunk=lo + j)
 
-    if executor is None or len(jobs) < 2:
+    results = None
+    if executor is not None and len(jobs) >= 2:
+        from concurrent.futures import BrokenExecutor
+
+        try:
+            results = executor.map(check, jobs)  # submits every job before it returns
+        except RuntimeError as exc:  # shut down: an atexit handler's verify, after Python shut its pools down
+            if isinstance(exc, BrokenExecutor):
+                raise
+    if results is None:
         for job in jobs:
             check(job)
     else:
-        for _ in executor.map(check, jobs):
+        for _ in results:
             pass
 
 

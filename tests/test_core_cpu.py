@@ -418,3 +418,33 @@ def test_every_payload_byte_is_written(monkeypatch):
 
     monkeypatch.setattr(_compress, "np", Dirty())
     assert containers() == want
+
+
+_AT_EXIT = """
+import atexit, os, sys
+import numpy as np
+import cupycodec as cc
+
+x = np.random.default_rng(0).standard_normal(1_000_000).astype(np.float32)  # 4 MB: spread over the pool
+kept = cc.compress(x, codec="zstd", chunk_nbytes=1 << 20)
+
+def on_exit():  # "save on exit": after Python shut its thread pools down
+    c = cc.compress(x, codec="zstd", chunk_nbytes=1 << 13)
+    cc.save(sys.argv[1], c)
+    again = cc.load(sys.argv[1]).verify()  # every chunk CRC (489 chunks: two jobs), on the pool
+    print(np.array_equal(cc.decompress(again), x), np.array_equal(cc.decompress(kept), x), flush=True)
+
+atexit.register(on_exit)
+"""
+
+
+def test_core_work_runs_in_an_atexit_handler(tmp_path):
+    # the pool refuses work once Python began shutting down (concurrent.futures' own exit hook runs before atexit's
+    # handlers); the work then runs in the calling thread, where it raised a foreign RuntimeError
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUPYCODEC_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", _AT_EXIT, str(tmp_path / "x.cc")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout == "True True\n" and proc.stderr == "", proc.stderr

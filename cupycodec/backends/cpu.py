@@ -13,7 +13,7 @@ import functools
 import os
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from ..layout import table_nbytes
 from ._planes import planes_for
 
 __all__ = ["CopyChunks", "DecodePlanes", "DecodeSegment", "EncodePlanes", "EncodeSegment", "Work", "address", "crc32",
-           "decode_segments", "encode_segment", "executor", "num_threads", "run"]
+           "decode_segments", "encode_segment", "executor", "num_threads", "run", "submit"]
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
@@ -57,6 +57,18 @@ def executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=num_threads(), thread_name_prefix="cupycodec")
         return _executor
+
+
+def submit(fn, *args) -> Future | None:
+    """``executor().submit(fn, *args)``, or None where the pool takes no more work: Python shuts its thread pools
+    down before it runs ``atexit`` handlers, so work from one ("save on exit") is refused, and the caller runs it
+    in its own thread instead. A broken pool is still an error."""
+    try:
+        return executor().submit(fn, *args)
+    except BrokenExecutor:  # a RuntimeError too: never a refusal to take work
+        raise
+    except RuntimeError:  # submit raises nothing else: shut down (the pool, or every pool at exit)
+        return None
 
 
 def reset_after_fork() -> None:
@@ -137,7 +149,11 @@ def run(works) -> None:
     queue, futures = _Queue(groups), []
     try:
         for _ in range(min(threads, len(groups))):
-            futures.append(executor().submit(_drain, queue))
+            future = submit(_drain, queue)
+            if future is None:  # the pool takes no more work: the groups left run here
+                _drain(queue)
+                break
+            futures.append(future)
         for f in futures:
             f.result()
     except BaseException:  # KeyboardInterrupt in the caller: the caller's buffers are still being written
