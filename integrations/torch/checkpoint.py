@@ -511,7 +511,19 @@ class Checks:
         self._jobs: list = []
 
     def submit(self, where: str, fn, *args) -> None:
-        self._jobs.append((where, self._pool.submit(fn, *args)))
+        from concurrent.futures import BrokenExecutor, Future
+
+        try:
+            job = self._pool.submit(fn, *args)
+        except RuntimeError as exc:  # a load in an atexit handler: Python refuses new work to pools by then
+            if isinstance(exc, BrokenExecutor):
+                raise
+            job = Future()  # the check runs here, in the calling thread, its result or error kept for wait()
+            try:
+                job.set_result(fn(*args))
+            except Exception as err:
+                job.set_exception(err)
+        self._jobs.append((where, job))
 
     def abandon(self) -> None:
         """Drop the pending checks (after another error); returns once none is running."""

@@ -1337,3 +1337,39 @@ def test_a_key_file_that_is_a_fifo_is_refused_at_once(tmp_path, monkeypatch):
         t.start()
         t.join(10)
     assert not t.is_alive() and got == [None]
+
+
+_LOAD_AT_EXIT = """
+import atexit, sys, torch
+from cupycodec.integrations.torch import compress_model, load_compressed, save_compressed
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64))
+
+model = net()
+compress_model(model, sys.argv[2], progress=False)
+save_compressed(model, sys.argv[1])
+x = torch.randn(2, 256)
+with torch.no_grad():
+    want = model(x)
+
+def at_exit():
+    back = load_compressed(sys.argv[1], net(), device="cpu", progress=False)
+    with torch.no_grad():
+        print(torch.equal(back(x), want))
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8"])
+def test_a_checkpoint_loads_in_an_atexit_handler(tmp_path, mode):
+    # the load's check pool is made per load: at exit Python refuses it work ("cannot schedule new futures after
+    # interpreter shutdown"), and the checks now run in the calling thread
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AT_EXIT, str(tmp_path / "ck"), mode], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr
