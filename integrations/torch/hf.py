@@ -463,8 +463,12 @@ class CupycodecHfQuantizer(HfQuantizer):
             swapped.append(fqn)
         _untie(model, swapped)
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map or "cpu"}
-        device = torch.device("cuda") if any("cuda" in str(d) or isinstance(d, int) for d in devices) else \
-            torch.device("cpu")
+        # "auto", "balanced", "balanced_low_0" and "sequential" are resolved by transformers after this call, onto
+        # the GPUs first when there are any: decided here as the CPU, an untrusted checkpoint skipped the refusal
+        # that GPU payloads get before anything is read (and the GPU CRC pass was off)
+        resolved_later = any(d in _DEVICE_MAP_STRATEGIES for d in devices if isinstance(d, str))
+        device = torch.device("cuda") if any("cuda" in str(d) or isinstance(d, int) for d in devices) or \
+            (resolved_later and torch.cuda.is_available()) else torch.device("cpu")
         self._plan = _plan(ckpt, model, device, self._trusted, strict=cfg.strict)
         self._checks = Checks()  # CRCs and MACs of the tensors transformers hands over, on worker threads
         # tensors bound for a GPU: their CRCs checked there, once transformers has placed them all
@@ -646,6 +650,9 @@ def _save_call(model) -> dict | None:
 
 
 _AFTER_SAVE = "barrier_after_gathered_checkpoint_save"  # the last call of transformers' save_pretrained (>= 5.2x)
+
+
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named device maps
 
 
 def _clear_earlier_save(model, tensors: dict) -> None:

@@ -1373,3 +1373,28 @@ def test_a_checkpoint_loads_in_an_atexit_handler(tmp_path, mode):
     proc = subprocess.run([sys.executable, "-c", _LOAD_AT_EXIT, str(tmp_path / "ck"), mode], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr
+
+
+@pytest.mark.parametrize("device_map", ["auto", "balanced", "sequential", {"": 0}, None])
+def test_a_named_device_map_on_a_gpu_machine_is_decided_as_the_gpu_before_loading(bf16_dir, tmp_path, monkeypatch,
+                                                                                   device_map):
+    # transformers resolves "auto" (and the other named maps) after the quantizer's preprocess_model, onto the GPUs
+    # first: the load's device was decided as the CPU there, so an untrusted checkpoint skipped the refusal that GPU
+    # payloads get before anything is read, and the GPU CRC pass was off. Stopped at that decision, on a machine
+    # made to look as if it had CUDA.
+    from cupycodec.integrations.torch import hf
+
+    out = tmp_path / "hf"
+    _compressed(bf16_dir, "lossless").save_pretrained(out)
+    seen = []
+
+    def decided(ckpt, model, device, trusted, strict):
+        seen.append(torch.device(device).type)
+        raise KeyboardInterrupt  # nothing more is needed, and no CUDA call follows
+
+    monkeypatch.setattr(hf, "_plan", decided)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kwargs = {} if device_map is None else {"device_map": device_map}
+    with pytest.raises(KeyboardInterrupt):
+        _load(out, **kwargs)
+    assert seen == ["cpu" if device_map is None else "cuda"]
