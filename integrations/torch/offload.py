@@ -305,17 +305,27 @@ def map_blocks(model: torch.nn.Module, device_map: dict) -> tuple[list[_Block], 
     blocks = _blocks(model)
     off = set()
     for i, b in enumerate(blocks):
-        where = _entry(b.name, device_map)
-        inner = {str(_as_device(v)) for k, v in device_map.items() if k.startswith(b.name + ".")}
-        if inner and inner != {str(where)}:
-            raise ValueError(f"device_map splits block {b.name!r} between {', '.join(sorted({str(where), *inner}))}; "
-                             "cupycodec places whole blocks: map the block to one device")
+        where = _block_device(b, device_map)
         if where == "disk":
             raise ValueError(f"device_map puts block {b.name!r} on 'disk'; cupycodec keeps offloaded compressed "
                              "blocks in pinned host memory: map it to 'cpu'")
         if where == "cpu":
             off.add(i)
     return blocks, off, map_gpu(device_map)
+
+
+def _block_device(block: _Block, device_map: dict):
+    """Where ``device_map`` puts ``block``: the one device its every tensor maps to (by the block's own key, its
+    submodules' keys, or a prefix's), as accelerate reads a map. A map may name the block or only its submodules
+    (``infer_auto_device_map`` without ``no_split_module_classes``); ValueError if they go to several devices."""
+    names = [f"{block.name}.{n}" for n, _ in block.module.named_parameters(remove_duplicate=False)]
+    names += [f"{block.name}.{n}" for n, _ in block.module.named_buffers(remove_duplicate=False)]
+    found = {str(_entry(n, device_map)): _entry(n, device_map) for n in names or [block.name]}
+    if len(found) > 1 or None in found.values():
+        where = sorted(k for k in found if k != "None") + (["no device"] if None in found.values() else [])
+        raise ValueError(f"device_map splits block {block.name!r} between {', '.join(where)}; cupycodec places "
+                         "whole blocks: map the block to one device")
+    return next(iter(found.values()))
 
 
 def map_gpu(device_map: dict) -> torch.device | None:

@@ -199,6 +199,17 @@ def test_device_maps_name_the_blocks_to_offload():
         off.map_blocks(model, {"": 0, "model.layers.1.mlp": "cpu"})
     with pytest.raises(ValueError, match=r"puts block 'model.layers.0' on 'disk'.*map it to 'cpu'"):
         off.map_blocks(model, {"": 0, "model.layers.0": "disk"})
+    # a map that names a block's submodules, not the block (infer_auto_device_map without no_split_module_classes):
+    # all on one device is that device's block; it was refused as split "between None, cpu"
+    parts = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+    by_parts = {"": 0, **{f"model.layers.2.{p}": "cpu" for p in parts}}
+    assert off.map_blocks(model, by_parts)[1:] == ({2}, gpu0)
+    assert off.map_blocks(model, {"model.embed_tokens": 0, "model.norm": 0, "lm_head": 0,
+                                  **{f"model.layers.{i}.{p}": 0 for i in range(4) for p in parts}})[1:] == (set(), gpu0)
+    with pytest.raises(ValueError, match=r"splits block 'model.layers.2' between cpu, cuda:0; "):
+        off.map_blocks(model, {**by_parts, "model.layers.2.mlp": 0})
+    with pytest.raises(ValueError, match=r"splits block 'model.layers.0' between cpu, no device"):
+        off.map_blocks(model, {"model.layers.0.self_attn": "cpu"})
     with pytest.raises(ValueError, match="nothing on a GPU, so there is no GPU to stream them to"):
         off.place_mapped(model, {"": "cpu"})
     assert off.place_mapped(model, {"": 0}) is None  # nothing on the host: accelerate's placement stands
