@@ -325,6 +325,12 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         registry.get_codec(codec)  # UnknownCodecError naming the registered codecs
     for fqn, m in chosen:
         if m.weight.is_meta:
+            if hasattr(m, "_hf_hook"):  # accelerate's cpu_offload/disk_offload/dispatch_model keep it elsewhere
+                raise ValueError(f"layer {fqn!r}: accelerate offloaded its weight (cpu_offload, disk_offload or "
+                                 "dispatch_model left it on the meta device, brought back only inside forward); "
+                                 "remove the hooks first (accelerate.hooks.remove_hook_from_module(model, "
+                                 "recurse=True)), compress, then offload with cupycodec.integrations.torch."
+                                 "offload_model or its dispatch_model")
             raise ValueError(f"layer {fqn!r}: its weight is on the meta device (a model built empty, e.g. under "
                              "accelerate.init_empty_weights()); load its weights first, or compress while loading: "
                              "from_pretrained(..., quantization_config=CupycodecConfig(...))")

@@ -253,3 +253,19 @@ def test_dispatch_refuses_before_anything_moves():
     assert torch.equal(_logits(model), want)
     assert dispatch_model(model, {"": "cpu"}) is None and model.cupycodec_offload is None  # no GPU: accelerate's
     assert torch.equal(_logits(model), want)
+
+
+def test_compressing_a_model_accelerate_offloaded_names_its_hooks():
+    # the error blamed a model built empty (init_empty_weights) and told to load its weights, which were loaded
+    import accelerate
+    from accelerate.hooks import remove_hook_from_module
+
+    model = tiny_llama(layers=2)
+    want = _logits(model)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with pytest.raises(ValueError, match=r"accelerate offloaded its weight.*remove_hook_from_module"):
+        compress_model(model, "int8", progress=False)
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+    remove_hook_from_module(model, recurse=True)
+    compress_model(model, "lossless", progress=False)
+    assert torch.equal(_logits(model), want)
