@@ -24,8 +24,10 @@ import torch
 
 import cupycodec as cc
 
+from . import runtime
 from .linear import CompressedLinear
 from .model import find_blocks, install
+from .runtime import DecodeGroup
 
 __all__ = ["OffloadReport", "check_options", "dispatch_model", "map_blocks", "map_gpu", "offload_model", "parse_nbytes",
            "place_mapped"]
@@ -121,13 +123,23 @@ def _tensors(model: torch.nn.Module):
 
 def _device_nbytes(model, blocks: list[_Block], offloaded) -> int:
     """The model's device bytes when the blocks of index set ``offloaded`` (an int k: blocks k and after) are
-    offloaded and the rest stay resident."""
+    offloaded and the rest stay resident: its tensors there, and what its runtime allocates on a GPU, per thread
+    that runs it: two decode slots (the largest group's: a block, or a compressed layer outside any block, such as
+    a head), two staging buffers (the largest offloaded block), and two wide buffers where a large batch's INT8
+    blocks are dequantized (:data:`runtime.WIDE`). The slots were sized by blocks alone and the wide buffers left
+    out: a model with its head compressed, or an INT8 prefill, held up to twice its budget."""
     off = set(range(offloaded, len(blocks))) if isinstance(offloaded, int) else set(offloaded)
     offloaded_ids = {id(t) for i in off for m in blocks[i].layers for t in m._stored()}
     rest = sum(t.numel() * t.element_size() for _, _, _, t in _tensors(model) if id(t) not in offloaded_ids)
-    slot = max((b.slot_if(i in off) for i, b in enumerate(blocks)), default=0)
+    in_blocks = {id(m) for b in blocks for m in b.layers}
+    loose = list({id(m): m for m in model.modules() if isinstance(m, CompressedLinear) and id(m) not in in_blocks}
+                 .values())
+    slot = max([b.slot_if(i in off) for i, b in enumerate(blocks)] +
+               [DecodeGroup([m], "").nbytes for m in loose], default=0)
     staging = max((blocks[i].stored for i in off), default=0)
-    return rest + 2 * slot + 2 * staging
+    wide = max([DecodeGroup(b.layers, b.name).wide_nbytes for b in blocks] +
+               [DecodeGroup([m], "").wide_nbytes for m in loose], default=0) if runtime.WIDE else 0
+    return rest + 2 * slot + 2 * staging + 2 * wide
 
 
 def plan(model: torch.nn.Module, max_gpu_memory=None) -> tuple[list[_Block], int, int]:
@@ -148,8 +160,8 @@ def plan(model: torch.nn.Module, max_gpu_memory=None) -> tuple[list[_Block], int
         need = min(sizes)
         raise ValueError(f"max_gpu_memory={max_gpu_memory!r} ({budget / 2**30:.2f} GiB) is below the minimum for this "
                          f"model, {need / 2**30:.2f} GiB ({need} bytes): its other tensors, its resident blocks, two "
-                         f"decode slots and two staging buffers of an offloaded block, for the best split; give at "
-                         f"least that")
+                         f"decode slots, two staging buffers of an offloaded block and, for INT8 layers, two buffers "
+                         f"a large batch dequantizes a block into, for the best split; give at least that")
     k = max(fits)
     return blocks, k, sizes[k]
 

@@ -269,3 +269,29 @@ def test_compressing_a_model_accelerate_offloaded_names_its_hooks():
     remove_hook_from_module(model, recurse=True)
     compress_model(model, "lossless", progress=False)
     assert torch.equal(_logits(model), want)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+@pytest.mark.parametrize("head", [False, True])
+def test_the_budget_counts_everything_the_runtime_allocates_on_a_gpu(mode, head):
+    # the slots were sized by the largest block, while the runtime sizes them by its largest group (a compressed
+    # head is a group of its own), and the two buffers an INT8 prefill dequantizes a block into were not counted:
+    # up to twice the budget on a GPU. The CPU stands in for the GPU (what a GPU's runtime allocates is sized here)
+    import transformers
+
+    off._warned_pageable = True
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=4096, tie_word_embeddings=False)).eval().to(torch.bfloat16)
+    compress_model(model, mode, progress=False, filter_fn=(lambda m, f: True) if head else None)
+    blocks, k, est = off.plan(model, max_gpu_memory=None)
+    budget = off._device_nbytes(model, blocks, 2)  # two blocks resident
+    blocks, k, est = off.plan(model, budget)
+    report = off._place(model, torch.device("cpu"), blocks, k, est)
+    rt = model._cupycodec_runtime[0]
+    offloaded = {id(t) for b in blocks[k:] for m in b.layers for t in m._stored()}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    rest = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in offloaded)
+    held = rest + 2 * (rt.slot_nbytes + rt.staging_nbytes + rt.wide_nbytes)  # Runtime on CUDA: two of each
+    assert report.device_nbytes == held <= budget
