@@ -406,10 +406,7 @@ class Runtime:
         key = (threading.get_ident(), device)
         st = self._devices.get(key)
         if st is None:
-            # a thread's first forward here: the states of threads that have ended go (a slot is a block's weights)
-            alive = {t.ident for t in threading.enumerate()}
-            for old in [k for k in list(self._devices) if k[0] not in alive]:  # list(): other threads add keys
-                self._devices.pop(old, None)
+            self._drop_ended()  # a thread's first forward here
             st = self._devices[key] = _DeviceState()
         if not st.slots:  # allocated when a group first decodes
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1
@@ -422,11 +419,37 @@ class Runtime:
                 st.copy = torch.cuda.Stream(device)
         return st
 
+    def _drop_ended(self) -> None:
+        """Give back the states of threads that have ended: their slots, staging and wide buffers (a block's weights
+        each), and their layers' hot views into them. Asked when a thread's first forward comes and when a forward
+        starts while several threads' states are kept: before, a thread that ended (``Thread(target=generate)``)
+        kept its slots until another thread's first forward. The memory goes back to torch after the work its side
+        and copy streams enqueued (the home stream waits for them, as in ``__del__``)."""
+        alive = {t.ident for t in threading.enumerate()}
+        with self._lock:
+            for key in [k for k in list(self._devices) if k[0] not in alive]:  # list(): other threads add keys
+                st = self._devices.pop(key, None)
+                if st is None:
+                    continue
+                for g in self.groups:
+                    for layer in g.layers:
+                        with contextlib.suppress(ReferenceError):  # a standalone runtime's layer, already gone
+                            for attr in ("_hot", "_wide"):
+                                held = layer.__dict__.get(attr)
+                                if held is not None and held[0] == key[0]:
+                                    layer.__dict__[attr] = None
+                if st.home is not None and not _capturing():
+                    for stream in (st.side, st.copy):
+                        if stream is not None:
+                            st.home.wait_stream(stream)
+
     # -- the forward pass ---------------------------------------------------------------------------------------
     def enter(self, gi: int, device: torch.device, wide: bool = False) -> int:
         """A block starts: make its weights resident, and start decoding the next block's on a side stream; returns
         the slot it is in. ``wide`` (a large batch of INT8 blocks on a GPU): each block's weights dequantized too,
         into the slot's wide buffer, and handed to its layers (``layer._wide``)."""
+        if gi == 0 and len(self._devices) > 1:  # a forward starts while other threads' states are kept
+            self._drop_ended()
         st = self._state(device)
         sp = current_stream(device)
         n = len(self.groups)

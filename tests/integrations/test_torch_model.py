@@ -814,6 +814,16 @@ def test_decode_states_of_ended_threads_are_dropped():
     model(x)  # this thread's first forward drops the ended threads' states
     rt = model[0]._own_runtime()
     assert len(rt._devices) == 1
+    # and a thread that ends after this one's forwards: its slots went only at another thread's first forward
+    # (Thread(target=model.generate), then forwards here, kept them for good)
+    t = threading.Thread(target=model, args=(x,))
+    t.start()
+    t.join()
+    assert len(rt._devices) == 2
+    model(x)
+    assert len(rt._devices) == 1 and all(
+        m.__dict__.get("_hot") is None or m.__dict__["_hot"][0] == threading.get_ident() for m in model.modules()
+        if isinstance(m, CompressedLinear))
 
 
 def test_a_runtime_freed_at_interpreter_exit_raises_nothing(monkeypatch):
