@@ -60,9 +60,9 @@ def linear_weight_nbytes(model) -> int:
     compressed after. The output head and weights tied to an embedding are not counted (it leaves them alone; the
     table counted SmolLM2's tied 54 MiB head, so its ratios read 1.35x where the report says 1.49x)."""
     from .linear import CompressedLinear
-    from .model import _left_alone_by_default, _read_by_torch
+    from .model import _left_alone_by_default, _read_by_code, _read_by_torch
 
-    skip = {**_left_alone_by_default(model), **_read_by_torch(model)}
+    skip = {**_left_alone_by_default(model), **_read_by_torch(model), **_read_by_code(model)}
     seen, total = set(), 0
     for m in model.modules():
         if type(m) is torch.nn.Linear and id(m.weight) not in skip and id(m) not in skip:

@@ -50,10 +50,12 @@ from .model import (
     LayerReport,
     _is_linear,
     _left_alone_by_default,
+    _read_by_code,
     _read_by_torch,
     _sqnr,
     _subclass_why,
     conv1d_note,
+    fused_weights,
     install,
     set_module,
 )
@@ -265,7 +267,7 @@ class _Compress(_Op):
         try:
             placeholder = model.get_submodule(full_layer_name.rpartition(".")[0])._parameters["weight"]
             (value,) = (v[0] if isinstance(v, list) else v for v in input_dict.values())
-            return {full_layer_name: torch.empty(0, dtype=placeholder.dtype, device=value.device)}
+            return {full_layer_name: _placeholder(placeholder, value.device)}
         except Exception:  # the error that stopped the load is raised later; this is only a placeholder
             return {}
 
@@ -300,8 +302,15 @@ class _Compress(_Op):
         # the layer's device (dropped after loading): a meta one would reach accelerate's dispatch of a device map
         # that spans devices, which runs before the quantizer's last hook and cannot place a meta tensor
         out = {f"{fqn}.{k}": b for k, b in layer._buffers.items()}
-        out[full_layer_name] = torch.empty(0, dtype=placeholder.dtype, device=value.device)
+        out[full_layer_name] = _placeholder(placeholder, value.device)
         return out
+
+
+def _placeholder(weight: torch.Tensor, device) -> torch.Tensor:
+    """The empty stand-in a compressed layer's weight gets while loading (dropped after): no element, but two
+    dimensions, as some models' ``_init_weights`` read ``fan_out, fan_in = module.weight.shape`` of every module
+    whose class name holds "Linear" (Funnel's: a 1-D stand-in failed the load with "not enough values to unpack")."""
+    return torch.empty((0, weight.shape[-1] if weight.dim() == 2 else 0), dtype=weight.dtype, device=device)
 
 
 class _Load(_Op):
@@ -391,7 +400,7 @@ class CupycodecHfQuantizer(HfQuantizer):
         skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, model._keep_in_fp32_modules,
                                                add_default_skips=True)
         alone = _left_alone_by_default(model)  # the head and tied weights, as compress_model finds them
-        torch_reads = _read_by_torch(model)
+        torch_reads, code_reads = _read_by_torch(model), _read_by_code(model)
         chosen = 0
         for fqn, m in list(model.named_modules()):
             if not _is_linear(m):
@@ -401,7 +410,7 @@ class CupycodecHfQuantizer(HfQuantizer):
                    sub if (sub := _subclass_why(m)) is not None else
                    "modules_to_not_convert" if not should_convert_module(fqn, skip) else
                    "modules_to_convert" if cfg.modules_to_convert and
-                   not any(re.search(p, fqn) for p in cfg.modules_to_convert) else None)
+                   not any(re.search(p, fqn) for p in cfg.modules_to_convert) else code_reads.get(id(m)))
             if why is not None:
                 self._skipped[fqn] = why
                 continue
@@ -412,6 +421,7 @@ class CupycodecHfQuantizer(HfQuantizer):
             layer.weight = torch.nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
             set_module(model, fqn, layer)
             self._swapped.append(fqn)
+        self._skipped.update(fused_weights(model))
         if not chosen:
             by_why: dict[str, list[str]] = {}
             for fqn, why in self._skipped.items():

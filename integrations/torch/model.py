@@ -11,6 +11,7 @@ Everything is compressed before anything is replaced, so an error leaves the mod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -123,8 +124,7 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _is_linear(m: torch.nn.Module) -> bool:
-    # nn.MultiheadAttention's out_proj is a Linear subclass read directly by the attention: never replace it
-    return isinstance(m, torch.nn.Linear) and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+    return isinstance(m, torch.nn.Linear)
 
 
 def _subclass_why(m: torch.nn.Module) -> str | None:
@@ -161,6 +161,23 @@ def _kept_in_fp32(rules: list[tuple[str, list[str]]], fqn: str) -> bool:
     return False
 
 
+def fused_weights(model: torch.nn.Module) -> dict[str, str]:
+    """fqn -> why, for the modules holding weights of three or more dimensions outside torch's own layers: a
+    mixture of experts' fused expert weights (transformers 5's ``MixtralExperts.gate_up_proj``/``down_proj``),
+    often most of such a model's bytes. Only nn.Linear layers are compressed; the report lists these as left alone
+    (it listed only the head, and read 3.8x on a Mixtral whose experts, 82 % of its bytes, stayed as they were)."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if type(m).__module__.startswith("torch."):
+            continue
+        fused = [(n, p) for n, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+        if fused:
+            nbytes = sum(p.numel() * p.element_size() for _, p in fused)
+            out[fqn] = (f"{', '.join(n for n, _ in fused)}: {nbytes} bytes of {fused[0][1].dim()}-D weights (fused "
+                        "experts), not nn.Linear layers, which are all any mode compresses")
+    return out
+
+
 def conv1d_note(model: torch.nn.Module) -> str:
     """A note for "no layer chosen" errors on GPT-2-like models, whose projections are transformers' ``Conv1D``
     (a transposed Linear), which no mode compresses."""
@@ -182,11 +199,92 @@ def _hf_models(model: torch.nn.Module) -> list:
 
 
 def _read_by_torch(model: torch.nn.Module) -> dict[int, str]:
-    """id(module) -> why, for the Linear layers whose weight torch's own modules read directly, which are never
-    replaced: ``nn.TransformerEncoderLayer``'s ``linear1`` and ``linear2`` (its eval fast path, and
-    ``nn.TransformerEncoder``'s nested-tensor path, hand them to a fused kernel)."""
-    return {id(lin): "read directly by nn.TransformerEncoderLayer's fast path" for m in model.modules()
-            if isinstance(m, torch.nn.TransformerEncoderLayer) for lin in (m.linear1, m.linear2)}
+    """id(module) -> why, for the Linear layers whose weight is read directly rather than through their forward,
+    which are never replaced (a CompressedLinear has no ``weight``: the model's forward would raise
+    AttributeError). Torch's own: ``nn.TransformerEncoderLayer``'s ``linear1`` and ``linear2`` (its eval fast path,
+    and ``nn.TransformerEncoder``'s nested-tensor path, hand them to a fused kernel) and ``nn.MultiheadAttention``'s
+    ``out_proj``. The model's own code's reads are :func:`_read_by_code`'s."""
+    why = {id(lin): "read directly by nn.TransformerEncoderLayer's fast path" for m in model.modules()
+           if isinstance(m, torch.nn.TransformerEncoderLayer) for lin in (m.linear1, m.linear2)}
+    why.update({id(m.out_proj): "read directly by nn.MultiheadAttention" for m in model.modules()
+                if isinstance(m, torch.nn.MultiheadAttention) and isinstance(m.out_proj, torch.nn.Linear)})
+    return why
+
+
+def _read_by_code(model: torch.nn.Module) -> dict[int, str]:
+    """id(module) -> why, for the Linear layers whose weight the model's own code reads (:func:`_read_by_model_code`):
+    never replaced, whatever a filter says, as those torch reads (:func:`_read_by_torch`)."""
+    return {id(model.get_submodule(fqn)): f"its weight is read by the model's own code ({reader})"
+            for fqn, reader in _read_by_model_code(model).items()}
+
+
+# methods whose reads of a layer's weight do not run in a forward (construction, initialization, tying)
+_NOT_FORWARD = frozenset({"__init__", "_init_weights", "init_weights", "_initialize_weights", "post_init",
+                          "reset_parameters", "tie_weights", "_tie_weights", "_tie_or_clone_weights",
+                          "_tie_embedding_weights"})
+
+
+def _read_by_model_code(model: torch.nn.Module) -> dict[str, str]:
+    """fqn -> ``Class.method``, for the Linear layers whose ``.weight`` the source of a module class of ``model``
+    reads (Mamba's ``self.dt_proj.weight``, Switch Transformers' ``self.wo.weight``, RWKV's
+    ``block.attention.output.weight``, MobileBERT's ``self.dense.weight``), outside construction and weight
+    initialization. ``self.NAME.weight`` in a class names the layer ``NAME`` of each module of that class; a longer
+    chain (``x.a.b.weight``) every layer whose name ends in ``a.b``. Torch's and transformers' base classes are not
+    read (their forwards reach layers through ``forward``). A read in a branch that never runs still counts: a layer
+    left uncompressed costs bytes, one compressed costs the model."""
+    linears = {fqn: m for fqn, m in model.named_modules() if _is_linear(m)}
+    if not linears:
+        return {}
+    found: dict[str, str] = {}
+    by_class: dict[type, list[str]] = {}
+    for fqn, m in model.named_modules():
+        by_class.setdefault(type(m), []).append(fqn)
+    for cls, owners in by_class.items():
+        for method, chain, on_self in _weight_reads(cls):
+            if on_self:
+                targets = [f"{o}.{'.'.join(chain)}" if o else ".".join(chain) for o in owners]
+            elif len(chain) >= 2:
+                targets = [f for f in linears if f == ".".join(chain) or f.endswith("." + ".".join(chain))]
+            else:
+                continue
+            for t in targets:
+                if t in linears:
+                    found.setdefault(t, f"{cls.__name__}.{method}")
+    return found
+
+
+@functools.cache
+def _weight_reads(cls: type) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+    """``(method, chain, on_self)`` for each ``ROOT.A.B.weight`` that ``cls``'s own source reads outside
+    :data:`_NOT_FORWARD` (chain ``("A", "B")``; ``on_self`` when ROOT is ``self``). Classes of torch, of
+    transformers' base modules and of this package, and classes without source, read nothing here."""
+    import ast
+    import inspect
+    import textwrap
+
+    mod = getattr(cls, "__module__", "") or ""
+    if mod.startswith(("torch.", "cupycodec.", "integrations.")) or mod in ("torch", "builtins") or \
+            (mod.startswith("transformers.") and not mod.startswith("transformers.models.")):
+        return ()
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return ()
+    reads = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or fn.name in _NOT_FORWARD or \
+                "init" in fn.name:  # Mamba's init_mamba_weights, and other initializers by name
+            continue
+        for node in ast.walk(fn):
+            if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
+                continue
+            chain, value = [], node.value
+            while isinstance(value, ast.Attribute):
+                chain.append(value.attr)
+                value = value.value
+            if chain and isinstance(value, ast.Name):
+                reads.append((fn.name, tuple(reversed(chain)), value.id == "self"))
+    return tuple(reads)
 
 
 def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
@@ -203,7 +301,9 @@ def _left_alone_by_default(model: torch.nn.Module) -> dict[int, str]:
         inner_head = inner.get_output_embeddings()
         if isinstance(inner_head, torch.nn.Linear):
             why.setdefault(id(inner_head.weight), "output head")
-        names = [name for name, _ in inner.named_parameters()]
+        # every name, tied ones included: compress_model comes after tying and the loader before it, and with the
+        # tied names dropped the last was ALBERT's predictions.dense for the first, its decoder for the other
+        names = [name for name, _ in inner.named_parameters(remove_duplicate=False)]
         owner = inner.get_submodule(names[-1].rpartition(".")[0]) if names else None
         if isinstance(owner, torch.nn.Linear):
             why.setdefault(id(owner.weight), "output head")
@@ -236,10 +336,12 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     filter_fn : callable, optional
         ``filter_fn(module, fqn) -> bool`` chooses the Linear layers to compress. By default every one except the
         output head, weights tied to an embedding and a transformers model's ``_keep_in_fp32_modules`` (T5's
-        ``wo``, whose weight its forward reads). Never offered: Linear layers whose weight torch's own modules
-        read directly (``nn.MultiheadAttention``'s ``out_proj``; ``nn.TransformerEncoderLayer``'s ``linear1`` and
-        ``linear2``), and subclasses of ``nn.Linear`` with their own forward or tensors (a replacement computes
-        ``x @ W.T + b``); both are listed in the report's ``skipped``. A module reachable under several names is
+        ``wo``, whose weight its forward reads). Never offered: Linear layers whose weight is read directly, by
+        torch's own modules (``nn.MultiheadAttention``'s ``out_proj``; ``nn.TransformerEncoderLayer``'s ``linear1``
+        and ``linear2``) or by the model's own code outside its initialization (Mamba's ``dt_proj``, RWKV's
+        rescaled layers: found in the source of the model's module classes), and subclasses of ``nn.Linear`` with
+        their own forward or tensors (a replacement computes ``x @ W.T + b``); both are listed in the report's
+        ``skipped``. A module reachable under several names is
         compressed once and replaced under each (the report lists the others as shared). Each replacement is a new
         module: hooks registered on the ``nn.Linear`` it replaces do not carry over (register them after
         compressing).
@@ -288,7 +390,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
                              "compress it another way, start again from its original weights")
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress{conv1d_note(model)}")
     default_skip = _left_alone_by_default(model)
-    torch_reads = _read_by_torch(model)
+    torch_reads, code_reads = _read_by_torch(model), _read_by_code(model)
     fp32_rules = _fp32_rules(model)
     chosen, skipped = [], {}
     if filter_fn is not None:  # a filter that matches compressed layers: say so, rather than leave them silently
@@ -300,17 +402,17 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
             skipped[fqn] = torch_reads[id(m)]
         elif (why := _subclass_why(m)) is not None:
             skipped[fqn] = why
-        elif filter_fn is not None:
-            if filter_fn(m, fqn):
-                chosen.append((fqn, m))
-            else:
-                skipped[fqn] = "filter_fn"
-        elif id(m.weight) in default_skip:
+        elif filter_fn is not None and not filter_fn(m, fqn):
+            skipped[fqn] = "filter_fn"
+        elif filter_fn is None and id(m.weight) in default_skip:
             skipped[fqn] = default_skip[id(m.weight)]
-        elif _kept_in_fp32(fp32_rules, fqn):
+        elif filter_fn is None and _kept_in_fp32(fp32_rules, fqn):
             skipped[fqn] = "kept in float32 by the model (_keep_in_fp32_modules; its forward reads the weight)"
+        elif id(m) in code_reads:  # chosen by a filter too: compressed, the model's forward would raise
+            skipped[fqn] = code_reads[id(m)]
         else:
             chosen.append((fqn, m))
+    skipped.update(fused_weights(model))
     if not chosen:
         left = ", ".join(f"{f} ({why})" for f, why in list(skipped.items())[:5]) + (", ..." if len(skipped) > 5 else "")
         if done and filter_fn is None:

@@ -441,7 +441,8 @@ def test_linear_layers_torch_reads_directly_are_left_alone(mode):
         model[0](x)  # the layers' own fast path
     if mode == "lossless":
         assert torch.equal(y.nan_to_num(), base.nan_to_num())
-    with pytest.raises(ValueError, match=r"chose none of the 4 Linear layers; left alone: layers\.0\.linear1 "
+    with pytest.raises(ValueError, match=r"chose none of the 6 Linear layers; left alone: layers\.0\.self_attn\."
+                                         r"out_proj \(read directly by nn.MultiheadAttention\), layers\.0\.linear1 "
                                          r"\(read directly by nn.TransformerEncoderLayer's fast path\)"):
         compress_model(torch.nn.TransformerEncoder(layer, num_layers=2), mode, progress=False)
 
@@ -922,3 +923,109 @@ def test_a_weight_tied_across_blocks_and_loaded_into_one_layer_decodes_new_in_bo
     assert torch.equal(_logits(model), _logits(compressed_ref))
     if mode == "lossless":
         assert torch.equal(_logits(model), _logits(ref))
+
+
+# --- layers the model's own code reads, heads of tied models, nn.MultiheadAttention (a bug hunt, 2026-12-04) -------
+
+class _ReadsItsWeight(torch.nn.Module):
+    """A model whose forward reads a layer's weight itself, as Mamba's dt_proj, Switch Transformers' wo or RWKV's
+    rescaling do."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.up(x) * torch.sigmoid(x @ self.gate.weight.T)
+        return self.down(h.to(self.down.weight.dtype))
+
+
+@pytest.mark.parametrize("chosen", [None, lambda m, f: True])
+def test_layers_whose_weight_the_models_code_reads_are_left_alone(chosen):
+    # they were compressed, and the first forward raised "'CompressedLinear' object has no attribute 'weight'"
+    torch.manual_seed(0)
+    model, x = _ReadsItsWeight().eval(), torch.randn(3, 16)
+    want = model(x)
+    report = compress_model(model, "lossless", filter_fn=chosen, progress=False)
+    assert report.skipped == {"gate": "its weight is read by the model's own code (_ReadsItsWeight.forward)",
+                              "down": "its weight is read by the model's own code (_ReadsItsWeight.forward)"}
+    assert isinstance(model.up, CompressedLinear) and torch.equal(model(x), want)
+
+
+def test_mamba_and_rwkv_compress_and_run():
+    torch.manual_seed(0)
+    for model in (transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=128, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)),
+            transformers.RwkvForCausalLM(transformers.RwkvConfig(
+                vocab_size=128, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                intermediate_size=64, context_length=64))):
+        model.eval()
+        with torch.no_grad():
+            want = model(IDS).logits
+        report = compress_model(model, "lossless", progress=False)
+        assert report.layers and any("read by the model's own code" in why for why in report.skipped.values())
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, want)
+
+
+def test_multihead_attentions_out_proj_is_listed_as_left_alone():
+    model = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(16, 2), "proj": torch.nn.Linear(16, 16)})
+    report = compress_model(model, "int8", progress=False)
+    assert report.skipped == {"attn.out_proj": "read directly by nn.MultiheadAttention"}
+    assert isinstance(model["proj"], CompressedLinear) and type(model["attn"].out_proj) is not CompressedLinear
+
+
+def test_both_ways_of_compressing_leave_the_same_head_of_a_tied_model(tmp_path):
+    # ALBERT ties its MLM decoder to the embeddings: compress_model (after tying) took predictions.dense for the
+    # head, and the loader (before tying) the decoder; the two compressed different layers
+    import cupycodec.integrations  # noqa: F401  (registers the quantizer)
+    from cupycodec.integrations.torch import CupycodecConfig
+
+    torch.manual_seed(0)
+    base = transformers.AlbertForMaskedLM(transformers.AlbertConfig(
+        vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64)).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = copy.deepcopy(base)
+    report = compress_model(model, "int8", progress=False)
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "base",
+                                                               quantization_config=CupycodecConfig(mode="int8"))
+    mine = {f for f, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    theirs = {f for f, m in loaded.named_modules() if isinstance(m, CompressedLinear)}
+    assert mine == theirs and "predictions.dense" in mine and report.skipped["predictions.decoder"] == "output head"
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, loaded.eval()(IDS).logits)
+
+
+def test_fused_expert_weights_are_listed_as_left_alone():
+    # a mixture of experts keeps its experts in 3-D parameters (transformers 5), which no mode compresses: the
+    # report listed only the head, and its ratio read as if the model were compressed
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+    experts = {f: m for f, m in model.named_modules() if any(p.dim() == 3 for p in m.parameters(recurse=False))}
+    assert experts
+    report = compress_model(model, "int8", progress=False)
+    for fqn, m in experts.items():
+        nbytes = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False) if p.dim() == 3)
+        assert f"{nbytes} bytes of 3-D weights (fused experts)" in report.skipped[fqn]
+    assert "model.layers.0.mlp.experts" in str(report) and "model.layers.0.mlp.experts" in report.to_json()
+
+
+def test_compress_while_loading_a_model_whose_init_reads_every_linears_shape(tmp_path):
+    # Funnel's _init_weights unpacks fan_out, fan_in = module.weight.shape of every "Linear": the 1-D stand-in a
+    # compressed layer's weight had while loading failed the load ("not enough values to unpack")
+    import cupycodec.integrations  # noqa: F401  (registers the quantizer)
+    from cupycodec.integrations.torch import CupycodecConfig
+
+    torch.manual_seed(0)
+    base = transformers.FunnelForMaskedLM(transformers.FunnelConfig(
+        vocab_size=128, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[1, 1])).eval()
+    base.save_pretrained(tmp_path / "base")
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "base",
+                                                               quantization_config=CupycodecConfig(mode="lossless"))
+    assert any(isinstance(m, CompressedLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(IDS).logits, base(IDS).logits)
