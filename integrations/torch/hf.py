@@ -16,6 +16,7 @@ unless ``CupycodecConfig(trusted=True)`` (or ``key=``) is passed to ``from_pretr
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import sys
@@ -736,8 +737,6 @@ def stage_configs(model, directory: str, table: dict) -> dict:
     """``config.json`` (with this checkpoint's ``quantization_config``) and ``generation_config.json``, written
     beside their targets and not yet renamed (:func:`cupycodec._files.stage_write`): {file name: staged file}.
     Both are serialized before either is written; whatever fails here leaves the directory as it was."""
-    import copy
-
     from cupycodec._files import stage_write
 
     qc = _summary_config(list(table["layers"].values()))
@@ -784,7 +783,11 @@ def attach(model, mode: str, granularity: str, group_size: int, codec: str | Non
     cfg = _summary_config(layers, codec)
     if (cfg.mode, cfg.granularity, cfg.group_size) == (mode, granularity, group_size):
         cfg = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec)
-    model.config.quantization_config = cfg
+    # on a copy of the config: models built from one config object share it, and an uncompressed one's
+    # save_pretrained wrote this quantization_config beside plain weights (a checkpoint nothing loads)
+    config = copy.copy(model.config)
+    config.quantization_config = cfg
+    model.config = config
     model.hf_quantizer = CupycodecHfQuantizer(cfg, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD

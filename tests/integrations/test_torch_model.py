@@ -1029,3 +1029,16 @@ def test_compress_while_loading_a_model_whose_init_reads_every_linears_shape(tmp
     assert any(isinstance(m, CompressedLinear) for m in loaded.modules())
     with torch.no_grad():
         assert torch.equal(loaded.eval()(IDS).logits, base(IDS).logits)
+
+
+def test_compressing_one_of_two_models_built_from_one_config_leaves_the_others_config(tmp_path):
+    # compress_model wrote quantization_config into the config object both models share: the uncompressed one's
+    # save_pretrained then wrote it beside plain weights, a checkpoint neither transformers nor cupycodec loads
+    config = tiny_llama().config
+    a, b = transformers.LlamaForCausalLM(config).eval(), transformers.LlamaForCausalLM(config).eval()
+    compress_model(a, "int8", progress=False)
+    assert a.config.quantization_config is not None and getattr(b.config, "quantization_config", None) is None
+    b.save_pretrained(tmp_path / "b")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, b(IDS).logits)
