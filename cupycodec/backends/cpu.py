@@ -59,12 +59,12 @@ def executor() -> ThreadPoolExecutor:
         return _executor
 
 
-def submit(fn, *args) -> Future | None:
-    """``executor().submit(fn, *args)``, or None where the pool takes no more work: Python shuts its thread pools
-    down before it runs ``atexit`` handlers, so work from one ("save on exit") is refused, and the caller runs it
-    in its own thread instead. A broken pool is still an error."""
+def submit(fn, *args, pool: ThreadPoolExecutor | None = None) -> Future | None:
+    """``pool.submit(fn, *args)`` (default: :func:`executor`), or None where the pool takes no more work: Python
+    shuts its thread pools down before it runs ``atexit`` handlers, so work from one ("save on exit") is refused,
+    and the caller runs it in its own thread instead. A broken pool is still an error."""
     try:
-        return executor().submit(fn, *args)
+        return (pool or executor()).submit(fn, *args)
     except BrokenExecutor:  # a RuntimeError too: never a refusal to take work
         raise
     except RuntimeError:  # submit raises nothing else: shut down (the pool, or every pool at exit)

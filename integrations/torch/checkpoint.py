@@ -511,13 +511,12 @@ class Checks:
         self._jobs: list = []
 
     def submit(self, where: str, fn, *args) -> None:
-        from concurrent.futures import BrokenExecutor, Future
+        from concurrent.futures import Future
 
-        try:
-            job = self._pool.submit(fn, *args)
-        except RuntimeError as exc:  # a load in an atexit handler: Python refuses new work to pools by then
-            if isinstance(exc, BrokenExecutor):
-                raise
+        from cupycodec.backends import cpu
+
+        job = cpu.submit(fn, *args, pool=self._pool)
+        if job is None:  # a load in an atexit handler: Python refuses new work to pools by then
             job = Future()  # the check runs here, in the calling thread, its result or error kept for wait()
             try:
                 job.set_result(fn(*args))
