@@ -561,6 +561,36 @@ class CupycodecHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         return True
 
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: every compressed layer back to an ``nn.Linear`` with its decoded weight (the
+        original bits for lossless, the dequantized weight for the INT8 modes; in ``dtype`` when given), keeping
+        its bias Parameter. Every weight is decoded before any module changes, so a failure (out of memory) leaves
+        the model compressed; transformers then drops the quantization config. A model with blocks offloaded to the
+        host is refused: its weights would land in host memory beside a GPU placement."""
+        found = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False) if isinstance(m, CompressedLinear)]
+        offloaded = [fqn for fqn, m in found if m._offloaded]
+        if offloaded:
+            raise ValueError(f"dequantize() of a model offloaded to the host ({offloaded[0]}, ...): load or compress "
+                             "it without offload, then dequantize")
+        plain: dict[int, torch.nn.Linear] = {}
+        for _, m in found:
+            if id(m) in plain:
+                continue
+            with torch.no_grad():
+                w = m.decompress_weight()
+                if dtype is not None and w.dtype != dtype and w.is_floating_point():
+                    w = w.to(dtype)
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+            lin.weight = torch.nn.Parameter(w)
+            lin.bias = m.bias
+            plain[id(m)] = lin
+        for fqn, m in found:
+            set_module(model, fqn, plain[id(m)])
+        held = model.__dict__.pop("_cupycodec_runtime", None)
+        for h in held[1] if held is not None else ():
+            h.remove()
+        return model
+
     @property
     def is_trainable(self) -> bool:
         return False

@@ -1042,3 +1042,30 @@ def test_compressing_one_of_two_models_built_from_one_config_leaves_the_others_c
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
     with torch.no_grad():
         assert torch.equal(back(IDS).logits, b(IDS).logits)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_dequantize_gives_back_a_plain_model(tmp_path, mode):
+    # model.dequantize() raised transformers' "cupycodec has no implementation of `dequantize`"
+    base = tiny_llama(tie=False)
+    with torch.no_grad():
+        want = base(IDS).logits
+    model = copy.deepcopy(base)
+    compress_model(model, mode, progress=False)
+    layers = {f: m for f, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    expect = {f: m.decompress_weight() for f, m in layers.items()}
+    biases = {f: m.bias for f, m in layers.items()}
+    model.dequantize()
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+    assert getattr(model.config, "quantization_config", None) is None and not hasattr(model, "_cupycodec_runtime")
+    for f, w in expect.items():
+        lin = model.get_submodule(f)
+        assert type(lin) is torch.nn.Linear and torch.equal(lin.weight, w) and lin.bias is biases[f]
+    if mode == "lossless":
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, want)
+    model.save_pretrained(tmp_path / "plain")  # a plain checkpoint: transformers alone loads it, weights as they are
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert getattr(back.config, "quantization_config", None) is None
+    for f, w in expect.items():
+        assert torch.equal(back.get_submodule(f).weight, w)
