@@ -360,9 +360,11 @@ def check_mac(key, header: Header, payload, threads: int | None = None) -> None:
     """Raise AuthenticationError unless ``header`` carries a MAC that ``key`` produced for this header and payload
     (``threads``: as for :func:`compute_mac`)."""
     if header.mac is None:
-        raise AuthenticationError("the container carries no MAC, so key= cannot authenticate it; it was saved "
+        exc = AuthenticationError("the container carries no MAC, so key= cannot authenticate it; it was saved "
                                   "without a key (load it without key=, as untrusted, or with trusted=True if you "
                                   "made it)")
+        exc.unsigned = True
+        raise exc
     if header.mac_alg not in MAC_ALGS:
         raise AuthenticationError(f"the container is signed with MAC algorithm {header.mac_alg!r}, which this "
                                   f"version of cupycodec does not know (it checks {', '.join(MAC_ALGS)}): upgrade "

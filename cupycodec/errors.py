@@ -103,7 +103,10 @@ class ChecksumError(FormatError):
 
 
 class AuthenticationError(FormatError):
-    """A container's MAC is missing or does not match under the key the caller gave (``load(..., key=...)``)."""
+    """A container's MAC is missing or does not match under the key the caller gave (``load(..., key=...)``).
+    ``unsigned`` is True when the container carries no MAC at all (written without a key)."""
+
+    unsigned = False
 
 
 class UntrustedError(CupycodecError, ValueError):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import cupycodec as cc
-from cupycodec.errors import CupycodecError, FormatError, UntrustedError
+from cupycodec.errors import AuthenticationError, CupycodecError, FormatError, UntrustedError
 
 from . import trust
 
@@ -41,9 +41,12 @@ def _json_scalar(name: str, value):
 
 
 def _optional_int(name: str, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    """``value`` as a Python int (a NumPy integer too, as the core takes one), or None."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int or None, got {value!r}")
-    return value
+    return int(value)
 
 
 class ChunkConfig:
@@ -90,8 +93,11 @@ class ChunkConfig:
         set_(self, "filters", filters or None)
         set_(self, "quantize", quantize)
         set_(self, "granularity", granularity)
-        set_(self, "axis", axis)
-        set_(self, "group_size", group_size)
+        # NumPy integers (arr.ndim - 1) as Python ints: stored in the array's JSON metadata
+        set_(self, "axis", axis if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, np.integer)
+             else int(axis))
+        set_(self, "group_size", group_size if isinstance(group_size, (bool, np.bool_)) or
+             not isinstance(group_size, np.integer) else int(group_size))
         set_(self, "dtype", dtype)
         set_(self, "trusted", trusted)
         set_(self, "options", {k: _json_scalar(k, v) for k, v in sorted(options.items())})
@@ -188,6 +194,11 @@ def at(exc: CupycodecError, where: str) -> CupycodecError:
     if isinstance(exc, UntrustedError):  # the core's fix (from_bytes/load arguments) is not a zarr reader's
         text = (f"{where}: this chunk is untrusted, and codec {exc.codec!r} has no decoder hardened against "
                 f"crafted input, so cupycodec will not decode it{_TRUST_HINT}")
+    elif isinstance(exc, AuthenticationError) and exc.unsigned:  # the same: the core's fix names load() arguments
+        text = (f"{where}: this chunk carries no MAC, so the key set with trust.configure(key=...) cannot "
+                "authenticate it (it was written without a key): read it with trust.configure(key=None) (as "
+                "untrusted, or trusted='metadata' for a store you wrote), or write it again under the key "
+                "(docs/ZARR.md, 'Trust')")
     new.args = (text,)
     new.chunk_key = where
     return new

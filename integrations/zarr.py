@@ -109,9 +109,10 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
             name = dtype_name(want)[0]
         uses_planes = any(f == "byteplane" or (isinstance(f, dict) and f.get("id") == "byteplane")
                           for f in self.config.filters or ())
-        if uses_planes and native.itemsize not in (2, 4, 8):
-            raise TypeError(f"filters=['byteplane'] splits 2-, 4- or 8-byte words; this array's data type is "
-                            f"{native}: drop the filter")
+        words = native.itemsize // 2 if native.kind == "c" else native.itemsize  # as the core splits complex types
+        if uses_planes and words not in (2, 4, 8):
+            raise TypeError(f"filters=['byteplane'] splits 2-, 4- or 8-byte words (complex numbers by component); "
+                            f"this array's data type is {native}: drop the filter")
         if self.config.quantize is not None and name not in _QUANTIZABLE:
             raise TypeError(f"quantize={self.config.quantize!r} takes float32, float16 or bfloat16 chunks, got "
                             f"{name}; store bfloat16 as uint16 with dtype='bfloat16'")
@@ -179,7 +180,9 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
             blobs = encode_chunks(self.config, [batch[i][0].as_ndarray_like() for i in idx])
         except (CupycodecError, ValueError) as exc:
             fill = batch[idx[0]][1].fill_value if idx else 0
-            if self.config.quantize is not None and not _finite(fill, self.config.dtype):
+            int8 = self.config.quantize is not None or any(
+                f == "int8" or (isinstance(f, dict) and f.get("id") == "int8") for f in self.config.filters or ())
+            if int8 and not _finite(fill, self.config.dtype):
                 # Not refused when the array is made: zarr checks codecs on every open, and an existing array
                 # whose chunks were all written whole reads fine.
                 prefix_message(exc, f"this array's fill_value {fill!r} is not finite, and zarr pads edge chunks "

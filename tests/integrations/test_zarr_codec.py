@@ -293,3 +293,26 @@ def test_fused_pipeline_hands_over_every_chunk_of_a_read(tmp_path, calls):
     with zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.FusedCodecPipeline"}):
         assert _same_bits(zarr.open_array(str(tmp_path))[:], x)
     assert calls["decompress_many"][-1] == 16
+
+
+def test_complex_arrays_take_byte_planes_as_the_core_does():
+    # byte planes split complex numbers by component; the v3 codec refused complex128 ("2-, 4- or 8-byte words"),
+    # and since zarr checks codecs on every open, a store written with it before that check could not be read
+    x = (np.arange(64) + 0.5j * np.arange(64)[::-1]).astype(np.complex128)
+    z = zarr.create_array(store={}, shape=x.shape, chunks=(16,), dtype="complex128",
+                          serializer=CupycodecCodec(codec="zstd", filters=["byteplane"]), compressors=None)
+    z[:] = x
+    assert np.array_equal(z[:], x)
+
+
+def test_numpy_integers_as_codec_options():
+    # an axis computed from arr.ndim - 1 (a NumPy integer) failed json.dumps; level and chunk_nbytes were refused
+    from cupycodec.integrations.numcodecs import Cupycodec
+
+    kw = {"codec": "zstd", "quantize": "int8", "axis": np.int64(1), "level": np.int32(3),
+          "chunk_nbytes": np.int64(4096)}
+    for codec in (CupycodecCodec(**kw), Cupycodec(**kw)):
+        text = json.dumps(codec.to_dict() if hasattr(codec, "to_dict") else codec.get_config())
+        assert '"axis": 1' in text and '"level": 3' in text and '"chunk_nbytes": 4096' in text
+    assert CupycodecCodec(quantize="int8", granularity="group", group_size=np.int64(64)).to_dict() == \
+        CupycodecCodec(quantize="int8", granularity="group", group_size=64).to_dict()

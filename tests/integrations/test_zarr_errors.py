@@ -169,8 +169,11 @@ def test_signed_chunks(store, tmp_path_factory):
                               serializer=CupycodecCodec(codec="zstd"), compressors=None)
         z[:] = X
         np.testing.assert_array_equal(zarr.open_array(str(path))[:], X)  # verified, trusted
-        with pytest.raises(cc.AuthenticationError, match=r"^chunk '.*/c/0/0': the container carries no MAC"):
-            zarr.open_array(str(store))[:32, :48]  # unsigned chunks are refused while a key is set
+        # unsigned chunks are refused while a key is set, with a fix a zarr reader can apply (the core's named
+        # load() arguments)
+        with pytest.raises(cc.AuthenticationError, match=r"^chunk '.*/c/0/0': this chunk carries no MAC.*"
+                                                         r"trust.configure\(key=None\)"):
+            zarr.open_array(str(store))[:32, :48]
     blob = (path / "c" / "0" / "0").read_bytes()
     assert cc.CompressedArray.from_bytes(blob, key=KEY).signed
     np.testing.assert_array_equal(zarr.open_array(str(path))[:], X)  # without a key: untrusted, standard codec
@@ -211,9 +214,12 @@ def test_filters_every_write_would_refuse_are_refused_when_the_array_is_made(tmp
     assert not (tmp_path / "a.zarr" / "zarr.json").exists()
 
 
-def test_a_nan_fill_value_under_int8_names_itself_when_a_write_pads():
+@pytest.mark.parametrize("kwargs", [{"quantize": "int8", "granularity": "tensor"},
+                                    {"filters": [{"id": "int8", "granularity": "tensor"}]}])
+def test_a_nan_fill_value_under_int8_names_itself_when_a_write_pads(kwargs):
+    # with the int8 filter (not quantize=) the error named a NaN at an element the user never wrote
     z = zarr.create_array(store={}, shape=(10, 10), chunks=(8, 8), dtype="f4", fill_value=np.nan,
-                          serializer=CupycodecCodec(quantize="int8", granularity="tensor"), compressors=None)
+                          serializer=CupycodecCodec(**kwargs), compressors=None)
     z[:8, :8] = np.ones((8, 8), np.float32)  # a whole chunk: no padding, so it quantizes
     assert np.array_equal(z[:8, :8], np.ones((8, 8), np.float32))
     with pytest.raises(ValueError, match=r"fill_value .*nan.* is not finite.*finite fill_value"):
