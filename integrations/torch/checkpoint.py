@@ -802,6 +802,14 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
             value = getattr(src_module, src_attr)
         set_tensor(module, attr, value)
     install(model, new)
+    from . import hf
+    from .model import _hf_models
+
+    for inner in _hf_models(model):  # as compress_model: what save_pretrained and dequantize() need
+        layers = [m.config() for m in inner.modules() if isinstance(m, CompressedLinear)]
+        if layers:
+            cfg = hf._summary_config(layers)
+            hf.attach(inner, cfg.mode, cfg.granularity, cfg.group_size, cfg.codec)
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     left += [f"{n} (buffer)" for n, t in model.named_buffers() if t.device.type == "meta"]
     if left:

@@ -149,11 +149,13 @@ class CupycodecConfig(QuantizationConfigMixin):
                             ("modules_to_not_convert", modules_to_not_convert)):
             if value is not None and not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
                 raise ValueError(f"quantization_config: {name} must be a list of module names or patterns")
-        for pattern in modules_to_convert or ():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"quantization_config: modules_to_convert pattern {pattern!r}: {exc}") from None
+        for name, patterns in (("modules_to_convert", modules_to_convert),
+                               ("modules_to_not_convert", modules_to_not_convert)):
+            for pattern in patterns or ():  # an invalid one raised re.error in the middle of a load
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"quantization_config: {name} pattern {pattern!r}: {exc}") from None
         _check_codec(codec)
         for name, flag in (("trusted", trusted), ("strict", strict)):
             if not isinstance(flag, bool):  # "yes", 0, None: a trust decision is never guessed from a truthy value
@@ -396,6 +398,11 @@ class CupycodecHfQuantizer(HfQuantizer):
 
     def _prepare_compress(self, model) -> None:
         cfg = self.quantization_config
+        if cfg.strict:  # the checkpoint is a plain one: transformers' own loading reads it, and its report
+            raise ValueError("CupycodecConfig(strict=True) refuses compressed checkpoints that lack tensors; this "
+                             "checkpoint is not compressed (it is compressed while loading), and transformers "
+                             "loads it: drop strict, and see what is missing with from_pretrained(..., "
+                             "output_loading_info=True)")
         self._t0 = time.perf_counter()
         self._swapped, self._converted = [], set()  # layers made empty here, and those whose weight came in
         skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, model._keep_in_fp32_modules,
@@ -561,9 +568,23 @@ class CupycodecHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         return True
 
+    def dequantize(self, model, dtype=None):
+        """As transformers' :meth:`~transformers.quantizers.HfQuantizer.dequantize`, but without its default of
+        ``model.config.dtype``, which is stale after a ``.to()`` or a model built in another dtype (weights came back
+        bf16 in a float32 model, whose next forward raised), and a string after ``save_pretrained`` (a foreign
+        "Invalid device string"): by default each weight comes back in the dtype the model computes in."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dequantize(dtype={dtype!r}): give a floating-point torch dtype, or none (the model's)")
+        model = self._dequantize(model, dtype=dtype)
+        self.remove_quantization_config(model)
+        return model
+
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: every compressed layer back to an ``nn.Linear`` with its decoded weight (the
-        original bits for lossless, the dequantized weight for the INT8 modes; in ``dtype`` when given), keeping
+        original bits for lossless, the dequantized weight for the INT8 modes; in ``dtype``, by default the one
+        the model computes in, which holds a lossless weight's values exactly when it is as wide), keeping
         its bias Parameter. Every weight is decoded before any module changes, so a failure (out of memory) leaves
         the model compressed; transformers then drops the quantization config. A model with blocks offloaded to the
         host is refused: its weights would land in host memory beside a GPU placement."""
@@ -572,6 +593,9 @@ class CupycodecHfQuantizer(HfQuantizer):
         if offloaded:
             raise ValueError(f"dequantize() of a model offloaded to the host ({offloaded[0]}, ...): load or compress "
                              "it without offload, then dequantize")
+        if dtype is None:
+            dtype = getattr(model, "dtype", None)  # what the model computes in now (after any .to())
+            dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
         plain: dict[int, torch.nn.Linear] = {}
         for _, m in found:
             if id(m) in plain:

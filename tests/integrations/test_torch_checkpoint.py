@@ -1398,3 +1398,44 @@ def test_a_named_device_map_on_a_gpu_machine_is_decided_as_the_gpu_before_loadin
     with pytest.raises(KeyboardInterrupt):
         _load(out, **kwargs)
     assert seen == ["cpu" if device_map is None else "cuda"]
+
+
+def test_a_checkpoint_loaded_into_a_transformers_model_saves_and_dequantizes(bf16_dir, tmp_path):
+    # load_compressed(dir, model) did not attach the quantizer: save_pretrained wrote the compressed buffers without
+    # a quantization_config, and the checkpoint reloaded with random Linear weights; dequantize() was refused
+    a = _compressed(bf16_dir, "int8")
+    save_compressed(a, tmp_path / "c")
+    model = load_compressed(tmp_path / "c", _fresh(), device="cpu", progress=False)
+    want = _logits(model)
+    model.save_pretrained(tmp_path / "hf")
+    assert torch.equal(_logits(_load(tmp_path / "hf", device_map="cpu")), want)
+    model.dequantize()
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+
+
+def test_dequantize_after_save_pretrained_and_in_the_dtype_the_model_computes_in(bf16_dir, tmp_path):
+    # transformers' dequantize passes model.config.dtype: a string after save_pretrained ("Invalid device string"),
+    # and stale after .to() (weights came back bf16 in a float32 model, whose next forward raised)
+    model = _compressed(bf16_dir, "lossless")
+    model.save_pretrained(tmp_path / "hf")
+    assert isinstance(model.config.dtype, str) or model.config.dtype is not None
+    model.to(torch.float32)
+    want = _logits(model)
+    model.dequantize()
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert torch.equal(_logits(model), want)
+    other = _compressed(bf16_dir, "int8")
+    with pytest.raises(ValueError, match=r"dequantize\(dtype=torch.int8\): give a floating-point torch dtype"):
+        other.dequantize(dtype=torch.int8)
+    assert any(isinstance(m, CompressedLinear) for m in other.modules())
+
+
+def test_invalid_patterns_and_strict_when_compressing_while_loading_are_refused(bf16_dir):
+    # an invalid modules_to_not_convert regex raised re.error mid-load; strict=True was silently ignored
+    import cupycodec.integrations  # noqa: F401  (registers the quantizer)
+    from cupycodec.integrations.torch import CupycodecConfig
+
+    with pytest.raises(ValueError, match=r"modules_to_not_convert pattern '\['"):
+        CupycodecConfig(modules_to_not_convert=["["])
+    with pytest.raises(ValueError, match=r"strict=True\) refuses compressed checkpoints.*output_loading_info"):
+        _load(bf16_dir, quantization_config=CupycodecConfig(mode="int8", strict=True))
