@@ -456,7 +456,12 @@ class CupycodecHfQuantizer(HfQuantizer):
             try:
                 module = model.get_submodule(fqn)
             except AttributeError:
-                raise ValueError(f"{where} is not in this {type(model).__name__}") from None
+                saved = (getattr(model.config, "architectures", None) or [None])[0]
+                hint = (f"; the checkpoint was saved from a {saved}, whose names it holds: load it with that class "
+                        f"(transformers.{saved}.from_pretrained, or the AutoModelFor... class of its head), and take "
+                        f"its .{getattr(model, 'base_model_prefix', 'model')} for the base model"
+                        if saved and saved != type(model).__name__ else "")
+                raise ValueError(f"{where} is not in this {type(model).__name__}{hint}") from None
             if not _is_linear(module):
                 continue  # _plan names what is there instead
             try:

@@ -1439,3 +1439,12 @@ def test_invalid_patterns_and_strict_when_compressing_while_loading_are_refused(
         CupycodecConfig(modules_to_not_convert=["["])
     with pytest.raises(ValueError, match=r"strict=True\) refuses compressed checkpoints.*output_loading_info"):
         _load(bf16_dir, quantization_config=CupycodecConfig(mode="int8", strict=True))
+
+
+def test_a_base_model_class_on_a_checkpoint_with_a_head_names_the_class_to_load(bf16_dir, tmp_path):
+    # AutoModel (the base class) on a compressed LlamaForCausalLM checkpoint said only "layer ... is not in this
+    # LlamaModel"; transformers strips the prefix for plain weights, and this reader names the class instead
+    _compressed(bf16_dir, "int8").save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"is not in this LlamaModel; the checkpoint was saved from a "
+                                         r"LlamaForCausalLM.*transformers.LlamaForCausalLM.from_pretrained.*\.model "):
+        transformers.AutoModel.from_pretrained(tmp_path / "hf")
