@@ -80,6 +80,8 @@ def _cmd_bench(args) -> int:
         _nvcomp_lib.require()  # BackendUnavailableError naming the fix, not a traceback
 
     n = int(args.size_mib * 2**20 / 2)
+    if n < 1:  # a table of an empty array, exit 0
+        raise ValueError(f"--size-mib {args.size_mib:g} is less than one bfloat16 value (2 bytes); give a larger size")
     w = (0.02 * np.random.default_rng(0).standard_t(5, n)).astype(ml_dtypes.bfloat16)
     codecs = args.codecs or (GPU_CODECS if args.device == "cuda" else CPU_CODECS)
     rows = bench.run({f"bf16 {args.size_mib:g} MiB": w}, codecs, device=args.device, repeat=args.repeat)
@@ -96,10 +98,14 @@ def _cmd_bench(args) -> int:
 
 def _writable_json(args) -> None:
     """A ``--json PATH`` is checked before the work, not after it (a missing directory failed once a whole run, or
-    a checkpoint's compression, was done)."""
+    a checkpoint's compression, was done); an empty OUTPUT too (it failed after the work, naming a hidden file)."""
+    if getattr(args, "output", None) == "":
+        raise FileNotFoundError("OUTPUT '': give a file or directory name")
     path = getattr(args, "json", None)
     if not isinstance(path, str):
         return
+    if not path:  # an empty name wrote nothing, silently, after the run
+        raise FileNotFoundError("--json '': give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--json {path}: no directory {folder!r} to write it into")
@@ -135,6 +141,9 @@ def _cmd_compress(args) -> int:
         if args.dtype is None:
             raise ValueError(f"{args.input} holds raw {x.dtype.itemsize}-byte records ({x.dtype.str}), as numpy.save "
                              "writes ml_dtypes' bfloat16 and float8 arrays; name their dtype, e.g. --dtype bfloat16")
+        if x.dtype.itemsize not in (1, 2, 4, 8):  # no dtype --dtype could name reads them: say so now
+            raise ValueError(f"{args.input} holds raw {x.dtype.itemsize}-byte records ({x.dtype.str}), which no "
+                             "dtype cupycodec stores has (1, 2, 4 or 8 bytes); save the array in its own dtype")
         x = x.view(f"u{x.dtype.itemsize}")
     options = {}
     if args.level is not None:

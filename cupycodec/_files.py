@@ -51,6 +51,8 @@ def stage_write(path, write: Callable[[str], None], *, overwrite: bool = True) -
     until :meth:`StagedFile.commit`. For writes of several files that must not be left half done: stage each,
     then commit them together, when nothing but a rename is left to fail."""
     name = os.fsdecode(path)  # a bytes path, as open() and load() take one
+    if not name:  # as open(""): resolved, it named the working directory, and the error a hidden file beside it
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory (an empty path)", name)
     if name.endswith(os.sep) or (os.altsep and name.endswith(os.altsep)):  # open() refuses these too
         raise IsADirectoryError(errno.EISDIR, "names a directory (it ends in a separator); name a file", name)
     try:

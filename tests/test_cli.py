@@ -440,3 +440,25 @@ def test_bad_sizes_unreadable_npy_and_json_paths_are_one_line_errors_before_the_
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     assert main(["compress", str(tmp_path / "obj.npy"), str(tmp_path / "o.cc")]) == 2
     assert "obj.npy: cannot read it as a .npy array" in capsys.readouterr().err
+
+
+def test_empty_paths_tiny_benches_and_odd_records_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    # an empty OUTPUT was compressed first, then failed naming a hidden file beside the working directory; --json ''
+    # wrote nothing and exited 0; a bench of 1e-9 MiB printed a table of an empty array; 3-byte records with
+    # --dtype uint8 gave NumPy's "data type 'u3' not understood"
+    from cupycodec.__main__ import main
+
+    np.save(tmp_path / "x.npy", np.arange(10, dtype=np.float32))
+    monkeypatch.setattr(cc, "compress", lambda *a, **k: pytest.fail("compressed before refusing"))
+    assert main(["compress", str(tmp_path / "x.npy"), ""]) == 2
+    assert "OUTPUT '': give a file or directory name" in capsys.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="an empty path"):
+        cc.save("", cc.compress(np.zeros(4, np.float32)))
+    assert main(["bench", "--size-mib", "1e-9", "--json", str(tmp_path / "b.json")]) == 2
+    assert "less than one bfloat16 value" in capsys.readouterr().err
+    assert main(["bench", "--size-mib", "0.01", "--json", ""]) == 2
+    assert "--json '': give a file name" in capsys.readouterr().err
+    np.save(tmp_path / "v3.npy", np.zeros(4, dtype="V3"))
+    assert main(["compress", str(tmp_path / "v3.npy"), str(tmp_path / "v.cc"), "--dtype", "uint8"]) == 2
+    assert "3-byte records (|V3), which no dtype cupycodec stores has" in capsys.readouterr().err

@@ -954,8 +954,9 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
                          modules_to_convert=modules_to_convert, modules_to_not_convert=modules_to_not_convert)
     with _progress_bars(progress):
         model = cls.from_pretrained(input_dir, quantization_config=qc, device_map={"": device}, dtype="auto")
+    others = _other_files(input_dir, output_dir)  # listed before the output exists: it may lie inside the input
     written = set(save_compressed(model, output_dir, max_shard_size=max_shard_size, key=key))
-    for rel in _other_files(input_dir, written):
+    for rel in (rel for rel in others if rel not in written):
         src, dst = os.path.join(input_dir, rel), os.path.join(output_dir, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         atomic_write_path(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
@@ -965,17 +966,19 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt|onnx)$|.*\.index\.json$")
 
 
-def _other_files(input_dir: str, written: set[str]) -> list[str]:
+def _other_files(input_dir: str, output_dir: str) -> list[str]:
     """The files of a model directory that :func:`compress_checkpoint` copies, as paths relative to it: every file
     in it and in its subfolders (a tokenizer or an ``original/`` folder) except weights, the two configs the
-    compressed checkpoint writes itself, the files it wrote, and hidden entries (``.git``, ``.cache``). Linked files
-    are copied as files; linked folders are not followed (a link may point back up the tree)."""
+    compressed checkpoint writes itself, hidden entries (``.git``, ``.cache``) and the output directory where it
+    lies inside the input (its checkpoint was copied into itself, one folder deeper each run). Linked files are
+    copied as files; linked folders are not followed (a link may point back up the tree)."""
+    out = os.path.realpath(output_dir)
     found = []
     for top, dirs, files in os.walk(input_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(top, d)) != out)
         for name in sorted(files):
             rel = os.path.relpath(os.path.join(top, name), input_dir)
-            if name.startswith(".") or _WEIGHT_FILE.match(name) or rel in written or \
+            if name.startswith(".") or _WEIGHT_FILE.match(name) or \
                     rel in ("config.json", "generation_config.json") or not os.path.isfile(os.path.join(top, name)):
                 continue
             found.append(rel)

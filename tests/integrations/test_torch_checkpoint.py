@@ -1448,3 +1448,17 @@ def test_a_base_model_class_on_a_checkpoint_with_a_head_names_the_class_to_load(
     with pytest.raises(ValueError, match=r"is not in this LlamaModel; the checkpoint was saved from a "
                                          r"LlamaForCausalLM.*transformers.LlamaForCausalLM.from_pretrained.*\.model "):
         transformers.AutoModel.from_pretrained(tmp_path / "hf")
+
+
+def test_compress_model_into_a_folder_of_its_input_copies_nothing_of_its_own_output(bf16_dir, tmp_path):
+    # the other files were listed after the output was written, so an output inside the input got its own
+    # config.json copied into OUTPUT/<name>/, one folder deeper each run
+    from cupycodec.__main__ import main
+
+    shutil.copytree(bf16_dir, tmp_path / "in")
+    (tmp_path / "in" / "tokenizer.json").write_text("{}")
+    assert main(["compress-model", str(tmp_path / "in"), str(tmp_path / "in" / "int8"), "--mode", "int8",
+                 "--quiet"]) == 0
+    out = tmp_path / "in" / "int8"
+    assert not (out / "int8").exists() and (out / "tokenizer.json").read_text() == "{}"
+    assert any(isinstance(m, CompressedLinear) for m in _load(out, device_map="cpu").modules())
