@@ -96,6 +96,12 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _shown(path: str) -> str:
+    """A file name as printed: bytes that are not UTF-8 (kept by Python as surrogates) as ``\\xNN``, which every
+    stdout encodes (a strict UTF-8 one raised after the file was written, and the command reported a failure)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _writable_json(args) -> None:
     """A ``--json PATH`` is checked before the work, not after it (a missing directory failed once a whole run, or
     a checkpoint's compression, was done); an empty OUTPUT too (it failed after the work, naming a hidden file)."""
@@ -128,7 +134,8 @@ def _cmd_compress(args) -> int:
     from ._files import open_regular
 
     _distinct(args.input, args.output)
-    with open_regular(args.input) as f:  # not open(): a FIFO with no writer would wait for one forever
+    with open_regular(args.input, ".npy arrays", "save the array with numpy.save to a file first") as f:
+        # not open(): a FIFO with no writer would wait for one forever
         if f.read(6) != b"\x93NUMPY":
             raise ValueError(f"{args.input} is not a .npy file (the format numpy.save writes); save the array with "
                              "numpy.save first")
@@ -155,7 +162,8 @@ def _cmd_compress(args) -> int:
                     filters=args.filter or None, quantize=args.quantize, granularity=args.granularity or "channel",
                     group_size=128 if args.group_size is None else args.group_size, **options)
     cc.save(args.output, c)
-    print(f"{args.input} -> {args.output}: {c.raw_nbytes} -> {c.nbytes} bytes, ratio {c.ratio:.3f} ({c.codec})")
+    print(f"{_shown(args.input)} -> {_shown(args.output)}: {c.raw_nbytes} -> {c.nbytes} bytes, ratio {c.ratio:.3f} "
+          f"({c.codec})")
     return 0
 
 
@@ -182,7 +190,7 @@ def _cmd_decompress(args) -> int:
         print(f"note: .npy has no {c.dtype_name} dtype; writing its bits as {y.dtype.itemsize * 8}-bit unsigned ints")
         y = y.view(f"u{y.dtype.itemsize}")
     atomic_write(args.output, lambda f: np.lib.format.write_array(f, y, allow_pickle=False))  # exactly this path
-    print(f"{args.input} -> {args.output}: {y.shape} {c.dtype_name}")
+    print(f"{_shown(args.input)} -> {_shown(args.output)}: {y.shape} {c.dtype_name}")
     return 0
 
 

@@ -258,8 +258,10 @@ def _libc():
     return libc
 
 
-def open_regular(path):
-    """Open ``path`` for reading if it is a regular file, else raise ValueError naming the alternative.
+def open_regular(path, what: str = "containers", alternative: str = "for a stream, read its bytes yourself and "
+                 "pass them to CompressedArray.from_bytes"):
+    """Open ``path`` for reading if it is a regular file, else raise ValueError naming the alternative (``what``
+    is read from files, and ``alternative`` is the way otherwise).
 
     Character devices and pipes (``/dev/zero``, a FIFO) report a size of 0 and can be read forever.
     """
@@ -273,6 +275,6 @@ def open_regular(path):
         raise
     if not regular:
         os.close(fd)
-        raise ValueError(f"{os.fspath(path)!r} is not a regular file; cupycodec reads containers from files (for a "
-                         "stream, read its bytes yourself and pass them to CompressedArray.from_bytes)")
+        raise ValueError(f"{os.fspath(path)!r} is not a regular file; cupycodec reads {what} from files "
+                         f"({alternative})")
     return os.fdopen(fd, "rb")

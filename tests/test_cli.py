@@ -462,3 +462,17 @@ def test_empty_paths_tiny_benches_and_odd_records_are_refused_before_the_work(tm
     np.save(tmp_path / "v3.npy", np.zeros(4, dtype="V3"))
     assert main(["compress", str(tmp_path / "v3.npy"), str(tmp_path / "v.cc"), "--dtype", "uint8"]) == 2
     assert "3-byte records (|V3), which no dtype cupycodec stores has" in capsys.readouterr().err
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_and_a_directory_input_named(tmp_path, capsys):
+    # the container was written, then the success line failed to encode under a strict UTF-8 stdout (exit 2); a
+    # non-regular input was told that cupycodec reads containers, through CompressedArray.from_bytes
+    np.save(tmp_path / "in.npy", np.arange(6, dtype=np.float32))
+    out = os.path.join(os.fsencode(tmp_path), b"out\xfe.cc")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-m", "cupycodec", "compress", str(tmp_path / "in.npy"), os.fsdecode(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "out\\xfe.cc" in proc.stdout, proc.stderr
+    assert np.array_equal(cc.decompress(cc.load(out)), np.arange(6, dtype=np.float32))
+    assert main(["compress", str(tmp_path), str(tmp_path / "x.cc")]) == 2
+    assert "cupycodec reads .npy arrays from files (save the array with numpy.save" in capsys.readouterr().err
