@@ -44,9 +44,14 @@ def _optional_int(name: str, value):
     """``value`` as a Python int (a NumPy integer too, as the core takes one), or None."""
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):  # np.bool_ is neither
         raise TypeError(f"{name} must be an int or None, got {value!r}")
     return int(value)
+
+
+def _python_int(value):
+    """A NumPy integer as a Python int (JSON takes only those); anything else as it is, for the core to check."""
+    return int(value) if isinstance(value, np.integer) else value
 
 
 class ChunkConfig:
@@ -94,10 +99,8 @@ class ChunkConfig:
         set_(self, "quantize", quantize)
         set_(self, "granularity", granularity)
         # NumPy integers (arr.ndim - 1) as Python ints: stored in the array's JSON metadata
-        set_(self, "axis", axis if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, np.integer)
-             else int(axis))
-        set_(self, "group_size", group_size if isinstance(group_size, (bool, np.bool_)) or
-             not isinstance(group_size, np.integer) else int(group_size))
+        set_(self, "axis", _python_int(axis))
+        set_(self, "group_size", _python_int(group_size))
         set_(self, "dtype", dtype)
         set_(self, "trusted", trusted)
         set_(self, "options", {k: _json_scalar(k, v) for k, v in sorted(options.items())})

@@ -107,10 +107,8 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
                 raise TypeError(f"dtype={logical!r} reinterprets integer chunks of {want.itemsize} bytes (e.g. "
                                 f"uint{8 * want.itemsize}); this array's data type is {native}")
             name = dtype_name(want)[0]
-        uses_planes = any(f == "byteplane" or (isinstance(f, dict) and f.get("id") == "byteplane")
-                          for f in self.config.filters or ())
         words = native.itemsize // 2 if native.kind == "c" else native.itemsize  # as the core splits complex types
-        if uses_planes and words not in (2, 4, 8):
+        if _uses_filter(self.config, "byteplane") and words not in (2, 4, 8):
             raise TypeError(f"filters=['byteplane'] splits 2-, 4- or 8-byte words (complex numbers by component); "
                             f"this array's data type is {native}: drop the filter")
         if self.config.quantize is not None and name not in _QUANTIZABLE:
@@ -180,8 +178,7 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
             blobs = encode_chunks(self.config, [batch[i][0].as_ndarray_like() for i in idx])
         except (CupycodecError, ValueError) as exc:
             fill = batch[idx[0]][1].fill_value if idx else 0
-            int8 = self.config.quantize is not None or any(
-                f == "int8" or (isinstance(f, dict) and f.get("id") == "int8") for f in self.config.filters or ())
+            int8 = self.config.quantize is not None or _uses_filter(self.config, "int8")
             if int8 and not _finite(fill, self.config.dtype):
                 # Not refused when the array is made: zarr checks codecs on every open, and an existing array
                 # whose chunks were all written whole reads fine.
@@ -225,6 +222,11 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
                 arr[...] = res
             out[i] = nd
         return out
+
+
+def _uses_filter(config, fid: str) -> bool:
+    """Whether the chunks' filters name ``fid`` (as an id, or a config dict with that id)."""
+    return any(f == fid or (isinstance(f, dict) and f.get("id") == fid) for f in config.filters or ())
 
 
 def _finite(fill, logical: str | None) -> bool:
