@@ -45,7 +45,7 @@ from .checkpoint import (
     tie_aliases,
 )
 from .dlpack import usable_device
-from .linear import CompressedLinear, check_mode, default_codec
+from .linear import CompressedLinear, check_mode, default_codec, replaced_why_not
 from .model import (
     CompressionReport,
     LayerReport,
@@ -54,7 +54,6 @@ from .model import (
     _read_by_code,
     _read_by_torch,
     _sqnr,
-    _subclass_why,
     conv1d_note,
     fused_weights,
     install,
@@ -415,7 +414,7 @@ class CupycodecHfQuantizer(HfQuantizer):
                 continue
             why = (alone[id(m.weight)] if id(m.weight) in alone else
                    torch_reads.get(id(m)) if id(m) in torch_reads else
-                   sub if (sub := _subclass_why(m)) is not None else
+                   sub if (sub := replaced_why_not(m)) is not None else
                    "modules_to_not_convert" if not should_convert_module(fqn, skip) else
                    "modules_to_convert" if cfg.modules_to_convert and
                    not any(re.search(p, fqn) for p in cfg.modules_to_convert) else code_reads.get(id(m)))

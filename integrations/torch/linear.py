@@ -96,6 +96,20 @@ def _autocast(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor,
     return x.to(cast), (bias.to(cast) if bias is not None else None)
 
 
+def replaced_why_not(m: torch.nn.Linear) -> str | None:
+    """Why a CompressedLinear cannot stand in for ``m`` (None when it computes exactly what ``m`` does): it computes
+    ``x @ W.T + b`` and keeps only the weight and the bias, so a subclass's own forward, or another parameter or
+    buffer of the layer (spectral_norm's ``weight_orig``, from which its hook makes ``weight`` at every forward),
+    would be lost."""
+    own = {n for n, _ in m.named_parameters(recurse=False)} | {n for n, _ in m.named_buffers(recurse=False)}
+    extra = sorted(own - {"weight", "bias"})
+    if type(m) is torch.nn.Linear:
+        return f"nn.Linear with tensors of its own ({', '.join(extra)}), which a replacement loses" if extra else None
+    if type(m).forward is not torch.nn.Linear.forward or extra or list(m.children()):
+        return f"{type(m).__name__} subclasses nn.Linear with its own forward or tensors, which a replacement loses"
+    return None
+
+
 class CompressedLinear(torch.nn.Module):
     """A linear layer ``y = x W^T + b`` whose weight ``W`` is held compressed.
 
@@ -169,9 +183,17 @@ class CompressedLinear(torch.nn.Module):
         ``device`` when given, e.g. a CPU layer compressed on a GPU)."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if (why := replaced_why_not(linear)) is not None:
+            raise TypeError(f"{why}: from_linear would compute a different layer")
         w = linear.weight
         if w.dtype not in _FLOATS:
             raise TypeError(f"the weight is {w.dtype}; CompressedLinear compresses float32, float16 or bfloat16")
+        if w.is_meta:
+            raise ValueError("the weight is on the meta device (a model built empty, e.g. under "
+                             "accelerate.init_empty_weights()); load its weights first")
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise cc.BackendUnavailableError(f"device={device!r}: torch sees no CUDA device here; compress where the "
+                                             "weight is (device=None)")
         if codec not in (None, "auto"):  # every mode: int8 stores no payload, but a name it cannot use is a mistake
             cc.registry.get_codec(codec)  # UnknownCodecError naming the registered codecs
         home = w.device

@@ -25,7 +25,7 @@ import torch
 
 from cupycodec.errors import prefix_message
 
-from .linear import CompressedLinear, check_mode
+from .linear import CompressedLinear, check_mode, replaced_why_not
 from .runtime import DecodeGroup, Runtime, block_hook
 
 __all__ = ["CompressionReport", "LayerReport", "compress_model", "find_blocks", "install", "set_module"]
@@ -82,21 +82,24 @@ class CompressionReport:
         return json.dumps(data, indent=1, allow_nan=False)
 
     def __str__(self) -> str:
-        w = max([len(r.name) for r in self.layers] + [5])
         lossy = self.mode != "lossless"
-        head = f"{'layer':{w}s}  {'shape':>13s}  {'before':>11s}  {'after':>11s}  {'ratio':>6s}" + \
+        distinct = sum(1 for r in self.layers if r.shared_with is None)  # a shared layer's other names are rows too
+        total = f"total ({distinct} layers)"
+        w = max([len(r.name) for r in self.layers] + [5, len(total)])
+        b = max(11, len(f"{self.original_nbytes:,d}"))  # the widest count of bytes is the total before
+        head = f"{'layer':{w}s}  {'shape':>13s}  {'before':>{b}s}  {'after':>{b}s}  {'ratio':>6s}" + \
             ("  SQNR dB" if lossy else "")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             tail = f"  {r.sqnr_db:7.1f}" if lossy and r.sqnr_db is not None else ""
-            after = f"(= {r.shared_with})" if r.shared_with else f"{r.compressed_nbytes:11,d}"
-            lines.append(f"{r.name:{w}s}  {shape:>13s}  {r.original_nbytes:11,d}  {after:>11s}  {r.ratio:6.3f}{tail}")
+            after = f"(= {r.shared_with})" if r.shared_with else f"{r.compressed_nbytes:,d}"
+            lines.append(f"{r.name:{w}s}  {shape:>13s}  {r.original_nbytes:{b},d}  {after:>{b}s}  {r.ratio:6.3f}{tail}")
         lines.append("-" * len(head))
         sq = [r.sqnr_db for r in self.layers if r.sqnr_db is not None]
         tail = f"  min {min(sq):.1f}" if lossy and sq else ""
-        lines.append(f"{'total (' + str(len(self.layers)) + ' layers)':{w}s}  {'':>13s}  {self.original_nbytes:11,d}  "
-                     f"{self.compressed_nbytes:11,d}  {self.ratio:6.3f}{tail}")
+        lines.append(f"{total:{w}s}  {'':>13s}  {self.original_nbytes:{b},d}  {self.compressed_nbytes:{b},d}  "
+                     f"{self.ratio:6.3f}{tail}")
         lines.append(f"mode {self.mode!r}, {self.blocks} blocks, {self.seconds:.1f} s"
                      + (f"; left alone: {', '.join(self.skipped)}" if self.skipped else ""))
         return "\n".join(lines)
@@ -125,19 +128,6 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 def _is_linear(m: torch.nn.Module) -> bool:
     return isinstance(m, torch.nn.Linear)
-
-
-def _subclass_why(m: torch.nn.Module) -> str | None:
-    """Why a Linear subclass is never replaced (None for nn.Linear, and for subclasses that change neither the
-    forward nor the tensors, which a CompressedLinear computes exactly): a replacement computes ``x @ W.T + b`` and
-    keeps only the weight and bias, so another forward, or another parameter or buffer, would be lost."""
-    if type(m) is torch.nn.Linear:
-        return None
-    own = {n for n, _ in m.named_parameters(recurse=False)} | {n for n, _ in m.named_buffers(recurse=False)}
-    plain = type(m).forward is torch.nn.Linear.forward and own <= {"weight", "bias"} and not list(m.children())
-    if not plain:
-        return f"{type(m).__name__} subclasses nn.Linear with its own forward or tensors, which a replacement loses"
-    return None
 
 
 def _fp32_rules(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
@@ -323,6 +313,19 @@ def _matches(filter_fn: Callable, module, fqn: str) -> bool:
         return False
 
 
+def _chosen(filter_fn: Callable, module: torch.nn.Module, names: list[str]) -> bool:
+    """``filter_fn`` asked under each name of ``module`` (shared, it is replaced under all of them); its errors are
+    raised naming the layer and the filter."""
+    for fqn in names:
+        try:
+            if filter_fn(module, fqn):
+                return True
+        except Exception as exc:
+            prefix_message(exc, f"filter_fn(module, fqn) on layer {fqn!r}")
+            raise
+    return False
+
+
 def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | None = None,
                    granularity: str = "channel", group_size: int = 128, codec: str | None = None, device=None,
                    progress: bool = True, offload: str | None = None, max_gpu_memory=None) -> CompressionReport:
@@ -372,6 +375,12 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         A non-float weight (naming the layer).
     """
     check_mode(mode)
+    if isinstance(model, torch.nn.Linear):  # its name is "": there is no parent to put a replacement into
+        raise TypeError(f"compress_model replaces the Linear layers inside a model, and got a {type(model).__name__} "
+                        "itself; for one layer use CompressedLinear.from_linear(layer, mode), or pass a model that "
+                        "holds it (e.g. nn.Sequential(layer))")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a function filter_fn(module, fqn) -> bool, got {filter_fn!r}")
     from .offload import _compute_device, check_options
 
     offload = check_options(offload, max_gpu_memory)  # checked before anything changes
@@ -389,6 +398,7 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
             raise ValueError(f"{type(model).__name__} is already compressed ({done} CompressedLinear layers); to "
                              "compress it another way, start again from its original weights")
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress{conv1d_note(model)}")
+    _check_not_inside(model)
     default_skip = _left_alone_by_default(model)
     torch_reads, code_reads = _read_by_torch(model), _read_by_code(model)
     fp32_rules = _fp32_rules(model)
@@ -400,9 +410,9 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     for fqn, m in linears:
         if id(m) in torch_reads:
             skipped[fqn] = torch_reads[id(m)]
-        elif (why := _subclass_why(m)) is not None:
+        elif (why := replaced_why_not(m)) is not None:
             skipped[fqn] = why
-        elif filter_fn is not None and not filter_fn(m, fqn):
+        elif filter_fn is not None and not _chosen(filter_fn, m, names[id(m)]):
             skipped[fqn] = "filter_fn"
         elif filter_fn is None and id(m.weight) in default_skip:
             skipped[fqn] = default_skip[id(m.weight)]
@@ -487,6 +497,18 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
     return report
 
 
+def _check_not_inside(model: torch.nn.Module) -> None:
+    """Refuse a part of a model whose compressed layers another model's runtime decodes (a block of a model
+    compressed whole): a runtime of its own would decode them too, each block start hooked twice."""
+    own = {id(old[0]) for m in model.modules() if (old := vars(m).get("_cupycodec_runtime")) is not None}
+    for fqn, m in model.named_modules():
+        rt = m._runtime() if isinstance(m, CompressedLinear) and m._runtime is not None else None
+        if rt is not None and id(rt) not in own:
+            raise ValueError(f"layer {fqn!r} belongs to the model this {type(model).__name__} is part of (compressed "
+                             "with it); call compress_model on that whole model, with filter_fn choosing the layers "
+                             "to compress")
+
+
 def set_module(model: torch.nn.Module, fqn: str, module: torch.nn.Module) -> None:
     """Put ``module`` at dotted name ``fqn`` inside ``model``."""
     parent, _, child = fqn.rpartition(".")
@@ -521,10 +543,13 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     for block, group in groups:
         if block is not None and group.nbytes:  # blocks of resident INT8 codes start from their layers (wide only)
             hooks.append(block_hook(block, group.layers[0]))
-    old = getattr(model, "_cupycodec_runtime", None)
-    if old is not None:
-        for h in old[1]:
-            h.remove()
+    for m in model.modules():  # this model's runtime, and those of its submodules compressed before on their own:
+        old = vars(m).get("_cupycodec_runtime")  # their layers are the new runtime's now (two hooks a block else)
+        if old is not None:
+            for h in old[1]:
+                h.remove()
+            if m is not model:
+                del m._cupycodec_runtime
     model._cupycodec_runtime = (runtime, hooks)  # plain attribute: not a submodule, not in the state dict
     return sum(1 for b, _ in groups if b is not None)
 

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cupycodec as cc
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -1069,3 +1071,96 @@ def test_dequantize_gives_back_a_plain_model(tmp_path, mode):
     assert getattr(back.config, "quantization_config", None) is None
     for f, w in expect.items():
         assert torch.equal(back.get_submodule(f).weight, w)
+
+
+def test_a_bare_linear_is_refused_with_from_linear_named():
+    # its name is "": compress_model set an attribute "" on it, reported 2.7x, and the layer computed as before
+    lin = torch.nn.Linear(8, 8)
+    w = lin.weight.detach().clone()
+    with pytest.raises(TypeError, match="from_linear"):
+        compress_model(lin, "int8", progress=False)
+    assert set(lin.state_dict()) == {"weight", "bias"} and torch.equal(lin.weight, w) and not list(lin.children())
+
+
+def test_a_plain_linear_with_tensors_of_its_own_is_left_alone():
+    # spectral_norm keeps the weight in weight_orig and makes .weight at each forward: the replacement stored the
+    # unnormalised weight (a "lossless" model off by 41) and dropped weight_orig/weight_u/weight_v
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.spectral_norm(torch.nn.Linear(16, 16)), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 8)).eval()
+    extra = torch.nn.Linear(16, 16)
+    extra.register_buffer("mask", torch.ones(16))
+    model.append(extra)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model[:3](x)
+    report = compress_model(model, "lossless", progress=False)
+    assert "weight_orig" in report.skipped["0"] and "mask" in report.skipped["3"]
+    assert type(model[0]) is torch.nn.Linear and type(model[3]) is torch.nn.Linear
+    assert {"0.weight_orig", "3.mask"} <= set(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model[:3](x), want)
+    with pytest.raises(TypeError, match="weight_orig"):
+        CompressedLinear.from_linear(model[0], "lossless")
+
+
+def test_a_submodule_compressed_first_joins_the_whole_models_runtime():
+    # compress_model(m.model) then compress_model(m, ...) left the first runtime (slots held) and two hooks a block
+    model = tiny_llama(tie=False)
+    want = _logits(model)
+    compress_model(model.model, "lossless", progress=False)
+    _logits(model)  # the first runtime makes its slots
+    compress_model(model, "lossless", filter_fn=lambda m, f: f == "lm_head", progress=False)
+    assert [len(b._forward_pre_hooks) for b in model.model.layers] == [1] * 3
+    assert "_cupycodec_runtime" not in vars(model.model)
+    (runtime, _) = model._cupycodec_runtime
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert len(layers) == 3 * 7 + 1 and all(m._runtime() is runtime for m in layers)
+    assert torch.equal(_logits(model), want)
+
+
+def test_a_part_of_a_compressed_model_is_refused_and_left_as_it_was():
+    model = tiny_llama(tie=False)
+    compress_model(model, "int8", filter_fn=lambda m, f: "mlp" in f, progress=False)
+    block = model.model.layers[0]
+    before = dict(block.named_modules())
+    with pytest.raises(ValueError, match="whole model"):
+        compress_model(block, "int8", progress=False)
+    assert dict(block.named_modules()) == before and "_cupycodec_runtime" not in vars(block)
+
+
+def test_filter_fn_is_asked_under_every_name_of_a_shared_layer():
+    lin = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU())
+    model.extra = lin
+    asked = []
+    compress_model(model, "int8", filter_fn=lambda m, f: asked.append(f) or f == "extra", progress=False)
+    assert asked == ["0", "extra"] and model[0] is model.extra and isinstance(model.extra, CompressedLinear)
+
+
+def test_bad_filters_and_devices_are_named_before_anything_changes():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="filter_fn must be a function"):
+        compress_model(model, "int8", filter_fn=5, progress=False)
+    with pytest.raises(TypeError, match=r"filter_fn\(module, fqn\) on layer '0'"):
+        compress_model(model, "int8", filter_fn=lambda m: True, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(cc.BackendUnavailableError, match="no CUDA device"):
+            compress_model(model, "int8", device="cuda", progress=False)
+    assert type(model[0]) is torch.nn.Linear
+    meta = torch.nn.Linear(8, 8, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        CompressedLinear.from_linear(meta, "int8")
+
+
+def test_the_report_tables_totals_stand_under_their_columns():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, bias=False)
+    model = torch.nn.Sequential(lin, torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model.again = lin  # one layer under two names: two rows, one layer
+    lines = str(compress_model(model, "int8", progress=False)).splitlines()
+    head, total = lines[0], next(x for x in lines if x.startswith("total"))
+    assert total.startswith("total (3 layers)")
+    for column in ("before", "after", "ratio"):  # right-aligned: each figure ends where its heading does
+        end = head.index(column) + len(column)
+        assert total[end - 1] != " " and (end == len(total) or total[end] == " "), (column, total)
