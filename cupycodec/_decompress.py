@@ -70,7 +70,12 @@ class DecodeJob:
         if not self.dequantize:
             specs = {s.name: s.spec for s in c.segments}
             _check_out(self.views[0], specs["data"].shape, "I8", f"{prefix} codes")
-            _check_out(self.views[1], specs["scale"].shape, "F32", f"{prefix} scales")
+            scales = self.views[1]
+            _check_out(scales, specs["scale"].shape, "F32", f"{prefix} scales")
+            order = specs["scale"].byteorder  # the segment's bytes go in as they are: a host buffer must match them
+            if not scales.on_device and dtype_name(scales.array.dtype)[1] != order:
+                raise ValueError(f"{prefix} scales has dtype {scales.array.dtype.str}, in another byte order than the "
+                                 f"container's scales ({order!r}); pass a float32 buffer of byte order {order!r}")
             return
         view = self.views[0]
         if _int8(c) is not None:

@@ -236,6 +236,22 @@ def test_a_bit_view_out_has_the_containers_byte_order(order, quantize):
                                              rf"order is '\{order}'"):
             cc.decompress(c, out=np.zeros(x.shape, other + kind + "4"))
 
+@pytest.mark.parametrize("scales_dtype", ["<f4", "<u4", ">f4", ">u4"])
+def test_int8_scales_out_has_the_containers_byte_order(scales_dtype):
+    # out=(codes, scales) with a big-endian scales buffer was filled with the little-endian bytes: scales off by
+    # ~1e34, no error (or, for a zero row's scale 1.0, a "corrupt or crafted" FormatError on a valid container)
+    x = np.array([[1.0, -0.5], [2.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    c = cc.compress(x, quantize="int8", codec="zstd")
+    want = cc.decompress(c, dequantize=False)
+    codes, scales = np.empty((3, 2), np.int8), np.empty(3, scales_dtype)
+    if scales_dtype[0] == ">":
+        with pytest.raises(ValueError, match="another byte order than the container's scales"):
+            cc.decompress(c, dequantize=False, out=(codes, scales))
+        return
+    got = cc.decompress(c, dequantize=False, out=(codes, scales))
+    assert np.array_equal(codes, want.codes) and scales.tobytes() == want.scales.tobytes() and got.scales is scales
+
+
 def test_out_with_filters():
     x = (np.random.default_rng(2).standard_normal((64, 64)) * 0.02).astype(np.float32)
     out = np.empty_like(x)
