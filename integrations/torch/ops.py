@@ -138,8 +138,10 @@ def _cpu_gemv_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
 def _cpu_gemv(x, qweight, scale, bias):
     """``x @ (codes * scale).T + bias`` on the CPU at small M: float32 sums of activation x code (exact products)
     rounded to bf16 by torch's GEMV, then times the float32 scale, plus the bias, rounded once more. Not the
-    reference route's bits (which rounds each dequantized weight to bf16 before an F.linear): within 1-2 bf16 units
-    in the last place of the exact result, where that route's weight rounding costs more (tests pin both).
+    reference route's bits (which rounds each dequantized weight to bf16 before an F.linear): without a bias within
+    1-2 bf16 units in the last place of the exact result, where that route's weight rounding costs more (tests pin
+    both). A bias that cancels most of the sum magnifies the sum's bf16 rounding: up to 7 units in the last place of
+    the result on 0.7 % of outputs at K = 64 (random bias; the reference route up to 63 there, 2026-12-04).
 
     None where that sum overflows and the input is finite (activations of about 1e33 at K = 4096): the scaled
     result may still be finite, and the caller takes the reference route, which scales before it sums."""
