@@ -171,6 +171,25 @@ def _from_json(config: dict) -> ChunkConfig:
     return ChunkConfig(**config)
 
 
+def stored_config(config: Mapping) -> dict:
+    """A configuration read from an array's metadata, less the keys this cupycodec does not know (a newer writer's
+    options), with a warning: a store stays readable after another writer used an option added later (each chunk's
+    container says how it was made), where ``ChunkConfig(**config)`` would refuse the key as a typo."""
+    import inspect
+    import warnings
+
+    known = set(inspect.signature(ChunkConfig).parameters) - {"options"}
+    codec = config.get("codec", "auto")
+    cls = cc.registry.registered_codecs().get(codec) if isinstance(codec, str) else None
+    known |= set(cls.options) if cls is not None else set()
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        warnings.warn(f"cupycodec codec configuration: {', '.join(map(repr, unknown))} ignored (not an option of "
+                      "this cupycodec: a typo, or a newer writer's; chunks still decode, as each says how it was "
+                      "made; chunks written now go without it: upgrade cupycodec to keep it)", stacklevel=3)
+    return {k: v for k, v in config.items() if k not in unknown}
+
+
 def _float_like(dtype) -> bool:
     from cupycodec.dtypes import dtype_name, is_float
 

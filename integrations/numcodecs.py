@@ -17,7 +17,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without numcodec
 
 import numpy as np
 
-from ._chunks import ChunkConfig, _from_json, decode_chunks, encode_chunks, is_device, parse_chunk
+from ._chunks import (
+    ChunkConfig,
+    _from_json,
+    decode_chunks,
+    encode_chunks,
+    is_device,
+    parse_chunk,
+    stored_config,
+)
 
 __all__ = ["Cupycodec"]
 
@@ -83,7 +91,7 @@ class Cupycodec(_NumcodecsCodec):
     def from_config(cls, config) -> Cupycodec:
         config = dict(config)  # never mutate the caller's dict
         config.pop("id", None)
-        return cls(**config)
+        return cls(**stored_config(config))
 
     def __reduce__(self):  # pickles (Dask, multiprocessing) carry the configuration, nothing else
         return (_from_config, (self.get_config(),))

@@ -34,7 +34,15 @@ import cupycodec as cc
 from cupycodec.dtypes import dtype_name
 from cupycodec.errors import CupycodecError, UnsupportedDtypeError, prefix_message
 
-from ._chunks import ChunkConfig, check_chunk, decode_chunks, encode_chunks, is_device, parse_chunk
+from ._chunks import (
+    ChunkConfig,
+    check_chunk,
+    decode_chunks,
+    encode_chunks,
+    is_device,
+    parse_chunk,
+    stored_config,
+)
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
@@ -86,7 +94,7 @@ class CupycodecCodec(ArrayBytesCodec, ArrayBytesCodecPartialDecodeMixin):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CupycodecCodec:
         _, configuration = parse_named_configuration(data, NAME, require_configuration=False)
-        return cls(**(configuration or {}))
+        return cls(**stored_config(configuration or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": NAME, "configuration": self.config.to_json()}

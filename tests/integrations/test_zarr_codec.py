@@ -74,6 +74,26 @@ def test_the_defaults_in_zarr_json(tmp_path):
     assert CupycodecCodec.from_dict({"name": "cupycodec"}) == CupycodecCodec()
 
 
+def test_a_newer_writers_option_is_ignored_with_a_warning(tmp_path):
+    # zarr.json holding an option this cupycodec does not know made the array unreadable (a bare TypeError)
+    x = np.arange(600, dtype=np.float32).reshape(20, 30)
+    z = _create(tmp_path, x.shape, "float32", (16, 16), codec="zstd")
+    z[:] = x
+    with open(tmp_path / "zarr.json") as f:
+        meta = json.load(f)
+    meta["codecs"][0]["configuration"]["future_opt"] = 1
+    with open(tmp_path / "zarr.json", "w") as f:
+        json.dump(meta, f)
+    with pytest.warns(UserWarning, match="'future_opt' ignored"):
+        z = zarr.open_array(str(tmp_path))
+    assert np.array_equal(z[:], x) and z.metadata.codecs == (CupycodecCodec(codec="zstd"),)
+    with pytest.warns(UserWarning, match="'future_opt' ignored"):
+        assert Cupycodec.from_config({"id": "cupycodec", "codec": "zstd", "level": 3, "future_opt": 1}) == \
+            Cupycodec(codec="zstd", level=3)
+    with pytest.raises(TypeError, match="unknown option"):  # a caller's own keyword is a typo: refused
+        CupycodecCodec(codec="zstd", future_opt=1)
+
+
 def test_registry_lookup_in_a_fresh_interpreter(tmp_path):
     assert entry_points(group="zarr.codecs", name="cupycodec"), \
         'cupycodec is not installed, so its zarr entry point is missing: pip install -e ".[test]"'
