@@ -89,7 +89,7 @@ FORMAT_VERSION = 1
 _PRELUDE = struct.Struct("<4sHHQI4s")
 PRELUDE_NBYTES = _PRELUDE.size  # 24
 MAX_HEADER_NBYTES = 16 * 2**20
-HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (format v1 writers before 0.2 padded to 64)
+HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (writers before 7e1a923, 12-01, padded to 64)
 _MAX_JSON_DEPTH = 64  # nesting allowed in a header (metadata included): deeper JSON is rejected, not recursed into
 
 
