@@ -235,17 +235,17 @@ _DESCRIPTION = ("Compress NumPy arrays into cupycodec containers and back, inspe
                 "bench, compress, decompress, compress-model, inspect.")
 
 
-def _positive(kind):
-    """An argparse type: ``kind`` (int or float) greater than 0."""
+def _positive(kind, *, zero: bool = False):
+    """An argparse type: ``kind`` (int or float) greater than 0 (or equal to it, with ``zero``)."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be greater than 0{' and finite' if kind is float else ''}, "
-                                             f"got {text}")
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'greater than 0'}"
+                                             f"{' and finite' if kind is float else ''}, got {text}")
         return value
 
     return parse
@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("decompress", help="decompress a container into a .npy file")
     s.add_argument("input", help="a container file")
     s.add_argument("output", help="the .npy file to write, at exactly this path (atomically)")
-    s.add_argument("--max-output-nbytes", type=int, metavar="N", help="refuse to produce more than N bytes "
-                   "(default: max(1 GiB, 1024 x the file's size); 0: no limit)")
+    s.add_argument("--max-output-nbytes", type=_positive(int, zero=True), metavar="N",
+                   help="refuse to produce more than N bytes (default: max(1 GiB, 1024 x the file's size); "
+                   "0: no limit)")
     s.add_argument("--trusted", action="store_true", help="you made this file: let nvCOMP's decoders read it "
                    "(needed for ans, cascaded, bitcomp and gdeflate chunks)")
     s.set_defaults(fn=_cmd_decompress)

@@ -9,6 +9,7 @@ from . import registry
 from ._lru import LRU
 from .codecs import Codec
 from .dtypes import ArraySpec, is_float
+from .errors import UnknownCodecError
 from .filters import Filter, Int8
 
 __all__ = ["AUTO_ZSTD_LEVEL", "auto", "check_chunk", "gpu_default_chunk", "parse_codec", "parse_filters", "resolved",
@@ -42,7 +43,7 @@ def parse_codec(codec, level, options) -> Codec | None:
         raise TypeError(f"codec must be a string id, a config mapping or a Codec, got {type(codec).__name__}")
     if codec == "auto":
         raise TypeError("codec='auto' takes no options; name a codec to pass level or options")
-    cls = type(registry.get_codec(codec))
+    cls = type(_by_id(codec))
     kwargs = dict(options)
     if level is not None:
         if "level" not in cls.options:
@@ -54,7 +55,15 @@ def parse_codec(codec, level, options) -> Codec | None:
 @functools.lru_cache(maxsize=64)
 def _plain_codec(codec_id: str, cls) -> Codec:
     # keyed by the registered class too, so an id re-registered with replace=True gets its new class
-    return registry.get_codec(codec_id)
+    return _by_id(codec_id)
+
+
+def _by_id(codec_id: str) -> Codec:
+    """The registry's codec; an unknown id's error lists ``auto`` too, which compress takes beside them."""
+    try:
+        return registry.get_codec(codec_id)
+    except UnknownCodecError as exc:
+        raise UnknownCodecError(codec_id, [*exc.known, "auto"]) from None
 
 
 def parse_filters(filters, quantize, granularity, axis, group_size) -> list[Filter]:

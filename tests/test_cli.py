@@ -320,6 +320,9 @@ def test_cli_reports_user_errors_plainly(tmp_path, capsys):
     assert main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / "y.npy"), "--max-output-nbytes", "1000"]) == 2
     err = capsys.readouterr().err
     assert "--max-output-nbytes" in err and "max_output_nbytes=None" not in err
+    with pytest.raises(SystemExit):  # named as the flag, not as the keyword argument
+        main(["decompress", str(tmp_path / "x.cc"), str(tmp_path / "y.npy"), "--max-output-nbytes", "-1"])
+    assert "--max-output-nbytes: must be 0 or more, got -1" in capsys.readouterr().err
     if os.path.exists("/dev/zero"):
         assert main(["inspect", "/dev/zero"]) == 2
         assert "not a regular file" in capsys.readouterr().err
