@@ -300,11 +300,13 @@ class Checkpoint:
 
 
 def _trust(table: _Table, trusted: bool, key) -> bytes | None:
-    """The key to check MACs with, or None when the checkpoint is trusted as it is or untrusted."""
+    """The key to check MACs with, or None when the checkpoint is trusted as it is or untrusted.
+
+    A key wins over ``trusted`` (as in :meth:`cupycodec.CompressedArray.from_bytes` and the Zarr codec): a caller
+    who vouches for the source to allow nvCOMP and passes the key for integrity gets both, not a load whose tampered
+    tensors go unchecked."""
     if not isinstance(trusted, bool):
         raise TypeError(f"trusted must be a bool, got {trusted!r}")
-    if trusted:
-        return None
     if key is not None:
         key = _check_key(key)
         if table.signed_by is None:
@@ -314,6 +316,8 @@ def _trust(table: _Table, trusted: bool, key) -> bytes | None:
             raise AuthenticationError("this checkpoint is signed with another key than the one given")
         _check_manifest(table, bytes(key))
         return bytes(key)
+    if trusted:
+        return None
     mine = _signing.local_key(create=False)
     if mine is not None and table.signed_by == _signing.fingerprint(mine):
         _check_manifest(table, mine)
@@ -925,7 +929,8 @@ def load_compressed(directory, model: torch.nn.Module | None = None, *, device=N
     trusted : bool
         Vouch for the checkpoint: its containers may then reach nvCOMP's decoders.
     key : bytes, optional
-        The key the checkpoint was signed with (default: this user's, when it signed it); its MACs are checked.
+        The key the checkpoint was signed with (default: this user's, when it signed it); its MACs are checked,
+        with ``trusted=True`` too (the key wins over ``trusted``).
     strict : bool
         Require the checkpoint to cover every tensor of the model's state dict (without ``model``: of the model
         its ``config.json`` describes), checked before any tensor is read.

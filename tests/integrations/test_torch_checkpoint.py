@@ -525,6 +525,20 @@ def test_a_tampered_signed_checkpoint_is_refused(saved, monkeypatch):
         load_compressed(out, _fresh(), progress=False)  # signed by this user: its MACs are checked, and fail
 
 
+def test_a_key_is_checked_when_trusted_is_passed_too(saved, tmp_path):
+    # trusted=True (to allow nvCOMP) must not switch off the integrity a key= asks for: the key wins, as in the core
+    model, _ = saved
+    out, key = tmp_path / "theirs", b"s" * 32
+    save_compressed(model, out, max_shard_size="100KB", key=key)
+    _craft(out, "model.layers.1.self_attn.o_proj.packed")
+    with pytest.raises(cc.AuthenticationError, match="o_proj"):
+        load_compressed(out, _fresh(), key=key, trusted=True, progress=False)
+    with pytest.raises(cc.AuthenticationError, match="o_proj"):  # from_pretrained: CupycodecConfig(key=, trusted=)
+        load_compressed(out, key=key, trusted=True, progress=False)
+    with pytest.raises(TypeError, match="key must be bytes"):  # validated as without trusted
+        load_compressed(out, _fresh(), key="nonsense", trusted=True, progress=False)
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
