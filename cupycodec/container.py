@@ -78,6 +78,7 @@ __all__ = [
     "CHUNK_ALIGN",
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_NDIM",
     "ChunkTable",
     "CompressedArray",
     "Header",
@@ -90,6 +91,7 @@ _PRELUDE = struct.Struct("<4sHHQI4s")
 PRELUDE_NBYTES = _PRELUDE.size  # 24
 MAX_HEADER_NBYTES = 16 * 2**20
 HEADER_ALIGN = 8  # readers need N % 8 == 0; writers pad no further (writers before 7e1a923, 12-01, padded to 64)
+MAX_NDIM = 64  # dimensions of an array (and of a checkpoint's tensor): a bound before any product of them
 _MAX_JSON_DEPTH = 64  # nesting allowed in a header (metadata included): deeper JSON is rejected, not recursed into
 
 
@@ -447,8 +449,9 @@ def _spec(obj: Mapping, where: str) -> ArraySpec:
         want = "'|'" if one_byte else "'<' or '>'"
         raise FormatError(f"{where}: byteorder of {name} must be {want} ('|' is for one-byte types), got {order!r}")
     shape = _field(obj, "shape", list, where)
-    if len(shape) > 64 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
-        raise FormatError(f"{where}: shape must be a list of at most 64 non-negative ints, got {shape!r}")
+    if len(shape) > MAX_NDIM or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
+        raise FormatError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative ints, got {shape!r}")
     spec = ArraySpec(name, order, tuple(shape))
     extent = extent_nbytes(spec.shape, spec.itemsize)  # an empty array's non-zero dimensions count too (NumPy's rule)
     if extent >= 2**63:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cupycodec._files import atomic_write, atomic_write_path, open_regular, release_pages
+from cupycodec.container import MAX_NDIM
 from cupycodec.errors import FormatError
 
 from .dlpack import TORCH_DTYPES
@@ -115,8 +116,13 @@ def _tensor_info(path: str, name: str, info, base: int, data_nbytes: int) -> Ten
     if dtype is None:
         raise FormatError(f"{where}: dtype {info.get('dtype')!r} is not one checkpoints use ({', '.join(DTYPES)})")
     shape, (a, b) = info["shape"], info["data_offsets"]
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in (*shape, a, b)):
-        raise FormatError(f"{where}: shape and offsets must be non-negative integers")
+    # bounded before the product below: over 100,000 huge dimensions it took minutes, and its number could not
+    # even be formatted into the message
+    if len(shape) > MAX_NDIM:
+        raise FormatError(f"{where}: its shape has {len(shape)} dimensions, more than the {MAX_NDIM} a tensor may "
+                          "have (a crafted or corrupt file)")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in (*shape, a, b)):
+        raise FormatError(f"{where}: shape and offsets must be non-negative integers (less than 2**63)")
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     if b - a != nbytes:
         raise FormatError(f"{where}: offsets {a}-{b} hold {b - a} bytes, its shape {shape} needs {nbytes}")

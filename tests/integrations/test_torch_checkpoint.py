@@ -388,6 +388,27 @@ def test_a_truncated_shard_names_file_and_tensor(saved):
         load_compressed(out, _fresh(), progress=False)
 
 
+def _raw_shard(path, header: bytes, data: bytes = b""):
+    """A safetensors file of exactly ``header`` (padded to 8 bytes with spaces) and ``data``: what a crafted file
+    holds, which safetensors' own writer would refuse to make."""
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+@pytest.mark.parametrize("shape, why", [
+    ([2**62] * 5000, "5000 dimensions, more than the 64"),  # math.prod over 100k of these took minutes
+    ([1, "2"], "non-negative integers"),
+    ([1, -2], "non-negative integers"),
+    ([1, 2**63], "non-negative integers"),
+])
+def test_a_shard_shape_of_too_many_dimensions_or_bad_entries_is_refused(tmp_path, shape, why):
+    header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 8]}}).encode()
+    shard = _raw_shard(tmp_path / "model.safetensors", header, bytes(8))
+    with pytest.raises(cc.FormatError, match=rf"model.safetensors: tensor 'w': .*{re.escape(why)}"):
+        ShardFile(str(shard))
+
+
 def test_a_corrupt_payload_names_file_and_tensor_and_changes_nothing(saved):
     _, out = saved
     shard = out / _shards(out)[0]
