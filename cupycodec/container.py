@@ -513,23 +513,33 @@ def _header_json(buf: memoryview) -> tuple[dict, int]:
     computed = zlib.crc32(text)
     if computed != header_crc:
         raise ChecksumError("header", header_crc, computed)
-    raw = bytes(text)
-    try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                         parse_float=_finite_float)
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"header is not valid UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"header is not valid JSON: {exc}") from exc
-    except ValueError as exc:  # Python's limit on an integer's digits (4,300), and _finite_float's refusal
-        raise FormatError(f"header is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise FormatError("header JSON is nested too deeply") from exc
+    obj = parse_json(bytes(text), "header", object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                     parse_float=_finite_float)
     if not isinstance(obj, dict):
         raise FormatError(f"header must be a JSON object, got {type(obj).__name__}")
-    if raw.count(b"{") + raw.count(b"[") >= _MAX_JSON_DEPTH:  # fewer brackets cannot nest that deep: no walk
-        _check_depth(obj)
     return obj, PRELUDE_NBYTES + n
+
+
+def parse_json(raw, what: str, **hooks):
+    """``raw`` (UTF-8 bytes, or text) parsed as JSON nested at most _MAX_JSON_DEPTH levels, else FormatError naming
+    ``what``; ``hooks`` go to :func:`json.loads`.
+
+    For JSON read from files nobody vouched for (a container's header, a checkpoint's safetensors headers, tables and
+    index): each way it fails (bad UTF-8 or syntax, an integer of more digits than Python converts (4,300), nesting
+    past the recursion limit) raises this one error, not whichever the json module raises.
+    """
+    try:
+        text = raw if isinstance(raw, str) else raw.decode("utf-8")
+        obj = json.loads(text, **hooks)
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{what} is not valid UTF-8: {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, Python's limit on an integer's digits, a hook's refusal
+        raise FormatError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise FormatError(f"{what} JSON is nested too deeply") from exc
+    if text.count("{") + text.count("[") >= _MAX_JSON_DEPTH and _too_deep(obj, 1):  # fewer brackets: no walk
+        raise FormatError(f"{what} JSON is nested deeper than {_MAX_JSON_DEPTH} levels")
+    return obj
 
 
 def _parse_header(obj: dict, payload: memoryview) -> Header:
@@ -613,12 +623,6 @@ def _too_deep(obj, depth: int) -> bool:
         elif isinstance(value, (list, tuple)):
             stack.extend((v, depth + 1) for v in value)
     return False
-
-
-def _check_depth(obj) -> None:
-    """Reject header JSON nested deeper than _MAX_JSON_DEPTH."""
-    if _too_deep(obj, 1):
-        raise FormatError(f"header JSON is nested deeper than {_MAX_JSON_DEPTH} levels")
 
 
 def _check_metadata_depth(metadata) -> None:

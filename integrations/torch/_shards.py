@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cupycodec._files import atomic_write, atomic_write_path, open_regular, release_pages
-from cupycodec.container import MAX_NDIM
+from cupycodec.container import MAX_NDIM, parse_json
 from cupycodec.errors import FormatError
 
 from .dlpack import TORCH_DTYPES
@@ -61,10 +61,7 @@ class ShardFile:
                                   "a safetensors file)")
             raw = f.read(n)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{path}: the safetensors header is not valid JSON ({exc})") from exc
+        header = parse_json(raw, f"{path}: the safetensors header")
         if not isinstance(header, dict):
             raise FormatError(f"{path}: the safetensors header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}

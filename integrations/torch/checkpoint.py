@@ -48,7 +48,7 @@ import cupycodec as cc
 from cupycodec import registry
 from cupycodec._files import release_clean_file_pages
 from cupycodec.backends.cpu import crc32
-from cupycodec.container import _check_key, check_mac, header_json, verify_chunks
+from cupycodec.container import _check_key, check_mac, header_json, parse_json, verify_chunks
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
 
 from . import _signing
@@ -183,10 +183,7 @@ class _Table:
 
     @classmethod
     def parse(cls, text: str, where: str) -> _Table:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{where}: the {META_KEY!r} metadata is not valid JSON ({exc})") from exc
+        obj = parse_json(text, f"{where}: the {META_KEY!r} metadata")
         version = obj.get("format_version") if isinstance(obj, dict) else None
         if type(version) is not int or version < 1:  # true, 1.0, 0 and -1 were taken (or misnamed)
             raise FormatError(f"{where}: the {META_KEY!r} metadata has no valid format_version (an int from 1), got "
@@ -272,10 +269,10 @@ class Checkpoint:
             return [WEIGHTS]
         if os.path.exists(index):
             with open(index, "rb") as f:
-                try:
-                    wm = json.load(f)["weight_map"]
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise FormatError(f"{index}: not a safetensors index (no weight_map)") from exc
+                obj = parse_json(f.read(), index)
+            wm = obj.get("weight_map") if isinstance(obj, dict) else None
+            if wm is None:
+                raise FormatError(f"{index}: not a safetensors index (no weight_map)")
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise FormatError(f"{index}: its weight_map must map tensor names to shard file names")
             names = sorted(set(wm.values()))

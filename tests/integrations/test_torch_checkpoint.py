@@ -409,6 +409,34 @@ def test_a_shard_shape_of_too_many_dimensions_or_bad_entries_is_refused(tmp_path
         ShardFile(str(shard))
 
 
+@pytest.mark.parametrize("where", ["shard header", "table", "index"])
+@pytest.mark.parametrize("value, why", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                        ("[" * 65 + "]" * 65, "nested deeper than 64 levels"),
+                                        ("9" * 5000, "not valid JSON: Exceeds the limit")])
+def test_hostile_json_in_a_checkpoint_is_a_format_error(saved, where, value, why):
+    # RecursionError and a bare ValueError escaped (a bug hunt, 2026-12-05); the container's parser refused these
+    _, out = saved
+    shard = out / _shards(out)[0]
+    if where == "index":
+        index = out / "model.safetensors.index.json"
+        index.write_text(index.read_text()[:-2] + f', "x": {value}}}')
+    else:
+        header = json.loads(_raw_header(shard))
+        if where == "table":
+            header["__metadata__"]["cupycodec"] = header["__metadata__"]["cupycodec"][:-1] + f',"x":{value}}}'
+        text = json.dumps(header).encode()
+        if where == "shard header":
+            text = text[:-1] + f', "x": {value}}}'.encode()
+        _raw_shard(shard, text, shard.read_bytes()[8 + len(_raw_header(shard)):])
+    with pytest.raises(cc.FormatError, match=why):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def _raw_header(path) -> bytes:
+    data = path.read_bytes()
+    return data[8 : 8 + int.from_bytes(data[:8], "little")]
+
+
 def test_a_corrupt_payload_names_file_and_tensor_and_changes_nothing(saved):
     _, out = saved
     shard = out / _shards(out)[0]
