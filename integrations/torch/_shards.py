@@ -28,12 +28,14 @@ from cupycodec.errors import FormatError
 
 from .dlpack import TORCH_DTYPES
 
-__all__ = ["INDEX", "WEIGHTS", "ShardFile", "split", "write_shards"]
+__all__ = ["INDEX", "WEIGHTS", "ShardFile", "open_file", "read_index", "split", "write_shards"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
+# an index takes ~100 bytes a tensor: room for 600,000 tensors, where the largest models hold ~100,000
+_MAX_INDEX = 64 * 2**20
 
 DTYPES = TORCH_DTYPES  # safetensors' dtype names are the container's
 
@@ -102,6 +104,27 @@ class ShardFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_file(path):
+    """``path`` (a shard or the index) opened for reading, or FormatError if it is not a regular file: a FIFO would
+    wait for a writer forever, and a link to ``/dev/zero`` would be read until memory ran out."""
+    try:
+        return open_regular(path, "checkpoints", "a checkpoint is a directory of regular files, as save_compressed "
+                            "writes it: copy its files, not pipes or links to devices")
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def read_index(path: str):
+    """The JSON of the index file ``path``, read through :func:`open_file`; FormatError if it is larger than any
+    index (64 MiB) or not JSON."""
+    with open_file(path) as f:
+        raw = f.read(_MAX_INDEX + 1)
+    if len(raw) > _MAX_INDEX:
+        raise FormatError(f"{path}: more than {_MAX_INDEX // 2**20} MiB, larger than the index of any model (a crafted "
+                          "or corrupt file)")
+    return parse_json(raw, path)
 
 
 def _tensor_info(path: str, name: str, info, base: int, data_nbytes: int) -> TensorInfo:

@@ -52,7 +52,7 @@ from cupycodec.container import _check_key, check_mac, header_json, parse_json, 
 from cupycodec.errors import AuthenticationError, FormatError, UnsupportedVersionError, UntrustedError
 
 from . import _signing
-from ._shards import INDEX, WEIGHTS, ShardFile, write_shards
+from ._shards import INDEX, WEIGHTS, ShardFile, read_index, write_shards
 from .dlpack import TORCH_DTYPES, dtype_name, host_bits, usable_device
 from .linear import MODES, CompressedLinear
 from .model import install
@@ -268,8 +268,7 @@ class Checkpoint:
                                   "them stale; remove the older, or save again into an empty directory")
             return [WEIGHTS]
         if os.path.exists(index):
-            with open(index, "rb") as f:
-                obj = parse_json(f.read(), index)
+            obj = read_index(index)
             wm = obj.get("weight_map") if isinstance(obj, dict) else None
             if wm is None:
                 raise FormatError(f"{index}: not a safetensors index (no weight_map)")

@@ -432,6 +432,39 @@ def test_hostile_json_in_a_checkpoint_is_a_format_error(saved, where, value, why
         load_compressed(out, _fresh(), progress=False)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="FIFOs, /dev/zero: POSIX")
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "huge"])
+def test_an_index_that_is_no_regular_file_or_too_large_is_refused_at_once(saved, kind):
+    # a FIFO hung the load (waiting for a writer), /dev/zero ate memory until none was left (a bug hunt, 2026-12-05)
+    import threading
+
+    _, out = saved
+    index = out / "model.safetensors.index.json"
+    index.unlink()
+    if kind == "fifo":
+        os.mkfifo(index)
+    elif kind == "/dev/zero":
+        index.symlink_to("/dev/zero")
+    else:
+        with open(index, "wb") as f:  # sparse: 64 MiB of nothing, and one byte more than the cap
+            f.truncate(64 * 2**20 + 1)
+    got = []
+
+    def load():
+        try:
+            load_compressed(out, _fresh(), progress=False)
+        except Exception as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and len(got) == 1
+    why = "more than 64 MiB" if kind == "huge" else "not a regular file; cupycodec reads checkpoints from files"
+    assert isinstance(got[0], cc.FormatError) and re.search(why, str(got[0])), got[0]
+    assert "CompressedArray.from_bytes" not in str(got[0])  # advice for containers, not checkpoints
+
+
 def _raw_header(path) -> bytes:
     data = path.read_bytes()
     return data[8 : 8 + int.from_bytes(data[:8], "little")]
