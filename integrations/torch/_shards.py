@@ -52,7 +52,7 @@ class ShardFile:
 
     def __init__(self, path: str):
         self.path = path
-        with open_regular(path) as f:
+        with open_file(path) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:

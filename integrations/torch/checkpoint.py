@@ -278,6 +278,9 @@ class Checkpoint:
             for n in names:
                 if os.path.basename(n) != n:
                     raise FormatError(f"{index}: names a shard {n!r} outside the checkpoint directory")
+                if n in ("", os.curdir, os.pardir):  # their own basenames, yet the directory or its parent
+                    raise FormatError(f"{index}: names a shard {n!r} that is no file name in the checkpoint "
+                                      "directory")
                 if not os.path.exists(os.path.join(self.directory, n)):
                     raise FileNotFoundError(f"shard {n} is missing from {self.directory} (listed in {INDEX}); "
                                             "copy the whole checkpoint directory")

@@ -465,6 +465,36 @@ def test_an_index_that_is_no_regular_file_or_too_large_is_refused_at_once(saved,
     assert "CompressedArray.from_bytes" not in str(got[0])  # advice for containers, not checkpoints
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="FIFOs, /dev/zero: POSIX")
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "directory"])
+def test_a_shard_that_is_no_regular_file_is_a_format_error_with_checkpoint_advice(saved, kind):
+    # a ValueError advised passing the bytes to CompressedArray.from_bytes, which is for containers (a bug hunt)
+    _, out = saved
+    shard = out / _shards(out)[1]
+    shard.unlink()
+    if kind == "fifo":
+        os.mkfifo(shard)
+    elif kind == "directory":
+        shard.mkdir()
+    else:
+        shard.symlink_to("/dev/zero")
+    with pytest.raises(cc.FormatError, match=rf"{shard.name}' is not a regular file; cupycodec reads checkpoints "
+                                             r"from files \(a checkpoint is a directory of regular files") as info:
+        load_compressed(out, _fresh(), progress=False)
+    assert "from_bytes" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["", ".", ".."])
+def test_an_index_naming_no_file_as_a_shard_is_refused(saved, name):
+    _, out = saved
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.up_proj.packed"] = name
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(cc.FormatError, match=rf"names a shard '{re.escape(name)}' that is no file name in the "
+                                             "checkpoint directory"):
+        load_compressed(out, _fresh(), progress=False)
+
+
 def _raw_header(path) -> bytes:
     data = path.read_bytes()
     return data[8 : 8 + int.from_bytes(data[:8], "little")]
