@@ -897,10 +897,7 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
     if method != QUANT_METHOD:
         raise ValueError(f"{directory} is not a cupycodec checkpoint (its config.json has no quantization_config "
                          f"with quant_method 'cupycodec'); load it with transformers")
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM
+    cls = _model_class(config, directory)
     if device is not None:
         kwargs.setdefault("device_map", {"": _work_device(device)})  # an unusable device named now
     elif torch.cuda.is_available():
@@ -910,6 +907,28 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
         warnings.filterwarnings("ignore", message=".*quantization_config.*")
         return cls.from_pretrained(directory, quantization_config=CupycodecConfig(trusted=trusted, key=key,
                                                                                   strict=strict), **kwargs)
+
+
+def _model_class(config, directory: str):
+    """The transformers model class ``config.json``'s ``architectures`` names (AutoModelForCausalLM where it names
+    none, or one this transformers lacks). Only a model class: the name is looked up in the transformers module,
+    where "GenerationConfig" or "pipeline" would have built something else, whose loading checks no MAC."""
+    import transformers
+
+    archs = getattr(config, "architectures", None)
+    if not archs:
+        return transformers.AutoModelForCausalLM
+    arch = archs[0] if isinstance(archs, list) else None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else arch
+    if cls is None and arch is not None:
+        return transformers.AutoModelForCausalLM
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or \
+            cls is transformers.PreTrainedModel:
+        raise FormatError(f"{os.path.join(directory, 'config.json')}: its \"architectures\" ({archs!r}) names no "
+                          "transformers model class (a subclass of PreTrainedModel, such as LlamaForCausalLM); "
+                          "write the model's class there, as save_pretrained does, or load the checkpoint into a "
+                          "model you build: load_compressed(directory, model)")
+    return cls
 
 
 def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = "channel", group_size: int = 128,

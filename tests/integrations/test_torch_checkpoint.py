@@ -1077,6 +1077,16 @@ def test_load_compressed_advises_what_works_for_a_transformers_model(saved):
         load_compressed(out, meta, device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("arch", [["GenerationConfig"], ["pipeline"], ["PreTrainedModel"], [5], "LlamaForCausalLM"])
+def test_load_compressed_of_a_directory_builds_only_a_model_class_config_json_names(saved, arch):
+    # getattr(transformers, architectures[0]): "GenerationConfig" returned a GenerationConfig, its MACs unchecked
+    _, out = saved
+    _edit_config(out, architectures=arch)
+    with pytest.raises(cc.FormatError, match=r"config.json: its \"architectures\" .* names no transformers model "
+                                             r"class .*PreTrainedModel"):
+        load_compressed(out, progress=False)
+
+
 def test_a_key_that_is_not_bytes_is_named(saved, tmp_path):
     model, out = saved
     with pytest.raises(TypeError, match="key must be bytes"):
