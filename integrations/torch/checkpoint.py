@@ -201,6 +201,12 @@ class _Table:
         for name, entry in obj["tensors"].items():
             if not isinstance(entry, dict) or entry.get("role") not in ROLES:
                 raise FormatError(f"{where}: tensor {name!r} has no valid role in the metadata")
+        for alias, src in obj["aliases"].items():
+            # a writer stores a tied tensor once and names it here: a key both stored and aliased skipped the
+            # stored tensor's checks, and a list or a missing source failed later with TypeError or KeyError
+            if not isinstance(src, str) or src not in obj["tensors"] or alias in obj["tensors"]:
+                raise FormatError(f"{where}: alias {alias!r} -> {src!r} must name a stored tensor, and not be "
+                                  f"stored itself; the {META_KEY!r} metadata is corrupt or crafted")
         return cls(obj["format_version"], obj["checkpoint"], obj.get("signed_by"), obj["layers"], obj["tensors"],
                    obj["aliases"], obj)
 
@@ -379,8 +385,8 @@ def _plan(ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, truste
         except AttributeError:
             raise ValueError(f"{where} is not in this {type(model).__name__} (a checkpoint of another model?)") \
                 from None
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except ValueError as exc:  # the file's configuration: its mode was checked when the table was read
+            raise FormatError(f"{where}: {exc}") from None
         if not isinstance(module, torch.nn.Linear | CompressedLinear) or \
                 (module.in_features, module.out_features) != (probe.in_features, probe.out_features) or \
                 (module.bias is not None) != (probe.bias is not None):

@@ -44,6 +44,7 @@ __all__ = ["MODES", "CompressedLinear"]
 
 MODES = ("lossless", "int8", "int8+entropy")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_FEATURES = 2**31  # bound on a configuration's sizes (from_config): far above any layer's (~10**6)
 
 
 def check_mode(mode) -> str:
@@ -251,10 +252,18 @@ class CompressedLinear(torch.nn.Module):
         if not isinstance(config, dict) or sorted(config) != sorted(cls._CONFIG_KEYS):
             raise ValueError(f"a CompressedLinear configuration has the keys {', '.join(cls._CONFIG_KEYS)}, got "
                              f"{config!r}")
-        ints = [config[k] for k in ("group_size", "in_features", "out_features")]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints) or \
-                not isinstance(config["bias"], bool):
-            raise ValueError(f"bad CompressedLinear configuration {config!r}: sizes must be positive integers")
+        # it comes from a checkpoint's file: sizes are bounded (torch raised an overflow TypeError), and 0 features
+        # are taken, as the constructor takes them and compress_model and save_compressed save such a layer
+        sizes = [config[k] for k in ("in_features", "out_features")]
+        if not all(_is_int(v) and 0 <= v < _MAX_FEATURES for v in sizes) or not isinstance(config["bias"], bool):
+            raise ValueError(f"bad CompressedLinear configuration {config!r}: sizes must be integers from 0 to "
+                             f"{_MAX_FEATURES - 1}, bias a bool")
+        if not (_is_int(config["group_size"]) and 1 <= config["group_size"] < _MAX_FEATURES):
+            raise ValueError(f"bad CompressedLinear configuration {config!r}: group_size must be an integer from 1 "
+                             f"to {_MAX_FEATURES - 1}")
+        if not isinstance(config["dtype"], str):
+            raise ValueError(f"bad CompressedLinear configuration {config!r}: dtype must be a name such as "
+                             f"{dtype_name(torch.bfloat16)!r}, got {config['dtype']!r}")
         try:
             dtype = torch_dtype(config["dtype"])
         except cc.UnsupportedDtypeError as exc:

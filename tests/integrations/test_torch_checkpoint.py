@@ -762,7 +762,7 @@ def test_an_empty_layer_of_the_same_configuration_is_its_own_probe():
     assert not _empty_as(empty, {**cfg, "out_features": 33})
     assert not _empty_as(CompressedLinear.from_config(cfg, device="cpu"), cfg)  # holds tensors: not empty
     assert not _empty_as(torch.nn.Linear(64, 32), cfg)
-    with pytest.raises(ValueError, match="sizes must be positive integers"):
+    with pytest.raises(ValueError, match="bias a bool"):
         CompressedLinear.from_config({**cfg, "bias": 1}, device="meta")
 
 
@@ -1288,6 +1288,53 @@ def test_an_alias_to_a_tensor_of_another_shape_or_kind_is_refused(bf16_dir, tmp_
         _rewrite(_shard_of(fresh, alias), edit_tensors=edit)
         with pytest.raises(cc.FormatError, match=rf"alias '{re.escape(alias)}' -> '{re.escape(src)}'"):
             load_compressed(fresh, _fresh(), trusted=True, progress=False)
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda t: t["aliases"].update({"2.bias": ["0.bias"]}), r"alias '2.bias' -> \['0.bias'\]"),
+    (lambda t: t["aliases"].update({"2.bias": 5}), "alias '2.bias' -> 5"),
+    (lambda t: t["aliases"].update({"2.bias": "0.bias"}), "alias '2.bias' -> '0.bias'.* stored itself"),
+    (lambda t: t["aliases"].update({"0.bias": "0.bias"}), "alias '0.bias' -> '0.bias'"),
+    (lambda t: t["aliases"].update({"2.bias": "9.bias"}), "alias '2.bias' -> '9.bias'"),
+    (lambda t: t["layers"]["0"].update(in_features=10**30), "layer '0': .*sizes must be integers from 0"),
+    (lambda t: t["layers"]["0"].update(out_features=-16), "layer '0': .*sizes must be integers from 0"),
+    (lambda t: t["layers"]["0"].update(group_size=0), "layer '0': .*group_size"),
+    (lambda t: t["layers"]["0"].update(dtype=["F32"]), r"layer '0': .*dtype must be a name .*\['F32'\]"),
+    (lambda t: t["layers"]["0"].update(dtype="I8"), "layer '0': .*dtype"),
+], ids=["alias-list", "alias-int", "alias-stored-too", "alias-itself", "alias-to-nothing", "huge-in-features",
+        "negative-out-features", "zero-group-size", "dtype-list", "dtype-int"])
+def test_a_crafted_table_of_aliases_or_layers_is_a_format_error(tmp_path, edit, why):
+    # KeyError, TypeError (unhashable, torch's overflow) escaped, or a key both stored and aliased skipped its checks
+    model = _small_net()
+    compress_model(model, "int8", progress=False)
+    out = tmp_path / "ckpt"
+    save_compressed(model, out, key=False)
+    _rewrite(out / "model.safetensors", edit_table=edit)
+    with pytest.raises(cc.FormatError, match=why):
+        load_compressed(out, _small_net(), trusted=True, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")  # nn.Linear(0, 8)
+@pytest.mark.parametrize("mode", ["lossless", "int8"])
+def test_a_layer_of_zero_features_saves_and_loads(tmp_path, mode):
+    # the constructor takes 0 "as for nn.Linear" and compress_model compresses such a layer, but from_config refused it
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(0, 8))
+
+    model = build()
+    compress_model(model, mode, progress=False)
+    assert isinstance(model[1], CompressedLinear)
+    save_compressed(model, tmp_path / "ckpt")
+    back = load_compressed(tmp_path / "ckpt", build(), progress=False)
+    x = torch.randn(2, 0)
+    assert isinstance(back[1], CompressedLinear) and torch.equal(back[1](x), model[1](x))
+    assert CompressedLinear.from_config(model[1].config()).in_features == 0
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8"])
