@@ -180,6 +180,7 @@ class _Table:
     tensors: dict
     aliases: dict
     raw: dict = field(default_factory=dict, repr=False)  # the metadata as read (the signed manifest's text)
+    where: str = ""  # the shard it was read from, for errors
 
     @classmethod
     def parse(cls, text: str, where: str) -> _Table:
@@ -193,11 +194,6 @@ class _Table:
         for name, kind in (("checkpoint", str), ("layers", dict), ("tensors", dict), ("aliases", dict)):
             if not isinstance(obj.get(name), kind):
                 raise FormatError(f"{where}: the {META_KEY!r} metadata lacks {name!r}")
-        for fqn, cfg in obj["layers"].items():
-            mode = cfg.get("mode") if isinstance(cfg, dict) else None
-            if mode not in MODES:
-                raise ValueError(f"{where}: layer {fqn!r} has mode {mode!r}, which this cupycodec does not know "
-                                 f"({', '.join(MODES)}); upgrade cupycodec")
         for name, entry in obj["tensors"].items():
             if not isinstance(entry, dict) or entry.get("role") not in ROLES:
                 raise FormatError(f"{where}: tensor {name!r} has no valid role in the metadata")
@@ -208,7 +204,17 @@ class _Table:
                 raise FormatError(f"{where}: alias {alias!r} -> {src!r} must name a stored tensor, and not be "
                                   f"stored itself; the {META_KEY!r} metadata is corrupt or crafted")
         return cls(obj["format_version"], obj["checkpoint"], obj.get("signed_by"), obj["layers"], obj["tensors"],
-                   obj["aliases"], obj)
+                   obj["aliases"], obj, where)
+
+    def check_modes(self) -> None:
+        """Refuse layers of a mode this cupycodec does not know, once the table's MAC (with a key) has been checked:
+        a signed table edited to another mode is an AuthenticationError, not a call to upgrade."""
+        for fqn, cfg in self.layers.items():
+            mode = cfg.get("mode") if isinstance(cfg, dict) else None
+            if mode not in MODES:
+                raise FormatError(f"{self.where}: layer {fqn!r} has mode {mode!r}, which this cupycodec does not know "
+                                  f"({', '.join(MODES)}): a newer cupycodec's checkpoint (upgrade cupycodec), or a "
+                                  "corrupt or crafted one")
 
 
 def _prefix(entry: dict, where: str) -> bytes:
@@ -305,6 +311,14 @@ class Checkpoint:
 
 
 def _trust(table: _Table, trusted: bool, key) -> bytes | None:
+    """The key to check MACs with, or None when the checkpoint is trusted as it is or untrusted; then the table's
+    layer modes are checked (after its MAC)."""
+    mac_key = _mac_key(table, trusted, key)
+    table.check_modes()
+    return mac_key
+
+
+def _mac_key(table: _Table, trusted: bool, key) -> bytes | None:
     """The key to check MACs with, or None when the checkpoint is trusted as it is or untrusted.
 
     A key wins over ``trusted`` (as in :meth:`cupycodec.CompressedArray.from_bytes` and the Zarr codec): a caller

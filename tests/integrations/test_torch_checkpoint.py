@@ -651,6 +651,26 @@ def test_a_key_is_checked_when_trusted_is_passed_too(saved, tmp_path):
         load_compressed(out, _fresh(), key="nonsense", trusted=True, progress=False)
 
 
+def test_a_layer_mode_edited_in_a_signed_table_is_an_authentication_error(saved, tmp_path):
+    # the mode was checked while the table was parsed, before its MAC: "upgrade cupycodec" (a ValueError) for a
+    # tampered signed table; unsigned, an unknown mode is a FormatError that says both what it may be
+    model, _ = saved
+    for key in (b"s" * 32, None):
+        out = tmp_path / ("signed" if key else "plain")
+        save_compressed(model, out, key=key)
+
+        def edit(table):
+            for cfg in table["layers"].values():
+                cfg["mode"] = "int4"
+
+        _rewrite(out / _shards(out)[0], edit_table=edit)
+        if key is not None:
+            with pytest.raises(cc.AuthenticationError, match="changed after it was signed"):
+                load_compressed(out, _fresh(), key=key, progress=False)
+        with pytest.raises(cc.FormatError, match="mode 'int4'.*upgrade cupycodec.*crafted"):
+            load_compressed(out, _fresh(), trusted=True, progress=False)
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
