@@ -282,6 +282,16 @@ class DecodeGroup:
                 self._retire([plans.pop(k) for k, p in list(plans.items()) if p.device == device.index])
             self._staged_containers = {}  # (any device's: made again over the staging buffers on first use)
 
+    def drop_buffers(self, device: torch.device, addresses: set[int]) -> list:
+        """Forget the views, wide launches, plans and staged containers over buffers of ``device`` that a runtime gave
+        back (their addresses: an ended thread's slots, staging and wide buffers; the views held their memory, and
+        every thread's new slots added more). Returns the plans, which the caller retires."""
+        self._views = {k: v for k, v in self._views.items() if k[0] != device or k[1] not in addresses}
+        self._wide = {k: v for k, v in self._wide.items() if addresses.isdisjoint(k)}
+        self._staged_containers = {k: v for k, v in self._staged_containers.items() if k not in addresses}
+        return [plans.pop(k) for plans in (self._plans, self._staged_plans) for k in list(plans)
+                if not addresses.isdisjoint(k[:2])]
+
     def _retire(self, plans: list) -> None:
         """Plans about to go: a bad chunk one of them reported since the last check is kept, so that :meth:`check`
         still raises it. Waits for their devices, which only a changed model does (a load, a move, new payloads
@@ -424,7 +434,12 @@ class Runtime:
         each), and their layers' hot views into them. Asked when a thread's first forward comes and when a forward
         starts while several threads' states are kept: before, a thread that ended (``Thread(target=generate)``)
         kept its slots until another thread's first forward. The memory goes back to torch after the work its side
-        and copy streams enqueued (the home stream waits for them, as in ``__del__``)."""
+        and copy streams enqueued (the home stream waits for them, as in ``__del__``), once the groups forget their
+        views and plans over it (the views kept every ended thread's slots: a slot per thread, for good); the plans
+        are retired, which waits for the device once (a thread's end, not a forward's work). Not inside a CUDA-graph
+        capture, which neither memory nor a wait may enter: the next forward outside one does it."""
+        if torch.cuda.is_initialized() and _capturing():
+            return
         alive = {t.ident for t in threading.enumerate()}
         with self._lock:
             for key in [k for k in list(self._devices) if k[0] not in alive]:  # list(): other threads add keys
@@ -438,10 +453,15 @@ class Runtime:
                                 held = layer.__dict__.get(attr)
                                 if held is not None and held[0] == key[0]:
                                     layer.__dict__[attr] = None
-                if st.home is not None and not _capturing():
+                if st.home is not None:
                     for stream in (st.side, st.copy):
                         if stream is not None:
                             st.home.wait_stream(stream)
+                addresses = {b.data_ptr() for b in (*st.slots, *st.staging, *st.wide)}
+                for g in self.groups:
+                    plans = g.drop_buffers(key[1], addresses)
+                    if plans:  # a GPU thread's decodes: waited for once, their bad chunks kept for check()
+                        g._retire(plans)
 
     # -- the forward pass ---------------------------------------------------------------------------------------
     def enter(self, gi: int, device: torch.device, wide: bool = False) -> int:

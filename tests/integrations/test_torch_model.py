@@ -827,6 +827,10 @@ def test_decode_states_of_ended_threads_are_dropped():
     assert len(rt._devices) == 1 and all(
         m.__dict__.get("_hot") is None or m.__dict__["_hot"][0] == threading.get_ident() for m in model.modules()
         if isinstance(m, CompressedLinear))
+    # and their slots with them: the groups' views of each ended thread's slot held its memory (a slot per thread)
+    (st,) = rt._devices.values()
+    live = {s.data_ptr() for s in st.slots}
+    assert all(k[1] in live for g in rt.groups for k in g._views), "views of an ended thread's slot are kept"
 
 
 def test_a_runtime_freed_at_interpreter_exit_raises_nothing(monkeypatch):
