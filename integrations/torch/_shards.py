@@ -61,19 +61,20 @@ class ShardFile:
             if n > _MAX_HEADER or 8 + n > size:
                 raise FormatError(f"{path}: its header claims {n} bytes, the file holds {size} (truncated, or not "
                                   "a safetensors file)")
-            raw = f.read(n)
+            header = parse_json(f.read(n), f"{path}: the safetensors header")
+            if not isinstance(header, dict):
+                raise FormatError(f"{path}: the safetensors header is not a JSON object")
+            meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise FormatError(f"{path}: its __metadata__ must map names to strings")
+            self.metadata: dict[str, str] = meta
+            base, data_nbytes = 8 + n, size - 8 - n
+            self.tensors: dict[str, TensorInfo] = {}
+            for name, info in header.items():
+                self.tensors[name] = _tensor_info(path, name, info, base, data_nbytes)
+            # mapped once the header holds: a file refused above leaves no map behind (a caller keeping the error
+            # kept the whole file mapped)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-        header = parse_json(raw, f"{path}: the safetensors header")
-        if not isinstance(header, dict):
-            raise FormatError(f"{path}: the safetensors header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise FormatError(f"{path}: its __metadata__ must map names to strings")
-        self.metadata: dict[str, str] = meta
-        base, data_nbytes = 8 + n, size - 8 - n
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, info in header.items():
-            self.tensors[name] = _tensor_info(path, name, info, base, data_nbytes)
 
     def view(self, name: str) -> np.ndarray:
         """The tensor's bytes (uint8, a view of the mapped file: valid while this file is open)."""

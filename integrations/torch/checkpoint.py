@@ -194,6 +194,8 @@ class _Table:
         for name, kind in (("checkpoint", str), ("layers", dict), ("tensors", dict), ("aliases", dict)):
             if not isinstance(obj.get(name), kind):
                 raise FormatError(f"{where}: the {META_KEY!r} metadata lacks {name!r}")
+        if not isinstance(obj.get("signed_by"), (str, type(None))):  # a key's fingerprint, or null
+            raise FormatError(f"{where}: the {META_KEY!r} metadata's signed_by must be a key fingerprint or null")
         for name, entry in obj["tensors"].items():
             if not isinstance(entry, dict) or entry.get("role") not in ROLES:
                 raise FormatError(f"{where}: tensor {name!r} has no valid role in the metadata")
@@ -260,14 +262,15 @@ class Checkpoint:
                     if tensor in self.where:
                         raise FormatError(f"tensor {tensor!r} is in both {self.where[tensor]} and {name}")
                     self.where[tensor] = name
-        except BaseException:
+            self.table: _Table = table  # type: ignore[assignment]
+            stored, listed = set(self.where), set(self.table.tensors)
+            if stored != listed:
+                raise FormatError(f"{self.directory}: the metadata and the files disagree: tensors in the files "
+                                  f"only {sorted(stored - listed)[:5]}, in the metadata only "
+                                  f"{sorted(listed - stored)[:5]}")
+        except BaseException:  # the shards' maps go with the error (a caller keeping it kept them all)
             self.close()
             raise
-        self.table: _Table = table  # type: ignore[assignment]
-        stored, listed = set(self.where), set(self.table.tensors)
-        if stored != listed:
-            raise FormatError(f"{self.directory}: the metadata and the files disagree: tensors in the files only "
-                              f"{sorted(stored - listed)[:5]}, in the metadata only {sorted(listed - stored)[:5]}")
 
     def _files(self) -> list[str]:
         # A save removes the other layout's files (write_shards; save_pretrained through the quantizer), so both
