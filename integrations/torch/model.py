@@ -120,10 +120,24 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
                 found += [(f"{fqn}.{i}", child) for i, child in enumerate(m)
                           if any(isinstance(c, (torch.nn.Linear, CompressedLinear)) for c in child.modules())]
     out: list[tuple[str, torch.nn.Module]] = []
+    kept: dict[str, int] = {}
     for fqn, m in found:  # keep the outermost of nested blocks
-        if not any(fqn.startswith(p + ".") for p, _ in out):
+        if _enclosing(fqn, kept) is None:
+            kept[fqn] = len(out)
             out.append((fqn, m))
     return out
+
+
+def _enclosing(fqn: str, names: dict[str, int]) -> int | None:
+    """The value of the first of ``fqn``'s proper prefixes (``a``, ``a.b``, ... of ``a.b.c``) that ``names`` holds:
+    a walk of its parts, not a scan of ``names`` (which made models of thousands of blocks quadratic)."""
+    end = fqn.find(".")
+    while end != -1:
+        hit = names.get(fqn[:end])
+        if hit is not None:
+            return hit
+        end = fqn.find(".", end + 1)
+    return None
 
 
 def _is_linear(m: torch.nn.Module) -> bool:
@@ -529,12 +543,23 @@ def install(model: torch.nn.Module, new: dict[str, CompressedLinear]) -> int:
     for _, m in decoded:
         if m._stamp is None and m._template is not None:
             m._restamp()  # loaded: the loader put the header and the bytes in place (transformers' after the header)
-    groups, hooks, placed = [], [], set()
-    for bfqn, block in find_blocks(model):
-        members = list({id(m): m for f, m in decoded if f.startswith(bfqn + ".") and id(m) not in placed}.values())
-        placed.update(id(m) for m in members)
-        if members:
-            groups.append((block, DecodeGroup(members, name=bfqn, offloaded=any(m._offloaded for m in members))))
+    groups, hooks = [], []
+    blocks = find_blocks(model)
+    index = {bfqn: i for i, (bfqn, _) in enumerate(blocks)}
+    under = [(f, m, _enclosing(f, index)) for f, m in decoded]
+    first: dict[int, int] = {}  # layer -> the first block holding it under one of its names
+    for _, m, i in under:
+        if i is not None and i < first.get(id(m), len(blocks)):
+            first[id(m)] = i
+    members: list[dict] = [{} for _ in blocks]  # in the order of their names under the block
+    for _, m, i in under:
+        if i is not None and first[id(m)] == i:
+            members[i].setdefault(id(m), m)
+    for (bfqn, block), held in zip(blocks, members):
+        if held:
+            layers = list(held.values())
+            groups.append((block, DecodeGroup(layers, name=bfqn, offloaded=any(m._offloaded for m in layers))))
+    placed = set(first)
     for f, m in decoded:
         if id(m) not in placed:
             placed.add(id(m))
