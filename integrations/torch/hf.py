@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import sys
@@ -891,6 +892,7 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
     _local_model_dir(directory, "loading a compressed checkpoint", no_config=(
         "; a checkpoint of a model that is not a transformers model (save_compressed of a torch.nn.Module) loads "
         "into that model: load_compressed(directory, model=the model, built as it was saved)"))
+    _check_architectures(directory)  # before transformers parses it: some versions refuse a bad value their own way
     config = transformers.AutoConfig.from_pretrained(directory)
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
@@ -924,11 +926,27 @@ def _model_class(config, directory: str):
         return transformers.AutoModelForCausalLM
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or \
             cls is transformers.PreTrainedModel:
-        raise FormatError(f"{os.path.join(directory, 'config.json')}: its \"architectures\" ({archs!r}) names no "
-                          "transformers model class (a subclass of PreTrainedModel, such as LlamaForCausalLM); "
-                          "write the model's class there, as save_pretrained does, or load the checkpoint into a "
-                          "model you build: load_compressed(directory, model)")
+        raise _no_model_class(archs, directory)
     return cls
+
+
+def _check_architectures(directory: str) -> None:
+    """Refuse a ``config.json`` whose ``architectures`` is not a list of class names, read as JSON before transformers
+    parses it (transformers 5.17 raises a validation error of huggingface_hub's there, later ones take it)."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            archs = json.load(f).get("architectures")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: transformers says so
+        return
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise _no_model_class(archs, directory)
+
+
+def _no_model_class(archs, directory: str) -> FormatError:
+    return FormatError(f"{os.path.join(directory, 'config.json')}: its \"architectures\" ({archs!r}) names no "
+                       "transformers model class (a subclass of PreTrainedModel, such as LlamaForCausalLM); write the "
+                       "model's class there, as save_pretrained does, or load the checkpoint into a model you build: "
+                       "load_compressed(directory, model)")
 
 
 def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = "channel", group_size: int = 128,
