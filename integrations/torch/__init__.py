@@ -12,6 +12,8 @@ use). Weights stay plain tensors (uint8 payloads, int8 codes, float32 scales) ow
 
 from __future__ import annotations
 
+import importlib.util
+
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised only without torch
@@ -52,3 +54,5 @@ __all__ = [
     "to_compressed",
     "torch_dtype",
 ]
+if importlib.util.find_spec("transformers") is None:  # the [torch] extra lacks it: a star import takes the rest
+    __all__ = [n for n in __all__ if n not in ("CupycodecConfig", "compress_checkpoint")]

@@ -42,16 +42,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def usable_device(device) -> torch.device:
-    """``device`` as a ``torch.device``, refused (ValueError) where this machine cannot run on it: torch fails
-    later, with an assertion, once a model is being loaded there. A bare ``"cuda"`` is the current CUDA device."""
+    """``device`` as a ``torch.device``, refused where this machine cannot run on it (torch fails later, with an
+    assertion, once a model is being loaded there): ValueError for no device name or an index past the devices,
+    :class:`~cupycodec.BackendUnavailableError` for CUDA where torch sees none. Every ``device=`` of the torch
+    integration goes through here. A bare ``"cuda"`` is the current CUDA device."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(dev)!r}: no CUDA device is usable here (torch.cuda.is_available() is "
-                             "False); use the CPU ('cpu')")
+            raise cc.BackendUnavailableError(f"device {str(dev)!r}: no CUDA device is usable here "
+                                             "(torch.cuda.is_available() is False); use the CPU ('cpu')")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         elif dev.index >= torch.cuda.device_count():
@@ -100,13 +102,16 @@ def to_compressed(tensor: torch.Tensor, **kwargs) -> cc.CompressedArray:
     return cc.compress(tensor, **kwargs)
 
 
-def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | None = None,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+def from_compressed(c: cc.CompressedArray | bytes | bytearray | memoryview, *, device=None,
+                    out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decompress into a torch tensor: ``out`` if given, else a new tensor from torch's allocator on ``device``
     (default: where the payload is). INT8 containers are dequantized into ``dtype`` (default: the original dtype);
     a lossless one decodes exactly, so a ``dtype`` other than its own is refused (convert the result with ``.to``).
     ``c`` may also be a container's bytes (read untrusted, as :func:`cupycodec.decompress` reads them). Runs on
     torch's current stream; a CUDA result is ready in that stream's order when this returns."""
+    if out is not None and not isinstance(out, torch.Tensor):  # its dtype was compared with torch's and blamed
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__} (NumPy and CuPy buffers: "
+                        "cupycodec.decompress(c, out=...))")
     if isinstance(c, (bytes, bytearray, memoryview)):
         c = cc.CompressedArray.from_bytes(c)
     elif not isinstance(c, cc.CompressedArray):
@@ -130,14 +135,9 @@ def from_compressed(c: cc.CompressedArray, *, device=None, out: torch.Tensor | N
     if out is None:
         if device is None:
             device = f"cuda:{c.device_id}" if c.on_device else "cpu"
-        device = torch.device(device)
+        device = usable_device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"from_compressed decodes onto the CPU or a CUDA device, got {device}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise cc.BackendUnavailableError(f"device={str(device)!r}, but torch sees no CUDA device here; decode "
-                                             "onto the CPU (device='cpu')")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         out = torch.empty(c.shape, dtype=dtype or torch_dtype(c.dtype_name), device=device)
     cc.decompress(c, out=out, stream=current_stream(out.device))
     return out

@@ -37,7 +37,7 @@ from cupycodec._files import release_clean_file_pages
 from cupycodec.quant.reference import _is_int
 
 from . import ops, runtime
-from .dlpack import current_stream, dtype_name, torch_dtype
+from .dlpack import current_stream, dtype_name, torch_dtype, usable_device
 from .runtime import DecodeGroup, Runtime
 
 __all__ = ["MODES", "CompressedLinear"]
@@ -135,6 +135,8 @@ class CompressedLinear(torch.nn.Module):
                  granularity: str = "channel", group_size: int = 128, dtype: torch.dtype = torch.bfloat16,
                  device=None):
         super().__init__()
+        if device is not None:
+            device = usable_device(device)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not _is_int(v) or v < 0:
                 raise TypeError(f"{name} must be an int >= 0 (as for nn.Linear), got {v!r}")
@@ -192,9 +194,8 @@ class CompressedLinear(torch.nn.Module):
         if w.is_meta:
             raise ValueError("the weight is on the meta device (a model built empty, e.g. under "
                              "accelerate.init_empty_weights()); load its weights first")
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise cc.BackendUnavailableError(f"device={device!r}: torch sees no CUDA device here; compress where the "
-                                             "weight is (device=None)")
+        if device is not None:
+            device = usable_device(device)
         if codec not in (None, "auto"):  # every mode: int8 stores no payload, but a name it cannot use is a mistake
             cc.registry.get_codec(codec)  # UnknownCodecError naming the registered codecs
         home = w.device

@@ -25,6 +25,7 @@ import torch
 
 from cupycodec.errors import prefix_message
 
+from .dlpack import usable_device
 from .linear import CompressedLinear, check_mode, replaced_why_not
 from .runtime import DecodeGroup, Runtime, block_hook
 
@@ -393,8 +394,12 @@ def compress_model(model: torch.nn.Module, mode: str, *, filter_fn: Callable | N
         raise TypeError(f"compress_model replaces the Linear layers inside a model, and got a {type(model).__name__} "
                         "itself; for one layer use CompressedLinear.from_linear(layer, mode), or pass a model that "
                         "holds it (e.g. nn.Sequential(layer))")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compress_model takes a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be a function filter_fn(module, fqn) -> bool, got {filter_fn!r}")
+    if device is not None:
+        usable_device(device)  # before any layer is compressed
     from .offload import _compute_device, check_options
 
     offload = check_options(offload, max_gpu_memory)  # checked before anything changes

@@ -749,3 +749,37 @@ def test_construction_refuses_what_nn_linear_refuses():
         CompressedLinear(2, -1)
     with pytest.raises(cc.UnknownCodecError):
         CompressedLinear.from_linear(torch.nn.Linear(4, 4), "int8", codec="no-such-codec")
+
+
+def test_a_star_import_without_transformers_takes_the_rest():
+    # __all__ listed CupycodecConfig and compress_checkpoint, which need transformers (not in the [torch] extra):
+    # `from cupycodec.integrations.torch import *` raised ModuleNotFoundError there
+    import subprocess
+
+    code = ("import sys, warnings; sys.modules['transformers'] = None; warnings.simplefilter('ignore')\n"
+            "from cupycodec.integrations.torch import *\n"
+            "print(sorted(n for n in ('compress_model', 'CupycodecConfig') if n in globals()))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["['compress_model']"]
+
+
+def test_a_bad_device_is_refused_alike_everywhere():
+    from cupycodec.integrations.torch import compress_model
+
+    lin = torch.nn.Linear(16, 8)
+    c = to_compressed(lin.weight.detach())
+    calls = [lambda d: CompressedLinear.from_linear(lin, "int8", device=d),
+             lambda d: compress_model(torch.nn.Sequential(lin), "int8", device=d, progress=False),
+             lambda d: CompressedLinear(16, 8, device=d),
+             lambda d: from_compressed(c, device=d)]
+    for call in calls:  # torch's own RuntimeError ("Expected one of cpu, cuda, ...") or AssertionError before
+        with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+            call("gpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(cc.BackendUnavailableError, match="no CUDA device is usable here"):
+                call("cuda")
+    with pytest.raises(TypeError, match="out must be a torch.Tensor, got ndarray"):
+        from_compressed(c, out=np.empty((8, 16), np.float32))
+    with pytest.raises(TypeError, match="takes a torch.nn.Module, got int"):
+        compress_model(3, "int8", progress=False)
