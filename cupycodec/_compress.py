@@ -175,7 +175,11 @@ def _dtype_override(dtype, a: interop.Array) -> str | None:
     else:
         import ml_dtypes  # noqa: F401  (so "float8_e4m3fn" style names resolve)
 
-        np_dtype = np.dtype(dtype)
+        try:
+            np_dtype = np.dtype(dtype)
+        except TypeError:  # NumPy's "data type 'bogus' not understood" named no argument
+            raise TypeError(f"dtype={dtype!r} is not a dtype: give a NumPy dtype (np.float16, 'bfloat16', "
+                            "'float8_e4m3fn') or a container dtype name (BF16, F8_E4M3, F16, ...)") from None
         name, stated = dtype_name(np_dtype)
         order = None if np_dtype.byteorder in ("=", "|") else stated  # only a byte order the caller wrote
     if name == a.dtype_name:

@@ -234,6 +234,8 @@ def default_max_output_nbytes(compressed_nbytes: int) -> int:
 
 
 def _as_compressed(data, verify: bool, trusted: bool) -> tuple[CompressedArray, bool]:
+    if not isinstance(trusted, bool):  # for a CompressedArray too, which does not read it: "yes" was ignored there
+        raise TypeError(f"trusted must be True or False, got {trusted!r}")
     if isinstance(data, CompressedArray):
         return data, bool(data._cache.get("external"))
     if isinstance(data, (str, os.PathLike)):
@@ -332,8 +334,10 @@ def decompress_many(items: Sequence, *, out=None, device="auto", max_output_nbyt
             limit = max_output_nbytes
             if limit is _UNSET:
                 limit = default_max_output_nbytes(c.nbytes) if external else None
-            elif limit is not None and (not _is_int(limit) or limit < 0):
+            elif limit is not None and not _is_int(limit):
                 raise TypeError(f"max_output_nbytes must be a non-negative int or None, got {limit!r}")
+            elif limit is not None and limit < 0:  # a bad value, as chunk_nbytes=0 is: ValueError
+                raise ValueError(f"max_output_nbytes must be a non-negative int or None, got {limit!r}")
             if limit is not None and job.out_nbytes > limit:
                 raise DecompressionBombError(job.out_nbytes, int(limit))
             job.target = _decompress.target_of(device, job)
@@ -438,6 +442,8 @@ def save(path, c: CompressedArray, *, overwrite: bool = True, key=None) -> None:
     """
     if not isinstance(c, CompressedArray):
         raise TypeError(f"save takes a CompressedArray, got {type(c).__name__}; compress the array first")
+    if not isinstance(overwrite, bool):  # overwrite="no" is truthy: it replaced the file it was meant to keep
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     atomic_write(path, lambda f: c.write_to(f, key=key), overwrite=overwrite)
 
 

@@ -360,7 +360,8 @@ def compute_mac(key, header: Header, payload, alg: str = MAC_ALG, threads: int |
 
 def check_mac(key, header: Header, payload, threads: int | None = None) -> None:
     """Raise AuthenticationError unless ``header`` carries a MAC that ``key`` produced for this header and payload
-    (``threads``: as for :func:`compute_mac`)."""
+    (``threads``: as for :func:`compute_mac`). A bad key is named before the container is looked at."""
+    key = _check_key(key)
     if header.mac is None:
         exc = AuthenticationError("the container carries no MAC, so key= cannot authenticate it; it was saved "
                                   "without a key (load it without key=, as untrusted, or with trusted=True if you "
@@ -1163,7 +1164,14 @@ class CompressedArray:
         return fn(*args)
 
     def __len__(self) -> int:
-        return self.shape[0] if self.shape else 0
+        """The length of the array's first axis, as ``len()`` of a NumPy array (a 0-d array has none: TypeError, as
+        NumPy raises; it made a container of one value falsy)."""
+        if not self.shape:
+            raise TypeError("len() of a 0-d CompressedArray (one value): it has no first axis")
+        return self.shape[0]
+
+    def __bool__(self) -> bool:  # a container is a value, whatever its shape (len() of a 0-d one raises)
+        return True
 
     def __repr__(self):
         lossy = "" if self.lossless else f", pipeline={[f.get_config()['id'] for f in self.pipeline]}"

@@ -859,3 +859,32 @@ def test_a_meta_tensor_is_refused_clearly():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="not in CPU or CUDA memory"):
         cc.compress(torch.empty(4, device="meta"))
+
+
+def test_argument_errors_name_the_argument_before_any_work(tmp_path):
+    c = cc.compress(np.arange(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="max_output_nbytes must be a non-negative int"):  # a value: ValueError
+        cc.decompress(c.to_bytes(), max_output_nbytes=-1)
+    with pytest.raises(TypeError, match="max_output_nbytes must be"):
+        cc.decompress(c.to_bytes(), max_output_nbytes="1")
+    with pytest.raises(TypeError, match="trusted must be True or False"):  # ignored for a CompressedArray before
+        cc.decompress(c, trusted="yes")
+    path = tmp_path / "x.cc"
+    cc.save(path, c)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="overwrite must be True or False"):  # "no" is truthy: it overwrote
+        cc.save(path, cc.compress(np.zeros(4)), overwrite="no")
+    assert path.read_bytes() == before
+    with pytest.raises(TypeError, match=r"dtype='bogus' is not a dtype"):  # NumPy's error named no argument
+        cc.compress(np.arange(4, dtype=np.uint16), dtype="bogus")
+    with pytest.raises(TypeError, match="key must be bytes"):  # the argument first, not "carries no MAC"
+        cc.CompressedArray.from_bytes(c.to_bytes(), key="secret")
+
+
+def test_a_container_of_one_value_is_truthy_and_has_no_length():
+    # len() of a 0-d container was 0, so `c or fallback` took the fallback
+    one = cc.compress(np.float32(3))
+    assert bool(one) and bool(cc.compress(np.zeros(0, np.float32)))
+    with pytest.raises(TypeError, match="0-d"):
+        len(one)
+    assert len(cc.compress(np.zeros((5, 2), np.float32))) == 5

@@ -163,6 +163,14 @@ class CupycodecConfig(QuantizationConfigMixin):
         self.granularity, self.group_size, self.codec = granularity, group_size, codec
         self.modules_to_convert, self.modules_to_not_convert = modules_to_convert, modules_to_not_convert
         self.format_version = FORMAT_VERSION
+        if key is not None:  # named now, as every other field is, not inside from_pretrained's load
+            from cupycodec.container import _check_key
+
+            try:
+                key = _check_key(key)
+            except (TypeError, ValueError) as exc:
+                prefix_message(exc, "quantization_config")
+                raise
         self.trusted, self.key, self.strict = trusted, key, strict
         from .offload import check_options
 

@@ -558,7 +558,7 @@ def test_signed_here_loads_trusted_elsewhere_untrusted(saved, tmp_path, monkeypa
     assert torch.equal(_logits(theirs), want)  # zstd payloads: hardened CPU decoders read them untrusted
     # nvCOMP: refused before any byte is read (without CUDA, the missing device is named first)
     error = (cc.UntrustedError, r"not signed with your key.*trusted=True.*key=") if torch.cuda.is_available() else \
-        (ValueError, "no CUDA device is usable here")
+        (cc.BackendUnavailableError, "no CUDA device is usable here")
     with pytest.raises(error[0], match=error[1]):
         load_compressed(out, _fresh(), device="cuda", progress=False)
     assert all(t.trusted for t in _templates(load_compressed(out, _fresh(), trusted=True, progress=False)))
@@ -1149,6 +1149,11 @@ def test_a_key_that_is_not_bytes_is_named(saved, tmp_path):
     with pytest.raises(TypeError, match="key must be bytes"):
         load_compressed(out, _fresh(), key="secret", progress=False)
     assert not (tmp_path / "again").exists()
+    # checked when the config is made, as its other fields are (it failed only inside from_pretrained's load)
+    with pytest.raises(TypeError, match="quantization_config: key must be bytes"):
+        CupycodecConfig(key="secret")
+    with pytest.raises(ValueError, match="quantization_config: key must be at least 16 bytes"):
+        CupycodecConfig(key=b"short")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -1156,7 +1161,7 @@ def test_loading_onto_a_cuda_device_that_is_not_there_says_so(saved):
     """It raised an UntrustedError about nvCOMP's decoders (or, trusted, torch's AssertionError)."""
     _, out = saved
     for kw in ({}, {"trusted": True}):
-        with pytest.raises(ValueError, match="no CUDA device is usable here"):
+        with pytest.raises(cc.BackendUnavailableError, match="no CUDA device is usable here"):
             load_compressed(out, _fresh(), device="cuda", progress=False, **kw)
 
 
