@@ -36,3 +36,14 @@ def test_the_source_checkout_finds_the_integrations():
     mod, pkg = run.stdout.split()
     assert mod == os.path.join(ROOT, "integrations", "numcodecs.py")
     assert pkg == os.path.join(ROOT, "cupycodec", "__init__.py")
+
+
+def test_the_package_is_marked_typed():
+    # PEP 561: without py.typed in the package (and in its package data), mypy users saw every name as Any
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib is Python >= 3.11")
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        data = tomllib.load(f)["tool"]["setuptools"].get("package-data", {})
+    assert "py.typed" in data.get("cupycodec", []) and os.path.isfile(os.path.join(ROOT, "cupycodec", "py.typed"))
