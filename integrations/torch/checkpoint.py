@@ -74,7 +74,9 @@ def checkpoint_state(model: torch.nn.Module, *, key: bytes | None) -> tuple[dict
     """The tensors and metadata of ``model``'s checkpoint (the files' contents before sharding). Tensors stay where
     they are (a device payload is copied to the host when its shard is written); non-layer tensors are compressed
     losslessly on the CPU here."""
-    layers = {fqn: m for fqn, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    # every name of a layer reachable under several (compress_model replaced it under each): the state dict holds its
+    # tensors under each, stored once and aliased, and a loader takes an alias only of a layer's or a dense tensor
+    layers = {fqn: m for fqn, m in model.named_modules(remove_duplicate=False) if isinstance(m, CompressedLinear)}
     for fqn, m in layers.items():
         if m.bias is not None and m.bias.dtype != m.weight_dtype:  # a loader builds the bias in the weight's dtype
             raise ValueError(f"layer {fqn!r}: its bias is {m.bias.dtype} and its compressed weight {m.weight_dtype} "
@@ -800,10 +802,13 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
     def get(name):
         return loaded[aliases.get(name, name)]
 
-    new = {}
+    new, by_module = {}, {}
     for fqn, cfg in plan.layers.items():
-        layer = CompressedLinear.from_config(cfg, device="meta")
         old = model.get_submodule(fqn)  # the module it replaces: its flags carry over, as compress_model keeps them
+        if id(old) in by_module:  # one module under several names: one layer under each again, as compress_model
+            new[fqn] = by_module[id(old)]
+            continue
+        layer = CompressedLinear.from_config(cfg, device="meta")
         layer.train(old.training)
         for attr in list(layer._buffers):
             layer._buffers[attr] = get(f"{fqn}.{attr}")
@@ -813,7 +818,7 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
         src = aliases.get(f"{fqn}.packed", f"{fqn}.packed").rpartition(".")[0]
         if ("template", src) in loaded:
             layer._set_template(loaded[("template", src)])
-        new[fqn] = layer
+        new[fqn] = by_module[id(old)] = layer
     layer_keys = {f"{fqn}.{a}" for fqn, layer in new.items() for a in layer.state_dict()}
     for name in [*plan.dense, *(a for a in aliases if a not in layer_keys)]:
         if name in layer_keys:

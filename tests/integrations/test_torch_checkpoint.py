@@ -706,6 +706,37 @@ def test_a_refused_checkpoint_leaves_no_shard_mapped(saved, tmp_path):
     assert mapped(shard) == 0 and mapped(bad) == 0
 
 
+class _SharedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16)
+        self.b = self.a  # one module under two names
+        self.c = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8", "int8+entropy"])
+def test_a_module_under_two_names_saves_and_loads(tmp_path, mode):
+    # the table recorded the layer under its first name only, and its tensors under the second as aliases, which
+    # the loader refused as "a tensor that is not there" (or, into a compressed model, "corrupt or crafted")
+    torch.manual_seed(0)
+    net, x = _SharedNet(), torch.randn(2, 16)
+    compress_model(net, mode, progress=False)
+    with torch.no_grad():
+        want = net(x)
+    save_compressed(net, tmp_path / "ck", key=False)
+    for target in (_SharedNet(), None):
+        if target is None:
+            target = _SharedNet()
+            compress_model(target, mode, progress=False)
+        got = load_compressed(tmp_path / "ck", target, progress=False)
+        assert isinstance(got.a, CompressedLinear) and got.a is got.b
+        with torch.no_grad():
+            assert torch.equal(got(x), want)
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
