@@ -270,7 +270,9 @@ def decompress(data, *, device="auto", out=None, max_output_nbytes=_UNSET, dequa
         Refuse (before allocating) to produce more bytes. Default: unbounded for arrays this process compressed,
         :func:`default_max_output_nbytes` for bytes from outside (from_bytes, load, bytes arguments).
     dequantize : bool
-        For INT8 data: return the dequantized array (True) or a :class:`Quantized` tuple of codes and scales.
+        For INT8 data: return the dequantized array (True) or a :class:`Quantized` named tuple: ``.codes`` and
+        ``.scales``, with the ``granularity``, ``axis``, ``group_size`` and ``dtype`` that go with them (six
+        fields: ``codes, scales = ...`` does not unpack it).
     backend : {None, "auto", "cpu", "nvcomp"}
         Force a decoder; by default the GPU decodes device-bound data and the CPU host-bound data (GPU-only codecs
         use the GPU when one is usable, else raise BackendUnavailableError naming what would work). Untrusted
