@@ -104,6 +104,10 @@ def _convert(obj, what: str, output: bool) -> Array:
         return _from_dlpack(_resolved_torch_view(obj, what, output), what)
     if hasattr(obj, "__cuda_array_interface__"):
         return _from_cai(obj)
+    if type(obj).__name__ == "PyCapsule":  # np.asarray made it an object array, refused as Python references
+        raise TypeError(f"{what} is a bare DLPack capsule (or another PyCapsule): cupycodec reads DLPack through the "
+                        "producer's __dlpack__, so pass the array it came from, or one made from the capsule "
+                        "(torch.from_dlpack, cupy.from_dlpack)")
     arr = _host_alias(obj, what) if output else np.asarray(obj)
     if arr.dtype == object:
         raise UnsupportedDtypeError(arr.dtype, ["numeric arrays"], "object arrays hold Python references, not data")
@@ -244,12 +248,21 @@ def _resolved_torch_view(obj, what: str, output: bool):
     through its resolved copy: torch's DLPack export drops the negation bit, which would give the stored values
     with the wrong sign. As an output it is refused: writes into its storage would read back negated."""
     torch = sys.modules.get("torch")  # only a torch the caller already imported; cupycodec never imports it
-    if torch is None or not isinstance(obj, torch.Tensor) or not (obj.is_neg() or obj.is_conj()):
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return obj
+    if str(obj.dtype) in _TORCH_SUB_BYTE:  # DLPack labels them int8/uint8: they came back as those, values changed
+        raise UnsupportedDtypeError(obj.dtype, SUPPORTED, "torch's sub-byte integer types (int1-7, uint1-7) have no "
+                                    "container dtype; pass their storage as uint8 (t.view(torch.uint8)) and keep "
+                                    "the dtype yourself")
+    if not (obj.is_neg() or obj.is_conj()):
         return obj
     if output:
         raise ValueError(f"{what} is a lazily negated or conjugated torch view, which cannot be written in place; "
                          "pass a plain tensor (e.g. torch.empty_like(t)) and copy it into your view afterwards")
     return obj.resolve_conj().resolve_neg()
+
+
+_TORCH_SUB_BYTE = frozenset(f"torch.{s}int{n}" for s in ("", "u") for n in range(1, 8))
 
 
 def _torch_bit_view(obj):

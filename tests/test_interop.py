@@ -533,3 +533,25 @@ def test_dlpack_strides_are_read_modulo_2_64():
     assert [_byte_stride(s, 4) for s in (2, -6, 0)] == [8, -24, 0]
     # CuPy 14.2 exports x[::-1] of int32 with the stride (2**64 - 4) // 4: the same -4 bytes, read back
     assert _byte_stride((2**64 - 24) // 4, 4) == -24 and _byte_stride((2**64 - 16) // 2, 2) == -16
+
+
+def test_torch_sub_byte_integers_are_refused_not_relabelled():
+    # torch's DLPack export labels int4/uint4 (and int1-7, uint1-7) as int8/uint8: they came back as those dtypes
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "int4"):
+        pytest.skip("this torch has no sub-byte integer dtypes")
+    import cupycodec as cc
+
+    for dtype in (torch.int4, torch.uint4, torch.uint1):
+        t = torch.zeros(4, dtype=torch.uint8).view(dtype)
+        with pytest.raises(cc.UnsupportedDtypeError, match=r"sub-byte integer.*t.view\(torch.uint8\)"):
+            cc.compress(t)
+
+
+def test_a_bare_dlpack_capsule_is_named():
+    # np.asarray(capsule) made an object array, refused as "object arrays hold Python references"
+    torch = pytest.importorskip("torch")
+    import cupycodec as cc
+
+    with pytest.raises(TypeError, match="bare DLPack capsule.*producer's __dlpack__"):
+        cc.compress(torch.zeros(4).__dlpack__())
