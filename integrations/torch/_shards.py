@@ -72,6 +72,10 @@ class ShardFile:
             self.tensors: dict[str, TensorInfo] = {}
             for name, info in header.items():
                 self.tensors[name] = _tensor_info(path, name, info, base, data_nbytes)
+            end = max((t.end for t in self.tensors.values()), default=base) - base
+            if end != data_nbytes:  # safetensors refuses it ("not fully covered"): one loader took it, another not
+                raise FormatError(f"{path}: {data_nbytes - end} bytes after its last tensor (appended to, or not "
+                                  "a safetensors file)")
             # mapped once the header holds: a file refused above leaves no map behind (a caller keeping the error
             # kept the whole file mapped)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
@@ -133,7 +137,7 @@ def _tensor_info(path: str, name: str, info, base: int, data_nbytes: int) -> Ten
     if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or \
             not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2:
         raise FormatError(f"{where}: its entry must hold dtype, shape and data_offsets")
-    dtype = DTYPES.get(info.get("dtype"))
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info.get("dtype"), str) else None  # a list: unhashable
     if dtype is None:
         raise FormatError(f"{where}: dtype {info.get('dtype')!r} is not one checkpoints use ({', '.join(DTYPES)})")
     shape, (a, b) = info["shape"], info["data_offsets"]
@@ -187,9 +191,11 @@ def write_shards(directory: str, tensors: dict[str, torch.Tensor], metadata: dic
                  "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
         text = json.dumps(index, indent=2, sort_keys=True).encode() + b"\n"
         atomic_write(index_path, lambda f: f.write(text))
-    elif os.path.exists(index_path):
-        os.unlink(index_path)
+    else:
+        with contextlib.suppress(FileNotFoundError):  # another save into the directory may remove it first
+            os.unlink(index_path)
     for old in os.listdir(directory):
         if (old == WEIGHTS or _SHARD_NAME.match(old)) and old not in names:
-            os.unlink(os.path.join(directory, old))
+            with contextlib.suppress(FileNotFoundError):  # (a save that had written every file failed here)
+                os.unlink(os.path.join(directory, old))
     return names

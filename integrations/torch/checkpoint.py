@@ -328,7 +328,8 @@ def _mac_key(table: _Table, trusted: bool, key) -> bytes | None:
 
     A key wins over ``trusted`` (as in :meth:`cupycodec.CompressedArray.from_bytes` and the Zarr codec): a caller
     who vouches for the source to allow nvCOMP and passes the key for integrity gets both, not a load whose tampered
-    tensors go unchecked."""
+    tensors go unchecked. So does this user's own key, for a checkpoint it signed (``trusted=True`` skipped its
+    MACs), except one signed before tables were (no ``manifest_mac``), which ``trusted=True`` is the way to load."""
     if not isinstance(trusted, bool):
         raise TypeError(f"trusted must be a bool, got {trusted!r}")
     if key is not None:
@@ -340,10 +341,9 @@ def _mac_key(table: _Table, trusted: bool, key) -> bytes | None:
             raise AuthenticationError("this checkpoint is signed with another key than the one given")
         _check_manifest(table, bytes(key))
         return bytes(key)
-    if trusted:
-        return None
     mine = _signing.local_key(create=False)
-    if mine is not None and table.signed_by == _signing.fingerprint(mine):
+    if mine is not None and table.signed_by == _signing.fingerprint(mine) and \
+            not (trusted and not isinstance(table.raw.get("manifest_mac"), str)):
         _check_manifest(table, mine)
         return mine
     return None
@@ -369,7 +369,10 @@ def _check_manifest(table: _Table, key: bytes) -> None:
 
 def _untrusted_codec(prefix: bytes, where: str) -> str | None:
     obj = header_json(prefix)
-    for seg in obj.get("segments", []):
+    segments = obj.get("segments", [])
+    if not isinstance(segments, list):  # null or a number was iterated (TypeError), a dict as its keys
+        raise FormatError(f"{where}: its container header's segments must be a list")
+    for seg in segments:
         cid = seg.get("codec", {}).get("id") if isinstance(seg, dict) and isinstance(seg.get("codec"), dict) \
             else None
         try:
@@ -502,6 +505,8 @@ def _check_stored(ckpt: Checkpoint, name: str, target: torch.Tensor, attr: str |
         head = header_json(prefix)
         arr = head["array"]
         shape, dt = tuple(arr["shape"]), arr["dtype"]
+        if not isinstance(dt, str):  # a list would fail the dtype lookups below (unhashable)
+            raise TypeError(f"dtype {dt!r} is no dtype name")
     except (cc.FormatError, KeyError, TypeError) as exc:
         raise FormatError(f"{where}: its container header is not valid ({exc})") from exc
     if role == "packed":

@@ -105,6 +105,11 @@ class CupycodecConfig(QuantizationConfigMixin):
     strict : bool
         Loading only, never saved: refuse a checkpoint that lacks tensors of the model ``config.json`` describes,
         before reading any (transformers' default, kept here, loads it and initializes the missing ones at random).
+    checkpoint : str, optional
+        Written by :func:`~cupycodec.integrations.torch.save_compressed`: the id of the save whose weights this
+        ``config.json`` was written with. Loading compares it with the weights' own: a directory read while another
+        save replaced its files (or holding files of two saves) is refused, where it loaded one save's config with
+        the other's weights.
     offload, max_gpu_memory, offload_device
         Loading only, never saved: once loaded (load onto the host: no ``device_map``, or ``device_map="cpu"``),
         place the model on ``offload_device`` (default: the current CUDA device) with its blocks' compressed
@@ -114,14 +119,15 @@ class CupycodecConfig(QuantizationConfigMixin):
 
     # What config.json holds (to_dict); from_dict takes nothing else from a file
     _SAVED = ("quant_method", "mode", "granularity", "group_size", "codec", "modules_to_convert",
-              "modules_to_not_convert", "format_version")
+              "modules_to_not_convert", "format_version", "checkpoint")
     _LOADING = ("trusted", "key", "offload", "max_gpu_memory", "offload_device", "strict")  # never from a dict
 
     def __init__(self, mode: str = "int8", granularity: str = "channel", group_size: int = 128,
                  codec: str | None = None, modules_to_convert: list[str] | None = None,
                  modules_to_not_convert: list[str] | None = None,
                  format_version: int = FORMAT_VERSION, trusted: bool = False, key=None, offload: str | None = None,
-                 max_gpu_memory=None, offload_device=None, strict: bool = False, **kwargs):
+                 max_gpu_memory=None, offload_device=None, strict: bool = False, checkpoint: str | None = None,
+                 **kwargs):
         if kwargs.pop("quant_method", QUANT_METHOD) != QUANT_METHOD:
             raise ValueError(f"CupycodecConfig is quant_method {QUANT_METHOD!r}")
         if kwargs:  # a typo would otherwise be ignored (config.json's keys of newer writers go through from_dict)
@@ -171,7 +177,10 @@ class CupycodecConfig(QuantizationConfigMixin):
             except (TypeError, ValueError) as exc:
                 prefix_message(exc, "quantization_config")
                 raise
-        self.trusted, self.key, self.strict = trusted, key, strict
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ValueError(f"quantization_config: checkpoint must be a save's id (a str), got {checkpoint!r} "
+                             "(config.json edited by hand?)")
+        self.trusted, self.key, self.strict, self.checkpoint = trusted, key, strict, checkpoint
         from .offload import check_options
 
         try:
@@ -200,7 +209,8 @@ class CupycodecConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "mode": self.mode, "granularity": self.granularity,
                 "group_size": self.group_size, "codec": self.codec, "modules_to_convert": self.modules_to_convert,
-                "modules_to_not_convert": self.modules_to_not_convert, "format_version": self.format_version}
+                "modules_to_not_convert": self.modules_to_not_convert, "format_version": self.format_version,
+                **({"checkpoint": self.checkpoint} if self.checkpoint is not None else {})}
 
     def to_diff_dict(self) -> dict:
         return self.to_dict()
@@ -458,6 +468,12 @@ class CupycodecHfQuantizer(HfQuantizer):
             prefix_message(exc, str(directory))
             raise
         self._trusted = cfg.trusted or self._mac_key is not None
+        written_with = getattr(cfg, "checkpoint", None)  # save_compressed's config.json says which save it is of
+        if written_with is not None and written_with != ckpt.table.checkpoint:
+            raise FormatError(f"{directory}: its config.json was written by another save than its weights (checkpoint "
+                              f"ids {written_with} and {ckpt.table.checkpoint}): a save into this directory while it "
+                              "was read, or files of two saves; load it again once saving is done, or save again")
+        cfg.checkpoint = None  # the loaded model's config: a later save_pretrained writes its own weights' table
         swapped = []
         for fqn, layer_cfg in ckpt.table.layers.items():
             where = f"{directory}: layer {fqn!r}"
@@ -807,6 +823,7 @@ def stage_configs(model, directory: str, table: dict) -> dict:
     from cupycodec._files import stage_write
 
     qc = _summary_config(list(table["layers"].values()))
+    qc.checkpoint = table["checkpoint"]  # which save's weights this config goes with (see _prepare_load)
     config = copy.deepcopy(model.config)
     config.quantization_config = qc
     if hasattr(model, "dtype"):

@@ -376,10 +376,14 @@ def test_an_unknown_mode_is_refused(saved, tmp_path):
         CupycodecConfig(mode="int4")
     shard = out / _shards(out)[0]
     _rewrite(shard, edit_table=lambda t: next(iter(t["layers"].values())).update(mode="int4"))
+    for kw in ({}, {"trusted": True}):  # signed by this user: the table's MAC is checked first, trusted or not
+        with pytest.raises(cc.AuthenticationError):
+            load_compressed(out, _fresh(), progress=False, **kw)
+    save_compressed(model, tmp_path / "unsigned", key=False)
+    shard = tmp_path / "unsigned" / _shards(tmp_path / "unsigned")[0]
+    _rewrite(shard, edit_table=lambda t: next(iter(t["layers"].values())).update(mode="int4"))
     with pytest.raises(cc.FormatError, match=r"layer .* has mode 'int4'.*upgrade cupycodec"):
-        load_compressed(out, _fresh(), trusted=True, progress=False)
-    with pytest.raises(cc.AuthenticationError):  # signed by this user: the table's MAC is checked first
-        load_compressed(out, _fresh(), progress=False)
+        load_compressed(tmp_path / "unsigned", _fresh(), trusted=True, progress=False)
 
 
 def test_a_truncated_shard_names_file_and_tensor(saved):
@@ -652,13 +656,18 @@ def test_a_key_is_checked_when_trusted_is_passed_too(saved, tmp_path):
         load_compressed(out, key=key, trusted=True, progress=False)
     with pytest.raises(TypeError, match="key must be bytes"):  # validated as without trusted
         load_compressed(out, _fresh(), key="nonsense", trusted=True, progress=False)
+    mine = tmp_path / "mine"  # signed with this user's key (the default): checked with trusted=True too
+    save_compressed(model, mine, max_shard_size="100KB")
+    _craft(mine, "model.layers.1.self_attn.o_proj.packed")
+    with pytest.raises(cc.AuthenticationError, match="o_proj"):
+        load_compressed(mine, _fresh(), trusted=True, progress=False)
 
 
 def test_a_layer_mode_edited_in_a_signed_table_is_an_authentication_error(saved, tmp_path):
     # the mode was checked while the table was parsed, before its MAC: "upgrade cupycodec" (a ValueError) for a
     # tampered signed table; unsigned, an unknown mode is a FormatError that says both what it may be
     model, _ = saved
-    for key in (b"s" * 32, None):
+    for key in (b"s" * 32, False):
         out = tmp_path / ("signed" if key else "plain")
         save_compressed(model, out, key=key)
 
@@ -667,7 +676,7 @@ def test_a_layer_mode_edited_in_a_signed_table_is_an_authentication_error(saved,
                 cfg["mode"] = "int4"
 
         _rewrite(out / _shards(out)[0], edit_table=edit)
-        if key is not None:
+        if key:
             with pytest.raises(cc.AuthenticationError, match="changed after it was signed"):
                 load_compressed(out, _fresh(), key=key, progress=False)
         with pytest.raises(cc.FormatError, match="mode 'int4'.*upgrade cupycodec.*crafted"):
@@ -735,6 +744,81 @@ def test_a_module_under_two_names_saves_and_loads(tmp_path, mode):
         assert isinstance(got.a, CompressedLinear) and got.a is got.b
         with torch.no_grad():
             assert torch.equal(got(x), want)
+
+
+def test_a_config_json_of_another_save_is_refused(tmp_path):
+    # a load racing a save (or files of two saves) built the model from one save's config.json and loaded the
+    # other's weights into it, with no error: config.json now names its save, and a loader compares
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    compress_model(model, "int8", progress=False)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        want = model(ids).logits
+    save_compressed(model, tmp_path / "a")
+    save_compressed(model, tmp_path / "b")
+    table = _table(tmp_path / "a" / "model.safetensors")
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]["checkpoint"] == \
+        table["checkpoint"]
+    back = load_compressed(tmp_path / "a", progress=False)  # and a loaded model saves as any other
+    assert back.config.quantization_config.checkpoint is None
+    back.save_pretrained(tmp_path / "c")
+    for d in ("a", "c"):
+        with torch.no_grad():
+            assert torch.equal(load_compressed(tmp_path / d, progress=False)(ids).logits, want)
+    shutil.copyfile(tmp_path / "a" / "config.json", tmp_path / "b" / "config.json")
+    with pytest.raises(cc.FormatError, match="config.json was written by another save than its weights"):
+        load_compressed(tmp_path / "b", progress=False)
+
+
+def _edit_dense_header(table, name, edit):
+    """Change the container header a dense tensor's table entry holds (its CRC recomputed, as a crafted file has)."""
+    import zlib
+
+    entry = table["tensors"][name]
+    prefix = base64.b64decode(entry["header"])
+    (n,) = struct.unpack("<Q", prefix[8:16])
+    head = json.loads(prefix[24 : 24 + n])
+    edit(head)
+    text = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    entry["header"] = base64.b64encode(prefix[:8] + struct.pack("<QI", len(text), zlib.crc32(text)) + bytes(4) +
+                                       text).decode()
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda h: h["array"].update(dtype=["F32"]), r"is no dtype name"),
+    (lambda h: h.update(segments=None), r"segments must be a list"),
+])
+def test_a_crafted_container_header_in_the_table_is_a_format_error(saved, tmp_path, edit, why):
+    # a list dtype raised "unhashable type: 'list'", null segments "'NoneType' object is not iterable"
+    model, _ = saved
+    out = tmp_path / "ck"
+    save_compressed(model, out, key=False)
+    shard = out / _shards(out)[0]
+    _rewrite(shard, edit_table=lambda t: _edit_dense_header(t, "model.norm.weight", edit))
+    with pytest.raises(cc.FormatError, match=why):
+        load_compressed(out, _fresh(), progress=False)
+
+
+def test_a_shard_with_bytes_after_its_tensors_or_a_list_dtype_is_a_format_error(saved, tmp_path):
+    # appended bytes: load_compressed(dir, model) took the shard, from_pretrained raised safetensors' own error
+    model, _ = saved
+    out = tmp_path / "ck"
+    save_compressed(model, out, key=False)
+    shard = out / _shards(out)[0]
+    with open(shard, "ab") as f:
+        f.write(b"\0")
+    for load in (lambda: load_compressed(out, _fresh(), progress=False), lambda: load_compressed(out, progress=False)):
+        with pytest.raises(cc.FormatError, match="1 bytes after its last tensor"):
+            load()
+    head = json.dumps({"t": {"dtype": ["U8"], "shape": [1], "data_offsets": [0, 1]}}).encode()
+    (tmp_path / "list.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"\0")
+    with pytest.raises(cc.FormatError, match=r"dtype \['U8'\] is not one"):  # unhashable type: 'list' before
+        ShardFile(str(tmp_path / "list.safetensors"))
 
 
 # -- the command line -----------------------------------------------------------------------------------------
