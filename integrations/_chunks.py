@@ -178,16 +178,32 @@ def stored_config(config: Mapping) -> dict:
     import inspect
     import warnings
 
-    known = set(inspect.signature(ChunkConfig).parameters) - {"options"}
+    # its own keywords, the core's (backend=, which it passes on) and the codec's options
+    known = (set(inspect.signature(ChunkConfig).parameters) | set(inspect.signature(cc.Compressor).parameters)) - \
+        {"options"}
     codec = config.get("codec", "auto")
     cls = cc.registry.registered_codecs().get(codec) if isinstance(codec, str) else None
     known |= set(cls.options) if cls is not None else set()
-    unknown = sorted(k for k in config if k not in known)
+    unknown = [repr(k) for k in sorted(config) if k not in known]
+    out = {k: v for k, v in config.items() if k in known}
+    if isinstance(out.get("filters"), list):  # a filter's options likewise ({"id": "byteplane", ...})
+        filters = cc.registry.registered_filters()
+        out["filters"] = [_known_filter_options(f, filters, unknown) for f in out["filters"]]
     if unknown:
-        warnings.warn(f"cupycodec codec configuration: {', '.join(map(repr, unknown))} ignored (not an option of "
-                      "this cupycodec: a typo, or a newer writer's; chunks still decode, as each says how it was "
-                      "made; chunks written now go without it: upgrade cupycodec to keep it)", stacklevel=3)
-    return {k: v for k, v in config.items() if k not in unknown}
+        warnings.warn(f"cupycodec codec configuration: {', '.join(unknown)} ignored (not an option of this "
+                      "cupycodec: a typo, or a newer writer's; chunks still decode, as each says how it was made; "
+                      "chunks written now go without it: upgrade cupycodec to keep it)", stacklevel=3)
+    return out
+
+
+def _known_filter_options(f, filters: dict, unknown: list) -> Any:
+    """A filter's stored configuration less the options its class does not take (named in ``unknown``)."""
+    cls = filters.get(f.get("id")) if isinstance(f, Mapping) and isinstance(f.get("id"), str) else None
+    if cls is None:
+        return f  # an id or an unknown filter: ChunkConfig names it
+    allowed = {"id", "version", *cls.option_names()}
+    unknown += [f"{f['id']}.{k}" for k in sorted(f) if k not in allowed]
+    return {k: v for k, v in f.items() if k in allowed}
 
 
 def _float_like(dtype) -> bool:

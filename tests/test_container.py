@@ -514,3 +514,9 @@ def test_metadata_nested_past_the_recursion_limit_gets_the_librarys_error(levels
         cc.compress(np.arange(4), metadata=deep)
     with pytest.raises(ValueError, match="metadata is nested too deeply.* at most 64 levels"):
         cc.compress_many([np.arange(4), np.arange(5)], metadata=[{}, deep])
+
+
+def test_an_unknown_filter_option_is_named_as_a_codecs_is():
+    # Byteplane.__init__() got an unexpected keyword argument 'futur': named no filter and no valid option
+    with pytest.raises(TypeError, match=r"filter 'byteplane' got unknown option\(s\) futur; valid options: rotate"):
+        cc.compress(np.ones(8, np.float32), filters=[{"id": "byteplane", "futur": 1}])

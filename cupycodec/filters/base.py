@@ -40,7 +40,19 @@ class Filter(abc.ABC):
             raise ValueError(f"filter {cls.filter_id!r}: version must be an int from 1, got {version!r}")
         if version > cls.version:
             raise UnsupportedVersionError(f"filter {cls.filter_id!r}", version, cls.version)
+        unknown = set(config) - set(cls.option_names())
+        if unknown:  # as a codec's: __init__'s own "unexpected keyword argument" named no filter
+            raise TypeError(f"filter {cls.filter_id!r} got unknown option(s) {', '.join(sorted(unknown))}; valid "
+                            f"options: {', '.join(cls.option_names()) or 'none'}")
         return cls(**config)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options its configuration may hold (its constructor's keywords)."""
+        import inspect
+
+        return [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     def resolve(self, inputs: dict[str, ArraySpec]) -> Filter:
         """The concrete filter for these inputs (options left on ``None``/``"auto"`` fixed from the dtypes)."""

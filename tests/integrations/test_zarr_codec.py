@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -92,6 +93,19 @@ def test_a_newer_writers_option_is_ignored_with_a_warning(tmp_path):
             Cupycodec(codec="zstd", level=3)
     with pytest.raises(TypeError, match="unknown option"):  # a caller's own keyword is a typo: refused
         CupycodecCodec(codec="zstd", future_opt=1)
+    # a filter's option likewise (Byteplane.__init__'s TypeError made the array unreadable)
+    stored = {"id": "cupycodec", "codec": "zstd", "filters": [{"id": "byteplane", "version": 1, "future_opt": 1}]}
+    with pytest.warns(UserWarning, match="byteplane.future_opt ignored"):
+        assert Cupycodec.from_config(stored) == Cupycodec(codec="zstd", filters=[{"id": "byteplane", "version": 1}])
+    # and what this version writes reads back as it was, without a warning (backend= is the core's, passed on)
+    import warnings
+
+    for codec in (Cupycodec(codec="zstd", backend="cpu"), CupycodecCodec(codec="zstd", backend="cpu")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            back = pickle.loads(pickle.dumps(codec)) if isinstance(codec, Cupycodec) else \
+                CupycodecCodec.from_dict(codec.to_dict())
+        assert back == codec
 
 
 def test_registry_lookup_in_a_fresh_interpreter(tmp_path):
