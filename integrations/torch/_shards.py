@@ -90,6 +90,8 @@ class ShardFile:
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor as stored (a view of the mapped file)."""
         t = self.tensors[name]
+        if t.end == t.start:  # torch refuses a Float view of empty bytes (their stride is 0)
+            return torch.empty(t.shape, dtype=t.dtype)
         return torch.from_numpy(self.view(name)).view(t.dtype).reshape(t.shape)
 
     def release(self, name: str) -> None:

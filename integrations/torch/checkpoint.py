@@ -163,6 +163,8 @@ def _plain_mac(key: bytes, name: str, host: np.ndarray) -> str:
 
 def _host_bytes(t: torch.Tensor) -> np.ndarray:
     host = t.detach().to("cpu").contiguous()
+    if not host.numel():  # torch refuses a byte view of an empty tensor of another dtype (its stride is 0)
+        return np.empty(0, np.uint8)
     return host.reshape(-1).view(torch.uint8).numpy()
 
 
@@ -292,6 +294,8 @@ class Checkpoint:
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise FormatError(f"{index}: its weight_map must map tensor names to shard file names")
             names = sorted(set(wm.values()))
+            if not names:  # no shard: no table either (an AttributeError on None followed)
+                raise FormatError(f"{index}: its weight_map names no shard")
             for n in names:
                 if os.path.basename(n) != n:
                     raise FormatError(f"{index}: names a shard {n!r} outside the checkpoint directory")
@@ -335,8 +339,8 @@ def _mac_key(table: _Table, trusted: bool, key) -> bytes | None:
     if key is not None:
         key = _check_key(key)
         if table.signed_by is None:
-            raise AuthenticationError("this checkpoint is not signed, so key= cannot vouch for it (load it with "
-                                      "trusted=True if you trust where it came from)")
+            raise AuthenticationError("this checkpoint is not signed, so key= cannot vouch for it (load it without "
+                                      "key=, with trusted=True, if you trust where it came from)")
         if _signing.fingerprint(key) != table.signed_by:
             raise AuthenticationError("this checkpoint is signed with another key than the one given")
         _check_manifest(table, bytes(key))
@@ -356,7 +360,8 @@ def _check_manifest(table: _Table, key: bytes) -> None:
     if not isinstance(want, str):
         raise AuthenticationError("this checkpoint is signed but its table is not (saved by a cupycodec before "
                                   "2026-12-04, whose signature did not cover which tensor is which, nor INT8 codes): "
-                                  "save it again, or load it with trusted=True if you trust where it came from")
+                                  "save it again, or load it with trusted=True (and without key=) if you trust where "
+                                  "it came from")
     if not hmac.compare_digest(want, _signing.mac(key, b"manifest", _manifest_text(table.raw))):
         for name, entry in table.tensors.items():  # which entry, where one says so
             if entry.get("role") != "plain" and not hmac.compare_digest(str(entry.get("mac")),
@@ -810,8 +815,11 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
     new, by_module = {}, {}
     for fqn, cfg in plan.layers.items():
         old = model.get_submodule(fqn)  # the module it replaces: its flags carry over, as compress_model keeps them
-        if id(old) in by_module:  # one module under several names: one layer under each again, as compress_model
-            new[fqn] = by_module[id(old)]
+        first = by_module.get(id(old))
+        # one module under several names, saved as one (the table aliases this name's tensors to the first's): one
+        # layer under each again, as compress_model made it; saved as two layers, two (the model's sharing goes)
+        if first is not None and all(aliases.get(f"{fqn}.{a}") == f"{first[0]}.{a}" for a in first[1]._buffers):
+            new[fqn] = first[1]
             continue
         layer = CompressedLinear.from_config(cfg, device="meta")
         layer.train(old.training)
@@ -823,7 +831,8 @@ def _install(model: torch.nn.Module, plan: _Plan, loaded: dict, aliases: dict, d
         src = aliases.get(f"{fqn}.packed", f"{fqn}.packed").rpartition(".")[0]
         if ("template", src) in loaded:
             layer._set_template(loaded[("template", src)])
-        new[fqn] = by_module[id(old)] = layer
+        new[fqn] = layer
+        by_module.setdefault(id(old), (fqn, layer))
     layer_keys = {f"{fqn}.{a}" for fqn, layer in new.items() for a in layer.state_dict()}
     for name in [*plan.dense, *(a for a in aliases if a not in layer_keys)]:
         if name in layer_keys:

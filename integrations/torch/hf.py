@@ -357,6 +357,8 @@ class CupycodecHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: CupycodecConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized and getattr(quantization_config, "checkpoint", None) is not None:
+            quantization_config.checkpoint = None  # compressing while loading: no save's id (one read from a dict)
         self._ckpt = None
         self._plan = None
         self._trusted = False
@@ -491,7 +493,7 @@ class CupycodecHfQuantizer(HfQuantizer):
             try:
                 layer = CompressedLinear.from_config(layer_cfg, device="meta")
             except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
+                raise FormatError(f"{where}: {exc}") from None
             # config.json built the model: a layer of another shape is a config.json of another model (or edited),
             # which transformers refuses for plain weights, and which would load here and fail at forward, or not
             if (module.in_features, module.out_features, module.bias is not None) != \
@@ -1004,13 +1006,13 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
             (os.path.exists(output_dir) and os.path.samefile(input_dir, output_dir)):  # a link to it, too
         raise ValueError("compress-model writes a new directory; give an output other than the input")
     device = _work_device(device)
+    _check_architectures(input_dir)
     config = transformers.AutoConfig.from_pretrained(input_dir)
     if getattr(config, "quantization_config", None) is not None:
         qc = config.quantization_config
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
         raise ValueError(f"{input_dir} is already quantized ({method}); compress-model takes bf16/fp16/fp32 models")
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = (getattr(transformers, arch, None) if arch else None) or transformers.AutoModelForCausalLM
+    cls = _model_class(config, input_dir)
     qc = CupycodecConfig(mode=mode, granularity=granularity, group_size=group_size, codec=codec,
                          modules_to_convert=modules_to_convert, modules_to_not_convert=modules_to_not_convert)
     with _progress_bars(progress):

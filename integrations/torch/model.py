@@ -522,7 +522,7 @@ def _check_not_inside(model: torch.nn.Module) -> None:
     own = {id(old[0]) for m in model.modules() if (old := vars(m).get("_cupycodec_runtime")) is not None}
     for fqn, m in model.named_modules():
         rt = m._runtime() if isinstance(m, CompressedLinear) and m._runtime is not None else None
-        if rt is not None and id(rt) not in own:
+        if rt is not None and id(rt) not in own and rt is not m._standalone:  # a layer's own: it ran on its own
             raise ValueError(f"layer {fqn!r} belongs to the model this {type(model).__name__} is part of (compressed "
                              "with it); call compress_model on that whole model, with filter_fn choosing the layers "
                              "to compress")

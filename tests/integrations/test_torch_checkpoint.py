@@ -821,6 +821,74 @@ def test_a_shard_with_bytes_after_its_tensors_or_a_list_dtype_is_a_format_error(
         ShardFile(str(tmp_path / "list.safetensors"))
 
 
+class _TwoNet(torch.nn.Module):  # _SharedNet's names, two modules
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_two_saved_layers_into_one_shared_module_load_as_two(tmp_path):
+    # the loader gave both names the first name's layer (the table said two layers): silently other weights
+    torch.manual_seed(0)
+    net, x = _TwoNet(), torch.randn(2, 16)
+    compress_model(net, "lossless", progress=False)
+    with torch.no_grad():
+        want = net(x)
+    save_compressed(net, tmp_path / "ck", key=False)
+    got = load_compressed(tmp_path / "ck", _SharedNet(), progress=False)
+    assert got.a is not got.b
+    with torch.no_grad():
+        assert torch.equal(got(x), want)
+
+
+def test_a_stored_checkpoint_id_is_not_written_by_a_later_save(bf16_dir, tmp_path):
+    # CupycodecConfig.from_dict of a compressed checkpoint's config.json, used to compress another model while
+    # loading: its save_pretrained wrote that id, and the checkpoint then never loaded
+    stored = {"quant_method": "cupycodec", "mode": "int8", "checkpoint": "cf03aa37bf3109f7"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        bf16_dir, quantization_config=CupycodecConfig.from_dict(stored))
+    model.save_pretrained(tmp_path / "out")
+    assert "checkpoint" not in json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    _load(tmp_path / "out")
+
+
+def test_compress_checkpoint_takes_only_a_model_class(bf16_dir, tmp_path):
+    from cupycodec.integrations.torch import compress_checkpoint
+
+    src = tmp_path / "in"
+    shutil.copytree(bf16_dir, src)
+    _edit_config(src, architectures=["GenerationConfig"])  # an AttributeError from the loader's output before
+    with pytest.raises(cc.FormatError, match="names no transformers model class"):
+        compress_checkpoint(src, tmp_path / "out", mode="int8", progress=False)
+
+
+def test_a_crafted_layer_configuration_is_a_format_error_through_from_pretrained(saved, tmp_path):
+    model, _ = saved
+    out = tmp_path / "ck"
+    save_compressed(model, out, key=False)
+
+    def edit(table):
+        next(iter(table["layers"].values()))["group_size"] = 0
+
+    _rewrite(out / _shards(out)[0], edit_table=edit)
+    for load in (lambda: load_compressed(out, trusted=True, progress=False),
+                 lambda: load_compressed(out, _fresh(), trusted=True, progress=False)):
+        with pytest.raises(cc.FormatError, match="bad CompressedLinear configuration"):
+            load()
+
+
+def test_an_index_naming_no_shard_is_a_format_error(saved, tmp_path):
+    model, _ = saved
+    out = tmp_path / "ck"
+    save_compressed(model, out, max_shard_size="100KB", key=False)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(cc.FormatError, match="weight_map names no shard"):  # AttributeError on None before
+        load_compressed(out, _fresh(), progress=False)
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
@@ -1496,20 +1564,23 @@ def test_a_crafted_table_of_aliases_or_layers_is_a_format_error(tmp_path, edit, 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")  # nn.Linear(0, 8)
 @pytest.mark.parametrize("mode", ["lossless", "int8"])
-def test_a_layer_of_zero_features_saves_and_loads(tmp_path, mode):
-    # the constructor takes 0 "as for nn.Linear" and compress_model compresses such a layer, but from_config refused it
+@pytest.mark.parametrize("shape, granularity", [((0, 8), "channel"), ((8, 0), "channel"), ((0, 8), "group"),
+                                                ((8, 0), "group")])
+def test_a_layer_of_zero_features_saves_and_loads(tmp_path, mode, shape, granularity):
+    # the constructor takes 0 "as for nn.Linear" and compress_model compresses such a layer, but from_config refused
+    # it; INT8 layers of no outputs, or in groups, then failed torch's byte view of their empty scales
     def build():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(0, 8))
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(*shape))
 
     model = build()
-    compress_model(model, mode, progress=False)
+    compress_model(model, mode, granularity=granularity, progress=False)
     assert isinstance(model[1], CompressedLinear)
     save_compressed(model, tmp_path / "ckpt")
     back = load_compressed(tmp_path / "ckpt", build(), progress=False)
-    x = torch.randn(2, 0)
+    x = torch.randn(2, shape[0])
     assert isinstance(back[1], CompressedLinear) and torch.equal(back[1](x), model[1](x))
-    assert CompressedLinear.from_config(model[1].config()).in_features == 0
+    assert CompressedLinear.from_config(model[1].config()).in_features == shape[0]
 
 
 @pytest.mark.parametrize("mode", ["lossless", "int8"])

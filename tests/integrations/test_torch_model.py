@@ -1168,3 +1168,16 @@ def test_the_report_tables_totals_stand_under_their_columns():
     for column in ("before", "after", "ratio"):  # right-aligned: each figure ends where its heading does
         end = head.index(column) + len(column)
         assert total[end - 1] != " " and (end == len(total) or total[end] == " "), (column, total)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "int8+entropy"])
+def test_a_layer_that_ran_on_its_own_is_not_taken_for_another_models(mode):
+    # from_linear's layer, run once alone, has a runtime of its own: compress_model refused the model holding it as
+    # "part of another model"
+    torch.manual_seed(0)
+    lin = CompressedLinear.from_linear(torch.nn.Linear(8, 8), mode)
+    x = torch.randn(2, 8)
+    lin(x)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    compress_model(model, mode, progress=False)
+    assert isinstance(model[2], CompressedLinear) and model(x).shape == (2, 4)
