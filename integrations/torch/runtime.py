@@ -286,11 +286,15 @@ class DecodeGroup:
         """Forget the views, wide launches, plans and staged containers over buffers of ``device`` that a runtime gave
         back (their addresses: an ended thread's slots, staging and wide buffers; the views held their memory, and
         every thread's new slots added more). Returns the plans, which the caller retires."""
+        # new dicts, not changed ones: other threads' forwards read these without the runtime's lock
         self._views = {k: v for k, v in self._views.items() if k[0] != device or k[1] not in addresses}
         self._wide = {k: v for k, v in self._wide.items() if addresses.isdisjoint(k)}
         self._staged_containers = {k: v for k, v in self._staged_containers.items() if k not in addresses}
-        return [plans.pop(k) for plans in (self._plans, self._staged_plans) for k in list(plans)
+        gone = [p for plans in (self._plans, self._staged_plans) for k, p in list(plans.items())
                 if not addresses.isdisjoint(k[:2])]
+        self._plans = {k: p for k, p in self._plans.items() if addresses.isdisjoint(k[:2])}
+        self._staged_plans = {k: p for k, p in self._staged_plans.items() if addresses.isdisjoint(k[:2])}
+        return gone
 
     def _retire(self, plans: list) -> None:
         """Plans about to go: a bad chunk one of them reported since the last check is kept, so that :meth:`check`
