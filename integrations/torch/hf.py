@@ -924,6 +924,11 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if method != QUANT_METHOD:
+        if _has_cupycodec_table(directory):  # weights of a cupycodec save beside a config.json of plain weights
+            raise ValueError(f"{directory}: its weights are a cupycodec checkpoint, but its config.json has no "
+                             "quantization_config with quant_method 'cupycodec' (replaced by the original model's?); "
+                             "put back the config.json it was saved with, or load it into a model you build: "
+                             "load_compressed(directory, model)")
         raise ValueError(f"{directory} is not a cupycodec checkpoint (its config.json has no quantization_config "
                          f"with quant_method 'cupycodec'); load it with transformers")
     cls = _model_class(config, directory)
@@ -955,6 +960,15 @@ def _model_class(config, directory: str):
             cls is transformers.PreTrainedModel:
         raise _no_model_class(archs, directory)
     return cls
+
+
+def _has_cupycodec_table(directory: str) -> bool:
+    """Whether the directory's safetensors files carry a cupycodec table (whatever its config.json says)."""
+    try:
+        with Checkpoint(directory):
+            return True
+    except (OSError, ValueError):  # no checkpoint of ours (plain safetensors: "not a cupycodec checkpoint"), or broken
+        return False
 
 
 def _check_architectures(directory: str) -> None:

@@ -889,6 +889,18 @@ def test_an_index_naming_no_shard_is_a_format_error(saved, tmp_path):
         load_compressed(out, _fresh(), progress=False)
 
 
+def test_compressed_weights_beside_a_plain_config_json_get_advice_that_works(bf16_dir, tmp_path):
+    # "load it with transformers" failed (transformers' size-mismatch RuntimeError): the weights are cupycodec's
+    model = _load(bf16_dir)
+    compress_model(model, "int8", progress=False)
+    save_compressed(model, tmp_path / "ck")
+    shutil.copyfile(os.path.join(bf16_dir, "config.json"), tmp_path / "ck" / "config.json")
+    with pytest.raises(ValueError, match=r"its weights are a cupycodec checkpoint.*load_compressed\(directory, model\)"):
+        load_compressed(tmp_path / "ck", progress=False)
+    with pytest.raises(ValueError, match="is not a cupycodec checkpoint.*load it with transformers"):
+        load_compressed(bf16_dir, progress=False)
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
