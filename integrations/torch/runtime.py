@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -286,14 +287,16 @@ class DecodeGroup:
         """Forget the views, wide launches, plans and staged containers over buffers of ``device`` that a runtime gave
         back (their addresses: an ended thread's slots, staging and wide buffers; the views held their memory, and
         every thread's new slots added more). Returns the plans, which the caller retires."""
-        # new dicts, not changed ones: other threads' forwards read these without the runtime's lock
-        self._views = {k: v for k, v in self._views.items() if k[0] != device or k[1] not in addresses}
-        self._wide = {k: v for k, v in self._wide.items() if addresses.isdisjoint(k)}
-        self._staged_containers = {k: v for k, v in self._staged_containers.items() if k not in addresses}
-        gone = [p for plans in (self._plans, self._staged_plans) for k, p in list(plans.items())
-                if not addresses.isdisjoint(k[:2])]
-        self._plans = {k: p for k, p in self._plans.items() if addresses.isdisjoint(k[:2])}
-        self._staged_plans = {k: p for k, p in self._staged_plans.items() if addresses.isdisjoint(k[:2])}
+        # new dicts from snapshots (list() of a dict's items is one step under the GIL), not changed ones: other
+        # threads' forwards add to these without the runtime's lock
+        self._views = {k: v for k, v in list(self._views.items()) if k[0] != device or k[1] not in addresses}
+        self._wide = {k: v for k, v in list(self._wide.items()) if addresses.isdisjoint(k)}
+        self._staged_containers = {k: v for k, v in list(self._staged_containers.items()) if k not in addresses}
+        gone = []
+        for name in ("_plans", "_staged_plans"):
+            items = list(getattr(self, name).items())
+            gone += [p for k, p in items if not addresses.isdisjoint(k[:2])]
+            setattr(self, name, {k: p for k, p in items if addresses.isdisjoint(k[:2])})
         return gone
 
     def _retire(self, plans: list) -> None:
@@ -329,11 +332,29 @@ class DecodeGroup:
         return t.device if t.is_cuda else None
 
 
+class _Alive:
+    """One per thread, held by a ``threading.local`` (:func:`_alive`): freed when its thread ends, whichever way the
+    thread was started (threads of C extensions and ``_thread`` too, which ``threading.enumerate`` does not list)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_THREAD = threading.local()
+
+
+def _alive() -> _Alive:
+    mark = getattr(_THREAD, "alive", None)
+    if mark is None:
+        mark = _THREAD.alive = _Alive()
+    return mark
+
+
 class _DeviceState:
-    __slots__ = ("active", "copy", "done", "home", "hot", "ready", "resident", "side", "side_sp", "slots", "staged",
-                 "staging", "wide")
+    __slots__ = ("active", "copy", "done", "home", "hot", "owner", "ready", "resident", "side", "side_sp", "slots",
+                 "staged", "staging", "wide")
 
     def __init__(self):
+        self.owner = weakref.ref(_alive())  # its thread's marker: dead once the thread has ended
         self.slots: list[torch.Tensor] = []
         # torch's stream when the slots were allocated (None on the CPU): the pool their memory goes back to
         self.home = None
@@ -419,9 +440,10 @@ class Runtime:
     def _state(self, device: torch.device) -> _DeviceState:
         key = (threading.get_ident(), device)
         st = self._devices.get(key)
-        if st is None:
-            self._drop_ended()  # a thread's first forward here
-            st = self._devices[key] = _DeviceState()
+        if st is None or st.owner() is not _alive():  # a thread's first forward here (or its id reused)
+            self._drop_ended()  # the ended thread's state goes: its owner is dead
+            with self._lock:  # made under the lock that _drop_ended decides under: never taken for an ended one's
+                st = self._devices[key] = _DeviceState()
         if not st.slots:  # allocated when a group first decodes
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1
             st.home = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -444,12 +466,11 @@ class Runtime:
         capture, which neither memory nor a wait may enter: the next forward outside one does it."""
         if torch.cuda.is_initialized() and _capturing():
             return
-        alive = {t.ident for t in threading.enumerate()}
-        with self._lock:
-            for key in [k for k in list(self._devices) if k[0] not in alive]:  # list(): other threads add keys
-                st = self._devices.pop(key, None)
-                if st is None:
+        with self._lock:  # each state's owner marker dies with its thread; states are made under this lock
+            for key, st in [(k, st) for k, st in list(self._devices.items()) if st.owner() is None]:
+                if self._devices.get(key) is not st:
                     continue
+                del self._devices[key]
                 for g in self.groups:
                     for layer in g.layers:
                         with contextlib.suppress(ReferenceError):  # a standalone runtime's layer, already gone
