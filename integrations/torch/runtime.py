@@ -443,7 +443,11 @@ class Runtime:
         if st is None or st.owner() is not _alive():  # a thread's first forward here (or its id reused)
             self._drop_ended()  # the ended thread's state goes: its owner is dead
             with self._lock:  # made under the lock that _drop_ended decides under: never taken for an ended one's
-                st = self._devices[key] = _DeviceState()
+                st = self._devices.get(key)
+                if st is not None and st.owner() is None:  # an ended one's, kept inside a capture: this thread's now
+                    st.owner = weakref.ref(_alive())
+                else:
+                    st = self._devices[key] = _DeviceState()
         if not st.slots:  # allocated when a group first decodes
             n = 2 if device.type == "cuda" and self.prefetch and len(self.groups) > 1 else 1
             st.home = torch.cuda.current_stream(device) if device.type == "cuda" else None
