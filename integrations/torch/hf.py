@@ -898,12 +898,14 @@ def _progress_bars(enabled: bool):
 
 def _local_model_dir(directory: str, what: str, *, not_a_dir: str = "", no_config: str = "") -> None:
     """Refuse a ``directory`` that is not a local one with a ``config.json``, with the hint that fits: transformers
-    would look a name that is not a directory up on the Hugging Face Hub (retrying for tens of seconds offline)."""
+    would look a name that is not a directory up on the Hugging Face Hub (retrying for tens of seconds offline);
+    and one whose ``config.json`` names no model class list (:func:`_check_architectures`)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r} is not a directory: {what} takes a local model directory{not_a_dir}")
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory} has no config.json, so it is not a transformers model directory"
                                 f"{no_config}")
+    _check_architectures(directory)  # before transformers parses it: some versions refuse a bad value their own way
 
 
 def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=None, strict: bool = False,
@@ -919,7 +921,6 @@ def from_pretrained(directory: str, *, device=None, trusted: bool = False, key=N
     _local_model_dir(directory, "loading a compressed checkpoint", no_config=(
         "; a checkpoint of a model that is not a transformers model (save_compressed of a torch.nn.Module) loads "
         "into that model: load_compressed(directory, model=the model, built as it was saved)"))
-    _check_architectures(directory)  # before transformers parses it: some versions refuse a bad value their own way
     config = transformers.AutoConfig.from_pretrained(directory)
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
@@ -1020,7 +1021,6 @@ def compress_checkpoint(input_dir, output_dir, *, mode: str, granularity: str = 
             (os.path.exists(output_dir) and os.path.samefile(input_dir, output_dir)):  # a link to it, too
         raise ValueError("compress-model writes a new directory; give an output other than the input")
     device = _work_device(device)
-    _check_architectures(input_dir)
     config = transformers.AutoConfig.from_pretrained(input_dir)
     if getattr(config, "quantization_config", None) is not None:
         qc = config.quantization_config
